@@ -1,0 +1,410 @@
+"""A Llama 3.1 / Mistral transformer in plain PyTorch that reads and writes Hugging Face checkpoints.
+
+The math is the one of transformers' LlamaForCausalLM / MistralForCausalLM (fp32 logits agree to 1e-4):
+RMSNorm in fp32, rotate-half RoPE with Llama 3.1 frequency scaling, grouped-query attention through
+F.scaled_dot_product_attention, a SwiGLU MLP, tied or untied output head, Mistral's sliding window.
+Module names follow the checkpoint's ("model." dropped), so loading needs no conversion table.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+
+class CheckpointError(ValueError):
+    """A weights directory that cannot be loaded; the message names the file and what is wrong."""
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": 8.0, ...} or None
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral v0.1: 4096; None: full causal attention
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
+        """Read both layouts of config.json: the hub's (top-level rope_theta + rope_scaling, as in
+        Llama-3.1-8B) and transformers 5's (rope_parameters holding rope_theta and the scaling)."""
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "vocab_size") if k not in hf]
+        if missing:
+            raise CheckpointError(f"{where}: missing key(s) {', '.join(missing)}")
+        if hf.get("model_type", "llama") not in ("llama", "mistral"):
+            raise CheckpointError(f"{where}: model_type {hf['model_type']!r} is not llama or mistral")
+        if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise CheckpointError(f"{where}: only silu MLPs without biases are supported (hidden_act, "
+                                  "attention_bias, mlp_bias)")
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or rope or None
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
+            if scaling["rope_type"] == "default":
+                scaling = None
+            elif scaling["rope_type"] != "llama3":
+                raise CheckpointError(f"{where}: rope_type {scaling['rope_type']!r} is not supported "
+                                      "(default or llama3)")
+        heads = hf["num_attention_heads"]
+        return cls(hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                   num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+                   num_key_value_heads=hf.get("num_key_value_heads") or heads,
+                   vocab_size=hf["vocab_size"], head_dim=hf.get("head_dim"),
+                   rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                   max_position_embeddings=hf.get("max_position_embeddings", 8192),
+                   rope_theta=float(theta), rope_scaling=scaling,
+                   tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                   sliding_window=hf.get("sliding_window"), bos_token_id=hf.get("bos_token_id"),
+                   eos_token_id=hf.get("eos_token_id"), model_type=hf.get("model_type", "llama"))
+
+    def to_hf(self, dtype: torch.dtype) -> dict:
+        """The hub layout (top-level rope_theta + rope_scaling): transformers 4 and 5 and vLLM read it."""
+        hf = {k: v for k, v in asdict(self).items() if v is not None or k == "rope_scaling"}
+        if self.model_type == "llama":
+            hf.pop("sliding_window", None)
+        name = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[self.model_type]
+        return {"architectures": [name], **hf, "hidden_act": "silu", "attention_bias": False,
+                "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+# ----------------------------------------------------------------------------- the math
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in (at least) fp32 and cast back before the gain, as the checkpoints were trained.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of RoPE, with Llama 3.1's `rope_type: llama3` rescaling of the long wavelengths."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    original = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Wavelengths longer than original/low are divided by factor, shorter than original/high kept,
+    # and the band between is interpolated smoothly.
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    between = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(between, blended, scaled)
+
+
+def rope_cos_sin(cfg: ModelConfig, seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position × frequency, (T, head_dim), computed in fp32 and then cast."""
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32),
+                        rope_inv_freq(cfg).to(device))
+    angles = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: both halves share a frequency
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Hugging Face checkpoints store q_proj / k_proj in the rotate-half layout: pair dim i with i + d/2.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def sliding_window_mask(seq_len: int, window: int, device) -> torch.Tensor:
+    """Mistral's window: query i sees keys j with i - window < j <= i. (T, T) bool, True = attend."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads (enable_gqa repeats them).
+        # Batches are right-padded, so causal attention never lets a real token see padding.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.activation_checkpointing = False
+
+    def forward(self, x, cos, sin, mask):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # Keep only the block's input; recompute its activations during backward.
+            return checkpoint(self.residual_stream, x, cos, sin, mask, use_reentrant=False)
+        return self.residual_stream(x, cos, sin, mask)
+
+    def residual_stream(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        """One parameter for input embedding and output head when the config ties them. Call it again
+        after anything that replaces parameters (load_state_dict(assign=True), to_empty)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False):
+        """input_ids (B, T) -> logits (B, T, vocab). With return_hidden, also the input embeddings and the
+        final normed hidden states (B, T, hidden) of the same pass, which AAO's Eq. 7 and Eq. 9 read."""
+        B, T = input_ids.shape
+        embeds = self.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = rope_cos_sin(self.config, T, input_ids.device, embeds.dtype)
+        window = self.config.sliding_window
+        mask = sliding_window_mask(T, window, input_ids.device) if window and T > window else None
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden)  # (B, T, vocab)
+        return (logits, embeds, hidden) if return_hidden else logits
+
+
+def init_weights(model: Transformer, seed: int, std: float = 0.02) -> Transformer:
+    """Random init for models trained from scratch (the tiny preset): N(0, std) matrices, unit norms."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def hf_name(name: str) -> str:
+    """Our parameter name -> the checkpoint's (everything but lm_head lives under "model.")."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def read_config(path) -> ModelConfig:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found")
+    try:
+        return ModelConfig.from_hf(json.loads(file.read_text()), where=str(file))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def checkpoint_files(path) -> dict[str, Path]:
+    """tensor name -> safetensors file, from model.safetensors.index.json or a single model.safetensors."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if absent:
+            raise CheckpointError(f"{index}: lists shard(s) that are not in {path}: {', '.join(absent)}")
+        return {name: path / f for name, f in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def expected_shapes(model: Transformer) -> dict[str, tuple]:
+    """checkpoint name -> shape, for every tensor a checkpoint of this config must hold."""
+    # named_parameters lists a tied lm_head.weight once, under embed_tokens: tied checkpoints omit it.
+    return {hf_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def check_checkpoint(path, files: dict[str, Path], shapes: dict[str, tuple]) -> None:
+    """Name every missing, unexpected and mis-shaped tensor in one error."""
+    problems = []
+    missing = sorted(set(shapes) - set(files))
+    # A tied checkpoint may still carry lm_head.weight; rotary buffers are recomputed, never loaded.
+    unexpected = sorted(n for n in set(files) - set(shapes) if n != "lm_head.weight" and "rotary_emb" not in n)
+    wrong = []
+    for name in sorted(set(shapes) & set(files)):
+        with safe_open(files[name], framework="pt") as f:
+            shape = tuple(f.get_slice(name).get_shape())
+        if shape != shapes[name]:
+            wrong.append(f"{name} is {list(shape)} in {files[name].name}, config.json says {list(shapes[name])}")
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:8])}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}")
+    if wrong:
+        problems.append("mis-shaped tensors: " + "; ".join(wrong[:8]))
+    if problems:
+        raise CheckpointError(f"{path}: " + " | ".join(problems))
+
+
+def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
+    """Build on the meta device (no memory), then fill each parameter straight from the safetensors files,
+    so the weights are never allocated twice."""
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    files = checkpoint_files(path)
+    check_checkpoint(path, files, expected_shapes(model))
+    state = {}
+    for file in sorted(set(files[name] for name in expected_shapes(model))):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in expected_shapes(model):
+                if files[name] == file:
+                    state[name.removeprefix("model.")] = f.get_tensor(name).to(dtype)
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()
+    return model
+
+
+def save_state_dict(state: dict, cfg: ModelConfig, out_dir, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and the tensors in Hugging Face layout: one model.safetensors, or shards of at
+    most max_shard_bytes with model.safetensors.index.json, as save_pretrained writes them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {hf_name(n): t.detach().contiguous().cpu() for n, t in state.items()
+               if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    dtype = next(iter(tensors.values())).dtype
+    (out / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_model(model: Transformer, out_dir, max_shard_bytes: int = 5 * 2**30) -> None:
+    save_state_dict(model.state_dict(), model.config, out_dir, max_shard_bytes)
+
+
+def load_tokenizer(path):
+    from tokenizers import Tokenizer
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found (the fast-tokenizer file that ships with the weights)")
+    return Tokenizer.from_file(str(file))
+
+
+# ----------------------------------------------------------------------------- presets
+
+# Named weights: where to get them and which chat template their SFT stage used. Base models follow the
+# paper's base setting (Zephyr's recipe: UltraChat SFT with the Zephyr template, then preference
+# optimization); instruct models use their own official template.
+PRESETS = {
+    "llama31-8b": {"hub": "meta-llama/Llama-3.1-8B", "template": "zephyr"},
+    "llama31-8b-instruct": {"hub": "meta-llama/Llama-3.1-8B-Instruct", "template": "llama31"},
+    "mistral-7b": {"hub": "mistralai/Mistral-7B-v0.1", "template": "zephyr"},
+    "mistral-7b-instruct": {"hub": "mistralai/Mistral-7B-Instruct-v0.2", "template": "mistral"},
+    "tiny": {"hub": None, "template": "plain"},
+}
+
+
+def resolve_weights(name_or_dir: str) -> str:
+    """A directory as is; a preset name -> weights/<name> or $AAO_WEIGHTS_DIR/<name>; "tiny" stays "tiny"."""
+    if name_or_dir == "tiny" or Path(name_or_dir).is_dir():
+        return name_or_dir
+    if name_or_dir not in PRESETS:
+        raise CheckpointError(f"--weights {name_or_dir}: neither a directory nor one of {', '.join(PRESETS)}")
+    roots = [Path(os.environ["AAO_WEIGHTS_DIR"])] if "AAO_WEIGHTS_DIR" in os.environ else []
+    for root in roots + [Path("weights")]:
+        if (root / name_or_dir / "config.json").is_file():
+            return str(root / name_or_dir)
+    where = roots[0] if roots else Path("weights")
+    raise CheckpointError(
+        f"--weights {name_or_dir}: no weights at {where / name_or_dir}. No download happens at run time: "
+        f"put config.json, tokenizer.json and model*.safetensors (with model.safetensors.index.json "
+        f"when sharded) from the hub repository {PRESETS[name_or_dir]['hub']} into {where / name_or_dir}/, "
+        "or set AAO_WEIGHTS_DIR to the folder that holds it.")
+
+
+def tiny_config(vocab_size: int) -> ModelConfig:
+    """The built-in tiny Llama: GQA and llama3 rope scaling like the real thing, small enough for a CPU."""
+    return ModelConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=2048,
+                       rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                       "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+                       bos_token_id=0, eos_token_id=1)
+
+
+def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
+    return init_weights(Transformer(tiny_config(vocab_size)), seed)

@@ -1,0 +1,418 @@
+"""Tests: model parity with transformers, every equation against a float64 re-computation, data, training.
+
+Run with `pytest test_aao.py` (CPU, a few minutes). Tests that need transformers skip without it; CI
+installs it, so they run there.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aao
+import model as M
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+HERE = Path(__file__).parent
+
+
+# ============================================================================= model.py
+
+def hf_model(kind: str):
+    """A tiny random transformers model for each case the loader must handle, with weights large
+    enough (std 0.1) that a wrong rotation, scaling or mask shows up in the logits."""
+    transformers = pytest.importorskip("transformers")
+    llama3_rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 16}
+    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=101, max_position_embeddings=128)
+    if kind == "mistral":
+        cfg = transformers.MistralConfig(**base, sliding_window=8)
+        cls = transformers.MistralForCausalLM
+    else:
+        extra = {"llama": {}, "tied": {"tie_word_embeddings": True}, "head_dim": {"head_dim": 24}}[kind]
+        cfg = transformers.LlamaConfig(**base, rope_parameters={**llama3_rope, "rope_theta": 500000.0}, **extra)
+        cls = transformers.LlamaForCausalLM
+    torch.manual_seed(0)
+    m = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    return m
+
+
+def hf_logits(m, ids):
+    with torch.no_grad():
+        return m(ids).logits
+
+
+def to_hub_layout(path: Path):
+    """Rewrite transformers 5's config.json (rope_parameters) as the hub's Llama 3.1 files have it:
+    top-level rope_theta and rope_scaling (with the older spelling `type`)."""
+    cfg = json.loads((path / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = None if rope["rope_type"] == "default" else {**rope, "type": rope.pop("rope_type")}
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+CASES = ["llama", "tied", "head_dim", "mistral", "sharded", "hub_layout"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers(tmp_path, case):
+    kind = case if case in ("llama", "tied", "head_dim", "mistral") else "llama"
+    m = hf_model(kind)
+    m.save_pretrained(tmp_path, max_shard_size="40KB" if case == "sharded" else "5GB")
+    if case == "sharded":
+        assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    if case == "hub_layout":
+        to_hub_layout(tmp_path)
+        assert "rope_parameters" not in json.loads((tmp_path / "config.json").read_text())
+    ours = M.load_model(tmp_path, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, 101, (2, 40))  # 40 > 16 (rope's original context) and > 8 (Mistral's window)
+    assert (ours(ids) - hf_logits(m, ids)).abs().max() < 1e-4
+
+
+def test_what_the_parity_cases_exercise(tmp_path):
+    """The cases above would not catch a bug if the features they cover did nothing on 40 tokens."""
+    m = hf_model("mistral")
+    m.save_pretrained(tmp_path)
+    ours = M.load_model(tmp_path)
+    ids = torch.randint(0, 101, (1, 40))
+    ours.config.sliding_window = None
+    assert (ours(ids) - hf_logits(m, ids)).abs().max() > 1e-2  # the window changes the logits
+    cfg = M.tiny_config(101)
+    plain = M.rope_inv_freq(M.ModelConfig(**{**cfg.__dict__, "rope_scaling": None}))
+    assert not torch.allclose(M.rope_inv_freq(cfg), plain)  # llama3 scaling changes the frequencies
+
+
+def test_tied_model_shares_one_parameter(tmp_path):
+    m = hf_model("tied")
+    m.save_pretrained(tmp_path)
+    ours = M.load_model(tmp_path)
+    assert ours.lm_head.weight is ours.embed_tokens.weight
+
+
+def test_return_hidden_gives_the_same_pass():
+    m = M.tiny_model(64, seed=1)
+    ids = torch.randint(0, 64, (2, 9))
+    logits, embeds, hidden = m(ids, return_hidden=True)
+    assert torch.equal(logits, m(ids))
+    assert torch.equal(embeds, m.embed_tokens(ids))
+    assert torch.allclose(logits, m.lm_head(hidden))
+
+
+@pytest.mark.parametrize("shard_bytes", [2**40, 60_000])
+def test_save_then_transformers_loads_the_same_logits(tmp_path, shard_bytes):
+    transformers = pytest.importorskip("transformers")
+    m = hf_model("llama")
+    m.save_pretrained(tmp_path / "hf")
+    ours = M.load_model(tmp_path / "hf")
+    M.save_model(ours, tmp_path / "ours", max_shard_bytes=shard_bytes)
+    assert (tmp_path / "ours" / "model.safetensors.index.json").exists() == (shard_bytes < 2**40)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, 101, (2, 30))
+    assert (hf_logits(back, ids) - ours(ids)).abs().max() < 1e-5
+    again = M.load_model(tmp_path / "ours")
+    assert torch.equal(again(ids), ours(ids))
+
+
+def test_missing_shard_is_named(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path, max_shard_size="40KB")
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(M.CheckpointError, match=victim.name):
+        M.load_model(tmp_path)
+
+
+def test_misshaped_and_missing_tensors_are_named(tmp_path):
+    hf_model("llama").save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    cfg["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(M.CheckpointError) as e:
+        M.load_model(tmp_path)
+    msg = str(e.value)
+    assert "model.layers.0.mlp.gate_proj.weight is [96, 64]" in msg and "[100, 64]" in msg
+    assert "missing tensors: model.layers.2" in msg
+
+
+def test_missing_preset_says_where_to_put_the_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("AAO_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(M.CheckpointError) as e:
+        M.resolve_weights("llama31-8b")
+    assert str(tmp_path / "llama31-8b") in str(e.value) and "meta-llama/Llama-3.1-8B" in str(e.value)
+    assert "model*.safetensors" in str(e.value)
+
+
+# ============================================================================= aao.py
+
+def rand_mask(B, K, lo=2):
+    """Right-padded answer masks with at least `lo` tokens per row."""
+    lengths = torch.randint(lo, K + 1, (B,))
+    return (torch.arange(K)[None] < lengths[:, None]).double()
+
+
+def test_token_logps_match_float64_log_softmax():
+    logits = torch.randn(3, 7, 50, dtype=torch.float64)
+    labels = torch.randint(0, 50, (3, 7))
+    lp, top1 = aao.token_logps(logits, labels, with_top1=True)
+    ref = logits.log_softmax(-1)
+    assert torch.allclose(lp.double(), ref.gather(-1, labels[..., None]).squeeze(-1), atol=1e-6)
+    assert torch.allclose(top1.double(), ref.max(-1).values, atol=1e-6)
+
+
+def test_token_logps_gradient_in_chunks():
+    # Three rows per chunk over 21 rows: the chunk boundaries are crossed in forward and backward.
+    logits = torch.randn(21, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (21,))
+    g = torch.randn(21, dtype=torch.float64)
+    (aao._TokenLogProbs.apply(logits, labels, 3)[0] * g).sum().backward()
+    ref = logits.detach().clone().requires_grad_()
+    (ref.log_softmax(-1).gather(1, labels[:, None]).squeeze(1) * g).sum().backward()
+    assert torch.allclose(logits.grad, ref.grad, atol=1e-6)
+
+
+def pair_logps(B=5):
+    return [torch.randn(B, dtype=torch.float64) * 5 for _ in range(4)]
+
+
+@pytest.mark.parametrize("beta", [0.1, "per_pair"])
+def test_sequence_losses_match_float64_formulas(beta):
+    pc, pr, rc, rr = pair_logps()
+    beta = torch.rand(5, dtype=torch.float64) + 0.05 if beta == "per_pair" else beta
+    h = (pc - rc) - (pr - rr)
+    sig = lambda x: 1 / (1 + torch.exp(-x))
+    assert torch.allclose(aao.dpo_loss(pc, pr, rc, rr, beta), -torch.log(sig(beta * h)))
+    assert torch.allclose(aao.ipo_loss(pc, pr, rc, rr, beta), (h - 1 / (2 * beta)) ** 2)
+    eps = 0.2
+    assert torch.allclose(aao.cdpo_loss(pc, pr, rc, rr, beta, eps),
+                          -(1 - eps) * torch.log(sig(beta * h)) - eps * torch.log(sig(-beta * h)))
+    assert torch.allclose(aao.hinge_loss(pc, pr, rc, rr, beta), torch.clamp(1 - beta * h, min=0))
+    assert torch.allclose(aao.simpo_loss(pc / 7, pr / 9, beta, 0.3), -torch.log(sig(beta * (pc / 7 - pr / 9) - 0.3)))
+    assert aao.dpo_loss(pc, pr, rc, rr, beta).shape == (5,)
+
+
+def float64_similarity(emb_w, emb_l, mask_w, mask_l):
+    """Eq. 7 as DESIGN.md reads it, one pair at a time with explicit loops."""
+    B = emb_w.shape[0]
+    S_w, S_l = torch.zeros(mask_w.shape, dtype=torch.float64), torch.zeros(mask_l.shape, dtype=torch.float64)
+    for p in range(B):
+        iw, il = mask_w[p].nonzero().flatten().tolist(), mask_l[p].nonzero().flatten().tolist()
+        C = [[F.cosine_similarity(emb_w[p, i].double(), emb_l[p, j].double(), dim=0).item() for j in il] for i in iw]
+        lo, hi = min(min(r) for r in C), max(max(r) for r in C)
+        Cn = [[(c - lo) / (hi - lo) for c in r] for r in C]
+        for a, i in enumerate(iw):
+            S_w[p, i] = max(Cn[a])
+        for b, j in enumerate(il):
+            S_l[p, j] = max(r[b] for r in Cn)
+    return S_w, S_l
+
+
+def test_token_similarity_matches_float64_loops():
+    torch.manual_seed(3)
+    emb_w, emb_l = torch.randn(4, 9, 16), torch.randn(4, 6, 16)
+    mask_w, mask_l = rand_mask(4, 9), rand_mask(4, 6)
+    emb_l[:, 0] = emb_w[:, 1]  # a shared token in every pair
+    S_w, S_l = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
+    R_w, R_l = float64_similarity(emb_w, emb_l, mask_w, mask_l)
+    assert torch.allclose(S_w.double(), R_w, atol=1e-5) and torch.allclose(S_l.double(), R_l, atol=1e-5)
+    assert torch.allclose(S_w[:, 1], torch.ones(4))  # the shared token is the most similar pair: S = 1
+
+
+def test_token_similarity_ignores_padding():
+    emb_w, emb_l = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
+    mask_w, mask_l = torch.tensor([[1, 1, 1, 0, 0]] * 2), torch.tensor([[1, 1, 0, 0]] * 2)
+    S = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
+    emb_w[:, 3:], emb_l[:, 2:] = 100 * torch.randn(2, 2, 8), -emb_w[:, :2]  # garbage, even extreme cosines
+    S2 = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
+    assert torch.equal(S[0], S2[0]) and torch.equal(S[1], S2[1])
+    assert (S2[0][:, 3:] == 0).all() and (S2[1][:, 2:] == 0).all()
+
+
+def test_token_similarity_identical_and_degenerate():
+    emb = torch.randn(1, 6, 8)
+    ones = torch.ones(1, 6)
+    S_w, S_l = aao.token_similarity(emb, emb, ones, ones)
+    assert torch.allclose(S_w, torch.ones(1, 6)) and torch.allclose(S_l, torch.ones(1, 6))
+    same = torch.randn(8).expand(1, 6, 8)  # every token alike: max == min
+    for S in aao.token_similarity(same, same, ones, ones) + aao.token_similarity(emb[:, :1], emb[:, 1:2], ones[:, :1], ones[:, :1]):
+        assert torch.isfinite(S).all() and (S >= 0).all() and (S <= 1).all()
+
+
+def test_threshold_mlp_size_and_range():
+    mlp = aao.ThresholdMLP(32000)
+    mib = sum(p.numel() for p in mlp.parameters()) * 4 / 2**20
+    assert f"{mib:.2f}" == "62.50"
+    small = aao.ThresholdMLP(100)
+    a, b = small(torch.randn(8, 100))
+    assert torch.allclose(a, torch.full((8,), 0.8), atol=1e-5) and torch.allclose(b, torch.full((8,), 0.4), atol=1e-5)
+    with torch.no_grad():  # a trained, large last layer must not saturate either
+        small.fc2.weight.normal_(0, 50)
+    for x in [100 * torch.randn(8, 100), torch.full((8, 100), 1e30), torch.zeros(8, 100),
+              torch.randn(8, 100) * 1e-30, -3e38 * torch.rand(8, 100)]:
+        a, b = small(x)
+        assert ((1 >= a) & (a > b) & (b >= 0)).all(), x
+
+
+def test_threshold_mlp_is_differentiable():
+    mlp = aao.ThresholdMLP(30)
+    torch.nn.init.normal_(mlp.fc2.weight, std=0.1)
+    a, b = mlp(torch.randn(4, 30) * 100)
+    (a.sum() - 2 * b.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mlp.parameters())
+
+
+def float64_weights(S, a, b, alpha):
+    sig = lambda x: 1 / (1 + torch.exp(-x))
+    return (1 - S) ** 2 * sig(alpha * (S - a)) + (1 + S) * sig(alpha * (b - S)) + 1 - sig(alpha * (S - a)) - sig(alpha * (b - S))
+
+
+def test_aao_weights_match_float64_and_eq16():
+    S = torch.rand(3, 50, dtype=torch.float64)
+    a, b = torch.tensor([0.8, 0.7, 0.9], dtype=torch.float64), torch.tensor([0.3, 0.2, 0.5], dtype=torch.float64)
+    w = aao.aao_weights(S, a, b, 200.0)
+    assert torch.allclose(w, float64_weights(S, a[:, None], b[:, None], 200.0))
+    assert torch.allclose(aao.aao_weights(S, 0.8, 0.3), float64_weights(S, 0.8, 0.3, 200.0))
+    # Far from the thresholds Eq. 17 is Eq. 16: (1-S)² above a, 1 between, 1+S below b.
+    S = torch.tensor([[0.95, 0.6, 0.1]], dtype=torch.float64)
+    assert torch.allclose(aao.aao_weights(S, 0.8, 0.3), torch.tensor([[0.05 ** 2, 1.0, 1.1]], dtype=torch.float64))
+
+
+def test_aao_weights_gradcheck():
+    S = torch.rand(2, 6, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor([0.7, 0.6], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.3, 0.5], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda S, a, b: aao.aao_weights(S, a, b, 5.0), (S, a, b))
+    with torch.no_grad():  # α = 200 puts some tokens on the steep part of the sigmoids
+        S.copy_(torch.tensor([[0.69, 0.71, 0.29, 0.31, 0.5, 0.9], [0.59, 0.61, 0.49, 0.51, 0.1, 0.55]]))
+    assert torch.autograd.gradcheck(lambda S, a, b: aao.aao_weights(S, a, b, 200.0), (S, a, b), eps=1e-7)
+
+
+def float64_contrastive(h_w, h_l, w_w, w_l, m_w, m_l):
+    out = []
+    for p in range(h_w.shape[0]):
+        iw, il = m_w[p].nonzero().flatten().tolist(), m_l[p].nonzero().flatten().tolist()
+        total = sum(w_w[p, i] * w_l[p, j] * F.cosine_similarity(h_w[p, i], h_l[p, j], dim=0) for i in iw for j in il)
+        out.append(2 * total / (len(iw) * len(il)))
+    return torch.stack(out)
+
+
+def test_auxiliary_losses_match_float64():
+    h_w, h_l = torch.randn(3, 7, 10, dtype=torch.float64), torch.randn(3, 5, 10, dtype=torch.float64)
+    w_w, w_l = torch.rand(3, 7, dtype=torch.float64) * 2, torch.rand(3, 5, dtype=torch.float64) * 2
+    m_w, m_l = rand_mask(3, 7), rand_mask(3, 5)
+    got = aao.contrastive_suppression_loss(h_w, h_l, w_w, w_l, m_w, m_l)
+    assert torch.allclose(got.double(), float64_contrastive(h_w, h_l, w_w, w_l, m_w, m_l), atol=1e-5)
+    lp = -torch.rand(3, 7, dtype=torch.float64) * 4
+    raw = -(lp * w_w * m_w).sum(1)
+    assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w, length_normalized=False), raw)
+    assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w), raw / (w_w * m_w).sum(1))
+    assert torch.allclose(aao.total_loss(torch.ones(3), got, raw, 0.5, 2.0), 1 + 0.5 * got + 2 * raw)
+
+
+def test_mixdpo_routes_small_margins_to_sft():
+    pref, sft = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])
+    assert torch.equal(aao.mixdpo_route(pref, sft, torch.tensor([0.5, 3.0, 1.0]), 1.0), torch.tensor([10.0, 2.0, 3.0]))
+
+
+def objective_inputs(B=3, K=8, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.cat([rand_mask(B, K), rand_mask(B, K)]).float()
+    return dict(policy_logps=-torch.rand(2 * B, K, generator=g) * 3, ref_logps=-torch.rand(2 * B, K, generator=g) * 3,
+                mask=mask, embeds=torch.randn(2 * B, K, D, generator=g), hidden=torch.randn(2 * B, K, D, generator=g))
+
+
+def test_weighting_none_is_plain_dpo():
+    x = objective_inputs()
+    out = aao.preference_objective(aao.Objective(weighting="none"), x["policy_logps"], x["ref_logps"], x["mask"])
+    seq = lambda lp: (lp * x["mask"]).sum(1).double().chunk(2)
+    (pc, pr), (rc, rr) = seq(x["policy_logps"]), seq(x["ref_logps"])
+    assert torch.allclose(out["losses"].double(), -F.logsigmoid(0.1 * ((pc - rc) - (pr - rr))), atol=1e-6)
+
+
+def test_aao_with_all_tokens_transitional_is_dpo():
+    """a -> 1 and b -> 0 from beyond: every token transitional, weight 1, and the preference term is DPO."""
+    x = objective_inputs()
+    B = 3
+    obj = aao.Objective(weighting="aao", lambda_c=0.0, lambda_r=0.0)
+    a, b = torch.full((B,), 1.1), torch.full((B,), -0.1)
+    out = aao.preference_objective(obj, x["policy_logps"], x["ref_logps"], x["mask"], embeds=x["embeds"],
+                                   hidden=x["hidden"], a=a, b=b)
+    plain = aao.preference_objective(aao.Objective(weighting="none"), x["policy_logps"], x["ref_logps"], x["mask"])
+    assert torch.allclose(out["losses"], plain["losses"], atol=1e-6)
+    assert torch.allclose(out["weights"][x["mask"].bool()], torch.tensor(1.0), atol=1e-6)
+
+
+def test_identical_answers_weigh_shared_tokens_to_zero():
+    x = objective_inputs()
+    x["embeds"][3:] = x["embeds"][:3]
+    x["mask"][3:] = x["mask"][:3]
+    out = aao.preference_objective(aao.Objective(), x["policy_logps"], x["ref_logps"], x["mask"],
+                                   embeds=x["embeds"], hidden=x["hidden"], a=torch.full((3,), 0.8), b=torch.full((3,), 0.4))
+    assert out["weights"][x["mask"].bool()].max() < 1e-6
+
+
+def test_aao_objective_trains_the_thresholds():
+    x = objective_inputs()
+    mlp = aao.ThresholdMLP(20)
+    torch.nn.init.normal_(mlp.fc2.weight, std=0.1)
+    a, b = mlp(torch.randn(3, 20))
+    x["policy_logps"].requires_grad_()
+    out = aao.preference_objective(aao.Objective(), x["policy_logps"], x["ref_logps"], x["mask"],
+                                   embeds=x["embeds"], hidden=x["hidden"], a=a, b=b)
+    out["losses"].sum().backward()
+    assert mlp.fc1.weight.grad.abs().sum() > 0 and mlp.fc2.bias.grad.abs().sum() > 0
+    m = aao.objective_metrics(out, x["mask"], a, b)
+    assert abs(m["tokens/ambiguous"] + m["tokens/transitional"] + m["tokens/key"] - 1) < 1e-6
+    assert 0 < m["b"] < m["a"] < 1 and set(m) >= {"rewards/chosen", "rewards/margin", "rewards/accuracy", "weights/mean"}
+
+
+def test_random_weights_are_per_row_reproducible():
+    mask = torch.ones(4, 10)
+    w = aao.random_weights(mask, [5, 6, 7, 8])
+    assert torch.equal(w[1], aao.random_weights(mask[:1], [6])[0])
+    assert (w >= 0).all() and (w <= 2).all() and not torch.equal(w[0], w[1])
+
+
+def cancellation_gradients(contexts_equal: bool, weights_for_c):
+    """The DPO gradient on a tiny model for one pair whose answers share token c, with c's contribution
+    (log-prob in the loss) weighted by weights_for_c in both answers; returns the flat gradient."""
+    m = M.init_weights(M.Transformer(M.tiny_config(40)), seed=0, std=0.2).double()
+    prompt, c, k_w, k_l = [3, 4, 5], 7, 11, 12
+    if contexts_equal:  # c right after the prompt in both answers, then the answers differ
+        chosen, rejected = prompt + [c, k_w], prompt + [c, k_l]
+    else:  # the answers differ first, so c follows different contexts
+        chosen, rejected = prompt + [k_w, c], prompt + [k_l, c]
+    ids = torch.tensor([chosen, rejected])
+    lp = aao.token_logps(m(ids)[:, :-1], ids[:, 1:])  # (2, 4); answer positions are 2 and 3
+    c_pos = 2 if contexts_equal else 3
+    w = torch.ones(2, 4, dtype=torch.float64)
+    w[:, c_pos] = weights_for_c
+    mask = torch.tensor([[0, 0, 1, 1]] * 2, dtype=torch.float64)
+    ref = lp.detach() - 0.3  # a reference a little behind the policy; the same for c in the same context
+    seq = aao.weighted_sequence_logps(lp, w, mask)
+    ref_seq = aao.weighted_sequence_logps(ref, w, mask)
+    aao.dpo_loss(seq[:1], seq[1:], ref_seq[:1], ref_seq[1:], 0.1).sum().backward()
+    return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+
+def test_gradient_cancellation_of_shared_tokens():
+    """§2.2, Eq. 5-6: a token shared by both answers in the same context gets equal and opposite DPO
+    gradients from the chosen and rejected paths: DPO with c equals DPO without c. In different contexts
+    the two contributions no longer cancel: c pulls θ both ways. AAO's weight (1-S)² ≈ 0 for c (S = 1)
+    removes that conflicting contribution."""
+    same_with, same_without = cancellation_gradients(True, 1.0), cancellation_gradients(True, 0.0)
+    assert (same_with - same_without).norm() < 1e-12 * same_without.norm()
+    diff_with, diff_without = cancellation_gradients(False, 1.0), cancellation_gradients(False, 0.0)
+    assert (diff_with - diff_without).norm() > 0.05 * diff_without.norm()
+    w_c = aao.aao_weights(torch.tensor([[1.0]], dtype=torch.float64), 0.8, 0.4).item()  # S = 1 for c
+    assert w_c < 1e-12
+    assert (cancellation_gradients(False, w_c) - diff_without).norm() < 1e-9 * diff_without.norm()
