@@ -320,13 +320,19 @@ def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=
 
 # ----------------------------------------------------------------------------- metrics
 
+def preference_accuracy(margin: torch.Tensor) -> torch.Tensor:
+    """Share of pairs ranked right by the implicit reward; a tie (policy = reference, at step 0) counts
+    half, so an untrained policy scores 0.5, not 0."""
+    return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+
+
 @torch.no_grad()
 def objective_metrics(out: dict, mask, a=None, b=None) -> dict[str, float]:
     """Detached scalars: rewards, their margin and accuracy, and for aao the thresholds and the shares of
     ambiguous (S > a), transitional and key (S < b) tokens by the hard thresholds of Eq. 16."""
     chosen, rejected = out["rewards"]
     m = {"loss": out["losses"].mean(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-         "rewards/margin": (chosen - rejected).mean(), "rewards/accuracy": (chosen > rejected).float().mean()}
+         "rewards/margin": (chosen - rejected).mean(), "rewards/accuracy": preference_accuracy(chosen - rejected)}
     mask = mask.bool()
     m["weights/mean"] = out["weights"][mask].mean()
     for part in ("contrastive", "reward"):

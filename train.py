@@ -1,0 +1,648 @@
+"""Train a policy with AAO (or DPO, IPO, cDPO, hinge, SimPO, SFT; token weighting none / random / aao).
+
+    python train.py                        # the embedded default: tiny Llama, synthetic pairs, AAO, CPU, < 2 min
+    torchrun --nproc_per_node 8 train.py --weights llama31-8b --data ultrafeedback.jsonl
+    python train.py --resume out/run       # continue a run from its last checkpoint
+    python train.py --benchmark            # step time, tokens/s, memory; our model vs transformers; AAO vs DPO
+    python train.py --experiment           # the DPO / DPO-Random / AAO / SimPO table of the README
+
+One process without torchrun, N with it. Either way the model is sharded with FSDP2 (a single process
+is a group of one), so one code path serves the laptop and the 8-GPU node: fp32 master weights,
+bf16 compute on CUDA (MixedPrecisionPolicy), fp32 gradient reduction, NCCL on CUDA, gloo on CPU.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+import aao
+import data
+import model as M
+
+# Training defaults: the paper's for real models (lr 5e-7, batch 16, one epoch); the tiny model trains
+# from scratch on the synthetic set, so it needs a far larger learning rate.
+DEFAULTS = {"lr": 5e-7, "aw_lr": 1e-4, "micro_batch_size": 2, "max_length": 1024, "max_prompt_length": 512,
+            "epochs": 1.0, "eval_every": 200, "save_every": 500, "out": "out/run"}
+TINY_DEFAULTS = {"lr": 3e-3, "aw_lr": 3e-3, "micro_batch_size": 16, "max_length": 128, "max_prompt_length": 64,
+                 "epochs": 2.0, "eval_every": 100, "save_every": 0, "out": "out/aao-tiny"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="tiny", help="a Hugging Face directory, or " + ", ".join(M.PRESETS))
+    p.add_argument("--data", default="synthetic", help="JSON lines / parquet of preference pairs, or 'synthetic'")
+    p.add_argument("--eval-data", help="held-out pairs (default: the synthetic held-out split, or --eval-pairs of --data)")
+    p.add_argument("--eval-pairs", type=int, default=256, help="pairs of --data held out when there is no --eval-data")
+    p.add_argument("--template", choices=sorted(data.TEMPLATES), help="chat template (default: the preset's)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint")
+    g = p.add_argument_group("objective")
+    g.add_argument("--loss", default="dpo", choices=["dpo", "ipo", "cdpo", "hinge", "simpo", "sft"])
+    g.add_argument("--weighting", default="aao", choices=["none", "random", "aao"])
+    g.add_argument("--beta", type=float, help="default 0.1, or 2.0 for simpo")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="cdpo's ε")
+    g.add_argument("--simpo-gamma", type=float, default=0.5)
+    g.add_argument("--alpha", type=float, default=200.0, help="Eq. 17's sharpness")
+    g.add_argument("--lambda-c", type=float, default=1.0, help="Eq. 13: contrastive suppression")
+    g.add_argument("--lambda-r", type=float, default=1.0, help="Eq. 13: reward enhancement")
+    g.add_argument("--reward-sum", action="store_true", help="Eq. 11 as a raw sum, not length-normalized")
+    g.add_argument("--curriculum", default="none", choices=["none", "margin"], help="MixDPO: easy -> hard by margin")
+    g.add_argument("--sft-below-margin", type=float, metavar="TAU", help="MixDPO: pairs with margin < TAU take SFT")
+    g.add_argument("--beta-column", metavar="NAME", help="SP2DPO: per-pair β from this column of the data")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--aw-lr", type=float, help="learning rate of the threshold MLP (Eq. 8)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, never on norms and biases")
+    g.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup, then cosine")
+    g.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step, over all processes")
+    g.add_argument("--micro-batch-size", type=int, help="pairs per forward pass and process")
+    g.add_argument("--epochs", type=float)
+    g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--max-length", type=int)
+    g.add_argument("--max-prompt-length", type=int)
+    g.add_argument("--keep-identical", action="store_true", help="keep pairs whose answers are identical")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype")
+    g.add_argument("--precompute-ref", action="store_true", help="cache the reference log-probs, free its memory")
+    g.add_argument("--activation-checkpointing", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("logging")
+    g.add_argument("--eval-every", type=int)
+    g.add_argument("--save-every", type=int, help="0: only the final checkpoint")
+    g.add_argument("--benchmark", action="store_true", help="measure speed and memory instead of training")
+    g.add_argument("--experiment", action="store_true", help="run the small-scale method comparison")
+    g.add_argument("--experiment-seeds", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.resume:  # the saved run's flags are the defaults; flags given now override them
+        saved = json.loads((Path(args.resume) / "args.json").read_text())
+        args = p.parse_args(argv, namespace=argparse.Namespace(**{**saved, "resume": args.resume}))
+        args.out = args.resume
+    for k, v in (TINY_DEFAULTS if args.weights == "tiny" else DEFAULTS).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.beta = args.beta if args.beta is not None else 2.0 if args.loss == "simpo" else 0.1
+    args.template = args.template or M.PRESETS.get(args.weights, {}).get("template", "plain")
+    return args
+
+
+# ----------------------------------------------------------------------------- processes and devices
+
+def setup_distributed():
+    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun, or a group of one held in memory."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # mesh= explicitly: the default mesh picks CUDA whenever it exists, even for a gloo group.
+    return dist.get_rank(), dist.get_world_size(), device, init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def compute_dtype(args, device):
+    if args.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, args.dtype)
+
+
+def rank0_print(*a):
+    if dist.get_rank() == 0:
+        print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------- models
+
+def model_source(weights: str, vocab_size: int, seed: int):
+    """(config, read) where read(name, start, stop) returns rows start:stop of a full parameter: from
+    the safetensors files (only those rows are read), or from the seeded random tiny model."""
+    if weights == "tiny":
+        state = M.tiny_model(vocab_size, seed).state_dict()
+        return M.tiny_config(vocab_size), lambda name, s, e: state[name][s:e]
+    cfg = M.read_config(weights)
+    files = M.checkpoint_files(weights)
+    with torch.device("meta"):
+        M.check_checkpoint(weights, files, M.expected_shapes(M.Transformer(cfg)))
+
+    def read(name, s, e):
+        with safe_open(files[M.hf_name(name)], framework="pt") as f:
+            return f.get_slice(M.hf_name(name))[s:e]
+    return cfg, read
+
+
+def fill_parameters(module, read) -> None:
+    """Copy each parameter's rows from read(name, start, stop): this rank's Shard(0) rows of the FSDP
+    parameter (torch.chunk layout), so no rank ever holds the whole model."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            local = p.to_local()
+            start = rank * -(-p.shape[0] // world)
+            local.copy_(read(name, start, start + local.shape[0]))
+
+
+def build_model(cfg, read, device, mesh, param_dtype, mp_dtype, checkpointing=False, trainable=True):
+    """Build on the meta device, shard every block and then the root with FSDP2, allocate the local
+    shards, fill them from the checkpoint."""
+    with torch.device("meta"):
+        model = M.Transformer(cfg).to(param_dtype)
+    mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype != param_dtype else None
+    for block in model.layers:
+        block.activation_checkpointing = checkpointing
+        fully_shard(block, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
+    fully_shard(model, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
+    model.to_empty(device=device)
+    fill_parameters(model, read)
+    model.requires_grad_(trainable)
+    return model.train(trainable)
+
+
+def count_parameters(cfg) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in M.Transformer(cfg).parameters())
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_data(args, tokenizer, rank):
+    """Tokenized training and held-out pairs, and what tokenization dropped or cut."""
+    kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+              keep_identical=args.keep_identical, beta_column=args.beta_column or "beta")
+    if args.data == "synthetic":
+        train_rows, eval_rows = data.synthetic_rows(args.seed)
+    else:
+        train_rows = data.read_rows(args.data)
+        eval_rows = data.read_rows(args.eval_data) if args.eval_data else []
+    train, report = data.tokenize_rows(tokenizer, train_rows, args.template, **kw)
+    if eval_rows:
+        heldout, _ = data.tokenize_rows(tokenizer, eval_rows, args.template, **kw)
+    else:  # hold out the last pairs of a seeded shuffle
+        n = min(args.eval_pairs, len(train) // 10)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+        heldout, train = [train[i] for i in order[:n]], [train[i] for i in order[n:]]
+    if args.beta_column and any(p["beta"] is None for p in train):
+        raise data.DataError(f"{args.data}: --beta-column {args.beta_column}: some rows have no such column")
+    if (args.curriculum == "margin" or args.sft_below_margin is not None) and any(p["margin"] is None for p in train):
+        raise data.DataError(f"{args.data}: MixDPO needs score_chosen and score_rejected in every row")
+    dropped = {k: v for k, v in report.items() if k not in ("rows", "pairs") and v}
+    rank0_print(f"data: {report['pairs']} pairs of {report['rows']} rows" + (f" ({dropped})" if dropped else "")
+                + f", {len(train)} for training, {len(heldout)} held out")
+    return train, heldout
+
+
+def pad_id(cfg) -> int:
+    eos = cfg.eos_token_id
+    return (eos[0] if isinstance(eos, list) else eos) or 0
+
+
+def row_seeds(seed: int, step: int, indices: list) -> list:
+    """Seeds of the random token weights: one per (step, pair, answer), whatever the batch layout."""
+    base = (seed * 1_000_003 + step) * 2**21
+    return [base + 2 * i for i in indices] + [base + 2 * i + 1 for i in indices]
+
+
+# ----------------------------------------------------------------------------- the step
+
+def answer_logps(model, input_ids, with_states=False):
+    """One forward: per-token log-probs of each next token (N, T-1) and the top-1 log-prob (the squeeze
+    probe); with_states also the logits, input embeddings and final hidden states aligned with them."""
+    logits, embeds, hidden = model(input_ids, return_hidden=True)
+    logps, top1 = aao.token_logps(logits[:, :-1], input_ids[:, 1:], with_top1=True)
+    if not with_states:
+        return logps, top1
+    # Position t predicts token t+1: its logits and hidden state at t, the token's own embedding at t+1.
+    return logps, top1, logits[:, :-1], embeds[:, 1:], hidden[:, :-1]
+
+
+def reference_logps(reference, ref_cache, batch, indices):
+    """The frozen reference's per-token log-probs (and top-1), live or from the precomputed cache."""
+    mask = batch["loss_mask"][:, 1:].bool()
+    if ref_cache is None:
+        with torch.no_grad():
+            return answer_logps(reference, batch["input_ids"])
+    rows = [ref_cache[i][0] for i in indices] + [ref_cache[i][1] for i in indices]
+    logps, top1 = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
+    logps[mask] = torch.cat([r[0] for r in rows]).to(mask.device)  # row-major order = the rows' order
+    top1[mask] = torch.cat([r[1] for r in rows]).to(mask.device)
+    return logps, top1
+
+
+def pair_step(policy, mlp, reference, ref_cache, pairs, indices, obj, step, args, device):
+    """The objective of a micro-batch of pairs: aao.preference_objective's output (per-pair "losses" (B,)
+    and the rest), with the token log-probs and mask added, and the metrics."""
+    batch = {k: v.to(device) for k, v in data.collate([pairs[i] for i in indices], pad_id(policy.config)).items()}
+    mask = batch["loss_mask"][:, 1:]
+    logps, top1, logits, embeds, hidden = answer_logps(policy, batch["input_ids"], with_states=True)
+    ref_lp, ref_top1 = reference_logps(reference, ref_cache, batch, indices)
+    a = b = None
+    if obj.weighting == "aao":
+        a, b = mlp(aao.pooled_answer_logits(logits, mask))
+    beta = batch["beta"].float() if args.beta_column else None
+    out = aao.preference_objective(obj, logps, ref_lp, mask, beta=beta, embeds=embeds, hidden=hidden, a=a, b=b,
+                                   margin=batch["margin"], seeds=row_seeds(args.seed, step, indices))
+    metrics = {**aao.objective_metrics(out, mask, a, b), **squeeze_probe(top1, ref_top1, mask),
+               "tokens": float((batch["input_ids"].shape[1] - (batch["loss_mask"].flip(1).cumsum(1) == 0).sum(1)).sum())}
+    out.update(logps=logps, ref_logps=ref_lp, mask=mask, a=a, b=b)
+    return out, metrics
+
+
+def squeeze_probe(top1, ref_top1, mask) -> dict:
+    """After Ren & Sutherland: the token-mean of max_v π(v | x, y_<t) at teacher-forced answer positions,
+    on chosen and on rejected answers, for the policy and the reference. DPO's squeeze effect shows as
+    the policy's top-1 probability falling below the reference's."""
+    out = {}
+    for name, lp in (("policy", top1), ("reference", ref_top1)):
+        for side, l, m in zip(("chosen", "rejected"), aao.split_pairs(lp.detach()), aao.split_pairs(mask.bool())):
+            out[f"squeeze/{name}_{side}_top1"] = float(l[m].exp().mean())
+            out[f"squeeze/{name}_{side}_top1_logp"] = float(l[m].mean())
+    return out
+
+
+def rank_share(n: int, rank: int, world: int) -> list:
+    """This rank's indices of n items for a pass in lockstep (FSDP gathers weights collectively, so every
+    rank runs the same number of forwards): equal counts, padded with -1."""
+    share = list(range(rank, n, world))
+    return share + [-1] * (-(-n // world) - len(share))
+
+
+@torch.no_grad()
+def precompute_reference(reference, pairs, micro, device) -> list:
+    """--precompute-ref: the reference's answer-token log-probs and top-1 log-probs for every pair, in one
+    pass; each rank computes its share and all ranks gather the whole cache."""
+    share = rank_share(len(pairs), dist.get_rank(), dist.get_world_size())
+    cache = {}
+    for chunk in data.micro_batches(share, micro):
+        real = [i for i in chunk if i >= 0] or [0]
+        batch = data.collate([pairs[i] for i in real], pad_id(reference.config))
+        logps, top1 = answer_logps(reference, batch["input_ids"].to(device))
+        mask = batch["loss_mask"][:, 1:].bool()
+        for row, i in enumerate(real + real):
+            side = 0 if row < len(real) else 1
+            m = mask[row]
+            cache.setdefault(i, [None, None])[side] = (logps[row][m.to(device)].cpu(), top1[row][m.to(device)].cpu())
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, cache)
+    merged = {i: v for part in gathered for i, v in part.items()}
+    return [merged[i] for i in range(len(pairs))]
+
+
+@torch.no_grad()
+def evaluate(policy, mlp, reference, ref_cache, pairs, obj, args, device) -> dict:
+    """Held-out preference accuracy and reward margin by the plain (unweighted) DPO implicit reward
+    β·log π_θ/π_ref, one yardstick for every method; the squeeze probe; for AAO the thresholds and the
+    token shares."""
+    policy.eval()
+    sums, count = {}, 0.0
+    for chunk in data.micro_batches(rank_share(len(pairs), dist.get_rank(), dist.get_world_size()),
+                                    args.micro_batch_size):
+        real = [i for i in chunk if i >= 0] or [0]
+        out, m = pair_step(policy, mlp, reference, ref_cache, pairs, real, obj, 0, args, device)
+        ratio = aao.split_pairs(((out["logps"] - out["ref_logps"]) * out["mask"]).sum(1))
+        margin = args.beta * (ratio[0] - ratio[1])
+        m = {k: v for k, v in m.items() if k.startswith(("squeeze/", "tokens/")) or k in ("a", "b", "loss")}
+        m.update(accuracy=float(aao.preference_accuracy(margin)), margin=float(margin.mean()))
+        weight = float(sum(i >= 0 for i in chunk))
+        accumulate(sums, m, weight)
+        count += weight
+    policy.train()
+    return {f"eval/{k}": v for k, v in reduce_metrics(sums, count).items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class TrainingError(RuntimeError):
+    """A run that must stop (non-finite loss, nothing to resume); the message says where and why."""
+
+
+def named_trainables(policy, mlp) -> dict:
+    named = {f"policy.{n}": p for n, p in policy.named_parameters()}
+    if mlp is not None:
+        named.update({f"mlp.{n}": p for n, p in mlp.named_parameters()})
+    return named
+
+
+def local(t):
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def save_checkpoint(out: Path, name: str, step: int, policy, mlp, optimizer, tokenizer, weights) -> Path:
+    """<out>/<name>/: the policy in Hugging Face layout (config.json, safetensors, tokenizer.json) and the
+    training state: AdamW's moments and the threshold MLP as each rank's local shards (safetensors, no
+    pickle), the step and the RNG. Written under a temporary name and renamed: a kill never leaves a half
+    checkpoint. The weights are the fp32 master weights, so a resume continues exactly."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tmp, final = out / f".tmp-{name}", out / name
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        M.save_state_dict(full, policy.config, tmp)
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        for extra in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            if weights != "tiny" and (Path(weights) / extra).is_file():  # chat template, stop tokens: for vLLM
+                shutil.copy(Path(weights) / extra, tmp / extra)
+        (tmp / "train_state.json").write_text(json.dumps({"step": step, "world_size": world}))
+    tensors = {}
+    for pname, p in named_trainables(policy, mlp).items():
+        for k, v in optimizer.state.get(p, {}).items():
+            tensors[f"optim/{pname}/{k}"] = local(v).detach().cpu().contiguous()
+        if pname.startswith("mlp."):
+            tensors[pname] = local(p).detach().cpu().contiguous()
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, tmp / f"train-state-{rank:05d}-of-{world:05d}.safetensors")
+    dist.barrier()
+    if rank == 0:
+        old = out / f".old-{name}"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(out: Path):
+    steps = {d: json.loads((d / "train_state.json").read_text())["step"]
+             for d in out.glob("*") if d.is_dir() and not d.name.startswith(".") and (d / "train_state.json").is_file()}
+    return max(steps, key=steps.get, default=None)
+
+
+def load_train_state(ckpt: Path, policy, mlp, optimizer) -> int:
+    """Restore what save_checkpoint wrote besides the weights; returns the step to continue from."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    meta = json.loads((ckpt / "train_state.json").read_text())
+    if meta["world_size"] != world:
+        raise TrainingError(f"{ckpt}: written by {meta['world_size']} processes, resumed with {world}: "
+                            "resume with the same number of processes")
+    tensors = load_file(ckpt / f"train-state-{rank:05d}-of-{world:05d}.safetensors")
+    for pname, p in named_trainables(policy, mlp).items():
+        if pname.startswith("mlp."):
+            with torch.no_grad():
+                local(p).copy_(tensors[pname])
+        state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{pname}/")}
+        for k, v in state.items():
+            if k != "step" and isinstance(p, DTensor):
+                state[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                              stride=p.stride(), run_check=False)
+        if state:
+            optimizer.state[p] = state
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return meta["step"]
+
+
+# ----------------------------------------------------------------------------- optimization
+
+def make_optimizer(policy, mlp, args):
+    """AdamW, policy at --lr (no weight decay on norms), the threshold MLP at its own --aw-lr: the policy's
+    5e-7 would leave a freshly initialized MLP where it started."""
+    params = list(policy.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "lr": args.lr, "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "lr": args.lr, "weight_decay": 0.0}]
+    if mlp is not None:
+        groups.append({"params": list(mlp.parameters()), "lr": args.aw_lr, "weight_decay": 0.0})
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak of one GPU, for MFU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    table = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12,
+             "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+    return next((v for k, v in table.items() if k in name), None)
+
+
+def reduce_metrics(sums: dict, count: float, totals=("tokens",)) -> dict:
+    """Over every micro-batch of every rank: means of the pair-weighted sums, except `totals`, summed."""
+    keys = sorted(sums)
+    total = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64)
+    dist.all_reduce(total)
+    return {k: float(v if k in totals else v / total[-1]) for k, v in zip(keys, total[:-1])}
+
+
+def accumulate(sums: dict, metrics: dict, weight: float, totals=("tokens",)) -> None:
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + (v if k in totals else v * weight)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(args, device, mesh) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(args.out)
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if args.resume and resume_from is None:
+        raise TrainingError(f"--resume {args.resume}: no checkpoint there to continue from")
+    if not args.resume and out.is_dir() and latest_checkpoint(out):
+        raise TrainingError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+
+    weights = M.resolve_weights(args.weights)
+    tokenizer = data.tiny_tokenizer() if weights == "tiny" else M.load_tokenizer(weights)
+    cfg, read_weights = model_source(weights, tokenizer.get_vocab_size(), args.seed)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise M.CheckpointError(f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
+                                f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together")
+    train_pairs, heldout = load_data(args, tokenizer, rank)
+    dtype = compute_dtype(args, device)
+    start_weights = read_weights if resume_from is None else model_source(str(resume_from), 0, 0)[1]
+    policy = build_model(cfg, start_weights, device, mesh, torch.float32, dtype, args.activation_checkpointing)
+    reference = build_model(cfg, read_weights, device, mesh, dtype, dtype, trainable=False)
+    obj = aao.Objective(loss=args.loss, weighting=args.weighting, beta=args.beta,
+                        label_smoothing=args.label_smoothing, gamma=args.simpo_gamma, alpha=args.alpha,
+                        lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_length_normalized=not args.reward_sum,
+                        sft_below_margin=args.sft_below_margin)
+    mlp = None
+    if obj.weighting == "aao":
+        torch.manual_seed(args.seed)  # the same MLP whatever the number of processes
+        mlp = aao.ThresholdMLP(cfg.vocab_size).to(device)
+        fully_shard(mlp, mesh=mesh)
+    ref_train = ref_eval = None
+    if args.precompute_ref:
+        ref_train = precompute_reference(reference, train_pairs, args.micro_batch_size, device)
+        ref_eval = precompute_reference(reference, heldout, args.micro_batch_size, device)
+        reference = None
+        rank0_print(f"reference log-probs cached for {len(train_pairs) + len(heldout)} pairs; reference freed")
+
+    sampler = data.PairSampler(len(train_pairs), args.batch_size, args.seed, rank, world,
+                               [p["margin"] for p in train_pairs] if args.curriculum == "margin" else None)
+    total = int(args.epochs * sampler.steps_per_epoch)
+    total = min(total, args.max_steps) if args.max_steps else total
+    warmup = max(1, round(args.warmup * total))
+    optimizer = make_optimizer(policy, mlp, args)
+    start = load_train_state(resume_from, policy, mlp, optimizer) if resume_from else 0
+    metrics_file, eval_file = out / "metrics.jsonl", out / "eval.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=1))
+        for f in (metrics_file, eval_file):  # a killed run may have logged steps past its last checkpoint
+            rows = [r for r in f.read_text().splitlines() if json.loads(r)["step"] <= start] if resume_from and f.exists() else []
+            f.write_text("".join(r + "\n" for r in rows))
+    rank0_print(f"training {count_parameters(cfg) / 1e6:.1f}M parameters, {args.loss} + {args.weighting} weighting, "
+                f"{total} steps of {args.batch_size} pairs on {world} x {device.type} ({str(dtype).split('.')[1]})"
+                + (f", resuming from {resume_from} at step {start}" if resume_from else ""))
+
+    def log_eval(step):
+        ev = evaluate(policy, mlp, reference, ref_eval, heldout, obj, args, device) if heldout else {}
+        if rank == 0 and ev:
+            with eval_file.open("a") as f:
+                f.write(json.dumps({"step": step, **ev}) + "\n")
+        return ev
+
+    first_eval = log_eval(0) if start == 0 else {}
+    n_params, peak = count_parameters(cfg), peak_flops(device)
+    bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="train", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, total, warmup)
+        indices = sampler.batch(step)
+        chunks = data.micro_batches(indices, args.micro_batch_size)
+        sums = {}
+        for j, chunk in enumerate(chunks):
+            sync = j == len(chunks) - 1  # reduce gradients once per step, not per micro-batch
+            for module in (policy, mlp):
+                if module is not None:
+                    module.set_requires_gradient_sync(sync)
+            result, m = pair_step(policy, mlp, reference, ref_train, train_pairs, chunk, obj, step, args, device)
+            # Per pair of the global batch, not per micro-batch; FSDP then averages over the processes.
+            (result["losses"].sum() * world / args.batch_size).backward()
+            accumulate(sums, m, len(chunk))
+        stats = reduce_metrics(sums, len(indices))
+        if not math.isfinite(stats["loss"]):
+            where = ", ".join(train_pairs[i]["where"] for i in indices[:8])
+            last = latest_checkpoint(out)
+            raise TrainingError(f"step {step + 1}: the loss is {stats['loss']} on the batch of pairs {where}"
+                                f"{', ...' if len(indices) > 8 else ''}; stopped without an update"
+                                + (f", the last good checkpoint is {last}" if last else ""))
+        params = [p for p in policy.parameters()] + ([] if mlp is None else list(mlp.parameters()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        tokens = stats.pop("tokens")
+        row = {"step": step + 1, **stats, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+               "tokens_per_s": tokens / dt}
+        if peak:  # 6N per token for the policy's forward and backward, 2N for the reference's forward
+            row["mfu"] = (6 + 2 * (reference is not None)) * n_params * tokens / dt / (peak * world)
+        if (step + 1) % args.eval_every == 0 or step + 1 == total:
+            row.update(log_eval(step + 1))
+        if rank == 0:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracy']:.2f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            save_checkpoint(out, f"step-{step + 1}", step + 1, policy, mlp, optimizer, tokenizer, weights)
+    bar.close()
+    final = save_checkpoint(out, "final", total, policy, mlp, optimizer, tokenizer, weights)
+    if obj.weighting == "aao" and heldout:
+        write_weights_page(out / "weights.html", policy, mlp, reference, ref_eval, heldout, obj, args, device, tokenizer)
+    last_eval = json.loads(eval_file.read_text().splitlines()[-1]) if rank == 0 and eval_file.exists() else {}
+    if rank == 0 and last_eval:
+        before = f"{first_eval['eval/accuracy']:.3f} before, " if first_eval else ""
+        print(f"held-out preference accuracy: {before}{last_eval['eval/accuracy']:.3f} after "
+              f"({len(heldout)} pairs; reward margin {last_eval['eval/margin']:.3f})")
+        print(f"output: {final} (Hugging Face layout), {metrics_file}, {eval_file}"
+              + (f", {out / 'weights.html'}" if (out / "weights.html").exists() else ""))
+    return {"first": first_eval, "last": last_eval}
+
+
+# ----------------------------------------------------------------------------- the token-weight page
+
+WEIGHT_PAGE_STYLE = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;line-height:1.9}
+.t{padding:1px 0;border-radius:3px;white-space:pre-wrap}.ambiguous{background:#e0e0e0;color:#888}
+.transitional{background:#fff6c8}.key{background:#7dd87d;font-weight:600}.pair{margin:1.5em 0}
+.who{display:inline-block;width:6em;color:#555}small{color:#666}"""
+
+
+@torch.no_grad()
+def write_weights_page(path: Path, policy, mlp, reference, ref_cache, pairs, obj, args, device, tokenizer, n=12):
+    """A page that shows, for a few held-out pairs, every answer token coloured by its AAO category
+    (Eq. 16's hard thresholds on the learned a, b) with S and the weight of Eq. 17 on hover."""
+    import html
+    indices = list(range(min(n, len(pairs))))
+    out, _ = pair_step(policy, mlp, reference, ref_cache, pairs, indices, obj, 0, args, device)  # every rank
+    if dist.get_rank() != 0:
+        return
+    ids = data.collate([pairs[i] for i in indices], pad_id(policy.config))["input_ids"][:, 1:]
+    S, w, mask = out["S"].cpu(), out["weights"].cpu(), out["mask"].cpu().bool()
+    a, b = out["a"].cpu().repeat(2), out["b"].cpu().repeat(2)
+    blocks = []
+    for k, i in enumerate(indices):
+        prompt = html.escape(tokenizer.decode(pairs[i]["prompt_ids"], skip_special_tokens=True))
+        lines = []
+        for row, who in ((k, "chosen"), (k + len(indices), "rejected")):
+            spans = []
+            for t in mask[row].nonzero().flatten().tolist():
+                s, kind = float(S[row, t]), "ambiguous" if S[row, t] > a[row] else "key" if S[row, t] < b[row] else "transitional"
+                text = html.escape(tokenizer.decode([int(ids[row, t])], skip_special_tokens=False))
+                spans.append(f'<span class="t {kind}" title="{kind}: S={s:.3f}, w={float(w[row, t]):.3f}">{text}</span>')
+            lines.append(f'<div><span class="who">{who}</span>{"".join(spans)}</div>')
+        blocks.append(f'<div class="pair"><small>{prompt} &nbsp; (a={a[k]:.3f}, b={b[k]:.3f})</small>{"".join(lines)}</div>')
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
+<style>{WEIGHT_PAGE_STYLE}</style></head><body><h1>AAO token weights</h1>
+<p>Held-out pairs from {html.escape(str(args.data))}, weighed by the trained policy and threshold MLP.
+<span class="t ambiguous">ambiguous</span> (S &gt; a, weight (1&minus;S)&sup2;, suppressed),
+<span class="t transitional">transitional</span> (b &le; S &le; a, weight 1),
+<span class="t key">key</span> (S &lt; b, weight 1+S, emphasized). Hover a token for S and its weight.</p>
+{"".join(blocks)}</body></html>""", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank, world, device, mesh = setup_distributed()
+    code = 0
+    try:
+        if args.benchmark:
+            benchmark(args, device, mesh)
+        elif args.experiment:
+            experiment(args, device, mesh)
+        else:
+            train(args, device, mesh)
+    except (M.CheckpointError, data.DataError, TrainingError) as e:
+        print(f"error{f' (rank {rank})' if world > 1 else ''}: {e}", file=sys.stderr, flush=True)
+        code = 1
+    sys.stdout.flush()
+    if "RANK" in os.environ:
+        os._exit(code)  # gloo's destroy_process_group aborts a rank now and then after all work is done
+    dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
