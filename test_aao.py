@@ -416,3 +416,315 @@ def test_gradient_cancellation_of_shared_tokens():
     w_c = aao.aao_weights(torch.tensor([[1.0]], dtype=torch.float64), 0.8, 0.4).item()  # S = 1 for c
     assert w_c < 1e-12
     assert (cancellation_gradients(False, w_c) - diff_without).norm() < 1e-9 * diff_without.norm()
+
+
+# ============================================================================= data.py
+
+import data  # noqa: E402
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def word_tokenizer(words, specials=LLAMA3_SPECIALS, bos_post_processor=True):
+    """A word-level tokenizer with Llama 3's special tokens whose ids a test can predict by hand; like Llama
+    3's tokenizer.json, its post-processor adds <|begin_of_text|> on its own."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    vocab = {w: i for i, w in enumerate(["<unk>"] + sorted(set(words)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s+|\w+|[^\w\s]"), behavior="isolated")
+    tok.add_special_tokens(specials)
+    if bos_post_processor:
+        bos = specials[0]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    return tok
+
+
+WORDS = ["user", "assistant", "system", "\n\n", "What", " ", "is", "2", "+", "?", "4", "5", ".", "It", "Cutting", "Knowledge",
+         "Date", ":", "December", "2023", "\n", "Today", "26", "Jul", "2024", "Be", "brief", "Human", "Assistant", "[", "INST", "]",
+         "/", "<", "|", ">", "s"]
+
+
+def test_llama3_pair_exact_token_ids():
+    tok = word_tokenizer(WORDS)
+    row = {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "It is 5."}
+    out = data.tokenize_pair(tok, row, "llama3")
+    ids = lambda *toks: [tok.token_to_id(t) for t in toks]
+    assert out["prompt_ids"] == ids("<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "\n\n",
+                                    "What", " ", "is", " ", "2", "+", "2", "?", "<|eot_id|>",
+                                    "<|start_header_id|>", "assistant", "<|end_header_id|>", "\n\n")
+    assert out["chosen_ids"] == ids("It", " ", "is", " ", "4", ".", "<|eot_id|>")
+    assert out["rejected_ids"] == ids("It", " ", "is", " ", "5", ".", "<|eot_id|>")
+    assert tok.encode("x").ids[0] == tok.token_to_id("<|begin_of_text|>")  # the post-processor would add one
+
+
+def test_llama31_opens_with_the_dated_system_block():
+    tok = word_tokenizer(WORDS)
+    row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+           "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    text = tok.decode(data.tokenize_pair(tok, row, "llama31")["prompt_ids"], skip_special_tokens=False)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+                           "December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user")
+    bare = data.render_prompt([{"role": "user", "content": "hi"}], data.TEMPLATES["llama31"], {})
+    assert "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>" in bare
+
+
+@pytest.mark.parametrize("name,prompt,answer", [
+    ("mistral", "<s>[INST] Be brief.\n\nhi [/INST]", "yes</s>"),
+    ("zephyr", "<s><|system|>\nBe brief.</s>\n<|user|>\nhi</s>\n<|assistant|>\n", "yes</s>"),
+    ("plain", "<s>Be brief.\n\nHuman: hi\n\nAssistant:", " yes</s>"),
+])
+def test_other_templates_render(name, prompt, answer):
+    specials = {"bos": "<s>", "eos": "</s>"}
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " hi "}]
+    assert data.render_prompt(msgs, data.TEMPLATES[name], specials) == prompt
+    assert data.render_answer("yes", data.TEMPLATES[name], specials) == answer
+
+
+def test_exactly_one_bos_and_identical_prompts_for_every_template():
+    tok = word_tokenizer(WORDS)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    row = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.", "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: It is 5."}
+    for name in ("llama3", "llama31", "zephyr", "plain"):
+        out = data.tokenize_pair(tok, row, name)
+        rows = [out["prompt_ids"] + out["chosen_ids"], out["prompt_ids"] + out["rejected_ids"]]
+        assert all(r.count(bos) == 1 and r[0] == bos for r in rows), name
+
+
+def test_layouts_parse_to_the_same_pair():
+    msgs = lambda answer: [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": answer}]
+    layouts = [
+        {"prompt": "Q?", "chosen": "good", "rejected": "bad"},
+        {"prompt": "Q?", "chosen": msgs("good"), "rejected": msgs("bad")},  # UltraFeedback binarized
+        {"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "assistant", "content": "bad"}]},  # TRL conversational
+        {"chosen": msgs("good"), "rejected": msgs("bad")},  # shared leading turns
+        {"chosen": "\n\nHuman: Q?\n\nAssistant: good", "rejected": "\n\nHuman: Q?\n\nAssistant: bad"},  # HH
+    ]
+    for row in layouts:
+        p = data.parse_row(row)
+        assert (p.prompt, p.chosen.strip(), p.rejected.strip()) == ([{"role": "user", "content": "Q?"}], "good", "bad"), row
+
+
+def test_hh_multi_turn_prompt_and_shared_answer_start():
+    dialogue = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant:"
+    p = data.parse_row({"chosen": dialogue + " I think so, yes.", "rejected": dialogue + " I think not."})
+    assert p.prompt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                        {"role": "user", "content": "Is it safe?"}]
+    assert (p.chosen.strip(), p.rejected.strip()) == ("I think so, yes.", "I think not.")
+
+
+def test_margin_and_beta_columns():
+    p = data.parse_row({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 8.5, "score_rejected": 6, "beta": 0.3})
+    assert p.margin == 2.5 and p.beta == 0.3
+    assert data.parse_row({"prompt": "q", "chosen": "a", "rejected": "b", "w": 2.0}, beta_column="w").beta == 2.0
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "q", "chosen": "a", "rejected": ', ":3: not valid JSON"),
+    ('{"prompt": "q", "chosen": "a"}', ":3: missing field 'rejected'"),
+    ('{"prompt": "q", "chosen": "  ", "rejected": "b"}', ":3: 'chosen' is empty"),
+    ('{"prompt": "q", "chosen": 5, "rejected": "b"}', ":3: 'chosen' must be a string or a list of messages, got int"),
+    ('{"chosen": [{"role": "bot", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}', ":3: unknown role 'bot'"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1}', ":3: 'score_chosen' and"),
+    ('["not", "an", "object"]', ":3: a row must be a JSON object"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, line, message):
+    f = tmp_path / "data.jsonl"
+    f.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n\n' + line + "\n")
+    with pytest.raises(data.DataError) as e:
+        data.tokenize_rows(word_tokenizer(WORDS), data.read_rows(f), "plain")
+    assert str(e.value).startswith(f"{f}{message}"), str(e.value)
+
+
+def test_parquet_is_read_or_explained(tmp_path):
+    f = tmp_path / "d.parquet"
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+        pq.write_table(pyarrow.Table.from_pylist([{"prompt": "q", "chosen": "a", "rejected": "b"}]), f)
+        assert data.read_rows(f)[0][1]["chosen"] == "a"
+    except ImportError:
+        f.write_bytes(b"PAR1")
+        with pytest.raises(data.DataError, match="pyarrow"):
+            data.read_rows(f)
+
+
+def test_identical_answers_skipped_and_counted():
+    rows = [("f:1", {"prompt": "q", "chosen": "It is 4.", "rejected": "It is 4."}), ("f:2", {"prompt": "q", "chosen": "4", "rejected": "5"})]
+    tok = word_tokenizer(WORDS)
+    pairs, report = data.tokenize_rows(tok, rows, "plain")
+    assert len(pairs) == 1 and report["dropped_identical"] == 1
+    assert len(data.tokenize_rows(tok, rows, "plain", keep_identical=True)[0]) == 2
+
+
+def test_truncation_keeps_bos_and_prompt_end_and_drops_pairs_without_room():
+    tok = word_tokenizer(WORDS)
+    row = {"prompt": "What is 2+2? " * 10 + "Be brief.", "chosen": "It is 4. " * 5, "rejected": "It is 5."}
+    full = data.tokenize_pair(tok, row, "llama3", max_length=10_000, max_prompt_length=10_000)
+    out = data.tokenize_pair(tok, row, "llama3", max_length=20, max_prompt_length=12)
+    assert out["prompt_ids"] == full["prompt_ids"][:1] + full["prompt_ids"][-11:] and out["prompt_truncated"]
+    assert out["chosen_ids"] == full["chosen_ids"][:8] and out["rejected_ids"] == full["rejected_ids"][:8]
+    assert out["answer_truncated"]
+    pairs, report = data.tokenize_rows(tok, [("f:1", row)], "llama3", max_length=12, max_prompt_length=12)
+    assert pairs == [] and report["dropped_no_answer_room"] == 1
+
+
+def test_collate_masks_answers_and_pads_right():
+    pairs = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6], "margin": 1.0, "beta": None},
+             {"prompt_ids": [1, 7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12, 13], "margin": None, "beta": 0.2}]
+    b = data.collate(pairs, pad_id=0)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [1, 7, 8, 9, 10, 11], [1, 2, 3, 6, 0, 0], [1, 7, 12, 13, 0, 0]]
+    assert b["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0], [0, 0, 1, 1, 0, 0]]
+    assert b["margin"][0] == 1.0 and b["margin"][1].isnan() and b["beta"][1] == pytest.approx(0.2) and b["beta"][0].isnan()
+
+
+def test_n_processes_see_the_global_batches_of_one():
+    one = data.PairSampler(100, 12, seed=3)
+    ranks = [data.PairSampler(100, 12, seed=3, rank=r, world_size=4) for r in range(4)]
+    for step in range(20):  # crosses the epoch boundary at step 8
+        assert sum((s.batch(step) for s in ranks), []) == one.batch(step)
+    assert sorted(sum((one.batch(s) for s in range(8)), [])) == sorted(set(sum((one.batch(s) for s in range(8)), [])))
+    assert one.batch(0) != one.batch(8) and one.batch(0) != data.PairSampler(100, 12, seed=4).batch(0)
+
+
+def test_sampler_position_round_trip():
+    s = data.PairSampler(50, 4, seed=1)
+    for _ in range(7):
+        next(s)
+    state = json.loads(json.dumps(s.state_dict()))
+    t = data.PairSampler(50, 4, seed=0)
+    t.load_state_dict(state)
+    assert [next(t) for _ in range(10)] == [next(s) for _ in range(10)]
+
+
+def test_curriculum_orders_easy_to_hard():
+    margins = [0.5, 3.0, 1.0, 2.0, 5.0, 0.1]
+    s = data.PairSampler(6, 2, margins=margins)
+    assert [s.batch(i) for i in range(3)] == [[4, 1], [3, 2], [0, 5]]
+
+
+def test_synthetic_set_is_seeded_ambiguous_and_held_out_is_new():
+    train, heldout = data.synthetic_rows(0)
+    assert data.synthetic_rows(0)[0][:50] == train[:50] and data.synthetic_rows(1)[0][:50] != train[:50]
+    key = lambda r: (r["prompt"], r["chosen"], r["rejected"])
+    assert not {key(r) for _, r in heldout} & {key(r) for _, r in train}
+    tok = data.tiny_tokenizer()
+    shared = []
+    for _, row in train[:200]:
+        p = data.tokenize_pair(tok, row, "plain")
+        c, r = p["chosen_ids"], p["rejected_ids"]
+        shared.append(len(set(c) & set(r)) / len(set(c) | set(r)))
+    assert sum(s > 0.6 for s in shared) / len(shared) > 0.7  # most pairs share most tokens
+    assert sum(s < 0.3 for s in shared) / len(shared) > 0.1  # some differ freely
+
+
+# ============================================================================= train.py
+
+import train  # noqa: E402
+
+
+def run(*args, torchrun=0, timeout=300):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run(launcher + [str(HERE / "train.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=HERE)
+
+
+def losses(out: Path) -> list:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_embedded_run_learns_and_transformers_loads_the_output(tmp_path):
+    r = run("--max-steps", 40, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 41)) and all("loss" in row for row in rows)
+    loss = [row["loss"] for row in rows]
+    assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.5
+    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert evals[0]["eval/accuracy"] == 0.5 and evals[-1]["eval/accuracy"] > 0.55
+    assert "held-out preference accuracy: 0.500 before" in r.stdout
+    page = (tmp_path / "run" / "weights.html").read_text()
+    assert page.count('class="t ') > 100 and "ambiguous" in page
+    transformers = pytest.importorskip("transformers")
+    final = tmp_path / "run" / "final"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    ours = M.load_model(final)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24))
+    assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4
+
+
+def test_torchrun_two_processes_give_the_one_process_losses(tmp_path):
+    one = run("--max-steps", 6, "--out", tmp_path / "one")
+    two = run("--max-steps", 6, "--out", tmp_path / "two", torchrun=2)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert all(abs(x - y) <= 1e-3 * abs(x) for x, y in zip(a, b)), (a, b)
+
+
+def test_kill_and_resume_continue_with_the_same_losses(tmp_path):
+    args = ["--max-steps", 12, "--save-every", 4]
+    assert run(*args, "--out", tmp_path / "whole").returncode == 0
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, str(HERE / "train.py"), *map(str, args), "--out", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    while not (out / "step-4").exists() and p.poll() is None:
+        pass
+    p.kill()  # SIGKILL: no cleanup runs
+    p.wait()
+    assert not (out / "final").exists(), "the run finished before the kill"
+    r = run("--resume", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "step 4" in r.stdout
+    assert losses(out) == losses(tmp_path / "whole")
+
+
+def test_broken_data_file_is_one_line_without_traceback(tmp_path):
+    f = tmp_path / "broken.jsonl"
+    f.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a" "rejected": "b"}\n')
+    r = run("--data", f, "--out", tmp_path / "run")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr + r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and f"{f}:2:" in errors[0]
+
+
+def test_nan_loss_stops_and_names_step_and_batch(tmp_path):
+    r = run("--max-steps", 6, "--lr", 1e20, "--save-every", 1, "--out", tmp_path / "run")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "error: step 2: the loss is nan on the batch of pairs synthetic-train:" in r.stderr
+    assert "last good checkpoint is" in r.stderr and (tmp_path / "run" / "step-1" / "model.safetensors").exists()
+
+
+def in_process(tmp_path, *args):
+    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    assert train.main(["--max-steps", "3", "--eval-every", "3", "--out", str(out), *map(str, args)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("args", [
+    ["--loss", "ipo", "--weighting", "none"], ["--loss", "cdpo", "--weighting", "random"], ["--loss", "hinge"],
+    ["--loss", "simpo"], ["--loss", "simpo", "--weighting", "none"], ["--loss", "sft", "--weighting", "none"],
+    ["--curriculum", "margin", "--sft-below-margin", 5.0], ["--reward-sum", "--activation-checkpointing"],
+])
+def test_objective_variants_train(tmp_path, args):
+    rows = [json.loads(line) for line in (in_process(tmp_path, *args) / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows) and "eval/accuracy" in rows[-1]
+
+
+def test_precomputed_reference_gives_the_live_losses(tmp_path):
+    live = losses(in_process(tmp_path, "--seed", 1))
+    cached = losses(in_process(tmp_path, "--seed", 1, "--precompute-ref"))
+    assert live == pytest.approx(cached, rel=1e-5)
+
+
+def test_per_pair_beta_column_from_a_file(tmp_path):
+    train_rows, _ = data.synthetic_rows(0, n_train=200, n_heldout=0)
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({**row, "gap": 0.05 + 0.1 * (i % 3)}) + "\n" for i, (_, row) in enumerate(train_rows)))
+    out = in_process(tmp_path, "--data", f, "--beta-column", "gap", "--eval-pairs", 16)
+    assert (out / "final" / "model.safetensors").exists()
+    with pytest.raises(data.DataError, match="--beta-column nope: some rows have no such column"):
+        train.load_data(train.parse_args(["--data", str(f), "--beta-column", "nope"]), data.tiny_tokenizer(), 0)
