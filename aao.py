@@ -137,8 +137,9 @@ def token_similarity(emb_w, emb_l, mask_w, mask_l):
 
 def pooled_answer_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """AW's input: the policy's logits, detached, mean-pooled over the answer tokens of both answers of a
-    pair: one (a, b) per pair, since Eq. 16 gives a and b no token index. (2B, K, V) -> (B, V) fp32."""
-    summed = torch.einsum("nkv,nk->nv", logits.detach().float(), mask.float())  # (2B, V)
+    pair: one (a, b) per pair, since Eq. 16 gives a and b no token index. (2B, K, V) -> (B, V) fp32.
+    One batched matrix product: no fp32 copy of a 128k-vocabulary logits tensor."""
+    summed = torch.bmm(mask.to(logits.dtype)[:, None, :], logits.detach()).squeeze(1).float()  # (2B, V)
     counts = mask.float().sum(1)
     chosen, rejected = split_pairs(summed)
     n_chosen, n_rejected = split_pairs(counts)
