@@ -117,7 +117,10 @@ def token_similarity(emb_w, emb_l, mask_w, mask_l):
     The text says "min-max normalization over all cross-answer token similarities": normalize with the
     min and max of the pair's whole masked matrix, then S_w[i] = max_j Cn[i, j], S_l[j] = max_i Cn[i, j].
     Padded positions never enter a min, a max or a score (their S is 0). Detached: S is an input.
+    One pair without the batch dimension, (K, D) and (K,), works too.
     """
+    if emb_w.dim() == 2:
+        return tuple(S[0] for S in token_similarity(emb_w[None], emb_l[None], mask_w[None], mask_l[None]))
     dtype = torch.promote_types(emb_w.dtype, torch.float32)
     C = F.normalize(emb_w.to(dtype), dim=-1) @ F.normalize(emb_l.to(dtype), dim=-1).transpose(1, 2)  # (B, Kw, Kl)
     valid = mask_w.bool()[:, :, None] & mask_l.bool()[:, None, :]
@@ -309,7 +312,7 @@ def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=
         raise ValueError(f"unknown loss {obj.loss!r}")
     if obj.sft_below_margin is not None:
         losses = mixdpo_route(losses, chosen_avg_nll, margin, obj.sft_below_margin)
-    out = {"losses": losses, "weights": weights, "S": S, "rewards": rewards}
+    out = {"losses": losses, "preference": losses, "weights": weights, "S": S, "rewards": rewards}
     if obj.weighting == "aao":
         (w_w, w_l), (m_w, m_l) = split_pairs(weights), split_pairs(mask)
         out["contrastive"] = contrastive_suppression_loss(*split_pairs(hidden), w_w, w_l, m_w, m_l)
@@ -336,7 +339,7 @@ def objective_metrics(out: dict, mask, a=None, b=None) -> dict[str, float]:
          "rewards/margin": (chosen - rejected).mean(), "rewards/accuracy": preference_accuracy(chosen - rejected)}
     mask = mask.bool()
     m["weights/mean"] = out["weights"][mask].mean()
-    for part in ("contrastive", "reward"):
+    for part in ("preference", "contrastive", "reward"):
         if part in out:
             m[f"loss/{part}"] = out[part].mean()
     if out["S"] is not None:

@@ -247,6 +247,21 @@ def test_token_similarity_identical_and_degenerate():
         assert torch.isfinite(S).all() and (S >= 0).all() and (S <= 1).all()
 
 
+def test_token_similarity_of_one_unbatched_pair():
+    emb_w, emb_l, mask_w, mask_l = torch.randn(5, 8), torch.randn(4, 8), torch.ones(5), torch.tensor([1, 1, 1, 0])
+    S_w, S_l = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
+    B_w, B_l = aao.token_similarity(emb_w[None], emb_l[None], mask_w[None], mask_l[None])
+    assert torch.equal(S_w, B_w[0]) and torch.equal(S_l, B_l[0])
+
+
+def test_pooled_answer_logits_match_float64():
+    logits, mask = torch.randn(6, 7, 11), rand_mask(6, 7)
+    got = aao.pooled_answer_logits(logits, mask)
+    for p in range(3):
+        rows = torch.cat([logits[p][mask[p].bool()], logits[p + 3][mask[p + 3].bool()]]).double()
+        assert torch.allclose(got[p].double(), rows.mean(0), atol=1e-5)
+
+
 def test_threshold_mlp_size_and_range():
     mlp = aao.ThresholdMLP(32000)
     mib = sum(p.numel() for p in mlp.parameters()) * 4 / 2**20
@@ -727,4 +742,4 @@ def test_per_pair_beta_column_from_a_file(tmp_path):
     out = in_process(tmp_path, "--data", f, "--beta-column", "gap", "--eval-pairs", 16)
     assert (out / "final" / "model.safetensors").exists()
     with pytest.raises(data.DataError, match="--beta-column nope: some rows have no such column"):
-        train.load_data(train.parse_args(["--data", str(f), "--beta-column", "nope"]), data.tiny_tokenizer(), 0)
+        train.load_data(train.parse_args(["--data", str(f), "--beta-column", "nope"]), data.tiny_tokenizer())

@@ -11,6 +11,8 @@ is a group of one), so one code path serves the laptop and the 8-GPU node: fp32 
 bf16 compute on CUDA (MixedPrecisionPolicy), fp32 gradient reduction, NCCL on CUDA, gloo on CPU.
 """
 import argparse
+import dataclasses
+import html
 import json
 import math
 import os
@@ -70,7 +72,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float)
     g.add_argument("--aw-lr", type=float, help="learning rate of the threshold MLP (Eq. 8)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, never on norms and biases")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's, never on norms")
     g.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warmup, then cosine")
     g.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step, over all processes")
     g.add_argument("--micro-batch-size", type=int, help="pairs per forward pass and process")
@@ -84,13 +86,13 @@ def parse_args(argv=None):
     g.add_argument("--precompute-ref", action="store_true", help="cache the reference log-probs, free its memory")
     g.add_argument("--activation-checkpointing", action="store_true")
     g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("logging")
+    g = p.add_argument_group("logging and modes")
     g.add_argument("--eval-every", type=int)
     g.add_argument("--save-every", type=int, help="0: only the final checkpoint")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--benchmark", action="store_true", help="measure speed and memory instead of training")
     g.add_argument("--experiment", action="store_true", help="run the small-scale method comparison")
     g.add_argument("--experiment-seeds", type=int, default=3)
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.resume:  # the saved run's flags are the defaults; flags given now override them
         saved = json.loads((Path(args.resume) / "args.json").read_text())
@@ -165,16 +167,17 @@ def fill_parameters(module, read) -> None:
             local.copy_(read(name, start, start + local.shape[0]))
 
 
-def build_model(cfg, read, device, mesh, param_dtype, mp_dtype, checkpointing=False, trainable=True):
+def build_model(cfg, read, device, mesh, param_dtype, compute, checkpointing=False, trainable=True):
     """Build on the meta device, shard every block and then the root with FSDP2, allocate the local
-    shards, fill them from the checkpoint."""
+    shards, fill them from the checkpoint. Parameters are kept in param_dtype, cast to compute."""
     with torch.device("meta"):
         model = M.Transformer(cfg).to(param_dtype)
-    mp = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32) if mp_dtype != param_dtype else None
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != param_dtype \
+        else MixedPrecisionPolicy()
     for block in model.layers:
         block.activation_checkpointing = checkpointing
-        fully_shard(block, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
-    fully_shard(model, mesh=mesh, mp_policy=mp or MixedPrecisionPolicy())
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device=device)
     fill_parameters(model, read)
     model.requires_grad_(trainable)
@@ -188,8 +191,8 @@ def count_parameters(cfg) -> int:
 
 # ----------------------------------------------------------------------------- data
 
-def load_data(args, tokenizer, rank):
-    """Tokenized training and held-out pairs, and what tokenization dropped or cut."""
+def load_data(args, tokenizer):
+    """Tokenized training and held-out pairs."""
     kw = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length,
               keep_identical=args.keep_identical, beta_column=args.beta_column or "beta")
     if args.data == "synthetic":
@@ -200,7 +203,7 @@ def load_data(args, tokenizer, rank):
     train, report = data.tokenize_rows(tokenizer, train_rows, args.template, **kw)
     if eval_rows:
         heldout, _ = data.tokenize_rows(tokenizer, eval_rows, args.template, **kw)
-    else:  # hold out the last pairs of a seeded shuffle
+    else:  # hold out the first pairs of a seeded shuffle
         n = min(args.eval_pairs, len(train) // 10)
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
         heldout, train = [train[i] for i in order[:n]], [train[i] for i in order[n:]]
@@ -210,7 +213,7 @@ def load_data(args, tokenizer, rank):
         raise data.DataError(f"{args.data}: MixDPO needs score_chosen and score_rejected in every row")
     dropped = {k: v for k, v in report.items() if k not in ("rows", "pairs") and v}
     rank0_print(f"data: {report['pairs']} pairs of {report['rows']} rows" + (f" ({dropped})" if dropped else "")
-                + f", {len(train)} for training, {len(heldout)} held out")
+                + f", {len(train)} for training, {len(heldout)} held out, template {args.template}")
     return train, heldout
 
 
@@ -225,7 +228,22 @@ def row_seeds(seed: int, step: int, indices: list) -> list:
     return [base + 2 * i for i in indices] + [base + 2 * i + 1 for i in indices]
 
 
-# ----------------------------------------------------------------------------- the step
+# ----------------------------------------------------------------------------- the run and its step
+
+@dataclasses.dataclass
+class Run:
+    """What a training run holds."""
+    args: argparse.Namespace
+    device: torch.device
+    obj: aao.Objective
+    policy: M.Transformer  # FSDP-sharded, fp32 master weights
+    reference: M.Transformer | None  # frozen, sharded; None once its log-probs are cached
+    mlp: aao.ThresholdMLP | None  # Eq. 8, replicated; None unless aao weighting
+    train_pairs: list
+    heldout: list
+    ref_train: list | None = None  # --precompute-ref caches
+    ref_eval: list | None = None
+
 
 def answer_logps(model, input_ids, with_states=False):
     """One forward: per-token log-probs of each next token (N, T-1) and the top-1 log-prob (the squeeze
@@ -238,34 +256,35 @@ def answer_logps(model, input_ids, with_states=False):
     return logps, top1, logits[:, :-1], embeds[:, 1:], hidden[:, :-1]
 
 
-def reference_logps(reference, ref_cache, batch, indices):
+def reference_logps(run: Run, batch, indices, cache):
     """The frozen reference's per-token log-probs (and top-1), live or from the precomputed cache."""
-    mask = batch["loss_mask"][:, 1:].bool()
-    if ref_cache is None:
+    if cache is None:
         with torch.no_grad():
-            return answer_logps(reference, batch["input_ids"])
-    rows = [ref_cache[i][0] for i in indices] + [ref_cache[i][1] for i in indices]
+            return answer_logps(run.reference, batch["input_ids"])
+    mask = batch["loss_mask"][:, 1:].bool()
+    rows = [cache[i][0] for i in indices] + [cache[i][1] for i in indices]
     logps, top1 = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
     logps[mask] = torch.cat([r[0] for r in rows]).to(mask.device)  # row-major order = the rows' order
     top1[mask] = torch.cat([r[1] for r in rows]).to(mask.device)
     return logps, top1
 
 
-def pair_step(policy, mlp, reference, ref_cache, pairs, indices, obj, step, args, device):
-    """The objective of a micro-batch of pairs: aao.preference_objective's output (per-pair "losses" (B,)
-    and the rest), with the token log-probs and mask added, and the metrics."""
-    batch = {k: v.to(device) for k, v in data.collate([pairs[i] for i in indices], pad_id(policy.config)).items()}
+def pair_step(run: Run, pairs, indices, cache=None, step=0):
+    """The objective on a micro-batch of pairs: aao.preference_objective's output (per-pair "losses" (B,)
+    and the rest) with the token log-probs, mask and thresholds added, and the metrics."""
+    batch = {k: v.to(run.device) for k, v in data.collate([pairs[i] for i in indices], pad_id(run.policy.config)).items()}
     mask = batch["loss_mask"][:, 1:]
-    logps, top1, logits, embeds, hidden = answer_logps(policy, batch["input_ids"], with_states=True)
-    ref_lp, ref_top1 = reference_logps(reference, ref_cache, batch, indices)
+    logps, top1, logits, embeds, hidden = answer_logps(run.policy, batch["input_ids"], with_states=True)
+    ref_lp, ref_top1 = reference_logps(run, batch, indices, cache)
     a = b = None
-    if obj.weighting == "aao":
-        a, b = mlp(aao.pooled_answer_logits(logits, mask))
-    beta = batch["beta"].float() if args.beta_column else None
-    out = aao.preference_objective(obj, logps, ref_lp, mask, beta=beta, embeds=embeds, hidden=hidden, a=a, b=b,
-                                   margin=batch["margin"], seeds=row_seeds(args.seed, step, indices))
+    if run.obj.weighting == "aao":
+        a, b = run.mlp(aao.pooled_answer_logits(logits, mask))
+    beta = batch["beta"].float() if run.args.beta_column else None
+    out = aao.preference_objective(run.obj, logps, ref_lp, mask, beta=beta, embeds=embeds, hidden=hidden, a=a, b=b,
+                                   margin=batch["margin"], seeds=row_seeds(run.args.seed, step, indices))
+    real_tokens = batch["input_ids"].shape[1] - (batch["loss_mask"].flip(1).cumsum(1) == 0).sum(1)  # no padding
     metrics = {**aao.objective_metrics(out, mask, a, b), **squeeze_probe(top1, ref_top1, mask),
-               "tokens": float((batch["input_ids"].shape[1] - (batch["loss_mask"].flip(1).cumsum(1) == 0).sum(1)).sum())}
+               "tokens": float(real_tokens.sum())}
     out.update(logps=logps, ref_logps=ref_lp, mask=mask, a=a, b=b)
     return out, metrics
 
@@ -282,6 +301,36 @@ def squeeze_probe(top1, ref_top1, mask) -> dict:
     return out
 
 
+def train_step(run: Run, optimizer, indices: list, step: int) -> dict:
+    """One optimizer step on this rank's share of a global batch: micro-batches with gradient accumulation,
+    a check for a non-finite loss, clipping, AdamW. Returns the step's metrics over all ranks."""
+    args, world = run.args, dist.get_world_size()
+    chunks = data.micro_batches(indices, args.micro_batch_size)
+    sums = {}
+    for j, chunk in enumerate(chunks):
+        run.policy.set_requires_gradient_sync(j == len(chunks) - 1)  # reduce once per step, not per micro-batch
+        out, m = pair_step(run, run.train_pairs, chunk, run.ref_train, step)
+        # Per pair of the global batch, not per micro-batch; FSDP then averages over the processes.
+        (out["losses"].sum() * world / args.batch_size).backward()
+        accumulate(sums, m, len(chunk))
+    stats = reduce_metrics(sums, len(indices))
+    if not math.isfinite(stats["loss"]):
+        where = ", ".join(run.train_pairs[i]["where"] for i in indices[:8]) + (", ..." if len(indices) > 8 else "")
+        last = latest_checkpoint(Path(args.out))
+        raise TrainingError(f"step {step + 1}: the loss is {stats['loss']} on the batch of pairs {where}; stopped "
+                            "without an update" + (f", the last good checkpoint is {last}" if last else ""))
+    stats["grad_norm"] = clip_gradients(run.policy, args.grad_clip)
+    if run.mlp is not None:
+        # Clip the threshold MLP apart from the policy: its gradient must not shrink the policy's step.
+        average_gradients(run.mlp)
+        stats["grad_norm/aw"] = clip_gradients(run.mlp, args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+# ----------------------------------------------------------------------------- passes over a whole set
+
 def rank_share(n: int, rank: int, world: int) -> list:
     """This rank's indices of n items for a pass in lockstep (FSDP gathers weights collectively, so every
     rank runs the same number of forwards): equal counts, padded with -1."""
@@ -293,17 +342,14 @@ def rank_share(n: int, rank: int, world: int) -> list:
 def precompute_reference(reference, pairs, micro, device) -> list:
     """--precompute-ref: the reference's answer-token log-probs and top-1 log-probs for every pair, in one
     pass; each rank computes its share and all ranks gather the whole cache."""
-    share = rank_share(len(pairs), dist.get_rank(), dist.get_world_size())
     cache = {}
-    for chunk in data.micro_batches(share, micro):
+    for chunk in data.micro_batches(rank_share(len(pairs), dist.get_rank(), dist.get_world_size()), micro):
         real = [i for i in chunk if i >= 0] or [0]
         batch = data.collate([pairs[i] for i in real], pad_id(reference.config))
         logps, top1 = answer_logps(reference, batch["input_ids"].to(device))
-        mask = batch["loss_mask"][:, 1:].bool()
+        mask = batch["loss_mask"][:, 1:].bool().to(device)
         for row, i in enumerate(real + real):
-            side = 0 if row < len(real) else 1
-            m = mask[row]
-            cache.setdefault(i, [None, None])[side] = (logps[row][m.to(device)].cpu(), top1[row][m.to(device)].cpu())
+            cache.setdefault(i, [None, None])[row >= len(real)] = (logps[row][mask[row]].cpu(), top1[row][mask[row]].cpu())
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, cache)
     merged = {i: v for part in gathered for i, v in part.items()}
@@ -311,25 +357,38 @@ def precompute_reference(reference, pairs, micro, device) -> list:
 
 
 @torch.no_grad()
-def evaluate(policy, mlp, reference, ref_cache, pairs, obj, args, device) -> dict:
+def evaluate(run: Run) -> dict:
     """Held-out preference accuracy and margin by the plain (unweighted) DPO implicit reward: the margin is
     log π_θ/π_ref(y_w) - log π_θ/π_ref(y_l) in nats, without β, one yardstick for every loss and weighting.
     Also the squeeze probe, and for AAO the thresholds and token shares on held-out pairs."""
-    policy.eval()
+    run.policy.eval()
     sums, count = {}, 0.0
-    for chunk in data.micro_batches(rank_share(len(pairs), dist.get_rank(), dist.get_world_size()),
-                                    args.micro_batch_size):
+    for chunk in data.micro_batches(rank_share(len(run.heldout), dist.get_rank(), dist.get_world_size()),
+                                    run.args.micro_batch_size):
         real = [i for i in chunk if i >= 0] or [0]
-        out, m = pair_step(policy, mlp, reference, ref_cache, pairs, real, obj, 0, args, device)
-        ratio = aao.split_pairs(((out["logps"] - out["ref_logps"]) * out["mask"]).sum(1))
-        margin = ratio[0] - ratio[1]
+        out, m = pair_step(run, run.heldout, real, run.ref_eval)
+        chosen, rejected = aao.split_pairs(((out["logps"] - out["ref_logps"]) * out["mask"]).sum(1))
         m = {k: v for k, v in m.items() if k.startswith(("squeeze/", "tokens/")) or k in ("a", "b", "loss")}
-        m.update(accuracy=float(aao.preference_accuracy(margin)), margin=float(margin.mean()))
+        m.update(accuracy=float(aao.preference_accuracy(chosen - rejected)), margin=float((chosen - rejected).mean()))
         weight = float(sum(i >= 0 for i in chunk))
         accumulate(sums, m, weight)
         count += weight
-    policy.train()
+    run.policy.train()
     return {f"eval/{k}": v for k, v in reduce_metrics(sums, count).items()}
+
+
+def reduce_metrics(sums: dict, count: float, totals=("tokens",)) -> dict:
+    """Over every micro-batch of every rank: means of the pair-weighted sums, except `totals`, summed."""
+    keys = sorted(sums)
+    on = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    total = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=on)
+    dist.all_reduce(total)
+    return {k: float(v if k in totals else v / total[-1]) for k, v in zip(keys, total[:-1])}
+
+
+def accumulate(sums: dict, metrics: dict, weight: float, totals=("tokens",)) -> None:
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + (v if k in totals else v * weight)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -338,10 +397,10 @@ class TrainingError(RuntimeError):
     """A run that must stop (non-finite loss, nothing to resume); the message says where and why."""
 
 
-def named_trainables(policy, mlp) -> dict:
-    named = {f"policy.{n}": p for n, p in policy.named_parameters()}
-    if mlp is not None:
-        named.update({f"mlp.{n}": p for n, p in mlp.named_parameters()})
+def named_trainables(run: Run) -> dict:
+    named = {f"policy.{n}": p for n, p in run.policy.named_parameters()}
+    if run.mlp is not None:
+        named.update({f"mlp.{n}": p for n, p in run.mlp.named_parameters()})
     return named
 
 
@@ -349,34 +408,34 @@ def local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def save_checkpoint(out: Path, name: str, step: int, policy, mlp, optimizer, tokenizer, weights) -> Path:
+def save_checkpoint(run: Run, optimizer, tokenizer, name: str, step: int) -> Path:
     """<out>/<name>/: the policy in Hugging Face layout (config.json, safetensors, tokenizer.json) and the
     training state: each rank's local shards of AdamW's moments and its copy of the threshold MLP
-    (safetensors, no pickle), the step and the RNG. Written under a temporary name and renamed: a kill never leaves a half
-    checkpoint. The weights are the fp32 master weights, so a resume continues exactly."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    (safetensors, no pickle), the step and the RNG. Written under a temporary name and renamed, so a kill
+    never leaves half a checkpoint. The weights are the fp32 master weights: a resume continues exactly."""
+    rank, world, out, weights = dist.get_rank(), dist.get_world_size(), Path(run.args.out), run.args.weights
     tmp, final = out / f".tmp-{name}", out / name
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(run.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        M.save_state_dict(full, policy.config, tmp)
+        M.save_state_dict(full, run.policy.config, tmp)
         tokenizer.save(str(tmp / "tokenizer.json"))
         for extra in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-            if weights != "tiny" and (Path(weights) / extra).is_file():  # chat template, stop tokens: for vLLM
-                shutil.copy(Path(weights) / extra, tmp / extra)
+            source = Path(M.resolve_weights(weights)) / extra if weights != "tiny" else None
+            if source and source.is_file():  # the chat template and stop tokens, for vLLM
+                shutil.copy(source, tmp / extra)
         (tmp / "train_state.json").write_text(json.dumps({"step": step, "world_size": world}))
-    tensors = {}
-    for pname, p in named_trainables(policy, mlp).items():
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    for pname, p in named_trainables(run).items():
         for k, v in optimizer.state.get(p, {}).items():
             tensors[f"optim/{pname}/{k}"] = local(v).detach().cpu().contiguous()
         if pname.startswith("mlp."):
-            tensors[pname] = local(p).detach().cpu().contiguous()
-    tensors["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+            tensors[pname] = p.detach().cpu().contiguous()
     save_file(tensors, tmp / f"train-state-{rank:05d}-of-{world:05d}.safetensors")
     dist.barrier()
     if rank == 0:
@@ -395,7 +454,7 @@ def latest_checkpoint(out: Path):
     return max(steps, key=steps.get, default=None)
 
 
-def load_train_state(ckpt: Path, policy, mlp, optimizer) -> int:
+def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
     """Restore what save_checkpoint wrote besides the weights; returns the step to continue from."""
     rank, world = dist.get_rank(), dist.get_world_size()
     meta = json.loads((ckpt / "train_state.json").read_text())
@@ -403,10 +462,10 @@ def load_train_state(ckpt: Path, policy, mlp, optimizer) -> int:
         raise TrainingError(f"{ckpt}: written by {meta['world_size']} processes, resumed with {world}: "
                             "resume with the same number of processes")
     tensors = load_file(ckpt / f"train-state-{rank:05d}-of-{world:05d}.safetensors")
-    for pname, p in named_trainables(policy, mlp).items():
+    for pname, p in named_trainables(run).items():
         if pname.startswith("mlp."):
             with torch.no_grad():
-                local(p).copy_(tensors[pname])
+                p.copy_(tensors[pname])
         state = {k.rsplit("/", 1)[1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"optim/{pname}/")}
         for k, v in state.items():  # the moments are sharded like their parameter; the step count is not
             if k != "step" and isinstance(p, DTensor):
@@ -432,8 +491,8 @@ def make_optimizer(policy, mlp, args):
         groups.append({"params": list(mlp.parameters()), "lr": args.aw_lr, "weight_decay": 0.0})
     for g in groups:
         g["base_lr"] = g["lr"]
-    # fused: one kernel over all tensors, 5x faster than foreach on this CPU (it matters for the threshold
-    # MLP's 16M-65M parameters, which a 2% budget over DPO cannot afford to update slowly).
+    # fused: one kernel for all tensors, 5x faster than foreach on this CPU; it keeps the update of the
+    # threshold MLP's 16M-65M parameters inside AAO's budget of a few percent over DPO.
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
 
@@ -467,66 +526,59 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in table.items() if k in name), None)
 
 
-def reduce_metrics(sums: dict, count: float, totals=("tokens",)) -> dict:
-    """Over every micro-batch of every rank: means of the pair-weighted sums, except `totals`, summed."""
-    keys = sorted(sums)
-    on = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
-    total = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=on)
-    dist.all_reduce(total)
-    return {k: float(v if k in totals else v / total[-1]) for k, v in zip(keys, total[:-1])}
+# ----------------------------------------------------------------------------- the training run
 
+def build_run(args, device, mesh, tokenizer, resume_from) -> Run:
+    """Data, policy, reference, threshold MLP: everything a run trains with."""
+    weights = M.resolve_weights(args.weights)
+    cfg, read_weights = model_source(weights, tokenizer.get_vocab_size(), args.seed)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise M.CheckpointError(f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
+                                f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together")
+    train_pairs, heldout = load_data(args, tokenizer)
+    dtype = compute_dtype(args, device)
+    start_weights = read_weights if resume_from is None else model_source(str(resume_from), 0, 0)[1]
+    obj = aao.Objective(loss=args.loss, weighting=args.weighting, beta=args.beta,
+                        label_smoothing=args.label_smoothing, gamma=args.simpo_gamma, alpha=args.alpha,
+                        lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_length_normalized=not args.reward_sum,
+                        sft_below_margin=args.sft_below_margin)
+    run = Run(args, device, obj, policy=build_model(cfg, start_weights, device, mesh, torch.float32, dtype,
+                                                    args.activation_checkpointing),
+              reference=build_model(cfg, read_weights, device, mesh, dtype, dtype, trainable=False),
+              mlp=None, train_pairs=train_pairs, heldout=heldout)
+    if obj.weighting == "aao":
+        # Replicated, not sharded: vocab x 512 is 0.8% of an 8B model, and FSDP's gathers and copies cost
+        # more than its update (x2.7 on a CPU). Seeded: the same MLP whatever the number of processes.
+        torch.manual_seed(args.seed)
+        run.mlp = aao.ThresholdMLP(cfg.vocab_size).to(device)
+    if args.precompute_ref:
+        run.ref_train = precompute_reference(run.reference, train_pairs, args.micro_batch_size, device)
+        run.ref_eval = precompute_reference(run.reference, heldout, args.micro_batch_size, device)
+        run.reference = None
+        rank0_print(f"reference log-probs cached for {len(train_pairs) + len(heldout)} pairs; reference freed")
+    rank0_print(f"training {count_parameters(cfg) / 1e6:.1f}M parameters with {args.loss} + {args.weighting} "
+                f"weighting on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})")
+    return run
 
-def accumulate(sums: dict, metrics: dict, weight: float, totals=("tokens",)) -> None:
-    for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + (v if k in totals else v * weight)
-
-
-# ----------------------------------------------------------------------------- the run
 
 def train(args, device, mesh) -> dict:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(args.out)
+    """The run: evaluate, then for every step train, log, evaluate and save; the final checkpoint and the
+    token-weight page at the end. Returns the held-out metrics before and after."""
+    rank, out = dist.get_rank(), Path(args.out)
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
         raise TrainingError(f"--resume {args.resume}: no checkpoint there to continue from")
     if not args.resume and out.is_dir() and latest_checkpoint(out):
         raise TrainingError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
-
-    weights = M.resolve_weights(args.weights)
-    tokenizer = data.tiny_tokenizer() if weights == "tiny" else M.load_tokenizer(weights)
-    cfg, read_weights = model_source(weights, tokenizer.get_vocab_size(), args.seed)
-    if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise M.CheckpointError(f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
-                                f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together")
-    train_pairs, heldout = load_data(args, tokenizer, rank)
-    dtype = compute_dtype(args, device)
-    start_weights = read_weights if resume_from is None else model_source(str(resume_from), 0, 0)[1]
-    policy = build_model(cfg, start_weights, device, mesh, torch.float32, dtype, args.activation_checkpointing)
-    reference = build_model(cfg, read_weights, device, mesh, dtype, dtype, trainable=False)
-    obj = aao.Objective(loss=args.loss, weighting=args.weighting, beta=args.beta,
-                        label_smoothing=args.label_smoothing, gamma=args.simpo_gamma, alpha=args.alpha,
-                        lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_length_normalized=not args.reward_sum,
-                        sft_below_margin=args.sft_below_margin)
-    mlp = None
-    if obj.weighting == "aao":
-        # Replicated, not sharded: vocab x 512 is 0.8% of an 8B model, and FSDP's gathers and copies cost
-        # more than its update (x2.7 on a CPU). Seeded: the same MLP whatever the number of processes.
-        torch.manual_seed(args.seed)
-        mlp = aao.ThresholdMLP(cfg.vocab_size).to(device)
-    ref_train = ref_eval = None
-    if args.precompute_ref:
-        ref_train = precompute_reference(reference, train_pairs, args.micro_batch_size, device)
-        ref_eval = precompute_reference(reference, heldout, args.micro_batch_size, device)
-        reference = None
-        rank0_print(f"reference log-probs cached for {len(train_pairs) + len(heldout)} pairs; reference freed")
-
-    sampler = data.PairSampler(len(train_pairs), args.batch_size, args.seed, rank, world,
-                               [p["margin"] for p in train_pairs] if args.curriculum == "margin" else None)
+    tokenizer = data.tiny_tokenizer() if args.weights == "tiny" else M.load_tokenizer(M.resolve_weights(args.weights))
+    run = build_run(args, device, mesh, tokenizer, resume_from)
+    sampler = data.PairSampler(len(run.train_pairs), args.batch_size, args.seed, rank, dist.get_world_size(),
+                               [p["margin"] for p in run.train_pairs] if args.curriculum == "margin" else None)
     total = int(args.epochs * sampler.steps_per_epoch)
     total = min(total, args.max_steps) if args.max_steps else total
     warmup = max(1, round(args.warmup * total))
-    optimizer = make_optimizer(policy, mlp, args)
-    start = load_train_state(resume_from, policy, mlp, optimizer) if resume_from else 0
+    optimizer = make_optimizer(run.policy, run.mlp, args)
+    start = load_train_state(run, optimizer, resume_from) if resume_from else 0
     metrics_file, eval_file = out / "metrics.jsonl", out / "eval.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -534,53 +586,29 @@ def train(args, device, mesh) -> dict:
         for f in (metrics_file, eval_file):  # a killed run may have logged steps past its last checkpoint
             rows = [r for r in f.read_text().splitlines() if json.loads(r)["step"] <= start] if resume_from and f.exists() else []
             f.write_text("".join(r + "\n" for r in rows))
-    rank0_print(f"training {count_parameters(cfg) / 1e6:.1f}M parameters, {args.loss} + {args.weighting} weighting, "
-                f"{total} steps of {args.batch_size} pairs on {world} x {device.type} ({str(dtype).split('.')[1]})"
-                + (f", resuming from {resume_from} at step {start}" if resume_from else ""))
+    rank0_print(f"{total} steps of {args.batch_size} pairs" + (f", resuming from {resume_from} at step {start}" if resume_from else ""))
 
     def log_eval(step):
-        ev = evaluate(policy, mlp, reference, ref_eval, heldout, obj, args, device) if heldout else {}
+        ev = evaluate(run) if run.heldout else {}
         if rank == 0 and ev:
             with eval_file.open("a") as f:
                 f.write(json.dumps({"step": step, **ev}) + "\n")
         return ev
 
     first_eval = log_eval(0) if start == 0 else {}
-    n_params, peak = count_parameters(cfg), peak_flops(device)
+    n_params, peak = count_parameters(run.policy.config), peak_flops(device)
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0 or args.quiet, desc="train",
                dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, total, warmup)
-        indices = sampler.batch(step)
-        chunks = data.micro_batches(indices, args.micro_batch_size)
-        sums = {}
-        for j, chunk in enumerate(chunks):
-            policy.set_requires_gradient_sync(j == len(chunks) - 1)  # reduce once per step, not per micro-batch
-            result, m = pair_step(policy, mlp, reference, ref_train, train_pairs, chunk, obj, step, args, device)
-            # Per pair of the global batch, not per micro-batch; FSDP then averages over the processes.
-            (result["losses"].sum() * world / args.batch_size).backward()
-            accumulate(sums, m, len(chunk))
-        stats = reduce_metrics(sums, len(indices))
-        if not math.isfinite(stats["loss"]):
-            where = ", ".join(train_pairs[i]["where"] for i in indices[:8])
-            last = latest_checkpoint(out)
-            raise TrainingError(f"step {step + 1}: the loss is {stats['loss']} on the batch of pairs {where}"
-                                f"{', ...' if len(indices) > 8 else ''}; stopped without an update"
-                                + (f", the last good checkpoint is {last}" if last else ""))
-        if mlp is not None:
-            average_gradients(mlp)
-        # Clip the policy and the threshold MLP apart: the MLP's gradient must not shrink the policy's step.
-        norms = [clip_gradients(m, args.grad_clip) for m in (policy, mlp) if m is not None]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stats = train_step(run, optimizer, sampler.batch(step), step)
         dt = time.perf_counter() - t0
         tokens = stats.pop("tokens")
-        row = {"step": step + 1, **stats, "lr": optimizer.param_groups[0]["lr"], "grad_norm": norms[0],
-               **({"grad_norm/aw": norms[1]} if mlp is not None else {}), "tokens_per_s": tokens / dt}
+        row = {"step": step + 1, **stats, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens / dt}
         if peak:  # 6N per token for the policy's forward and backward, 2N for the reference's forward
-            row["mfu"] = (6 + 2 * (reference is not None)) * n_params * tokens / dt / (peak * world)
+            row["mfu"] = (6 + 2 * (run.reference is not None)) * n_params * tokens / dt / (peak * dist.get_world_size())
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             row.update(log_eval(step + 1))
         if rank == 0:
@@ -588,16 +616,16 @@ def train(args, device, mesh) -> dict:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracy']:.2f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
-            save_checkpoint(out, f"step-{step + 1}", step + 1, policy, mlp, optimizer, tokenizer, weights)
+            save_checkpoint(run, optimizer, tokenizer, f"step-{step + 1}", step + 1)
     bar.close()
-    final = save_checkpoint(out, "final", total, policy, mlp, optimizer, tokenizer, weights)
-    if obj.weighting == "aao" and heldout:
-        write_weights_page(out / "weights.html", policy, mlp, reference, ref_eval, heldout, obj, args, device, tokenizer)
+    final = save_checkpoint(run, optimizer, tokenizer, "final", total)
+    if run.obj.weighting == "aao" and run.heldout:
+        write_weights_page(run, tokenizer, out / "weights.html")
     last_eval = json.loads(eval_file.read_text().splitlines()[-1]) if rank == 0 and eval_file.exists() else {}
     if rank == 0 and last_eval:
         before = f"{first_eval['eval/accuracy']:.3f} before, " if first_eval else ""
         print(f"held-out preference accuracy: {before}{last_eval['eval/accuracy']:.3f} after "
-              f"({len(heldout)} pairs; log-ratio margin {last_eval['eval/margin']:.2f} nats)")
+              f"({len(run.heldout)} pairs; log-ratio margin {last_eval['eval/margin']:.2f} nats)")
         print(f"output: {final} (Hugging Face layout), {metrics_file}, {eval_file}"
               + (f", {out / 'weights.html'}" if (out / "weights.html").exists() else ""))
     return {"first": first_eval, "last": last_eval}
@@ -612,32 +640,32 @@ WEIGHT_PAGE_STYLE = """body{font-family:system-ui,sans-serif;max-width:60em;marg
 
 
 @torch.no_grad()
-def write_weights_page(path: Path, policy, mlp, reference, ref_cache, pairs, obj, args, device, tokenizer, n=12):
+def write_weights_page(run: Run, tokenizer, path: Path, n: int = 12) -> None:
     """A page that shows, for a few held-out pairs, every answer token coloured by its AAO category
-    (Eq. 16's hard thresholds on the learned a, b) with S and the weight of Eq. 17 on hover."""
-    import html
-    indices = list(range(min(n, len(pairs))))
-    out, _ = pair_step(policy, mlp, reference, ref_cache, pairs, indices, obj, 0, args, device)  # every rank
+    (Eq. 16's hard thresholds on the learned a, b), with S and the weight of Eq. 17 on hover."""
+    indices = list(range(min(n, len(run.heldout))))
+    out, _ = pair_step(run, run.heldout, indices, run.ref_eval)  # on every rank: FSDP gathers collectively
     if dist.get_rank() != 0:
         return
-    ids = data.collate([pairs[i] for i in indices], pad_id(policy.config))["input_ids"][:, 1:]
+    ids = data.collate([run.heldout[i] for i in indices], 0)["input_ids"][:, 1:]
     S, w, mask = out["S"].cpu(), out["weights"].cpu(), out["mask"].cpu().bool()
     a, b = out["a"].cpu().repeat(2), out["b"].cpu().repeat(2)
     blocks = []
     for k, i in enumerate(indices):
-        prompt = html.escape(tokenizer.decode(pairs[i]["prompt_ids"], skip_special_tokens=True))
         lines = []
         for row, who in ((k, "chosen"), (k + len(indices), "rejected")):
             spans = []
             for t in mask[row].nonzero().flatten().tolist():
-                s, kind = float(S[row, t]), "ambiguous" if S[row, t] > a[row] else "key" if S[row, t] < b[row] else "transitional"
+                s = float(S[row, t])
+                kind = "ambiguous" if s > a[row] else "key" if s < b[row] else "transitional"
                 text = html.escape(tokenizer.decode([int(ids[row, t])], skip_special_tokens=False))
                 spans.append(f'<span class="t {kind}" title="{kind}: S={s:.3f}, w={float(w[row, t]):.3f}">{text}</span>')
             lines.append(f'<div><span class="who">{who}</span>{"".join(spans)}</div>')
+        prompt = html.escape(tokenizer.decode(run.heldout[i]["prompt_ids"], skip_special_tokens=True))
         blocks.append(f'<div class="pair"><small>{prompt} &nbsp; (a={a[k]:.3f}, b={b[k]:.3f})</small>{"".join(lines)}</div>')
     path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
 <style>{WEIGHT_PAGE_STYLE}</style></head><body><h1>AAO token weights</h1>
-<p>Held-out pairs from {html.escape(str(args.data))}, weighed by the trained policy and threshold MLP.
+<p>Held-out pairs from {html.escape(str(run.args.data))}, weighed by the trained policy and threshold MLP.
 <span class="t ambiguous">ambiguous</span> (S &gt; a, weight (1&minus;S)&sup2;, suppressed),
 <span class="t transitional">transitional</span> (b &le; S &le; a, weight 1),
 <span class="t key">key</span> (S &lt; b, weight 1+S, emphasized). Hover a token for S and its weight.</p>
@@ -655,8 +683,8 @@ BENCH_CONFIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6
 
 
 def paired_timings(fns: dict, reps: int, device) -> tuple[dict, float]:
-    """Seconds of each of two variants, run in adjacent pairs with the order alternating (ABBA), and the
-    median of the per-pair ratios first/second: a slower moment of the machine hits both sides of a pair."""
+    """Median seconds of each of two variants, run in adjacent pairs with the order alternating (ABBA), and
+    the median of the per-pair ratios first/second: a slow moment of the machine hits both sides of a pair."""
     def seconds(fn):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -689,28 +717,28 @@ def benchmark(args, device, mesh, length=512, pairs_per_step=2, reps=9) -> dict:
     cfg, read = model_source(weights, 0, args.seed)
     dtype = compute_dtype(args, device)
     g = torch.Generator().manual_seed(args.seed)
-    fake = [{"prompt_ids": torch.randint(3, cfg.vocab_size, (length // 2,), generator=g).tolist(),
-             "chosen_ids": torch.randint(3, cfg.vocab_size, (length // 2,), generator=g).tolist(),
-             "rejected_ids": torch.randint(3, cfg.vocab_size, (length // 2,), generator=g).tolist(),
-             "margin": None, "beta": None} for _ in range(pairs_per_step)]
-    policy = build_model(cfg, read, device, mesh, torch.float32, dtype, args.activation_checkpointing)
-    reference = build_model(cfg, read, device, mesh, dtype, dtype, trainable=False)
+    fake = [{name: torch.randint(3, cfg.vocab_size, (length // 2,), generator=g).tolist()
+             for name in ("prompt_ids", "chosen_ids", "rejected_ids")} | {"margin": None, "beta": None}
+            for _ in range(pairs_per_step)]
     torch.manual_seed(args.seed)
-    mlp = aao.ThresholdMLP(cfg.vocab_size).to(device)
+    run = Run(args, device, aao.Objective(), build_model(cfg, read, device, mesh, torch.float32, dtype,
+                                                         args.activation_checkpointing),
+              build_model(cfg, read, device, mesh, dtype, dtype, trainable=False),
+              aao.ThresholdMLP(cfg.vocab_size).to(device), train_pairs=fake, heldout=[])
     steps = {}
-    for weighting in ("none", "aao"):
-        obj = aao.Objective(loss=args.loss, weighting=weighting)
-        optimizer = make_optimizer(policy, mlp if weighting == "aao" else None, args)
+    for weighting in ("aao", "none"):
+        variant = dataclasses.replace(run, obj=aao.Objective(loss=args.loss, weighting=weighting))
+        optimizer = make_optimizer(run.policy, run.mlp if weighting == "aao" else None, args)
 
-        def step(obj=obj, optimizer=optimizer):
-            out, _ = pair_step(policy, mlp, reference, None, fake, list(range(pairs_per_step)), obj, 0, args, device)
+        def step(variant=variant, optimizer=optimizer):
+            out, _ = pair_step(variant, fake, list(range(pairs_per_step)))
             out["losses"].mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps[weighting] = step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    timings, aao_over_dpo = paired_timings({"aao": steps["aao"], "none": steps["none"]}, reps, device)
+    timings, aao_over_dpo = paired_timings(steps, reps, device)
     tokens = 2 * pairs_per_step * length * dist.get_world_size()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
               "parameters": count_parameters(cfg), "tokens_per_step": tokens, "dtype": str(dtype).split(".")[1]}
@@ -769,9 +797,10 @@ def experiment(args, device, mesh) -> str:
     results, t0 = {}, time.perf_counter()
     for name, flags in EXPERIMENT:
         for seed in range(args.experiment_seeds):
-            run_dir = out / f"{name.lower().replace(' + ', '-').replace(', ', '-').replace(' ', '-')}-seed{seed}"
-            run_args = parse_args(["--weights", args.weights, "--data", args.data, "--out", str(run_dir), "--seed", str(seed),
-                                   "--quiet", *flags] + (["--max-steps", str(args.max_steps)] if args.max_steps else []))
+            slug = name.lower().replace(" + ", "-").replace(", ", "-").replace(" ", "-")
+            run_args = parse_args(["--weights", args.weights, "--data", args.data, "--out", str(out / f"{slug}-seed{seed}"),
+                                   "--seed", str(seed), "--quiet", *flags]
+                                  + (["--max-steps", str(args.max_steps)] if args.max_steps else []))
             results.setdefault(name, []).append(train(run_args, device, mesh)["last"])
             rank0_print(f"{name}, seed {seed}: held-out accuracy {results[name][-1].get('eval/accuracy', float('nan')):.3f}"
                         f" ({time.perf_counter() - t0:.0f} s)")
@@ -780,12 +809,13 @@ def experiment(args, device, mesh) -> str:
         cells = []
         for key, _, digits in EXPERIMENT_COLUMNS:
             values = torch.tensor([r[key] for r in runs if key in r], dtype=torch.float64)
-            cells.append("–" if not len(values) else f"{values.mean():.{digits}f} ± {values.std(unbiased=len(values) > 1) if len(values) > 1 else 0:.{digits}f}")
+            sd = float(values.std()) if len(values) > 1 else 0.0
+            cells.append(f"{values.mean():.{digits}f} ± {sd:.{digits}f}" if len(values) else "–")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ref = results["DPO"][0]
-    table = "\n".join(lines) + (f"\n\nReference model top-1 p: chosen {ref['eval/squeeze/reference_chosen_top1']:.3f}, rejected "
-                                f"{ref['eval/squeeze/reference_rejected_top1']:.3f}. {args.experiment_seeds} seeds, "
-                                f"{time.perf_counter() - t0:.0f} s in all.")
+    table = "\n".join(lines) + (f"\n\nReference model top-1 p: chosen {ref['eval/squeeze/reference_chosen_top1']:.3f}, "
+                                f"rejected {ref['eval/squeeze/reference_rejected_top1']:.3f}. {args.experiment_seeds} "
+                                f"seeds, {time.perf_counter() - t0:.0f} s in all.")
     if dist.get_rank() == 0:
         (out / "table.md").write_text(table + "\n")
         (out / "results.json").write_text(json.dumps(results, indent=1))
