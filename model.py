@@ -23,6 +23,9 @@ class CheckpointError(ValueError):
     """A weights directory that cannot be loaded; the message names the file and what is wrong."""
 
 
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 @dataclass
 class ModelConfig:
     hidden_size: int
@@ -70,6 +73,10 @@ class ModelConfig:
             elif scaling["rope_type"] != "llama3":
                 raise CheckpointError(f"{where}: rope_type {scaling['rope_type']!r} is not supported "
                                       "(default or llama3)")
+            else:
+                absent = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
+                if absent:
+                    raise CheckpointError(f"{where}: rope scaling llama3 lacks {', '.join(absent)}")
         heads = hf["num_attention_heads"]
         return cls(hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
                    num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,

@@ -687,10 +687,11 @@ BENCH_CONFIG = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6
                                   "original_max_position_embeddings": 1024}, bos_token_id=1, eos_token_id=2)
 
 
-def paired_timings(fns: dict, reps: int, device) -> tuple[dict, list]:
-    """Median seconds of each of two variants, run in adjacent pairs with the order alternating (ABBA), and
-    the quartiles of the per-pair ratios first/second: a slow moment of the machine hits both sides of a
-    pair, and the spread of the ratios says how far to trust the median."""
+def paired_timings(fns: dict, reps: int, device) -> dict:
+    """Time two variants in adjacent pairs, the order alternating (ABBA). Returns each variant's fastest
+    and median seconds, the ratio first/second of the fastest runs (interference on a shared machine only
+    ever adds time, so the fastest run is the least disturbed), and the quartiles of the per-pair ratios,
+    whose spread says how noisy the machine was."""
     def seconds(fn):
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -709,10 +710,11 @@ def paired_timings(fns: dict, reps: int, device) -> tuple[dict, list]:
             times[k].append(seconds(fns[k]))
         ratios.append(times[names[0]][-1] / times[names[1]][-1])
     quartiles = lambda xs: [sorted(xs)[round(q * (len(xs) - 1))] for q in (0.25, 0.5, 0.75)]
-    return {k: quartiles(t)[1] for k, t in times.items()}, quartiles(ratios)
+    out = {f"fastest_s/{k}": min(t) for k, t in times.items()} | {f"median_s/{k}": quartiles(t)[1] for k, t in times.items()}
+    return out | {"ratio": min(times[names[0]]) / min(times[names[1]]), "pair_ratio_quartiles": quartiles(ratios)}
 
 
-def benchmark(args, device, mesh, length=512, pairs_per_step=2, reps=11) -> dict:
+def benchmark(args, device, mesh, length=512, pairs_per_step=2, reps=15) -> dict:
     """Step time, tokens/s and peak memory of a training step (policy forward and backward, reference
     forward, AdamW) with AAO weighting and with plain DPO; our forward+backward against transformers' on
     the same checkpoint. Written to <out>/benchmark.json."""
@@ -744,14 +746,18 @@ def benchmark(args, device, mesh, length=512, pairs_per_step=2, reps=11) -> dict
         steps[weighting] = step
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    timings, aao_over_dpo = paired_timings(steps, reps, device)
+    timings = paired_timings(steps, reps, device)
     tokens = 2 * pairs_per_step * length * dist.get_world_size()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
               "parameters": count_parameters(cfg), "tokens_per_step": tokens, "dtype": str(dtype).split(".")[1]}
-    for k, t in timings.items():
-        result[f"step_s/{k}"] = t
-        result[f"tokens_per_s/{k}"] = tokens / t
-    result["aao_over_dpo"], result["aao_over_dpo_quartiles"] = aao_over_dpo[1], aao_over_dpo
+    for k in steps:
+        result[f"step_s/{k}"] = timings[f"fastest_s/{k}"]
+        result[f"tokens_per_s/{k}"] = tokens / timings[f"fastest_s/{k}"]
+        result[f"step_s_median/{k}"] = timings[f"median_s/{k}"]
+    result["aao_over_dpo"], result["aao_over_dpo_pair_quartiles"] = timings["ratio"], timings["pair_ratio_quartiles"]
+    objective = objective_timings(run, fake, device, reps=4 * reps)
+    result["aao_extra_s"] = objective["fastest_s/aao"] - objective["fastest_s/none"]
+    result["aao_extra_over_dpo"] = 1 + result["aao_extra_s"] / result["step_s/none"]
     result["peak_memory_gib"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
     result.update(forward_backward_vs_transformers(weights, cfg, device, dtype, length, pairs_per_step, reps))
@@ -762,6 +768,31 @@ def benchmark(args, device, mesh, length=512, pairs_per_step=2, reps=11) -> dict
             text = f"{v:.4g}" if isinstance(v, float) else " ".join(f"{x:.3f}" for x in v) if isinstance(v, list) else v
             print(f"{k:34s} {text}")
     return result
+
+
+def objective_timings(run: Run, pairs, device, reps) -> dict:
+    """The objective alone, on the tensors of one forward pass: aao.preference_objective and its backward
+    to those tensors, for aao with the threshold MLP's forward, backward and AdamW update. What AAO adds
+    to a step is this difference; short and repeatable, it measures that far more precisely than whole
+    steps can on a noisy machine."""
+    batch = {k: v.to(device) for k, v in data.collate(pairs, pad_id(run.policy.config)).items()}
+    mask = batch["loss_mask"][:, 1:]
+    with torch.no_grad():
+        logps, _, logits, embeds, hidden = answer_logps(run.policy, batch["input_ids"], with_states=True)
+        ref_logps, _ = answer_logps(run.reference, batch["input_ids"])
+    optimizer = torch.optim.AdamW(run.mlp.parameters(), fused=True)
+
+    def objective(weighting):
+        lp, h = logps.detach().requires_grad_(), hidden.detach().requires_grad_()
+        obj = aao.Objective(loss=run.args.loss, weighting=weighting)
+        a, b = run.mlp(aao.pooled_answer_logits(logits, mask)) if weighting == "aao" else (None, None)
+        out = aao.preference_objective(obj, lp, ref_logps, mask, embeds=embeds, hidden=h, a=a, b=b)
+        aao.objective_metrics(out, mask, a, b)
+        out["losses"].mean().backward()
+        if weighting == "aao":
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return paired_timings({"aao": lambda: objective("aao"), "none": lambda: objective("none")}, reps, device)
 
 
 def forward_backward_vs_transformers(weights, cfg, device, dtype, length, pairs_per_step, reps) -> dict:
@@ -778,10 +809,9 @@ def forward_backward_vs_transformers(weights, cfg, device, dtype, length, pairs_
     def fwd_bwd(model, hf):
         logits = model(ids).logits if hf else model(ids)
         torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-    timings, ratio = paired_timings({"ours": lambda: fwd_bwd(ours, False), "transformers": lambda: fwd_bwd(theirs, True)},
-                                    reps, device)
-    return {**{f"fwd_bwd_s/{k}": t for k, t in timings.items()}, "ours_over_transformers": ratio[1],
-            "ours_over_transformers_quartiles": ratio}
+    t = paired_timings({"ours": lambda: fwd_bwd(ours, False), "transformers": lambda: fwd_bwd(theirs, True)}, reps, device)
+    return {"fwd_bwd_s/ours": t["fastest_s/ours"], "fwd_bwd_s/transformers": t["fastest_s/transformers"],
+            "ours_over_transformers": t["ratio"], "ours_over_transformers_pair_quartiles": t["pair_ratio_quartiles"]}
 
 
 # ----------------------------------------------------------------------------- the small-scale experiment
