@@ -6,6 +6,7 @@ installs it, so they run there.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 import aao
 import model as M
@@ -694,6 +696,18 @@ def test_kill_and_resume_continue_with_the_same_losses(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stdout and "step 4" in r.stdout
     assert losses(out) == losses(tmp_path / "whole")
+
+
+def test_two_process_resume_restores_the_threshold_mlp_from_rank_0(tmp_path):
+    out = tmp_path / "run"
+    assert run("--max-steps", 4, "--save-every", 2, "--out", out, torchrun=2).returncode == 0
+    whole = losses(out)
+    rank1 = safe_open(out / "step-2" / "train-state-00001-of-00002.safetensors", framework="pt")
+    assert not [k for k in rank1.keys() if k.startswith(("mlp.", "optim/mlp."))]  # one copy, in rank 0's file
+    shutil.rmtree(out / "final")  # as if killed after step 2's checkpoint
+    r = run("--resume", out, torchrun=2)
+    assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr[-3000:]
+    assert losses(out) == whole
 
 
 def test_broken_data_file_is_one_line_without_traceback(tmp_path):

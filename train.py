@@ -413,10 +413,14 @@ def local(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def train_state_file(ckpt: Path, rank: int, world: int) -> Path:
+    return ckpt / f"train-state-{rank:05d}-of-{world:05d}.safetensors"
+
+
 def save_checkpoint(run: Run, optimizer, tokenizer, name: str, step: int) -> Path:
     """<out>/<name>/: the policy in Hugging Face layout (config.json, safetensors, tokenizer.json) and the
-    training state: each rank's local shards of AdamW's moments and its copy of the threshold MLP
-    (safetensors, no pickle), the step and the RNG. Written under a temporary name and renamed, so a kill
+    training state: each rank's local shards of AdamW's moments, the step and the RNG, and in rank 0's file
+    the threshold MLP with its moments (safetensors, no pickle). Written under a temporary name and renamed, so a kill
     never leaves half a checkpoint. The weights are the fp32 master weights: a resume continues exactly."""
     rank, world, out, weights = dist.get_rank(), dist.get_world_size(), Path(run.args.out), run.args.weights
     tmp, final = out / f".tmp-{name}", out / name
@@ -437,11 +441,13 @@ def save_checkpoint(run: Run, optimizer, tokenizer, name: str, step: int) -> Pat
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     for pname, p in named_trainables(run).items():
+        if pname.startswith("mlp.") and rank != 0:
+            continue  # replicated and updated alike on every rank: one copy (~0.8 GB at Llama's vocabulary) is enough
         for k, v in optimizer.state.get(p, {}).items():
             tensors[f"optim/{pname}/{k}"] = local(v).detach().cpu().contiguous()
         if pname.startswith("mlp."):
             tensors[pname] = p.detach().cpu().contiguous()
-    save_file(tensors, tmp / f"train-state-{rank:05d}-of-{world:05d}.safetensors")
+    save_file(tensors, train_state_file(tmp, rank, world))
     dist.barrier()
     if rank == 0:
         old = out / f".old-{name}"
@@ -466,7 +472,10 @@ def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
     if meta["world_size"] != world:
         raise TrainingError(f"{ckpt}: written by {meta['world_size']} processes, resumed with {world}: "
                             "resume with the same number of processes")
-    tensors = load_file(ckpt / f"train-state-{rank:05d}-of-{world:05d}.safetensors")
+    tensors = load_file(train_state_file(ckpt, rank, world))
+    if rank != 0:  # the replicated threshold MLP and its moments are in rank 0's file only
+        with safe_open(train_state_file(ckpt, 0, world), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(("mlp.", "optim/mlp."))})
     for pname, p in named_trainables(run).items():
         if pname.startswith("mlp."):
             with torch.no_grad():
