@@ -1,12 +1,13 @@
 """The AAO objective (Ambiguity Awareness Optimization, arXiv 2511.23391) and its sequence-level relatives.
 
 Read top to bottom, this file is the method:
-  per-token log-probs (Eq. 1) -> DPO and its relatives (Eq. 2) -> token similarity (Eq. 7)
+  DPO and its relatives (Eq. 2) on sequence log-probs -> token similarity (Eq. 7)
   -> thresholds a, b from the logits (Eq. 8) -> token weights (Eq. 14-17) -> weighted log-ratios
   -> auxiliary losses (Eq. 9-13) -> MixDPO routing -> the whole objective -> metrics.
 Every function takes tensors and imports only torch. Per-token tensors are (pairs*2, K) with the chosen
 answers in the first half and the rejected in the second, K positions aligned with the predicted token,
-and `mask` marks answer tokens (prompt and padding are 0).
+and `mask` marks answer tokens (prompt and padding are 0). The per-token log-probs themselves (Eq. 1)
+come from model.py's chunked head, which never builds the (rows, K, vocab) logits.
 Where the printed equations are ambiguous or wrong, the comment says what is printed, what is done, why.
 """
 import math
@@ -17,50 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------- Eq. 1: token log-probs
-
-class _TokenLogProbs(torch.autograd.Function):
-    """log p(label) and log max_v p(v) for each row of logits, in fp32 chunks: a full fp32 log-softmax over
-    a 128k vocabulary for every token would cost more memory than the model's activations."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, rows):
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits: fp32 arithmetic
-        logps = torch.empty(labels.shape, dtype=dtype, device=logits.device)
-        top1 = torch.empty_like(logps)
-        for s in range(0, logits.shape[0], rows):
-            x = logits[s:s + rows].to(dtype)
-            lse = x.logsumexp(-1)
-            logps[s:s + rows] = x.gather(1, labels[s:s + rows, None]).squeeze(1) - lse
-            top1[s:s + rows] = x.amax(-1) - lse
-        ctx.save_for_backward(logits, labels)
-        ctx.rows = rows
-        ctx.mark_non_differentiable(top1)
-        return logps, top1
-
-    @staticmethod
-    def backward(ctx, grad_logps, _):
-        logits, labels = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], ctx.rows):
-            g = grad_logps[s:s + ctx.rows, None]
-            # d log p(y) / d logits = onehot(y) - softmax(logits)
-            d = -torch.softmax(logits[s:s + ctx.rows].to(g.dtype), -1) * g
-            d.scatter_add_(1, labels[s:s + ctx.rows, None], g)
-            grad[s:s + ctx.rows] = d.to(grad.dtype)
-        return grad, None, None
-
-
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, with_top1: bool = False):
-    """Eq. 1, one factor per token: log P_θ(y_t | x, y_<t). logits (N, K, V), labels (N, K) -> (N, K) fp32.
-    with_top1 also returns log max_v P_θ(v | x, y_<t), the squeeze-effect probe (no gradient).
-    The chunked autograd function keeps only the logits themselves for backward."""
-    N, K, V = logits.shape
-    rows = max(1, 2**26 // V)  # 256 MiB of fp32 per chunk
-    logps, top1 = _TokenLogProbs.apply(logits.reshape(N * K, V), labels.reshape(N * K), rows)
-    logps, top1 = logps.view(N, K), top1.view(N, K)
-    return (logps, top1) if with_top1 else logps
-
+# ----------------------------------------------------------------------------- pairs
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B, ...) stacked [chosen; rejected] -> chosen (B, ...), rejected (B, ...)."""
@@ -138,15 +96,12 @@ def token_similarity(emb_w, emb_l, mask_w, mask_l):
 
 # ----------------------------------------------------------------------------- Eq. 8: thresholds
 
-def pooled_answer_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def pooled_answer_logits(logit_sums: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """AW's input: the policy's logits, detached, mean-pooled over the answer tokens of both answers of a
-    pair: one (a, b) per pair, since Eq. 16 gives a and b no token index. (2B, K, V) -> (B, V) fp32.
-    A mask-vector product per row: no fp32 copy of a 128k-vocabulary logits tensor (and, in bf16 on a CPU,
-    6x faster than one batched product)."""
-    summed = torch.stack([m.to(row.dtype) @ row for row, m in zip(logits.detach(), mask)]).float()  # (2B, V)
-    counts = mask.float().sum(1)
-    chosen, rejected = split_pairs(summed)
-    n_chosen, n_rejected = split_pairs(counts)
+    pair: one (a, b) per pair, since Eq. 16 gives a and b no token index. logit_sums (2B, V) are each row's
+    logits summed over its answer tokens (model.AnswerStates.logit_sums); mask (2B, K). -> (B, V) fp32."""
+    chosen, rejected = split_pairs(logit_sums.detach().float())
+    n_chosen, n_rejected = split_pairs(mask.float().sum(1))
     return (chosen + rejected) / (n_chosen + n_rejected).clamp_min(1)[:, None]
 
 
@@ -286,8 +241,21 @@ def token_weights(obj: Objective, mask, embeds=None, a=None, b=None, seeds=None)
     return aao_weights(S, torch.cat([a, a]), torch.cat([b, b]), obj.alpha), S
 
 
+@dataclass
+class ObjectiveOutput:
+    """A batch's per-pair losses, and what the metrics and the weights page read."""
+    losses: torch.Tensor  # (B,) what is minimized: the pairwise loss, plus Eq. 13's terms under aao
+    preference: torch.Tensor  # (B,) the pairwise loss alone (Eq. 2 or a relative)
+    chosen_rewards: torch.Tensor  # (B,) implicit reward of the chosen answer (β x its log-ratio)
+    rejected_rewards: torch.Tensor  # (B,)
+    weights: torch.Tensor  # (2B, K) token weights; 1 without weighting
+    similarity: torch.Tensor | None = None  # (2B, K) S of Eq. 7, aao only
+    contrastive: torch.Tensor | None = None  # (B,) Eq. 9-10, aao only
+    reward_enhancement: torch.Tensor | None = None  # (B,) Eq. 11-12, aao only
+
+
 def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=None, embeds=None,
-                         hidden=None, a=None, b=None, margin=None, seeds=None) -> dict:
+                         hidden=None, a=None, b=None, margin=None, seeds=None) -> ObjectiveOutput:
     """The per-pair loss (B,) of a batch, and what the metrics need.
 
     policy_logps, ref_logps, mask: (2B, K). embeds, hidden: (2B, K, D), the input embeddings and final
@@ -315,13 +283,13 @@ def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=
         raise ValueError(f"unknown loss {obj.loss!r}")
     if obj.sft_below_margin is not None:
         losses = mixdpo_route(losses, chosen_avg_nll, margin, obj.sft_below_margin)
-    out = {"losses": losses, "preference": losses, "weights": weights, "S": S, "rewards": rewards}
+    out = ObjectiveOutput(losses, losses, *rewards, weights, S)
     if obj.weighting == "aao":
         (w_w, w_l), (m_w, m_l) = split_pairs(weights), split_pairs(mask)
-        out["contrastive"] = contrastive_suppression_loss(*split_pairs(hidden), w_w, w_l, m_w, m_l)
-        out["reward"] = reward_enhancement_loss(split_pairs(policy_logps)[0], w_w, m_w,
-                                                obj.reward_length_normalized)
-        out["losses"] = total_loss(losses, out["contrastive"], out["reward"], obj.lambda_c, obj.lambda_r)
+        out.contrastive = contrastive_suppression_loss(*split_pairs(hidden), w_w, w_l, m_w, m_l)
+        out.reward_enhancement = reward_enhancement_loss(split_pairs(policy_logps)[0], w_w, m_w,
+                                                         obj.reward_length_normalized)
+        out.losses = total_loss(losses, out.contrastive, out.reward_enhancement, obj.lambda_c, obj.lambda_r)
     return out
 
 
@@ -334,22 +302,24 @@ def preference_accuracy(margin: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def objective_metrics(out: dict, mask, a=None, b=None) -> dict[str, float]:
-    """Detached scalars: rewards, their margin and accuracy, and for aao the thresholds and the shares of
-    ambiguous (S > a), transitional and key (S < b) tokens by the hard thresholds of Eq. 16."""
-    chosen, rejected = out["rewards"]
-    m = {"loss": out["losses"].mean(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+def objective_metrics(out: ObjectiveOutput, mask, a=None, b=None) -> dict[str, torch.Tensor]:
+    """Detached 0-dim tensors (no host sync here): rewards, their margin and accuracy, and for aao the
+    thresholds and the shares of ambiguous (S > a), transitional and key (S < b) tokens by the hard
+    thresholds of Eq. 16."""
+    chosen, rejected = out.chosen_rewards, out.rejected_rewards
+    m = {"loss": out.losses.mean(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
          "rewards/margin": (chosen - rejected).mean(), "rewards/accuracy": preference_accuracy(chosen - rejected)}
     mask = mask.bool()
-    m["weights/mean"] = out["weights"][mask].mean()
-    for part in ("preference", "contrastive", "reward"):
-        if part in out:
-            m[f"loss/{part}"] = out[part].mean()
-    if out["S"] is not None:
-        S, n = out["S"], mask.sum().clamp_min(1)
+    n = mask.sum().clamp_min(1)
+    m["weights/mean"] = (out.weights * mask).sum() / n
+    for part in ("preference", "contrastive", "reward_enhancement"):
+        if getattr(out, part) is not None:
+            m[f"loss/{part}"] = getattr(out, part).mean()
+    if out.similarity is not None:
+        S = out.similarity
         a2, b2 = torch.cat([a, a])[:, None], torch.cat([b, b])[:, None]
         m["a"], m["b"] = a.mean(), b.mean()
         m["tokens/ambiguous"] = ((S > a2) & mask).sum() / n
         m["tokens/key"] = ((S < b2) & mask).sum() / n
         m["tokens/transitional"] = 1 - m["tokens/ambiguous"] - m["tokens/key"]
-    return {k: float(v) for k, v in m.items()}
+    return {k: v.detach().float() for k, v in m.items()}

@@ -132,10 +132,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(between, blended, scaled)
 
 
-def rope_cos_sin(cfg: ModelConfig, seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position × frequency, (T, head_dim), computed in fp32 and then cast."""
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32),
-                        rope_inv_freq(cfg).to(device))
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position x frequency, (*positions.shape, head_dim), in fp32 and then cast."""
+    freqs = positions.float()[..., None] * inv_freq  # (..., head_dim / 2)
     angles = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: both halves share a frequency
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -206,6 +205,18 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@dataclass
+class AnswerStates:
+    """What a forward pass gives the objective at the answer tokens, without the (N, T, vocab) logits.
+    Position t of a row is the one that predicts token t+1: every tensor is aligned with the predicted
+    token, (N, T-1, ...), and is 0 (or unused) where that token is not an answer token."""
+    logps: torch.Tensor  # (N, T-1) fp32: log p(token t+1 | tokens <= t), Eq. 1's factors
+    top1: torch.Tensor  # (N, T-1) fp32: log max_v p(v | tokens <= t), the squeeze probe (no gradient)
+    embeds: torch.Tensor  # (N, T-1, D): input embedding of token t+1, detached (Eq. 7 reads it)
+    hidden: torch.Tensor  # (N, T-1, D): final normed hidden state at t (Eq. 9 reads it)
+    logit_sums: torch.Tensor | None  # (N, vocab) fp32: the logits summed over a row's answer tokens (Eq. 8)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -214,6 +225,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # A buffer on the model's device: no host-to-device copy in every forward. Not saved: derived.
+        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
         self.tie_weights()
 
     def tie_weights(self):
@@ -222,20 +235,98 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False):
-        """input_ids (B, T) -> logits (B, T, vocab). With return_hidden, also the input embeddings and the
-        final normed hidden states (B, T, hidden) of the same pass, which AAO's Eq. 7 and Eq. 9 read."""
-        B, T = input_ids.shape
-        embeds = self.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = rope_cos_sin(self.config, T, input_ids.device, embeds.dtype)
+    def reset_buffers(self):
+        """Recompute the rope frequencies where the model lives: a model built on the meta device and
+        then materialized (to_empty, load_state_dict(assign=True)) holds garbage or nothing there."""
+        device = self.embed_tokens.weight.device
+        self.rope_inv_freq = rope_inv_freq(self.config).to(device)
+
+    def forward(self, input_ids: torch.Tensor, answer_index: torch.Tensor | None = None,
+                sum_logits: bool = False):
+        """input_ids (N, T) -> logits (N, T, vocab).
+
+        With answer_index (flat indices into the (N, T-1) grid of predicted tokens, the answer tokens
+        only), no logits are made: an AnswerStates with the log-probs of those tokens through the chunked
+        head, and with sum_logits their logits summed per row. Done here, inside the root module's
+        forward, because FSDP gathers the head's weight only there."""
+        N, T = input_ids.shape
+        embeds = self.embed_tokens(input_ids)  # (N, T, D)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, torch.arange(T, device=input_ids.device), embeds.dtype)
         window = self.config.sliding_window
         mask = sliding_window_mask(T, window, input_ids.device) if window and T > window else None
         x = embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
-        hidden = self.norm(x)
-        logits = self.lm_head(hidden)  # (B, T, vocab)
-        return (logits, embeds, hidden) if return_hidden else logits
+        hidden = self.norm(x)  # (N, T, D)
+        if answer_index is None:
+            return self.lm_head(hidden)  # (N, T, vocab)
+        return self.answer_states(input_ids, embeds, hidden, answer_index, sum_logits)
+
+    def answer_states(self, input_ids, embeds, hidden, answer_index, sum_logits) -> AnswerStates:
+        N, T, D = hidden.shape
+        # Grid index i = n*(T-1) + t predicts token t+1 of row n, which sits at n*T + t + 1 of the row-major
+        # (N, T) tensors; its hidden state at n*T + t. Index arithmetic on the device: no host sync.
+        at = answer_index + torch.div(answer_index, T - 1, rounding_mode="floor")
+        labels = input_ids.reshape(-1).index_select(0, at + 1)
+        h = hidden.reshape(N * T, D).index_select(0, at)  # (M, D): the answer positions only
+        weight = self.lm_head.weight
+        logps, top1 = AnswerHead.apply(h, weight, labels)
+        grid = lambda x: torch.zeros(N * (T - 1), dtype=x.dtype, device=x.device).index_copy(0, answer_index, x)
+        sums = None
+        if sum_logits:  # Eq. 8's input: the head is linear, so summed logits = head(summed hidden states)
+            rows = torch.div(answer_index, T - 1, rounding_mode="floor")
+            h_sum = torch.zeros(N, D, dtype=logps.dtype, device=h.device).index_add_(0, rows, h.detach().to(logps.dtype))
+            sums = torch.cat([h_sum @ w.to(h_sum.dtype).T for w in weight.detach().split(HEAD_CHUNK // D)], dim=1)
+        # Eq. 7 reads the embeddings detached; the hidden states are copied, not returned as a view, since
+        # FSDP hooks the outputs of the root module for backward and an in-place op on a view would skip that.
+        return AnswerStates(grid(logps).view(N, T - 1), grid(top1).view(N, T - 1), embeds[:, 1:].detach(),
+                            hidden[:, :-1].contiguous(), sums)
+
+
+# Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 128 MiB of fp32.
+HEAD_CHUNK = 2**25
+
+
+class AnswerHead(torch.autograd.Function):
+    """Eq. 1 at the answer positions only: log p(label) = logits[label] - logsumexp(logits), with
+    logits = h W^T, one block of rows at a time, and log max_v p(v) for the squeeze probe. Backward
+    recomputes each block's logits from h and W (saved) instead of keeping them: the (M, vocab) logits
+    and their gradient never exist whole. Blocks are cut along the rows in forward and along the
+    vocabulary in backward, so that W's gradient is written once per slice, without an fp32
+    accumulator the size of W. Softmax statistics in fp32 whatever the compute dtype."""
+
+    @staticmethod
+    def forward(ctx, h, weight, labels):
+        M, V = h.shape[0], weight.shape[0]
+        logps = torch.empty(M, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        top1, lse = torch.empty_like(logps), torch.empty_like(logps)
+        for s in range(0, M, max(1, HEAD_CHUNK // V)):
+            e = min(M, s + max(1, HEAD_CHUNK // V))
+            logits = (h[s:e] @ weight.T).to(logps.dtype)  # (rows, V)
+            lse[s:e] = logits.logsumexp(-1)
+            logps[s:e] = logits.gather(1, labels[s:e, None]).squeeze(1) - lse[s:e]
+            top1[s:e] = logits.amax(-1) - lse[s:e]
+        ctx.save_for_backward(h, weight, labels, lse)
+        ctx.mark_non_differentiable(top1)
+        return logps, top1
+
+    @staticmethod
+    def backward(ctx, grad_logps, _):
+        h, weight, labels, lse = ctx.saved_tensors
+        grad_h = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)
+        grad_w = torch.empty_like(weight)
+        g = grad_logps.to(lse.dtype)[:, None]  # (M, 1)
+        step = max(1, HEAD_CHUNK // max(1, h.shape[0]))
+        for s in range(0, weight.shape[0], step):
+            w = weight[s:s + step]  # (v, D)
+            # d log p(y) / d logits = onehot(y) - softmax(logits), restricted to this vocabulary slice
+            d = -((h @ w.T).to(lse.dtype) - lse[:, None]).exp() * g  # (M, v)
+            inside = (labels >= s) & (labels < s + w.shape[0])
+            d.scatter_add_(1, (labels - s).clamp(0, w.shape[0] - 1)[:, None], g * inside[:, None])
+            d = d.to(weight.dtype)
+            grad_h += d @ w
+            grad_w[s:s + step] = d.T @ h
+        return grad_h.to(h.dtype), grad_w, None
 
 
 def init_weights(model: Transformer, seed: int, std: float = 0.02) -> Transformer:
@@ -327,6 +418,7 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, assign=True)
     model.tie_weights()
+    model.reset_buffers()
     return model
 
 

@@ -101,13 +101,48 @@ def test_tied_model_shares_one_parameter(tmp_path):
     assert ours.lm_head.weight is ours.embed_tokens.weight
 
 
-def test_return_hidden_gives_the_same_pass():
-    m = M.tiny_model(64, seed=1)
-    ids = torch.randint(0, 64, (2, 9))
-    logits, embeds, hidden = m(ids, return_hidden=True)
-    assert torch.equal(logits, m(ids))
-    assert torch.equal(embeds, m.embed_tokens(ids))
-    assert torch.allclose(logits, m.lm_head(hidden))
+def answer_grid(mask: torch.Tensor) -> torch.Tensor:
+    """The flat answer_index of a (N, T-1) mask of predicted answer tokens."""
+    return mask.flatten().nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("chunk", [None, 600])
+def test_answer_head_matches_full_logits_in_float64(monkeypatch, chunk):
+    """The chunked head (Eq. 1 at answer positions only) against log_softmax of the whole logits:
+    log-probs, the top-1 probe, the logit sums of Eq. 8's input, and every parameter's gradient. A
+    chunk of 600 elements cuts the 300-token vocabulary into blocks of 2 rows (forward) and of 75
+    vocabulary entries (backward), so the block boundaries are crossed."""
+    if chunk:
+        monkeypatch.setattr(M, "HEAD_CHUNK", chunk)
+    m = M.tiny_model(300, seed=1).double()
+    ids = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(4, 11, dtype=torch.float64)
+    mask[:, 5:9] = 1
+    mask[1, 3:11] = 1
+    g = torch.randn(4, 11, dtype=torch.float64)
+    states = m(ids, answer_index=answer_grid(mask), sum_logits=True)
+    (states.logps * g).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    logits = m(ids)[:, :-1]
+    full = logits.log_softmax(-1)
+    ref = full.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask
+    (ref * g).sum().backward()
+    assert (states.logps - ref).abs().max() < 1e-12
+    assert (states.top1 - full.amax(-1) * mask).abs().max() < 1e-12
+    assert (states.logit_sums - (logits * mask[..., None]).sum(1)).abs().max() < 1e-12
+    assert all((grads[n] - p.grad).abs().max() < 1e-12 for n, p in m.named_parameters())
+    assert torch.equal(states.embeds, m.embed_tokens(ids)[:, 1:])
+
+
+def test_answer_head_in_bfloat16_keeps_fp32_statistics():
+    m = M.tiny_model(300, seed=1)
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 9)
+    exact = m.double()(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    states = m.bfloat16()(ids, answer_index=answer_grid(mask), sum_logits=True)
+    assert states.logps.dtype == torch.float32 and states.logit_sums.dtype == torch.float32
+    assert (states.logps.double() - exact).abs().max() < 0.05  # bf16 weights; the statistics are fp32
 
 
 @pytest.mark.parametrize("shard_bytes", [2**40, 60_000])
@@ -160,26 +195,6 @@ def rand_mask(B, K, lo=2):
     """Right-padded answer masks with at least `lo` tokens per row."""
     lengths = torch.randint(lo, K + 1, (B,))
     return (torch.arange(K)[None] < lengths[:, None]).double()
-
-
-def test_token_logps_match_float64_log_softmax():
-    logits = torch.randn(3, 7, 50, dtype=torch.float64)
-    labels = torch.randint(0, 50, (3, 7))
-    lp, top1 = aao.token_logps(logits, labels, with_top1=True)
-    ref = logits.log_softmax(-1)
-    assert torch.allclose(lp.double(), ref.gather(-1, labels[..., None]).squeeze(-1), atol=1e-6)
-    assert torch.allclose(top1.double(), ref.max(-1).values, atol=1e-6)
-
-
-def test_token_logps_gradient_in_chunks():
-    # Three rows per chunk over 21 rows: the chunk boundaries are crossed in forward and backward.
-    logits = torch.randn(21, 11, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 11, (21,))
-    g = torch.randn(21, dtype=torch.float64)
-    (aao._TokenLogProbs.apply(logits, labels, 3)[0] * g).sum().backward()
-    ref = logits.detach().clone().requires_grad_()
-    (ref.log_softmax(-1).gather(1, labels[:, None]).squeeze(1) * g).sum().backward()
-    assert torch.allclose(logits.grad, ref.grad, atol=1e-6)
 
 
 def pair_logps(B=5):
@@ -258,7 +273,7 @@ def test_token_similarity_of_one_unbatched_pair():
 
 def test_pooled_answer_logits_match_float64():
     logits, mask = torch.randn(6, 7, 11), rand_mask(6, 7)
-    got = aao.pooled_answer_logits(logits, mask)
+    got = aao.pooled_answer_logits((logits * mask[..., None]).sum(1), mask)
     for p in range(3):
         rows = torch.cat([logits[p][mask[p].bool()], logits[p + 3][mask[p + 3].bool()]]).double()
         assert torch.allclose(got[p].double(), rows.mean(0), atol=1e-5)
@@ -352,7 +367,7 @@ def test_weighting_none_is_plain_dpo():
     out = aao.preference_objective(aao.Objective(weighting="none"), x["policy_logps"], x["ref_logps"], x["mask"])
     seq = lambda lp: (lp * x["mask"]).sum(1).double().chunk(2)
     (pc, pr), (rc, rr) = seq(x["policy_logps"]), seq(x["ref_logps"])
-    assert torch.allclose(out["losses"].double(), -F.logsigmoid(0.1 * ((pc - rc) - (pr - rr))), atol=1e-6)
+    assert torch.allclose(out.losses.double(), -F.logsigmoid(0.1 * ((pc - rc) - (pr - rr))), atol=1e-6)
 
 
 def test_aao_with_all_tokens_transitional_is_dpo():
@@ -364,8 +379,8 @@ def test_aao_with_all_tokens_transitional_is_dpo():
     out = aao.preference_objective(obj, x["policy_logps"], x["ref_logps"], x["mask"], embeds=x["embeds"],
                                    hidden=x["hidden"], a=a, b=b)
     plain = aao.preference_objective(aao.Objective(weighting="none"), x["policy_logps"], x["ref_logps"], x["mask"])
-    assert torch.allclose(out["losses"], plain["losses"], atol=1e-6)
-    assert torch.allclose(out["weights"][x["mask"].bool()], torch.tensor(1.0), atol=1e-6)
+    assert torch.allclose(out.losses, plain.losses, atol=1e-6)
+    assert torch.allclose(out.weights[x["mask"].bool()], torch.tensor(1.0), atol=1e-6)
 
 
 def test_identical_answers_weigh_shared_tokens_to_zero():
@@ -374,7 +389,7 @@ def test_identical_answers_weigh_shared_tokens_to_zero():
     x["mask"][3:] = x["mask"][:3]
     out = aao.preference_objective(aao.Objective(), x["policy_logps"], x["ref_logps"], x["mask"],
                                    embeds=x["embeds"], hidden=x["hidden"], a=torch.full((3,), 0.8), b=torch.full((3,), 0.4))
-    assert out["weights"][x["mask"].bool()].max() < 1e-6
+    assert out.weights[x["mask"].bool()].max() < 1e-6
 
 
 def test_aao_objective_trains_the_thresholds():
@@ -385,7 +400,7 @@ def test_aao_objective_trains_the_thresholds():
     x["policy_logps"].requires_grad_()
     out = aao.preference_objective(aao.Objective(), x["policy_logps"], x["ref_logps"], x["mask"],
                                    embeds=x["embeds"], hidden=x["hidden"], a=a, b=b)
-    out["losses"].sum().backward()
+    out.losses.sum().backward()
     assert mlp.fc1.weight.grad.abs().sum() > 0 and mlp.fc2.bias.grad.abs().sum() > 0
     m = aao.objective_metrics(out, x["mask"], a, b)
     assert abs(m["tokens/ambiguous"] + m["tokens/transitional"] + m["tokens/key"] - 1) < 1e-6
@@ -409,7 +424,7 @@ def cancellation_gradients(contexts_equal: bool, weights_for_c):
     else:  # the answers differ first, so c follows different contexts
         chosen, rejected = prompt + [k_w, c], prompt + [k_l, c]
     ids = torch.tensor([chosen, rejected])
-    lp = aao.token_logps(m(ids)[:, :-1], ids[:, 1:])  # (2, 4); answer positions are 2 and 3
+    lp = m(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (2, 4); answers at 2 and 3
     c_pos = 2 if contexts_equal else 3
     w = torch.ones(2, 4, dtype=torch.float64)
     w[:, c_pos] = weights_for_c

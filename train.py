@@ -184,6 +184,7 @@ def build_model(cfg, read, device, mesh, param_dtype, compute, checkpointing=Fal
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device=device)
+    model.reset_buffers()
     fill_parameters(model, read)
     model.requires_grad_(trainable)
     return model.train(trainable)
@@ -250,22 +251,26 @@ class Run:
     ref_eval: list | None = None
 
 
-def answer_logps(model, input_ids, with_states=False):
-    """One forward: per-token log-probs of each next token (N, T-1) and the top-1 log-prob (the squeeze
-    probe); with_states also the logits, input embeddings and final hidden states aligned with them."""
-    logits, embeds, hidden = model(input_ids, return_hidden=True)
-    logps, top1 = aao.token_logps(logits[:, :-1], input_ids[:, 1:], with_top1=True)
-    if not with_states:
-        return logps, top1
-    # Position t predicts token t+1: its logits and hidden state at t, the token's own embedding at t+1.
-    return logps, top1, logits[:, :-1], embeds[:, 1:], hidden[:, :-1]
+def answer_states(model, batch, sum_logits=False) -> M.AnswerStates:
+    """One forward pass, read at the answer tokens only (the logits are never made whole)."""
+    return model(batch["input_ids"], answer_index=batch["answer_index"], sum_logits=sum_logits)
+
+
+def to_device(batch: dict, device) -> dict:
+    """Collated CPU tensors -> the device, with the flat index of the answer tokens among the predicted
+    ones (computed here, on the host, so that the device never waits on a nonzero())."""
+    batch = dict(batch, answer_index=batch["loss_mask"][:, 1:].flatten().nonzero().squeeze(1))
+    if device.type == "cuda":
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return batch
 
 
 def reference_logps(run: Run, batch, indices, cache):
     """The frozen reference's per-token log-probs (and top-1), live or from the precomputed cache."""
     if cache is None:
         with torch.no_grad():
-            return answer_logps(run.reference, batch["input_ids"])
+            ref = answer_states(run.reference, batch)
+        return ref.logps, ref.top1
     mask = batch["loss_mask"][:, 1:].bool()
     rows = [cache[i][0] for i in indices] + [cache[i][1] for i in indices]
     logps, top1 = torch.zeros(mask.shape, device=mask.device), torch.zeros(mask.shape, device=mask.device)
@@ -275,23 +280,24 @@ def reference_logps(run: Run, batch, indices, cache):
 
 
 def pair_step(run: Run, pairs, indices, cache=None, step=0):
-    """The objective on a micro-batch of pairs: aao.preference_objective's output (per-pair "losses" (B,)
-    and the rest) with the token log-probs, mask and thresholds added, and the metrics."""
-    batch = {k: v.to(run.device) for k, v in data.collate([pairs[i] for i in indices], pad_id(run.policy.config)).items()}
+    """The objective on a micro-batch of pairs: (aao.ObjectiveOutput, the policy's AnswerStates, the
+    reference's log-probs, mask, a, b) and the metrics."""
+    batch = to_device(data.collate([pairs[i] for i in indices], pad_id(run.policy.config)), run.device)
     mask = batch["loss_mask"][:, 1:]
-    logps, top1, logits, embeds, hidden = answer_logps(run.policy, batch["input_ids"], with_states=True)
+    aao_weighting = run.obj.weighting == "aao"
+    states = answer_states(run.policy, batch, sum_logits=aao_weighting)
     ref_lp, ref_top1 = reference_logps(run, batch, indices, cache)
     a = b = None
-    if run.obj.weighting == "aao":
-        a, b = run.mlp(aao.pooled_answer_logits(logits, mask))
+    if aao_weighting:
+        a, b = run.mlp(aao.pooled_answer_logits(states.logit_sums, mask))
     beta = batch["beta"].float() if run.args.beta_column else None
-    out = aao.preference_objective(run.obj, logps, ref_lp, mask, beta=beta, embeds=embeds, hidden=hidden, a=a, b=b,
-                                   margin=batch["margin"], seeds=row_seeds(run.args.seed, step, indices))
+    out = aao.preference_objective(run.obj, states.logps, ref_lp, mask, beta=beta, embeds=states.embeds,
+                                   hidden=states.hidden, a=a, b=b, margin=batch["margin"],
+                                   seeds=row_seeds(run.args.seed, step, indices))
     real_tokens = batch["input_ids"].shape[1] - (batch["loss_mask"].flip(1).cumsum(1) == 0).sum(1)  # no padding
-    metrics = {**aao.objective_metrics(out, mask, a, b), **squeeze_probe(top1, ref_top1, mask),
-               "tokens": float(real_tokens.sum())}
-    out.update(logps=logps, ref_logps=ref_lp, mask=mask, a=a, b=b)
-    return out, metrics
+    metrics = {**aao.objective_metrics(out, mask, a, b), **squeeze_probe(states.top1, ref_top1, mask),
+               "tokens": real_tokens.sum()}
+    return out, (states, ref_lp, mask, a, b), {k: float(v) for k, v in metrics.items()}
 
 
 def squeeze_probe(top1, ref_top1, mask) -> dict:
@@ -314,9 +320,9 @@ def train_step(run: Run, optimizer, indices: list, step: int) -> dict:
     sums = {}
     for j, chunk in enumerate(chunks):
         run.policy.set_requires_gradient_sync(j == len(chunks) - 1)  # reduce once per step, not per micro-batch
-        out, m = pair_step(run, run.train_pairs, chunk, run.ref_train, step)
+        out, _, m = pair_step(run, run.train_pairs, chunk, run.ref_train, step)
         # Per pair of the global batch, not per micro-batch; FSDP then averages over the processes.
-        (out["losses"].sum() * world / args.batch_size).backward()
+        (out.losses.sum() * world / args.batch_size).backward()
         accumulate(sums, m, len(chunk))
     stats = reduce_metrics(sums, len(indices))
     if not math.isfinite(stats["loss"]):
@@ -350,9 +356,10 @@ def precompute_reference(reference, pairs, micro, device) -> list:
     cache = {}
     for chunk in data.micro_batches(rank_share(len(pairs), dist.get_rank(), dist.get_world_size()), micro):
         real = [i for i in chunk if i >= 0] or [0]
-        batch = data.collate([pairs[i] for i in real], pad_id(reference.config))
-        logps, top1 = answer_logps(reference, batch["input_ids"].to(device))
-        mask = batch["loss_mask"][:, 1:].bool().to(device)
+        batch = to_device(data.collate([pairs[i] for i in real], pad_id(reference.config)), device)
+        states = answer_states(reference, batch)
+        logps, top1 = states.logps, states.top1
+        mask = batch["loss_mask"][:, 1:].bool()
         for row, i in enumerate(real + real):
             cache.setdefault(i, [None, None])[row >= len(real)] = (logps[row][mask[row]].cpu(), top1[row][mask[row]].cpu())
     gathered = [None] * dist.get_world_size()
@@ -371,8 +378,8 @@ def evaluate(run: Run) -> dict:
     for chunk in data.micro_batches(rank_share(len(run.heldout), dist.get_rank(), dist.get_world_size()),
                                     run.args.micro_batch_size):
         real = [i for i in chunk if i >= 0] or [0]
-        out, m = pair_step(run, run.heldout, real, run.ref_eval)
-        chosen, rejected = aao.split_pairs(((out["logps"] - out["ref_logps"]) * out["mask"]).sum(1))
+        _, (states, ref_lp, mask, _, _), m = pair_step(run, run.heldout, real, run.ref_eval)
+        chosen, rejected = aao.split_pairs(((states.logps - ref_lp) * mask).sum(1))
         m = {k: v for k, v in m.items() if k.startswith(("squeeze/", "tokens/")) or k in ("a", "b", "loss")}
         m.update(accuracy=float(aao.preference_accuracy(chosen - rejected)), margin=float((chosen - rejected).mean()))
         weight = float(sum(i >= 0 for i in chunk))
@@ -658,12 +665,12 @@ def write_weights_page(run: Run, tokenizer, path: Path, n: int = 12) -> None:
     """A page that shows, for a few held-out pairs, every answer token coloured by its AAO category
     (Eq. 16's hard thresholds on the learned a, b), with S and the weight of Eq. 17 on hover."""
     indices = list(range(min(n, len(run.heldout))))
-    out, _ = pair_step(run, run.heldout, indices, run.ref_eval)  # on every rank: FSDP gathers collectively
+    out, (_, _, mask, a, b), _ = pair_step(run, run.heldout, indices, run.ref_eval)  # every rank: FSDP gathers
     if dist.get_rank() != 0:
         return
     ids = data.collate([run.heldout[i] for i in indices], 0)["input_ids"][:, 1:]
-    S, w, mask = out["S"].cpu(), out["weights"].cpu(), out["mask"].cpu().bool()
-    a, b = out["a"].cpu().repeat(2), out["b"].cpu().repeat(2)
+    S, w, mask = out.similarity.cpu(), out.weights.cpu(), mask.cpu().bool()
+    a, b = a.cpu().repeat(2), b.cpu().repeat(2)
     blocks = []
     for k, i in enumerate(indices):
         lines = []
@@ -749,8 +756,8 @@ def benchmark(args, device, mesh, length=512, pairs_per_step=2, reps=15) -> dict
         optimizer = make_optimizer(run.policy, run.mlp if weighting == "aao" else None, args)
 
         def step(variant=variant, optimizer=optimizer):
-            out, _ = pair_step(variant, fake, list(range(pairs_per_step)))
-            out["losses"].mean().backward()
+            out, _, _ = pair_step(variant, fake, list(range(pairs_per_step)))
+            out.losses.mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps[weighting] = step
@@ -785,20 +792,21 @@ def objective_timings(run: Run, pairs, device, reps) -> dict:
     to those tensors, for aao with the threshold MLP's forward, backward and AdamW update. What AAO adds
     to a step is this difference; short and repeatable, it measures that far more precisely than whole
     steps can on a noisy machine."""
-    batch = {k: v.to(device) for k, v in data.collate(pairs, pad_id(run.policy.config)).items()}
+    batch = to_device(data.collate(pairs, pad_id(run.policy.config)), device)
     mask = batch["loss_mask"][:, 1:]
     with torch.no_grad():
-        logps, _, logits, embeds, hidden = answer_logps(run.policy, batch["input_ids"], with_states=True)
-        ref_logps, _ = answer_logps(run.reference, batch["input_ids"])
+        states = answer_states(run.policy, batch, sum_logits=True)
+        logps, logit_sums, embeds, hidden = states.logps, states.logit_sums, states.embeds, states.hidden
+        ref_logps = answer_states(run.reference, batch).logps
     optimizer = torch.optim.AdamW(run.mlp.parameters(), fused=True)
 
     def objective(weighting):
         lp, h = logps.detach().requires_grad_(), hidden.detach().requires_grad_()
         obj = aao.Objective(loss=run.args.loss, weighting=weighting)
-        a, b = run.mlp(aao.pooled_answer_logits(logits, mask)) if weighting == "aao" else (None, None)
+        a, b = run.mlp(aao.pooled_answer_logits(logit_sums, mask)) if weighting == "aao" else (None, None)
         out = aao.preference_objective(obj, lp, ref_logps, mask, embeds=embeds, hidden=h, a=a, b=b)
         aao.objective_metrics(out, mask, a, b)
-        out["losses"].mean().backward()
+        out.losses.mean().backward()
         if weighting == "aao":
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
