@@ -271,16 +271,15 @@ class Transformer(nn.Module):
         h = hidden.reshape(N * T, D).index_select(0, at)  # (M, D): the answer positions only
         weight = self.lm_head.weight
         logps, top1 = AnswerHead.apply(h, weight, labels)
-        grid = lambda x: torch.zeros(N * (T - 1), dtype=x.dtype, device=x.device).index_copy(0, answer_index, x)
+        rows, cols = torch.div(answer_index, T - 1, rounding_mode="floor"), answer_index % (T - 1)
+        grid = lambda x: torch.zeros(N, T - 1, dtype=x.dtype, device=x.device).index_put((rows, cols), x)
         sums = None
         if sum_logits:  # Eq. 8's input: the head is linear, so summed logits = head(summed hidden states)
-            rows = torch.div(answer_index, T - 1, rounding_mode="floor")
             h_sum = torch.zeros(N, D, dtype=logps.dtype, device=h.device).index_add_(0, rows, h.detach().to(logps.dtype))
             sums = torch.cat([h_sum @ w.to(h_sum.dtype).T for w in weight.detach().split(HEAD_CHUNK // D)], dim=1)
         # Eq. 7 reads the embeddings detached; the hidden states are copied, not returned as a view, since
         # FSDP hooks the outputs of the root module for backward and an in-place op on a view would skip that.
-        return AnswerStates(grid(logps).view(N, T - 1), grid(top1).view(N, T - 1), embeds[:, 1:].detach(),
-                            hidden[:, :-1].contiguous(), sums)
+        return AnswerStates(grid(logps), grid(top1), embeds[:, 1:].detach(), hidden[:, :-1].contiguous(), sums)
 
 
 # Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 128 MiB of fp32.
@@ -422,6 +421,29 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
     return model
 
 
+def shard_file_name(i: int, n: int) -> str:
+    """The i-th of n safetensors files, named as save_pretrained names them."""
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def balanced_shards(sizes: list, n: int) -> list:
+    """The file (0..n-1) each tensor goes to: largest first into the lightest file, so that n writers
+    share the work evenly; deterministic, so every process computes the same assignment."""
+    load, owners = [0] * n, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        owners[i] = min(range(n), key=load.__getitem__)
+        load[owners[i]] += sizes[i]
+    return owners
+
+
+def write_index(out: Path, cfg: ModelConfig, dtype: torch.dtype, weight_map: dict, total_bytes: int) -> None:
+    """config.json, and model.safetensors.index.json when the tensors span several files."""
+    (out / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
+    if len(set(weight_map.values())) > 1:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def save_state_dict(state: dict, cfg: ModelConfig, out_dir, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json and the tensors in Hugging Face layout: one model.safetensors, or shards of at
     most max_shard_bytes with model.safetensors.index.json, as save_pretrained writes them."""
@@ -437,19 +459,12 @@ def save_state_dict(state: dict, cfg: ModelConfig, out_dir, max_shard_bytes: int
             size = 0
         shards[-1][name] = t
         size += nbytes
-    dtype = next(iter(tensors.values())).dtype
-    (out / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
-    if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
-        return
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / fname, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, fname))
+    for i, shard in enumerate(shards):
+        save_file(shard, out / shard_file_name(i, len(shards)), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, shard_file_name(i, len(shards))))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    write_index(out, cfg, next(iter(tensors.values())).dtype, weight_map, total)
 
 
 def save_model(model: Transformer, out_dir, max_shard_bytes: int = 5 * 2**30) -> None:

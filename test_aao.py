@@ -6,9 +6,10 @@ installs it, so they run there.
 import json
 import math
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -656,73 +657,165 @@ def test_synthetic_set_is_seeded_ambiguous_and_held_out_is_new():
 import train  # noqa: E402
 
 
-def run(*args, torchrun=0, timeout=300):
+def run(*args, torchrun=0, timeout=300, wait=True, script=HERE / "train.py"):
+    """train.py in a process of its own (N of them under torchrun); with wait=False, the Popen."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2")}
-    return subprocess.run(launcher + [str(HERE / "train.py"), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=HERE)
+    cmd = launcher + [str(script), *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+def metric_rows(out: Path, file="metrics.jsonl") -> list:
+    return [json.loads(line) for line in (out / file).read_text().splitlines()]
 
 
 def losses(out: Path) -> list:
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in metric_rows(out)]
+
+
+def wait_for(condition, p, deadline_s=120):
+    """Poll with a sleep until condition() holds, the process ends, or the deadline passes."""
+    deadline = time.monotonic() + deadline_s
+    while not condition() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert condition(), f"not reached within {deadline_s} s (process {'ended' if p.poll() is not None else 'running'})"
 
 
 def test_embedded_run_learns_and_transformers_loads_the_output(tmp_path):
     r = run("--max-steps", 40, "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(tmp_path / "run")
     assert [row["step"] for row in rows] == list(range(1, 41)) and all("loss" in row for row in rows)
     loss = [row["loss"] for row in rows]
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.5
-    evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
-    assert evals[0]["eval/accuracy"] == 0.5 and evals[-1]["eval/accuracy"] > 0.55
+    evals = metric_rows(tmp_path / "run", "eval.jsonl")
+    assert evals[-1]["eval/accuracy"] > 0.55
     assert "held-out preference accuracy: 0.500 before" in r.stdout
     page = (tmp_path / "run" / "weights.html").read_text()
     assert page.count('class="t ') > 100 and "ambiguous" in page
-    transformers = pytest.importorskip("transformers")
     final = tmp_path / "run" / "final"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"  # for serving
+    assert not list(final.glob("train-state*"))  # no optimizer state in final/
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     ours = M.load_model(final)
     ids = torch.randint(0, ours.config.vocab_size, (2, 24))
     assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4
 
 
-def test_torchrun_two_processes_give_the_one_process_losses(tmp_path):
-    one = run("--max-steps", 6, "--out", tmp_path / "one")
-    two = run("--max-steps", 6, "--out", tmp_path / "two", torchrun=2)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 6
-    assert all(abs(x - y) <= 1e-3 * abs(x) for x, y in zip(a, b)), (a, b)
+def fingerprints(ckpt: Path) -> list:
+    """The threshold MLP's fingerprint in every rank's train-state file of a step-N/ checkpoint."""
+    return [safe_open(f, framework="pt").get_tensor("thresholds/fingerprint")
+            for f in sorted(ckpt.glob("train-state-*.safetensors"))]
 
 
-def test_kill_and_resume_continue_with_the_same_losses(tmp_path):
-    args = ["--max-steps", 12, "--save-every", 4]
-    assert run(*args, "--out", tmp_path / "whole").returncode == 0
+def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path):
+    """The same 4 steps with 1 process, 2 (FSDP over 2), 2 as HSDP (--replicate 2) and 2 with the cached
+    reference: the loss, the gradient norms, the thresholds a and b of every pair (their spread), and
+    the replicated threshold MLP on every rank. A wrong loss scale changes the gradient norm, a missing
+    all-reduce of the MLP's gradients makes the ranks' MLPs (and a, b) drift apart."""
+    common = ["--max-steps", 4, "--save-every", 3, "--eval-every", 100]
+    runs = {"one": [], "two": [], "hsdp": ["--replicate", 2], "cached": ["--precompute-ref"]}
+    for name, extra in runs.items():
+        r = run(*common, *extra, "--out", tmp_path / name, torchrun=0 if name == "one" else 2)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+    keys = ["loss", "grad_norm", "grad_norm/thresholds", "a/mean", "a/std", "a/min", "b/max", "rewards/chosen"]
+    one = metric_rows(tmp_path / "one")
+    for name in ("two", "hsdp", "cached"):
+        other = metric_rows(tmp_path / name)
+        for key in keys:
+            a, b = [row[key] for row in one], [row[key] for row in other]
+            assert a == pytest.approx(b, rel=2e-4, abs=1e-6), (name, key, a, b)
+        reference = fingerprints(tmp_path / "one" / "step-3")[0]
+        for fp in fingerprints(tmp_path / name / "step-3"):
+            assert torch.allclose(fp, reference, rtol=1e-6), (name, fp, reference)
+    assert len(fingerprints(tmp_path / "two" / "step-3")) == 2  # both ranks wrote their shard
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 12-step run with a checkpoint every 4 steps: what interrupted runs must reproduce."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    r = run("--max-steps", 12, "--save-every", 4, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_kill_and_resume_continue_with_the_same_losses(tmp_path, uninterrupted):
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, str(HERE / "train.py"), *map(str, args), "--out", str(out)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
-    while not (out / "step-4").exists() and p.poll() is None:
-        pass
+    p = run("--max-steps", 12, "--save-every", 4, "--out", out, wait=False)
+    wait_for(lambda: (out / "step-4").exists(), p)
     p.kill()  # SIGKILL: no cleanup runs
-    p.wait()
+    p.communicate()
     assert not (out / "final").exists(), "the run finished before the kill"
     r = run("--resume", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stdout and "step 4" in r.stdout
-    assert losses(out) == losses(tmp_path / "whole")
+    assert losses(out) == losses(uninterrupted)
+    assert sorted(d.name for d in out.glob("step-*")) == ["step-4", "step-8"]  # --keep-last 2
 
 
-def test_two_process_resume_restores_the_threshold_mlp_from_rank_0(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_saves_and_resume_continues_as_if_uninterrupted(tmp_path, uninterrupted, processes):
+    """A scheduler's SIGTERM mid-run: every rank finishes the step, a checkpoint is written, the run exits
+    143; --resume then gives the uninterrupted losses. Under torchrun the signal goes to torchrun, which
+    forwards it to its workers, as a scheduler's would."""
     out = tmp_path / "run"
-    assert run("--max-steps", 4, "--save-every", 2, "--out", out, torchrun=2).returncode == 0
-    whole = losses(out)
-    rank1 = safe_open(out / "step-2" / "train-state-00001-of-00002.safetensors", framework="pt")
-    assert not [k for k in rank1.keys() if k.startswith(("mlp.", "optim/mlp."))]  # one copy, in rank 0's file
-    shutil.rmtree(out / "final")  # as if killed after step 2's checkpoint
-    r = run("--resume", out, torchrun=2)
-    assert r.returncode == 0 and "at step 2" in r.stdout, r.stderr[-3000:]
-    assert losses(out) == whole
+    p = run("--max-steps", 12, "--save-every", 4, "--out", out, torchrun=2 if processes == 2 else 0, wait=False)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5, p)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    if processes == 1:
+        assert p.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    step = max(int(d.name.split("-")[1]) for d in out.glob("step-*"))
+    assert step >= 5 and f"stopped by SIGTERM after step {step}" in stdout
+    assert not (out / "final").exists()
+    r = run("--resume", out, torchrun=2 if processes == 2 else 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(uninterrupted), rel=1e-5)
+
+
+def test_out_that_a_rank_does_not_see_is_an_error_at_start(tmp_path):
+    """Each rank of this launch runs in its own working directory, so a relative --out names a different
+    directory on each: as on two nodes without a shared file system."""
+    wrapper = tmp_path / "per_rank_cwd.py"
+    wrapper.write_text(f"import os, sys\nd = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'])\n"
+                       f"os.makedirs(d, exist_ok=True)\nos.chdir(d)\nsys.path.insert(0, {str(HERE)!r})\n"
+                       "import train\ntrain.main(sys.argv[1:])\n")
+    r = run("--max-steps", 2, "--out", "out", torchrun=2, script=wrapper)
+    assert "do not see what rank 0 wrote there" in r.stderr and "rank(s) [1]" in r.stderr
+    assert not (tmp_path / "rank0" / "out" / "metrics.jsonl").exists()  # stopped before training
+
+
+def in_process(tmp_path, *args, code=0):
+    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    assert train.main(["--max-steps", "3", "--eval-every", "3", "--quiet", "--out", str(out), *map(str, args)]) == code
+    return out
+
+
+def pairs_file(tmp_path, n=200, **extra) -> Path:
+    rows, _ = data.synthetic_rows(0, n_train=n, n_heldout=0)
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({**row, **extra}) + "\n" for _, row in rows))
+    return f
+
+
+def test_no_held_out_set_ends_clean(tmp_path, capsys):
+    out = in_process(tmp_path, "--data", pairs_file(tmp_path), "--eval-pairs", 0)
+    assert (out / "final" / "model.safetensors").exists() and len(losses(out)) == 3
+    assert "held-out" not in capsys.readouterr().out
+
+
+def test_resume_of_nothing_is_one_line(tmp_path, capsys):
+    assert train.main(["--resume", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no run there" in err[0] and "--out" in err[0]
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "args.json").write_text("{}")
+    assert train.main(["--resume", str(tmp_path / "started")]) == 1
+    assert "saved no step-N/ checkpoint yet" in capsys.readouterr().err
 
 
 def test_broken_data_file_is_one_line_without_traceback(tmp_path):
@@ -735,27 +828,28 @@ def test_broken_data_file_is_one_line_without_traceback(tmp_path):
     assert len(errors) == 1 and f"{f}:2:" in errors[0]
 
 
-def test_nan_loss_stops_and_names_step_and_batch(tmp_path):
-    r = run("--max-steps", 6, "--lr", 1e20, "--save-every", 1, "--out", tmp_path / "run")
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "error: step 2: the loss is nan on the batch of pairs synthetic-train:" in r.stderr
-    assert "last good checkpoint is" in r.stderr and (tmp_path / "run" / "step-1" / "model.safetensors").exists()
+def test_nan_loss_stops_and_names_step_and_batch(tmp_path, capsys):
+    out = in_process(tmp_path, "--max-steps", 6, "--lr", 1e20, "--save-every", 1, code=1)
+    err = capsys.readouterr().err
+    assert "error: step 2: loss is nan on the batch of synthetic-train:" in err
+    assert "last good checkpoint is" in err and (out / "step-1" / "train_state.json").exists()
 
 
-def in_process(tmp_path, *args):
-    out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    assert train.main(["--max-steps", "3", "--eval-every", "3", "--out", str(out), *map(str, args)]) == 0
-    return out
+def test_non_finite_gradient_norm_stops_without_an_update(tmp_path, capsys, monkeypatch):
+    clip = train.clip_gradients
+    monkeypatch.setattr(train, "clip_gradients", lambda params, max_norm: clip(params, max_norm) * math.inf)
+    in_process(tmp_path, code=1)
+    assert "error: step 1: grad_norm is inf on the batch of" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args", [
     ["--loss", "ipo", "--weighting", "none"], ["--loss", "cdpo", "--weighting", "random"], ["--loss", "hinge"],
-    ["--loss", "simpo"], ["--loss", "simpo", "--weighting", "none"], ["--loss", "sft", "--weighting", "none"],
-    ["--curriculum", "margin", "--sft-below-margin", 5.0], ["--reward-sum", "--activation-checkpointing"],
+    ["--loss", "simpo"], ["--loss", "simpo", "--weighting", "none"], ["--loss", "sft"],
+    ["--curriculum", "margin", "--sft-below-margin", 5.0], ["--reward-form", "printed", "--activation-checkpointing"],
 ])
 def test_objective_variants_train(tmp_path, args):
-    rows = [json.loads(line) for line in (in_process(tmp_path, *args) / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows) and "eval/accuracy" in rows[-1]
+    rows = metric_rows(in_process(tmp_path, *args))
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows) and "eval/loss" in rows[-1]
 
 
 def test_precomputed_reference_gives_the_live_losses(tmp_path):
@@ -765,10 +859,10 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path):
 
 
 def test_per_pair_beta_column_from_a_file(tmp_path):
-    train_rows, _ = data.synthetic_rows(0, n_train=200, n_heldout=0)
-    f = tmp_path / "pairs.jsonl"
-    f.write_text("".join(json.dumps({**row, "gap": 0.05 + 0.1 * (i % 3)}) + "\n" for i, (_, row) in enumerate(train_rows)))
+    f = pairs_file(tmp_path)
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    f.write_text("".join(json.dumps({**row, "gap": 0.05 + 0.1 * (i % 3)}) + "\n" for i, row in enumerate(rows)))
     out = in_process(tmp_path, "--data", f, "--beta-column", "gap", "--eval-pairs", 16)
     assert (out / "final" / "model.safetensors").exists()
-    with pytest.raises(data.DataError, match="--beta-column nope: some rows have no such column"):
+    with pytest.raises(data.DataError, match="--beta-column nope: the row has no such column"):
         train.load_data(train.parse_args(["--data", str(f), "--beta-column", "nope"]), data.tiny_tokenizer())
