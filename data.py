@@ -1,7 +1,7 @@
 """Preference data: files in the layouts people have, chat templates, tokenization, truncation, batching,
 and a built-in synthetic set shaped the way the paper describes ambiguity.
 
-A row becomes a Pair (prompt messages, chosen text, rejected text, margin, β); tokenize_pair renders the
+A row becomes a Pair (prompt messages, chosen text, rejected text, margin, β); tokenize_rows renders the
 prompt with a chat template, tokenizes it once and appends each answer's tokens, so the prompt tokens
 of a pair are identical in both rows. Batches hold [chosen; rejected] right-padded, with a mask over
 answer tokens. PairSampler decides which pairs each step trains on, the same for 1 or N processes.
@@ -217,6 +217,12 @@ def render_answer(text: str, template: Template, specials: dict) -> str:
     return template.answer.format(content=text.strip(), **specials)
 
 
+def encode(tokenizer, texts: list) -> list[list[int]]:
+    # add_special_tokens=False: the template writes BOS itself, so a post-processor that adds one too
+    # (Llama 3's tokenizer.json does) would give two. encode_batch tokenizes on every core.
+    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
 def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, max_prompt_length: int) -> dict:
     """Cut the prompt from the left to max_prompt_length (its end kept, and BOS), then the answers from the
     right so that prompt + answer fits max_length. An answer left with no room comes back empty."""
@@ -228,39 +234,24 @@ def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, m
             "prompt_truncated": prompt_cut, "answer_truncated": max(len(chosen), len(rejected)) > room}
 
 
-def tokenize_pairs(tokenizer, pairs: list, template, max_length: int, max_prompt_length: int) -> list:
-    """Render each Pair with the template, tokenize its prompt once and each answer on its own, truncate."""
-    template = TEMPLATES[template] if isinstance(template, str) else template
-    specials = family_specials(tokenizer)
-    texts = [text for p in pairs for text in (render_prompt(p.prompt, template, specials),
-                                              render_answer(p.chosen, template, specials),
-                                              render_answer(p.rejected, template, specials))]
-    # add_special_tokens=False: the template writes BOS itself, so a post-processor that adds one too
-    # (Llama 3's tokenizer.json does) would give two. encode_batch tokenizes on every core.
-    ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    return [{**truncate_pair(*ids[3 * i:3 * i + 3], max_length, max_prompt_length), "margin": p.margin,
-             "beta": p.beta} for i, p in enumerate(pairs)]
-
-
-def tokenize_pair(tokenizer, row, template, max_length: int = 1024, max_prompt_length: int = 512) -> dict:
-    """One raw row (any layout) -> prompt_ids, chosen_ids, rejected_ids (the answers without the prompt),
-    truncated to max_prompt_length and max_length; also margin, beta and what was truncated."""
-    pair = row if isinstance(row, Pair) else parse_row(row)
-    return tokenize_pairs(tokenizer, [pair], template, max_length, max_prompt_length)[0]
-
-
-def tokenize_rows(tokenizer, rows, template, max_length=1024, max_prompt_length=512, keep_identical=False,
+def tokenize_rows(tokenizer, rows, template: str, max_length=1024, max_prompt_length=512, keep_identical=False,
                   beta_column="beta") -> tuple[list, dict]:
-    """(where, row) pairs -> tokenized pairs and a report of what was dropped or cut."""
+    """(where, row) pairs of preference rows -> tokenized pairs and a report of what was dropped or cut.
+    Each pair: prompt_ids (rendered with the template, tokenized once), chosen_ids and rejected_ids (each
+    answer with its end-of-turn token, tokenized on its own), truncated to max_prompt_length and
+    max_length; margin, beta, where, and what was truncated."""
+    template, specials = TEMPLATES[template], family_specials(tokenizer)
     parsed = [(where, parse_row(row, where, beta_column)) for where, row in rows]
     kept = [(w, p) for w, p in parsed if keep_identical or p.chosen.strip() != p.rejected.strip()]
-    report = {"rows": len(rows), "dropped_identical": len(parsed) - len(kept), "dropped_no_answer_room": 0}
-    tokenized = tokenize_pairs(tokenizer, [p for _, p in kept], template, max_length, max_prompt_length)
-    pairs = [{**t, "where": w} for (w, _), t in zip(kept, tokenized) if t["chosen_ids"] and t["rejected_ids"]]
-    report["dropped_no_answer_room"] = len(kept) - len(pairs)
-    report["prompt_truncated"] = sum(p["prompt_truncated"] for p in pairs)
-    report["answer_truncated"] = sum(p["answer_truncated"] for p in pairs)
-    report["pairs"] = len(pairs)
+    ids = encode(tokenizer, [text for _, p in kept for text in (render_prompt(p.prompt, template, specials),
+                                                                 render_answer(p.chosen, template, specials),
+                                                                 render_answer(p.rejected, template, specials))])
+    tokenized = [{**truncate_pair(*ids[3 * i:3 * i + 3], max_length, max_prompt_length), "margin": p.margin,
+                  "beta": p.beta, "where": w} for i, (w, p) in enumerate(kept)]
+    pairs = [t for t in tokenized if t["chosen_ids"] and t["rejected_ids"]]
+    report = {"rows": len(rows), "dropped_identical": len(parsed) - len(kept), "dropped_no_answer_room": len(kept) - len(pairs),
+              "prompt_truncated": sum(p["prompt_truncated"] for p in pairs),
+              "answer_truncated": sum(p["answer_truncated"] for p in pairs), "pairs": len(pairs)}
     return pairs, report
 
 
@@ -286,7 +277,7 @@ class PairSampler:
     """Which pairs each optimizer step trains on. Step s of a run is a global batch of `global_batch`
     pairs from a fixed order per epoch (shuffled by seed and epoch, or easy -> hard by margin for the
     MixDPO curriculum); rank r of N takes the r-th slice of it, so N processes train on exactly the
-    batches one process would. The position is the step: save it and start again from there."""
+    batches one process would. The position is the step: a resumed run asks for batch(step) again."""
 
     def __init__(self, n_pairs: int, global_batch: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  margins=None):
@@ -297,16 +288,14 @@ class PairSampler:
         self.n, self.global_batch, self.seed, self.rank, self.world = n_pairs, global_batch, seed, rank, world_size
         self.margins = margins
         self.steps_per_epoch = n_pairs // global_batch  # the last partial batch of an epoch is dropped
-        self.step = 0
         self._order = (None, None)
 
     def order(self, epoch: int) -> list[int]:
         if self._order[0] != epoch:
             idx = list(range(self.n))
-            if self.margins is not None:  # large margin = easy first; ties keep file order
+            random.Random(self.seed * 100_003 + epoch).shuffle(idx)
+            if self.margins is not None:  # large margin = easy first; the sort is stable: ties stay shuffled
                 idx.sort(key=lambda i: -self.margins[i])
-            else:
-                random.Random(self.seed * 100_003 + epoch).shuffle(idx)
             self._order = (epoch, idx)
         return self._order[1]
 
@@ -316,17 +305,6 @@ class PairSampler:
         global_batch = self.order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
         share = self.global_batch // self.world
         return global_batch[self.rank * share:(self.rank + 1) * share]
-
-    def __next__(self) -> list[int]:
-        indices = self.batch(self.step)
-        self.step += 1
-        return indices
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.seed = state["step"], state["seed"]
 
 
 def micro_batches(indices: list, size: int) -> list[list]:
@@ -393,7 +371,8 @@ def synthetic_rows(seed: int = 0, n_train: int = 2048, n_heldout: int = 256) -> 
     return splits[0], splits[1]
 
 
-TINY_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# Llama 3's special tokens: the tiny tokenizer has them, so every template renders with it.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
 def tiny_tokenizer(vocab_size: int = 640):
@@ -403,7 +382,7 @@ def tiny_tokenizer(vocab_size: int = 640):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     train, heldout = synthetic_rows(0)
     texts = [t for _, r in train + heldout for t in ("Human: " + r["prompt"], "Assistant: " + r["chosen"], r["rejected"])]

@@ -439,10 +439,7 @@ def test_gradient_cancellation_of_shared_tokens():
 
 import data  # noqa: E402
 
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-
-
-def word_tokenizer(words, specials=LLAMA3_SPECIALS, bos_post_processor=True):
+def word_tokenizer(words, specials=data.LLAMA3_SPECIALS, bos_post_processor=True):
     """A word-level tokenizer with Llama 3's special tokens whose ids a test can predict by hand; like Llama
     3's tokenizer.json, its post-processor adds <|begin_of_text|> on its own."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -462,10 +459,15 @@ WORDS = ["user", "assistant", "system", "\n\n", "What", " ", "is", "2", "+", "?"
          "/", "<", "|", ">", "s"]
 
 
+def tokenize_one(tok, row, template, **kw) -> dict:
+    pairs, _ = data.tokenize_rows(tok, [("t:1", row)], template, **kw)
+    return pairs[0]
+
+
 def test_llama3_pair_exact_token_ids():
     tok = word_tokenizer(WORDS)
     row = {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "It is 5."}
-    out = data.tokenize_pair(tok, row, "llama3")
+    out = tokenize_one(tok, row, "llama3")
     ids = lambda *toks: [tok.token_to_id(t) for t in toks]
     assert out["prompt_ids"] == ids("<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "\n\n",
                                     "What", " ", "is", " ", "2", "+", "2", "?", "<|eot_id|>",
@@ -479,7 +481,7 @@ def test_llama31_opens_with_the_dated_system_block():
     tok = word_tokenizer(WORDS)
     row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
            "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
-    text = tok.decode(data.tokenize_pair(tok, row, "llama31")["prompt_ids"], skip_special_tokens=False)
+    text = tok.decode(tokenize_one(tok, row, "llama31")["prompt_ids"], skip_special_tokens=False)
     assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
                            "December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user")
     bare = data.render_prompt([{"role": "user", "content": "hi"}], data.TEMPLATES["llama31"], {})
@@ -503,7 +505,7 @@ def test_exactly_one_bos_and_identical_prompts_for_every_template():
     bos = tok.token_to_id("<|begin_of_text|>")
     row = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.", "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: It is 5."}
     for name in ("llama3", "llama31", "zephyr", "plain"):
-        out = data.tokenize_pair(tok, row, name)
+        out = tokenize_one(tok, row, name)
         rows = [out["prompt_ids"] + out["chosen_ids"], out["prompt_ids"] + out["rejected_ids"]]
         assert all(r.count(bos) == 1 and r[0] == bos for r in rows), name
 
@@ -578,8 +580,8 @@ def test_identical_answers_skipped_and_counted():
 def test_truncation_keeps_bos_and_prompt_end_and_drops_pairs_without_room():
     tok = word_tokenizer(WORDS)
     row = {"prompt": "What is 2+2? " * 10 + "Be brief.", "chosen": "It is 4. " * 5, "rejected": "It is 5."}
-    full = data.tokenize_pair(tok, row, "llama3", max_length=10_000, max_prompt_length=10_000)
-    out = data.tokenize_pair(tok, row, "llama3", max_length=20, max_prompt_length=12)
+    full = tokenize_one(tok, row, "llama3", max_length=10_000, max_prompt_length=10_000)
+    out = tokenize_one(tok, row, "llama3", max_length=20, max_prompt_length=12)
     assert out["prompt_ids"] == full["prompt_ids"][:1] + full["prompt_ids"][-11:] and out["prompt_truncated"]
     assert out["chosen_ids"] == full["chosen_ids"][:8] and out["rejected_ids"] == full["rejected_ids"][:8]
     assert out["answer_truncated"]
@@ -605,20 +607,21 @@ def test_n_processes_see_the_global_batches_of_one():
     assert one.batch(0) != one.batch(8) and one.batch(0) != data.PairSampler(100, 12, seed=4).batch(0)
 
 
-def test_sampler_position_round_trip():
-    s = data.PairSampler(50, 4, seed=1)
-    for _ in range(7):
-        next(s)
-    state = json.loads(json.dumps(s.state_dict()))
-    t = data.PairSampler(50, 4, seed=0)
-    t.load_state_dict(state)
-    assert [next(t) for _ in range(10)] == [next(s) for _ in range(10)]
-
-
 def test_curriculum_orders_easy_to_hard():
     margins = [0.5, 3.0, 1.0, 2.0, 5.0, 0.1]
     s = data.PairSampler(6, 2, margins=margins)
     assert [s.batch(i) for i in range(3)] == [[4, 1], [3, 2], [0, 5]]
+
+
+def test_curriculum_shuffles_ties_by_seed_and_epoch():
+    margins = [float(i % 3) for i in range(60)]  # three groups of 20 equal margins
+    order = lambda seed, epoch: data.PairSampler(60, 4, seed=seed, margins=margins).order(epoch)
+    for seed, epoch in ((0, 0), (1, 0), (0, 1)):
+        assert [margins[i] for i in order(seed, epoch)] == [2.0] * 20 + [1.0] * 20 + [0.0] * 20  # easy first
+        assert sorted(order(seed, epoch)) == list(range(60))
+    assert order(0, 0) == order(0, 0)
+    assert len({tuple(order(0, 0)[:20]), tuple(order(1, 0)[:20]), tuple(order(0, 1)[:20])}) == 3
+    assert order(0, 0)[:20] != sorted(order(0, 0)[:20])  # not file order
 
 
 def test_synthetic_set_is_seeded_ambiguous_and_held_out_is_new():
@@ -626,12 +629,9 @@ def test_synthetic_set_is_seeded_ambiguous_and_held_out_is_new():
     assert data.synthetic_rows(0)[0][:50] == train[:50] and data.synthetic_rows(1)[0][:50] != train[:50]
     key = lambda r: (r["prompt"], r["chosen"], r["rejected"])
     assert not {key(r) for _, r in heldout} & {key(r) for _, r in train}
-    tok = data.tiny_tokenizer()
-    shared = []
-    for _, row in train[:200]:
-        p = data.tokenize_pair(tok, row, "plain")
-        c, r = p["chosen_ids"], p["rejected_ids"]
-        shared.append(len(set(c) & set(r)) / len(set(c) | set(r)))
+    pairs, _ = data.tokenize_rows(data.tiny_tokenizer(), train[:200], "plain")
+    shared = [len(set(p["chosen_ids"]) & set(p["rejected_ids"])) / len(set(p["chosen_ids"]) | set(p["rejected_ids"])) for p in pairs]
+    assert len(shared) == 200
     assert sum(s > 0.6 for s in shared) / len(shared) > 0.7  # most pairs share most tokens
     assert sum(s < 0.3 for s in shared) / len(shared) > 0.1  # some differ freely
 
