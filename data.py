@@ -1,12 +1,16 @@
-"""Preference data: files in the layouts people have, chat templates, tokenization, truncation, batching,
-and a built-in synthetic set shaped the way the paper describes ambiguity.
+"""Preference and SFT data: files in the layouts people have, chat templates, tokenization, truncation,
+batching, and a built-in synthetic set shaped the way the paper describes ambiguity.
 
-A row becomes a Pair (prompt messages, chosen text, rejected text, margin, β); tokenize_rows renders the
-prompt with a chat template, tokenizes it once and appends each answer's tokens, so the prompt tokens
-of a pair are identical in both rows. Batches hold [chosen; rejected] right-padded, with a mask over
-answer tokens. PairSampler decides which pairs each step trains on, the same for 1 or N processes.
+A preference row becomes a Pair (prompt messages, chosen text, rejected text, margin, β); tokenize_rows
+renders each prompt with a chat template, tokenizes it once and appends each answer's tokens, so the
+prompt tokens of a pair are identical in both rows. An SFT row (a conversation) is rendered through the
+same templates turn by turn, with the loss on the assistant turns. Batches are right-padded, with a mask
+over the tokens the loss covers. PairSampler decides which pairs each step trains on, the same for 1 or
+N processes.
 """
+import codecs
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,35 +36,117 @@ class Pair:
 
 # ----------------------------------------------------------------------------- reading files
 
+UTF16_BOMS = {codecs.BOM_UTF16_LE: "utf-16-le", codecs.BOM_UTF16_BE: "utf-16-be"}
+
+
+def read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a BOM is skipped), or UTF-16 when it starts with a UTF-16 BOM, as Windows
+    export tools write it. Any other undecodable byte is an error naming its line and column."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    encoding, bom = "utf-8", codecs.BOM_UTF8 if raw.startswith(codecs.BOM_UTF8) else b""
+    for utf16_bom, utf16 in UTF16_BOMS.items():
+        if raw.startswith(utf16_bom):
+            encoding, bom = utf16, utf16_bom
+    raw = raw[len(bom):]
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        before = raw[:e.start].decode(encoding)
+        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        raise DataError(f"{path}:{line}: not {encoding.upper()[:6]} text (byte 0x{raw[e.start]:02x} at column "
+                        f"{column}); re-encode the file as UTF-8") from None
+
+
+def parse_json(text: str, path, line: int | None = None):
+    """json.loads with every way it can fail as a DataError at `path:line` (line: where the text starts in
+    the file, else the line the decoder stopped at)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line or e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{line or 1}: JSON nested too deeply to read") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise DataError(f"{path}:{line or 1}: not readable JSON ({e})") from None
+
+
+def json_value(value):
+    """A value JSON can hold: numpy scalars and arrays as Python numbers and lists, NaN and infinities as
+    null, bytes as text, dates as ISO strings, anything else unknown as its str()."""
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy
+        return json_value(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def parquet_rows(path: Path):
+    """The rows of a parquet file as JSON values, read batch by batch."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+
+    def rows():
+        try:
+            for batch in pq.ParquetFile(path).iter_batches():
+                yield from (json_value(row) for row in batch.to_pylist())
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    return rows()
+
+
 def read_rows(path) -> list[tuple[str, dict]]:
     """(where, row) for each row of a JSON-lines file (or a JSON array, or parquet when pyarrow is
     installed); `where` is `file:line` for the error messages."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to "
-                            "JSON lines first, e.g. datasets.Dataset.from_parquet(path).to_json('data.jsonl')") from None
-        return [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            return [(f"{path}:item {i + 1}", row) for i, row in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((f"{path}:{n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+    text = read_text(path) if path.suffix != ".parquet" else None
+    if text is None:
+        rows = [(f"{path}:row {i + 1}", row) for i, row in enumerate(parquet_rows(path))]
+    elif text_is_one_array(text):
+        rows = [(f"{path}:item {i + 1}", row) for i, row in enumerate(parse_json(text, path))]
+    else:  # split on "\n" alone: JSON strings may hold U+2028 and the other breaks that splitlines() splits at
+        rows = [(f"{path}:{n}", parse_json(line, path, n)) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def text_is_one_array(text: str) -> bool:
+    """A JSON array file, not JSON lines whose first row happens to be an array."""
+    first, _, rest = text.lstrip().partition("\n")
+    if not first.startswith("[") or not rest.strip():
+        return first.startswith("[")
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return True
+    return False
+
+
+def check_text(text: str, field: str, where: str) -> str:
+    """A JSON escape like "\\ud800" gives a lone surrogate: a str that is no text, which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: '{field}' holds a lone surrogate (\\u{ord(text[e.start]):04x}), which is "
+                        "not a character; fix that escape in the file") from None
+    return text
 
 
 def check_messages(messages, field, where) -> list:
@@ -70,8 +156,28 @@ def check_messages(messages, field, where) -> list:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
             raise DataError(f"{where}: every message in '{field}' needs a 'role' and a string 'content'")
         if m["role"] not in ROLES:
-            raise DataError(f"{where}: unknown role {m['role']!r} in '{field}' (expected system, user or assistant)")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+            raise DataError(f"{where}: unknown role {m['role']!r:.40} in '{field}' (expected system, user or assistant)")
+    return [{"role": m["role"], "content": check_text(m["content"], field, where)} for m in messages]
+
+
+def as_messages(value, role: str, field: str, where: str) -> list:
+    """A field that is either one message's text (of `role`) or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": check_text(value, field, where)}]
+    if isinstance(value, list):
+        return check_messages(value, field, where)
+    raise DataError(f"{where}: '{field}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+def check_turn_order(messages: list, field: str, where: str) -> None:
+    """What every template can render: an optional system turn first, then a user turn; no system turn later
+    (Mistral's template has none: it folds the system text into the first user turn)."""
+    roles = [m["role"] for m in messages]
+    if "system" in roles[1:]:
+        raise DataError(f"{where}: a system turn can only open the conversation in '{field}'")
+    after_system = roles[1:] if roles[0] == "system" else roles
+    if not after_system or after_system[0] != "user":
+        raise DataError(f"{where}: the conversation in '{field}' must start with a user turn (after an optional system turn)")
 
 
 def split_hh(text: str) -> list:
@@ -114,11 +220,8 @@ def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
             raise DataError(f"{where}: missing field '{field}'")
         if not isinstance(row[field], (str, list)):
             raise DataError(f"{where}: '{field}' must be a string or a list of messages, got {type(row[field]).__name__}")
-    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
-    if prompt is not None and not isinstance(prompt, (str, list)):
-        raise DataError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
-    prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-        check_messages(prompt, "prompt", where) if isinstance(prompt, list) else None
+    chosen, rejected = row["chosen"], row["rejected"]
+    prompt_msgs = as_messages(row["prompt"], "user", "prompt", where) if row.get("prompt") is not None else None
     if isinstance(chosen, list) or isinstance(rejected, list):
         chosen, rejected = check_messages(chosen, "chosen", where), check_messages(rejected, "rejected", where)
         # The answers are what follows the leading turns the two lists share; the prompt is the
@@ -134,32 +237,48 @@ def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
         if cut < 0:
             raise DataError(f"{where}: missing field 'prompt' (and no '\\n\\nAssistant:' turn to split an HH dialogue at)")
         cut += len("\n\nAssistant:")
-        prompt_msgs = split_hh(chosen[:cut])
+        prompt_msgs = split_hh(check_text(chosen[:cut], "chosen", where))
         chosen, rejected = chosen[cut:], rejected[cut:]
     if not prompt_msgs or not any(m["content"].strip() for m in prompt_msgs):
         raise DataError(f"{where}: empty prompt")
+    check_turn_order(prompt_msgs, "prompt", where)
+    if prompt_msgs[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt must end with a user turn")
     for field, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
+        if not check_text(text, field, where).strip():
             raise DataError(f"{where}: '{field}' is empty")
     return Pair(prompt_msgs, chosen, rejected, read_margin(row, where), read_beta(row, beta_column, where))
+
+
+def finite_number(value) -> float | None:
+    """value as a finite float; None for anything else (a bool, a string, NaN, ±inf, an int past float range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def read_margin(row, where):
     if "score_chosen" not in row and "score_rejected" not in row:
         return None
-    scores = row.get("score_chosen"), row.get("score_rejected")
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
-        raise DataError(f"{where}: 'score_chosen' and 'score_rejected' must both be numbers")
-    return float(scores[0] - scores[1])
+    scores = finite_number(row.get("score_chosen")), finite_number(row.get("score_rejected"))
+    # A NaN margin would pass for "no margin" in a batch (collate's NaN) and sort anywhere in the curriculum.
+    if None in scores or not math.isfinite(scores[0] - scores[1]):
+        raise DataError(f"{where}: 'score_chosen' and 'score_rejected' must both be finite numbers, got "
+                        f"{row.get('score_chosen')!r:.40} and {row.get('score_rejected')!r:.40}")
+    return scores[0] - scores[1]
 
 
 def read_beta(row, column, where):
     if column not in row:
         return None
-    beta = row[column]
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
-        raise DataError(f"{where}: '{column}' must be a positive number, got {beta!r}")
-    return float(beta)
+    beta = finite_number(row[column])
+    if beta is None or not beta > 0:
+        raise DataError(f"{where}: '{column}' must be a positive finite number, got {row[column]!r:.40}")
+    return beta
 
 
 # ----------------------------------------------------------------------------- chat templates
@@ -173,6 +292,8 @@ class Template:
     system: str = ""  # preamble of a system turn that is always present (Llama 3.1)
 
 
+# In every template an assistant turn inside a prompt starts with generation + answer, so that a
+# conversation rendered turn by turn (SFT) is the prompt text of each of its turns followed by that turn.
 LLAMA3_TURN = "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"
 LLAMA3 = Template("<|begin_of_text|>", {r: LLAMA3_TURN for r in ROLES},
                   "<|start_header_id|>assistant<|end_header_id|>\n\n", "{content}<|eot_id|>")
@@ -185,7 +306,7 @@ TEMPLATES = {
     "mistral": Template("<s>", {"user": "[INST] {content} [/INST]", "assistant": "{content}</s>"}, "", "{content}</s>"),
     "zephyr": Template("{bos}", {r: "<|" + r + "|>\n{content}{eos}\n" for r in ROLES}, "<|assistant|>\n", "{content}{eos}"),
     "plain": Template("{bos}", {"system": "{content}\n\n", "user": "Human: {content}\n\n",
-                                "assistant": "Assistant: {content}\n\n"}, "Assistant:", " {content}{eos}"),
+                                "assistant": "Assistant: {content}{eos}\n\n"}, "Assistant:", " {content}{eos}"),
 }
 # BOS / EOS of a tokenizer family, for the templates that use the tokenizer's own ({bos}, {eos}).
 FAMILY_SPECIALS = [("<|begin_of_text|>", "<|end_of_text|>"), ("<s>", "</s>")]
@@ -216,6 +337,8 @@ def render_prompt(messages, template: Template, specials: dict) -> str:
 def render_answer(text: str, template: Template, specials: dict) -> str:
     return template.answer.format(content=text.strip(), **specials)
 
+
+# ----------------------------------------------------------------------------- tokenization
 
 def encode(tokenizer, texts: list) -> list[list[int]]:
     # add_special_tokens=False: the template writes BOS itself, so a post-processor that adds one too
@@ -255,6 +378,72 @@ def tokenize_rows(tokenizer, rows, template: str, max_length=1024, max_prompt_le
     return pairs, report
 
 
+# ----------------------------------------------------------------------------- SFT examples
+
+def sft_conversation(row, where: str) -> tuple[list, int]:
+    """An SFT row -> (messages ending in an assistant turn, index of the first turn the loss may cover).
+    Layouts: {"messages"} (UltraChat-200k, TRL conversational: every assistant turn is trained; UltraChat's
+    "prompt" and "prompt_id" beside it are ignored); {"prompt", "completion"} (TRL: the completion's
+    assistant turns); a preference row (its chosen answer after its prompt)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        field, messages, first = "messages", check_messages(row["messages"], "messages", where), 0
+    elif "chosen" in row:
+        pair = parse_row(row, where)
+        return pair.prompt + [{"role": "assistant", "content": pair.chosen}], len(pair.prompt)
+    elif "prompt" in row and "completion" in row:
+        prompt = as_messages(row["prompt"], "user", "prompt", where)
+        field, messages, first = "completion", prompt + as_messages(row["completion"], "assistant", "completion", where), len(prompt)
+    else:
+        raise DataError(f"{where}: an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' "
+                        f"(found {', '.join(map(repr, list(row)[:8])) or 'no keys'})")
+    check_turn_order(messages, field, where)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation in '{field}' must end with an assistant turn")
+    for i, m in enumerate(messages):
+        if not m["content"].strip():
+            raise DataError(f"{where}: turn {i + 1} ({m['role']}) of the conversation is empty")
+    return messages, first
+
+
+def sft_pieces(messages: list, first: int, template: Template, specials: dict) -> list[tuple[str, int]]:
+    """The rendered conversation as (text, in_loss) pieces: before each trained assistant turn, the rest of
+    the prompt that leads to it (render_prompt of the turns before it, as a preference pair on that turn
+    would see it), then the turn as an answer: its text and end-of-turn token, which the loss covers."""
+    pieces, text = [], ""
+    for k, m in enumerate(messages):
+        if k < first or m["role"] != "assistant":
+            continue
+        prompt, answer = render_prompt(messages[:k], template, specials), render_answer(m["content"], template, specials)
+        assert prompt.startswith(text), "a template's assistant turn must start with generation + answer"
+        pieces += [(prompt[len(text):], 0), (answer, 1)]
+        text = prompt + answer
+    return pieces
+
+
+def sft_examples(tokenizer, rows, template: str, max_length: int = 1024) -> tuple[list, dict]:
+    """(where, row) SFT rows -> examples {input_ids, loss_mask (1 on the tokens the loss covers), where},
+    truncated from the right to max_length, and a report. Each piece is tokenized on its own, so a single
+    turn gives exactly prompt_ids + chosen_ids of the preference pair with the same prompt and answer."""
+    template, specials = TEMPLATES[template], family_specials(tokenizer)
+    conversations = [(where, sft_pieces(*sft_conversation(row, where), template, specials)) for where, row in rows]
+    ids = iter(encode(tokenizer, [text for _, pieces in conversations for text, _ in pieces]))
+    examples, truncated = [], 0
+    for where, pieces in conversations:
+        input_ids, loss_mask = [], []
+        for _, in_loss in pieces:
+            piece = next(ids)
+            input_ids += piece
+            loss_mask += [in_loss] * len(piece)
+        if any(loss_mask[:max_length]):
+            truncated += len(input_ids) > max_length
+            examples.append({"input_ids": input_ids[:max_length], "loss_mask": loss_mask[:max_length], "where": where})
+    report = {"rows": len(rows), "dropped_no_answer_room": len(rows) - len(examples),
+              "truncated": truncated, "examples": len(examples)}
+    return examples, report
+
+
 # ----------------------------------------------------------------------------- batching
 
 def collate(pairs: list, pad_id: int) -> dict:
@@ -271,6 +460,17 @@ def collate(pairs: list, pad_id: int) -> dict:
     margin = torch.tensor([nan if p["margin"] is None else p["margin"] for p in pairs])
     beta = torch.tensor([nan if p["beta"] is None else p["beta"] for p in pairs])
     return {"input_ids": input_ids, "loss_mask": loss_mask, "margin": margin, "beta": beta}
+
+
+def collate_sft(examples: list, pad_id: int) -> dict:
+    """N SFT examples -> input_ids (N, T) right-padded and loss_mask (N, T), the layout collate gives pairs."""
+    T = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(len(examples), T, dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        loss_mask[i, :len(e["loss_mask"])] = torch.tensor(e["loss_mask"])
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
 
 
 class PairSampler:
@@ -388,3 +588,4 @@ def tiny_tokenizer(vocab_size: int = 640):
     texts = [t for _, r in train + heldout for t in ("Human: " + r["prompt"], "Assistant: " + r["chosen"], r["rejected"])]
     tok.train_from_iterator(texts, trainer)
     return tok
+

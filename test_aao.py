@@ -437,7 +437,16 @@ def test_gradient_cancellation_of_shared_tokens():
 
 # ============================================================================= data.py
 
+import random  # noqa: E402
+import re  # noqa: E402
+
 import data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    return data.tiny_tokenizer()
+
 
 def word_tokenizer(words, specials=data.LLAMA3_SPECIALS, bos_post_processor=True):
     """A word-level tokenizer with Llama 3's special tokens whose ids a test can predict by hand; like Llama
@@ -546,6 +555,16 @@ def test_margin_and_beta_columns():
     ('{"prompt": "q", "chosen": 5, "rejected": "b"}', ":3: 'chosen' must be a string or a list of messages, got int"),
     ('{"chosen": [{"role": "bot", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}', ":3: unknown role 'bot'"),
     ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1}', ":3: 'score_chosen' and"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": NaN, "score_rejected": 1}', ":3: 'score_chosen' and"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1e308, "score_rejected": -1e308}', ":3: 'score_chosen' and"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "beta": Infinity}', ":3: 'beta' must be a positive finite number"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "beta": ' + "9" * 400 + '}', ":3: 'beta' must be a positive finite number"),
+    ('{"prompt": "q", "chosen": "a\\ud800", "rejected": "b"}', ":3: 'chosen' holds a lone surrogate (\\ud800)"),
+    ('{"prompt": [{"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}', ":3: the conversation in 'prompt' must start with a user turn"),
+    ('{"prompt": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}',
+     ":3: a system turn can only open"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ":3: JSON nested too deeply"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "x": ' + "1" * 5000 + "}", ":3: not readable JSON"),
     ('["not", "an", "object"]', ":3: a row must be a JSON object"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, line, message):
@@ -556,18 +575,287 @@ def test_bad_rows_name_file_and_line(tmp_path, line, message):
     assert str(e.value).startswith(f"{f}{message}"), str(e.value)
 
 
-def test_parquet_is_read_or_explained(tmp_path):
-    f = tmp_path / "d.parquet"
-    try:
-        import pyarrow
-        import pyarrow.parquet as pq
-        pq.write_table(pyarrow.Table.from_pylist([{"prompt": "q", "chosen": "a", "rejected": "b"}]), f)
-        assert data.read_rows(f)[0][1]["chosen"] == "a"
-    except ImportError:
-        f.write_bytes(b"PAR1")
-        with pytest.raises(data.DataError, match="pyarrow"):
+def test_row_layouts_read_alike_in_every_file_form_and_encoding(tmp_path):
+    # The first row an array: JSON lines all the same, not a JSON-array file.
+    rows = [["first", "item"], {"prompt": "Café? 中文 😀", "chosen": "a\u2028b", "rejected": "c"}, {"prompt": "q", "chosen": "d", "rejected": "e"}]
+    files = {"lines.jsonl": "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\n",
+             "crlf.jsonl": b"\r\n".join(json.dumps(r).encode() for r in rows),
+             "array.json": json.dumps(rows, indent=2, ensure_ascii=False).encode(),
+             "bom.jsonl": b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()}
+    for enc in ("utf-16", "utf-16-be"):  # Windows tools write UTF-16 with its BOM (FF FE or FE FF)
+        text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+        files[f"{enc}.jsonl"] = (b"\xfe\xff" if enc == "utf-16-be" else b"") + text.encode(enc)
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+        got = data.read_rows(tmp_path / name)
+        assert [r for _, r in got] == rows, name
+        assert got[2][0] == (f"{tmp_path / name}:item 3" if name == "array.json" else f"{tmp_path / name}:3"), name
+
+
+def test_undecodable_bytes_name_line_and_column(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n' + '{"prompt": "café", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    with pytest.raises(data.DataError) as e:
+        data.read_rows(f)
+    assert str(e.value) == f"{f}:2: not UTF-8 text (byte 0xe9 at column 16); re-encode the file as UTF-8"
+    f.write_bytes(b"\xff\xfe" + b"\x00\xd8" + "x".encode("utf-16-le"))  # a UTF-16 BOM, then a lone surrogate
+    with pytest.raises(data.DataError, match=r":1: not UTF-16 text \(byte 0x00 at column 1\)"):
+        data.read_rows(f)
+    rng = random.Random(0)
+    for _ in range(20):
+        f.write_bytes(bytes(rng.randrange(256) for _ in range(300)))
+        with pytest.raises(data.DataError, match=rf"^{re.escape(str(f))}:\d+: "):
             data.read_rows(f)
 
+
+# ----------------------------------------------------------------------------- the fuzzed reader
+
+SYSTEM, USER = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}
+ANSWER = lambda text: {"role": "assistant", "content": text}
+FUZZ_BASES = {
+    "preference": [
+        {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "It is 5.", "score_chosen": 8.0, "score_rejected": 3, "beta": 0.2},
+        {"prompt": "Q?", "prompt_id": "ab12", "chosen": [USER, ANSWER("good")], "rejected": [USER, ANSWER("bad")],
+         "score_chosen": 9, "score_rejected": 1.5},
+        {"prompt": [SYSTEM, USER], "chosen": [ANSWER("It is 4.")], "rejected": [ANSWER("Five.")]},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: Yes.",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: No."},
+    ],
+    "sft": [
+        {"prompt": "What is 2+2?", "prompt_id": "ab12", "messages": [USER, ANSWER("It is 4."), USER, ANSWER("Still 4.")]},
+        {"prompt": "Q?", "completion": "A."},
+        {"prompt": [SYSTEM, USER], "completion": [ANSWER("It is 4.")]},
+        {"prompt": "Q?", "chosen": "good", "rejected": "bad"},
+    ],
+}
+ODD_TEXTS = ["", "   ", "word " * 20_000, "\ud800", "a\udfffb", "😀\u2028\x00\u202e\r", "\n\nHuman: x\n\nAssistant:",
+             "<|eot_id|>", "{content}", "x"]
+ODD_VALUES = [None, True, False, 0, -1, 3.5, 10**400, float("nan"), float("inf"), -float("inf"), [], {}, [[[]]],
+              {"role": "user"}, {"role": "bot", "content": "x"}, [ANSWER("x")], [SYSTEM], [ANSWER("x"), USER],
+              [USER, SYSTEM, ANSWER("x")], [USER, ANSWER("")], {"role": "word " * 20_000, "content": "x"}]
+RAW_VALUES = ["[" * 100_000 + "]" * 100_000, "[" * 50 + "]" * 50, "1" * 5000, "NaN", "Infinity", "-Infinity",
+              '"\\ud800"', '"\\udc00x\\ud83d\\ude00"', "tru", '{"a": 1, "a": 2}', "1e999", "-0"]
+
+
+def value_paths(value, path=()):
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, v in items:
+        yield from value_paths(v, path + (key,))
+
+
+def mutate_rows(rng, rows) -> list:
+    """Rows with a text or a value replaced, a key deleted or a row replaced; "@RAW@" marks text that
+    serialize splices in after json.dumps (what json.dumps cannot write)."""
+    rows = json.loads(json.dumps(rows))
+    for _ in range(rng.choice([1, 1, 1, 2])):
+        i = rng.randrange(len(rows))
+        paths = list(value_paths(rows[i]))
+        texts = [p for p in paths if p and isinstance(get_path(rows[i], p), str)]
+        kind = rng.random()
+        if kind < 0.5 and texts:
+            set_path(rows[i], rng.choice(texts), rng.choice(ODD_TEXTS))
+        elif kind < 0.9 and len(paths) > 1:
+            path = rng.choice(paths[1:])
+            if kind > 0.8 and isinstance(get_path(rows[i], path[:-1]), dict):
+                del get_path(rows[i], path[:-1])[path[-1]]
+            else:
+                set_path(rows[i], path, rng.choice(ODD_VALUES) if kind < 0.7 else "@RAW@")
+        else:
+            rows[i] = rng.choice([5, "x", None, [], [rows[i]], True, "@RAW@"])
+        rows = json.loads(json.dumps(rows))  # a copy: the next mutation must not reach into ODD_VALUES
+    return rows
+
+
+def get_path(value, path):
+    for key in path:
+        value = value[key]
+    return value
+
+
+def set_path(value, path, new):
+    get_path(value, path[:-1])[path[-1]] = new
+
+
+def serialize(rng, rows) -> bytes:
+    """Rows as JSON lines or as one array, in some encoding, with text spliced in and bytes broken."""
+    if rng.random() < 0.2:
+        text = json.dumps(rows, indent=rng.choice([None, 2]), ensure_ascii=rng.random() < 0.5)
+    else:
+        lines = [json.dumps(r, ensure_ascii=rng.random() < 0.5) for r in rows]
+        if rng.random() < 0.2:  # a duplicate key in front of the row's own
+            i = rng.randrange(len(lines))
+            if lines[i].startswith("{") and len(lines[i]) > 2:
+                lines[i] = '{"chosen": ' + json.dumps(rng.choice(ODD_VALUES[:10] + ODD_TEXTS)) + ", " + lines[i][1:]
+        if rng.random() < 0.2:
+            lines.insert(rng.randrange(len(lines) + 1), rng.choice(["", "  ", "5", '"x"', "null", "[1, 2]", "{}", "\t"]))
+        text = rng.choice(["\n", "\r\n"]).join(lines) + rng.choice(["", "\n"])
+    while '"@RAW@"' in text:
+        text = text.replace('"@RAW@"', rng.choice(RAW_VALUES), 1)
+    encoding = rng.choice(["utf-8"] * 6 + ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "latin-1", "cp1252", "utf-32"])
+    raw = text.encode(encoding, "replace" if encoding in ("latin-1", "cp1252") else "surrogatepass")
+    if encoding == "utf-16-be" and rng.random() < 0.5:
+        raw = b"\xfe\xff" + raw
+    cut = rng.random()
+    if cut < 0.08:  # flip a few bytes
+        raw = bytearray(raw)
+        for _ in range(rng.randint(1, 4)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        raw = bytes(raw)
+    elif cut < 0.14:  # the file cut short
+        raw = raw[:rng.randrange(len(raw) + 1)]
+    elif cut < 0.2:  # a line cut in two or lost
+        lines = raw.split(b"\n")
+        i = rng.randrange(len(lines))
+        lines[i] = lines[i][:rng.randrange(len(lines[i]) + 1)] + (b"\n" if rng.random() < 0.5 else b"")
+        raw = b"\n".join(lines)
+    return raw
+
+
+def check_data_error(e: "data.DataError", f: Path) -> None:
+    message = str(e)
+    assert re.match(re.escape(str(f)) + r":(\d+|item \d+|row \d+): \S", message) or message == f"{f}: no rows", message
+
+
+def test_fuzzed_files_parse_or_name_file_and_line(tmp_path, tiny_tok):
+    rng = random.Random(1234)
+    f = tmp_path / "fuzz.jsonl"
+    outcomes = {"parsed": 0, "error": 0}
+    for case in range(1000):
+        base = rng.choice(sorted(FUZZ_BASES))
+        rows = mutate_rows(rng, FUZZ_BASES[base]) if rng.random() < 0.8 else FUZZ_BASES[base]
+        f.write_bytes(serialize(rng, rows))
+        template = rng.choice(sorted(data.TEMPLATES))
+        try:
+            read = data.read_rows(f)
+        except data.DataError as e:
+            check_data_error(e, f)
+            outcomes["error"] += 1
+            continue
+        except Exception as e:  # noqa: BLE001 -- the test's point: name the case that escaped
+            pytest.fail(f"case {case}: read_rows raised {type(e).__name__}: {e}"[:500])
+        steps = [("preference", lambda: data.tokenize_rows(tiny_tok, read, template, max_length=48, max_prompt_length=24)),
+                 ("sft", lambda: data.sft_examples(tiny_tok, read, template, max_length=48))]
+        for name, step in steps:
+            try:
+                out, report = step()
+            except data.DataError as e:
+                check_data_error(e, f)
+                outcomes["error"] += 1
+                continue
+            except Exception as e:  # noqa: BLE001
+                pytest.fail(f"case {case}: {name} raised {type(e).__name__}: {e}"[:500])
+            outcomes["parsed"] += 1
+            if name == "preference" and out:
+                assert all(p["margin"] is None or math.isfinite(p["margin"]) for p in out)
+                assert all(p["beta"] is None or (math.isfinite(p["beta"]) and p["beta"] > 0) for p in out)
+                data.collate(out, 0)
+            if name == "sft" and out:
+                assert all(0 < sum(e["loss_mask"]) and len(e["input_ids"]) <= 48 for e in out)
+                data.collate_sft(out, 0)
+    assert outcomes["parsed"] > 200 and outcomes["error"] > 800, outcomes  # both outcomes are exercised
+
+
+# ----------------------------------------------------------------------------- SFT examples
+
+@pytest.mark.parametrize("name", sorted(data.TEMPLATES))
+def test_sft_single_turn_is_the_preference_pairs_prompt_and_chosen(name, tiny_tok):
+    prompt, answer = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}], "The capital of France is Paris."
+    pair = tokenize_one(tiny_tok, {"prompt": prompt, "chosen": answer, "rejected": "Paris."}, name)
+    layouts = [{"messages": prompt + [ANSWER(answer)], "prompt": "ignored", "prompt_id": "f00"},  # UltraChat-200k
+               {"prompt": prompt, "completion": [ANSWER(answer)]},  # TRL prompt-completion, conversational
+               {"prompt": prompt, "chosen": [ANSWER(answer)], "rejected": [ANSWER("Paris.")]}]  # a preference row
+    examples, report = data.sft_examples(tiny_tok, [(f"t:{i}", row) for i, row in enumerate(layouts)], name)
+    assert report["examples"] == 3
+    for e in examples:
+        assert e["input_ids"] == pair["prompt_ids"] + pair["chosen_ids"], e["where"]
+        assert e["loss_mask"] == [0] * len(pair["prompt_ids"]) + [1] * len(pair["chosen_ids"]), e["where"]
+    (text_row,), _ = data.sft_examples(tiny_tok, [("t:1", {"prompt": "Q?", "completion": "A."})], name)
+    text_pair = tokenize_one(tiny_tok, {"prompt": "Q?", "chosen": "A.", "rejected": "B."}, name)
+    assert text_row["input_ids"] == text_pair["prompt_ids"] + text_pair["chosen_ids"]
+
+
+MULTI_TURN = [SYSTEM, USER, ANSWER("It is 4."), USER, ANSWER("It is 5.")]
+
+
+def test_sft_multi_turn_llama3_exact_ids_and_mask():
+    tok = word_tokenizer(WORDS)
+    (e,), _ = data.sft_examples(tok, [("t:1", {"messages": MULTI_TURN})], "llama3")
+    header = lambda role: ["<|start_header_id|>", role, "<|end_header_id|>", "\n\n"]
+    question = ["What", " ", "is", " ", "2", "+", "2", "?", "<|eot_id|>"]
+    prompt1 = ["<|begin_of_text|>"] + header("system") + ["Be", " ", "brief", ".", "<|eot_id|>"] + header("user") + question + header("assistant")
+    prompt2 = header("user") + question + header("assistant")
+    answer = lambda digit: ["It", " ", "is", " ", digit, ".", "<|eot_id|>"]
+    assert e["input_ids"] == [tok.token_to_id(t) for t in prompt1 + answer("4") + prompt2 + answer("5")]
+    assert e["loss_mask"] == [0] * len(prompt1) + [1] * 7 + [0] * len(prompt2) + [1] * 7
+
+
+@pytest.mark.parametrize("name", sorted(data.TEMPLATES))
+def test_sft_multi_turn_masks_exactly_the_assistant_turns(name):
+    tok = word_tokenizer(WORDS)
+    t, specials = data.TEMPLATES[name], data.family_specials(tok)
+    rows = [("t:1", {"messages": MULTI_TURN}), ("t:2", {"prompt": MULTI_TURN[:4], "completion": "It is 5."})]
+    (all_turns, last_turn), _ = data.sft_examples(tok, rows, name)
+    whole = data.render_prompt(MULTI_TURN[:4], t, specials) + data.render_answer("It is 5.", t, specials)
+    trained = lambda e: tok.decode([i for i, m in zip(e["input_ids"], e["loss_mask"]) if m], skip_special_tokens=False)
+    answer = lambda text: data.render_answer(text, t, specials)
+    # Turn by turn, the tokens are those of the whole conversation in one piece (this tokenizer splits at words).
+    assert all_turns["input_ids"] == last_turn["input_ids"] == tok.encode(whole, add_special_tokens=False).ids
+    assert trained(all_turns) == answer("It is 4.") + answer("It is 5.")
+    assert trained(last_turn) == answer("It is 5.")
+
+
+def test_sft_truncation_drops_examples_without_a_loss_token_and_collates():
+    tok = word_tokenizer(WORDS)
+    rows = [("t:1", {"messages": MULTI_TURN}), ("t:2", {"prompt": "What is 2+2? " * 10, "completion": "It is 4."}),
+            ("t:3", {"prompt": "What is 2+2?", "completion": "It is 4."})]
+    full, _ = data.sft_examples(tok, rows, "llama3")
+    cut, report = data.sft_examples(tok, rows, "llama3", max_length=40)
+    assert report == {"rows": 3, "dropped_no_answer_room": 1, "truncated": 1, "examples": 2}
+    assert [e["where"] for e in cut] == ["t:1", "t:3"]
+    assert cut[0]["input_ids"] == full[0]["input_ids"][:40] and cut[0]["loss_mask"] == full[0]["loss_mask"][:40]
+    b = data.collate_sft(cut, pad_id=0)
+    assert b["input_ids"].shape == b["loss_mask"].shape == (2, 40)
+    assert b["input_ids"][1].tolist() == full[2]["input_ids"] + [0] * (40 - len(full[2]["input_ids"]))
+    assert b["loss_mask"][1].tolist() == full[2]["loss_mask"] + [0] * (40 - len(full[2]["loss_mask"]))
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"messages": [USER]}, "the conversation in 'messages' must end with an assistant turn"),
+    ({"messages": [ANSWER("hi"), USER, ANSWER("x")]}, "the conversation in 'messages' must start with a user turn"),
+    ({"messages": [SYSTEM, ANSWER("x")]}, "the conversation in 'messages' must start with a user turn"),
+    ({"messages": [USER, SYSTEM, ANSWER("x")]}, "a system turn can only open the conversation in 'messages'"),
+    ({"messages": [USER, ANSWER(" ")]}, "turn 2 (assistant) of the conversation is empty"),
+    ({"messages": [{"role": "user", "content": ""}, ANSWER("x")]}, "turn 1 (user) of the conversation is empty"),
+    ({"messages": "hi"}, "'messages' must be a non-empty list of messages"),
+    ({"prompt": "q"}, "an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' (found 'prompt')"),
+    ({"prompt": "q", "completion": 5}, "'completion' must be a string or a list of messages, got int"),
+    ({"prompt": "q", "completion": [USER]}, "the conversation in 'completion' must end with an assistant turn"),
+    ({"prompt": "q", "completion": "\ud800"}, "'completion' holds a lone surrogate"),
+    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
+    ([USER, ANSWER("x")], "a row must be a JSON object, got list"),
+])
+def test_bad_sft_rows_name_file_and_line(tmp_path, row, message):
+    f = tmp_path / "sft.jsonl"
+    f.write_text(json.dumps({"messages": [USER, ANSWER("x")]}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(data.DataError) as e:
+        data.sft_examples(word_tokenizer(WORDS), data.read_rows(f), "llama3")
+    assert str(e.value).startswith(f"{f}:2: {message}"), str(e.value)
+
+
+# ----------------------------------------------------------------------------- hub files
+
+def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
+    f = tmp_path / "d.parquet"
+    f.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(data.DataError) as e:
+        data.read_rows(f)
+    assert str(e.value) == f"{f}: reading parquet needs pyarrow: pip install pyarrow" and "datasets" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- batching and sampling
 
 def test_identical_answers_skipped_and_counted():
     rows = [("f:1", {"prompt": "q", "chosen": "It is 4.", "rejected": "It is 4."}), ("f:2", {"prompt": "q", "chosen": "4", "rejected": "5"})]
@@ -624,12 +912,12 @@ def test_curriculum_shuffles_ties_by_seed_and_epoch():
     assert order(0, 0)[:20] != sorted(order(0, 0)[:20])  # not file order
 
 
-def test_synthetic_set_is_seeded_ambiguous_and_held_out_is_new():
+def test_synthetic_set_is_seeded_ambiguous_and_held_out_is_new(tiny_tok):
     train, heldout = data.synthetic_rows(0)
     assert data.synthetic_rows(0)[0][:50] == train[:50] and data.synthetic_rows(1)[0][:50] != train[:50]
     key = lambda r: (r["prompt"], r["chosen"], r["rejected"])
     assert not {key(r) for _, r in heldout} & {key(r) for _, r in train}
-    pairs, _ = data.tokenize_rows(data.tiny_tokenizer(), train[:200], "plain")
+    pairs, _ = data.tokenize_rows(tiny_tok, train[:200], "plain")
     shared = [len(set(p["chosen_ids"]) & set(p["rejected_ids"])) / len(set(p["chosen_ids"]) | set(p["rejected_ids"])) for p in pairs]
     assert len(shared) == 200
     assert sum(s > 0.6 for s in shared) / len(shared) > 0.7  # most pairs share most tokens
