@@ -6,13 +6,15 @@ renders each prompt with a chat template, tokenizes it once and appends each ans
 prompt tokens of a pair are identical in both rows. An SFT row (a conversation) is rendered through the
 same templates turn by turn, with the loss on the assistant turns. Batches are right-padded, with a mask
 over the tokens the loss covers. PairSampler decides which pairs each step trains on, the same for 1 or
-N processes.
+N processes. `python data.py to-jsonl SPLIT.parquet OUT.jsonl` turns a hub parquet split into JSON lines.
 """
+import argparse
 import codecs
 import json
 import math
 import random
 import string
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -731,3 +733,43 @@ def tiny_tokenizer(vocab_size: int = 640):
     tok.train_from_iterator(texts, trainer)
     return tok
 
+
+# ----------------------------------------------------------------------------- command line
+
+def parquet_to_jsonl(source, target) -> int:
+    """A parquet split as the hub serves it (UltraFeedback's data/train_prefs-00000-of-00001.parquet) -> JSON
+    lines, without the datasets library; returns the number of rows."""
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise DataError(f"{source}: no such file")
+    rows = parquet_rows(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    try:
+        with open(target, "w", encoding="utf-8") as out:
+            for n, row in enumerate(rows, 1):
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except DataError:
+        target.unlink()  # no half-written file that a later run would read as the whole split
+        raise
+    return n
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Data tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_jsonl = commands.add_parser("to-jsonl", help="turn a parquet split into JSON lines (needs pyarrow)")
+    to_jsonl.add_argument("source", help="a .parquet file, e.g. data/train_prefs-00000-of-00001.parquet")
+    to_jsonl.add_argument("target", help="the JSON-lines file to write, e.g. ultrafeedback/train_prefs.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        n = parquet_to_jsonl(args.source, args.target)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.target}: {n} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -999,6 +999,36 @@ def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
     assert str(e.value) == f"{f}: reading parquet needs pyarrow: pip install pyarrow" and "datasets" not in str(e.value)
 
 
+def test_parquet_split_to_json_lines(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import datetime
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    msgs = lambda a: [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": a}]
+    rows = [{"prompt": "Q?", "prompt_id": "a1", "chosen": msgs("good"), "rejected": msgs("bad"), "score_chosen": 8.5,
+             "score_rejected": float("nan"), "when": datetime.datetime(2024, 1, 2), "raw": b"\xff", "n": 2**40},
+            {"prompt": "Q2?", "prompt_id": "a2", "chosen": msgs("yes"), "rejected": msgs("no"), "score_chosen": 9.0,
+             "score_rejected": 1.0, "when": None, "raw": None, "n": -1}]
+    source = tmp_path / "data" / "train_prefs-00000-of-00001.parquet"
+    source.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), source)
+    target = tmp_path / "ultrafeedback" / "train_prefs.jsonl"
+    r = subprocess.run([sys.executable, str(HERE / "data.py"), "to-jsonl", str(source), str(target)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"{target}: 2 rows", r.stderr
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) for line in target.read_text().splitlines()]
+    assert strict[0]["score_rejected"] is None and strict[0]["when"] == "2024-01-02T00:00:00" and strict[0]["n"] == 2**40
+    assert [row for _, row in data.read_rows(target)] == [row for _, row in data.read_rows(source)] == strict
+    assert data.parse_row(strict[1]).margin == 8.0
+    with pytest.raises(data.DataError, match="'score_chosen' and 'score_rejected' must both be finite numbers"):
+        data.parse_row(strict[0], "row 1")
+    assert data.json_value({"a": np.float32(1.5), "b": np.arange(3), "c": (np.int64(2), np.bool_(True)), "d": np.nan}) == \
+        {"a": 1.5, "b": [0, 1, 2], "c": [2, True], "d": None}
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    assert data.main(["to-jsonl", str(tmp_path / "broken.parquet"), str(tmp_path / "x.jsonl")]) == 1
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 # ----------------------------------------------------------------------------- batching and sampling
 
 def test_identical_answers_skipped_and_counted():
