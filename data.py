@@ -1,13 +1,20 @@
-"""Preference data: files in the layouts people have, chat templates, tokenization, truncation, batching,
-and a built-in synthetic set shaped the way the paper describes ambiguity.
+"""Preference and SFT data: files in the layouts people have, chat templates, tokenization, truncation,
+batching, and a built-in synthetic set shaped the way the paper describes ambiguity.
 
-A row becomes a Pair (prompt messages, chosen text, rejected text, margin, β); tokenize_pair renders the
-prompt with a chat template, tokenizes it once and appends each answer's tokens, so the prompt tokens
-of a pair are identical in both rows. Batches hold [chosen; rejected] right-padded, with a mask over
-answer tokens. PairSampler decides which pairs each step trains on, the same for 1 or N processes.
+A preference row becomes a Pair (prompt messages, chosen text, rejected text, margin, β); tokenize_rows
+renders each prompt with a chat template, tokenizes it once and appends each answer's tokens, so the
+prompt tokens of a pair are identical in both rows. An SFT row (a conversation) is rendered through the
+same templates turn by turn, with the loss on the assistant turns. Batches are right-padded, with a mask
+over the tokens the loss covers. PairSampler decides which pairs each step trains on, the same for 1 or
+N processes. `python data.py to-jsonl SPLIT.parquet OUT.jsonl` turns a hub parquet split into JSON lines.
 """
+import argparse
+import codecs
 import json
+import math
 import random
+import string
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,35 +39,117 @@ class Pair:
 
 # ----------------------------------------------------------------------------- reading files
 
+UTF16_BOMS = {codecs.BOM_UTF16_LE: "utf-16-le", codecs.BOM_UTF16_BE: "utf-16-be"}
+
+
+def read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a BOM is skipped), or UTF-16 when it starts with a UTF-16 BOM, as Windows
+    export tools write it. Any other undecodable byte is an error naming its line and column."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    encoding, bom = "utf-8", codecs.BOM_UTF8 if raw.startswith(codecs.BOM_UTF8) else b""
+    for utf16_bom, utf16 in UTF16_BOMS.items():
+        if raw.startswith(utf16_bom):
+            encoding, bom = utf16, utf16_bom
+    raw = raw[len(bom):]
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        before = raw[:e.start].decode(encoding)
+        line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
+        raise DataError(f"{path}:{line}: not {encoding.upper()[:6]} text (byte 0x{raw[e.start]:02x} at column "
+                        f"{column}); re-encode the file as UTF-8") from None
+
+
+def parse_json(text: str, path, line: int | None = None):
+    """json.loads with every way it can fail as a DataError at `path:line` (line: where the text starts in
+    the file, else the line the decoder stopped at)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{line or e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{line or 1}: JSON nested too deeply to read") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise DataError(f"{path}:{line or 1}: not readable JSON ({e})") from None
+
+
+def json_value(value):
+    """A value JSON can hold: numpy scalars and arrays as Python numbers and lists, NaN and infinities as
+    null, bytes as text, dates as ISO strings, anything else unknown as its str()."""
+    if isinstance(value, dict):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy
+        return json_value(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int)):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def parquet_rows(path: Path):
+    """The rows of a parquet file as JSON values, read batch by batch."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+
+    def rows():
+        try:
+            for batch in pq.ParquetFile(path).iter_batches():
+                yield from (json_value(row) for row in batch.to_pylist())
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    return rows()
+
+
 def read_rows(path) -> list[tuple[str, dict]]:
     """(where, row) for each row of a JSON-lines file (or a JSON array, or parquet when pyarrow is
     installed); `where` is `file:line` for the error messages."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert it to "
-                            "JSON lines first, e.g. datasets.Dataset.from_parquet(path).to_json('data.jsonl')") from None
-        return [(f"{path}:row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            return [(f"{path}:item {i + 1}", row) for i, row in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((f"{path}:{n}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+    text = read_text(path) if path.suffix != ".parquet" else None
+    if text is None:
+        rows = [(f"{path}:row {i + 1}", row) for i, row in enumerate(parquet_rows(path))]
+    elif text_is_one_array(text):
+        rows = [(f"{path}:item {i + 1}", row) for i, row in enumerate(parse_json(text, path))]
+    else:  # split on "\n" alone: JSON strings may hold U+2028 and the other breaks that splitlines() splits at
+        rows = [(f"{path}:{n}", parse_json(line, path, n)) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def text_is_one_array(text: str) -> bool:
+    """A JSON array file, not JSON lines whose first row happens to be an array."""
+    first, _, rest = text.lstrip().partition("\n")
+    if not first.startswith("[") or not rest.strip():
+        return first.startswith("[")
+    try:
+        json.loads(first)
+    except (ValueError, RecursionError):
+        return True
+    return False
+
+
+def check_text(text: str, field: str, where: str) -> str:
+    """A JSON escape like "\\ud800" gives a lone surrogate: a str that is no text, which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: '{field}' holds a lone surrogate (\\u{ord(text[e.start]):04x}), which is "
+                        "not a character; fix that escape in the file") from None
+    return text
 
 
 def check_messages(messages, field, where) -> list:
@@ -70,8 +159,28 @@ def check_messages(messages, field, where) -> list:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
             raise DataError(f"{where}: every message in '{field}' needs a 'role' and a string 'content'")
         if m["role"] not in ROLES:
-            raise DataError(f"{where}: unknown role {m['role']!r} in '{field}' (expected system, user or assistant)")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+            raise DataError(f"{where}: unknown role {m['role']!r:.40} in '{field}' (expected system, user or assistant)")
+    return [{"role": m["role"], "content": check_text(m["content"], field, where)} for m in messages]
+
+
+def as_messages(value, role: str, field: str, where: str) -> list:
+    """A field that is either one message's text (of `role`) or a list of messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": check_text(value, field, where)}]
+    if isinstance(value, list):
+        return check_messages(value, field, where)
+    raise DataError(f"{where}: '{field}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+def check_turn_order(messages: list, field: str, where: str) -> None:
+    """What every template can render: an optional system turn first, then a user turn; no system turn later
+    (Mistral's template has none: it folds the system text into the first user turn)."""
+    roles = [m["role"] for m in messages]
+    if "system" in roles[1:]:
+        raise DataError(f"{where}: a system turn can only open the conversation in '{field}'")
+    after_system = roles[1:] if roles[0] == "system" else roles
+    if not after_system or after_system[0] != "user":
+        raise DataError(f"{where}: the conversation in '{field}' must start with a user turn (after an optional system turn)")
 
 
 def split_hh(text: str) -> list:
@@ -114,11 +223,8 @@ def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
             raise DataError(f"{where}: missing field '{field}'")
         if not isinstance(row[field], (str, list)):
             raise DataError(f"{where}: '{field}' must be a string or a list of messages, got {type(row[field]).__name__}")
-    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
-    if prompt is not None and not isinstance(prompt, (str, list)):
-        raise DataError(f"{where}: 'prompt' must be a string or a list of messages, got {type(prompt).__name__}")
-    prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-        check_messages(prompt, "prompt", where) if isinstance(prompt, list) else None
+    chosen, rejected = row["chosen"], row["rejected"]
+    prompt_msgs = as_messages(row["prompt"], "user", "prompt", where) if row.get("prompt") is not None else None
     if isinstance(chosen, list) or isinstance(rejected, list):
         chosen, rejected = check_messages(chosen, "chosen", where), check_messages(rejected, "rejected", where)
         # The answers are what follows the leading turns the two lists share; the prompt is the
@@ -134,32 +240,48 @@ def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
         if cut < 0:
             raise DataError(f"{where}: missing field 'prompt' (and no '\\n\\nAssistant:' turn to split an HH dialogue at)")
         cut += len("\n\nAssistant:")
-        prompt_msgs = split_hh(chosen[:cut])
+        prompt_msgs = split_hh(check_text(chosen[:cut], "chosen", where))
         chosen, rejected = chosen[cut:], rejected[cut:]
     if not prompt_msgs or not any(m["content"].strip() for m in prompt_msgs):
         raise DataError(f"{where}: empty prompt")
+    check_turn_order(prompt_msgs, "prompt", where)
+    if prompt_msgs[-1]["role"] != "user":
+        raise DataError(f"{where}: the prompt must end with a user turn")
     for field, text in (("chosen", chosen), ("rejected", rejected)):
-        if not text.strip():
+        if not check_text(text, field, where).strip():
             raise DataError(f"{where}: '{field}' is empty")
     return Pair(prompt_msgs, chosen, rejected, read_margin(row, where), read_beta(row, beta_column, where))
+
+
+def finite_number(value) -> float | None:
+    """value as a finite float; None for anything else (a bool, a string, NaN, ±inf, an int past float range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def read_margin(row, where):
     if "score_chosen" not in row and "score_rejected" not in row:
         return None
-    scores = row.get("score_chosen"), row.get("score_rejected")
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
-        raise DataError(f"{where}: 'score_chosen' and 'score_rejected' must both be numbers")
-    return float(scores[0] - scores[1])
+    scores = finite_number(row.get("score_chosen")), finite_number(row.get("score_rejected"))
+    # A NaN margin would pass for "no margin" in a batch (collate's NaN) and sort anywhere in the curriculum.
+    if None in scores or not math.isfinite(scores[0] - scores[1]):
+        raise DataError(f"{where}: 'score_chosen' and 'score_rejected' must both be finite numbers, got "
+                        f"{row.get('score_chosen')!r:.40} and {row.get('score_rejected')!r:.40}")
+    return scores[0] - scores[1]
 
 
 def read_beta(row, column, where):
     if column not in row:
         return None
-    beta = row[column]
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
-        raise DataError(f"{where}: '{column}' must be a positive number, got {beta!r}")
-    return float(beta)
+    beta = finite_number(row[column])
+    if beta is None or not beta > 0:
+        raise DataError(f"{where}: '{column}' must be a positive finite number, got {row[column]!r:.40}")
+    return beta
 
 
 # ----------------------------------------------------------------------------- chat templates
@@ -173,6 +295,8 @@ class Template:
     system: str = ""  # preamble of a system turn that is always present (Llama 3.1)
 
 
+# In every template an assistant turn inside a prompt starts with generation + answer, so that a
+# conversation rendered turn by turn (SFT) is the prompt text of each of its turns followed by that turn.
 LLAMA3_TURN = "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"
 LLAMA3 = Template("<|begin_of_text|>", {r: LLAMA3_TURN for r in ROLES},
                   "<|start_header_id|>assistant<|end_header_id|>\n\n", "{content}<|eot_id|>")
@@ -185,7 +309,7 @@ TEMPLATES = {
     "mistral": Template("<s>", {"user": "[INST] {content} [/INST]", "assistant": "{content}</s>"}, "", "{content}</s>"),
     "zephyr": Template("{bos}", {r: "<|" + r + "|>\n{content}{eos}\n" for r in ROLES}, "<|assistant|>\n", "{content}{eos}"),
     "plain": Template("{bos}", {"system": "{content}\n\n", "user": "Human: {content}\n\n",
-                                "assistant": "Assistant: {content}\n\n"}, "Assistant:", " {content}{eos}"),
+                                "assistant": "Assistant: {content}{eos}\n\n"}, "Assistant:", " {content}{eos}"),
 }
 # BOS / EOS of a tokenizer family, for the templates that use the tokenizer's own ({bos}, {eos}).
 FAMILY_SPECIALS = [("<|begin_of_text|>", "<|end_of_text|>"), ("<s>", "</s>")]
@@ -217,6 +341,155 @@ def render_answer(text: str, template: Template, specials: dict) -> str:
     return template.answer.format(content=text.strip(), **specials)
 
 
+def jinja_literal(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def jinja_expression(fmt: str, content: str, role: str = "") -> str:
+    """One of the Template's format strings as a Jinja expression: text quoted, {content} the given
+    expression, {bos} and {eos} the tokenizer's tokens as Hugging Face passes them."""
+    fields = {"content": content, "bos": "bos_token", "eos": "eos_token"}
+    parts = []
+    for text, field, _, _ in string.Formatter().parse(fmt.replace("{role}", role)):
+        parts += [jinja_literal(text)] if text else []
+        parts += [fields[field]] if field is not None else []
+    return " + ".join(parts) or "''"
+
+
+def chat_template_jinja(name: str) -> str:
+    """A template of the table as a Hugging Face chat template (tokenizer_config.json's `chat_template`):
+    it renders exactly what render_prompt renders, with add_generation_prompt; a conversation ending in an
+    assistant turn renders as render_prompt of the turns before it + render_answer of that turn."""
+    t = TEMPLATES[name]
+    is_system = "messages[0]['role'] == 'system'"
+    lines = ["{%- set system = (messages[0]['content'] | trim) if " + is_system + " else '' -%}",
+             "{%- set turns = messages[1:] if " + is_system + " else messages -%}",
+             "{{- " + jinja_expression(t.bos, "''") + " -}}"]
+    if t.system:  # a system turn that is always there
+        lines += ["{{- " + jinja_expression(t.turns["system"], jinja_literal(t.system) + " + system", "system") + " -}}"]
+    elif "system" in t.turns:
+        lines += ["{%- if " + is_system + " -%}{{- " + jinja_expression(t.turns["system"], "system", "system")
+                  + " -}}{%- endif -%}"]
+    lines += ["{%- for message in turns -%}", "{%- set content = message['content'] | trim -%}"]
+    if "system" not in t.turns:  # the system text goes before the first turn's
+        lines += ["{%- if loop.first and " + is_system + " -%}{%- set content = system + '\\n\\n' + content -%}{%- endif -%}"]
+    lines += ["{%- if loop.last and message['role'] == 'assistant' -%}{{- "
+              + jinja_expression(t.generation + t.answer, "content") + " -}}"]
+    lines += ["{%- elif message['role'] == '" + role + "' -%}{{- " + jinja_expression(t.turns[role], "content", role)
+              + " -}}" for role in ROLES if role in t.turns and role != "system"]
+    lines += ["{%- endif -%}", "{%- endfor -%}"]
+    if t.generation:
+        lines += ["{%- if add_generation_prompt -%}{{- " + jinja_expression(t.generation, "") + " -}}{%- endif -%}"]
+    return "\n".join(lines)
+
+
+def template_of_jinja(jinja: str) -> str | None:
+    """Which built-in template a Hugging Face chat template is: one this project wrote, or one recognized
+    by the markers of the official templates."""
+    for name in TEMPLATES:
+        if jinja == chat_template_jinja(name):
+            return name
+    if "<|start_header_id|>" in jinja:
+        return "llama31" if "Cutting Knowledge Date" in jinja else "llama3"
+    if "[INST]" in jinja and "<<SYS>>" not in jinja:  # Llama 2's has [INST] too, but its own system block
+        return "mistral"
+    if "<|user|>" in jinja and "<|assistant|>" in jinja:
+        return "zephyr"
+    return None
+
+
+def read_tokenizer_config(weights_dir: Path) -> dict | None:
+    file = weights_dir / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    config = parse_json(read_text(file), file)
+    if not isinstance(config, dict):
+        raise DataError(f"{file}: not a JSON object")
+    return config
+
+
+def checkpoint_chat_template(weights_dir: Path, config: dict | None) -> str | None:
+    """The chat template a Hugging Face checkpoint carries: `chat_template` in tokenizer_config.json (a string,
+    or a list of {"name", "template"} of which the "default" one), else chat_template.jinja beside it, the file
+    recent transformers versions write."""
+    value = (config or {}).get("chat_template")
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    if isinstance(value, str):
+        return value
+    file = weights_dir / "chat_template.jinja"
+    return read_text(file) if file.is_file() else None
+
+
+def special_tokens_hint(weights_dir: Path) -> str:
+    try:
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(weights_dir / "tokenizer.json"))
+    except Exception:  # only a hint for an error message: a missing or unreadable tokenizer gives none
+        return ""
+    if tokenizer.token_to_id("<|start_header_id|>") is not None:
+        return ("Its tokenizer has Llama 3's header tokens (<|start_header_id|>): llama31 or llama3 for Meta's "
+                "instruct models, zephyr for a base model fine-tuned the Zephyr way. ")
+    if tokenizer.token_to_id("<s>") is not None:
+        return ("Its tokenizer has Mistral's <s>: mistral for Mistral Instruct, zephyr for a base model fine-tuned "
+                "the Zephyr way. ")
+    return ""
+
+
+def template_from_checkpoint(weights_dir) -> str:
+    """The name of the chat template a checkpoint was trained with: the one this project recorded when it
+    saved it (`aao_template` in tokenizer_config.json), else its Hugging Face chat template recognized."""
+    weights_dir = Path(weights_dir)
+    config = read_tokenizer_config(weights_dir)
+    choices = ", ".join(sorted(TEMPLATES))
+    recorded = (config or {}).get("aao_template")
+    if recorded is not None:
+        if recorded not in TEMPLATES:
+            raise DataError(f"{weights_dir / 'tokenizer_config.json'}: aao_template {recorded!r:.40} is not one of {choices}")
+        return recorded
+    jinja = checkpoint_chat_template(weights_dir, config)
+    name = template_of_jinja(jinja) if jinja is not None else None
+    if name is not None:
+        return name
+    found = ("no tokenizer_config.json" if config is None and jinja is None else
+             "no chat_template in its tokenizer_config.json" if jinja is None else
+             f"a chat_template this project does not know ({jinja[:80]!r})")
+    raise DataError(f"{weights_dir}: cannot tell which chat template the model was trained with: {found}. "
+                    f"{special_tokens_hint(weights_dir)}Pass --template (one of {choices}).")
+
+
+def write_tokenizer_config(out_dir, template: str, source_dir=None) -> None:
+    """tokenizer_config.json of a saved checkpoint: the source checkpoint's (its special and added tokens
+    kept), with our template's Jinja as chat_template unless the source's already is that template, and
+    `aao_template` so that the next stage (SFT -> preference optimization -> generation) reads it back."""
+    out_dir, source_dir = Path(out_dir), Path(source_dir) if source_dir is not None else None
+    config = (read_tokenizer_config(source_dir) if source_dir is not None else None) or {}
+    jinja = checkpoint_chat_template(source_dir, config) if source_dir is not None else None
+    if jinja is None or template_of_jinja(jinja) != template:
+        config["chat_template"] = chat_template_jinja(template)
+    elif "chat_template" not in config:  # it came from chat_template.jinja, which is not copied
+        config["chat_template"] = jinja
+    config["aao_template"] = template
+    tokenizer_file = next((d / "tokenizer.json" for d in (out_dir, source_dir) if d and (d / "tokenizer.json").is_file()), None)
+    if tokenizer_file is not None:
+        from tokenizers import Tokenizer
+        specials = family_specials(Tokenizer.from_file(str(tokenizer_file)))
+        # The tokens the template was rendered with, so that the Jinja ({{ bos_token }}, {{ eos_token }})
+        # renders what the model was trained on; EOS, where generation stops, is the token that ends an
+        # answer (Llama 3.1 base's config says <|end_of_text|>, but a llama3-template answer ends in <|eot_id|>).
+        config["bos_token"] = specials["bos"]
+        config["eos_token"] = TEMPLATES[template].answer.split("{content}")[1].format(**specials)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def encode(tokenizer, texts: list) -> list[list[int]]:
+    # add_special_tokens=False: the template writes BOS itself, so a post-processor that adds one too
+    # (Llama 3's tokenizer.json does) would give two. encode_batch tokenizes on every core.
+    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
 def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, max_prompt_length: int) -> dict:
     """Cut the prompt from the left to max_prompt_length (its end kept, and BOS), then the answers from the
     right so that prompt + answer fits max_length. An answer left with no room comes back empty."""
@@ -228,40 +501,91 @@ def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, m
             "prompt_truncated": prompt_cut, "answer_truncated": max(len(chosen), len(rejected)) > room}
 
 
-def tokenize_pairs(tokenizer, pairs: list, template, max_length: int, max_prompt_length: int) -> list:
-    """Render each Pair with the template, tokenize its prompt once and each answer on its own, truncate."""
-    template = TEMPLATES[template] if isinstance(template, str) else template
-    specials = family_specials(tokenizer)
-    texts = [text for p in pairs for text in (render_prompt(p.prompt, template, specials),
-                                              render_answer(p.chosen, template, specials),
-                                              render_answer(p.rejected, template, specials))]
-    # add_special_tokens=False: the template writes BOS itself, so a post-processor that adds one too
-    # (Llama 3's tokenizer.json does) would give two. encode_batch tokenizes on every core.
-    ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    return [{**truncate_pair(*ids[3 * i:3 * i + 3], max_length, max_prompt_length), "margin": p.margin,
-             "beta": p.beta} for i, p in enumerate(pairs)]
-
-
-def tokenize_pair(tokenizer, row, template, max_length: int = 1024, max_prompt_length: int = 512) -> dict:
-    """One raw row (any layout) -> prompt_ids, chosen_ids, rejected_ids (the answers without the prompt),
-    truncated to max_prompt_length and max_length; also margin, beta and what was truncated."""
-    pair = row if isinstance(row, Pair) else parse_row(row)
-    return tokenize_pairs(tokenizer, [pair], template, max_length, max_prompt_length)[0]
-
-
-def tokenize_rows(tokenizer, rows, template, max_length=1024, max_prompt_length=512, keep_identical=False,
+def tokenize_rows(tokenizer, rows, template: str, max_length=1024, max_prompt_length=512, keep_identical=False,
                   beta_column="beta") -> tuple[list, dict]:
-    """(where, row) pairs -> tokenized pairs and a report of what was dropped or cut."""
+    """(where, row) pairs of preference rows -> tokenized pairs and a report of what was dropped or cut.
+    Each pair: prompt_ids (rendered with the template, tokenized once), chosen_ids and rejected_ids (each
+    answer with its end-of-turn token, tokenized on its own), truncated to max_prompt_length and
+    max_length; margin, beta, where, and what was truncated."""
+    template, specials = TEMPLATES[template], family_specials(tokenizer)
     parsed = [(where, parse_row(row, where, beta_column)) for where, row in rows]
     kept = [(w, p) for w, p in parsed if keep_identical or p.chosen.strip() != p.rejected.strip()]
-    report = {"rows": len(rows), "dropped_identical": len(parsed) - len(kept), "dropped_no_answer_room": 0}
-    tokenized = tokenize_pairs(tokenizer, [p for _, p in kept], template, max_length, max_prompt_length)
-    pairs = [{**t, "where": w} for (w, _), t in zip(kept, tokenized) if t["chosen_ids"] and t["rejected_ids"]]
-    report["dropped_no_answer_room"] = len(kept) - len(pairs)
-    report["prompt_truncated"] = sum(p["prompt_truncated"] for p in pairs)
-    report["answer_truncated"] = sum(p["answer_truncated"] for p in pairs)
-    report["pairs"] = len(pairs)
+    ids = encode(tokenizer, [text for _, p in kept for text in (render_prompt(p.prompt, template, specials),
+                                                                 render_answer(p.chosen, template, specials),
+                                                                 render_answer(p.rejected, template, specials))])
+    tokenized = [{**truncate_pair(*ids[3 * i:3 * i + 3], max_length, max_prompt_length), "margin": p.margin,
+                  "beta": p.beta, "where": w} for i, (w, p) in enumerate(kept)]
+    pairs = [t for t in tokenized if t["chosen_ids"] and t["rejected_ids"]]
+    report = {"rows": len(rows), "dropped_identical": len(parsed) - len(kept), "dropped_no_answer_room": len(kept) - len(pairs),
+              "prompt_truncated": sum(p["prompt_truncated"] for p in pairs),
+              "answer_truncated": sum(p["answer_truncated"] for p in pairs), "pairs": len(pairs)}
     return pairs, report
+
+
+# ----------------------------------------------------------------------------- SFT examples
+
+def sft_conversation(row, where: str) -> tuple[list, int]:
+    """An SFT row -> (messages ending in an assistant turn, index of the first turn the loss may cover).
+    Layouts: {"messages"} (UltraChat-200k, TRL conversational: every assistant turn is trained; UltraChat's
+    "prompt" and "prompt_id" beside it are ignored); {"prompt", "completion"} (TRL: the completion's
+    assistant turns); a preference row (its chosen answer after its prompt)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        field, messages, first = "messages", check_messages(row["messages"], "messages", where), 0
+    elif "chosen" in row:
+        pair = parse_row(row, where)
+        return pair.prompt + [{"role": "assistant", "content": pair.chosen}], len(pair.prompt)
+    elif "prompt" in row and "completion" in row:
+        prompt = as_messages(row["prompt"], "user", "prompt", where)
+        field, messages, first = "completion", prompt + as_messages(row["completion"], "assistant", "completion", where), len(prompt)
+    else:
+        raise DataError(f"{where}: an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' "
+                        f"(found {', '.join(map(repr, list(row)[:8])) or 'no keys'})")
+    check_turn_order(messages, field, where)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation in '{field}' must end with an assistant turn")
+    for i, m in enumerate(messages):
+        if not m["content"].strip():
+            raise DataError(f"{where}: turn {i + 1} ({m['role']}) of the conversation is empty")
+    return messages, first
+
+
+def sft_pieces(messages: list, first: int, template: Template, specials: dict) -> list[tuple[str, int]]:
+    """The rendered conversation as (text, in_loss) pieces: before each trained assistant turn, the rest of
+    the prompt that leads to it (render_prompt of the turns before it, as a preference pair on that turn
+    would see it), then the turn as an answer: its text and end-of-turn token, which the loss covers."""
+    pieces, text = [], ""
+    for k, m in enumerate(messages):
+        if k < first or m["role"] != "assistant":
+            continue
+        prompt, answer = render_prompt(messages[:k], template, specials), render_answer(m["content"], template, specials)
+        assert prompt.startswith(text), "a template's assistant turn must start with generation + answer"
+        pieces += [(prompt[len(text):], 0), (answer, 1)]
+        text = prompt + answer
+    return pieces
+
+
+def sft_examples(tokenizer, rows, template: str, max_length: int = 1024) -> tuple[list, dict]:
+    """(where, row) SFT rows -> examples {input_ids, loss_mask (1 on the tokens the loss covers), where},
+    truncated from the right to max_length, and a report. Each piece is tokenized on its own, so a single
+    turn gives exactly prompt_ids + chosen_ids of the preference pair with the same prompt and answer."""
+    template, specials = TEMPLATES[template], family_specials(tokenizer)
+    conversations = [(where, sft_pieces(*sft_conversation(row, where), template, specials)) for where, row in rows]
+    ids = iter(encode(tokenizer, [text for _, pieces in conversations for text, _ in pieces]))
+    examples, truncated = [], 0
+    for where, pieces in conversations:
+        input_ids, loss_mask = [], []
+        for _, in_loss in pieces:
+            piece = next(ids)
+            input_ids += piece
+            loss_mask += [in_loss] * len(piece)
+        if any(loss_mask[:max_length]):
+            truncated += len(input_ids) > max_length
+            examples.append({"input_ids": input_ids[:max_length], "loss_mask": loss_mask[:max_length], "where": where})
+    report = {"rows": len(rows), "dropped_no_answer_room": len(rows) - len(examples),
+              "truncated": truncated, "examples": len(examples)}
+    return examples, report
 
 
 # ----------------------------------------------------------------------------- batching
@@ -282,11 +606,22 @@ def collate(pairs: list, pad_id: int) -> dict:
     return {"input_ids": input_ids, "loss_mask": loss_mask, "margin": margin, "beta": beta}
 
 
+def collate_sft(examples: list, pad_id: int) -> dict:
+    """N SFT examples -> input_ids (N, T) right-padded and loss_mask (N, T), the layout collate gives pairs."""
+    T = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(len(examples), T, dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        loss_mask[i, :len(e["loss_mask"])] = torch.tensor(e["loss_mask"])
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
 class PairSampler:
     """Which pairs each optimizer step trains on. Step s of a run is a global batch of `global_batch`
     pairs from a fixed order per epoch (shuffled by seed and epoch, or easy -> hard by margin for the
     MixDPO curriculum); rank r of N takes the r-th slice of it, so N processes train on exactly the
-    batches one process would. The position is the step: save it and start again from there."""
+    batches one process would. The position is the step: a resumed run asks for batch(step) again."""
 
     def __init__(self, n_pairs: int, global_batch: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  margins=None):
@@ -297,16 +632,14 @@ class PairSampler:
         self.n, self.global_batch, self.seed, self.rank, self.world = n_pairs, global_batch, seed, rank, world_size
         self.margins = margins
         self.steps_per_epoch = n_pairs // global_batch  # the last partial batch of an epoch is dropped
-        self.step = 0
         self._order = (None, None)
 
     def order(self, epoch: int) -> list[int]:
         if self._order[0] != epoch:
             idx = list(range(self.n))
-            if self.margins is not None:  # large margin = easy first; ties keep file order
+            random.Random(self.seed * 100_003 + epoch).shuffle(idx)
+            if self.margins is not None:  # large margin = easy first; the sort is stable: ties stay shuffled
                 idx.sort(key=lambda i: -self.margins[i])
-            else:
-                random.Random(self.seed * 100_003 + epoch).shuffle(idx)
             self._order = (epoch, idx)
         return self._order[1]
 
@@ -316,17 +649,6 @@ class PairSampler:
         global_batch = self.order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
         share = self.global_batch // self.world
         return global_batch[self.rank * share:(self.rank + 1) * share]
-
-    def __next__(self) -> list[int]:
-        indices = self.batch(self.step)
-        self.step += 1
-        return indices
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.seed = state["step"], state["seed"]
 
 
 def micro_batches(indices: list, size: int) -> list[list]:
@@ -393,7 +715,8 @@ def synthetic_rows(seed: int = 0, n_train: int = 2048, n_heldout: int = 256) -> 
     return splits[0], splits[1]
 
 
-TINY_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# Llama 3's special tokens: the tiny tokenizer has them, so every template renders with it.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
 def tiny_tokenizer(vocab_size: int = 640):
@@ -403,9 +726,50 @@ def tiny_tokenizer(vocab_size: int = 640):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     train, heldout = synthetic_rows(0)
     texts = [t for _, r in train + heldout for t in ("Human: " + r["prompt"], "Assistant: " + r["chosen"], r["rejected"])]
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parquet_to_jsonl(source, target) -> int:
+    """A parquet split as the hub serves it (UltraFeedback's data/train_prefs-00000-of-00001.parquet) -> JSON
+    lines, without the datasets library; returns the number of rows."""
+    source, target = Path(source), Path(target)
+    if not source.is_file():
+        raise DataError(f"{source}: no such file")
+    rows = parquet_rows(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    try:
+        with open(target, "w", encoding="utf-8") as out:
+            for n, row in enumerate(rows, 1):
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except DataError:
+        target.unlink()  # no half-written file that a later run would read as the whole split
+        raise
+    return n
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Data tools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_jsonl = commands.add_parser("to-jsonl", help="turn a parquet split into JSON lines (needs pyarrow)")
+    to_jsonl.add_argument("source", help="a .parquet file, e.g. data/train_prefs-00000-of-00001.parquet")
+    to_jsonl.add_argument("target", help="the JSON-lines file to write, e.g. ultrafeedback/train_prefs.jsonl")
+    args = parser.parse_args(argv)
+    try:
+        n = parquet_to_jsonl(args.source, args.target)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.target}: {n} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

