@@ -450,9 +450,8 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
         # Replicated: average its gradients as FSDP does the policy's, and clip them apart, so that its
         # gradient does not shrink the policy's step.
         for p in run.thresholds.parameters():
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG if dist.get_backend() == "nccl" else dist.ReduceOp.SUM)
-            if dist.get_backend() != "nccl":
-                p.grad /= world  # gloo has no AVG
+            dist.all_reduce(p.grad)  # a sum: gloo has no average
+            p.grad /= world
         norms["grad_norm/thresholds"] = clip_gradients(run.thresholds.parameters(), grad_clip)
     stats = reduce_metrics(sums, len(indices), norms | threshold_spread(thresholds))
     if sft:
@@ -771,8 +770,6 @@ def evaluate(run: Run) -> dict:
             mask = batch["loss_mask"][:, 1:]
             ratio = states.logps - ref_logps if ref_logps is not None else states.logps / mask.sum(1, keepdim=True)
             chosen, rejected = aao.split_pairs((ratio * mask).sum(1))
-            keep = ("squeeze/", "tokens/", "a", "b", "loss")
-            m = {k: v for k, v in m.items() if k.startswith(keep)}
             m["accuracy"], m["margin"] = aao.preference_accuracy(chosen - rejected), (chosen - rejected).mean()
         accumulate(sums, m if weight else {k: 0 * v for k, v in m.items()}, weight)
         count += weight
