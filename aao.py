@@ -26,42 +26,50 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- Eq. 2: DPO and relatives
-# Inputs are (weighted) sequence log-probs, one per pair; every loss returns a per-pair loss (B,).
-# beta is a float or a (B,) tensor (SP2DPO's per-pair β).
+# Each loss takes one score per answer, (B,) each, and returns a per-pair loss (B,). For the reference-based
+# losses the score is the answer's (weighted) log-ratio log π_θ(y)/π_ref(y); beta is a float or a (B,)
+# tensor (SP2DPO's per-pair β). The conventions are their authors' and TRL 1.16's.
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
+def dpo_loss(chosen_logratios, rejected_logratios, beta):
     """Eq. 2: -log σ(β[log π_θ(y_w)/π_ref(y_w) - log π_θ(y_l)/π_ref(y_l)])."""
-    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return -F.logsigmoid(beta * margin)
+    return -F.logsigmoid(beta * (chosen_logratios - rejected_logratios))
 
 
-def cdpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-              label_smoothing=0.1):
-    """Conservative DPO: the DPO loss with the preference label flipped with probability ε."""
-    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+def cdpo_loss(chosen_logratios, rejected_logratios, beta, label_smoothing=0.1):
+    """cDPO (Mitchell 2023, "A note on DPO with noisy preferences"): the DPO loss against a label that is
+    flipped with probability ε, -(1-ε) log σ(βh) - ε log σ(-βh). Not TRL's `robust`, which is rDPO
+    (Chowdhury et al. 2024): the flipped term subtracted instead, and the whole divided by 1 - 2ε."""
+    h = beta * (chosen_logratios - rejected_logratios)
+    return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
 
 
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """IPO (Azar et al. 2024): regress the log-ratio margin onto 1/(2β) instead of pushing it to infinity."""
-    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return (margin - 1 / (2 * beta)) ** 2
+def ipo_loss(chosen_logratios, rejected_logratios, beta):
+    """IPO (Azar et al. 2024, their Eq. 17): regress the margin onto 1/(2β) instead of pushing it to
+    infinity. The objective feeds it per-token mean log-ratios (TRL's form, which the IPO authors confirmed
+    their results used): squared, a summed margin would grow with the answers' length."""
+    return (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
 
 
-def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta):
-    """SLiC-style hinge on the β-scaled log-ratio margin."""
-    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    return F.relu(1 - beta * margin)
+def hinge_loss(chosen_logratios, rejected_logratios, beta):
+    """The hinge of RSO (Liu et al. 2023) and TRL, max(0, 1 - βh) on the reference-normalized margin h.
+    SLiC-HF's hinge is on the raw log-prob difference, without a reference."""
+    return F.relu(1 - beta * (chosen_logratios - rejected_logratios))
 
 
-def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta, gamma=0.5):
-    """SimPO (Meng et al. 2024): reference-free, length-normalized log-probs, target margin γ."""
-    return -F.logsigmoid(beta * (policy_chosen_avg_logps - policy_rejected_avg_logps) - gamma)
+def simpo_loss(chosen_mean_logps, rejected_mean_logps, beta, gamma):
+    """SimPO (Meng et al. 2024): reference-free, on per-token mean log-probs, with a target margin γ:
+    -log σ(β(mean log π(y_w) - mean log π(y_l)) - γ). Its recipes give γ as a share of β (γ = β·ratio)."""
+    return -F.logsigmoid(beta * (chosen_mean_logps - rejected_mean_logps) - gamma)
 
 
-def sft_loss(policy_chosen_avg_logps):
-    """Plain NLL per token of the chosen answer (the SFT stage, and MixDPO's hard pairs)."""
-    return -policy_chosen_avg_logps
+def sft_loss(logps, mask, n_tokens):
+    """The SFT stage's loss: the summed NLL of the answer tokens divided by n_tokens, the answer tokens of
+    the whole global batch, so that micro-batches and processes add up to TRL's token mean."""
+    return -(logps * mask).sum() / n_tokens
+
+
+PAIR_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "cdpo": cdpo_loss, "hinge": hinge_loss}
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "cdpo": 0.1, "hinge": 0.1, "simpo": 2.0}  # TRL's; SimPO's recipes
 
 
 # ----------------------------------------------------------------------------- Eq. 7: token similarity
@@ -130,7 +138,7 @@ class ThresholdMLP(nn.Module):
             self.fc2.bias.copy_(torch.tensor([u0, v0]).div(bound).atanh().mul(bound))
 
     def forward(self, pooled_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pooled_logits.float()
+        x = pooled_logits.to(self.fc1.weight.dtype)  # fp32 in training: the MLP is never cast to bf16
         x = x / x.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # into [-1, 1]: no overflow below
         x = F.layer_norm(x, x.shape[-1:])
         u, v = (self.bound * torch.tanh(self.fc2(F.gelu(self.fc1(x))) / self.bound)).unbind(-1)
@@ -189,11 +197,16 @@ def contrastive_suppression_loss(hidden_w, hidden_l, weights_w, weights_l, mask_
     return s_pref + s_dis
 
 
-def reward_enhancement_loss(chosen_logps, weights, mask, length_normalized: bool = True):
-    """Eq. 11-12: L_reward = -E[Σ_t w_t log π_θ(y_w,t)] on the chosen answer, under the AAO weights.
-    A raw sum over hundreds of tokens would dwarf the DPO loss; by default it is divided by Σ_t w_t."""
+def reward_enhancement_loss(chosen_logps, weights, mask, form: str = "weighted_mean"):
+    """Eq. 11-12: L_reward = -E[R_chosen], R_chosen the chosen answer's log-likelihood. Printed, Eq. 11 is the
+    unweighted sum Σ_t log π(y_t) ("printed"); the text says the weighting applies to it, so the default is
+    Σ_t w_t log π(y_t) / Σ_t w_t ("weighted_mean": a raw sum over hundreds of tokens would dwarf the DPO
+    loss), with the weighted raw sum as a third form ("weighted_sum"). Weighted, this term also trains a
+    and b through w, a gradient path the paper does not describe. Returns (B,)."""
+    if form == "printed":
+        return -(chosen_logps * mask).sum(-1)
     reward = (chosen_logps * weights * mask).sum(-1)
-    if length_normalized:
+    if form == "weighted_mean":
         reward = reward / (weights * mask).sum(-1).clamp_min(1e-6)
     return -reward
 
@@ -203,31 +216,53 @@ def total_loss(preference, contrastive, reward, lambda_c: float = 1.0, lambda_r:
     return preference + lambda_c * contrastive + lambda_r * reward
 
 
-# ----------------------------------------------------------------------------- MixDPO
+# ----------------------------------------------------------------------------- MixDPO and SP2DPO
 
-def mixdpo_route(preference_losses, sft_losses, margin, tau: float):
+def mixdpo_routed(margin: torch.Tensor, tau: float) -> torch.Tensor:
     """MixDPO: pairs whose data margin (score_chosen - score_rejected) is below τ are too hard for a
-    preference loss but still teach through SFT on their chosen answer; the others take the preference loss."""
-    return torch.where(margin < tau, sft_losses, preference_losses)
+    preference loss but still teach through SFT on their chosen answer. A pair without a margin (NaN)
+    is never routed. Returns (B,) bool."""
+    return margin < tau
+
+
+def margin_quantile(margins: torch.Tensor, q: float) -> float:
+    """MixDPO's τ as the q-quantile of the training pairs' margins: the hardest q of the pairs take SFT."""
+    return float(torch.quantile(margins.double(), q))
+
+
+def per_pair_beta(column: torch.Tensor, scale: float = 1.0, lo: float | None = None, hi: float | None = None):
+    """SP2DPO: β_i from a column of the data, times a base scale and clipped to [lo, hi]: the column's β
+    were fitted for one loss and one model; the scale moves them to another, the clip keeps outliers sane."""
+    beta = column * scale
+    return beta if lo is None and hi is None else beta.clamp(min=lo, max=hi)
 
 
 # ----------------------------------------------------------------------------- the whole objective
 
-PAIR_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "cdpo": cdpo_loss, "hinge": hinge_loss}
-
-
 @dataclass
 class Objective:
-    loss: str = "dpo"  # dpo | ipo | cdpo | hinge | simpo | sft
+    loss: str = "dpo"  # dpo | ipo | cdpo | hinge | simpo (the SFT stage has no pairwise loss: sft_loss)
     weighting: str = "aao"  # none | random | aao
-    beta: float = 0.1
+    beta: float | None = None  # None: the loss's own (DEFAULT_BETA)
     label_smoothing: float = 0.1  # cdpo's ε
-    gamma: float = 0.5  # simpo's target margin
+    simpo_gamma_beta_ratio: float = 0.5  # SimPO's γ/β: its Llama-3 base recipe (β 2.0, γ 1.0)
+    ipo_normalized: bool = True  # IPO on per-token mean log-ratios (TRL, the IPO authors); False: summed
     alpha: float = 200.0  # Eq. 17
-    lambda_c: float = 1.0  # Eq. 13
+    lambda_c: float = 1.0  # Eq. 13; the paper gives no values
     lambda_r: float = 1.0
-    reward_length_normalized: bool = True  # Eq. 11-12
+    reward_form: str = "weighted_mean"  # Eq. 11: weighted_mean | weighted_sum | printed
     sft_below_margin: float | None = None  # MixDPO's τ
+    sft_weight: float = 1.0  # MixDPO: the routed pairs' SFT loss is multiplied by this
+
+    def __post_init__(self):
+        if self.loss not in DEFAULT_BETA:
+            raise ValueError(f"unknown loss {self.loss!r}" + (": the SFT stage has no pairwise loss (aao.sft_loss)"
+                                                              if self.loss == "sft" else ""))
+        if self.weighting not in ("none", "random", "aao"):
+            raise ValueError(f"unknown weighting {self.weighting!r}")
+        if self.reward_form not in ("weighted_mean", "weighted_sum", "printed"):
+            raise ValueError(f"unknown reward_form {self.reward_form!r}")
+        self.beta = DEFAULT_BETA[self.loss] if self.beta is None else self.beta
 
 
 def token_weights(obj: Objective, mask, embeds=None, a=None, b=None, seeds=None):
@@ -241,78 +276,138 @@ def token_weights(obj: Objective, mask, embeds=None, a=None, b=None, seeds=None)
     return aao_weights(S, torch.cat([a, a]), torch.cat([b, b]), obj.alpha), S
 
 
+def weighted_mean_logps(logps, weights, mask):
+    """Σ w log π / Σ w per answer (SimPO's score under a weighting). An answer whose every token is
+    ambiguous has Σ w ≈ 0: the quotient is then 0/0, and near it a reward of ~0, the best SimPO knows, for
+    the answer the pair says nothing about. There the plain per-token mean is used instead."""
+    weighted = weighted_sequence_logps(logps, weights, mask)
+    total, n = (weights * mask).sum(-1), mask.sum(-1).clamp_min(1)
+    informative = total >= 1e-3 * n
+    return torch.where(informative, weighted / torch.where(informative, total, 1.0), (logps * mask).sum(-1) / n)
+
+
 @dataclass
 class ObjectiveOutput:
-    """A batch's per-pair losses, and what the metrics and the weights page read."""
-    losses: torch.Tensor  # (B,) what is minimized: the pairwise loss, plus Eq. 13's terms under aao
-    preference: torch.Tensor  # (B,) the pairwise loss alone (Eq. 2 or a relative)
-    chosen_rewards: torch.Tensor  # (B,) implicit reward of the chosen answer (β x its log-ratio)
-    rejected_rewards: torch.Tensor  # (B,)
+    """A batch's per-pair losses, and what the metrics and the weights page read. All (B,) unless said."""
+    losses: torch.Tensor  # what is minimized: the pairwise loss (or a routed pair's SFT loss) + Eq. 13's terms
+    preference: torch.Tensor  # the pairwise loss alone (Eq. 2 or a relative)
+    chosen_rewards: torch.Tensor  # TRL's: β x the plain (unweighted) log-ratio; SimPO: β x mean log-prob
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor  # summed answer log-probs of the policy
+    rejected_logps: torch.Tensor
     weights: torch.Tensor  # (2B, K) token weights; 1 without weighting
+    weighted_chosen_rewards: torch.Tensor | None = None  # β x the score the loss saw, under a weighting
+    weighted_rejected_rewards: torch.Tensor | None = None
     similarity: torch.Tensor | None = None  # (2B, K) S of Eq. 7, aao only
-    contrastive: torch.Tensor | None = None  # (B,) Eq. 9-10, aao only
-    reward_enhancement: torch.Tensor | None = None  # (B,) Eq. 11-12, aao only
+    a: torch.Tensor | None = None  # Eq. 8's thresholds, aao only
+    b: torch.Tensor | None = None
+    contrastive: torch.Tensor | None = None  # Eq. 9-10, aao only
+    reward_enhancement: torch.Tensor | None = None  # Eq. 11-12, aao only
+    routed: torch.Tensor | None = None  # bool: MixDPO sent the pair to SFT
+    beta: torch.Tensor | float = 0.0  # the β used, per pair under SP2DPO
 
 
 def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=None, embeds=None,
                          hidden=None, a=None, b=None, margin=None, seeds=None) -> ObjectiveOutput:
-    """The per-pair loss (B,) of a batch, and what the metrics need.
+    """The per-pair losses of a batch and what the metrics need.
 
-    policy_logps, ref_logps, mask: (2B, K). embeds, hidden: (2B, K, D), the input embeddings and final
-    hidden states at the same positions (aao only). a, b: (B,) thresholds from ThresholdMLP (aao only).
-    beta: float or (B,) (SP2DPO); margin: (B,) data margins (MixDPO); seeds: 2B ints (random weighting).
+    policy_logps, ref_logps, mask: (2B, K); ref_logps is None for SimPO. embeds, hidden: (2B, K, D), the
+    input embeddings and final hidden states at the same positions (aao only). a, b: (B,) thresholds from
+    ThresholdMLP (aao only). beta: float or (B,) (SP2DPO); margin: (B,) data margins (MixDPO); seeds: 2B
+    ints (random weighting). The weights multiply the per-token log-*ratios*: policy and reference alike.
     """
     beta = obj.beta if beta is None else beta
     mask = mask.to(policy_logps.dtype)
     weights, S = token_weights(obj, mask, embeds, a, b, seeds)
-    lengths = split_pairs((weights * mask).sum(-1).clamp_min(1e-6))
-    policy_c, policy_r = split_pairs(weighted_sequence_logps(policy_logps, weights, mask))
-    chosen_avg_nll = sft_loss(split_pairs((policy_logps * mask).sum(-1) / mask.sum(-1).clamp_min(1))[0])
-    if obj.loss in PAIR_LOSSES:
-        ref_c, ref_r = split_pairs(weighted_sequence_logps(ref_logps, weights, mask))
-        extra = {"label_smoothing": obj.label_smoothing} if obj.loss == "cdpo" else {}
-        losses = PAIR_LOSSES[obj.loss](policy_c, policy_r, ref_c, ref_r, beta, **extra)
-        rewards = beta * (policy_c - ref_c), beta * (policy_r - ref_r)
-    elif obj.loss == "simpo":
-        losses = simpo_loss(policy_c / lengths[0], policy_r / lengths[1], beta, obj.gamma)
-        rewards = beta * policy_c / lengths[0], beta * policy_r / lengths[1]
-    elif obj.loss == "sft":
-        losses = chosen_avg_nll
-        rewards = -chosen_avg_nll, torch.zeros_like(chosen_avg_nll)
+    plain_c, plain_r = split_pairs((policy_logps * mask).sum(-1))
+    if obj.loss == "simpo":  # reference-free: per-token mean log-probs
+        score_c, score_r = split_pairs(weighted_mean_logps(policy_logps, weights, mask))
+        preference = simpo_loss(score_c, score_r, beta, beta * obj.simpo_gamma_beta_ratio)
+        n_c, n_r = split_pairs(mask.sum(-1).clamp_min(1))
+        rewards = beta * plain_c / n_c, beta * plain_r / n_r
     else:
-        raise ValueError(f"unknown loss {obj.loss!r}")
+        ratios = policy_logps - ref_logps
+        score_c, score_r = split_pairs(weighted_sequence_logps(ratios, weights, mask))
+        if obj.loss == "ipo" and obj.ipo_normalized:  # per token: Σ w under a weighting, the token count without
+            length_c, length_r = split_pairs((weights * mask).sum(-1).clamp_min(1e-6))
+            score_c, score_r = score_c / length_c, score_r / length_r
+        extra = {"label_smoothing": obj.label_smoothing} if obj.loss == "cdpo" else {}
+        preference = PAIR_LOSSES[obj.loss](score_c, score_r, beta, **extra)
+        rewards = tuple(beta * x for x in split_pairs((ratios * mask).sum(-1)))
+    out = ObjectiveOutput(preference, preference, *rewards, plain_c, plain_r, weights, similarity=S, a=a, b=b,
+                          beta=beta)
+    if obj.weighting != "none":
+        out.weighted_chosen_rewards, out.weighted_rejected_rewards = beta * score_c, beta * score_r
+    kept = torch.ones_like(preference)
     if obj.sft_below_margin is not None:
-        losses = mixdpo_route(losses, chosen_avg_nll, margin, obj.sft_below_margin)
-    out = ObjectiveOutput(losses, losses, *rewards, weights, S)
-    if obj.weighting == "aao":
+        out.routed = mixdpo_routed(margin, obj.sft_below_margin)
+        chosen_nll = -plain_c / split_pairs(mask.sum(-1).clamp_min(1))[0]
+        out.losses = torch.where(out.routed, obj.sft_weight * chosen_nll, preference)
+        kept = (~out.routed).to(preference.dtype)
+    if obj.weighting == "aao":  # routed pairs take no part in the auxiliary losses
         (w_w, w_l), (m_w, m_l) = split_pairs(weights), split_pairs(mask)
-        out.contrastive = contrastive_suppression_loss(*split_pairs(hidden), w_w, w_l, m_w, m_l)
-        out.reward_enhancement = reward_enhancement_loss(split_pairs(policy_logps)[0], w_w, m_w,
-                                                         obj.reward_length_normalized)
-        out.losses = total_loss(losses, out.contrastive, out.reward_enhancement, obj.lambda_c, obj.lambda_r)
+        out.contrastive = kept * contrastive_suppression_loss(*split_pairs(hidden), w_w, w_l, m_w, m_l)
+        out.reward_enhancement = kept * reward_enhancement_loss(split_pairs(policy_logps)[0], w_w, m_w, obj.reward_form)
+        out.losses = total_loss(out.losses, out.contrastive, out.reward_enhancement, obj.lambda_c, obj.lambda_r)
     return out
 
 
 # ----------------------------------------------------------------------------- metrics
 
 def preference_accuracy(margin: torch.Tensor) -> torch.Tensor:
-    """Share of pairs ranked right by the implicit reward; a tie (policy = reference, at step 0) counts
-    half, so an untrained policy scores 0.5, not 0."""
+    """Share of pairs ranked right by an implicit reward; a tie (policy = reference, at step 0) counts
+    half: an untrained policy scores 0.5 (the held-out yardstick; TRL's rewards/accuracies counts it 0)."""
     return ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+
+
+# Every key objective_metrics returns; the trainer logs them as they are (eval/ prefixed on held-out pairs).
+METRICS = {
+    "loss": "what is minimized, per pair: the pairwise loss, plus λ_c·contrastive + λ_r·reward enhancement (aao)",
+    "loss/preference": "the pairwise loss alone (DPO's starts at log 2 = 0.693)",
+    "loss/contrastive": "Eq. 9-10, the weighted mean cosine between the two answers' hidden states (aao)",
+    "loss/reward_enhancement": "Eq. 11-12, minus the chosen answer's (weighted, mean) log-likelihood (aao)",
+    "rewards/chosen": "TRL's: β x the chosen answer's plain log-ratio log π_θ/π_ref, summed over its tokens "
+                      "(SimPO: β x its mean log-prob); unweighted, so every weighting is on one scale",
+    "rewards/rejected": "the same for the rejected answer",
+    "rewards/margins": "rewards/chosen - rewards/rejected",
+    "rewards/accuracies": "share of pairs with rewards/chosen > rewards/rejected; a tie counts as wrong (TRL)",
+    "weighted_rewards/chosen": "β x the score the loss saw: the weighted log-ratio (random, aao weighting)",
+    "weighted_rewards/rejected": "the same for the rejected answer",
+    "weighted_rewards/margins": "their difference",
+    "logps/chosen": "the policy's summed log-prob of the chosen answer (watch it for likelihood displacement)",
+    "logps/rejected": "the same for the rejected answer",
+    "weights/mean": "mean token weight over answer tokens (1 without weighting)",
+    "a": "Eq. 8's upper threshold, mean over the pairs (aao)",
+    "b": "Eq. 8's lower threshold, mean over the pairs (aao)",
+    "tokens/ambiguous": "share of answer tokens with S > a (Eq. 14's (1-S)² weight) (aao)",
+    "tokens/transitional": "share with b <= S <= a (weight 1) (aao)",
+    "tokens/key": "share with S < b (Eq. 15's 1+S weight) (aao)",
+    "mixdpo/routed": "share of pairs MixDPO sent to the SFT loss (--sft-below-margin/-quantile)",
+}
 
 
 @torch.no_grad()
 def objective_metrics(out: ObjectiveOutput, mask, a=None, b=None) -> dict[str, torch.Tensor]:
-    """Detached 0-dim tensors (no host sync here): rewards, their margin and accuracy, and for aao the
-    thresholds and the shares of ambiguous (S > a), transitional and key (S < b) tokens by the hard
-    thresholds of Eq. 16."""
-    chosen, rejected = out.chosen_rewards, out.rejected_rewards
-    m = {"loss": out.losses.mean(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-         "rewards/margin": (chosen - rejected).mean(), "rewards/accuracy": preference_accuracy(chosen - rejected)}
+    """Detached 0-dim tensors (no host sync here), means over the micro-batch: the keys of METRICS that
+    apply. The reward accuracies leave out pairs MixDPO routed to SFT."""
+    kept = torch.ones_like(out.chosen_rewards) if out.routed is None else (~out.routed).float()
+    n_kept = kept.sum().clamp_min(1)
+    mean = lambda x: (x * kept).sum() / n_kept
+    m = {"loss": out.losses.mean(), "loss/preference": mean(out.preference),
+         "rewards/chosen": mean(out.chosen_rewards), "rewards/rejected": mean(out.rejected_rewards),
+         "rewards/margins": mean(out.chosen_rewards - out.rejected_rewards),
+         "rewards/accuracies": mean((out.chosen_rewards > out.rejected_rewards).float()),
+         "logps/chosen": out.chosen_logps.mean(), "logps/rejected": out.rejected_logps.mean()}
+    if out.weighted_chosen_rewards is not None:
+        c, r = out.weighted_chosen_rewards, out.weighted_rejected_rewards
+        m.update({"weighted_rewards/chosen": mean(c), "weighted_rewards/rejected": mean(r),
+                  "weighted_rewards/margins": mean(c - r)})
+    if out.routed is not None:
+        m["mixdpo/routed"] = out.routed.float().mean()
     mask = mask.bool()
     n = mask.sum().clamp_min(1)
     m["weights/mean"] = (out.weights * mask).sum() / n
-    for part in ("preference", "contrastive", "reward_enhancement"):
+    for part in ("contrastive", "reward_enhancement"):
         if getattr(out, part) is not None:
             m[f"loss/{part}"] = getattr(out, part).mean()
     if out.similarity is not None:

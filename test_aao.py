@@ -6,6 +6,7 @@ installs it, so they run there.
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,23 +200,23 @@ def rand_mask(B, K, lo=2):
 
 
 def pair_logps(B=5):
-    return [torch.randn(B, dtype=torch.float64) * 5 for _ in range(4)]
+    return [torch.randn(B, dtype=torch.float64) * 5 for _ in range(2)]
 
 
 @pytest.mark.parametrize("beta", [0.1, "per_pair"])
 def test_sequence_losses_match_float64_formulas(beta):
-    pc, pr, rc, rr = pair_logps()
+    c, r = pair_logps()
     beta = torch.rand(5, dtype=torch.float64) + 0.05 if beta == "per_pair" else beta
-    h = (pc - rc) - (pr - rr)
+    h = c - r
     sig = lambda x: 1 / (1 + torch.exp(-x))
-    assert torch.allclose(aao.dpo_loss(pc, pr, rc, rr, beta), -torch.log(sig(beta * h)))
-    assert torch.allclose(aao.ipo_loss(pc, pr, rc, rr, beta), (h - 1 / (2 * beta)) ** 2)
+    assert torch.allclose(aao.dpo_loss(c, r, beta), -torch.log(sig(beta * h)))
+    assert torch.allclose(aao.ipo_loss(c, r, beta), (h - 1 / (2 * beta)) ** 2)
     eps = 0.2
-    assert torch.allclose(aao.cdpo_loss(pc, pr, rc, rr, beta, eps),
-                          -(1 - eps) * torch.log(sig(beta * h)) - eps * torch.log(sig(-beta * h)))
-    assert torch.allclose(aao.hinge_loss(pc, pr, rc, rr, beta), torch.clamp(1 - beta * h, min=0))
-    assert torch.allclose(aao.simpo_loss(pc / 7, pr / 9, beta, 0.3), -torch.log(sig(beta * (pc / 7 - pr / 9) - 0.3)))
-    assert aao.dpo_loss(pc, pr, rc, rr, beta).shape == (5,)
+    assert torch.allclose(aao.cdpo_loss(c, r, beta, eps), -(1 - eps) * torch.log(sig(beta * h)) - eps * torch.log(sig(-beta * h)))
+    assert torch.allclose(aao.cdpo_loss(c, r, beta, 0.0), aao.dpo_loss(c, r, beta))  # ε = 0 is DPO
+    assert torch.allclose(aao.hinge_loss(c, r, beta), torch.clamp(1 - beta * h, min=0))
+    assert torch.allclose(aao.simpo_loss(c / 7, r / 9, beta, 0.3), -torch.log(sig(beta * (c / 7 - r / 9) - 0.3)))
+    assert aao.dpo_loss(c, r, beta).shape == (5,)
 
 
 def float64_similarity(emb_w, emb_l, mask_w, mask_l):
@@ -345,67 +346,180 @@ def test_auxiliary_losses_match_float64():
     got = aao.contrastive_suppression_loss(h_w, h_l, w_w, w_l, m_w, m_l)
     assert torch.allclose(got.double(), float64_contrastive(h_w, h_l, w_w, w_l, m_w, m_l), atol=1e-5)
     lp = -torch.rand(3, 7, dtype=torch.float64) * 4
-    raw = -(lp * w_w * m_w).sum(1)
-    assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w, length_normalized=False), raw)
-    assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w), raw / (w_w * m_w).sum(1))
-    assert torch.allclose(aao.total_loss(torch.ones(3), got, raw, 0.5, 2.0), 1 + 0.5 * got + 2 * raw)
-
-
-def test_mixdpo_routes_small_margins_to_sft():
-    pref, sft = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])
-    assert torch.equal(aao.mixdpo_route(pref, sft, torch.tensor([0.5, 3.0, 1.0]), 1.0), torch.tensor([10.0, 2.0, 3.0]))
+    weighted = -(lp * w_w * m_w).sum(1)
+    assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w, "weighted_sum"), weighted)
+    assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w), weighted / (w_w * m_w).sum(1))
+    assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w, "printed"), -(lp * m_w).sum(1))  # Eq. 11 as printed
+    assert torch.allclose(aao.total_loss(torch.ones(3), got, weighted, 0.5, 2.0), 1 + 0.5 * got + 2 * weighted)
 
 
 def objective_inputs(B=3, K=8, D=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mask = torch.cat([rand_mask(B, K), rand_mask(B, K)]).float()
-    return dict(policy_logps=-torch.rand(2 * B, K, generator=g) * 3, ref_logps=-torch.rand(2 * B, K, generator=g) * 3,
-                mask=mask, embeds=torch.randn(2 * B, K, D, generator=g), hidden=torch.randn(2 * B, K, D, generator=g))
+    mask = torch.cat([rand_mask(B, K), rand_mask(B, K)]).double()
+    return dict(policy_logps=-torch.rand(2 * B, K, generator=g, dtype=torch.float64) * 3,
+                ref_logps=-torch.rand(2 * B, K, generator=g, dtype=torch.float64) * 3, mask=mask,
+                embeds=torch.randn(2 * B, K, D, generator=g, dtype=torch.float64),
+                hidden=torch.randn(2 * B, K, D, generator=g, dtype=torch.float64))
 
 
-def test_weighting_none_is_plain_dpo():
+def loss_and_grad(obj, x, **kw):
+    """The objective's summed loss and its gradient with respect to the policy's per-token log-probs."""
+    lp = x["policy_logps"].clone().requires_grad_()
+    ref = None if obj.loss == "simpo" else x["ref_logps"]
+    out = aao.preference_objective(obj, lp, ref, x["mask"], embeds=x["embeds"], hidden=x["hidden"], **kw)
+    out.losses.sum().backward()
+    return out, lp.grad
+
+
+def thresholds(B, a, b):
+    return torch.full((B,), a, dtype=torch.float64), torch.full((B,), b, dtype=torch.float64)
+
+
+def test_weighting_none_is_plain_dpo_in_float64():
     x = objective_inputs()
-    out = aao.preference_objective(aao.Objective(weighting="none"), x["policy_logps"], x["ref_logps"], x["mask"])
-    seq = lambda lp: (lp * x["mask"]).sum(1).double().chunk(2)
-    (pc, pr), (rc, rr) = seq(x["policy_logps"]), seq(x["ref_logps"])
-    assert torch.allclose(out.losses.double(), -F.logsigmoid(0.1 * ((pc - rc) - (pr - rr))), atol=1e-6)
+    out, grad = loss_and_grad(aao.Objective(weighting="none"), x)
+    (pc, pr), (rc, rr) = [(lp * x["mask"]).sum(1).chunk(2) for lp in (x["policy_logps"], x["ref_logps"])]
+    h = (pc - rc) - (pr - rr)
+    assert torch.allclose(out.losses, -F.logsigmoid(0.1 * h))
+    # d/d logp of -log σ(0.1 h): -0.1 σ(-0.1 h) on chosen tokens, +0.1 σ(-0.1 h) on rejected tokens
+    g = 0.1 * torch.sigmoid(-0.1 * h)
+    assert torch.allclose(grad, torch.cat([-g, g])[:, None] * x["mask"])
 
 
-def test_aao_with_all_tokens_transitional_is_dpo():
-    """a -> 1 and b -> 0 from beyond: every token transitional, weight 1, and the preference term is DPO."""
+def test_aao_with_all_tokens_transitional_is_dpo_in_loss_and_gradient():
+    """a -> 1 and b -> 0 from beyond: every token transitional, weight 1: the pairwise term is DPO, its
+    gradient too. With S in the other bands the weights, the loss and the gradient move away from DPO."""
     x = objective_inputs()
-    B = 3
+    plain, plain_grad = loss_and_grad(aao.Objective(weighting="none"), x)
     obj = aao.Objective(weighting="aao", lambda_c=0.0, lambda_r=0.0)
-    a, b = torch.full((B,), 1.1), torch.full((B,), -0.1)
-    out = aao.preference_objective(obj, x["policy_logps"], x["ref_logps"], x["mask"], embeds=x["embeds"],
-                                   hidden=x["hidden"], a=a, b=b)
-    plain = aao.preference_objective(aao.Objective(weighting="none"), x["policy_logps"], x["ref_logps"], x["mask"])
-    assert torch.allclose(out.losses, plain.losses, atol=1e-6)
-    assert torch.allclose(out.weights[x["mask"].bool()], torch.tensor(1.0), atol=1e-6)
+    out, grad = loss_and_grad(obj, x, **dict(zip("ab", thresholds(3, 1.1, -0.1))))
+    assert torch.allclose(out.losses, plain.losses, atol=1e-12) and torch.allclose(grad, plain_grad, atol=1e-12)
+    assert torch.allclose(out.weights[x["mask"].bool()], torch.tensor(1.0, dtype=torch.float64))
+    moved, moved_grad = loss_and_grad(obj, x, **dict(zip("ab", thresholds(3, 0.6, 0.3))))
+    assert not torch.allclose(moved.losses, plain.losses) and not torch.allclose(moved_grad, plain_grad)
+
+
+def test_random_weighting_differs_from_none_and_is_reproducible():
+    x = objective_inputs()
+    plain, plain_grad = loss_and_grad(aao.Objective(weighting="none"), x)
+    obj = aao.Objective(weighting="random")
+    one, grad = loss_and_grad(obj, x, seeds=list(range(6)))
+    again, _ = loss_and_grad(obj, x, seeds=list(range(6)))
+    assert torch.equal(one.losses, again.losses)
+    assert not torch.allclose(one.losses, plain.losses) and not torch.allclose(grad, plain_grad)
+    # the plain rewards stay those of DPO: every weighting on one scale; the weighted ones differ
+    assert torch.allclose(one.chosen_rewards, plain.chosen_rewards)
+    assert not torch.allclose(one.weighted_chosen_rewards, one.chosen_rewards)
+
+
+def test_ipo_on_per_token_means_as_trl_and_the_ipo_authors():
+    x = objective_inputs()
+    out, grad = loss_and_grad(aao.Objective(loss="ipo", weighting="none"), x)
+    ratio = ((x["policy_logps"] - x["ref_logps"]) * x["mask"]).sum(1) / x["mask"].sum(1)
+    c, r = ratio.chunk(2)
+    assert torch.allclose(out.losses, (c - r - 1 / (2 * 0.1)) ** 2)
+    summed, summed_grad = loss_and_grad(aao.Objective(loss="ipo", weighting="none", ipo_normalized=False), x)
+    (pc, pr), (rc, rr) = [(lp * x["mask"]).sum(1).chunk(2) for lp in (x["policy_logps"], x["ref_logps"])]
+    assert torch.allclose(summed.losses, ((pc - rc) - (pr - rr) - 5) ** 2)
+    # At step 0 (policy = reference) the summed form's gradient on a token is the normalized one times its
+    # answer's length: it grows with length, the normalized one does not.
+    x["policy_logps"] = x["ref_logps"].clone()
+    _, grad = loss_and_grad(aao.Objective(loss="ipo", weighting="none"), x)
+    _, summed_grad = loss_and_grad(aao.Objective(loss="ipo", weighting="none", ipo_normalized=False), x)
+    assert torch.allclose(summed_grad, grad * x["mask"].sum(1, keepdim=True))
+
+
+def test_simpo_defaults_are_its_recipe_and_an_all_ambiguous_side_falls_back():
+    obj = aao.Objective(loss="simpo", weighting="none")
+    assert obj.beta == 2.0 and obj.simpo_gamma_beta_ratio == 0.5
+    x = objective_inputs()
+    out, _ = loss_and_grad(obj, x)
+    mean = (x["policy_logps"] * x["mask"]).sum(1) / x["mask"].sum(1)
+    c, r = mean.chunk(2)
+    assert torch.allclose(out.losses, -F.logsigmoid(2.0 * (c - r) - 1.0))
+    assert torch.allclose(out.chosen_rewards, 2.0 * c)  # TRL's CPO logs β x mean log-prob
+    # Every token of the chosen answers ambiguous (identical answers, S = 1, w ≈ 0): its score must be the
+    # plain mean, not the ~0 that Σ w log π / Σ w would give (0 is the best reward SimPO knows).
+    x["embeds"][3:], x["mask"][3:] = x["embeds"][:3], x["mask"][:3]
+    aao_obj = aao.Objective(loss="simpo", weighting="aao", lambda_c=0.0, lambda_r=0.0)
+    out, _ = loss_and_grad(aao_obj, x, **dict(zip("ab", thresholds(3, 0.8, 0.4))))
+    assert out.weights[x["mask"].bool()].max() < 1e-6
+    c = ((x["policy_logps"] * x["mask"]).sum(1) / x["mask"].sum(1))[:3]
+    assert torch.allclose(out.weighted_chosen_rewards, 2.0 * c)
+
+
+def test_per_pair_beta_changes_loss_and_gradient():
+    x = objective_inputs()
+    small, small_grad = loss_and_grad(aao.Objective(weighting="none"), x, beta=torch.full((3,), 0.01, dtype=torch.float64))
+    large, large_grad = loss_and_grad(aao.Objective(weighting="none"), x, beta=torch.full((3,), 1.0, dtype=torch.float64))
+    assert not torch.allclose(small.losses, large.losses) and not torch.allclose(small_grad, large_grad)
+    mixed, _ = loss_and_grad(aao.Objective(weighting="none"), x, beta=torch.tensor([0.01, 1.0, 0.01], dtype=torch.float64))
+    assert torch.allclose(mixed.losses, torch.stack([small.losses[0], large.losses[1], small.losses[2]]))
+    assert torch.equal(aao.per_pair_beta(torch.tensor([0.05, 0.5, 5.0]), 2.0, 0.2, 4.0), torch.tensor([0.2, 1.0, 4.0]))
+
+
+def test_mixdpo_routes_hard_pairs_to_weighted_sft_out_of_the_auxiliary_losses():
+    x = objective_inputs()
+    margin = torch.tensor([0.5, 3.0, float("nan")], dtype=torch.float64)
+    obj = aao.Objective(sft_below_margin=1.0, sft_weight=0.5)
+    a, b = thresholds(3, 0.8, 0.4)
+    out, _ = loss_and_grad(obj, x, a=a, b=b, margin=margin)
+    assert out.routed.tolist() == [True, False, False]  # a pair without a margin is never routed
+    nll = -(x["policy_logps"][0] * x["mask"][0]).sum() / x["mask"][0].sum()
+    assert torch.allclose(out.losses[0], 0.5 * nll)  # no contrastive, no reward enhancement term
+    assert out.contrastive[0] == 0 and out.reward_enhancement[0] == 0 and out.contrastive[1] != 0
+    unrouted, _ = loss_and_grad(aao.Objective(), x, a=a, b=b)
+    assert torch.allclose(out.losses[1:], unrouted.losses[1:])
+    m = aao.objective_metrics(out, x["mask"], a, b)
+    assert m["mixdpo/routed"] == pytest.approx(1 / 3)
+    assert aao.margin_quantile(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 0.25) == 2.0
+
+
+def test_metrics_have_trl_names_and_values():
+    """rewards/*, logps/* recomputed in float64 from the inputs; a tie counts as wrong, as in TRL."""
+    x = objective_inputs()
+    x["policy_logps"][2], x["policy_logps"][5] = x["ref_logps"][2], x["ref_logps"][5]  # pair 2: a tie
+    out, _ = loss_and_grad(aao.Objective(weighting="none"), x)
+    m = aao.objective_metrics(out, x["mask"])
+    ratio = ((x["policy_logps"] - x["ref_logps"]) * x["mask"]).sum(1)
+    c, r = (0.1 * ratio).chunk(2)
+    expected = {"rewards/chosen": c.mean(), "rewards/rejected": r.mean(), "rewards/margins": (c - r).mean(),
+                "rewards/accuracies": (c > r).double().mean(),
+                "logps/chosen": (x["policy_logps"] * x["mask"]).sum(1)[:3].mean(),
+                "logps/rejected": (x["policy_logps"] * x["mask"]).sum(1)[3:].mean()}
+    for key, value in expected.items():
+        assert m[key].item() == pytest.approx(value.item(), rel=1e-6), key
+    assert m["rewards/accuracies"] <= 2 / 3  # the tie is not counted right
+    assert set(m) <= set(aao.METRICS)
+
+
+def test_sft_is_not_a_pairwise_loss_and_its_loss_is_a_token_mean():
+    with pytest.raises(ValueError, match="SFT stage"):
+        aao.Objective(loss="sft")
+    lp, mask = -torch.rand(4, 6, dtype=torch.float64), rand_mask(4, 6)
+    halves = aao.sft_loss(lp[:2], mask[:2], mask.sum()) + aao.sft_loss(lp[2:], mask[2:], mask.sum())
+    assert torch.allclose(halves, -(lp * mask).sum() / mask.sum())  # micro-batches add up to the mean
 
 
 def test_identical_answers_weigh_shared_tokens_to_zero():
     x = objective_inputs()
     x["embeds"][3:] = x["embeds"][:3]
     x["mask"][3:] = x["mask"][:3]
-    out = aao.preference_objective(aao.Objective(), x["policy_logps"], x["ref_logps"], x["mask"],
-                                   embeds=x["embeds"], hidden=x["hidden"], a=torch.full((3,), 0.8), b=torch.full((3,), 0.4))
+    out, _ = loss_and_grad(aao.Objective(), x, **dict(zip("ab", thresholds(3, 0.8, 0.4))))
     assert out.weights[x["mask"].bool()].max() < 1e-6
 
 
 def test_aao_objective_trains_the_thresholds():
     x = objective_inputs()
-    mlp = aao.ThresholdMLP(20)
+    mlp = aao.ThresholdMLP(20).double()
     torch.nn.init.normal_(mlp.fc2.weight, std=0.1)
-    a, b = mlp(torch.randn(3, 20))
-    x["policy_logps"].requires_grad_()
-    out = aao.preference_objective(aao.Objective(), x["policy_logps"], x["ref_logps"], x["mask"],
-                                   embeds=x["embeds"], hidden=x["hidden"], a=a, b=b)
-    out.losses.sum().backward()
+    a, b = mlp(torch.randn(3, 20, dtype=torch.float64))
+    out, _ = loss_and_grad(aao.Objective(), x, a=a, b=b)
     assert mlp.fc1.weight.grad.abs().sum() > 0 and mlp.fc2.bias.grad.abs().sum() > 0
     m = aao.objective_metrics(out, x["mask"], a, b)
     assert abs(m["tokens/ambiguous"] + m["tokens/transitional"] + m["tokens/key"] - 1) < 1e-6
-    assert 0 < m["b"] < m["a"] < 1 and set(m) >= {"rewards/chosen", "rewards/margin", "rewards/accuracy", "weights/mean"}
+    assert 0 < m["b"] < m["a"] < 1 and set(m) >= {"rewards/chosen", "rewards/margins", "rewards/accuracies", "weights/mean",
+                                                "weighted_rewards/margins", "loss/contrastive", "loss/reward_enhancement"}
 
 
 def test_random_weights_are_per_row_reproducible():
@@ -431,9 +545,8 @@ def cancellation_gradients(contexts_equal: bool, weights_for_c):
     w[:, c_pos] = weights_for_c
     mask = torch.tensor([[0, 0, 1, 1]] * 2, dtype=torch.float64)
     ref = lp.detach() - 0.3  # a reference a little behind the policy; the same for c in the same context
-    seq = aao.weighted_sequence_logps(lp, w, mask)
-    ref_seq = aao.weighted_sequence_logps(ref, w, mask)
-    aao.dpo_loss(seq[:1], seq[1:], ref_seq[:1], ref_seq[1:], 0.1).sum().backward()
+    ratio = aao.weighted_sequence_logps(lp - ref, w, mask)
+    aao.dpo_loss(ratio[:1], ratio[1:], 0.1).sum().backward()
     return torch.cat([p.grad.flatten() for p in m.parameters()])
 
 
@@ -1192,7 +1305,7 @@ def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path):
             assert a == pytest.approx(b, rel=2e-4, abs=1e-6), (name, key, a, b)
         reference = fingerprints(tmp_path / "one" / "step-3")[0]
         for fp in fingerprints(tmp_path / name / "step-3"):
-            assert torch.allclose(fp, reference, rtol=1e-6), (name, fp, reference)
+            assert torch.allclose(fp, reference, rtol=1e-5, atol=1e-3), (name, fp, reference)
     assert len(fingerprints(tmp_path / "two" / "step-3")) == 2  # both ranks wrote their shard
 
 

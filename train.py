@@ -90,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="token weights: none (plain), random (DPO-Random, U(0, 2)), aao (Eq. 7-17; default)")
     g("--beta", type=float, help="β (default: the loss's own: 0.1 for dpo/ipo/cdpo/hinge, 2.0 for simpo)")
     g("--label-smoothing", type=float, default=0.1, help="cdpo's ε, the assumed share of flipped labels (default: 0.1)")
+    g("--ipo-sum", action="store_true", help="IPO on summed log-ratios (default: per-token means, TRL's form)")
     g("--simpo-gamma-beta-ratio", type=float, default=0.5, help="SimPO's γ/β (default: 0.5, Llama-3 base recipe)")
     g("--alpha", type=float, default=200.0, help="Eq. 17's sharpness α (default: 200, the paper's)")
     g("--lambda-c", type=float, default=1.0, help="Eq. 13: weight of the contrastive suppression loss (default: 1)")
@@ -100,7 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
       "score_chosen - score_rejected (default: none, shuffled)")
     g("--sft-below-margin", type=float, metavar="TAU", help="MixDPO: pairs with margin < TAU take the SFT loss")
     g("--sft-below-quantile", type=float, metavar="Q", help="MixDPO: τ is this quantile of the data's margins")
+    g("--sft-weight", type=float, default=1.0, help="MixDPO: weight of a routed pair's SFT loss (default: 1)")
     g("--beta-column", metavar="NAME", help="SP2DPO: a per-pair β from this column of the data")
+    g("--beta-scale", type=float, default=1.0, help="SP2DPO: the column's β times this (default: 1)")
+    g("--beta-min", type=float, help="SP2DPO: clip the per-pair β from below (default: no clip)")
+    g("--beta-max", type=float, help="SP2DPO: clip the per-pair β from above (default: no clip)")
     g = p.add_argument_group("optimization").add_argument
     g("--lr", type=float, help=default_help("lr", "AdamW learning rate of the policy"))
     g("--threshold-lr", type=float, help=default_help("threshold_lr", "learning rate of the threshold MLP (Eq. 8)"))
@@ -350,7 +355,7 @@ class Run:
     device: torch.device
     micro_batch_size: int
     seed: int = 0
-    per_pair_beta: bool = False  # SP2DPO
+    beta_scaling: tuple | None = None  # SP2DPO: (scale, min, max) of the per-pair β column
     ref_train: "ReferenceCache | None" = None  # --precompute-ref
     ref_eval: "ReferenceCache | None" = None
 
@@ -367,8 +372,8 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
     a = b = None
     if run.thresholds is not None:
         a, b = run.thresholds(aao.pooled_answer_logits(states.logit_sums, mask))
-    out = aao.preference_objective(run.objective, states.logps, ref_logps, mask,
-                                   beta=batch["beta"].float() if run.per_pair_beta else None,
+    beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling) if run.beta_scaling else None
+    out = aao.preference_objective(run.objective, states.logps, ref_logps, mask, beta=beta,
                                    embeds=states.embeds, hidden=states.hidden, a=a, b=b, margin=batch["margin"],
                                    seeds=row_seeds(run.seed, step, indices))
     metrics = {**aao.objective_metrics(out, mask, a, b), **squeeze_probe(states.top1, ref_top1, mask)}
@@ -424,7 +429,7 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
     clipping, AdamW. Returns the step's metrics over all ranks, read from the device once. The loss is per
     pair of the global batch (SFT: per answer token of it); FSDP averages over the processes, hence x world."""
     world, sft = dist.get_world_size(), run.objective is None
-    sums, thresholds = {"stop": float(stop_requested)}, []
+    sums, spread = {"stop": float(stop_requested)}, []
     if sft:  # the answer tokens of the whole global batch: the token mean's denominator
         n_tokens = torch.tensor(answer_tokens(run.train_items, indices), device=dist_device())
         dist.all_reduce(n_tokens)
@@ -436,8 +441,8 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
         else:
             out, _, _, _, m = forward_pairs(run, run.train_items, chunk, step, run.ref_train)
             loss = out.losses.sum() * world / batch_size
-            if out.a is not None:
-                thresholds.append(torch.stack([out.a, out.b]).detach())
+            spread.append({k: v.detach() for k, v in (("a", out.a), ("b", out.b), ("beta", out.beta))
+                           if isinstance(v, torch.Tensor)})
         # No no_sync between micro-batches: FSDP2 would then hold unsharded fp32 gradients (32 GB for 8B);
         # reduce-scattering each micro-batch's gradients keeps only the shards.
         loss.backward()
@@ -453,7 +458,7 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
             dist.all_reduce(p.grad)  # a sum: gloo has no average
             p.grad /= world
         norms["grad_norm/thresholds"] = clip_gradients(run.thresholds.parameters(), grad_clip)
-    stats = reduce_metrics(sums, len(indices), norms | threshold_spread(thresholds))
+    stats = reduce_metrics(sums, len(indices), norms | batch_spread(spread))
     if sft:
         stats["loss"] = stats.pop("nll_sum") / max(stats["tokens/answer"], 1.0)
     for key in ("loss", "grad_norm", "grad_norm/thresholds"):
@@ -471,15 +476,17 @@ def clip_gradients(params, max_norm: float) -> torch.Tensor:
     return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP's norm is a DTensor
 
 
-def threshold_spread(thresholds: list) -> dict:
-    """Mean, std, min and max of a and b over every pair of the global batch (AAO's Eq. 8 outputs)."""
-    if not thresholds:
+def batch_spread(per_micro_batch: list) -> dict:
+    """Mean, std, min and max over every pair of the global batch of the per-pair values (B,) that each
+    micro-batch gave: AAO's thresholds a and b (Eq. 8), SP2DPO's β."""
+    if not per_micro_batch or not per_micro_batch[0]:
         return {}
-    local = torch.cat(thresholds, dim=1)  # (2, pairs on this rank)
+    names = sorted(per_micro_batch[0])
+    local = torch.stack([torch.cat([m[k] for m in per_micro_batch]) for k in names])  # (values, pairs here)
     every = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(every, local)
-    ab = torch.cat(every, dim=1)
-    return {f"{name}/{stat}": fn(ab[i]) for i, name in enumerate("ab") for stat, fn in
+    values = torch.cat(every, dim=1)
+    return {f"{name}/{stat}": fn(values[i]) for i, name in enumerate(names) for stat, fn in
             (("mean", torch.mean), ("std", lambda x: x.std(correction=0)), ("min", torch.min), ("max", torch.max))}
 
 
@@ -544,14 +551,17 @@ def build_run(args, device, mesh, tokenizer, resume_from) -> Run:
     start = read_weights if resume_from is None else train_state_reader(resume_from, mesh)
     objective = None if sft else aao.Objective(
         loss=args.loss, weighting=args.weighting, beta=args.beta, label_smoothing=args.label_smoothing,
-        simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio, alpha=args.alpha, lambda_c=args.lambda_c,
-        lambda_r=args.lambda_r, reward_form=args.reward_form,
-        sft_below_margin=mixdpo_tau(args, train_items))
+        simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio, ipo_normalized=not args.ipo_sum, alpha=args.alpha,
+        lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_form=args.reward_form,
+        sft_below_margin=mixdpo_tau(args, train_items), sft_weight=args.sft_weight)
+    if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
+        rank0_print(f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
+                    "~20x DPO's: per-pair β made for DPO need a --beta-scale")
     needs_reference = not sft and args.loss != "simpo"
     run = Run(build_model(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing),
               build_model(cfg, read_weights, mesh, dtype, dtype, trainable=False) if needs_reference else None,
               None, objective, train_items, heldout, device, args.micro_batch_size, args.seed,
-              per_pair_beta=bool(args.beta_column))
+              (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None)
     if objective is not None and args.weighting == "aao":
         torch.manual_seed(args.seed)  # the same MLP whatever the number of processes
         run.thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device)
@@ -816,7 +826,9 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
         tensors = {}
         if run.thresholds is not None:  # every rank's copy must be rank 0's: a fingerprint to check that
             flat = torch.cat([p.detach().flatten().double() for p in run.thresholds.parameters()])
-            tensors["thresholds/fingerprint"] = torch.stack([flat.sum(), flat.square().sum()]).cpu()
+            wave = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64)
+            tensors["thresholds/fingerprint"] = torch.stack([flat.square().sum(), (flat * wave.sin()).sum(),
+                                                             (flat * wave.cos()).sum()]).cpu()
         for name, p in named_trainables(run).items():
             if name.startswith("thresholds.") and rank != 0:
                 continue  # replicated: rank 0's copy is every rank's
