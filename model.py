@@ -161,12 +161,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: keep this forward's keys and values, attend to all kept so far
+            k, v = cache.append(k, v)
         # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads (enable_gqa repeats them).
         # Batches are right-padded, so causal attention never lets a real token see padding.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -194,14 +196,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.activation_checkpointing = False
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         if self.activation_checkpointing and torch.is_grad_enabled():
             # Keep only the block's input; recompute its activations during backward.
             return checkpoint(self.residual_stream, x, cos, sin, mask, use_reentrant=False)
-        return self.residual_stream(x, cos, sin, mask)
+        return self.residual_stream(x, cos, sin, mask, cache)
 
-    def residual_stream(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def residual_stream(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -261,6 +263,18 @@ class Transformer(nn.Module):
         if answer_index is None:
             return self.lm_head(hidden)  # (N, T, vocab)
         return self.answer_states(input_ids, embeds, hidden, answer_index, sum_logits)
+
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                       caches: list) -> torch.Tensor:
+        """Generation's forward: input_ids (B, T) at positions (B, T), attending through mask (B, 1, T, S)
+        to the keys held in caches (one KVCache per layer), which this forward's keys join.
+        -> logits of the last position only (B, vocab): the one that predicts the next token."""
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        # Each row has its own positions (left padding), so cos and sin are per row: (B, 1, T, head_dim).
+        cos, sin = rope_cos_sin(self.rope_inv_freq, positions[:, None], x.dtype)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cos, sin, mask, cache)
+        return self.lm_head(self.norm(x[:, -1]))  # (B, vocab)
 
     def answer_states(self, input_ids, embeds, hidden, answer_index, sum_logits) -> AnswerStates:
         N, T, D = hidden.shape
@@ -507,3 +521,97 @@ def tiny_config(vocab_size: int) -> ModelConfig:
 
 def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
     return init_weights(Transformer(tiny_config(vocab_size)), seed)
+
+
+# ----------------------------------------------------------------------------- generation
+
+@dataclass
+class KVCache:
+    """One layer's keys (after RoPE) and values at every slot written so far, so that each new token
+    costs one position's forward. Prompts are left-padded to one length, so slot s of every row is
+    written by the same forward: the slots are shared, each row's positions are its own."""
+    keys: torch.Tensor  # (B, kv heads, capacity, head_dim)
+    values: torch.Tensor
+    filled: int = 0  # slots written
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, kv heads, T, head_dim) keys and values after the filled slots; -> all of them so far."""
+        start, self.filled = self.filled, self.filled + k.shape[2]
+        self.keys[:, :, start:self.filled] = k
+        self.values[:, :, start:self.filled] = v
+        return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
+
+
+def empty_caches(model: Transformer, batch: int, capacity: int) -> list[KVCache]:
+    cfg, weight = model.config, model.embed_tokens.weight
+    shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+    return [KVCache(weight.new_empty(shape), weight.new_empty(shape)) for _ in model.layers]
+
+
+def cache_mask(real: torch.Tensor, start: int, end: int, window: int | None) -> torch.Tensor:
+    """Which slots the queries at slots start..end-1 attend to: (B, 1, end - start, end) bool, True = attend.
+    Query slot i sees the real (not padding) keys at slots j with i - window < j <= i: a row's slots and
+    positions differ by its padding, a constant, so causality and Mistral's window read the same in slots.
+    A padding slot sees itself: some attention kernels give NaN for a softmax over no key, and a NaN in V
+    would reach the real rows (0 weight times NaN is NaN)."""
+    i = torch.arange(start, end, device=real.device)[:, None]
+    j = torch.arange(end, device=real.device)[None, :]
+    see = (j <= i) & (j > i - window) if window else j <= i
+    return (see & real[:, None, :end] | (i == j))[:, None]
+
+
+def prefill(model: Transformer, prompts: list[list[int]], caches: list[KVCache]):
+    """Run the prompts, left-padded to the longest, through the model once, filling the caches.
+    -> logits of each prompt's last token (B, vocab), each row's padding (B,), the real slots (B, capacity)."""
+    device, longest = model.embed_tokens.weight.device, max(map(len, prompts))
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # (B, P)
+    slots = torch.arange(caches[0].keys.shape[2], device=device)
+    real = slots >= pad[:, None]  # row b's first pad[b] slots are padding, every later one a token
+    positions = (slots[:longest] - pad[:, None]).clamp(min=0)  # a prompt starts at position 0 whatever its padding
+    mask = cache_mask(real, 0, longest, model.config.sliding_window)
+    return model.forward_cached(ids, positions, mask, caches), pad, real
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """The next token of each row (B,): the most likely at temperature 0; else a draw from softmax(logits / T)
+    restricted to the nucleus, the fewest most likely tokens whose probabilities reach top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs, order = (logits.float() / temperature).softmax(-1).sort(-1, descending=True)
+    # A token stays when the more likely ones sum to less than top_p: the most likely always stays.
+    probs = probs * (probs.cumsum(-1) - probs < top_p)
+    choice = torch.multinomial(probs, 1, generator=generator)  # renormalizes the kept probabilities
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def cut_at_stop(tokens: list[int], stop_ids) -> list[int]:
+    """A row's tokens up to, not including, its first stop id."""
+    return tokens[:next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))]
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop_ids=(), seed: int = 0) -> list[list[int]]:
+    """Each prompt's new tokens up to its first stop id (excluded) or max_new_tokens, as one batch.
+    The prompts run once (prefill); then each step is one forward of one position per row (decode), which
+    ends when every row has met a stop id. Greedy at temperature 0; a seed gives the same draws again."""
+    if not all(prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device, window = model.embed_tokens.weight.device, model.config.sliding_window
+    longest = max(map(len, prompts))
+    caches = empty_caches(model, len(prompts), longest + max_new_tokens)
+    logits, pad, real = prefill(model, prompts, caches)
+    generator = torch.Generator(device).manual_seed(seed)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    tokens = []
+    for slot in range(longest, longest + max_new_tokens):  # the new token goes to this slot
+        token = sample(logits, temperature, top_p, generator)  # (B,)
+        tokens.append(token)
+        done |= torch.isin(token, stops)
+        if slot + 1 == longest + max_new_tokens or done.all():
+            break
+        logits = model.forward_cached(token[:, None], (slot - pad)[:, None], cache_mask(real, slot, slot + 1, window), caches)
+    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in prompts]
+    return [cut_at_stop(row, set(stop_ids)) for row in rows]
