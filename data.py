@@ -409,3 +409,12 @@ def tiny_tokenizer(vocab_size: int = 640):
     texts = [t for _, r in train + heldout for t in ("Human: " + r["prompt"], "Assistant: " + r["chosen"], r["rejected"])]
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+def answer_stop_ids(tokenizer, template_name: str) -> list[int]:
+    """The token that ends an answer in this template, where generation stops: what follows {content} in
+    its answer format (<|eot_id|> for llama3/llama31, </s> for mistral, the tokenizer's EOS for zephyr/plain)."""
+    end = TEMPLATES[template_name].answer.split("{content}")[1].format(**family_specials(tokenizer))
+    if tokenizer.token_to_id(end) is None:
+        raise DataError(f"template {template_name}: the tokenizer has no token {end!r} to end an answer with")
+    return [tokenizer.token_to_id(end)]

@@ -4,10 +4,15 @@ The math is the one of transformers' LlamaForCausalLM / MistralForCausalLM (fp32
 RMSNorm in fp32, rotate-half RoPE with Llama 3.1 frequency scaling, grouped-query attention through
 F.scaled_dot_product_attention, a SwiGLU MLP, tied or untied output head, Mistral's sliding window.
 Module names follow the checkpoint's ("model." dropped), so loading needs no conversion table.
+`generate` decodes a batch of prompts with a KV cache; as a script, this file writes answers for AlpacaEval:
+
+    python model.py --weights DIR --prompts prompts.jsonl --out answers.json [--template NAME]
 """
+import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +22,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import data
 
 
 class CheckpointError(ValueError):
@@ -615,3 +623,80 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         logits = model.forward_cached(token[:, None], (slot - pad)[:, None], cache_mask(real, slot, slot + 1, window), caches)
     rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in prompts]
     return [cut_at_stop(row, set(stop_ids)) for row in rows]
+
+
+# ----------------------------------------------------------------------------- answers for AlpacaEval
+
+def parse_generation_args(argv):
+    p = argparse.ArgumentParser(description="Write a model's answers to AlpacaEval's instructions: each "
+                                "`instruction` of --prompts as one user turn of the chat template, answered.")
+    p.add_argument("--weights", required=True, help="a Hugging Face directory, or " + ", ".join(PRESETS))
+    p.add_argument("--prompts", required=True, help="JSON lines (or a JSON list) of rows with an 'instruction'")
+    p.add_argument("--out", required=True, help="answers.json: a list of {instruction, output, generator, ...}")
+    p.add_argument("--template", choices=sorted(data.TEMPLATES), help="chat template (default: the checkpoint's)")
+    p.add_argument("--generator", help="the name AlpacaEval shows (default: the weights directory's)")
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("--max-new-tokens and --batch-size must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    return args
+
+
+def read_instructions(path) -> list[dict]:
+    rows = []
+    for where, row in data.read_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise data.DataError(f"{where}: a row needs a string 'instruction'")
+        rows.append(row)
+    return rows
+
+
+def write_answers(args) -> None:
+    rows = read_instructions(args.prompts)
+    weights = resolve_weights(args.weights)
+    name = args.template or data.template_from_checkpoint(weights)
+    tokenizer = load_tokenizer(weights)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_model(weights, device, dtype).eval()
+    specials, eos = data.family_specials(tokenizer), model.config.eos_token_id
+    texts = [data.render_prompt([{"role": "user", "content": r["instruction"]}], data.TEMPLATES[name], specials)
+             for r in rows]
+    # add_special_tokens=False: the template writes BOS itself (as data.tokenize_pairs does).
+    prompts = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    stop_ids = data.answer_stop_ids(tokenizer, name) + ([eos] if isinstance(eos, int) else eos or [])  # config: int or list
+    # Prompts of like length batch together (little padding); longest first, so running out of memory shows at once.
+    order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
+    outputs = [None] * len(rows)
+    with tqdm(total=len(rows), unit="answer", disable=None) as bar:
+        for n, start in enumerate(range(0, len(order), args.batch_size)):
+            batch = order[start:start + args.batch_size]
+            answers = generate(model, [prompts[i] for i in batch], args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p, stop_ids=stop_ids, seed=args.seed + n)
+            for i, ids in zip(batch, answers):
+                outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            bar.update(len(batch))
+    generator = args.generator or Path(weights).resolve().name
+    answers = [{"instruction": r["instruction"], "output": out, "generator": generator,
+                **{k: v for k, v in r.items() if k not in ("instruction", "output", "generator")}}
+               for r, out in zip(rows, outputs)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(answers, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    try:
+        write_answers(parse_generation_args(argv))
+    except (CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

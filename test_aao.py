@@ -313,6 +313,76 @@ def test_sample_draws_the_tempered_nucleus_distribution(temperature, top_p):
     assert (freq - expected).abs().max() < 0.01
     assert (freq[expected == 0] == 0).all()
 
+
+@pytest.mark.parametrize("name, family, end", [("llama3", "llama3", "<|eot_id|>"), ("llama31", "llama3", "<|eot_id|>"),
+                                               ("mistral", "mistral", "</s>"), ("zephyr", "llama3", "<|end_of_text|>"),
+                                               ("zephyr", "mistral", "</s>"), ("plain", "llama3", "<|end_of_text|>")])
+def test_answer_stop_id_is_the_token_that_ends_a_rendered_answer(name, family, end):
+    tok = data.tiny_tokenizer() if family == "llama3" else word_tokenizer(WORDS, specials=["<s>", "</s>"])
+    rendered = data.render_answer("It is 4.", data.TEMPLATES[name], data.family_specials(tok))
+    assert data.answer_stop_ids(tok, name) == [tok.encode(rendered, add_special_tokens=False).ids[-1]]
+    assert data.answer_stop_ids(tok, name) == [tok.token_to_id(end)]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny-gen"
+    M.save_model(M.init_weights(M.Transformer(M.tiny_config(640)), seed=0, std=0.1), path)
+    data.tiny_tokenizer().save(str(path / "tokenizer.json"))
+    return path
+
+
+INSTRUCTIONS = ["What is the capital of France?", "Hi", "Which color does grass have? Tell me the color of snow."]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json"])
+def test_answers_command_writes_alpacaeval_rows_in_input_order(tiny_checkpoint, tmp_path, monkeypatch, layout):
+    """Batched by length (batch size 2 splits the three), restored to the file's order: each output is what
+    generate gives its prompt alone, stopped at the template's end of answer or the config's EOS."""
+    rows = [{"instruction": text, "dataset": f"set{i}"} for i, text in enumerate(INSTRUCTIONS)]
+    prompts = tmp_path / f"prompts.{layout}"
+    prompts.write_text("\n".join(map(json.dumps, rows)) if layout == "jsonl" else json.dumps(rows))
+    real_generate, stop_ids = M.generate, []
+    monkeypatch.setattr(M, "generate", lambda *a, **k: stop_ids.append(k["stop_ids"]) or real_generate(*a, **k))
+    args = ["--weights", tiny_checkpoint, "--prompts", prompts, "--out", tmp_path / "out" / "answers.json",
+            "--template", "llama3", "--max-new-tokens", 12, "--batch-size", 2]
+    assert M.main(list(map(str, args))) == 0
+    answers = json.loads((tmp_path / "out" / "answers.json").read_text())
+    tok, model = M.load_tokenizer(tiny_checkpoint), M.load_model(tiny_checkpoint)
+    stops = [tok.token_to_id("<|eot_id|>"), model.config.eos_token_id]
+    assert stop_ids == [stops, stops]
+    specials = data.family_specials(tok)
+    for row, answer in zip(rows, answers, strict=True):
+        prompt = data.render_prompt([{"role": "user", "content": row["instruction"]}], data.TEMPLATES["llama3"], specials)
+        alone = real_generate(model, [tok.encode(prompt, add_special_tokens=False).ids], 12, stop_ids=stops)[0]
+        assert answer == {"instruction": row["instruction"], "output": tok.decode(alone, skip_special_tokens=True).strip(),
+                          "generator": "tiny-gen", "dataset": row["dataset"]}
+
+
+@pytest.mark.parametrize("text, where, message", [
+    (None, "prompts.jsonl", "no such file"),
+    ('{"instruction": "Hi"}\n{"dataset": "x"}\n', "prompts.jsonl:2", "a row needs a string 'instruction'"),
+    ('{"instruction": "Hi"}\n\n{"instruction": ["Hi"]}\n', "prompts.jsonl:3", "a row needs a string 'instruction'"),
+    ('{"instruction": "Hi"}\n{"instruction": "Hi\n', "prompts.jsonl:2", "not valid JSON"),
+    ('[{"instruction": "Hi"},\n {"instruction": }]', "prompts.jsonl:2", "not valid JSON")])
+def test_answers_command_bad_prompts_are_one_line(tiny_checkpoint, tmp_path, capsys, text, where, message):
+    if text is not None:
+        (tmp_path / "prompts.jsonl").write_text(text)
+    args = ["--weights", tiny_checkpoint, "--prompts", tmp_path / "prompts.jsonl", "--out", tmp_path / "a.json",
+            "--template", "llama3"]
+    assert M.main(list(map(str, args))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / where}: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_answers_command_as_a_script_fails_without_traceback(tiny_checkpoint, tmp_path):
+    (tmp_path / "prompts.jsonl").write_text('{"instruction": 3}\n')
+    out = subprocess.run([sys.executable, str(HERE / "model.py"), "--weights", str(tiny_checkpoint), "--prompts",
+                          str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "a.json"), "--template", "llama3"],
+                         capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert out.returncode == 1 and out.stderr == f"error: {tmp_path / 'prompts.jsonl'}:1: a row needs a string 'instruction'\n"
+
 # ============================================================================= aao.py
 
 def rand_mask(B, K, lo=2):
