@@ -383,6 +383,18 @@ def test_answers_command_as_a_script_fails_without_traceback(tiny_checkpoint, tm
                          capture_output=True, text=True, timeout=60, cwd=HERE)
     assert out.returncode == 1 and out.stderr == f"error: {tmp_path / 'prompts.jsonl'}:1: a row needs a string 'instruction'\n"
 
+
+def test_generation_speed_script_runs_its_tiny_setting(capsys):
+    pytest.importorskip("transformers")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("generation_speed", HERE / "experiments" / "generation_speed.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--tiny", "--new-tokens", "3", "--reps", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("float32", "1"), ("float32", "8"), ("bfloat16", "1"), ("bfloat16", "8")]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
 # ============================================================================= aao.py
 
 def rand_mask(B, K, lo=2):
