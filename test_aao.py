@@ -226,15 +226,24 @@ def test_batched_greedy_generation_matches_transformers_alone(hf_and_ours):
     assert M.generate(ours, PROMPTS, NEW_TOKENS) == [hf_greedy(m, p, NEW_TOKENS) for p in PROMPTS]
 
 
-def broken_offset(prefill):  # decoded tokens at their slot, not at prompt length + step, in padded rows
-    return lambda *a: (lambda logits, pad, real: (logits, pad * 0, real))(*prefill(*a))
+def positions_by_slot(prefill):
+    """A wrong offset: decoded tokens at their slot's index, not at prompt length + step, in padded rows."""
+    def broken(*args):
+        logits, pad, real = prefill(*args)
+        return logits, pad * 0, real
+    return broken
 
 
-BREAKAGES = {
-    "position offset": ("prefill", broken_offset),
-    "padding mask": ("cache_mask", lambda mask: lambda real, *a: mask(torch.ones_like(real), *a)),
-    "window": ("cache_mask", lambda mask: lambda real, start, end, window: mask(real, start, end, None)),
-}
+def no_padding_mask(cache_mask):
+    return lambda real, start, end, window: cache_mask(torch.ones_like(real), start, end, window)
+
+
+def no_window(cache_mask):
+    return lambda real, start, end, window: cache_mask(real, start, end, None)
+
+
+BREAKAGES = {"position offset": ("prefill", positions_by_slot), "padding mask": ("cache_mask", no_padding_mask),
+             "window": ("cache_mask", no_window)}
 
 
 @pytest.mark.parametrize("hf_and_ours, broken", [(k, b) for k in ("llama", "tied", "mistral") for b in BREAKAGES
