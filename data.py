@@ -478,7 +478,7 @@ def write_tokenizer_config(out_dir, template: str, source_dir=None) -> None:
         # renders what the model was trained on; EOS, where generation stops, is the token that ends an
         # answer (Llama 3.1 base's config says <|end_of_text|>, but a llama3-template answer ends in <|eot_id|>).
         config["bos_token"] = specials["bos"]
-        config["eos_token"] = TEMPLATES[template].answer.split("{content}")[1].format(**specials)
+        config["eos_token"] = answer_end(template, specials)
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -732,6 +732,20 @@ def tiny_tokenizer(vocab_size: int = 640):
     texts = [t for _, r in train + heldout for t in ("Human: " + r["prompt"], "Assistant: " + r["chosen"], r["rejected"])]
     tok.train_from_iterator(texts, trainer)
     return tok
+
+
+def answer_end(template_name: str, specials: dict) -> str:
+    """The token text that ends an answer in this template, what follows {content} in its answer format:
+    <|eot_id|> for llama3/llama31, </s> for mistral, the tokenizer family's EOS for zephyr/plain."""
+    return TEMPLATES[template_name].answer.split("{content}")[1].format(**specials)
+
+
+def answer_stop_ids(tokenizer, template_name: str) -> list[int]:
+    """Where generation stops: the id of the token that ends an answer in this template."""
+    end = answer_end(template_name, family_specials(tokenizer))
+    if tokenizer.token_to_id(end) is None:
+        raise DataError(f"template {template_name}: the tokenizer has no token {end!r} to end an answer with")
+    return [tokenizer.token_to_id(end)]
 
 
 # ----------------------------------------------------------------------------- command line

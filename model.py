@@ -4,10 +4,15 @@ The math is the one of transformers' LlamaForCausalLM / MistralForCausalLM (fp32
 RMSNorm in fp32, rotate-half RoPE with Llama 3.1 frequency scaling, grouped-query attention through
 F.scaled_dot_product_attention, a SwiGLU MLP, tied or untied output head, Mistral's sliding window.
 Module names follow the checkpoint's ("model." dropped), so loading needs no conversion table.
+`generate` decodes a batch of prompts with a KV cache; as a script, this file writes answers for AlpacaEval:
+
+    python model.py --weights DIR --prompts prompts.jsonl --out answers.json [--template NAME]
 """
+import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +22,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import data
 
 
 class CheckpointError(ValueError):
@@ -161,12 +169,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: keep this forward's keys and values, attend to all kept so far
+            k, v = cache.append(k, v)
         # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads (enable_gqa repeats them).
         # Batches are right-padded, so causal attention never lets a real token see padding.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -194,14 +204,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.activation_checkpointing = False
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache=None):
         if self.activation_checkpointing and torch.is_grad_enabled():
             # Keep only the block's input; recompute its activations during backward.
             return checkpoint(self.residual_stream, x, cos, sin, mask, use_reentrant=False)
-        return self.residual_stream(x, cos, sin, mask)
+        return self.residual_stream(x, cos, sin, mask, cache)
 
-    def residual_stream(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def residual_stream(self, x, cos, sin, mask, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -261,6 +271,18 @@ class Transformer(nn.Module):
         if answer_index is None:
             return self.lm_head(hidden)  # (N, T, vocab)
         return self.answer_states(input_ids, embeds, hidden, answer_index, sum_logits)
+
+    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                       caches: list) -> torch.Tensor:
+        """Generation's forward: input_ids (B, T) at positions (B, T), attending through mask (B, 1, T, S)
+        to the keys held in caches (one KVCache per layer), which this forward's keys join.
+        -> logits of the last position only (B, vocab): the one that predicts the next token."""
+        x = self.embed_tokens(input_ids)  # (B, T, D)
+        # Each row has its own positions (left padding), so cos and sin are per row: (B, 1, T, head_dim).
+        cos, sin = rope_cos_sin(self.rope_inv_freq, positions[:, None], x.dtype)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, cos, sin, mask, cache)
+        return self.lm_head(self.norm(x[:, -1]))  # (B, vocab)
 
     def answer_states(self, input_ids, embeds, hidden, answer_index, sum_logits) -> AnswerStates:
         N, T, D = hidden.shape
@@ -522,3 +544,174 @@ def tiny_config(vocab_size: int) -> ModelConfig:
 
 def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
     return init_weights(Transformer(tiny_config(vocab_size)), seed)
+
+
+# ----------------------------------------------------------------------------- generation
+
+@dataclass
+class KVCache:
+    """One layer's keys (after RoPE) and values at every slot written so far, so that each new token
+    costs one position's forward. Prompts are left-padded to one length, so slot s of every row is
+    written by the same forward: the slots are shared, each row's positions are its own."""
+    keys: torch.Tensor  # (B, kv heads, capacity, head_dim)
+    values: torch.Tensor
+    filled: int = 0  # slots written
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, kv heads, T, head_dim) keys and values after the filled slots; -> all of them so far."""
+        start, self.filled = self.filled, self.filled + k.shape[2]
+        self.keys[:, :, start:self.filled] = k
+        self.values[:, :, start:self.filled] = v
+        return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
+
+
+def empty_caches(model: Transformer, batch: int, capacity: int) -> list[KVCache]:
+    cfg, weight = model.config, model.embed_tokens.weight
+    shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+    return [KVCache(weight.new_empty(shape), weight.new_empty(shape)) for _ in model.layers]
+
+
+def cache_mask(real: torch.Tensor, start: int, end: int, window: int | None) -> torch.Tensor:
+    """Which slots the queries at slots start..end-1 attend to: (B, 1, end - start, end) bool, True = attend.
+    Query slot i sees the real (not padding) keys at slots j with i - window < j <= i: a row's slots and
+    positions differ by its padding, a constant, so causality and Mistral's window read the same in slots.
+    A padding slot sees itself: some attention kernels give NaN for a softmax over no key, and a NaN in V
+    would reach the real rows (0 weight times NaN is NaN)."""
+    i = torch.arange(start, end, device=real.device)[:, None]
+    j = torch.arange(end, device=real.device)[None, :]
+    see = (j <= i) & (j > i - window) if window else j <= i
+    return (see & real[:, None, :end] | (i == j))[:, None]
+
+
+def prefill(model: Transformer, prompts: list[list[int]], caches: list[KVCache]):
+    """Run the prompts, left-padded to the longest, through the model once, filling the caches.
+    -> logits of each prompt's last token (B, vocab), each row's padding (B,), the real slots (B, capacity)."""
+    device, longest = model.embed_tokens.weight.device, max(map(len, prompts))
+    pad = torch.tensor([longest - len(p) for p in prompts], device=device)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # (B, P)
+    slots = torch.arange(caches[0].keys.shape[2], device=device)
+    real = slots >= pad[:, None]  # row b's first pad[b] slots are padding, every later one a token
+    positions = (slots[:longest] - pad[:, None]).clamp(min=0)  # a prompt starts at position 0 whatever its padding
+    mask = cache_mask(real, 0, longest, model.config.sliding_window)
+    return model.forward_cached(ids, positions, mask, caches), pad, real
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """The next token of each row (B,): the most likely at temperature 0; else a draw from softmax(logits / T)
+    restricted to the nucleus, the fewest most likely tokens whose probabilities reach top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs, order = (logits.float() / temperature).softmax(-1).sort(-1, descending=True)
+    # A token stays when the more likely ones sum to less than top_p: the most likely always stays.
+    probs = probs * (probs.cumsum(-1) - probs < top_p)
+    choice = torch.multinomial(probs, 1, generator=generator)  # renormalizes the kept probabilities
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def cut_at_stop(tokens: list[int], stop_ids) -> list[int]:
+    """A row's tokens up to, not including, its first stop id."""
+    return tokens[:next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))]
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, stop_ids=(), seed: int = 0) -> list[list[int]]:
+    """Each prompt's new tokens up to its first stop id (excluded) or max_new_tokens, as one batch.
+    The prompts run once (prefill); then each step is one forward of one position per row (decode), which
+    ends when every row has met a stop id. Greedy at temperature 0; a seed gives the same draws again."""
+    if not all(prompts):
+        raise ValueError("generate: every prompt needs at least one token")
+    device, window = model.embed_tokens.weight.device, model.config.sliding_window
+    longest = max(map(len, prompts))
+    caches = empty_caches(model, len(prompts), longest + max_new_tokens)
+    logits, pad, real = prefill(model, prompts, caches)
+    generator = torch.Generator(device).manual_seed(seed)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    tokens = []
+    for slot in range(longest, longest + max_new_tokens):  # the new token goes to this slot
+        token = sample(logits, temperature, top_p, generator)  # (B,)
+        tokens.append(token)
+        done |= torch.isin(token, stops)
+        if slot + 1 == longest + max_new_tokens or done.all():
+            break
+        logits = model.forward_cached(token[:, None], (slot - pad)[:, None], cache_mask(real, slot, slot + 1, window), caches)
+    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in prompts]
+    return [cut_at_stop(row, set(stop_ids)) for row in rows]
+
+
+# ----------------------------------------------------------------------------- answers for AlpacaEval
+
+def parse_generation_args(argv):
+    p = argparse.ArgumentParser(description="Write a model's answers to AlpacaEval's instructions: each "
+                                "`instruction` of --prompts as one user turn of the chat template, answered.")
+    p.add_argument("--weights", required=True, help="a Hugging Face directory, or " + ", ".join(PRESETS))
+    p.add_argument("--prompts", required=True, help="JSON lines (or a JSON list) of rows with an 'instruction'")
+    p.add_argument("--out", required=True, help="answers.json: a list of {instruction, output, generator, ...}")
+    p.add_argument("--template", choices=sorted(data.TEMPLATES), help="chat template (default: the checkpoint's)")
+    p.add_argument("--generator", help="the name AlpacaEval shows (default: the weights directory's)")
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("--max-new-tokens and --batch-size must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    return args
+
+
+def read_instructions(path) -> list[dict]:
+    rows = []
+    for where, row in data.read_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise data.DataError(f"{where}: a row needs a string 'instruction'")
+        rows.append(row)
+    return rows
+
+
+def write_answers(args) -> None:
+    rows = read_instructions(args.prompts)
+    weights = resolve_weights(args.weights)
+    name = args.template or data.template_from_checkpoint(weights)
+    tokenizer = load_tokenizer(weights)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_model(weights, device, dtype).eval()
+    specials, eos = data.family_specials(tokenizer), model.config.eos_token_id
+    texts = [data.render_prompt([{"role": "user", "content": r["instruction"]}], data.TEMPLATES[name], specials)
+             for r in rows]
+    # add_special_tokens=False: the template writes BOS itself (as data.tokenize_pairs does).
+    prompts = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    stop_ids = data.answer_stop_ids(tokenizer, name) + ([eos] if isinstance(eos, int) else eos or [])  # config: int or list
+    # Prompts of like length batch together (little padding); longest first, so running out of memory shows at once.
+    order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
+    outputs = [None] * len(rows)
+    with tqdm(total=len(rows), unit="answer", disable=None) as bar:
+        for n, start in enumerate(range(0, len(order), args.batch_size)):
+            batch = order[start:start + args.batch_size]
+            answers = generate(model, [prompts[i] for i in batch], args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p, stop_ids=stop_ids, seed=args.seed + n)
+            for i, ids in zip(batch, answers):
+                outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            bar.update(len(batch))
+    generator = args.generator or Path(weights).resolve().name
+    answers = [{"instruction": r["instruction"], "output": out, "generator": generator,
+                **{k: v for k, v in r.items() if k not in ("instruction", "output", "generator")}}
+               for r, out in zip(rows, outputs)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(answers, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    try:
+        write_answers(parse_generation_args(argv))
+    except (CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

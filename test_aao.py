@@ -191,6 +191,221 @@ def test_missing_preset_says_where_to_put_the_files(tmp_path, monkeypatch):
     assert "model*.safetensors" in str(e.value)
 
 
+# ----------------------------------------------------------------------------- generation
+
+def random_prompts(lengths, vocab=101, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# One batch of three lengths: two rows are left-padded; 23 + 16 positions pass the llama3 rope's original 16,
+# and every prompt + answer is longer than Mistral's window of 8.
+PROMPTS, NEW_TOKENS = random_prompts([23, 5, 12]), 16
+
+
+def hf_greedy(m, prompt, n):
+    """transformers' greedy generate of one prompt alone, never stopping early."""
+    m.generation_config.eos_token_id = None
+    out = m.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                     do_sample=False, max_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(request, tmp_path_factory):
+    """A transformers model of kind request.param (indirect parametrization) and ours loaded from its files."""
+    m = hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    m.save_pretrained(path)
+    return m, M.load_model(path)
+
+
+@pytest.mark.parametrize("hf_and_ours", ["llama", "tied", "mistral"], indirect=True)
+def test_batched_greedy_generation_matches_transformers_alone(hf_and_ours):
+    """Llama with GQA and llama3 rope scaling, tied embeddings, Mistral's window: our left-padded batch with
+    its cache, token for token against transformers' greedy generate of each prompt on its own."""
+    m, ours = hf_and_ours
+    assert M.generate(ours, PROMPTS, NEW_TOKENS) == [hf_greedy(m, p, NEW_TOKENS) for p in PROMPTS]
+
+
+def positions_by_slot(prefill):
+    """A wrong offset: decoded tokens at their slot's index, not at prompt length + step, in padded rows."""
+    def broken(*args):
+        logits, pad, real = prefill(*args)
+        return logits, pad * 0, real
+    return broken
+
+
+def no_padding_mask(cache_mask):
+    return lambda real, start, end, window: cache_mask(torch.ones_like(real), start, end, window)
+
+
+def no_window(cache_mask):
+    return lambda real, start, end, window: cache_mask(real, start, end, None)
+
+
+BREAKAGES = {"position offset": ("prefill", positions_by_slot), "padding mask": ("cache_mask", no_padding_mask),
+             "window": ("cache_mask", no_window)}
+
+
+@pytest.mark.parametrize("hf_and_ours, broken", [(k, b) for k in ("llama", "tied", "mistral") for b in BREAKAGES
+                                               if b != "window" or k == "mistral"], indirect=["hf_and_ours"])
+def test_generation_parity_catches_a_broken_cache(hf_and_ours, monkeypatch, broken):
+    """The parity test above would fail with a wrong position offset, no padding mask or (Mistral) no window."""
+    _, ours = hf_and_ours
+    right = M.generate(ours, PROMPTS, NEW_TOKENS)
+    name, breaking = BREAKAGES[broken]
+    monkeypatch.setattr(M, name, breaking(getattr(M, name)))
+    assert M.generate(ours, PROMPTS, NEW_TOKENS) != right
+
+
+def generation_model(dtype=torch.float32):
+    """Ours alone (no transformers): the tiny Llama with weights large enough to decide the greedy tokens,
+    and a window of 6 so that it matters too."""
+    cfg = M.ModelConfig(**{**M.tiny_config(101).__dict__, "sliding_window": 6})
+    return M.init_weights(M.Transformer(cfg), seed=0, std=0.1).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
+def test_cached_decoding_gives_the_full_forward_logits(dtype, tol):
+    """Prefill and decode steps through the cache, left-padded rows, teacher-forced: the logits of each step
+    equal those of one forward over each row's whole sequence alone, in fp32 and (to bf16's rounding) bf16."""
+    m, steps = generation_model(dtype), 5
+    follow = torch.randint(0, 101, (3, steps), generator=torch.Generator().manual_seed(1))
+    caches = M.empty_caches(m, 3, 23 + steps)
+    logits, pad, real = M.prefill(m, PROMPTS, caches)
+    cached = [logits]
+    for t in range(steps - 1):
+        slot = 23 + t
+        mask = M.cache_mask(real, slot, slot + 1, m.config.sliding_window)
+        cached.append(m.forward_cached(follow[:, t:t + 1], (slot - pad)[:, None], mask, caches))
+    cached = torch.stack(cached, 1).float()  # (3, steps, vocab)
+    assert caches[0].keys.dtype == dtype
+    for b, p in enumerate(PROMPTS):
+        full = m(torch.tensor([p + follow[b].tolist()]))[0, len(p) - 1:len(p) + steps - 1].float()
+        assert (cached[b] - full).abs().max() < tol * full.abs().max()
+
+
+def test_stop_ids_end_rows_and_are_excluded(monkeypatch):
+    m = generation_model()
+    full = M.generate(m, PROMPTS, NEW_TOKENS)
+    k = next(k for k in range(2, NEW_TOKENS) if full[0][k] not in full[0][:k])  # a first occurrence, not at 0
+    stop = full[0][k]
+    cut = M.generate(m, PROMPTS, NEW_TOKENS, stop_ids=[stop])
+    assert cut[0] == full[0][:k]
+    assert cut == [row[:row.index(stop)] if stop in row else row for row in full]
+    forwards = []
+    monkeypatch.setattr(m, "forward_cached", lambda *a: forwards.append(1) or M.Transformer.forward_cached(m, *a))
+    assert M.generate(m, PROMPTS, NEW_TOKENS, stop_ids=range(101)) == [[], [], []]
+    assert len(forwards) == 1  # the prefill only: once every row has stopped, the batch ends
+
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
+    m = generation_model()
+    sampled = M.generate(m, PROMPTS, NEW_TOKENS, temperature=1.0, seed=3)
+    assert M.generate(m, PROMPTS, NEW_TOKENS, temperature=1.0, seed=3) == sampled
+    assert M.generate(m, PROMPTS, NEW_TOKENS, temperature=1.0, seed=4) != sampled
+    assert sampled != M.generate(m, PROMPTS, NEW_TOKENS)
+    assert M.generate(m, PROMPTS, NEW_TOKENS, temperature=1.0, top_p=1e-6, seed=3) == M.generate(m, PROMPTS, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (2.0, 0.7)])
+def test_sample_draws_the_tempered_nucleus_distribution(temperature, top_p):
+    """Frequencies of 40,000 draws against the float64 distribution: softmax(logits / T), cut to the fewest
+    most likely tokens whose probability reaches top_p, renormalized."""
+    logits = torch.tensor([2.0, 1.5, 0.3, -1.0, 0.9])
+    p = (logits.double() / temperature).softmax(-1)
+    ranked = p.sort(descending=True)
+    kept = ranked.indices[:int((ranked.values.cumsum(0) < top_p).sum()) + 1]
+    expected = torch.zeros_like(p).index_fill(0, kept, 1) * p
+    expected /= expected.sum()
+    draws = M.sample(logits.expand(40_000, 5), temperature, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / 40_000
+    assert (freq - expected).abs().max() < 0.01
+    assert (freq[expected == 0] == 0).all()
+
+
+@pytest.mark.parametrize("name, family, end", [("llama3", "llama3", "<|eot_id|>"), ("llama31", "llama3", "<|eot_id|>"),
+                                               ("mistral", "mistral", "</s>"), ("zephyr", "llama3", "<|end_of_text|>"),
+                                               ("zephyr", "mistral", "</s>"), ("plain", "llama3", "<|end_of_text|>")])
+def test_answer_stop_id_is_the_token_that_ends_a_rendered_answer(name, family, end):
+    tok = data.tiny_tokenizer() if family == "llama3" else word_tokenizer(WORDS, specials=["<s>", "</s>"])
+    rendered = data.render_answer("It is 4.", data.TEMPLATES[name], data.family_specials(tok))
+    assert data.answer_stop_ids(tok, name) == [tok.encode(rendered, add_special_tokens=False).ids[-1]]
+    assert data.answer_stop_ids(tok, name) == [tok.token_to_id(end)]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "tiny-gen"
+    M.save_model(M.init_weights(M.Transformer(M.tiny_config(640)), seed=0, std=0.1), path)
+    data.tiny_tokenizer().save(str(path / "tokenizer.json"))
+    return path
+
+
+INSTRUCTIONS = ["What is the capital of France?", "Hi", "Which color does grass have? Tell me the color of snow."]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json"])
+def test_answers_command_writes_alpacaeval_rows_in_input_order(tiny_checkpoint, tmp_path, monkeypatch, layout):
+    """Batched by length (batch size 2 splits the three), restored to the file's order: each output is what
+    generate gives its prompt alone, stopped at the template's end of answer or the config's EOS."""
+    rows = [{"instruction": text, "dataset": f"set{i}"} for i, text in enumerate(INSTRUCTIONS)]
+    prompts = tmp_path / f"prompts.{layout}"
+    prompts.write_text("\n".join(map(json.dumps, rows)) if layout == "jsonl" else json.dumps(rows))
+    real_generate, stop_ids = M.generate, []
+    monkeypatch.setattr(M, "generate", lambda *a, **k: stop_ids.append(k["stop_ids"]) or real_generate(*a, **k))
+    args = ["--weights", tiny_checkpoint, "--prompts", prompts, "--out", tmp_path / "out" / "answers.json",
+            "--template", "llama3", "--max-new-tokens", 12, "--batch-size", 2]
+    assert M.main(list(map(str, args))) == 0
+    answers = json.loads((tmp_path / "out" / "answers.json").read_text())
+    tok, model = M.load_tokenizer(tiny_checkpoint), M.load_model(tiny_checkpoint)
+    stops = [tok.token_to_id("<|eot_id|>"), model.config.eos_token_id]
+    assert stop_ids == [stops, stops]
+    specials = data.family_specials(tok)
+    for row, answer in zip(rows, answers, strict=True):
+        prompt = data.render_prompt([{"role": "user", "content": row["instruction"]}], data.TEMPLATES["llama3"], specials)
+        alone = real_generate(model, [tok.encode(prompt, add_special_tokens=False).ids], 12, stop_ids=stops)[0]
+        assert answer == {"instruction": row["instruction"], "output": tok.decode(alone, skip_special_tokens=True).strip(),
+                          "generator": "tiny-gen", "dataset": row["dataset"]}
+
+
+@pytest.mark.parametrize("text, where, message", [
+    (None, "prompts.jsonl", "no such file"),
+    ('{"instruction": "Hi"}\n{"dataset": "x"}\n', "prompts.jsonl:2", "a row needs a string 'instruction'"),
+    ('{"instruction": "Hi"}\n\n{"instruction": ["Hi"]}\n', "prompts.jsonl:3", "a row needs a string 'instruction'"),
+    ('{"instruction": "Hi"}\n{"instruction": "Hi\n', "prompts.jsonl:2", "not valid JSON"),
+    ('[{"instruction": "Hi"},\n {"instruction": }]', "prompts.jsonl:2", "not valid JSON")])
+def test_answers_command_bad_prompts_are_one_line(tiny_checkpoint, tmp_path, capsys, text, where, message):
+    if text is not None:
+        (tmp_path / "prompts.jsonl").write_text(text)
+    args = ["--weights", tiny_checkpoint, "--prompts", tmp_path / "prompts.jsonl", "--out", tmp_path / "a.json",
+            "--template", "llama3"]
+    assert M.main(list(map(str, args))) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / where}: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "a.json").exists()
+
+
+def test_answers_command_as_a_script_fails_without_traceback(tiny_checkpoint, tmp_path):
+    (tmp_path / "prompts.jsonl").write_text('{"instruction": 3}\n')
+    out = subprocess.run([sys.executable, str(HERE / "model.py"), "--weights", str(tiny_checkpoint), "--prompts",
+                          str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "a.json"), "--template", "llama3"],
+                         capture_output=True, text=True, timeout=60, cwd=HERE)
+    assert out.returncode == 1 and out.stderr == f"error: {tmp_path / 'prompts.jsonl'}:1: a row needs a string 'instruction'\n"
+
+
+def test_generation_speed_script_runs_its_tiny_setting(capsys):
+    pytest.importorskip("transformers")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("generation_speed", HERE / "experiments" / "generation_speed.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--tiny", "--new-tokens", "3", "--reps", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("float32", "1"), ("float32", "8"), ("bfloat16", "1"), ("bfloat16", "8")]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
 # ============================================================================= aao.py
 
 def rand_mask(B, K, lo=2):
