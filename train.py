@@ -922,14 +922,25 @@ def save_weights(run: Run, tokenizer, final: Path, dtype, template: str, source:
                       sum(p.numel() for _, p in params) * dtype.itemsize)
         tokenizer.save(str(tmp / "tokenizer.json"))
         data.write_tokenizer_config(tmp, template, source)
-        if source and (source / "generation_config.json").is_file():
-            shutil.copy(source / "generation_config.json", tmp / "generation_config.json")
+        write_generation_config(tmp, source, run.policy.config, data.answer_stop_ids(tokenizer, template))
     dist.barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     dist.barrier()
     return final
+
+
+def write_generation_config(out: Path, source: Path | None, cfg, stop_ids: list) -> None:
+    """generation_config.json: the source's, with the template's end-of-answer token among the stop ids, so
+    that a server (vLLM, transformers) stops where the trained answers stop: a base model's config lists
+    only <|end_of_text|>, while a Llama 3 chat answer ends with <|eot_id|>."""
+    config = json.loads((source / "generation_config.json").read_text()) if source and \
+        (source / "generation_config.json").is_file() else {}
+    eos = config.get("eos_token_id", cfg.eos_token_id)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    config["eos_token_id"] = eos + [i for i in stop_ids if i not in eos]
+    (out / "generation_config.json").write_text(json.dumps(config, indent=2))
 
 
 class ReferenceCache:
