@@ -533,12 +533,17 @@ def resolve_weights(name_or_dir: str) -> str:
         "or set AAO_WEIGHTS_DIR to the folder that holds it.")
 
 
+def llama3_rope_scaling(original_max_position_embeddings: int = 8192) -> dict:
+    """Llama 3.1's rope_scaling (config.json), for a model whose original context is the given length."""
+    return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": original_max_position_embeddings}
+
+
 def tiny_config(vocab_size: int) -> ModelConfig:
     """The built-in tiny Llama: GQA and llama3 rope scaling like the real thing, small enough for a CPU."""
     return ModelConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=2048,
-                       rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
-                       "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+                       rope_theta=500000.0, rope_scaling=llama3_rope_scaling(256),
                        bos_token_id=0, eos_token_id=1)
 
 

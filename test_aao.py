@@ -31,8 +31,7 @@ def hf_model(kind: str):
     """A tiny random transformers model for each case the loader must handle, with weights large
     enough (std 0.1) that a wrong rotation, scaling or mask shows up in the logits."""
     transformers = pytest.importorskip("transformers")
-    llama3_rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 16}
+    llama3_rope = M.llama3_rope_scaling(16)
     base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=101, max_position_embeddings=128)
     if kind == "mistral":
@@ -1606,6 +1605,22 @@ def test_resume_of_nothing_is_one_line(tmp_path, capsys):
     (tmp_path / "started" / "args.json").write_text("{}")
     assert train.main(["--resume", str(tmp_path / "started")]) == 1
     assert "saved no step-N/ checkpoint yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"), (["--lr=-1e-6"], "--lr -1e-06: must be > 0"),
+    (["--lr", "nan"], "--lr nan: must be > 0"), (["--warmup", "1.5"], "--warmup 1.5: must be in [0, 1]"),
+    (["--label-smoothing", "0.5"], "must be in [0, 0.5)"), (["--max-length", "64", "--max-prompt-length", "64"], "no room"),
+    (["--replicate", "0"], "--replicate 0: must be >= 1"), (["--weights", "no-such-model"], "neither a directory nor one of"),
+    (["--data", "no-such-file.jsonl"], "no-such-file.jsonl: no such file"), (["--data", "."], ".: no such file"),
+    (["--eval-data", "missing.jsonl"], "missing.jsonl: no such file"), (["--keep-last", "0"], "--keep-last 0"),
+    (["--batch-size", "7", "--eval-pairs", "0", "--data", "{pairs}", "--sft-below-quantile", "2"], "must be in [0, 1]"),
+])
+def test_bad_command_lines_are_one_line_without_traceback(tmp_path, capsys, argv, message):
+    argv = [a.replace("{pairs}", str(pairs_file(tmp_path))) for a in argv]
+    assert train.main([*argv, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error") and message in err[0], err
 
 
 def test_broken_data_file_is_one_line_without_traceback(tmp_path):

@@ -147,8 +147,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, values in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, values[column])
+    check_values(args)
     args.template = chat_template(args.weights, args.template)
     return args
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1, SHARE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), \
+    (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+LIMITS = {"lr": POSITIVE, "threshold_lr": POSITIVE, "beta": POSITIVE, "alpha": POSITIVE, "epochs": POSITIVE,
+          "grad_clip": POSITIVE, "dist_timeout": POSITIVE, "beta_scale": POSITIVE, "weight_decay": AT_LEAST_0,
+          "lambda_c": AT_LEAST_0, "lambda_r": AT_LEAST_0, "sft_weight": AT_LEAST_0, "eval_pairs": AT_LEAST_0,
+          "save_every": AT_LEAST_0, "batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
+          "max_length": AT_LEAST_1, "max_prompt_length": AT_LEAST_1, "max_steps": AT_LEAST_1,
+          "eval_every": AT_LEAST_1, "keep_last": AT_LEAST_1, "replicate": AT_LEAST_1, "warmup": SHARE,
+          "sft_below_quantile": SHARE, "simpo_gamma_beta_ratio": AT_LEAST_0,
+          "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")}
+
+
+def check_values(args) -> None:
+    """Values argparse's types let through but no run can use: refused by name before anything loads."""
+    for key, (ok, need) in LIMITS.items():
+        value = getattr(args, key)
+        if value is not None and not (ok(value) and math.isfinite(value)):
+            raise TrainingError(f"--{key.replace('_', '-')} {value}: must be {need}")
+    if args.max_prompt_length is not None and args.max_prompt_length >= args.max_length:
+        raise TrainingError(f"--max-prompt-length {args.max_prompt_length} leaves no room for an answer in "
+                            f"--max-length {args.max_length}")
 
 
 def chat_template(weights: str, given: str | None) -> str:
@@ -157,7 +181,7 @@ def chat_template(weights: str, given: str | None) -> str:
         return given
     if weights in M.PRESETS:
         return M.PRESETS[weights]["template"]
-    return data.template_from_checkpoint(weights)
+    return data.template_from_checkpoint(M.resolve_weights(weights))
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -280,11 +304,9 @@ def count_parameters(cfg) -> dict:
 
 def load_data(args, tokenizer) -> tuple[list, list]:
     """Tokenized training and held-out items: pairs, or for --loss sft single examples."""
-    if args.data == "synthetic":
-        train_rows, eval_rows = data.synthetic_rows(args.seed)
-    else:
-        train_rows = data.read_rows(args.data)
-        eval_rows = data.read_rows(args.eval_data) if args.eval_data else []
+    train_rows, eval_rows = data.synthetic_rows(args.seed) if args.data == "synthetic" else (data.read_rows(args.data), [])
+    if args.eval_data:
+        eval_rows = data.read_rows(args.eval_data)
     if args.loss == "sft":
         tokenize = lambda rows: data.sft_examples(tokenizer, rows, args.template, args.max_length)
     else:

@@ -25,8 +25,7 @@ def llama3_shaped() -> M.ModelConfig:
     """Llama 3.1's proportions at ~50M parameters: 4 query heads per kv head, an MLP 3.5x wide, llama3 rope."""
     return M.ModelConfig(hidden_size=512, intermediate_size=1792, num_hidden_layers=6, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=32000, max_position_embeddings=131072, rope_theta=500000.0,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                         rope_scaling=M.llama3_rope_scaling(8192),
                          bos_token_id=0, eos_token_id=1)
 
 
