@@ -1657,6 +1657,17 @@ def test_objective_variants_train(tmp_path, args):
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows) and "eval/loss" in rows[-1]
 
 
+def test_tensorboard_logs_the_metrics_when_asked(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = in_process(tmp_path, "--tensorboard")
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "rewards/accuracies", "a/mean", "eval/rewards/margins"} <= tags
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx(losses(out))
+
+
 def test_precomputed_reference_gives_the_live_losses(tmp_path):
     live = losses(in_process(tmp_path, "--seed", 1))
     cached = losses(in_process(tmp_path, "--seed", 1, "--precompute-ref"))
