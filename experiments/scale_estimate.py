@@ -1,0 +1,120 @@
+"""Memory per GPU and time per epoch of train.py on Llama-3.1-8B, computed (not measured) from the model's
+shapes, what FSDP2 and the trainer keep, and the stated assumptions: the README's 8-GPU figures.
+
+    python experiments/scale_estimate.py            # prints the README's tables
+
+Memory per GPU, in bytes, with P parameters sharded over S ranks and fp32 master weights:
+  sharded state     4P/S weights + 4P/S gradients + 8P/S AdamW moments (+ 2P/S the bf16 reference)
+  threshold MLP     replicated: vocab x 512 (+ 1,026) fp32 parameters, gradient and two moments (16 B each)
+  gathered          the policy's root (embedding and head, bf16) from forward to backward; two blocks at once
+                    (FSDP2 prefetches the next); in backward a block's bf16 gradient and its fp32 copy for
+                    the reduce-scatter; during the reference's forward its root and two of its blocks
+  activations       per token and layer, what autograd keeps (bf16): both RMSNorms' fp32 input and bf16
+                    output (6D each), q, k, v and the attention output (4D + 4·kv), o_proj's input (2D), the
+                    SwiGLU's gate, up, silu(gate) and product (8F); with activation checkpointing the block's
+                    input (2D) plus one block recomputed at a time
+  head              the chunked head: one block of 2^25 fp32 logits, its exponent and its gradient
+Time per epoch: model FLOPs as train.py's MFU counts them, at an assumed MFU, against the time the
+FSDP collectives take at assumed bandwidths, once per micro-batch (train.py reduce-scatters every
+micro-batch); a step takes the longer of the two (FSDP overlaps them).
+"""
+from dataclasses import dataclass
+
+GB = 1e9
+
+
+@dataclass
+class Llama:  # Llama-3.1-8B's config.json
+    vocab: int = 128_256
+    dim: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 8
+    ffn: int = 14_336
+
+    @property
+    def block(self) -> int:  # parameters of one block: attention, MLP, two norms
+        kv = self.kv_heads * self.dim // self.heads
+        return 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * self.ffn + 2 * self.dim
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.block + 2 * self.vocab * self.dim + self.dim
+
+
+# Assumptions, stated: UltraFeedback binarized train_prefs has 61,135 pairs; with Llama 3's tokenizer and
+# the 1,024-token cut an answer plus its prompt is ~465 tokens (two per pair); 40% MFU of an H100 SXM's
+# 989 TFLOP/s dense bf16; collective bandwidth per GPU 360 GB/s in a node (NVLink) and 45 GB/s between
+# nodes (one 400 Gb/s NIC per GPU).
+PAIRS, TOKENS_PER_SEQUENCE, MFU, PEAK, NVLINK, NETWORK = 61_135, 465, 0.40, 989e12, 360 * GB, 45 * GB
+
+
+def memory_per_gpu(m: Llama, shards: int, micro_pairs: int, checkpointing: bool, live_reference: bool,
+                   seq: int = 1024) -> float:
+    state = (16 + 2 * live_reference) * m.params / shards
+    mlp = 16 * (m.vocab * 512 + 1026)
+    root = 2 * 2 * m.vocab * m.dim
+    backward = 2 * 2 * m.block + 6 * m.block
+    reference_forward = (root + 2 * 2 * m.block) if live_reference else 0
+    kv = m.kv_heads * m.dim // m.heads
+    per_token_layer = 18 * m.dim + 4 * kv + 8 * m.ffn
+    tokens = 2 * micro_pairs * seq
+    if checkpointing:
+        activations = tokens * (m.layers * 2 * m.dim + per_token_layer)
+    else:
+        activations = tokens * m.layers * per_token_layer
+    head = 3 * 4 * 2**25
+    return state + mlp + root + max(backward, reference_forward) + activations + head
+
+
+def step_flops_per_token(m: Llama, live_reference: bool, checkpointing: bool, answer_share=0.6) -> float:
+    blocks, head = m.layers * m.block, m.vocab * m.dim
+    attention = 4 * m.layers * m.dim * TOKENS_PER_SEQUENCE
+    policy = 6 * blocks + 6 * head * answer_share + 3 * attention
+    reference = (2 * blocks + 2 * head * answer_share + attention) if live_reference else 0
+    recompute = (2 * blocks + attention) if checkpointing else 0  # not in MFU, but it takes time
+    return policy + reference + recompute
+
+
+def epoch_minutes(m: Llama, gpus_per_node: int, nodes: int, replicate: bool, batch_pairs: int = 16,
+                  micro_pairs: int = 2, checkpointing: bool = False, live_reference: bool = True) -> float:
+    gpus = gpus_per_node * nodes
+    steps = PAIRS // batch_pairs
+    micro_batches = max(1, batch_pairs // (gpus * micro_pairs))  # FSDP gathers and reduces for each
+    compute = batch_pairs * 2 * TOKENS_PER_SEQUENCE * step_flops_per_token(m, live_reference, checkpointing) \
+        / (gpus * PEAK * MFU)
+    shards = gpus_per_node if replicate else gpus
+    # Per GPU and micro-batch: the policy gathered in forward and again in backward (bf16), its gradients
+    # reduce-scattered (fp32), the reference gathered once (bf16): (2 + 2 + 4 + 2) bytes a parameter.
+    gathers = (10 - 2 * (not live_reference)) * m.params * (shards - 1) / shards
+    link = NVLINK if nodes == 1 or replicate else NETWORK
+    communication = gathers / link
+    if replicate and nodes > 1:  # HSDP: the fp32 gradient shards all-reduced between the node replicas
+        communication += 2 * 4 * m.params / shards * (nodes - 1) / nodes / NETWORK
+    return steps * max(compute, micro_batches * communication) / 60
+
+
+def main() -> None:
+    m = Llama()
+    print(f"Llama-3.1-8B: {m.params / 1e9:.2f}B parameters; threshold MLP {(m.vocab * 512 + 1026) / 1e6:.1f}M\n")
+    print("| micro-batch (pairs per GPU) | activation checkpointing | reference live | reference precomputed |")
+    print("|---|---|---|---|")
+    for micro in (1, 2, 4, 8):
+        for ac in (False, True):
+            live = memory_per_gpu(m, 8, micro, ac, True) / GB
+            cached = memory_per_gpu(m, 8, micro, ac, False) / GB
+            print(f"| {micro} | {'yes' if ac else 'no'} | {live:.0f} GB | {cached:.0f} GB |")
+    print("\n| GPUs | sharding | minutes per epoch, batch 16 | batch 64 |")
+    print("|---|---|---|---|")
+    for nodes, replicate, name in ((1, False, "FSDP over 8"), (2, False, "FSDP over 16 (flat)"),
+                                   (2, True, "HSDP: --replicate 2")):
+        t16 = epoch_minutes(m, 8, nodes, replicate)
+        t64 = epoch_minutes(m, 8, nodes, replicate, batch_pairs=64)
+        print(f"| {8 * nodes} | {name} | {t16:.0f} | {t64:.0f} |")
+    ckpt = (4 + 8) * m.params + 16 * (m.vocab * 512 + 1026)
+    print(f"\nstep-N/ (fp32 weights + AdamW moments, sharded): {ckpt / GB:.0f} GB; final/ bf16 "
+          f"{2 * m.params / GB:.0f} GB, fp32 {4 * m.params / GB:.0f} GB")
+
+
+if __name__ == "__main__":
+    main()
