@@ -750,19 +750,22 @@ def answer_stop_ids(tokenizer, template_name: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- command line
 
-def parquet_to_jsonl(source, target) -> int:
-    """A parquet split as the hub serves it (UltraFeedback's data/train_prefs-00000-of-00001.parquet) -> JSON
-    lines, without the datasets library; returns the number of rows."""
-    source, target = Path(source), Path(target)
-    if not source.is_file():
-        raise DataError(f"{source}: no such file")
-    rows = parquet_rows(source)
+def parquet_to_jsonl(sources: list, target) -> int:
+    """Parquet files as the hub serves a split (UltraFeedback's data/train_prefs-00000-of-00001.parquet, or
+    UltraChat's three train_sft shards) -> one JSON-lines file, without the datasets library; returns the
+    number of rows."""
+    sources, target = [Path(s) for s in sources], Path(target)
+    for source in sources:
+        if not source.is_file():
+            raise DataError(f"{source}: no such file")
     target.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     try:
         with open(target, "w", encoding="utf-8") as out:
-            for n, row in enumerate(rows, 1):
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            for source in sources:
+                for row in parquet_rows(source):
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    n += 1
     except DataError:
         target.unlink()  # no half-written file that a later run would read as the whole split
         raise
@@ -773,11 +776,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
     to_jsonl = commands.add_parser("to-jsonl", help="turn a parquet split into JSON lines (needs pyarrow)")
-    to_jsonl.add_argument("source", help="a .parquet file, e.g. data/train_prefs-00000-of-00001.parquet")
+    to_jsonl.add_argument("sources", nargs="+", help="parquet files, e.g. data/train_prefs-00000-of-00001.parquet")
     to_jsonl.add_argument("target", help="the JSON-lines file to write, e.g. ultrafeedback/train_prefs.jsonl")
     args = parser.parse_args(argv)
     try:
-        n = parquet_to_jsonl(args.source, args.target)
+        n = parquet_to_jsonl(args.sources, args.target)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
