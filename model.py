@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -361,6 +361,14 @@ def init_weights(model: Transformer, seed: int, std: float = 0.02) -> Transforme
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def open_safetensors(file, device="cpu"):
+    """safe_open, with a damaged or truncated file named in a CheckpointError instead of a raw traceback."""
+    try:
+        return safe_open(file, framework="pt", device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def hf_name(name: str) -> str:
     """Our parameter name -> the checkpoint's (everything but lm_head lives under "model.")."""
     return name if name.startswith("lm_head.") else "model." + name
@@ -389,7 +397,7 @@ def checkpoint_files(path) -> dict[str, Path]:
     single = path / "model.safetensors"
     if not single.is_file():
         raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-    with safe_open(single, framework="pt") as f:
+    with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -407,7 +415,7 @@ def check_checkpoint(path, files: dict[str, Path], shapes: dict[str, tuple]) -> 
     unexpected = sorted(n for n in set(files) - set(shapes) if n != "lm_head.weight" and "rotary_emb" not in n)
     wrong = []
     for name in sorted(set(shapes) & set(files)):
-        with safe_open(files[name], framework="pt") as f:
+        with open_safetensors(files[name]) as f:
             shape = tuple(f.get_slice(name).get_shape())
         if shape != shapes[name]:
             wrong.append(f"{name} is {list(shape)} in {files[name].name}, config.json says {list(shapes[name])}")
@@ -431,7 +439,7 @@ def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
     check_checkpoint(path, files, expected_shapes(model))
     state = {}
     for file in sorted(set(files[name] for name in expected_shapes(model))):
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with open_safetensors(file, device) as f:
             for name in expected_shapes(model):
                 if files[name] == file:
                     state[name.removeprefix("model.")] = f.get_tensor(name).to(dtype)

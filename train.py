@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -255,7 +254,7 @@ def model_source(weights: str, vocab_size: int, seed: int):
         M.check_checkpoint(weights, files, M.expected_shapes(M.Transformer(cfg)))
 
     def read(name, s, e):
-        with safe_open(files[M.hf_name(name)], framework="pt") as f:
+        with M.open_safetensors(files[M.hf_name(name)]) as f:
             return f.get_slice(M.hf_name(name))[s:e]
     return cfg, read
 
@@ -891,16 +890,16 @@ def train_state_reader(ckpt: Path, mesh):
     if meta["shards"] != shards:
         raise TrainingError(f"{ckpt}: written with the model sharded over {meta['shards']} processes, resumed "
                             f"over {shards}: resume with the same number of processes (and --replicate)")
-    state = safe_open(train_state_file(ckpt, shard, shards), framework="pt")
+    state = M.open_safetensors(train_state_file(ckpt, shard, shards))
     return lambda name, start, stop: state.get_tensor(f"policy.{name}")
 
 
 def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
     """Restore AdamW's moments and the threshold MLP from step-N/; returns the step to continue from."""
     shard, shards = shard_position(next(iter(run.policy.parameters())).device_mesh)
-    mine = safe_open(train_state_file(ckpt, shard, shards), framework="pt")
+    mine = M.open_safetensors(train_state_file(ckpt, shard, shards))
     # The replicated threshold MLP and its moments are in rank 0's file only.
-    rank0 = safe_open(train_state_file(ckpt, 0, shards), framework="pt") if run.thresholds is not None else None
+    rank0 = M.open_safetensors(train_state_file(ckpt, 0, shards)) if run.thresholds is not None else None
     for name, p in named_trainables(run).items():
         f = rank0 if name.startswith("thresholds.") else mine
         if name.startswith("thresholds."):
