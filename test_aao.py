@@ -182,6 +182,14 @@ def test_misshaped_and_missing_tensors_are_named(tmp_path):
     assert "missing tensors: model.layers.2" in msg
 
 
+def test_damaged_weights_file_is_named(tmp_path):
+    M.save_model(M.tiny_model(64), tmp_path)
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])  # a download cut short
+    with pytest.raises(M.CheckpointError, match=f"{f}: not a readable safetensors file"):
+        M.load_model(tmp_path)
+
+
 def test_missing_preset_says_where_to_put_the_files(tmp_path, monkeypatch):
     monkeypatch.setenv("AAO_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(M.CheckpointError) as e:
@@ -624,6 +632,66 @@ def test_random_weighting_differs_from_none_and_is_reproducible():
     # the plain rewards stay those of DPO: every weighting on one scale; the weighted ones differ
     assert torch.allclose(one.chosen_rewards, plain.chosen_rewards)
     assert not torch.allclose(one.weighted_chosen_rewards, one.chosen_rewards)
+
+
+def trl_dpo_loss(loss_type, beta, x):
+    """TRL 1.16's own DPOTrainer._compute_loss on our tensors, through a stand-in trainer and model that
+    return the given per-token log-probs (zero off the answers) and the reference's summed log-probs."""
+    import collections
+    import types
+    from trl.trainer.dpo_trainer import DPOTrainer
+    rows, K = x["mask"].shape
+    mask, zeros = x["mask"], torch.zeros(rows, K)
+    model = lambda **kw: types.SimpleNamespace(log_probs=x["policy_logps"] * mask, entropy=zeros, mean_logits=zeros,
+                                               is_top1=zeros.bool())
+    trainer = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=lambda t: t, gather=lambda t: t),
+        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=0.0,
+        use_weighting=False, _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        _total_train_tokens=0, _tp_size=1)
+    ref = (x["ref_logps"] * mask).sum(1)
+    inputs = dict(input_ids=torch.zeros(rows, K + 1, dtype=torch.long), attention_mask=torch.ones(rows, K + 1, dtype=torch.long),
+                  completion_mask=torch.cat([torch.zeros(rows, 1), mask], 1),  # the first token is prompt
+                  ref_chosen_logps=ref[:rows // 2], ref_rejected_logps=ref[rows // 2:])
+    loss = DPOTrainer._compute_loss(trainer, model, inputs, False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("ours,theirs", [("dpo", "sigmoid"), ("ipo", "ipo"), ("hinge", "hinge")])
+def test_losses_and_metrics_match_trls_own_code(ours, theirs):
+    """TRL 1.16's DPOTrainer on the same tensors: the loss (IPO on per-token mean log-ratios) and the
+    metrics under its names and meanings, a tied pair counted wrong."""
+    pytest.importorskip("trl")
+    x = objective_inputs(B=4)
+    x["policy_logps"][[0, 4]] = x["ref_logps"][[0, 4]]  # pair 0: policy = reference, a tie
+    loss, theirs_m = trl_dpo_loss(theirs, 0.3, x)
+    out, _ = loss_and_grad(aao.Objective(loss=ours, weighting="none", beta=0.3), x)
+    m = aao.objective_metrics(out, x["mask"])
+    assert torch.allclose(out.losses.mean(), loss.double())
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert math.isclose(m[key], theirs_m[key], rel_tol=1e-5, abs_tol=1e-6), key
+    assert m["rewards/accuracies"] < 1  # the tie is wrong
+
+
+def test_simpo_and_cdpo_match_trls_own_code():
+    """TRL's CPOTrainer.cpo_loss: SimPO (its γ is ours, β·gamma_beta_ratio) with its rewards β·mean log π,
+    and the label-smoothed sigmoid loss, which is cDPO when given log-ratios."""
+    pytest.importorskip("trl")
+    import types
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
+    x = objective_inputs(B=4)
+    trainer = lambda loss_type, **kw: types.SimpleNamespace(**{"alpha": 0.0, "loss_type": loss_type, "label_smoothing": 0.0,
+                                                               "accelerator": types.SimpleNamespace(device="cpu"), **kw})
+    mean = (x["policy_logps"] * x["mask"]).sum(1) / x["mask"].sum(1)
+    losses, chosen, rejected = CPOTrainer.cpo_loss(trainer("simpo", beta=2.0, simpo_gamma=1.0), *mean.chunk(2))
+    out, _ = loss_and_grad(aao.Objective(loss="simpo", weighting="none"), x)
+    assert torch.allclose(out.losses, losses) and torch.allclose(out.chosen_rewards, chosen)
+    assert torch.allclose(out.rejected_rewards, rejected)
+    ratio = ((x["policy_logps"] - x["ref_logps"]) * x["mask"]).sum(1)
+    losses, _, _ = CPOTrainer.cpo_loss(trainer("sigmoid", beta=0.1, label_smoothing=0.2), *ratio.chunk(2))
+    out, _ = loss_and_grad(aao.Objective(loss="cdpo", weighting="none", label_smoothing=0.2), x)
+    assert torch.allclose(out.losses, losses)
 
 
 def test_ipo_on_per_token_means_as_trl_and_the_ipo_authors():
@@ -1367,8 +1435,12 @@ def test_parquet_split_to_json_lines(tmp_path):
         data.parse_row(strict[0], "row 1")
     assert data.json_value({"a": np.float32(1.5), "b": np.arange(3), "c": (np.int64(2), np.bool_(True)), "d": np.nan}) == \
         {"a": 1.5, "b": [0, 1, 2], "c": [2, True], "d": None}
+    second = tmp_path / "data" / "train_prefs-00001-of-00002.parquet"  # shards of a split go into one file
+    pq.write_table(pa.Table.from_pylist(rows[1:]), second)
+    assert data.main(["to-jsonl", str(source), str(second), str(target)]) == 0
+    assert [row for _, row in data.read_rows(target)] == strict + strict[1:]
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
-    assert data.main(["to-jsonl", str(tmp_path / "broken.parquet"), str(tmp_path / "x.jsonl")]) == 1
+    assert data.main(["to-jsonl", str(source), str(tmp_path / "broken.parquet"), str(tmp_path / "x.jsonl")]) == 1
     assert not (tmp_path / "x.jsonl").exists()
 
 
