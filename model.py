@@ -304,8 +304,9 @@ class Transformer(nn.Module):
         return AnswerStates(grid(logps), grid(top1), embeds[:, 1:].detach(), hidden[:, :-1].contiguous(), sums)
 
 
-# Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 128 MiB of fp32.
-HEAD_CHUNK = 2**25
+# Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 64 MiB of fp32. Smaller
+# blocks cost no speed until the matmuls get thin; the blocks are most of the step's transient memory.
+HEAD_CHUNK = 2**24
 
 
 class AnswerHead(torch.autograd.Function):
@@ -327,6 +328,7 @@ class AnswerHead(torch.autograd.Function):
             lse[s:e] = logits.logsumexp(-1)
             logps[s:e] = logits.gather(1, labels[s:e, None]).squeeze(1) - lse[s:e]
             top1[s:e] = logits.amax(-1) - lse[s:e]
+            del logits  # before the next block's: two (rows, V) blocks never coexist
         ctx.save_for_backward(h, weight, labels, lse)
         ctx.mark_non_differentiable(top1)
         return logps, top1
@@ -341,7 +343,8 @@ class AnswerHead(torch.autograd.Function):
         for s in range(0, weight.shape[0], step):
             w = weight[s:s + step]  # (v, D)
             # d log p(y) / d logits = onehot(y) - softmax(logits), restricted to this vocabulary slice
-            d = -((h @ w.T).to(lse.dtype) - lse[:, None]).exp() * g  # (M, v)
+            # in place: one (M, v) block alive, not one per elementwise op
+            d = (h @ w.T).to(lse.dtype).sub_(lse[:, None]).exp_().mul_(-g)  # (M, v)
             inside = (labels >= s) & (labels < s + w.shape[0])
             d.scatter_add_(1, (labels - s).clamp(0, w.shape[0] - 1)[:, None], g * inside[:, None])
             d = d.to(weight.dtype)

@@ -262,24 +262,28 @@ def model_source(weights: str, vocab_size: int, seed: int):
 def build_model(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=False, trainable=True):
     """Build on the meta device, shard every block and then the root with FSDP2, allocate this rank's
     shards, fill them with rows start:stop of each parameter (torch.chunk's Shard(0) layout), so no
-    rank ever holds the whole model. Parameters are kept in param_dtype and cast to compute_dtype."""
+    rank ever holds the whole model. Parameters are kept in param_dtype and cast to compute_dtype.
+    One process with nothing to cast gets a plain module: FSDP2 on one rank still copies every parameter
+    into an unsharded buffer for forward, one more copy of the model for nothing."""
     with torch.device("meta"):
         model = M.Transformer(cfg).to(param_dtype)
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
-        if compute_dtype != param_dtype else MixedPrecisionPolicy()
     for block in model.layers:
         block.activation_checkpointing = checkpointing
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    # The root keeps its parameters (embedding, head) gathered from forward to backward; a frozen model
-    # never runs backward, so it must reshard right after forward or hold them for the whole run.
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if trainable else True)
+    if mesh.size() > 1 or compute_dtype != param_dtype:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+            if compute_dtype != param_dtype else MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        # The root keeps its parameters (embedding, head) gathered from forward to backward; a frozen model
+        # never runs backward, so it must reshard right after forward or hold them for the whole run.
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if trainable else True)
     model.to_empty(device=mesh.device_type)
     model.reset_buffers()
     shard, shards = shard_position(mesh)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            local, start = p.to_local(), shard * -(-p.shape[0] // shards)
-            local.copy_(read(name, start, start + local.shape[0]))
+            start = shard * -(-p.shape[0] // shards)
+            local(p).copy_(read(name, start, start + local(p).shape[0]))
     model.requires_grad_(trainable)
     return model.train(trainable)
 
@@ -374,6 +378,7 @@ class Run:
     train_items: list
     heldout: list
     device: torch.device
+    mesh: object  # the DeviceMesh the models are sharded over
     micro_batch_size: int
     seed: int = 0
     beta_scaling: tuple | None = None  # SP2DPO: (scale, min, max) of the per-pair β column
@@ -581,7 +586,7 @@ def build_run(args, device, mesh, tokenizer, resume_from) -> Run:
     needs_reference = not sft and args.loss != "simpo"
     run = Run(build_model(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing),
               build_model(cfg, read_weights, mesh, dtype, dtype, trainable=False) if needs_reference else None,
-              None, objective, train_items, heldout, device, args.micro_batch_size, args.seed,
+              None, objective, train_items, heldout, device, mesh, args.micro_batch_size, args.seed,
               (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None)
     if objective is not None and args.weighting == "aao":
         torch.manual_seed(args.seed)  # the same MLP whatever the number of processes
@@ -804,7 +809,7 @@ def evaluate(run: Run) -> dict:
             m["accuracy"], m["margin"] = aao.preference_accuracy(chosen - rejected), (chosen - rejected).mean()
         accumulate(sums, m if weight else {k: 0 * v for k, v in m.items()}, weight)
         count += weight
-    run.policy.reshard()  # no backward ran: the root would keep its gathered parameters
+    reshard(run.policy)  # no backward ran: the root would keep its gathered parameters
     run.policy.train()
     stats = reduce_metrics(sums, count)
     if run.objective is None:
@@ -826,7 +831,19 @@ def named_trainables(run: Run) -> dict:
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (the parameter itself when the model is not sharded)."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole parameter, gathered from every rank's shard when the model is sharded."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def reshard(model) -> None:
+    """Free the root's gathered parameters after a forward without backward (a no-op when not sharded)."""
+    if hasattr(model, "reshard"):
+        model.reshard()
 
 
 def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) -> Path:
@@ -837,7 +854,7 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
     keep_last step-N/ are deleted."""
     rank, final = dist.get_rank(), out / f"step-{step}"
     tmp = out / f".tmp-step-{step}"
-    mesh = next(iter(run.policy.parameters())).device_mesh
+    mesh = run.mesh
     shard, shards = shard_position(mesh)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -896,7 +913,7 @@ def train_state_reader(ckpt: Path, mesh):
 
 def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
     """Restore AdamW's moments and the threshold MLP from step-N/; returns the step to continue from."""
-    shard, shards = shard_position(next(iter(run.policy.parameters())).device_mesh)
+    shard, shards = shard_position(run.mesh)
     mine = M.open_safetensors(train_state_file(ckpt, shard, shards))
     # The replicated threshold MLP and its moments are in rank 0's file only.
     rank0 = M.open_safetensors(train_state_file(ckpt, 0, shards)) if run.thresholds is not None else None
@@ -931,10 +948,10 @@ def save_weights(run: Run, tokenizer, final: Path, dtype, template: str, source:
     dist.barrier()
     mine = {}
     for (name, p), owner in zip(params, owners):
-        full = p.full_tensor()
+        whole = full(p)
         if owner == rank:
-            mine[M.hf_name(name)] = full.detach().to(dtype).cpu().contiguous()
-        del full
+            mine[M.hf_name(name)] = whole.detach().to(dtype).cpu().contiguous()
+        del whole
     if mine:
         save_file(mine, tmp / M.shard_file_name(rank, n_files), metadata={"format": "pt"})
     if rank == 0:
@@ -1081,7 +1098,7 @@ def write_weights_page(run: Run, tokenizer, path: Path, source: str, n: int = 12
                 lines.append(f'<div><span class="who">{who}</span>{"".join(spans)}</div>')
             prompt = html.escape(tokenizer.decode(run.heldout[i]["prompt_ids"], skip_special_tokens=True))
             blocks.append(f'<div class="pair"><small>{prompt} &nbsp; (a={a[k]:.3f}, b={b[k]:.3f})</small>{"".join(lines)}</div>')
-    run.policy.reshard()
+    reshard(run.policy)
     if dist.get_rank() == 0:
         path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
 <style>{WEIGHT_PAGE_STYLE}</style></head><body><h1>AAO token weights</h1>
