@@ -1,0 +1,213 @@
+"""Step time and peak memory of this trainer (DPO and AAO) beside TRL's DPOTrainer, on the same job.
+
+    python experiments/benchmark.py              # this trainer: DPO (--weighting none) and AAO
+    python experiments/benchmark.py --trl        # and TRL 1.16's DPOTrainer (pip install trl==1.16.0)
+
+The job: a Llama with Llama 3's 128,256-token vocabulary (4 layers x 256 hidden, 4 heads, 1 KV head) in
+fp32 on the CPU, the same pairs (prompts ~120 tokens, answers ~250 tokens that share most sentences),
+2 pairs per step, a live reference, lr 5e-7, beta 0.1. At this size the vocabulary dominates: the head
+and its log-softmax are most of the work, which is where an 8B run's memory goes too.
+
+Every trainer runs in its own process, in alternating order over --rounds, from the same HF checkpoint
+and the same tokenizer.json; peak memory is the child's peak resident set (getrusage), step time the
+median over the steps after the first (which pays for allocation and warm-up).
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import model as M  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- the job
+
+def sentences_up_to(rng: random.Random, draw, n_tokens: int, tokenizer) -> list:
+    """Draw (chosen, rejected) sentence pairs until the chosen side holds about n_tokens tokens."""
+    out = []
+    while len(tokenizer.encode(" ".join(c for c, _ in out)).ids) < n_tokens:
+        out.append(draw(rng))
+    return out
+
+
+def benchmark_pair(rng: random.Random, tokenizer, prompt_tokens: int, answer_tokens: int) -> dict:
+    """A long pair whose answers share most sentences: one sentence in five of the rejected answer states a
+    wrong value. Many ambiguous tokens around a few key ones, the case AAO is built for."""
+    def fact(r, i=iter(range(10**9))):
+        f = data.synthetic_pair(r)
+        wrong = next(i) % 5 == 0 and f["score_rejected"] > 5  # a wrong value, not an evasion
+        return f["chosen"], f["rejected"] if wrong else f["chosen"]
+    prompt = sentences_up_to(rng, lambda r: (data.synthetic_pair(r)["prompt"],) * 2, prompt_tokens, tokenizer)
+    answer = sentences_up_to(rng, fact, answer_tokens, tokenizer)
+    return {"prompt": " ".join(p for p, _ in prompt), "chosen": " ".join(c for c, _ in answer),
+            "rejected": " ".join(r for _, r in answer)}
+
+
+def write_job(job: Path, args) -> None:
+    """The checkpoint (config.json, model.safetensors, tokenizer.json) and pairs.jsonl both trainers read."""
+    job.mkdir(parents=True, exist_ok=True)
+    tokenizer = data.tiny_tokenizer()
+    cfg = M.ModelConfig(hidden_size=args.dim, intermediate_size=args.dim * 7 // 2, num_hidden_layers=args.layers,
+                        num_attention_heads=4, num_key_value_heads=1, vocab_size=args.vocab,
+                        max_position_embeddings=2048, bos_token_id=tokenizer.token_to_id("<|begin_of_text|>"),
+                        eos_token_id=tokenizer.token_to_id("<|end_of_text|>"))
+    M.save_model(M.init_weights(M.Transformer(cfg), seed=0), job)
+    tokenizer.save(str(job / "tokenizer.json"))
+    (job / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+         "eos_token": "<|end_of_text|>", "pad_token": "<|end_of_text|>"}))
+    rng = random.Random(0)
+    with open(job / "pairs.jsonl", "w") as f:
+        for _ in range(args.pairs):
+            f.write(json.dumps(benchmark_pair(rng, tokenizer, args.prompt_tokens, args.answer_tokens)) + "\n")
+
+
+# ----------------------------------------------------------------------------- the trainers, one process each
+
+def ours_command(job: Path, out: Path, weighting: str, steps: int) -> list:
+    return [sys.executable, str(ROOT / "train.py"), "--weights", str(job), "--template", "plain",
+            "--data", str(job / "pairs.jsonl"), "--eval-pairs", "0", "--weighting", weighting,
+            "--batch-size", "2", "--micro-batch-size", "2", "--lr", "5e-7", "--beta", "0.1",
+            "--max-steps", str(steps), "--max-length", "1024", "--dtype", "float32", "--save-every", "0",
+            "--out", str(out), "--quiet"]
+
+
+def ours_step_times(out: Path) -> list:
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    return [r["tokens"] / r["tokens_per_s"] for r in rows]
+
+
+def trl_child(job: Path, out: Path, steps: int, checkpointing: bool) -> None:
+    """TRL's DPOTrainer on the same checkpoint and pairs; writes its step times to out/steps.json."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+
+    torch.manual_seed(0)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(job))
+    model = AutoModelForCausalLM.from_pretrained(str(job), dtype=torch.float32)
+    pairs = Dataset.from_list([json.loads(line) for line in open(job / "pairs.jsonl")])
+    config = DPOConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                       learning_rate=5e-7, beta=0.1, max_steps=steps, max_length=1024, bf16=False, use_cpu=True,
+                       gradient_checkpointing=checkpointing, logging_steps=1, save_strategy="no", report_to=[],
+                       dataloader_num_workers=0, seed=0)
+    times = StepTimes()
+    DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer, callbacks=[times]).train()
+    (out / "steps.json").write_text(json.dumps(times.times))
+
+
+def trl_command(job: Path, out: Path, steps: int, checkpointing: bool) -> list:
+    return [sys.executable, __file__, "--child-trl", str(job), "--out", str(out), "--steps", str(steps)] + \
+        (["--trl-checkpointing"] if checkpointing else [])
+
+
+def run_child(command: list, threads: int) -> int:
+    """Run a trainer; returns its peak resident set in bytes (Linux reports ru_maxrss in KiB)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{output[-3000:]}")
+    return usage.ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- the table
+
+def trainers(args) -> dict:
+    """name -> (command maker, step-time reader) for every trainer this run compares."""
+    out = {"ours, DPO": (lambda o: ours_command(args.job, o, "none", args.steps), ours_step_times),
+           "ours, AAO": (lambda o: ours_command(args.job, o, "aao", args.steps), ours_step_times)}
+    if args.trl:
+        read = lambda o: json.loads((o / "steps.json").read_text())  # noqa: E731
+        out["TRL 1.16 DPO"] = (lambda o: trl_command(args.job, o, args.steps, False), read)
+        out["TRL 1.16 DPO, grad. checkpointing"] = (lambda o: trl_command(args.job, o, args.steps, True), read)
+    return out
+
+
+def measure(args) -> dict:
+    """name -> {"step_s": [median per round], "rss": [bytes per round]}, the trainers in alternating order."""
+    results = {name: {"step_s": [], "rss": []} for name in trainers(args)}
+    for r in range(args.rounds):
+        names = list(results) if r % 2 == 0 else list(results)[::-1]
+        for name in names:
+            make, read = trainers(args)[name]
+            out = args.out / f"round{r}" / name.replace(" ", "_").replace(",", "").replace(".", "")
+            if out.exists():
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+            rss = run_child(make(out), args.threads)
+            times = read(out)
+            results[name]["step_s"].append(statistics.median(times[1:] if len(times) > 1 else times))
+            results[name]["rss"].append(rss)
+            print(f"round {r}: {name}: step {results[name]['step_s'][-1]:.2f} s, peak RSS {rss / 2**30:.2f} GiB",
+                  flush=True)
+    return results
+
+
+def table(results: dict) -> str:
+    base = "TRL 1.16 DPO" if "TRL 1.16 DPO" in results else "ours, DPO"
+    t0, m0 = (statistics.median(results[base][k]) for k in ("step_s", "rss"))
+    lines = [f"| trainer | step time, median | vs {base} | peak RSS | vs {base} |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        t, m = statistics.median(r["step_s"]), statistics.median(r["rss"])
+        lines.append(f"| {name} | {t:.2f} s | {t / t0:.2f}x | {m / 2**30:.2f} GiB | {m / m0:.2f}x |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trl", action="store_true", help="also run TRL's DPOTrainer (needs trl==1.16.0)")
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per trainer and round (default: 6)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (default: 2)")
+    p.add_argument("--pairs", type=int, default=80)
+    p.add_argument("--prompt-tokens", type=int, default=120)
+    p.add_argument("--answer-tokens", type=int, default=250)
+    p.add_argument("--vocab", type=int, default=128256, help="Llama 3's vocabulary (default)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "benchmark")
+    p.add_argument("--child-trl", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child_trl:
+        trl_child(args.child_trl, args.out, args.steps, args.trl_checkpointing)
+        return 0
+    args.job = args.out / "job"
+    write_job(args.job, args)
+    results = measure(args)
+    report = table(results)
+    print(report)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "table.md").write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
