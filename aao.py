@@ -113,6 +113,27 @@ def pooled_answer_logits(logit_sums: torch.Tensor, mask: torch.Tensor) -> torch.
     return (chosen + rejected) / (n_chosen + n_rejected).clamp_min(1)[:, None]
 
 
+class VocabLinear(torch.autograd.Function):
+    """x Wᵀ for the threshold MLP's vocab-wide first layer, whose weight gradient (a few pooled rows times
+    the vocabulary: 512 x 128,256 for Llama 3, 250 MiB) is added into W.grad in place rather than returned
+    as a new tensor that autograd then accumulates: on the CPU a fresh 250 MiB block each step costs more
+    in page faults than the product itself. Keep W.grad between steps (zero it, do not free it)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x)
+        ctx.weight = weight  # the Parameter itself, whose .grad receives the product
+        return x @ weight.T
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,), weight = ctx.saved_tensors, ctx.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        weight.grad.addmm_(grad_out.T.to(x.dtype), x)
+        return (grad_out @ weight if ctx.needs_input_grad[0] else None), None
+
+
 class ThresholdMLP(nn.Module):
     """Eq. 8: a, b = AW(P(y | x, θ)), with 1 > a > b > 0 for any finite input.
 
@@ -141,7 +162,8 @@ class ThresholdMLP(nn.Module):
         x = pooled_logits.to(self.fc1.weight.dtype)  # fp32 in training: the MLP is never cast to bf16
         x = x / x.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # into [-1, 1]: no overflow below
         x = F.layer_norm(x, x.shape[-1:])
-        u, v = (self.bound * torch.tanh(self.fc2(F.gelu(self.fc1(x))) / self.bound)).unbind(-1)
+        h = VocabLinear.apply(x, self.fc1.weight) if torch.is_grad_enabled() else self.fc1(x)
+        u, v = (self.bound * torch.tanh(self.fc2(F.gelu(h)) / self.bound)).unbind(-1)
         b = torch.sigmoid(u)
         a = b + (1 - b) * torch.sigmoid(v)
         return a, b

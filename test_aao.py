@@ -413,6 +413,25 @@ def test_generation_speed_script_runs_its_tiny_setting(capsys):
     assert [(r[0], r[1]) for r in rows] == [("float32", "1"), ("float32", "8"), ("bfloat16", "1"), ("bfloat16", "8")]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
 
+def test_benchmark_script_compares_its_trainers_at_a_tiny_size(tmp_path):
+    """experiments/benchmark.py end to end on a tiny job: each trainer in its own process, a step time and
+    a peak RSS for each, TRL's DPOTrainer beside ours when trl is installed (CI installs it)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("benchmark", HERE / "experiments" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    trl = importlib.util.find_spec("trl") is not None
+    script.main(["--vocab", "700", "--dim", "32", "--layers", "1", "--pairs", "4", "--prompt-tokens", "20",
+                 "--answer-tokens", "30", "--steps", "2", "--rounds", "1", "--threads", "1", "--out", str(tmp_path)]
+                + (["--trl"] if trl else []))
+    results = json.loads((tmp_path / "results.json").read_text())
+    expected = {"ours, DPO", "ours, AAO"} | ({"TRL 1.16 DPO", "TRL 1.16 DPO, grad. checkpointing"} if trl else set())
+    assert set(results) == expected
+    for r in results.values():
+        assert len(r["step_s"]) == 1 and 0 < r["step_s"][0] < 60 and 2**26 < r["rss"][0] < 2**33
+    assert len((tmp_path / "table.md").read_text().splitlines()) == 2 + len(expected)
+
+
 # ============================================================================= aao.py
 
 def rand_mask(B, K, lo=2):

@@ -480,7 +480,7 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
     if run.thresholds is not None:
         # Replicated: average its gradients as FSDP does the policy's, and clip them apart, so that its
         # gradient does not shrink the policy's step.
-        for p in run.thresholds.parameters():
+        for p in run.thresholds.parameters() if world > 1 else ():
             dist.all_reduce(p.grad)  # a sum: gloo has no average
             p.grad /= world
         norms["grad_norm/thresholds"] = clip_gradients(run.thresholds.parameters(), grad_clip)
@@ -493,7 +493,9 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
             raise TrainingError(f"step {step + 1}: {key} is {stats[key]} on the batch of {where}; stopped "
                                 "without an update")
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    run.policy.zero_grad(set_to_none=True)
+    if run.thresholds is not None:
+        run.thresholds.zero_grad(set_to_none=False)  # kept: aao.VocabLinear adds into fc1's in place
     return stats
 
 
