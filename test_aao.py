@@ -6,6 +6,8 @@ installs it, so they run there.
 import json
 import math
 import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -506,7 +508,7 @@ def brute_force_lcs(a: list, b: list) -> int:
 def test_alignment_matches_brute_force_with_prompts_and_padding():
     """A token is in every LCS iff dropping it shortens the LCS: checked on random batched pairs whose
     answers start after prompts of different lengths and end in padding, as in the trainer's grids."""
-    rng, K, B = __import__("random").Random(0), 12, 40
+    rng, K, B = random.Random(0), 12, 40
     ids, mask = torch.randint(5, 9, (2 * B, K)), torch.zeros(2 * B, K)
     answers = []
     for row in range(2 * B):
@@ -1808,6 +1810,7 @@ def test_non_finite_gradient_norm_stops_without_an_update(tmp_path, capsys, monk
     ["--loss", "ipo", "--weighting", "none"], ["--loss", "cdpo", "--weighting", "random"], ["--loss", "hinge"],
     ["--loss", "simpo"], ["--loss", "simpo", "--weighting", "none"], ["--loss", "sft"],
     ["--curriculum", "margin", "--sft-below-margin", 5.0], ["--reward-form", "printed", "--activation-checkpointing"],
+    ["--similarity", "hidden"], ["--similarity", "alignment", "--end-token-weight", "one"],
 ])
 def test_objective_variants_train(tmp_path, args):
     rows = metric_rows(in_process(tmp_path, *args))
@@ -1839,3 +1842,39 @@ def test_per_pair_beta_column_from_a_file(tmp_path):
     assert (out / "final" / "model.safetensors").exists()
     with pytest.raises(data.DataError, match="--beta-column nope: the row has no such column"):
         train.load_data(train.parse_args(["--data", str(f), "--beta-column", "nope"]), data.tiny_tokenizer())
+
+
+# ----------------------------------------------------------------------------- experiments/
+
+def run_script(*args, timeout=120) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_replica_smoke_writes_its_results(tmp_path):
+    run_script(HERE / "experiments" / "replica.py", "--smoke", "--out", tmp_path / "runs", "--docs", tmp_path / "docs")
+    rows = metric_rows(tmp_path / "docs", "replica.jsonl")
+    assert [(r["family"], r["method"]) for r in rows] == [("facts", "DPO"), ("facts", "AAO")]
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["win_rate"] <= 1 and 0 <= r["heldout_pref_accuracy"] <= 1
+        assert 0 <= r["length"] <= 8 and 0 <= r["sft_accuracy"] <= 1
+        assert (Path(r["run"]) / "final" / "model.safetensors").exists()
+    table = (tmp_path / "docs" / "replica.md").read_text()
+    assert "| DPO | " in table and "| AAO | " in table and "win rate vs SFT" in table
+
+
+def test_plot_metrics_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [in_process(tmp_path), in_process(tmp_path, "--weighting", "none")]
+    run_script(HERE / "experiments" / "plot_metrics.py", *runs, "--out", tmp_path / "m.png")
+    png = (tmp_path / "m.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_scale_estimate_prints_plausible_tables():
+    out = run_script(HERE / "experiments" / "scale_estimate.py").stdout
+    assert "Llama-3.1-8B: 8.03B parameters" in out
+    memory = [int(gb) for row in re.findall(r"\| (\d+) GB \| (\d+) GB \|", out) for gb in row]
+    assert len(memory) == 16 and all(10 < gb < 200 for gb in memory)
+    assert "FSDP over 8" in out and "HSDP: --replicate 2" in out
