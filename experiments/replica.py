@@ -336,7 +336,7 @@ def write_results(rows, cfg, seconds: float) -> None:
     write_jsonl(cfg.docs / "replica.jsonl", rows)
     families = list(dict.fromkeys(r["family"] for r in rows))
     text = (f"# Replica results\n\n`python experiments/replica.py{' --smoke' if cfg.smoke else ''}`: "
-            f"{seconds / 60:.1f} minutes, {cfg.threads} threads, seeds {cfg.seeds}, {cfg.steps} preference steps of "
+            f"{seconds / 60:.1f} minutes, torch threads {cfg.threads}, seeds {cfg.seeds}, {cfg.steps} preference steps of "
             f"16 pairs after {cfg.sft_steps} SFT steps of 32 rows. Win rate: per held-out prompt 1 if only the "
             "policy's greedy answer states the fact rightly, 0.5 if both or neither do, 0 if only the SFT "
             "model's does.\n\n" + "\n".join(table(rows, f) for f in families) + "\n" + thread_spread(rows))
