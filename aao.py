@@ -102,6 +102,53 @@ def token_similarity(emb_w, emb_l, mask_w, mask_l):
     return S_w, S_l
 
 
+def lcs_table(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """P[:, i, j] = length of the longest common subsequence of x[:, :i] and y[:, :j]; x (B, Kx), y (B, Ky)
+    token ids, padding given values that match nothing. The textbook DP, one row of x at a time: the row
+    max(P[i, j], P[i, j-1] + [x_i = y_j]) is made monotone in j by a running max, which is the DP's
+    third case (P[i+1, j-1]) unrolled. -> (B, Kx+1, Ky+1), int32."""
+    equal = (x[:, :, None] == y[:, None, :]).to(torch.int32)  # (B, Kx, Ky)
+    rows = [torch.zeros(x.shape[0], y.shape[1] + 1, dtype=torch.int32, device=x.device)]
+    for i in range(x.shape[1]):
+        prev = rows[-1]
+        best = torch.maximum(prev[:, 1:], prev[:, :-1] + equal[:, i]).cummax(dim=1).values
+        rows.append(F.pad(best, (1, 0)))
+    return torch.stack(rows, dim=1)
+
+
+def in_every_lcs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, Kx) bool: x's token i is matched in *every* longest common subsequence of x and y, i.e. some
+    common subsequence skipping it is shorter. It is skipped by a longest one iff for some j the prefix
+    LCS(x[:i], y[:j]) and the suffix LCS(x[i+1:], y[j:]) add up to the whole LCS. O(Kx·Ky)."""
+    prefix = lcs_table(x, y)
+    suffix = lcs_table(x.flip(1), y.flip(1)).flip(1, 2)  # suffix[:, i, j] = LCS(x[:, i:], y[:, j:])
+    total = prefix[:, -1, -1]
+    skipping = (prefix[:, :-1, :] + suffix[:, 1:, :]).amax(dim=2)  # (B, Kx): best LCS that skips x_i
+    return skipping < total[:, None]
+
+
+@torch.no_grad()
+def alignment_similarity(ids_w, ids_l, mask_w, mask_l, S_w, S_l, cap: float = 0.5):
+    """The position-aware reading of Eq. 7 (--similarity alignment; not the paper's). A token is
+    ambiguous, S = 1, when every longest common subsequence of the two answers' token ids matches it: it
+    sits at the same place in the order of both answers. Any other token keeps Eq. 7's embedding score
+    S_w, S_l, capped at `cap`: a token that also occurs elsewhere in the other answer (a reordered list,
+    "A beat B" against "B beat A") is then never ambiguous at the initial a = 0.8, and stays weighted.
+    Requiring every LCS, not some, makes the reading independent of how ties between alignments break.
+    ids (B, K) with masks (B, K); non-answer positions are replaced by values that match nothing."""
+    x = torch.where(mask_w.bool(), ids_w, -1)
+    y = torch.where(mask_l.bool(), ids_l, -2)
+    # Only the columns that hold answer tokens enter the DP (a host sync; the option is not the default).
+    cols = (mask_w.bool() | mask_l.bool()).any(0).nonzero().flatten()
+    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
+    aligned_w, aligned_l = torch.zeros_like(mask_w, dtype=torch.bool), torch.zeros_like(mask_l, dtype=torch.bool)
+    aligned_w[:, lo:hi] = in_every_lcs(x[:, lo:hi], y[:, lo:hi])
+    aligned_l[:, lo:hi] = in_every_lcs(y[:, lo:hi], x[:, lo:hi])
+    S_w = torch.where(aligned_w & mask_w.bool(), 1.0, S_w.clamp(max=cap))
+    S_l = torch.where(aligned_l & mask_l.bool(), 1.0, S_l.clamp(max=cap))
+    return S_w, S_l
+
+
 # ----------------------------------------------------------------------------- Eq. 8: thresholds
 
 def pooled_answer_logits(logit_sums: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -273,6 +320,8 @@ class Objective:
     lambda_c: float = 1.0  # Eq. 13; the paper gives no values
     lambda_r: float = 1.0
     reward_form: str = "weighted_mean"  # Eq. 11: weighted_mean | weighted_sum | printed
+    similarity: str = "embedding"  # Eq. 7 on: embedding (the paper's) | hidden | alignment (see token_similarities)
+    end_token_weight: str = "aao"  # the answer's last token: aao (its Eq. 17 weight) | one (weight 1)
     sft_below_margin: float | None = None  # MixDPO's τ
     sft_weight: float = 1.0  # MixDPO: the routed pairs' SFT loss is multiplied by this
 
@@ -284,18 +333,49 @@ class Objective:
             raise ValueError(f"unknown weighting {self.weighting!r}")
         if self.reward_form not in ("weighted_mean", "weighted_sum", "printed"):
             raise ValueError(f"unknown reward_form {self.reward_form!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {self.similarity!r}")
+        if self.end_token_weight not in ("aao", "one"):
+            raise ValueError(f"unknown end_token_weight {self.end_token_weight!r}")
         self.beta = DEFAULT_BETA[self.loss] if self.beta is None else self.beta
 
 
-def token_weights(obj: Objective, mask, embeds=None, a=None, b=None, seeds=None):
+SIMILARITIES = ("embedding", "hidden", "alignment")
+
+
+def token_similarities(similarity: str, mask, embeds, hidden_after=None, ids=None):
+    """S of every answer token, (2B, K), by one of three readings of Eq. 7:
+      embedding  the paper's: normalized max-cosine of the input embeddings, blind to position and context;
+      hidden     the same on the policy's final hidden state after reading the token (detached), which
+                 knows what came before it: "A" opening "A beat B" is not "A" closing "B beat A";
+      alignment  Eq. 7's embedding score, but S = 1 exactly for the tokens that every longest common
+                 subsequence of the two answers matches, capped below for the rest (alignment_similarity)."""
+    mask_w, mask_l = split_pairs(mask)
+    source = hidden_after if similarity == "hidden" else embeds
+    S_w, S_l = token_similarity(*split_pairs(source.detach()), mask_w, mask_l)
+    if similarity == "alignment":
+        S_w, S_l = alignment_similarity(*split_pairs(ids), mask_w, mask_l, S_w, S_l)
+    return torch.cat([S_w, S_l]).to(mask.dtype)
+
+
+def last_answer_token(mask: torch.Tensor) -> torch.Tensor:
+    """(2B, K) bool: each answer's last token, the end-of-answer token unless the answer was truncated.
+    Both answers end with it, so under Eq. 7 its S is 1 and its weight ~0 (--end-token-weight)."""
+    mask = mask.bool()
+    return mask & (mask.cumsum(-1) == mask.sum(-1, keepdim=True))
+
+
+def token_weights(obj: Objective, mask, embeds=None, a=None, b=None, seeds=None, hidden_after=None, ids=None):
     """The weighting, orthogonal to the loss. Returns (weights, S), both (2B, K); S is None unless aao."""
     if obj.weighting == "none":
         return torch.ones_like(mask), None
     if obj.weighting == "random":
         return random_weights(mask, seeds), None
-    mask_w, mask_l = split_pairs(mask)
-    S = torch.cat(token_similarity(*split_pairs(embeds.detach()), mask_w, mask_l)).to(mask.dtype)
-    return aao_weights(S, torch.cat([a, a]), torch.cat([b, b]), obj.alpha), S
+    S = token_similarities(obj.similarity, mask, embeds, hidden_after, ids)
+    weights = aao_weights(S, torch.cat([a, a]), torch.cat([b, b]), obj.alpha)
+    if obj.end_token_weight == "one":  # the pair cannot say when to stop: let it count like plain DPO
+        weights = torch.where(last_answer_token(mask), 1.0, weights)
+    return weights, S
 
 
 def weighted_mean_logps(logps, weights, mask):
@@ -330,17 +410,20 @@ class ObjectiveOutput:
 
 
 def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=None, embeds=None,
-                         hidden=None, a=None, b=None, margin=None, seeds=None) -> ObjectiveOutput:
+                         hidden=None, a=None, b=None, margin=None, seeds=None, hidden_after=None,
+                         ids=None) -> ObjectiveOutput:
     """The per-pair losses of a batch and what the metrics need.
 
     policy_logps, ref_logps, mask: (2B, K); ref_logps is None for SimPO. embeds, hidden: (2B, K, D), the
-    input embeddings and final hidden states at the same positions (aao only). a, b: (B,) thresholds from
+    input embeddings and final hidden states at the same positions (aao only); hidden_after (2B, K, D), the
+    hidden state after each answer token, and ids (2B, K), the answer token ids: only --similarity hidden and
+    alignment read them. a, b: (B,) thresholds from
     ThresholdMLP (aao only). beta: float or (B,) (SP2DPO); margin: (B,) data margins (MixDPO); seeds: 2B
     ints (random weighting). The weights multiply the per-token log-*ratios*: policy and reference alike.
     """
     beta = obj.beta if beta is None else beta
     mask = mask.to(policy_logps.dtype)
-    weights, S = token_weights(obj, mask, embeds, a, b, seeds)
+    weights, S = token_weights(obj, mask, embeds, a, b, seeds, hidden_after, ids)
     plain_c, plain_r = split_pairs((policy_logps * mask).sum(-1))
     if obj.loss == "simpo":  # reference-free: per-token mean log-probs
         score_c, score_r = split_pairs(weighted_mean_logps(policy_logps, weights, mask))

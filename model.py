@@ -225,6 +225,8 @@ class AnswerStates:
     embeds: torch.Tensor  # (N, T-1, D): input embedding of token t+1, detached (Eq. 7 reads it)
     hidden: torch.Tensor  # (N, T-1, D): final normed hidden state at t (Eq. 9 reads it)
     logit_sums: torch.Tensor | None  # (N, vocab) fp32: the logits summed over a row's answer tokens (Eq. 8)
+    hidden_after: torch.Tensor | None = None  # (N, T-1, D): the hidden state at t+1, which has read token t+1,
+    # detached (--similarity hidden reads it: the state at t is the same in both answers after a shared prefix)
 
 
 class Transformer(nn.Module):
@@ -301,7 +303,8 @@ class Transformer(nn.Module):
             sums = torch.cat([h_sum @ w.to(h_sum.dtype).T for w in weight.detach().split(HEAD_CHUNK // D)], dim=1)
         # Eq. 7 reads the embeddings detached; the hidden states are copied, not returned as a view, since
         # FSDP hooks the outputs of the root module for backward and an in-place op on a view would skip that.
-        return AnswerStates(grid(logps), grid(top1), embeds[:, 1:].detach(), hidden[:, :-1].contiguous(), sums)
+        return AnswerStates(grid(logps), grid(top1), embeds[:, 1:].detach(), hidden[:, :-1].contiguous(), sums,
+                            hidden[:, 1:].detach())
 
 
 # Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 64 MiB of fp32. Smaller

@@ -6,6 +6,8 @@ installs it, so they run there.
 import json
 import math
 import os
+import random
+import re
 import shutil
 import signal
 import subprocess
@@ -512,6 +514,91 @@ def test_token_similarity_of_one_unbatched_pair():
     S_w, S_l = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
     B_w, B_l = aao.token_similarity(emb_w[None], emb_l[None], mask_w[None], mask_l[None])
     assert torch.equal(S_w, B_w[0]) and torch.equal(S_l, B_l[0])
+
+
+def brute_force_lcs(a: list, b: list) -> int:
+    P = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a)):
+        for j in range(len(b)):
+            P[i + 1][j + 1] = P[i][j] + 1 if a[i] == b[j] else max(P[i][j + 1], P[i + 1][j])
+    return P[-1][-1]
+
+
+def test_alignment_matches_brute_force_with_prompts_and_padding():
+    """A token is in every LCS iff dropping it shortens the LCS: checked on random batched pairs whose
+    answers start after prompts of different lengths and end in padding, as in the trainer's grids."""
+    rng, K, B = random.Random(0), 12, 40
+    ids, mask = torch.randint(5, 9, (2 * B, K)), torch.zeros(2 * B, K)
+    answers = []
+    for row in range(2 * B):
+        start, n = rng.randrange(0, 4), rng.randrange(1, 8)
+        answer = [rng.randrange(3) for _ in range(n)]  # a small alphabet: many repeats and tied alignments
+        ids[row, start:start + n], mask[row, start:start + n] = torch.tensor(answer), 1
+        answers.append(answer)
+    S = torch.rand(2 * B, K) * mask
+    S_w, S_l = aao.alignment_similarity(*ids.chunk(2), *mask.chunk(2), *S.chunk(2), cap=0.5)
+    for row, got in enumerate(torch.cat([S_w, S_l])):
+        mine, other = answers[row], answers[(row + B) % (2 * B)]
+        total = brute_force_lcs(mine, other)
+        expect = [1.0 if brute_force_lcs(mine[:i] + mine[i + 1:], other) < total else min(float(s), 0.5)
+                  for i, s in enumerate(S[row][mask[row].bool()])]
+        assert got[mask[row].bool()].tolist() == pytest.approx(expect)
+        assert not got[~mask[row].bool()].any()
+
+
+def reordered_pair():
+    """ "A beat B ." against "B beat A .", each ending with the same end token: the same tokens in both."""
+    chosen, rejected = [11, 12, 13, 14, 2], [13, 12, 11, 14, 2]
+    ids = torch.tensor([[7, 8] + chosen, [7, 8] + rejected])  # a prompt, then the answer
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]] * 2, dtype=torch.float64)
+    return ids, mask
+
+
+@pytest.mark.parametrize("similarity", ["hidden", "alignment"])
+def test_reordered_pair_is_all_ambiguous_under_embedding_only(similarity):
+    """Eq. 7 on input embeddings scores every token of a reordered pair 1, so AAO gives it no weight; the
+    position- or context-aware readings keep the swapped tokens. Fails if --similarity is ignored."""
+    ids, mask = reordered_pair()
+    model = M.tiny_model(32, seed=0)
+    answer_index = mask[:, 1:].flatten().nonzero().squeeze(1)
+    full = torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)], 1)  # the grid is of predicted tokens
+    states = model(full, answer_index=answer_index)
+    grid_ids, grid_mask = full[:, 1:], torch.cat([mask[:, 1:], torch.zeros(2, 1, dtype=mask.dtype)], 1)
+    a, b = thresholds(1, 0.8, 0.4)
+    scores = {}
+    for name in ("embedding", similarity):
+        obj = aao.Objective(similarity=name)
+        scores[name] = aao.token_weights(obj, grid_mask, states.embeds, a, b, hidden_after=states.hidden_after,
+                                         ids=grid_ids)
+    answer = grid_mask.bool()
+    (w_emb, S_emb), (w_new, S_new) = scores["embedding"], scores[similarity]
+    assert torch.allclose(S_emb[answer], torch.ones(10, dtype=S_emb.dtype)) and w_emb[answer].max() < 1e-6
+    swapped = torch.tensor([[0, 1, 1, 1, 0, 0, 0]] * 2).bool()  # rows of ids[:, 1:]: "A beat B" / "B beat A"
+    assert S_new[swapped].max() < 0.99 and w_new[swapped].min() > 0.5
+    if similarity == "alignment":  # "." and the end token sit at the same place in both: ambiguous
+        assert (S_new[answer & ~swapped] == 1).all()
+
+
+def test_end_token_weight_one_weighs_only_the_last_answer_token():
+    ids, mask = reordered_pair()
+    grid_mask = mask[:, 1:]
+    emb = torch.randn(2, 6, 8, dtype=torch.float64)
+    emb[:, -1] = emb[0, -1]  # the same end token in both answers
+    a, b = thresholds(1, 0.8, 0.4)
+    w_aao, _ = aao.token_weights(aao.Objective(), grid_mask, emb, a, b)
+    w_one, _ = aao.token_weights(aao.Objective(end_token_weight="one"), grid_mask, emb, a, b)
+    last = aao.last_answer_token(grid_mask)
+    assert last.sum() == 2 and last[:, -1].all()
+    assert w_aao[last].max() < 1e-6 and (w_one[last] == 1).all()
+    assert torch.equal(w_aao[~last], w_one[~last])
+
+
+def test_hidden_after_is_the_next_positions_hidden_state():
+    model = M.tiny_model(32, seed=0)
+    ids = torch.randint(0, 32, (2, 9))
+    states = model(ids, answer_index=torch.arange(2 * 8))
+    assert torch.equal(states.hidden_after[:, :-1], states.hidden[:, 1:].detach())
+    assert not states.hidden_after.requires_grad
 
 
 def test_pooled_answer_logits_match_float64():
@@ -1742,6 +1829,7 @@ def test_non_finite_gradient_norm_stops_without_an_update(tmp_path, capsys, monk
     ["--loss", "ipo", "--weighting", "none"], ["--loss", "cdpo", "--weighting", "random"], ["--loss", "hinge"],
     ["--loss", "simpo"], ["--loss", "simpo", "--weighting", "none"], ["--loss", "sft"],
     ["--curriculum", "margin", "--sft-below-margin", 5.0], ["--reward-form", "printed", "--activation-checkpointing"],
+    ["--similarity", "hidden"], ["--similarity", "alignment", "--end-token-weight", "one"],
 ])
 def test_objective_variants_train(tmp_path, args):
     rows = metric_rows(in_process(tmp_path, *args))
@@ -1773,3 +1861,39 @@ def test_per_pair_beta_column_from_a_file(tmp_path):
     assert (out / "final" / "model.safetensors").exists()
     with pytest.raises(data.DataError, match="--beta-column nope: the row has no such column"):
         train.load_data(train.parse_args(["--data", str(f), "--beta-column", "nope"]), data.tiny_tokenizer())
+
+
+# ----------------------------------------------------------------------------- experiments/
+
+def run_script(*args, timeout=120) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_replica_smoke_writes_its_results(tmp_path):
+    run_script(HERE / "experiments" / "replica.py", "--smoke", "--out", tmp_path / "runs", "--docs", tmp_path / "docs")
+    rows = metric_rows(tmp_path / "docs", "replica.jsonl")
+    assert [(r["family"], r["method"]) for r in rows] == [("facts", "DPO"), ("facts", "AAO")]
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["win_rate"] <= 1 and 0 <= r["heldout_pref_accuracy"] <= 1
+        assert 0 <= r["length"] <= 8 and 0 <= r["sft_accuracy"] <= 1
+        assert (Path(r["run"]) / "final" / "model.safetensors").exists()
+    table = (tmp_path / "docs" / "replica.md").read_text()
+    assert "| DPO | " in table and "| AAO | " in table and "win rate vs SFT" in table
+
+
+def test_plot_metrics_draws_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [in_process(tmp_path), in_process(tmp_path, "--weighting", "none")]
+    run_script(HERE / "experiments" / "plot_metrics.py", *runs, "--out", tmp_path / "m.png")
+    png = (tmp_path / "m.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_scale_estimate_prints_plausible_tables():
+    out = run_script(HERE / "experiments" / "scale_estimate.py").stdout
+    assert "Llama-3.1-8B: 8.03B parameters" in out
+    memory = [int(gb) for row in re.findall(r"\| (\d+) GB \| (\d+) GB \|", out) for gb in row]
+    assert len(memory) == 16 and all(10 < gb < 200 for gb in memory)
+    assert "FSDP over 8" in out and "HSDP: --replicate 2" in out

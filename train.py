@@ -96,6 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g("--lambda-r", type=float, default=1.0, help="Eq. 13: weight of the reward enhancement loss (default: 1)")
     g("--reward-form", default="weighted_mean", choices=["weighted_mean", "weighted_sum", "printed"],
       help="Eq. 11: Σ w log π / Σ w (default), Σ w log π, or the printed unweighted Σ log π")
+    g("--similarity", default="embedding", choices=list(aao.SIMILARITIES), help="Eq. 7's S on: embedding (input "
+      "embeddings, the paper's; default), hidden (the policy's hidden state after each token, detached), "
+      "alignment (S = 1 for tokens every longest common subsequence of the two answers matches)")
+    g("--end-token-weight", default="aao", choices=["aao", "one"], help="the answer's last (end-of-answer) token: "
+      "aao (its Eq. 17 weight, ~0 since both answers share it; default) or one (weight 1)")
     g("--curriculum", default="none", choices=["none", "margin"], help="MixDPO: order pairs easy -> hard by "
       "score_chosen - score_rejected (default: none, shuffled)")
     g("--sft-below-margin", type=float, metavar="TAU", help="MixDPO: pairs with margin < TAU take the SFT loss")
@@ -401,7 +406,8 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
     beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling) if run.beta_scaling else None
     out = aao.preference_objective(run.objective, states.logps, ref_logps, mask, beta=beta,
                                    embeds=states.embeds, hidden=states.hidden, a=a, b=b, margin=batch["margin"],
-                                   seeds=row_seeds(run.seed, step, indices))
+                                   seeds=row_seeds(run.seed, step, indices), hidden_after=states.hidden_after,
+                                   ids=batch["input_ids"][:, 1:])
     metrics = {**aao.objective_metrics(out, mask, a, b), **squeeze_probe(states.top1, ref_top1, mask)}
     return out, states, ref_logps, batch, metrics
 
@@ -581,7 +587,7 @@ def build_run(args, device, mesh, tokenizer, resume_from) -> Run:
         loss=args.loss, weighting=args.weighting, beta=args.beta, label_smoothing=args.label_smoothing,
         simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio, ipo_normalized=not args.ipo_sum, alpha=args.alpha,
         lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_form=args.reward_form,
-        sft_below_margin=mixdpo_tau(args, train_items), sft_weight=args.sft_weight)
+        similarity=args.similarity, end_token_weight=args.end_token_weight, sft_below_margin=mixdpo_tau(args, train_items), sft_weight=args.sft_weight)
     if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
         rank0_print(f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
                     "~20x DPO's: per-pair β made for DPO need a --beta-scale")
