@@ -587,7 +587,8 @@ def build_run(args, device, mesh, tokenizer, resume_from) -> Run:
         loss=args.loss, weighting=args.weighting, beta=args.beta, label_smoothing=args.label_smoothing,
         simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio, ipo_normalized=not args.ipo_sum, alpha=args.alpha,
         lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_form=args.reward_form,
-        similarity=args.similarity, end_token_weight=args.end_token_weight, sft_below_margin=mixdpo_tau(args, train_items), sft_weight=args.sft_weight)
+        similarity=args.similarity, end_token_weight=args.end_token_weight,
+        sft_below_margin=mixdpo_tau(args, train_items), sft_weight=args.sft_weight)
     if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
         rank0_print(f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
                     "~20x DPO's: per-pair β made for DPO need a --beta-scale")
