@@ -1130,9 +1130,9 @@ def main(argv=None) -> int:
         rank = f" (rank {dist.get_rank()})" if dist.is_initialized() and dist.get_world_size() > 1 else ""
         print(f"error{rank}: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    if torchrun:
-        os._exit(code)  # gloo's destroy_process_group aborts a rank now and then after all work is done
     if dist.is_initialized():
+        if torchrun and dist.get_backend() == "gloo":
+            os._exit(code)  # gloo's destroy_process_group aborts a rank now and then after all work is done
         dist.destroy_process_group()
     return code
 
