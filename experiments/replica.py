@@ -31,9 +31,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
 import data  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
+
+
+def repo_path(path: Path) -> str:
+    """A run's directory as the results record it: relative to the repository when inside it, so that
+    docs/replica.jsonl names the same place on every clone."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
 
 TEMPLATE = "plain"  # the tiny preset's
 TEAMS = [country for country, _ in data.CAPITALS]
@@ -227,7 +236,7 @@ def preference_run(name, family, seed, files, sft_final, out: Path, cfg, threads
     prompts = files[family + "-prompts"]
     policy = answers(run_dir / "final", [p for _, p in prompts], cfg.max_new_tokens)
     reference = reference_answers(sft_final, family, prompts, cfg.max_new_tokens)
-    row = {"family": family, "method": name, "seed": seed, "threads": threads, "run": str(run_dir),
+    row = {"family": family, "method": name, "seed": seed, "threads": threads, "run": repo_path(run_dir),
            **judge(prompts, policy, reference), "heldout_pref_accuracy": last_eval(run_dir)["eval/accuracy"],
            "sft_accuracy": judge(prompts, reference, reference)["accuracy"],
            "sft_length": statistics.mean(n for _, n in reference), "seconds": time.perf_counter() - t0}
@@ -302,7 +311,7 @@ def plot_squeeze_and_thresholds(rows, docs: Path) -> list:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     first = [r for r in rows if r["family"] == "facts" and r["seed"] == rows[0]["seed"] and r["threads"] == rows[0]["threads"]]
-    runs = {r["method"]: Path(r["run"]) for r in first if r["method"] in ("DPO", "AAO")}
+    runs = {r["method"]: ROOT / r["run"] for r in first if r["method"] in ("DPO", "AAO")}
     keys = ["eval/squeeze/policy_chosen_top1", "eval/squeeze/policy_rejected_top1", "eval/squeeze/reference_chosen_top1"]
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for (method, run), color in zip(runs.items(), ("tab:blue", "tab:red")):
