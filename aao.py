@@ -209,8 +209,8 @@ class ThresholdMLP(nn.Module):
         x = pooled_logits.to(self.fc1.weight.dtype)  # fp32 in training: the MLP is never cast to bf16
         x = x / x.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # into [-1, 1]: no overflow below
         x = F.layer_norm(x, x.shape[-1:])
-        h = VocabLinear.apply(x, self.fc1.weight) if torch.is_grad_enabled() else self.fc1(x)
-        u, v = (self.bound * torch.tanh(self.fc2(F.gelu(h)) / self.bound)).unbind(-1)
+        h = F.gelu(VocabLinear.apply(x, self.fc1.weight))
+        u, v = (self.bound * torch.tanh(self.fc2(h) / self.bound)).unbind(-1)
         b = torch.sigmoid(u)
         a = b + (1 - b) * torch.sigmoid(v)
         return a, b

@@ -507,7 +507,7 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
 
 def clip_gradients(params, max_norm: float) -> torch.Tensor:
     norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP's norm is a DTensor
+    return full(norm)  # FSDP's norm is a DTensor
 
 
 def batch_spread(per_micro_batch: list) -> dict:
