@@ -241,6 +241,12 @@ def random_weights(mask: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     return torch.stack(rows).to(mask.device) * 2
 
 
+def random_weight_seeds(seed: int, step: int, pairs: list) -> list[int]:
+    """Seeds of the random token weights: one per (step, pair, answer), whatever the batch layout."""
+    base = (seed * 1_000_003 + step) * 2**21
+    return [base + 2 * i for i in pairs] + [base + 2 * i + 1 for i in pairs]
+
+
 def weighted_sequence_logps(logps: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ_t w_t log π(y_t) over answer tokens: Eq. 4's sum with each token's factor weighted. Used with the
     same weights for policy and reference, it gives the weighted log-ratio Σ_t w_t (log π_θ - log π_ref)."""
@@ -523,3 +529,17 @@ def objective_metrics(out: ObjectiveOutput, mask, a=None, b=None) -> dict[str, t
         m["tokens/key"] = ((S < b2) & mask).sum() / n
         m["tokens/transitional"] = 1 - m["tokens/ambiguous"] - m["tokens/key"]
     return {k: v.detach().float() for k, v in m.items()}
+
+
+@torch.no_grad()
+def squeeze_probe(top1, ref_top1, mask) -> dict[str, torch.Tensor]:
+    """After Ren & Sutherland: the token-mean of max_v π(v | x, y_<t) at teacher-forced answer positions,
+    on chosen and on rejected answers, for the policy and the reference. DPO's squeeze effect shows as
+    the policy's top-1 probability falling below the reference's."""
+    out = {}
+    for name, lp in (("policy", top1), ("reference", ref_top1)):
+        for side, l, m in zip(("chosen", "rejected"), split_pairs(lp), split_pairs(mask)) if lp is not None else ():
+            n = m.sum().clamp_min(1)
+            out[f"squeeze/{name}_{side}_top1"] = (l.exp() * m).sum() / n
+            out[f"squeeze/{name}_{side}_top1_logp"] = (l * m).sum() / n
+    return out

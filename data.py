@@ -617,6 +617,42 @@ def collate_sft(examples: list, pad_id: int) -> dict:
     return {"input_ids": input_ids, "loss_mask": loss_mask}
 
 
+def micro_batch(items: list, indices: list, sft: bool, pad_id: int, device) -> dict:
+    """Items -> padded tensors on the device, with the flat index of the answer tokens among the predicted
+    ones, computed here on the host so that the device never waits on a nonzero()."""
+    batch = (collate_sft if sft else collate)([items[i] for i in indices], pad_id)
+    batch["answer_index"] = batch["loss_mask"][:, 1:].flatten().nonzero().squeeze(1)
+    if device.type == "cuda":  # pinned memory: the copy runs beside the GPU's work
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+def sequence_lengths(items: list, indices: list) -> list[tuple[int, int]]:
+    """(tokens, answer tokens) of each sequence the items train: two per pair, one per SFT example."""
+    out = []
+    for item in (items[i] for i in indices):
+        if "input_ids" in item:
+            out.append((len(item["input_ids"]), sum(item["loss_mask"])))
+        else:
+            out += [(len(item["prompt_ids"]) + len(item[k]), len(item[k])) for k in ("chosen_ids", "rejected_ids")]
+    return out
+
+
+def hold_out(items: list, n: int, seed: int) -> tuple[list, list]:
+    """(training, held-out) items: the first n of a seeded shuffle held out."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [items[i] for i in order[n:]], [items[i] for i in order[:n]]
+
+
+def check_pair_columns(pairs: list, beta_column: str | None, mixdpo: bool) -> None:
+    """What MixDPO and SP2DPO read must be in every row, held-out rows included (their β enters evaluation)."""
+    for needed, key, what in ((beta_column, "beta", f"--beta-column {beta_column}: the row has no such column"),
+                              (mixdpo, "margin", "MixDPO needs score_chosen and score_rejected in every row")):
+        missing = [p["where"] for p in pairs if p[key] is None] if needed else []
+        if missing:
+            raise DataError(f"{missing[0]}: {what}" + (f" ({len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
 class PairSampler:
     """Which pairs each optimizer step trains on. Step s of a run is a global batch of `global_batch`
     pairs from a fixed order per epoch (shuffled by seed and epoch, or easy -> hard by margin for the
@@ -653,6 +689,17 @@ class PairSampler:
 
 def micro_batches(indices: list, size: int) -> list[list]:
     return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def lockstep_chunks(n: int, micro: int, rank: int, world: int):
+    """(real indices, weight) of a rank's micro-batches over n items, for a pass in lockstep (FSDP gathers
+    weights collectively, so every rank must run as many forwards as the others): rank r takes items
+    r, r + world, ...; a chunk of padding alone runs item 0 with weight 0."""
+    share = list(range(rank, n, world))
+    share += [-1] * (-(-n // world) - len(share))
+    for chunk in micro_batches(share, micro):
+        real = [i for i in chunk if i >= 0]
+        yield real or [0], float(len(real))
 
 
 # ----------------------------------------------------------------------------- the synthetic set

@@ -18,9 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -56,6 +59,12 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @property
+    def pad_id(self) -> int:
+        """The id batches are padded with: the end token (padding is masked out, so any id would do)."""
+        eos = self.eos_token_id
+        return (eos[0] if isinstance(eos, list) else eos) or 0
 
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
@@ -563,6 +572,139 @@ def tiny_config(vocab_size: int) -> ModelConfig:
 
 def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
     return init_weights(Transformer(tiny_config(vocab_size)), seed)
+
+
+# ----------------------------------------------------------------------------- sharded over processes (FSDP2)
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (the parameter itself when the model is not sharded)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole parameter, gathered from every rank's shard when the model is sharded (a collective)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def reshard(model) -> None:
+    """Free the root's gathered parameters after a forward without backward (a no-op when not sharded)."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
+def shard_position(mesh) -> tuple[int, int]:
+    """This rank's place among the ranks a parameter is sharded over, and their number."""
+    return mesh.get_local_rank("shard"), mesh.size(mesh.mesh_dim_names.index("shard"))
+
+
+def weight_reader(weights: str, vocab_size: int, seed: int):
+    """(config, read) where read(name, start, stop) returns rows start:stop of a full parameter: from
+    the safetensors files (only those rows are read), or from the seeded random tiny model."""
+    if weights == "tiny":
+        state = tiny_model(vocab_size, seed).state_dict()
+        return tiny_config(vocab_size), lambda name, s, e: state[name][s:e]
+    cfg, files = read_config(weights), checkpoint_files(weights)
+    with torch.device("meta"):
+        check_checkpoint(weights, files, expected_shapes(Transformer(cfg)))
+
+    def read(name, s, e):
+        with open_safetensors(files[hf_name(name)]) as f:
+            return f.get_slice(hf_name(name))[s:e]
+    return cfg, read
+
+
+def build_sharded(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=False, trainable=True):
+    """Build on the meta device, shard every block and then the root with FSDP2 (torchtitan's recipe),
+    allocate this rank's shards and fill them with rows start:stop of each parameter (torch.chunk's
+    Shard(0) layout), so no rank ever holds the whole model. Parameters are kept in param_dtype and cast
+    to compute_dtype. One process with nothing to cast gets a plain module: FSDP2 on one rank still copies
+    every parameter into an unsharded buffer for forward, one more copy of the model for nothing."""
+    with torch.device("meta"):
+        model = Transformer(cfg).to(param_dtype)
+    for block in model.layers:
+        block.activation_checkpointing = checkpointing
+    if mesh.size() > 1 or compute_dtype != param_dtype:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+            if compute_dtype != param_dtype else MixedPrecisionPolicy()
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        # The root keeps its parameters (embedding, head) gathered from forward to backward; a frozen model
+        # never runs backward, so it must reshard right after forward or hold them for the whole run.
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if trainable else True)
+    model.to_empty(device=mesh.device_type)
+    model.reset_buffers()
+    shard, shards = shard_position(mesh)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            start = shard * -(-p.shape[0] // shards)
+            local(p).copy_(read(name, start, start + local(p).shape[0]))
+    model.requires_grad_(trainable)
+    return model.train(trainable)
+
+
+def save_sharded(model: Transformer, out: Path, dtype: torch.dtype) -> None:
+    """Write a sharded model in Hugging Face layout, every rank calling it. Parameters are gathered one at a
+    time, a collective every rank joins; each rank keeps those assigned to it and writes them as one file,
+    so the files are written at once rather than the whole model by rank 0 while the others wait."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    params = list(model.named_parameters())  # a tied head is listed once, under embed_tokens
+    owners = balanced_shards([p.numel() for _, p in params], world)
+    n_files, mine = max(owners) + 1, {}
+    for (name, p), owner in zip(params, owners):
+        whole = full(p)
+        if owner == rank:
+            mine[hf_name(name)] = whole.detach().to(dtype).cpu().contiguous()
+        del whole
+    if mine:
+        save_file(mine, out / shard_file_name(rank, n_files), metadata={"format": "pt"})
+    if rank == 0:
+        write_index(out, model.config, dtype, {hf_name(n): shard_file_name(o, n_files) for (n, _), o
+                                               in zip(params, owners)}, sum(p.numel() for _, p in params) * dtype.itemsize)
+
+
+def write_generation_config(out: Path, source: Path | None, cfg, stop_ids: list) -> None:
+    """generation_config.json: the source's, with the template's end-of-answer token among the stop ids, so
+    that a server (vLLM, transformers) stops where the trained answers stop: a base model's config lists
+    only <|end_of_text|>, while a Llama 3 chat answer ends with <|eot_id|>."""
+    config = json.loads((source / "generation_config.json").read_text()) if source and \
+        (source / "generation_config.json").is_file() else {}
+    eos = config.get("eos_token_id", cfg.eos_token_id)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    config["eos_token_id"] = eos + [i for i in stop_ids if i not in eos]
+    (out / "generation_config.json").write_text(json.dumps(config, indent=2))
+
+
+# ----------------------------------------------------------------------------- FLOPs, for MFU
+
+def parameter_counts(cfg: ModelConfig) -> tuple[int, int, int]:
+    """Parameters of the blocks (with the final norm), of the output head, and in all."""
+    D, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+    attention = D * cfg.num_attention_heads * cfg.head_dim * 2 + D * kv * 2  # q and o, k and v
+    blocks = cfg.num_hidden_layers * (attention + 3 * D * cfg.intermediate_size + 2 * D) + D
+    head = cfg.vocab_size * D
+    return blocks, head, blocks + head * (1 if cfg.tie_word_embeddings else 2)
+
+
+def training_flops(cfg: ModelConfig, sequences: list, live_reference: bool) -> float:
+    """Model FLOPs of training on sequences given as (tokens, answer tokens), PaLM's convention (recomputation
+    not counted): 6 per parameter and token for the policy's forward and backward, 2 for a live reference's
+    forward; the head only at answer tokens (the chunked head computes nothing else); the input embedding
+    not at all (a lookup); attention's two T x T products, 12·L·D·T per token of a T-token sequence
+    (4·L·D·T for a forward only)."""
+    blocks, head, _ = parameter_counts(cfg)
+    passes = 6 + 2 * live_reference
+    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (3 + live_reference)
+    return sum(passes * (blocks * t + head * n) + attention * t * t for t, n in sequences)
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak of one GPU, for MFU: the first name that matches, most specific first."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    table = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
+             "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+    return next((v for k, v in table.items() if k in name), None)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -200,6 +200,22 @@ def test_missing_preset_says_where_to_put_the_files(tmp_path, monkeypatch):
     assert "model*.safetensors" in str(e.value)
 
 
+@pytest.mark.parametrize("tied, head_dim, kv", [(False, None, 2), (True, None, 4), (False, 24, 1)])
+def test_parameter_counts_are_the_built_models(tied, head_dim, kv):
+    cfg = M.ModelConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=kv, vocab_size=300, head_dim=head_dim, tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = M.Transformer(cfg)
+    blocks, head, total = M.parameter_counts(cfg)
+    assert head == model.lm_head.weight.numel() and total == sum(p.numel() for p in model.parameters())
+    assert blocks == sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("embed", "lm_head")))
+    # MFU's count for one 10-token sequence with 4 answer tokens, policy only: 6 per parameter and token
+    # in the blocks, at answer tokens in the head, and attention's 3 x 2 products of 2 x T² x H x d each.
+    heads_dim = cfg.num_attention_heads * cfg.head_dim
+    expected = 6 * (blocks * 10 + head * 4) + 3 * cfg.num_hidden_layers * 2 * 2 * 10 * 10 * heads_dim
+    assert M.training_flops(cfg, [(10, 4)], live_reference=False) == expected
+
+
 # ----------------------------------------------------------------------------- generation
 
 def random_prompts(lengths, vocab=101, seed=0):

@@ -12,6 +12,7 @@ processes, models, data, the objective on a micro-batch, the step, the loop, eva
 preemption, the token-weight page.
 """
 import argparse
+import contextlib
 import dataclasses
 import gc
 import html
@@ -29,7 +30,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -214,11 +214,6 @@ def setup_distributed(replicate: int, timeout_minutes: float):
     return device, init_device_mesh(device.type, shape, mesh_dim_names=names)
 
 
-def shard_position(mesh) -> tuple[int, int]:
-    """This rank's place among the ranks a parameter is sharded over, and their number."""
-    return mesh.get_local_rank("shard"), mesh.size(mesh.mesh_dim_names.index("shard"))
-
-
 def rank0_print(*a):
     if dist.get_rank() == 0:
         print(*a, flush=True)
@@ -247,65 +242,10 @@ def check_shared_out(out: Path, device) -> None:
 
 # ----------------------------------------------------------------------------- models
 
-def model_source(weights: str, vocab_size: int, seed: int):
-    """(config, read) where read(name, start, stop) returns rows start:stop of a full parameter: from
-    the safetensors files (only those rows are read), or from the seeded random tiny model."""
-    if weights == "tiny":
-        state = M.tiny_model(vocab_size, seed).state_dict()
-        return M.tiny_config(vocab_size), lambda name, s, e: state[name][s:e]
-    cfg = M.read_config(weights)
-    files = M.checkpoint_files(weights)
-    with torch.device("meta"):
-        M.check_checkpoint(weights, files, M.expected_shapes(M.Transformer(cfg)))
-
-    def read(name, s, e):
-        with M.open_safetensors(files[M.hf_name(name)]) as f:
-            return f.get_slice(M.hf_name(name))[s:e]
-    return cfg, read
-
-
-def build_model(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=False, trainable=True):
-    """Build on the meta device, shard every block and then the root with FSDP2, allocate this rank's
-    shards, fill them with rows start:stop of each parameter (torch.chunk's Shard(0) layout), so no
-    rank ever holds the whole model. Parameters are kept in param_dtype and cast to compute_dtype.
-    One process with nothing to cast gets a plain module: FSDP2 on one rank still copies every parameter
-    into an unsharded buffer for forward, one more copy of the model for nothing."""
-    with torch.device("meta"):
-        model = M.Transformer(cfg).to(param_dtype)
-    for block in model.layers:
-        block.activation_checkpointing = checkpointing
-    if mesh.size() > 1 or compute_dtype != param_dtype:
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
-            if compute_dtype != param_dtype else MixedPrecisionPolicy()
-        for block in model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        # The root keeps its parameters (embedding, head) gathered from forward to backward; a frozen model
-        # never runs backward, so it must reshard right after forward or hold them for the whole run.
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if trainable else True)
-    model.to_empty(device=mesh.device_type)
-    model.reset_buffers()
-    shard, shards = shard_position(mesh)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            start = shard * -(-p.shape[0] // shards)
-            local(p).copy_(read(name, start, start + local(p).shape[0]))
-    model.requires_grad_(trainable)
-    return model.train(trainable)
-
-
 def compute_dtype(name: str, device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
-
-
-def count_parameters(cfg) -> dict:
-    """Parameter counts of the blocks (and final norm) and of the head, for the FLOPs of a step."""
-    with torch.device("meta"):
-        model = M.Transformer(cfg)
-    head = model.lm_head.weight.numel()
-    blocks = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("embed_tokens", "lm_head")))
-    return {"blocks": blocks, "head": head, "total": sum(p.numel() for p in model.parameters())}
 
 
 # ----------------------------------------------------------------------------- data
@@ -324,51 +264,16 @@ def load_data(args, tokenizer) -> tuple[list, list]:
     train, report = tokenize(train_rows)
     if eval_rows:
         heldout = tokenize(eval_rows)[0]
-    else:  # hold out the first items of a seeded shuffle
-        n = min(args.eval_pairs, len(train) // 10)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
-        heldout, train = [train[i] for i in order[:n]], [train[i] for i in order[n:]]
+    else:
+        train, heldout = data.hold_out(train, min(args.eval_pairs, len(train) // 10), args.seed)
     if args.loss != "sft":
-        check_pair_columns(args, train + heldout)
+        mixdpo = args.curriculum == "margin" or args.sft_below_margin is not None or args.sft_below_quantile is not None
+        data.check_pair_columns(train + heldout, args.beta_column, mixdpo)
     dropped = {k: v for k, v in report.items() if k not in ("rows", "pairs", "examples") and v}
     rank0_print(f"data: {len(train) + len(heldout)} items of {report['rows']} rows"
                 + (f" ({dropped})" if dropped else "") + f", {len(train)} for training, {len(heldout)} held "
                 f"out, template {args.template}")
     return train, heldout
-
-
-def check_pair_columns(args, pairs) -> None:
-    """What MixDPO and SP2DPO read must be in every row, held-out rows included (their β enters evaluation)."""
-    if args.beta_column:
-        missing = [p["where"] for p in pairs if p["beta"] is None]
-        if missing:
-            raise data.DataError(f"{missing[0]}: --beta-column {args.beta_column}: the row has no such column"
-                                 + (f" ({len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if args.curriculum == "margin" or args.sft_below_margin is not None or args.sft_below_quantile is not None:
-        missing = [p["where"] for p in pairs if p["margin"] is None]
-        if missing:
-            raise data.DataError(f"{missing[0]}: MixDPO needs score_chosen and score_rejected in every row")
-
-
-def micro_batch(items: list, indices: list, sft: bool, pad_id: int, device) -> dict:
-    """Items -> padded tensors on the device, with the flat index of the answer tokens among the predicted
-    ones, computed here on the host so that the device never waits on a nonzero()."""
-    batch = (data.collate_sft if sft else data.collate)([items[i] for i in indices], pad_id)
-    batch["answer_index"] = batch["loss_mask"][:, 1:].flatten().nonzero().squeeze(1)
-    if device.type == "cuda":  # pinned memory: the copy runs beside the GPU's work
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return batch
-
-
-def pad_id(cfg) -> int:
-    eos = cfg.eos_token_id
-    return (eos[0] if isinstance(eos, list) else eos) or 0
-
-
-def row_seeds(seed: int, step: int, indices: list) -> list:
-    """Seeds of the random token weights: one per (step, pair, answer), whatever the batch layout."""
-    base = (seed * 1_000_003 + step) * 2**21
-    return [base + 2 * i for i in indices] + [base + 2 * i + 1 for i in indices]
 
 
 # ----------------------------------------------------------------------------- the objective on a micro-batch
@@ -395,7 +300,7 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
     """The pairwise objective on a micro-batch: a policy forward, the reference's log-probs (live or
     cached), the thresholds, aao.preference_objective. Returns (ObjectiveOutput, AnswerStates, reference
     log-probs, batch, metrics as 0-dim tensors)."""
-    batch = micro_batch(items, indices, False, pad_id(run.policy.config), run.device)
+    batch = data.micro_batch(items, indices, False, run.policy.config.pad_id, run.device)
     mask = batch["loss_mask"][:, 1:]
     states = run.policy(batch["input_ids"], answer_index=batch["answer_index"],
                         sum_logits=run.thresholds is not None)
@@ -406,9 +311,9 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
     beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling) if run.beta_scaling else None
     out = aao.preference_objective(run.objective, states.logps, ref_logps, mask, beta=beta,
                                    embeds=states.embeds, hidden=states.hidden, a=a, b=b, margin=batch["margin"],
-                                   seeds=row_seeds(run.seed, step, indices), hidden_after=states.hidden_after,
+                                   seeds=aao.random_weight_seeds(run.seed, step, indices), hidden_after=states.hidden_after,
                                    ids=batch["input_ids"][:, 1:])
-    metrics = {**aao.objective_metrics(out, mask, a, b), **squeeze_probe(states.top1, ref_top1, mask)}
+    metrics = {**aao.objective_metrics(out, mask, a, b), **aao.squeeze_probe(states.top1, ref_top1, mask)}
     return out, states, ref_logps, batch, metrics
 
 
@@ -423,47 +328,28 @@ def reference_logps(run: Run, batch, indices, cache):
     return ref.logps, ref.top1
 
 
-def squeeze_probe(top1, ref_top1, mask) -> dict:
-    """After Ren & Sutherland: the token-mean of max_v π(v | x, y_<t) at teacher-forced answer positions,
-    on chosen and on rejected answers, for the policy and the reference. DPO's squeeze effect shows as
-    the policy's top-1 probability falling below the reference's."""
-    out = {}
-    for name, lp in (("policy", top1), ("reference", ref_top1)):
-        if lp is None:
-            continue
-        for side, l, m in zip(("chosen", "rejected"), aao.split_pairs(lp.detach()), aao.split_pairs(mask)):
-            n = m.sum().clamp_min(1)
-            out[f"squeeze/{name}_{side}_top1"] = (l.exp() * m).sum() / n
-            out[f"squeeze/{name}_{side}_top1_logp"] = (l * m).sum() / n
-    return out
-
-
 def forward_sft(run: Run, items, indices):
     """The SFT stage on a micro-batch: the summed NLL of its answer tokens (divided by the token count of
     the whole batch, it is TRL's token mean), and that sum and count as metrics."""
-    batch = micro_batch(items, indices, True, pad_id(run.policy.config), run.device)
+    batch = data.micro_batch(items, indices, True, run.policy.config.pad_id, run.device)
     mask = batch["loss_mask"][:, 1:]
     states = run.policy(batch["input_ids"], answer_index=batch["answer_index"])
     nll_sum = aao.sft_loss(states.logps, mask, 1)
-    return nll_sum, {"nll_sum": nll_sum.detach(), "tokens/answer": answer_tokens(items, indices)}
-
-
-def answer_tokens(items, indices) -> float:
-    """Answer tokens of some items, counted on the host."""
-    return float(sum(n for i in indices for _, n in rows_of(items[i])))
+    return nll_sum, {"nll_sum": nll_sum.detach(), "tokens/answer": float(sum(n for _, n in data.sequence_lengths(items, indices)))}
 
 
 # ----------------------------------------------------------------------------- the step
 
 def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, grad_clip: float,
-               stop_requested: bool, flops=None) -> dict:
+               stop_requested: bool, count_flops=False) -> dict:
     """One optimizer step on this rank's share of a global batch: micro-batches with gradient accumulation,
     clipping, AdamW. Returns the step's metrics over all ranks, read from the device once. The loss is per
     pair of the global batch (SFT: per answer token of it); FSDP averages over the processes, hence x world."""
     world, sft = dist.get_world_size(), run.objective is None
     sums, spread = {"stop": float(stop_requested)}, []
     if sft:  # the answer tokens of the whole global batch: the token mean's denominator
-        n_tokens = torch.tensor(answer_tokens(run.train_items, indices), device=dist_device())
+        n_tokens = torch.tensor(float(sum(n for _, n in data.sequence_lengths(run.train_items, indices))),
+                                device=dist_device())
         dist.all_reduce(n_tokens)
         n_tokens = n_tokens.to(run.device)
     for chunk in data.micro_batches(indices, run.micro_batch_size):
@@ -478,9 +364,10 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
         # No no_sync between micro-batches: FSDP2 would then hold unsharded fp32 gradients (32 GB for 8B);
         # reduce-scattering each micro-batch's gradients keeps only the shards.
         loss.backward()
-        m["tokens"] = float(sum(len(ids) for i in chunk for ids, _ in rows_of(run.train_items[i])))
-        if flops is not None:
-            m["flops"] = flops.of(run.train_items, chunk)
+        lengths = data.sequence_lengths(run.train_items, chunk)
+        m["tokens"] = float(sum(t for t, _ in lengths))
+        if count_flops:
+            m["flops"] = M.training_flops(run.policy.config, lengths, run.reference is not None)
         accumulate(sums, m, len(chunk))
     norms = {"grad_norm": clip_gradients(run.policy.parameters(), grad_clip)}
     if run.thresholds is not None:
@@ -507,7 +394,7 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
 
 def clip_gradients(params, max_norm: float) -> torch.Tensor:
     norm = torch.nn.utils.clip_grad_norm_(list(params), max_norm)
-    return full(norm)  # FSDP's norm is a DTensor
+    return M.full(norm)  # FSDP's norm is a DTensor
 
 
 def batch_spread(per_micro_batch: list) -> dict:
@@ -576,7 +463,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def build_run(args, device, mesh, tokenizer, resume_from) -> Run:
     """Data, policy, reference, threshold MLP: everything a run trains with."""
     weights = M.resolve_weights(args.weights)
-    cfg, read_weights = model_source(weights, tokenizer.get_vocab_size(), args.seed)
+    cfg, read_weights = M.weight_reader(weights, tokenizer.get_vocab_size(), args.seed)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise M.CheckpointError(f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
                                 f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together")
@@ -593,8 +480,8 @@ def build_run(args, device, mesh, tokenizer, resume_from) -> Run:
         rank0_print(f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
                     "~20x DPO's: per-pair β made for DPO need a --beta-scale")
     needs_reference = not sft and args.loss != "simpo"
-    run = Run(build_model(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing),
-              build_model(cfg, read_weights, mesh, dtype, dtype, trainable=False) if needs_reference else None,
+    run = Run(M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing),
+              M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False) if needs_reference else None,
               None, objective, train_items, heldout, device, mesh, args.micro_batch_size, args.seed,
               (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None)
     if objective is not None and args.weighting == "aao":
@@ -608,7 +495,7 @@ def build_run(args, device, mesh, tokenizer, resume_from) -> Run:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         rank0_print(f"reference log-probs cached for {len(train_items) + len(heldout)} pairs; reference freed")
-    rank0_print(f"training {count_parameters(cfg)['total'] / 1e6:.1f}M parameters with "
+    rank0_print(f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with "
                 + ("sft" if sft else f"{args.loss} + {args.weighting} weighting")
                 + f" on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})")
     return run
@@ -644,7 +531,7 @@ def train(args, device, mesh) -> int:
     log = RunLog(out, args, start, resumed=resume_from is not None)
     rank0_print(f"{total} steps of {args.batch_size}" + (f", resuming from {resume_from} at step {start}" if resume_from else ""))
     first_eval = log.eval(0, evaluate(run)) if start == 0 and run.heldout else {}
-    flops, peak = StepFlops(run.policy.config, run.reference is not None), peak_flops(device)
+    peak = M.peak_flops(device)
     stop = StopSignal()
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0 or args.quiet, desc="train",
                dynamic_ncols=True)
@@ -656,7 +543,7 @@ def train(args, device, mesh) -> int:
             indices = sampler.batch(step)
             try:
                 stats = train_step(run, optimizer, indices, step, args.batch_size, args.grad_clip, stop.requested,
-                                   flops if peak else None)
+                                   peak is not None)
             except TrainingError as e:
                 last = latest_checkpoint(out)
                 raise TrainingError(f"{e}" + (f"; the last good checkpoint is {last}" if last else "")) from None
@@ -747,57 +634,7 @@ class RunLog:
             self.board.close()
 
 
-class StepFlops:
-    """Model FLOPs of a step, for MFU (PaLM's convention; recomputation is not counted): 6 per parameter and
-    token for the policy's forward and backward, 2 for the reference's forward; the head only at answer
-    tokens (the chunked head computes nothing else); the input embedding not at all (a lookup); attention's
-    two T x T products, 12·L·D·T per token of a T-token sequence (4·L·D·T for a forward only)."""
-
-    def __init__(self, cfg, live_reference: bool):
-        n = count_parameters(cfg)
-        self.blocks, self.head, self.passes = n["blocks"], n["head"], 6 + 2 * live_reference
-        self.attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (3 + live_reference)
-
-    def of(self, items, indices) -> float:
-        rows = [r for i in indices for r in rows_of(items[i])]
-        tokens, answers = sum(len(ids) for ids, _ in rows), sum(n for _, n in rows)
-        return (self.passes * (self.blocks * tokens + self.head * answers)
-                + self.attention * sum(len(ids) ** 2 for ids, _ in rows))
-
-
-def rows_of(item) -> list:
-    """(token ids, answer token count) of each sequence an item trains: two for a pair, one for SFT."""
-    if "input_ids" in item:
-        return [(item["input_ids"], sum(item["loss_mask"]))]
-    return [(item["prompt_ids"] + item[k], len(item[k])) for k in ("chosen_ids", "rejected_ids")]
-
-
-def peak_flops(device) -> float | None:
-    """Dense bf16 peak of one GPU, for MFU: the first name that matches, most specific first."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    table = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
-             "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
-    return next((v for k, v in table.items() if k in name), None)
-
-
 # ----------------------------------------------------------------------------- evaluation
-
-def rank_share(n: int, rank: int, world: int) -> list:
-    """This rank's indices of n items for a pass in lockstep (FSDP gathers weights collectively, so every
-    rank runs the same number of forwards): equal counts, padded with -1."""
-    share = list(range(rank, n, world))
-    return share + [-1] * (-(-n // world) - len(share))
-
-
-def lockstep_chunks(n: int, micro: int):
-    """(real indices, weight) of this rank's micro-batches over n items; a chunk of padding alone runs item
-    0 with weight 0, so that every rank runs as many forwards as the others."""
-    for chunk in data.micro_batches(rank_share(n, dist.get_rank(), dist.get_world_size()), micro):
-        real = [i for i in chunk if i >= 0]
-        yield real or [0], float(len(real))
-
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
@@ -807,7 +644,8 @@ def evaluate(run: Run) -> dict:
     AAO the thresholds and token shares. SFT examples: the NLL per answer token."""
     run.policy.eval()
     sums, count = {}, 0.0
-    for real, weight in lockstep_chunks(len(run.heldout), run.micro_batch_size):
+    share = data.lockstep_chunks(len(run.heldout), run.micro_batch_size, dist.get_rank(), dist.get_world_size())
+    for real, weight in share:
         if run.objective is None:
             m = forward_sft(run, run.heldout, real)[1]
         else:
@@ -818,7 +656,7 @@ def evaluate(run: Run) -> dict:
             m["accuracy"], m["margin"] = aao.preference_accuracy(chosen - rejected), (chosen - rejected).mean()
         accumulate(sums, m if weight else {k: 0 * v for k, v in m.items()}, weight)
         count += weight
-    reshard(run.policy)  # no backward ran: the root would keep its gathered parameters
+    M.reshard(run.policy)  # no backward ran: the root would keep its gathered parameters
     run.policy.train()
     stats = reduce_metrics(sums, count)
     if run.objective is None:
@@ -839,61 +677,64 @@ def named_trainables(run: Run) -> dict:
     return named
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a parameter (the parameter itself when the model is not sharded)."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole parameter, gathered from every rank's shard when the model is sharded."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def reshard(model) -> None:
-    """Free the root's gathered parameters after a forward without backward (a no-op when not sharded)."""
-    if hasattr(model, "reshard"):
-        model.reshard()
+@contextlib.contextmanager
+def written_whole(final: Path):
+    """A directory every rank writes into under a temporary name, renamed once all are done: a kill never
+    leaves half of one, and what was there before stays until the new one is whole."""
+    tmp = final.parent / f".tmp-{final.name}"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    yield tmp
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    dist.barrier()
 
 
 def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) -> Path:
     """<out>/step-N/, for --resume: every rank writes its own shard of the fp32 master weights and of
     AdamW's moments (under --replicate, the first replica only); rank 0 also the replicated threshold MLP
-    with its moments. No rank writes the whole model and none waits on one that does. Written under a
-    temporary name and renamed, so a kill never leaves half a checkpoint; then all but the last
-    keep_last step-N/ are deleted."""
+    with its moments. No rank writes the whole model and none waits on one that does. Then all but the
+    last keep_last step-N/ are deleted."""
     rank, final = dist.get_rank(), out / f"step-{step}"
-    tmp = out / f".tmp-step-{step}"
-    mesh = run.mesh
-    shard, shards = shard_position(mesh)
+    shard, shards = M.shard_position(run.mesh)
+    with written_whole(final) as tmp:
+        if run.mesh.ndim == 1 or run.mesh.get_local_rank("replicate") == 0:  # replicas hold the same shards
+            tensors = {}
+            if run.thresholds is not None:  # every rank's copy must be rank 0's: a fingerprint to check that
+                flat = torch.cat([p.detach().flatten().double() for p in run.thresholds.parameters()])
+                wave = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64)
+                tensors["thresholds/fingerprint"] = torch.stack([flat.square().sum(), (flat * wave.sin()).sum(),
+                                                                 (flat * wave.cos()).sum()]).cpu()
+            for name, p in named_trainables(run).items():
+                if name.startswith("thresholds.") and rank != 0:
+                    continue  # replicated: rank 0's copy is every rank's
+                tensors[name] = M.local(p).detach().cpu().contiguous()
+                for k, v in optimizer.state.get(p, {}).items():
+                    tensors[f"optim/{name}/{k}"] = M.local(v).detach().cpu().contiguous()
+            save_file(tensors, train_state_file(tmp, shard, shards))
+        if rank == 0:
+            (tmp / "train_state.json").write_text(json.dumps({"step": step, "shards": shards,
+                                                              "world_size": dist.get_world_size()}))
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    if mesh.ndim == 1 or mesh.get_local_rank("replicate") == 0:  # replicas hold the same shards
-        tensors = {}
-        if run.thresholds is not None:  # every rank's copy must be rank 0's: a fingerprint to check that
-            flat = torch.cat([p.detach().flatten().double() for p in run.thresholds.parameters()])
-            wave = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64)
-            tensors["thresholds/fingerprint"] = torch.stack([flat.square().sum(), (flat * wave.sin()).sum(),
-                                                             (flat * wave.cos()).sum()]).cpu()
-        for name, p in named_trainables(run).items():
-            if name.startswith("thresholds.") and rank != 0:
-                continue  # replicated: rank 0's copy is every rank's
-            tensors[name] = local(p).detach().cpu().contiguous()
-            for k, v in optimizer.state.get(p, {}).items():
-                tensors[f"optim/{name}/{k}"] = local(v).detach().cpu().contiguous()
-        save_file(tensors, train_state_file(tmp, shard, shards))
-    if rank == 0:
-        (tmp / "train_state.json").write_text(json.dumps({"step": step, "shards": shards,
-                                                          "world_size": dist.get_world_size()}))
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         for old in sorted(checkpoints(out), key=checkpoints(out).get)[:-keep_last or None]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    return final
+
+
+def save_weights(run: Run, tokenizer, final: Path, dtype, template: str, source: Path | None) -> Path:
+    """<out>/final/: the policy in Hugging Face layout, in dtype (bf16 unless --save-dtype float32), with
+    the tokenizer and its chat template: what serving and the next stage read; no optimizer state."""
+    with written_whole(final) as tmp:
+        M.save_sharded(run.policy, tmp, dtype)
+        if dist.get_rank() == 0:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            data.write_tokenizer_config(tmp, template, source)
+            M.write_generation_config(tmp, source, run.policy.config, data.answer_stop_ids(tokenizer, template))
     return final
 
 
@@ -909,10 +750,10 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def train_state_reader(ckpt: Path, mesh):
-    """read(name, start, stop) for build_model from a step-N/ train state: this rank's file holds exactly
+    """read(name, start, stop) for model.build_sharded from a step-N/ train state: this rank's file holds exactly
     the rows start:stop of each of its parameters, the fp32 master weights, so a resume continues exactly."""
     meta = json.loads((ckpt / "train_state.json").read_text())
-    shard, shards = shard_position(mesh)
+    shard, shards = M.shard_position(mesh)
     if meta["shards"] != shards:
         raise TrainingError(f"{ckpt}: written with the model sharded over {meta['shards']} processes, resumed "
                             f"over {shards}: resume with the same number of processes (and --replicate)")
@@ -922,7 +763,7 @@ def train_state_reader(ckpt: Path, mesh):
 
 def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
     """Restore AdamW's moments and the threshold MLP from step-N/; returns the step to continue from."""
-    shard, shards = shard_position(run.mesh)
+    shard, shards = M.shard_position(run.mesh)
     mine = M.open_safetensors(train_state_file(ckpt, shard, shards))
     # The replicated threshold MLP and its moments are in rank 0's file only.
     rank0 = M.open_safetensors(train_state_file(ckpt, 0, shards)) if run.thresholds is not None else None
@@ -931,7 +772,7 @@ def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
         if name.startswith("thresholds."):
             with torch.no_grad():
                 p.copy_(f.get_tensor(name))
-        state = {k.rsplit("/", 1)[1]: f.get_tensor(k).to(local(p).device) for k in f.keys() if k.startswith(f"optim/{name}/")}
+        state = {k.rsplit("/", 1)[1]: f.get_tensor(k).to(M.local(p).device) for k in f.keys() if k.startswith(f"optim/{name}/")}
         for k, v in state.items():  # the moments are sharded like their parameter; the step count is not
             if k != "step" and isinstance(p, DTensor):
                 state[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
@@ -939,55 +780,6 @@ def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
         if state:
             optimizer.state[p] = state
     return json.loads((ckpt / "train_state.json").read_text())["step"]
-
-
-def save_weights(run: Run, tokenizer, final: Path, dtype, template: str, source: Path | None) -> Path:
-    """<out>/final/: the policy in Hugging Face layout, in dtype (bf16 unless --save-dtype float32), with
-    the tokenizer and its chat template: what serving and the next stage read; no optimizer state.
-    Parameters are gathered one at a time, a collective every rank joins, and each rank keeps those
-    assigned to it and writes them as one shard file: the files are written at once, not the whole model
-    by rank 0 while the others wait."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    params = list(run.policy.named_parameters())  # a tied head is listed once, under embed_tokens
-    owners = M.balanced_shards([p.numel() for _, p in params], world)
-    n_files, tmp = max(owners) + 1, final.parent / f".tmp-{final.name}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    mine = {}
-    for (name, p), owner in zip(params, owners):
-        whole = full(p)
-        if owner == rank:
-            mine[M.hf_name(name)] = whole.detach().to(dtype).cpu().contiguous()
-        del whole
-    if mine:
-        save_file(mine, tmp / M.shard_file_name(rank, n_files), metadata={"format": "pt"})
-    if rank == 0:
-        M.write_index(tmp, run.policy.config, dtype, {M.hf_name(n): M.shard_file_name(o, n_files)
-                                                      for (n, _), o in zip(params, owners)},
-                      sum(p.numel() for _, p in params) * dtype.itemsize)
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        data.write_tokenizer_config(tmp, template, source)
-        write_generation_config(tmp, source, run.policy.config, data.answer_stop_ids(tokenizer, template))
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    dist.barrier()
-    return final
-
-
-def write_generation_config(out: Path, source: Path | None, cfg, stop_ids: list) -> None:
-    """generation_config.json: the source's, with the template's end-of-answer token among the stop ids, so
-    that a server (vLLM, transformers) stops where the trained answers stop: a base model's config lists
-    only <|end_of_text|>, while a Llama 3 chat answer ends with <|eot_id|>."""
-    config = json.loads((source / "generation_config.json").read_text()) if source and \
-        (source / "generation_config.json").is_file() else {}
-    eos = config.get("eos_token_id", cfg.eos_token_id)
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    config["eos_token_id"] = eos + [i for i in stop_ids if i not in eos]
-    (out / "generation_config.json").write_text(json.dumps(config, indent=2))
 
 
 class ReferenceCache:
@@ -1008,8 +800,8 @@ class ReferenceCache:
     @torch.no_grad()
     def compute(cls, reference, pairs, micro, device) -> "ReferenceCache":
         mine = []
-        for real, weight in lockstep_chunks(len(pairs), micro):
-            batch = micro_batch(pairs, real, False, pad_id(reference.config), device)
+        for real, weight in data.lockstep_chunks(len(pairs), micro, dist.get_rank(), dist.get_world_size()):
+            batch = data.micro_batch(pairs, real, False, reference.config.pad_id, device)
             states = reference(batch["input_ids"], answer_index=batch["answer_index"])
             if weight:  # the answer tokens in row order (chosen rows, then rejected), regrouped by pair
                 flat = torch.stack([states.logps, states.top1]).flatten(1)[:, batch["answer_index"]].float().cpu()
@@ -1107,7 +899,7 @@ def write_weights_page(run: Run, tokenizer, path: Path, source: str, n: int = 12
                 lines.append(f'<div><span class="who">{who}</span>{"".join(spans)}</div>')
             prompt = html.escape(tokenizer.decode(run.heldout[i]["prompt_ids"], skip_special_tokens=True))
             blocks.append(f'<div class="pair"><small>{prompt} &nbsp; (a={a[k]:.3f}, b={b[k]:.3f})</small>{"".join(lines)}</div>')
-    reshard(run.policy)
+    M.reshard(run.policy)
     if dist.get_rank() == 0:
         path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
 <style>{WEIGHT_PAGE_STYLE}</style></head><body><h1>AAO token weights</h1>
