@@ -1738,6 +1738,10 @@ def test_kill_and_resume_continue_with_the_same_losses(tmp_path, uninterrupted):
     assert "resuming from" in r.stdout and "step 4" in r.stdout
     assert losses(out) == losses(uninterrupted)
     assert sorted(d.name for d in out.glob("step-*")) == ["step-4", "step-8"]  # --keep-last 2
+    written = (out / "final" / "config.json").stat().st_mtime_ns
+    again = run("--resume", out)  # a requeued job resuming a run that ended: nothing to redo
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-3000:]
+    assert (out / "final" / "config.json").stat().st_mtime_ns == written and losses(out) == losses(uninterrupted)
 
 
 @pytest.mark.parametrize("processes", [1, 2])

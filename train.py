@@ -460,14 +460,13 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 # ----------------------------------------------------------------------------- the loop
 
-def build_run(args, device, mesh, tokenizer, resume_from) -> Run:
-    """Data, policy, reference, threshold MLP: everything a run trains with."""
+def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
+    """Policy, reference, threshold MLP, objective: everything a run trains with, beside its data."""
     weights = M.resolve_weights(args.weights)
     cfg, read_weights = M.weight_reader(weights, tokenizer.get_vocab_size(), args.seed)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise M.CheckpointError(f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
                                 f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together")
-    train_items, heldout = load_data(args, tokenizer)
     dtype, sft = compute_dtype(args.dtype, device), args.loss == "sft"
     start = read_weights if resume_from is None else train_state_reader(resume_from, mesh)
     objective = None if sft else aao.Objective(
@@ -513,19 +512,24 @@ def train(args, device, mesh) -> int:
     token-weight page at the end. Returns the exit code: 0, or 128 + a signal's number if stopped by one."""
     rank, out = dist.get_rank(), Path(args.out)
     check_shared_out(out, device)
+    if not args.resume and (latest_checkpoint(out) or (out / "final").exists()):
+        raise TrainingError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+    tokenizer = data.tiny_tokenizer() if args.weights == "tiny" else M.load_tokenizer(M.resolve_weights(args.weights))
+    train_items, heldout = load_data(args, tokenizer)
+    margins = [p["margin"] for p in train_items] if args.curriculum == "margin" else None
+    sampler = data.PairSampler(len(train_items), args.batch_size, args.seed, rank, dist.get_world_size(), margins)
+    total = int(args.epochs * sampler.steps_per_epoch)
+    total = min(total, args.max_steps) if args.max_steps else total
+    warmup = max(1, round(args.warmup * total))
+    if args.resume and (out / "final").is_dir() and logged_steps(out) >= total:
+        rank0_print(f"--resume {out}: the run there already finished ({total} steps, {out / 'final'} written); "
+                    "nothing to do (a larger --max-steps or --epochs continues it)")
+        return 0
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
         raise TrainingError(f"--resume {args.resume}: the run there saved no step-N/ checkpoint yet "
                             f"(see --save-every); start it again with --out {args.resume}")
-    if not args.resume and (latest_checkpoint(out) or (out / "final").exists()):
-        raise TrainingError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
-    tokenizer = data.tiny_tokenizer() if args.weights == "tiny" else M.load_tokenizer(M.resolve_weights(args.weights))
-    run = build_run(args, device, mesh, tokenizer, resume_from)
-    margins = [p["margin"] for p in run.train_items] if args.curriculum == "margin" else None
-    sampler = data.PairSampler(len(run.train_items), args.batch_size, args.seed, rank, dist.get_world_size(), margins)
-    total = int(args.epochs * sampler.steps_per_epoch)
-    total = min(total, args.max_steps) if args.max_steps else total
-    warmup = max(1, round(args.warmup * total))
+    run = build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from)
     optimizer = make_optimizer(run.policy, run.thresholds, args.lr, args.threshold_lr, args.weight_decay)
     start = load_train_state(run, optimizer, resume_from) if resume_from else 0
     log = RunLog(out, args, start, resumed=resume_from is not None)
@@ -742,6 +746,12 @@ def checkpoints(out: Path) -> dict:
     """step-N/ directories that hold a finished train state, with their step."""
     return {d: json.loads((d / "train_state.json").read_text())["step"]
             for d in out.glob("step-*") if (d / "train_state.json").is_file()}
+
+
+def logged_steps(out: Path) -> int:
+    """The last step metrics.jsonl records: with final/ written, how far the run went."""
+    rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+    return json.loads(rows[-1])["step"] if rows else 0
 
 
 def latest_checkpoint(out: Path) -> Path | None:
