@@ -4,6 +4,8 @@ The math is the one of transformers' LlamaForCausalLM / MistralForCausalLM (fp32
 RMSNorm in fp32, rotate-half RoPE with Llama 3.1 frequency scaling, grouped-query attention through
 F.scaled_dot_product_attention, a SwiGLU MLP, tied or untied output head, Mistral's sliding window.
 Module names follow the checkpoint's ("model." dropped), so loading needs no conversion table.
+For training, `build_sharded` builds it sharded over processes with FSDP2, reading only each rank's rows
+of every tensor, and `save_sharded` writes it back from the shards, every rank one file at once.
 `generate` decodes a batch of prompts with a KV cache; as a script, this file writes answers for AlpacaEval:
 
     python model.py --weights DIR --prompts prompts.jsonl --out answers.json [--template NAME]

@@ -970,9 +970,6 @@ def test_gradient_cancellation_of_shared_tokens():
 
 # ============================================================================= data.py
 
-import random  # noqa: E402
-import re  # noqa: E402
-
 import data  # noqa: E402
 
 

@@ -5,11 +5,11 @@
     torchrun --nproc_per_node 8 train.py --weights out/sft/final --data ultrafeedback/train_prefs.jsonl
     python train.py --resume out/run             # continue a run from its last checkpoint
 
-One process without torchrun, N with it. Either way the model is sharded with FSDP2 (one process is a
-group of one), so one code path serves the laptop and the 8-GPU node: fp32 master weights, bf16 compute
-on CUDA, fp32 gradient reduction; NCCL on CUDA, gloo on CPU. The file follows a run: arguments,
-processes, models, data, the objective on a micro-batch, the step, the loop, evaluation, checkpoints,
-preemption, the token-weight page.
+One process without torchrun, N with it. N processes shard the model with FSDP2 (model.build_sharded):
+fp32 master weights, bf16 compute on CUDA, fp32 gradient reduction, NCCL on CUDA, gloo on CPU; one
+process with nothing to cast (fp32 on a CPU) trains a plain module. The file follows a run: arguments,
+processes, data, models, the objective on a micro-batch (aao.py's equations), the optimizer, the step,
+the loop, evaluation, checkpoints, the reference cache, preemption, the token-weight page.
 """
 import argparse
 import contextlib
@@ -214,6 +214,12 @@ def setup_distributed(replicate: int, timeout_minutes: float):
     return device, init_device_mesh(device.type, shape, mesh_dim_names=names)
 
 
+def compute_dtype(name: str, device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 def rank0_print(*a):
     if dist.get_rank() == 0:
         print(*a, flush=True)
@@ -238,14 +244,6 @@ def check_shared_out(out: Path, device) -> None:
     if blind:
         raise TrainingError(f"--out {out}: rank(s) {blind} do not see what rank 0 wrote there; put --out on a "
                             "file system that every node mounts at the same path")
-
-
-# ----------------------------------------------------------------------------- models
-
-def compute_dtype(name: str, device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 # ----------------------------------------------------------------------------- data
@@ -276,7 +274,7 @@ def load_data(args, tokenizer) -> tuple[list, list]:
     return train, heldout
 
 
-# ----------------------------------------------------------------------------- the objective on a micro-batch
+# ----------------------------------------------------------------------------- models: what a run trains with
 
 @dataclasses.dataclass
 class Run:
@@ -295,6 +293,55 @@ class Run:
     ref_train: "ReferenceCache | None" = None  # --precompute-ref
     ref_eval: "ReferenceCache | None" = None
 
+
+def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
+    """Policy, reference, threshold MLP, objective: everything a run trains with, beside its data."""
+    weights = M.resolve_weights(args.weights)
+    cfg, read_weights = M.weight_reader(weights, tokenizer.get_vocab_size(), args.seed)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise M.CheckpointError(f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
+                                f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together")
+    dtype, sft = compute_dtype(args.dtype, device), args.loss == "sft"
+    start = read_weights if resume_from is None else train_state_reader(resume_from, mesh)
+    objective = None if sft else aao.Objective(
+        loss=args.loss, weighting=args.weighting, beta=args.beta, label_smoothing=args.label_smoothing,
+        simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio, ipo_normalized=not args.ipo_sum, alpha=args.alpha,
+        lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_form=args.reward_form,
+        similarity=args.similarity, end_token_weight=args.end_token_weight,
+        sft_below_margin=mixdpo_tau(args, train_items), sft_weight=args.sft_weight)
+    if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
+        rank0_print(f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
+                    "~20x DPO's: per-pair β made for DPO need a --beta-scale")
+    needs_reference = not sft and args.loss != "simpo"
+    run = Run(M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing),
+              M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False) if needs_reference else None,
+              None, objective, train_items, heldout, device, mesh, args.micro_batch_size, args.seed,
+              (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None)
+    if objective is not None and args.weighting == "aao":
+        torch.manual_seed(args.seed)  # the same MLP whatever the number of processes
+        run.thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device)
+    if args.precompute_ref and run.reference is not None:
+        run.ref_train = ReferenceCache.compute(run.reference, train_items, args.micro_batch_size, device)
+        run.ref_eval = ReferenceCache.compute(run.reference, heldout, args.micro_batch_size, device)
+        run.reference = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rank0_print(f"reference log-probs cached for {len(train_items) + len(heldout)} pairs; reference freed")
+    rank0_print(f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with "
+                + ("sft" if sft else f"{args.loss} + {args.weighting} weighting")
+                + f" on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})")
+    return run
+
+
+def mixdpo_tau(args, pairs) -> float | None:
+    """MixDPO's τ: given, or a quantile of the training pairs' margins."""
+    if args.sft_below_quantile is None:
+        return args.sft_below_margin
+    return aao.margin_quantile(torch.tensor([p["margin"] for p in pairs]), args.sft_below_quantile)
+
+
+# ----------------------------------------------------------------------------- the objective on a micro-batch
 
 def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
     """The pairwise objective on a micro-batch: a policy forward, the reference's log-probs (live or
@@ -336,6 +383,29 @@ def forward_sft(run: Run, items, indices):
     states = run.policy(batch["input_ids"], answer_index=batch["answer_index"])
     nll_sum = aao.sft_loss(states.logps, mask, 1)
     return nll_sum, {"nll_sum": nll_sum.detach(), "tokens/answer": float(sum(n for _, n in data.sequence_lengths(items, indices)))}
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+def make_optimizer(policy, thresholds, lr: float, threshold_lr: float, weight_decay: float):
+    """AdamW: the policy at lr (no weight decay on norms), the threshold MLP at its own rate, since the
+    policy's 5e-7 would leave a freshly initialized MLP where it started."""
+    params = list(policy.parameters())
+    groups = [{"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0}]
+    if thresholds is not None:
+        groups.append({"params": list(thresholds.parameters()), "lr": threshold_lr, "weight_decay": 0.0})
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    # fused: one kernel over all tensors; the threshold MLP's vocab x 512 update stays cheap.
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=True)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 # ----------------------------------------------------------------------------- the step
@@ -414,7 +484,6 @@ def batch_spread(per_micro_batch: list) -> dict:
 # Metrics summed over micro-batches and ranks; every other metric is averaged, weighted by pairs.
 TOTALS = ("tokens", "tokens/answer", "nll_sum", "flops", "stop")
 
-
 def accumulate(sums: dict, metrics: dict, weight: float, totals=TOTALS) -> None:
     for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + (v if k in totals else v * weight)
@@ -437,75 +506,7 @@ def dist_device():
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def make_optimizer(policy, thresholds, lr: float, threshold_lr: float, weight_decay: float):
-    """AdamW: the policy at lr (no weight decay on norms), the threshold MLP at its own rate, since the
-    policy's 5e-7 would leave a freshly initialized MLP where it started."""
-    params = list(policy.parameters())
-    groups = [{"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0}]
-    if thresholds is not None:
-        groups.append({"params": list(thresholds.parameters()), "lr": threshold_lr, "weight_decay": 0.0})
-    for g in groups:
-        g["base_lr"] = g["lr"]
-    # fused: one kernel over all tensors; the threshold MLP's vocab x 512 update stays cheap.
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=True)
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 # ----------------------------------------------------------------------------- the loop
-
-def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
-    """Policy, reference, threshold MLP, objective: everything a run trains with, beside its data."""
-    weights = M.resolve_weights(args.weights)
-    cfg, read_weights = M.weight_reader(weights, tokenizer.get_vocab_size(), args.seed)
-    if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise M.CheckpointError(f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
-                                f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together")
-    dtype, sft = compute_dtype(args.dtype, device), args.loss == "sft"
-    start = read_weights if resume_from is None else train_state_reader(resume_from, mesh)
-    objective = None if sft else aao.Objective(
-        loss=args.loss, weighting=args.weighting, beta=args.beta, label_smoothing=args.label_smoothing,
-        simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio, ipo_normalized=not args.ipo_sum, alpha=args.alpha,
-        lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_form=args.reward_form,
-        similarity=args.similarity, end_token_weight=args.end_token_weight,
-        sft_below_margin=mixdpo_tau(args, train_items), sft_weight=args.sft_weight)
-    if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
-        rank0_print(f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
-                    "~20x DPO's: per-pair β made for DPO need a --beta-scale")
-    needs_reference = not sft and args.loss != "simpo"
-    run = Run(M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing),
-              M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False) if needs_reference else None,
-              None, objective, train_items, heldout, device, mesh, args.micro_batch_size, args.seed,
-              (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None)
-    if objective is not None and args.weighting == "aao":
-        torch.manual_seed(args.seed)  # the same MLP whatever the number of processes
-        run.thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device)
-    if args.precompute_ref and run.reference is not None:
-        run.ref_train = ReferenceCache.compute(run.reference, train_items, args.micro_batch_size, device)
-        run.ref_eval = ReferenceCache.compute(run.reference, heldout, args.micro_batch_size, device)
-        run.reference = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        rank0_print(f"reference log-probs cached for {len(train_items) + len(heldout)} pairs; reference freed")
-    rank0_print(f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with "
-                + ("sft" if sft else f"{args.loss} + {args.weighting} weighting")
-                + f" on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})")
-    return run
-
-
-def mixdpo_tau(args, pairs) -> float | None:
-    """MixDPO's τ: given, or a quantile of the training pairs' margins."""
-    if args.sft_below_quantile is None:
-        return args.sft_below_margin
-    return aao.margin_quantile(torch.tensor([p["margin"] for p in pairs]), args.sft_below_quantile)
-
 
 def train(args, device, mesh) -> int:
     """The run: evaluate, then for every step train, log, evaluate and save; the final weights and the
@@ -534,7 +535,7 @@ def train(args, device, mesh) -> int:
     start = load_train_state(run, optimizer, resume_from) if resume_from else 0
     log = RunLog(out, args, start, resumed=resume_from is not None)
     rank0_print(f"{total} steps of {args.batch_size}" + (f", resuming from {resume_from} at step {start}" if resume_from else ""))
-    first_eval = log.eval(0, evaluate(run)) if start == 0 and run.heldout else {}
+    first_eval = log.write("eval", {"step": 0, **evaluate(run)}) if start == 0 and run.heldout else {}
     peak = M.peak_flops(device)
     stop = StopSignal()
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0 or args.quiet, desc="train",
@@ -557,8 +558,8 @@ def train(args, device, mesh) -> int:
             if peak:
                 row["mfu"] = row.pop("flops") / seconds / (peak * dist.get_world_size())
             if run.heldout and ((step + 1) % args.eval_every == 0 or step + 1 == total):
-                row.update(log.eval(step + 1, evaluate(run)))
-            log.step(row)
+                row.update(log.write("eval", {"step": step + 1, **evaluate(run)}))
+            log.write("metrics", row)
             if rank == 0:
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
             if stopping:
@@ -576,7 +577,7 @@ def train(args, device, mesh) -> int:
     final = save_weights(run, tokenizer, out / "final", getattr(torch, args.save_dtype), args.template, source)
     if run.objective is not None and run.objective.weighting == "aao" and run.heldout:
         write_weights_page(run, tokenizer, out / "weights.html", args.data)
-    last = log.last_eval()
+    last = log.last("eval")
     if rank == 0:
         summarize(first_eval, last, len(run.heldout), final, out)
     return 0
@@ -599,12 +600,12 @@ class RunLog:
     the checkpoint's step, logged by the killed run after its last checkpoint, are dropped."""
 
     def __init__(self, out: Path, args, start: int, resumed: bool):
-        self.rank0 = dist.get_rank() == 0
-        self.metrics, self.evals, self.board = out / "metrics.jsonl", out / "eval.jsonl", None
+        self.rank0, self.board = dist.get_rank() == 0, None
+        self.files = {"metrics": out / "metrics.jsonl", "eval": out / "eval.jsonl"}
         if not self.rank0:
             return
         (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=1))
-        for f in (self.metrics, self.evals):
+        for f in self.files.values():
             rows = [r for r in f.read_text().splitlines() if json.loads(r)["step"] <= start] if resumed and f.exists() else []
             f.write_text("".join(r + "\n" for r in rows))
         if args.tensorboard:
@@ -614,23 +615,18 @@ class RunLog:
                 raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
             self.board = SummaryWriter(str(out / "tensorboard"))
 
-    def step(self, row: dict) -> None:
-        self.write(self.metrics, row)
-
-    def eval(self, step: int, metrics: dict) -> dict:
-        self.write(self.evals, {"step": step, **metrics})
-        return metrics
-
-    def write(self, file: Path, row: dict) -> None:
+    def write(self, file: str, row: dict) -> dict:
+        """Append a row ({"step": N, metric: value, ...}) to metrics.jsonl or eval.jsonl; returns it."""
         if self.rank0:
-            with file.open("a") as f:
+            with self.files[file].open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            for k, v in row.items():
-                if self.board is not None and k != "step":
+            for k, v in row.items() if self.board is not None else ():
+                if k != "step":
                     self.board.add_scalar(k, v, row["step"])
+        return row
 
-    def last_eval(self) -> dict:
-        lines = self.evals.read_text().splitlines() if self.rank0 and self.evals.exists() else []
+    def last(self, file: str) -> dict:
+        lines = self.files[file].read_text().splitlines() if self.rank0 and self.files[file].exists() else []
         return json.loads(lines[-1]) if lines else {}
 
     def close(self) -> None:
@@ -791,6 +787,8 @@ def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
             optimizer.state[p] = state
     return json.loads((ckpt / "train_state.json").read_text())["step"]
 
+
+# ----------------------------------------------------------------------------- the reference cache (--precompute-ref)
 
 class ReferenceCache:
     """--precompute-ref: the reference's log-probs and top-1 log-probs at every answer token, computed once.
