@@ -18,28 +18,25 @@ Time per epoch: model FLOPs as train.py's MFU counts them, at an assumed MFU, ag
 FSDP collectives take at assumed bandwidths, once per micro-batch (train.py reduce-scatters every
 micro-batch); a step takes the longer of the two (FSDP overlaps them).
 """
-from dataclasses import dataclass
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import model as M  # noqa: E402
 
 GB = 1e9
+LLAMA31_8B = M.ModelConfig(hidden_size=4096, intermediate_size=14_336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128_256)  # its config.json
 
 
-@dataclass
-class Llama:  # Llama-3.1-8B's config.json
-    vocab: int = 128_256
-    dim: int = 4096
-    layers: int = 32
-    heads: int = 32
-    kv_heads: int = 8
-    ffn: int = 14_336
+class Llama:
+    """A config's shapes under short names, with the parameter counts the trainer's MFU uses."""
 
-    @property
-    def block(self) -> int:  # parameters of one block: attention, MLP, two norms
-        kv = self.kv_heads * self.dim // self.heads
-        return 2 * self.dim * self.dim + 2 * self.dim * kv + 3 * self.dim * self.ffn + 2 * self.dim
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.block + 2 * self.vocab * self.dim + self.dim
+    def __init__(self, cfg: M.ModelConfig = LLAMA31_8B):
+        self.cfg, self.vocab, self.dim, self.layers = cfg, cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
+        self.heads, self.kv_heads, self.ffn = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+        blocks, _, self.params = M.parameter_counts(cfg)
+        self.block = (blocks - self.dim) // self.layers  # one block: attention, MLP, two norms
 
 
 # Assumptions, stated: UltraFeedback binarized train_prefs has 61,135 pairs; with Llama 3's tokenizer and
@@ -68,12 +65,12 @@ def memory_per_gpu(m: Llama, shards: int, micro_pairs: int, checkpointing: bool,
 
 
 def step_flops_per_token(m: Llama, live_reference: bool, checkpointing: bool, answer_share=0.6) -> float:
-    blocks, head = m.layers * m.block, m.vocab * m.dim
-    attention = 4 * m.layers * m.dim * TOKENS_PER_SEQUENCE
-    policy = 6 * blocks + 6 * head * answer_share + 3 * attention
-    reference = (2 * blocks + 2 * head * answer_share + attention) if live_reference else 0
-    recompute = (2 * blocks + attention) if checkpointing else 0  # not in MFU, but it takes time
-    return policy + reference + recompute
+    """What train.py's MFU counts (model.training_flops) for a sequence of the assumed length, per token,
+    plus what activation checkpointing recomputes: not in MFU, but it takes time."""
+    T = TOKENS_PER_SEQUENCE
+    counted = M.training_flops(m.cfg, [(T, answer_share * T)], live_reference) / T
+    recompute = (2 * m.layers * m.block + 4 * m.layers * m.dim * T) if checkpointing else 0
+    return counted + recompute
 
 
 def epoch_minutes(m: Llama, gpus_per_node: int, nodes: int, replicate: bool, batch_pairs: int = 16,
