@@ -522,7 +522,7 @@ def train(args, device, mesh) -> int:
     total = int(args.epochs * sampler.steps_per_epoch)
     total = min(total, args.max_steps) if args.max_steps else total
     warmup = max(1, round(args.warmup * total))
-    if args.resume and (out / "final").is_dir() and logged_steps(out) >= total:
+    if args.resume and (out / "final").is_dir() and last_row(out / "metrics.jsonl").get("step", 0) >= total:
         rank0_print(f"--resume {out}: the run there already finished ({total} steps, {out / 'final'} written); "
                     "nothing to do (a larger --max-steps or --epochs continues it)")
         return 0
@@ -577,9 +577,8 @@ def train(args, device, mesh) -> int:
     final = save_weights(run, tokenizer, out / "final", getattr(torch, args.save_dtype), args.template, source)
     if run.objective is not None and run.objective.weighting == "aao" and run.heldout:
         write_weights_page(run, tokenizer, out / "weights.html", args.data)
-    last = log.last("eval")
     if rank == 0:
-        summarize(first_eval, last, len(run.heldout), final, out)
+        summarize(first_eval, last_row(out / "eval.jsonl"), len(run.heldout), final, out)
     return 0
 
 
@@ -625,13 +624,15 @@ class RunLog:
                     self.board.add_scalar(k, v, row["step"])
         return row
 
-    def last(self, file: str) -> dict:
-        lines = self.files[file].read_text().splitlines() if self.rank0 and self.files[file].exists() else []
-        return json.loads(lines[-1]) if lines else {}
-
     def close(self) -> None:
         if self.board is not None:
             self.board.close()
+
+
+def last_row(file: Path) -> dict:
+    """The last row of metrics.jsonl or eval.jsonl ({} when there is none)."""
+    rows = file.read_text().splitlines() if file.is_file() else []
+    return json.loads(rows[-1]) if rows else {}
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -742,12 +743,6 @@ def checkpoints(out: Path) -> dict:
     """step-N/ directories that hold a finished train state, with their step."""
     return {d: json.loads((d / "train_state.json").read_text())["step"]
             for d in out.glob("step-*") if (d / "train_state.json").is_file()}
-
-
-def logged_steps(out: Path) -> int:
-    """The last step metrics.jsonl records: with final/ written, how far the run went."""
-    rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
-    return json.loads(rows[-1])["step"] if rows else 0
 
 
 def latest_checkpoint(out: Path) -> Path | None:
