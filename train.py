@@ -524,7 +524,8 @@ def train(args, device, mesh) -> int:
     warmup = max(1, round(args.warmup * total))
     if args.resume and (out / "final").is_dir() and last_row(out / "metrics.jsonl").get("step", 0) >= total:
         rank0_print(f"--resume {out}: the run there already finished ({total} steps, {out / 'final'} written); "
-                    "nothing to do (a larger --max-steps or --epochs continues it)")
+                    f"nothing to do; the steps are the fewer of --epochs x {sampler.steps_per_epoch} and --max-steps: raise "
+                    "both (or the one that binds) to continue it")
         return 0
     resume_from = latest_checkpoint(out) if args.resume else None
     if args.resume and resume_from is None:
