@@ -10,12 +10,16 @@ N processes. `python data.py to-jsonl SPLIT.parquet OUT.jsonl` turns a hub parqu
 """
 import argparse
 import codecs
+import functools
+import importlib.util
 import json
 import math
 import random
+import shutil
 import string
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -458,36 +462,201 @@ def template_from_checkpoint(weights_dir) -> str:
                     f"{special_tokens_hint(weights_dir)}Pass --template (one of {choices}).")
 
 
-def write_tokenizer_config(out_dir, template: str, source_dir=None) -> None:
-    """tokenizer_config.json of a saved checkpoint: the source checkpoint's (its special and added tokens
-    kept), with our template's Jinja as chat_template unless the source's already is that template, and
-    `aao_template` so that the next stage (SFT -> preference optimization -> generation) reads it back."""
+# Keys of tokenizer_config.json that name special tokens; transformers passes them to a chat template.
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def special_tokens(config: dict | None, tokenizer) -> dict:
+    """{"bos_token": "<s>", ...}: the special tokens a checkpoint names in tokenizer_config.json (a string,
+    or an AddedToken's {"content"}); a tokenizer that comes without that file (the tiny one) uses its
+    family's BOS and EOS, and one with neither gets none (a template that needs none still renders)."""
+    if config is None:
+        try:
+            family = family_specials(tokenizer)
+        except DataError:
+            return {}
+        return {"bos_token": family["bos"], "eos_token": family["eos"]}
+    specials = {}
+    for key in SPECIAL_KEYS:
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            specials[key] = value
+    return specials
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_jinja(source: str):
+    """A checkpoint's chat template compiled as transformers compiles it: a sandbox (the template is code
+    from the hub), trim_blocks and lstrip_blocks, loop controls, and its globals and tojson filter."""
+    try:
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise DataError("rendering a checkpoint's own chat template needs jinja2: pip install jinja2") from None
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def jinja_available() -> bool:
+    return importlib.util.find_spec("jinja2") is not None
+
+
+@dataclass(frozen=True)
+class Chat:
+    """How one checkpoint writes a conversation as text: its own Jinja chat template, rendered as
+    transformers' apply_chat_template renders it, or a built-in Template; with the special tokens
+    (bos_token, eos_token, ...) that the template is rendered with."""
+
+    name: str  # a built-in template's name, or "checkpoint": the checkpoint's own Jinja
+    specials: dict
+    jinja: str | None = None
+
+    def render(self, messages: list, add_generation_prompt: bool) -> str:
+        """The conversation as text: with add_generation_prompt, up to the opening of the assistant's
+        turn; without, a conversation that ends with an assistant turn, that turn included."""
+        if self.jinja is not None:
+            try:
+                return compiled_jinja(self.jinja).render(
+                    messages=messages, add_generation_prompt=add_generation_prompt, **self.specials)
+            except Exception as e:  # raise_exception, or any error the template's own code makes
+                raise DataError(f"the checkpoint's chat template failed: {type(e).__name__}: {e}") from None
+        t = TEMPLATES[self.name]
+        fields = {"bos": self.specials.get("bos_token", ""), "eos": self.specials.get("eos_token", "")}
+        if add_generation_prompt:
+            return render_prompt(messages, t, fields)
+        return render_prompt(messages[:-1], t, fields) + render_answer(messages[-1]["content"], t, fields)
+
+
+def split_answer(chat: Chat, prompt: list, answer: str, where: str) -> tuple[str, str]:
+    """(prompt text, answer text) as TRL splits a conversational pair: the prompt rendered with the
+    generation prompt, the answer what the whole conversation adds after it (its end of turn included)."""
+    try:
+        prompt_text = chat.render(prompt, add_generation_prompt=True)
+        whole = chat.render(prompt + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    if not whole.startswith(prompt_text):
+        raise DataError(f"{where}: the chat template renders the prompt ({prompt_text[-60:]!r}) differently "
+                        f"inside the whole conversation ({whole[:len(prompt_text)][-60:]!r}), so no answer "
+                        "can be cut from it")
+    return prompt_text, whole[len(prompt_text):]
+
+
+def load_chat(weights_dir, tokenizer, given: str | None = None) -> Chat:
+    """The chat a checkpoint was trained with. Its own Jinja template is the truth when jinja2 is installed;
+    a template this project recorded when it saved the checkpoint (`aao_template`), or --template (given),
+    is a built-in; without jinja2 a checkpoint template that is a built-in's is rendered by the built-in."""
+    weights_dir = Path(weights_dir) if weights_dir is not None else None
+    config = read_tokenizer_config(weights_dir) if weights_dir is not None else None
+    specials = special_tokens(config, tokenizer)
+    if given is not None:
+        return Chat(given, specials)
+    if config is not None and "aao_template" not in config and jinja_available():
+        jinja = checkpoint_chat_template(weights_dir, config)
+        if jinja is not None:
+            return Chat("checkpoint", specials, jinja)
+    return Chat(template_from_checkpoint(weights_dir), specials)
+
+
+def end_of_turn(chat: Chat, tokenizer) -> int | None:
+    """The id of the token that ends an assistant turn: the first special token after an answer's text
+    (<|eot_id|>, <|im_end|>, </s>, ...); None when the template ends turns with plain text."""
+    answer = split_answer(chat, [{"role": "user", "content": "Hi."}], "Yes.", "end of turn")[1]
+    special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    ids = tokenizer.encode(answer, add_special_tokens=False).ids
+    return next((i for i in ids if i in special), None)
+
+
+def answer_stop_ids(chat: Chat, tokenizer) -> list[int]:
+    """Where generation stops: the template's end of turn, then the tokenizer's EOS."""
+    eos = tokenizer.token_to_id(chat.specials.get("eos_token", "")) if chat.specials.get("eos_token") else None
+    ids = [i for i in (end_of_turn(chat, tokenizer), eos) if i is not None]
+    if not ids:
+        raise DataError(f"chat template {chat.name}: no special token ends an answer and the tokenizer names "
+                        "no EOS, so generation would never stop")
+    return list(dict.fromkeys(ids))
+
+
+def as_chat(template, tokenizer) -> Chat:
+    """A Chat, or a built-in template's name rendered with the tokenizer's family's tokens."""
+    return template if isinstance(template, Chat) else Chat(template, special_tokens(None, tokenizer))
+
+
+CHECKPOINT_TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def write_tokenizer_config(out_dir, chat: Chat, source_dir=None) -> None:
+    """The chat template files of a saved checkpoint, so that the next stage (SFT -> preference
+    optimization -> generation) renders what this stage trained on. A checkpoint's own template is
+    carried unchanged, with its special tokens; a built-in one is written as Jinja (chat_template) into
+    the source's tokenizer_config.json, with `aao_template` naming it."""
     out_dir, source_dir = Path(out_dir), Path(source_dir) if source_dir is not None else None
+    if chat.jinja is not None:
+        for name in CHECKPOINT_TOKENIZER_FILES:
+            if source_dir is not None and (source_dir / name).is_file():
+                shutil.copyfile(source_dir / name, out_dir / name)
+        return
     config = (read_tokenizer_config(source_dir) if source_dir is not None else None) or {}
     jinja = checkpoint_chat_template(source_dir, config) if source_dir is not None else None
-    if jinja is None or template_of_jinja(jinja) != template:
-        config["chat_template"] = chat_template_jinja(template)
+    if jinja is None or template_of_jinja(jinja) != chat.name:
+        config["chat_template"] = chat_template_jinja(chat.name)
     elif "chat_template" not in config:  # it came from chat_template.jinja, which is not copied
         config["chat_template"] = jinja
-    config["aao_template"] = template
-    tokenizer_file = next((d / "tokenizer.json" for d in (out_dir, source_dir) if d and (d / "tokenizer.json").is_file()), None)
-    if tokenizer_file is not None:
+    config["aao_template"] = chat.name
+    # The tokens the template was rendered with, so that the Jinja ({{ bos_token }}, {{ eos_token }})
+    # renders what the model was trained on; EOS, where generation stops, is the token that ends an
+    # answer (Llama 3.1 base's config says <|end_of_text|>, but a llama3-template answer ends in <|eot_id|>).
+    config.update({k: chat.specials[k] for k in ("bos_token",) if k in chat.specials})
+    tokenizer_file = out_dir / "tokenizer.json"
+    if tokenizer_file.is_file():
         from tokenizers import Tokenizer
-        specials = family_specials(Tokenizer.from_file(str(tokenizer_file)))
-        # The tokens the template was rendered with, so that the Jinja ({{ bos_token }}, {{ eos_token }})
-        # renders what the model was trained on; EOS, where generation stops, is the token that ends an
-        # answer (Llama 3.1 base's config says <|end_of_text|>, but a llama3-template answer ends in <|eot_id|>).
-        config["bos_token"] = specials["bos"]
-        config["eos_token"] = answer_end(template, specials)
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        end = end_of_turn(chat, tokenizer)
+        if end is not None:
+            config["eos_token"] = tokenizer.id_to_token(end)
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    (out_dir / "tokenizer_config.json").write_text(text, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- tokenization
 
 def encode(tokenizer, texts: list) -> list[list[int]]:
-    # add_special_tokens=False: the template writes BOS itself, so a post-processor that adds one too
-    # (Llama 3's tokenizer.json does) would give two. encode_batch tokenizes on every core.
+    # add_special_tokens=False: a template may write BOS itself; leading_specials adds the post-processor's
+    # BOS where it does not. encode_batch tokenizes on every core.
     return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def leading_specials(tokenizer) -> list[int]:
+    """The ids the tokenizer's post-processor writes before a text (Llama's and Mistral's: BOS)."""
+    plain, full = (tokenizer.encode("a", add_special_tokens=s).ids for s in (False, True))
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
+    return full[:starts[0]] if starts else []
+
+
+def with_one_bos(ids: list, lead: list) -> list:
+    """A prompt's ids with the post-processor's leading tokens exactly once: kept where the template
+    wrote them (Llama 3's writes {{ bos_token }}), added where it did not (a ChatML template)."""
+    return ids if not lead or ids[:len(lead)] == lead else lead + ids
+
+
+def instruction_prompts(chat: Chat, tokenizer, instructions: list) -> list[list[int]]:
+    """Each instruction as one user turn, rendered up to the assistant's answer and tokenized as the
+    prompts of training are: what generation starts from."""
+    texts = [chat.render([{"role": "user", "content": text}], add_generation_prompt=True) for text in instructions]
+    lead = leading_specials(tokenizer)
+    return [with_one_bos(ids, lead) for ids in encode(tokenizer, texts)]
 
 
 def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, max_prompt_length: int) -> dict:
@@ -501,22 +670,28 @@ def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, m
             "prompt_truncated": prompt_cut, "answer_truncated": max(len(chosen), len(rejected)) > room}
 
 
-def tokenize_rows(tokenizer, rows, template: str, max_length=1024, max_prompt_length=512, keep_identical=False,
+def tokenize_rows(tokenizer, rows, chat, max_length=1024, max_prompt_length=512, keep_identical=False,
                   beta_column="beta") -> tuple[list, dict]:
     """(where, row) pairs of preference rows -> tokenized pairs and a report of what was dropped or cut.
-    Each pair: prompt_ids (rendered with the template, tokenized once), chosen_ids and rejected_ids (each
-    answer with its end-of-turn token, tokenized on its own), truncated to max_prompt_length and
-    max_length; margin, beta, where, and what was truncated."""
-    template, specials = TEMPLATES[template], family_specials(tokenizer)
+    Each pair: prompt_ids (rendered with the chat template, tokenized once), chosen_ids and rejected_ids
+    (what the conversation adds after the prompt: the answer and its end of turn, tokenized on its own),
+    truncated to max_prompt_length and max_length; margin, beta, where, and what was truncated."""
+    chat = as_chat(chat, tokenizer)
     parsed = [(where, parse_row(row, where, beta_column)) for where, row in rows]
     kept = [(w, p) for w, p in parsed if keep_identical or p.chosen.strip() != p.rejected.strip()]
-    ids = encode(tokenizer, [text for _, p in kept for text in (render_prompt(p.prompt, template, specials),
-                                                                 render_answer(p.chosen, template, specials),
-                                                                 render_answer(p.rejected, template, specials))])
-    tokenized = [{**truncate_pair(*ids[3 * i:3 * i + 3], max_length, max_prompt_length), "margin": p.margin,
-                  "beta": p.beta, "where": w} for i, (w, p) in enumerate(kept)]
+    texts = []
+    for w, p in kept:
+        prompt, chosen = split_answer(chat, p.prompt, p.chosen, w)
+        texts += [prompt, chosen, split_answer(chat, p.prompt, p.rejected, w)[1]]
+    ids, lead = encode(tokenizer, texts), leading_specials(tokenizer)
+    tokenized = []
+    for i, (w, p) in enumerate(kept):
+        prompt, chosen, rejected = with_one_bos(ids[3 * i], lead), ids[3 * i + 1], ids[3 * i + 2]
+        cut = truncate_pair(prompt, chosen, rejected, max_length, max_prompt_length)
+        tokenized.append({**cut, "margin": p.margin, "beta": p.beta, "where": w})
     pairs = [t for t in tokenized if t["chosen_ids"] and t["rejected_ids"]]
-    report = {"rows": len(rows), "dropped_identical": len(parsed) - len(kept), "dropped_no_answer_room": len(kept) - len(pairs),
+    report = {"rows": len(rows), "dropped_identical": len(parsed) - len(kept),
+              "dropped_no_answer_room": len(kept) - len(pairs),
               "prompt_truncated": sum(p["prompt_truncated"] for p in pairs),
               "answer_truncated": sum(p["answer_truncated"] for p in pairs), "pairs": len(pairs)}
     return pairs, report
@@ -551,38 +726,43 @@ def sft_conversation(row, where: str) -> tuple[list, int]:
     return messages, first
 
 
-def sft_pieces(messages: list, first: int, template: Template, specials: dict) -> list[tuple[str, int]]:
+def sft_pieces(messages: list, first: int, chat, where: str = "row") -> list[tuple[str, int]]:
     """The rendered conversation as (text, in_loss) pieces: before each trained assistant turn, the rest of
-    the prompt that leads to it (render_prompt of the turns before it, as a preference pair on that turn
-    would see it), then the turn as an answer: its text and end-of-turn token, which the loss covers."""
+    the prompt that leads to it (the turns before it with the generation prompt, as a preference pair on
+    that turn would see it), then the turn as its answer: its text and end of turn, which the loss covers."""
     pieces, text = [], ""
     for k, m in enumerate(messages):
         if k < first or m["role"] != "assistant":
             continue
-        prompt, answer = render_prompt(messages[:k], template, specials), render_answer(m["content"], template, specials)
-        assert prompt.startswith(text), "a template's assistant turn must start with generation + answer"
+        prompt, answer = split_answer(chat, messages[:k], m["content"], where)
+        if not prompt.startswith(text):
+            raise DataError(f"{where}: the chat template renders the turns before turn {k + 1} differently "
+                            "from the conversation that led to them, so the turns cannot be trained in one row")
         pieces += [(prompt[len(text):], 0), (answer, 1)]
         text = prompt + answer
     return pieces
 
 
-def sft_examples(tokenizer, rows, template: str, max_length: int = 1024) -> tuple[list, dict]:
+def sft_examples(tokenizer, rows, chat, max_length: int = 1024) -> tuple[list, dict]:
     """(where, row) SFT rows -> examples {input_ids, loss_mask (1 on the tokens the loss covers), where},
     truncated from the right to max_length, and a report. Each piece is tokenized on its own, so a single
     turn gives exactly prompt_ids + chosen_ids of the preference pair with the same prompt and answer."""
-    template, specials = TEMPLATES[template], family_specials(tokenizer)
-    conversations = [(where, sft_pieces(*sft_conversation(row, where), template, specials)) for where, row in rows]
+    chat, lead = as_chat(chat, tokenizer), leading_specials(tokenizer)
+    conversations = [(where, sft_pieces(*sft_conversation(row, where), chat, where)) for where, row in rows]
     ids = iter(encode(tokenizer, [text for _, pieces in conversations for text, _ in pieces]))
     examples, truncated = [], 0
     for where, pieces in conversations:
         input_ids, loss_mask = [], []
         for _, in_loss in pieces:
             piece = next(ids)
+            if not input_ids:
+                piece = with_one_bos(piece, lead)
             input_ids += piece
             loss_mask += [in_loss] * len(piece)
         if any(loss_mask[:max_length]):
             truncated += len(input_ids) > max_length
-            examples.append({"input_ids": input_ids[:max_length], "loss_mask": loss_mask[:max_length], "where": where})
+            examples.append({"input_ids": input_ids[:max_length], "loss_mask": loss_mask[:max_length],
+                             "where": where})
     report = {"rows": len(rows), "dropped_no_answer_room": len(rows) - len(examples),
               "truncated": truncated, "examples": len(examples)}
     return examples, report
@@ -779,20 +959,6 @@ def tiny_tokenizer(vocab_size: int = 640):
     texts = [t for _, r in train + heldout for t in ("Human: " + r["prompt"], "Assistant: " + r["chosen"], r["rejected"])]
     tok.train_from_iterator(texts, trainer)
     return tok
-
-
-def answer_end(template_name: str, specials: dict) -> str:
-    """The token text that ends an answer in this template, what follows {content} in its answer format:
-    <|eot_id|> for llama3/llama31, </s> for mistral, the tokenizer family's EOS for zephyr/plain."""
-    return TEMPLATES[template_name].answer.split("{content}")[1].format(**specials)
-
-
-def answer_stop_ids(tokenizer, template_name: str) -> list[int]:
-    """Where generation stops: the id of the token that ends an answer in this template."""
-    end = answer_end(template_name, family_specials(tokenizer))
-    if tokenizer.token_to_id(end) is None:
-        raise DataError(f"template {template_name}: the tokenizer has no token {end!r} to end an answer with")
-    return [tokenizer.token_to_id(end)]
 
 
 # ----------------------------------------------------------------------------- command line

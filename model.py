@@ -634,6 +634,9 @@ def build_sharded(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=Fal
         # never runs backward, so it must reshard right after forward or hold them for the whole run.
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if trainable else True)
     model.to_empty(device=mesh.device_type)
+    # to_empty gives every module its own new parameter, which unties a plain module's head from its
+    # embedding (FSDP2 keeps one sharded parameter for both); tied checkpoints carry no lm_head.weight.
+    model.tie_weights()
     model.reset_buffers()
     shard, shards = shard_position(mesh)
     with torch.no_grad():
@@ -811,8 +814,10 @@ def parse_generation_args(argv):
     p.add_argument("--weights", required=True, help="a Hugging Face directory, or " + ", ".join(PRESETS))
     p.add_argument("--prompts", required=True, help="JSON lines (or a JSON list) of rows with an 'instruction'")
     p.add_argument("--out", required=True, help="answers.json: a list of {instruction, output, generator, ...}")
-    p.add_argument("--template", choices=sorted(data.TEMPLATES), help="chat template (default: the checkpoint's)")
-    p.add_argument("--generator", help="the name AlpacaEval shows (default: the weights directory's)")
+    p.add_argument("--template", choices=sorted(data.TEMPLATES),
+                   help="a built-in chat template instead of the checkpoint's own")
+    p.add_argument("--generator", help="the name AlpacaEval shows (default: the run's "
+                   "directory for <run>/final, else the weights directory's)")
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -834,37 +839,61 @@ def read_instructions(path) -> list[dict]:
     return rows
 
 
+def generator_name(weights: str) -> str:
+    """The name AlpacaEval shows for a model: its run's directory for out/<run>/final or step-N/."""
+    path = Path(weights).resolve()
+    return path.parent.name if path.name == "final" or path.name.startswith("step-") else path.name
+
+
+def fit_prompts(prompts: list, context: int) -> tuple[list, int]:
+    """Prompts cut from the left (BOS kept) to leave one position of the model's context for the
+    answer; with how many were cut, for a warning."""
+    cut = [p[:1] + p[len(p) - context + 2:] if len(p) >= context else p for p in prompts]
+    return cut, sum(len(p) >= context for p in prompts)
+
+
 def write_answers(args) -> None:
     rows = read_instructions(args.prompts)
     weights = resolve_weights(args.weights)
-    name = args.template or data.template_from_checkpoint(weights)
     tokenizer = load_tokenizer(weights)
+    chat = data.load_chat(weights, tokenizer, args.template)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(weights, device, dtype).eval()
-    specials, eos = data.family_specials(tokenizer), model.config.eos_token_id
-    texts = [data.render_prompt([{"role": "user", "content": r["instruction"]}], data.TEMPLATES[name], specials)
-             for r in rows]
-    # add_special_tokens=False: the template writes BOS itself (as data.tokenize_pairs does).
-    prompts = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    stop_ids = data.answer_stop_ids(tokenizer, name) + ([eos] if isinstance(eos, int) else eos or [])  # config: int or list
+    prompts = data.instruction_prompts(chat, tokenizer, [r["instruction"] for r in rows])
+    context = model.config.max_position_embeddings
+    prompts, n_cut = fit_prompts(prompts, context)
+    if n_cut:
+        print(f"warning: {n_cut} prompt(s) longer than the model's context ({context} tokens) were cut from "
+              "the left", file=sys.stderr)
+    stop_ids = list(dict.fromkeys(data.answer_stop_ids(chat, tokenizer) + stop_ids_of(weights, model.config)))
     # Prompts of like length batch together (little padding); longest first, so running out of memory shows at once.
     order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
     outputs = [None] * len(rows)
     with tqdm(total=len(rows), unit="answer", disable=None) as bar:
         for n, start in enumerate(range(0, len(order), args.batch_size)):
             batch = order[start:start + args.batch_size]
-            answers = generate(model, [prompts[i] for i in batch], args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p, stop_ids=stop_ids, seed=args.seed + n)
+            room = context - max(len(prompts[i]) for i in batch)
+            answers = generate(model, [prompts[i] for i in batch], min(args.max_new_tokens, room),
+                               temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids,
+                               seed=args.seed + n)
             for i, ids in zip(batch, answers):
                 outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
             bar.update(len(batch))
-    generator = args.generator or Path(weights).resolve().name
+    generator = args.generator or generator_name(weights)
     answers = [{"instruction": r["instruction"], "output": out, "generator": generator,
                 **{k: v for k, v in r.items() if k not in ("instruction", "output", "generator")}}
                for r, out in zip(rows, outputs)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(answers, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def stop_ids_of(weights, cfg: ModelConfig) -> list[int]:
+    """The EOS ids a checkpoint's generation_config.json (else its config.json) lists: an int or a list."""
+    file = Path(weights) / "generation_config.json"
+    eos = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    eos = cfg.eos_token_id if eos is None else eos
+    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@
 Run with `pytest test_aao.py` (CPU, a few minutes). Tests that need transformers skip without it; CI
 installs it, so they run there.
 """
+import functools
 import json
 import math
 import os
@@ -356,8 +357,9 @@ def test_sample_draws_the_tempered_nucleus_distribution(temperature, top_p):
 def test_answer_stop_id_is_the_token_that_ends_a_rendered_answer(name, family, end):
     tok = data.tiny_tokenizer() if family == "llama3" else word_tokenizer(WORDS, specials=["<s>", "</s>"])
     rendered = data.render_answer("It is 4.", data.TEMPLATES[name], data.family_specials(tok))
-    assert data.answer_stop_ids(tok, name) == [tok.encode(rendered, add_special_tokens=False).ids[-1]]
-    assert data.answer_stop_ids(tok, name) == [tok.token_to_id(end)]
+    stops = data.answer_stop_ids(data.as_chat(name, tok), tok)
+    assert stops[0] == tok.encode(rendered, add_special_tokens=False).ids[-1] == tok.token_to_id(end)
+    assert stops[1:] in ([], [tok.token_to_id(data.family_specials(tok)["eos"])])  # then the tokenizer's EOS
 
 
 @pytest.fixture(scope="module")
@@ -1330,7 +1332,9 @@ def test_sft_multi_turn_masks_exactly_the_assistant_turns(name):
     trained = lambda e: tok.decode([i for i, m in zip(e["input_ids"], e["loss_mask"]) if m], skip_special_tokens=False)
     answer = lambda text: data.render_answer(text, t, specials)
     # Turn by turn, the tokens are those of the whole conversation in one piece (this tokenizer splits at words).
-    assert all_turns["input_ids"] == last_turn["input_ids"] == tok.encode(whole, add_special_tokens=False).ids
+    # The post-processor's BOS (this tokenizer's is Llama 3's) is written once: mistral's template writes <s>.
+    ids = data.with_one_bos(tok.encode(whole, add_special_tokens=False).ids, data.leading_specials(tok))
+    assert all_turns["input_ids"] == last_turn["input_ids"] == ids
     assert trained(all_turns) == answer("It is 4.") + answer("It is 5.")
     assert trained(last_turn) == answer("It is 5.")
 
@@ -1392,7 +1396,7 @@ def test_chat_template_jinja_renders_what_we_train_on(name, tiny_tok):
             with_answer = hf.apply_chat_template(messages + [ANSWER(" Yes. ")], tokenize=False)
             assert with_answer == prompt + data.render_answer("Yes.", t, specials)
         # What the SFT'd model was trained on is what a Hugging Face chat template shows it.
-        pieces = data.sft_pieces(MULTI_TURN, 0, t, specials)
+        pieces = data.sft_pieces(MULTI_TURN, 0, data.as_chat(name, tok))
         assert "".join(text for text, _ in pieces) == hf.apply_chat_template(MULTI_TURN, tokenize=False)
     assert data.template_of_jinja(data.chat_template_jinja(name)) == name
 
@@ -1440,7 +1444,7 @@ def test_template_from_checkpoint_never_guesses(tmp_path):
 
 def test_write_tokenizer_config_without_a_source(tmp_path, tiny_tok):
     tiny_tok.save(str(tmp_path / "tokenizer.json"))
-    data.write_tokenizer_config(tmp_path, "llama3")
+    data.write_tokenizer_config(tmp_path, data.as_chat("llama3", tiny_tok))
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert (config["aao_template"], config["bos_token"], config["eos_token"]) == ("llama3", "<|begin_of_text|>", "<|eot_id|>")
     assert data.template_from_checkpoint(tmp_path) == "llama3"
@@ -1477,19 +1481,21 @@ def test_llama3_checkpoint_template_detected_or_asked_for(llama3_dir, tmp_path):
     # SFT with another template: the checkpoint it writes says so, and keeps the source's tokens.
     out = tmp_path / "out"
     shutil.copytree(llama3_dir, out)
-    data.write_tokenizer_config(out, "zephyr", source)
+    tok = M.load_tokenizer(llama3_dir)
+    data.write_tokenizer_config(out, data.load_chat(source, tok, "zephyr"), source)
     written = json.loads((out / "tokenizer_config.json").read_text())
     assert data.template_from_checkpoint(out) == "zephyr"
     assert written["chat_template"] == data.chat_template_jinja("zephyr") and written["aao_template"] == "zephyr"
     assert written["added_tokens_decoder"] == config["added_tokens_decoder"] and written["model_max_length"] == 131072
-    # EOS: the token a zephyr answer ends with (the family's <|end_of_text|>), so the Jinja renders it.
-    assert (written["bos_token"], written["eos_token"]) == ("<|begin_of_text|>", "<|end_of_text|>")
+    # EOS: the source's own (its tokenizer_config.json says <|eot_id|>), the token a zephyr answer ends
+    # with, so the Jinja renders what was trained.
+    assert (written["bos_token"], written["eos_token"]) == ("<|begin_of_text|>", "<|eot_id|>")
     transformers = pytest.importorskip("transformers")
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(out)
-    specials = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>"}
+    specials = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
     assert hf.apply_chat_template(MULTI_TURN, tokenize=False) == "".join(
-        text for text, _ in data.sft_pieces(MULTI_TURN, 0, data.TEMPLATES["zephyr"], specials))
-    data.write_tokenizer_config(out, "llama31", source)  # the same template: the source's own text stays
+        text for text, _ in data.sft_pieces(MULTI_TURN, 0, data.Chat("zephyr", specials)))
+    data.write_tokenizer_config(out, data.load_chat(source, tok, "llama31"), source)  # the same template: the source's own text stays
     written = json.loads((out / "tokenizer_config.json").read_text())
     assert (written["chat_template"], written["eos_token"]) == (LLAMA31_LIKE, "<|eot_id|>")
 
@@ -1951,3 +1957,230 @@ def test_scale_estimate_prints_plausible_tables():
     memory = [int(gb) for row in re.findall(r"\| (\d+) GB \| (\d+) GB \|", out) for gb in row]
     assert len(memory) == 16 and all(10 < gb < 200 for gb in memory)
     assert "FSDP over 8" in out and "HSDP: --replicate 2" in out
+
+
+# ============================================================================= checkpoints a user brings
+
+# Chat templates of several families, written here after the hub's (the tool-calling branches left out),
+# rendered by transformers' apply_chat_template as the reference.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_SYSTEM = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+          "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+          "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+          "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+          "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}"
+          "{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+          "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+          "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+LLAMA31 = """{{- bos_token }}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{{- "Cutting Knowledge Date: December 2023\\n" }}
+{{- "Today Date: " + date_string + "\\n\\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+MISTRAL = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+ZEPHYR = """{% for message in messages %}
+{% if message['role'] == 'user' %}
+{{ '<|user|>\\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'system' %}
+{{ '<|system|>\\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'assistant' %}
+{{ '<|assistant|>\\n'  + message['content'] + eos_token }}
+{% endif %}
+{% if loop.last and add_generation_prompt %}
+{{ '<|assistant|>' }}
+{% endif %}
+{% endfor %}"""
+NO_SYSTEM = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+             "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+             "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
+             "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")
+FAMILIES = {"chatml": (CHATML, "<|im_start|>", "<|im_end|>"), "chatml_system": (CHATML_SYSTEM, "<|im_start|>", "<|im_end|>"),
+            "llama2": (LLAMA2, "<s>", "</s>"), "llama31": (LLAMA31, "<|begin_of_text|>", "<|eot_id|>"),
+            "mistral": (MISTRAL, "<s>", "</s>"), "zephyr": (ZEPHYR, "<s>", "</s>"), "no_system": (NO_SYSTEM, "<bos>", "<eos>")}
+FAMILY_SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|user|>", "<|assistant|>", "<|system|>", "<bos>", "<eos>", "<start_of_turn>",
+                   "<end_of_turn>"]
+
+
+@functools.cache
+def byte_level_tokenizer() -> str:
+    return data.tiny_tokenizer().to_str()
+
+
+def family_checkpoint_files(path: Path, family: str, bos_post_processor: bool = False, bos: str | None = None) -> None:
+    """tokenizer.json and tokenizer_config.json of a checkpoint whose chat template is one of FAMILIES."""
+    from tokenizers import Tokenizer, processors
+    template, family_bos, eos = FAMILIES[family]
+    bos = bos or family_bos
+    tok = Tokenizer.from_str(byte_level_tokenizer())  # any text round-trips through its decode
+    tok.add_special_tokens(FAMILY_SPECIALS)
+    if bos_post_processor:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.save(str(path / "tokenizer.json"))
+    config = {"bos_token": bos, "eos_token": eos, "pad_token": eos, "chat_template": template,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+FAMILY_CONVERSATIONS = [[USER, ANSWER("It is 4.")], MULTI_TURN, [{"role": "user", "content": " Hi "}, ANSWER(" Hello ")]]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_checkpoint_template_renders_as_transformers_and_splits_as_trl(family, tmp_path):
+    """Pairs and SFT rows through the checkpoint's own template: the prompt is apply_chat_template with the
+    generation prompt, prompt + answer the whole conversation (TRL's split), the SFT turns the conversation
+    with the loss on what each assistant turn adds; the template's end of turn stops generation."""
+    transformers = pytest.importorskip("transformers")
+    family_checkpoint_files(tmp_path, family)
+    tok = M.load_tokenizer(tmp_path)
+    chat = data.load_chat(tmp_path, tok)
+    assert (chat.name, chat.jinja) == ("checkpoint", FAMILIES[family][0])
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    render = lambda m, g=False: hf.apply_chat_template(m, tokenize=False, add_generation_prompt=g)
+    conversations = [c for c in FAMILY_CONVERSATIONS if family != "no_system" or c[0]["role"] != "system"]
+    for messages in conversations:
+        prompt, answer = messages[:-1], messages[-1]["content"]
+        (pair,), _ = data.tokenize_rows(tok, [("t:1", {"prompt": prompt, "chosen": answer, "rejected": "No."})], chat)
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
+        assert decode(pair["prompt_ids"]) == render(prompt, True)
+        assert decode(pair["prompt_ids"] + pair["chosen_ids"]) == render(messages)
+        (example,), _ = data.sft_examples(tok, [("t:1", {"messages": messages})], chat)
+        assert decode(example["input_ids"]) == render(messages)
+        trained = [i for i, m in zip(example["input_ids"], example["loss_mask"]) if m]
+        turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        expected = "".join(render(messages[:k + 1])[len(render(messages[:k], True)):] for k in turns)
+        assert decode(trained) == expected
+    stop = data.answer_stop_ids(chat, tok)[0]  # the end of turn, which Gemma's is, not its EOS
+    assert tok.id_to_token(stop) == ("<end_of_turn>" if family == "no_system" else FAMILIES[family][2])
+
+
+def test_checkpoint_template_errors_name_the_row_and_what_to_do(tmp_path, monkeypatch):
+    family_checkpoint_files(tmp_path, "no_system")
+    tok = M.load_tokenizer(tmp_path)
+    chat = data.load_chat(tmp_path, tok)
+    with pytest.raises(data.DataError, match=r"^t:7: the checkpoint's chat template failed: TemplateError: System role not supported$"):
+        data.tokenize_rows(tok, [("t:7", {"prompt": [SYSTEM, USER], "chosen": "It is 4.", "rejected": "It is 5."})], chat)
+    # A template under which the prompt is not the start of the whole conversation cannot be split.
+    moody = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
+    with pytest.raises(data.DataError, match=r"^t:2: the chat template renders the prompt .* differently inside the whole"):
+        data.tokenize_rows(tok, [("t:2", {"prompt": "Hi", "chosen": "Yes.", "rejected": "No."})], data.Chat("checkpoint", {}, moody))
+    # Without jinja2: a template that is a built-in's still runs through the built-in; any other asks for jinja2.
+    monkeypatch.setattr(data, "jinja_available", lambda: False)
+    with pytest.raises(data.DataError, match="cannot tell which chat template"):
+        data.load_chat(tmp_path, tok)
+    data.compiled_jinja.cache_clear()
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    with pytest.raises(data.DataError, match="needs jinja2: pip install jinja2"):
+        data.Chat("checkpoint", {}, CHATML).render([USER], True)
+    data.compiled_jinja.cache_clear()
+
+
+@pytest.mark.parametrize("template_bos, post_processor", [(True, True), (True, False), (False, True), (False, False)])
+def test_exactly_one_bos_whoever_writes_it(tmp_path, template_bos, post_processor):
+    """BOS once: from the template ({{ bos_token }}, Mistral's), from the tokenizer's post-processor (a ChatML
+    fine-tune of a Mistral base, whose template writes no BOS), or not at all when neither writes one."""
+    family_checkpoint_files(tmp_path, "mistral" if template_bos else "chatml", bos_post_processor=post_processor, bos="<s>")
+    tok = M.load_tokenizer(tmp_path)
+    chat = data.load_chat(tmp_path, tok)
+    (pair,), _ = data.tokenize_rows(tok, [("t:1", {"prompt": "Hi", "chosen": "Yes.", "rejected": "No."})], chat)
+    (example,), _ = data.sft_examples(tok, [("t:1", {"prompt": "Hi", "completion": "Yes."})], chat)
+    bos = tok.token_to_id("<s>")
+    expected = int(template_bos or post_processor)
+    assert pair["prompt_ids"].count(bos) == example["input_ids"].count(bos) == expected
+    assert pair["prompt_ids"][0] == bos or not expected
+    assert pair["prompt_ids"] == example["input_ids"][:len(pair["prompt_ids"])]
+
+
+@pytest.fixture(scope="module")
+def tied_tiny(tmp_path_factory):
+    """A tied-embedding checkpoint as transformers saves one (no lm_head.weight), with the tiny tokenizer and
+    the plain template recorded."""
+    path = tmp_path_factory.mktemp("tied") / "tied-tiny"
+    cfg = M.tiny_config(640)
+    cfg.tie_word_embeddings = True
+    M.save_model(M.init_weights(M.Transformer(cfg), seed=0), path)
+    tok = data.tiny_tokenizer()
+    tok.save(str(path / "tokenizer.json"))
+    data.write_tokenizer_config(path, data.as_chat("plain", tok))
+    with safe_open(path / "model.safetensors", framework="pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    return path
+
+
+def test_tied_checkpoint_trains_on_every_path_saves_tied_and_resumes(tmp_path, tied_tiny):
+    """Tied embeddings on 1 process, FSDP2 over 2, HSDP and the cached reference: the same losses; step-N/
+    resumes to the same losses; final/ stays tied (one tensor, no lm_head.weight) and loads in transformers."""
+    steps = ["--weights", tied_tiny, "--max-steps", 3, "--save-every", 2, "--eval-every", 100, "--batch-size", 8,
+             "--micro-batch-size", 4]
+    runs = {"one": ([], 0), "two": ([], 2), "hsdp_cached": (["--replicate", 2, "--precompute-ref"], 2)}
+    for name, (extra, n) in runs.items():
+        r = run(*steps, *extra, "--out", tmp_path / name, torchrun=n)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+    one = losses(tmp_path / "one")
+    for name in ("two", "hsdp_cached"):
+        assert losses(tmp_path / name) == pytest.approx(one, rel=2e-4), name
+    shutil.rmtree(tmp_path / "one" / "final")
+    (tmp_path / "one" / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[:2]))
+    r = run("--resume", tmp_path / "one")
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-3000:]
+    assert losses(tmp_path / "one") == one
+    for name in ("one", "two"):
+        final = tmp_path / name / "final"
+        names = set().union(*(safe_open(f, framework="pt").keys() for f in final.glob("*.safetensors")))
+        assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+        assert json.loads((final / "config.json").read_text())["tie_word_embeddings"] is True
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final", dtype=torch.float32).eval()
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    ours = M.load_model(tmp_path / "two" / "final")
+    ids = torch.randint(0, 640, (2, 20))
+    assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4

@@ -77,8 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--eval-data", help="held-out rows (default: --eval-pairs rows of --data, or the synthetic held-out set)")
     a("--eval-pairs", type=int, default=256, help="rows of --data held out when there is no --eval-data, at "
       "most a tenth of them; 0: no held-out set (default: 256)")
-    a("--template", choices=sorted(data.TEMPLATES), help="chat template (default: a preset's own; for a "
-      "directory, the one its tokenizer_config.json names, else an error)")
+    a("--template", choices=sorted(data.TEMPLATES), help="a built-in chat template instead of the "
+      "checkpoint's own (default: the checkpoint's Jinja chat_template; a preset's own; else an error)")
     a("--out", help=default_help("out", "output directory"))
     a("--resume", metavar="OUT", help="continue the run in OUT from its last step-N/ checkpoint, with the same "
       "number of processes; the saved flags apply, and flags given now override them")
@@ -152,7 +152,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, values[column])
     check_values(args)
-    args.template = chat_template(args.weights, args.template)
     return args
 
 
@@ -179,13 +178,12 @@ def check_values(args) -> None:
                             f"--max-length {args.max_length}")
 
 
-def chat_template(weights: str, given: str | None) -> str:
-    """The template the weights were trained with: never a silent guess."""
-    if given:
-        return given
-    if weights in M.PRESETS:
-        return M.PRESETS[weights]["template"]
-    return data.template_from_checkpoint(M.resolve_weights(weights))
+def chat_of(args, tokenizer) -> data.Chat:
+    """The chat template the weights were trained with, never a silent guess: --template, a preset's
+    own, else the checkpoint's (its Jinja chat template, or the built-in this project recorded)."""
+    given = args.template or M.PRESETS.get(args.weights, {}).get("template")
+    weights = None if args.weights == "tiny" else M.resolve_weights(args.weights)
+    return data.load_chat(weights, tokenizer, given)
 
 
 # ----------------------------------------------------------------------------- processes and devices
@@ -248,15 +246,15 @@ def check_shared_out(out: Path, device) -> None:
 
 # ----------------------------------------------------------------------------- data
 
-def load_data(args, tokenizer) -> tuple[list, list]:
+def load_data(args, tokenizer, chat: data.Chat) -> tuple[list, list]:
     """Tokenized training and held-out items: pairs, or for --loss sft single examples."""
     train_rows, eval_rows = data.synthetic_rows(args.seed) if args.data == "synthetic" else (data.read_rows(args.data), [])
     if args.eval_data:
         eval_rows = data.read_rows(args.eval_data)
     if args.loss == "sft":
-        tokenize = lambda rows: data.sft_examples(tokenizer, rows, args.template, args.max_length)
+        tokenize = lambda rows: data.sft_examples(tokenizer, rows, chat, args.max_length)
     else:
-        tokenize = lambda rows: data.tokenize_rows(tokenizer, rows, args.template, args.max_length,
+        tokenize = lambda rows: data.tokenize_rows(tokenizer, rows, chat, args.max_length,
                                                    args.max_prompt_length, args.keep_identical,
                                                    args.beta_column or "beta")
     train, report = tokenize(train_rows)
@@ -267,10 +265,12 @@ def load_data(args, tokenizer) -> tuple[list, list]:
     if args.loss != "sft":
         mixdpo = args.curriculum == "margin" or args.sft_below_margin is not None or args.sft_below_quantile is not None
         data.check_pair_columns(train + heldout, args.beta_column, mixdpo)
-    dropped = {k: v for k, v in report.items() if k not in ("rows", "pairs", "examples") and v}
+    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.items()
+                        if k not in ("rows", "pairs", "examples") and v)
+    template = "the checkpoint's chat template" if chat.jinja else f"template {chat.name}"
     rank0_print(f"data: {len(train) + len(heldout)} items of {report['rows']} rows"
-                + (f" ({dropped})" if dropped else "") + f", {len(train)} for training, {len(heldout)} held "
-                f"out, template {args.template}")
+                + (f" ({dropped})" if dropped else "") + f", {len(train)} for training, "
+                f"{len(heldout)} held out, {template}")
     return train, heldout
 
 
@@ -516,7 +516,8 @@ def train(args, device, mesh) -> int:
     if not args.resume and (latest_checkpoint(out) or (out / "final").exists()):
         raise TrainingError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
     tokenizer = data.tiny_tokenizer() if args.weights == "tiny" else M.load_tokenizer(M.resolve_weights(args.weights))
-    train_items, heldout = load_data(args, tokenizer)
+    chat = chat_of(args, tokenizer)
+    train_items, heldout = load_data(args, tokenizer, chat)
     margins = [p["margin"] for p in train_items] if args.curriculum == "margin" else None
     sampler = data.PairSampler(len(train_items), args.batch_size, args.seed, rank, dist.get_world_size(), margins)
     total = int(args.epochs * sampler.steps_per_epoch)
@@ -575,7 +576,7 @@ def train(args, device, mesh) -> int:
         stop.restore()
         log.close()
     source = None if args.weights == "tiny" else Path(M.resolve_weights(args.weights))
-    final = save_weights(run, tokenizer, out / "final", getattr(torch, args.save_dtype), args.template, source)
+    final = save_weights(run, tokenizer, out / "final", getattr(torch, args.save_dtype), chat, source)
     if run.objective is not None and run.objective.weighting == "aao" and run.heldout:
         write_weights_page(run, tokenizer, out / "weights.html", args.data)
     if rank == 0:
@@ -728,15 +729,15 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
     return final
 
 
-def save_weights(run: Run, tokenizer, final: Path, dtype, template: str, source: Path | None) -> Path:
+def save_weights(run: Run, tokenizer, final: Path, dtype, chat: data.Chat, source: Path | None) -> Path:
     """<out>/final/: the policy in Hugging Face layout, in dtype (bf16 unless --save-dtype float32), with
     the tokenizer and its chat template: what serving and the next stage read; no optimizer state."""
     with written_whole(final) as tmp:
         M.save_sharded(run.policy, tmp, dtype)
         if dist.get_rank() == 0:
             tokenizer.save(str(tmp / "tokenizer.json"))
-            data.write_tokenizer_config(tmp, template, source)
-            M.write_generation_config(tmp, source, run.policy.config, data.answer_stop_ids(tokenizer, template))
+            data.write_tokenizer_config(tmp, chat, source)
+            M.write_generation_config(tmp, source, run.policy.config, data.answer_stop_ids(chat, tokenizer))
     return final
 
 

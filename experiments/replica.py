@@ -175,10 +175,9 @@ def run_train(argv: list) -> None:
 def answers(weights: Path, prompts: list, max_new_tokens: int) -> list[list[int]]:
     """Greedy answers, as token ids up to (without) the template's end-of-answer token."""
     model, tok = M.load_model(weights).eval(), M.load_tokenizer(weights)
-    specials = data.family_specials(tok)
-    ids = data.encode(tok, [data.render_prompt([{"role": "user", "content": p}], data.TEMPLATES[TEMPLATE], specials)
-                            for p in prompts])
-    out = M.generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=data.answer_stop_ids(tok, TEMPLATE))
+    chat = data.as_chat(TEMPLATE, tok)
+    ids = data.instruction_prompts(chat, tok, prompts)
+    out = M.generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=data.answer_stop_ids(chat, tok))
     return [(tok.decode(a), len(a)) for a in out]
 
 
