@@ -1920,7 +1920,8 @@ def test_per_pair_beta_column_from_a_file(tmp_path):
     out = in_process(tmp_path, "--data", f, "--beta-column", "gap", "--eval-pairs", 16)
     assert (out / "final" / "model.safetensors").exists()
     with pytest.raises(data.DataError, match="--beta-column nope: the row has no such column"):
-        train.load_data(train.parse_args(["--data", str(f), "--beta-column", "nope"]), data.tiny_tokenizer())
+        args, tok = train.parse_args(["--data", str(f), "--beta-column", "nope"]), data.tiny_tokenizer()
+        train.load_data(args, tok, train.chat_of(args, tok))
 
 
 # ----------------------------------------------------------------------------- experiments/
@@ -2293,3 +2294,26 @@ def test_smollm2_sft_then_aao_stay_on_its_template_and_load_in_transformers(smol
     with torch.no_grad():
         assert (hf_logits(hf, ids) - M.load_model(final)(ids)).abs().max() < 1e-4
     assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [2]  # <|im_end|>
+
+
+def test_defaults_follow_the_size_of_the_model_loaded_and_a_still_policy_is_named(tmp_path, tiny_checkpoint):
+    """A tiny SFT's final/ keeps the scratch learning rates; a real-sized config gets the paper's; a run whose
+    preference loss never left log 2 is named at the end."""
+    assert train.parse_args(["--weights", str(tiny_checkpoint)]).lr == 3e-3
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "config.json").write_text(json.dumps({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                                                  "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152}))
+    assert (train.parse_args(["--weights", str(real)]).lr, train.parse_args(["--weights", str(real), "--loss", "sft"]).lr) == (5e-7, 2e-5)
+    rows = [{"loss/preference": math.log(2) - 1e-5 * i, "rewards/margins": 1e-5 * i} for i in range(5)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert train.policy_stood_still(tmp_path / "m.jsonl")
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({**r, "rewards/margins": 0.01 * i}) + "\n" for i, r in enumerate(rows)))
+    assert not train.policy_stood_still(tmp_path / "m.jsonl")
+
+
+def test_answers_are_named_after_the_run_and_long_prompts_fit_the_context():
+    assert M.generator_name("out/llama31-aao/final") == "llama31-aao"
+    assert M.generator_name("out/run/step-500") == "run" and M.generator_name("weights/smol") == "smol"
+    prompts, cut = M.fit_prompts([[0, 1, 2, 3, 4, 5], [0, 7]], context=5)
+    assert prompts == [[0, 3, 4, 5], [0, 7]] and cut == 1  # BOS kept, room for one answer token
