@@ -381,7 +381,7 @@ def test_answers_command_writes_alpacaeval_rows_in_input_order(tiny_checkpoint, 
     real_generate, stop_ids = M.generate, []
     monkeypatch.setattr(M, "generate", lambda *a, **k: stop_ids.append(k["stop_ids"]) or real_generate(*a, **k))
     args = ["--weights", tiny_checkpoint, "--prompts", prompts, "--out", tmp_path / "out" / "answers.json",
-            "--template", "llama3", "--max-new-tokens", 12, "--batch-size", 2]
+            "--template", "llama3", "--max-new-tokens", 12, "--batch-size", 2, "--device", "cpu"]
     assert M.main(list(map(str, args))) == 0
     answers = json.loads((tmp_path / "out" / "answers.json").read_text())
     tok, model = M.load_tokenizer(tiny_checkpoint), M.load_model(tiny_checkpoint)
@@ -440,7 +440,8 @@ def test_benchmark_script_compares_its_trainers_at_a_tiny_size(tmp_path):
     spec.loader.exec_module(script)
     trl = importlib.util.find_spec("trl") is not None
     script.main(["--vocab", "700", "--dim", "32", "--layers", "1", "--pairs", "4", "--prompt-tokens", "20",
-                 "--answer-tokens", "30", "--steps", "2", "--rounds", "1", "--threads", "1", "--out", str(tmp_path)]
+                 "--answer-tokens", "30", "--steps", "2", "--rounds", "1", "--threads", "1", "--out", str(tmp_path),
+                 "--device", "cpu"]
                 + (["--trl"] if trl else []))
     results = json.loads((tmp_path / "results.json").read_text())
     expected = {"ours, DPO", "ours, AAO"} | ({"TRL 1.16 DPO", "TRL 1.16 DPO, grad. checkpointing"} if trl else set())
@@ -1638,7 +1639,9 @@ import train  # noqa: E402
 
 
 def run(*args, torchrun=0, timeout=300, wait=True, script=HERE / "train.py"):
-    """train.py in a process of its own (N of them under torchrun); with wait=False, the Popen."""
+    """train.py in a process of its own (N of them under torchrun); with wait=False, the Popen. On the CPU
+    unless the arguments say otherwise: on a GPU host too, these runs compare fp32 and gloo results."""
+    args = args if "--device" in args else (*args, "--device", "cpu")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2")}
     cmd = launcher + [str(script), *map(str, args)]
@@ -1812,7 +1815,8 @@ def test_out_that_a_rank_does_not_see_is_an_error_at_start(tmp_path):
 
 def in_process(tmp_path, *args, code=0):
     out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    assert train.main(["--max-steps", "3", "--eval-every", "3", "--quiet", "--out", str(out), *map(str, args)]) == code
+    argv = ["--max-steps", "3", "--eval-every", "3", "--quiet", "--device", "cpu", "--out", str(out), *map(str, args)]
+    assert train.main(argv) == code
     return out
 
 
@@ -1850,9 +1854,40 @@ def test_resume_of_nothing_is_one_line(tmp_path, capsys):
 ])
 def test_bad_command_lines_are_one_line_without_traceback(tmp_path, capsys, argv, message):
     argv = [a.replace("{pairs}", str(pairs_file(tmp_path))) for a in argv]
-    assert train.main([*argv, "--out", str(tmp_path / "run")]) == 1
+    assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error") and message in err[0], err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--beta-column", "gap", "--beta-min", "5", "--beta-max=-1"], "--beta-max -1.0: must be > 0"),
+    (["--beta-column", "gap", "--beta-min", "0"], "--beta-min 0.0: must be > 0"),
+    (["--beta-column", "gap", "--beta-max", "0"], "--beta-max 0.0: must be > 0"),
+    (["--beta-column", "gap", "--beta-min", "0.5", "--beta-max", "0.1"], "--beta-max 0.1 is below --beta-min 0.5"),
+    (["--beta-min", "0.1"], "--beta-min means something only with --beta-column"),
+    (["--beta-scale", "2"], "--beta-scale means something only with --beta-column"),
+    (["--beta", "0.2", "--beta-column", "gap"], "--beta 0.2 beside --beta-column gap"),
+    (["--sft-below-margin", "1", "--sft-below-quantile", "0.3"], "--sft-below-margin and --sft-below-quantile"),
+    (["--sft-weight", "2"], "--sft-weight means something only with --sft-below-margin or --sft-below-quantile"),
+    (["--label-smoothing", "0.2"], "--label-smoothing means something only with --loss cdpo"),
+    (["--loss", "cdpo", "--ipo-sum"], "--ipo-sum means something only with --loss ipo"),
+    (["--simpo-gamma-beta-ratio", "1"], "--simpo-gamma-beta-ratio means something only with --loss simpo"),
+    (["--weighting", "none", "--similarity", "hidden"], "--similarity means something only with --weighting aao"),
+    (["--weighting", "random", "--lambda-c", "0"], "--lambda-c means something only with --weighting aao"),
+    (["--loss", "sft", "--alpha", "50"], "--alpha means something only with --weighting aao"),
+    (["--loss", "sft", "--curriculum", "margin"], "--curriculum means something only with preference pairs"),
+    (["--loss", "sft", "--beta", "0.1"], "--beta means something only with preference pairs"),
+    (["--loss", "sft", "--max-prompt-length", "16"], "--max-prompt-length means something only with preference"),
+    (["--loss", "simpo", "--precompute-ref"], "--precompute-ref means something only with a loss with a reference"),
+    (["--eval-data", "held.jsonl", "--eval-pairs", "8"], "--eval-pairs holds rows of --data out"),
+])
+def test_flags_that_cannot_be_meant_together_are_one_line_before_any_work(tmp_path, capsys, argv, message):
+    """Every combination the run would silently ignore or misread (a β clipped below 0 flips DPO's sign,
+    a quantile beside a margin wins unseen) ends in one line, before a process group or a file exists."""
+    assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
 
 
 def test_broken_data_file_is_one_line_without_traceback(tmp_path):
@@ -1926,7 +1961,8 @@ def run_script(*args, timeout=120) -> subprocess.CompletedProcess:
 
 
 def test_replica_smoke_writes_its_results(tmp_path):
-    run_script(HERE / "experiments" / "replica.py", "--smoke", "--out", tmp_path / "runs", "--docs", tmp_path / "docs")
+    run_script(HERE / "experiments" / "replica.py", "--smoke", "--device", "cpu", "--out", tmp_path / "runs",
+               "--docs", tmp_path / "docs")
     rows = metric_rows(tmp_path / "docs", "replica.jsonl")
     assert [(r["family"], r["method"]) for r in rows] == [("facts", "DPO"), ("facts", "AAO")]
     for r in rows:

@@ -123,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g("--max-length", type=int, help=default_help("max_length", "tokens per sequence, prompt included"))
     g("--max-prompt-length", type=int, help=default_help("max_prompt_length", "prompt tokens, cut from the left"))
     g("--keep-identical", action="store_true", help="keep pairs whose two answers are identical (default: drop)")
+    g("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train: cuda (NCCL, one GPU "
+      "per process), cpu (gloo, even on a GPU host) or auto = cuda when there is one (default: auto)")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="compute dtype; master weights stay fp32 (default: auto = bfloat16 on CUDA, float32 on CPU)")
     g("--precompute-ref", action="store_true", help="compute the reference's log-probs once, then free it")
@@ -152,6 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, values[column])
     check_values(args)
+    check_combinations(args, {key: p.get_default(key) for key in vars(args)})
     args.template = chat_template(args.weights, args.template)
     return args
 
@@ -164,7 +167,8 @@ LIMITS = {"lr": POSITIVE, "threshold_lr": POSITIVE, "beta": POSITIVE, "alpha": P
           "save_every": AT_LEAST_0, "batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
           "max_length": AT_LEAST_1, "max_prompt_length": AT_LEAST_1, "max_steps": AT_LEAST_1,
           "eval_every": AT_LEAST_1, "keep_last": AT_LEAST_1, "replicate": AT_LEAST_1, "warmup": SHARE,
-          "sft_below_quantile": SHARE, "simpo_gamma_beta_ratio": AT_LEAST_0,
+          "sft_below_quantile": SHARE, "simpo_gamma_beta_ratio": AT_LEAST_0, "beta_min": POSITIVE,
+          "beta_max": POSITIVE,
           "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")}
 
 
@@ -179,6 +183,47 @@ def check_values(args) -> None:
                             f"--max-length {args.max_length}")
 
 
+def pairwise(a) -> bool:
+    return a.loss != "sft"
+
+
+# Options that mean something in one kind of run only: given another value than their default elsewhere,
+# the run would ignore them without a word. option -> (where it means something, the test of that).
+ONLY_WITH = {
+    **{k: ("preference pairs (not --loss sft)", pairwise) for k in (
+        "weighting", "beta", "curriculum", "sft_below_margin", "sft_below_quantile", "beta_column",
+        "keep_identical", "max_prompt_length")},
+    "label_smoothing": ("--loss cdpo", lambda a: a.loss == "cdpo"),
+    "ipo_sum": ("--loss ipo", lambda a: a.loss == "ipo"),
+    "simpo_gamma_beta_ratio": ("--loss simpo", lambda a: a.loss == "simpo"),
+    **{k: ("--weighting aao", lambda a: pairwise(a) and a.weighting == "aao") for k in (
+        "alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")},
+    "sft_weight": ("--sft-below-margin or --sft-below-quantile",
+                   lambda a: a.sft_below_margin is not None or a.sft_below_quantile is not None),
+    **{k: ("--beta-column", lambda a: a.beta_column is not None) for k in ("beta_scale", "beta_min", "beta_max")},
+    "precompute_ref": ("a loss with a reference (not sft or simpo)", lambda a: a.loss not in ("sft", "simpo")),
+}
+
+
+def check_combinations(args, defaults: dict) -> None:
+    """Flags that contradict each other, or that this run would ignore: refused by name before any work.
+    Read from the values (the defaults stand for "not given"), so a resumed run's saved flags pass."""
+    flag = lambda key: "--" + key.replace("_", "-")
+    for key, (need, applies) in ONLY_WITH.items():
+        if getattr(args, key) != defaults[key] and not applies(args):
+            raise TrainingError(f"{flag(key)} means something only with {need}: this run would ignore it")
+    if args.sft_below_margin is not None and args.sft_below_quantile is not None:
+        raise TrainingError("--sft-below-margin and --sft-below-quantile both choose MixDPO's routed pairs: give one")
+    if args.beta is not None and args.beta_column:
+        raise TrainingError(f"--beta {args.beta} beside --beta-column {args.beta_column}: the column gives every "
+                            "pair its β; move the column's values with --beta-scale")
+    if args.beta_min is not None and args.beta_max is not None and args.beta_max < args.beta_min:
+        raise TrainingError(f"--beta-max {args.beta_max} is below --beta-min {args.beta_min}: every pair's β "
+                            "would be clipped to the wrong bound")
+    if args.eval_data and args.eval_pairs != defaults["eval_pairs"]:
+        raise TrainingError("--eval-pairs holds rows of --data out, --eval-data brings its own: give one")
+
+
 def chat_template(weights: str, given: str | None) -> str:
     """The template the weights were trained with: never a silent guess."""
     if given:
@@ -190,12 +235,26 @@ def chat_template(weights: str, given: str | None) -> str:
 
 # ----------------------------------------------------------------------------- processes and devices
 
-def setup_distributed(replicate: int, timeout_minutes: float):
+def choose_device(name: str) -> torch.device:
+    """--device: cuda:LOCAL_RANK (one GPU per process), or the CPU, also on a host that has GPUs."""
+    cuda = torch.cuda.is_available() if name == "auto" else name == "cuda"
+    if not cuda:
+        return torch.device("cpu")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if not torch.cuda.is_available():
+        raise TrainingError("--device cuda: this machine has no CUDA device that torch can use")
+    if local_rank >= count:
+        raise TrainingError(f"--device cuda: process {local_rank} of this node has no GPU of its own ({count} "
+                            "visible): start as many processes per node as GPUs, or train with --device cpu")
+    return torch.device("cuda", local_rank)
+
+
+def setup_distributed(replicate: int, timeout_minutes: float, device_name: str = "auto"):
     """RANK / WORLD_SIZE / LOCAL_RANK from torchrun, or a group of one held in memory. Returns the device
     and the mesh FSDP shards over: 1-D, or with --replicate R a 2-D (replicate, shard) mesh (HSDP: shard
     inside groups of world/R ranks, say a node, replicate across them, so the gathers stay in the node)."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = choose_device(device_name)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     # device_id binds the process to its GPU and starts NCCL now; the timeout must outlast the longest
@@ -920,7 +979,7 @@ def main(argv=None) -> int:
     code, torchrun = 1, "RANK" in os.environ
     try:
         args = parse_args(argv)
-        device, mesh = setup_distributed(args.replicate, args.dist_timeout)
+        device, mesh = setup_distributed(args.replicate, args.dist_timeout, args.device)
         code = train(args, device, mesh)
     except (M.CheckpointError, data.DataError, TrainingError) as e:
         rank = f" (rank {dist.get_rank()})" if dist.is_initialized() and dist.get_world_size() > 1 else ""
