@@ -866,10 +866,11 @@ def test_per_pair_beta_changes_loss_and_gradient():
 def test_mixdpo_routes_hard_pairs_to_weighted_sft_out_of_the_auxiliary_losses():
     x = objective_inputs()
     margin = torch.tensor([0.5, 3.0, float("nan")], dtype=torch.float64)
-    obj = aao.Objective(sft_below_margin=1.0, sft_weight=0.5)
+    obj = aao.Objective(sft_weight=0.5)
     a, b = thresholds(3, 0.8, 0.4)
-    out, _ = loss_and_grad(obj, x, a=a, b=b, margin=margin)
-    assert out.routed.tolist() == [True, False, False]  # a pair without a margin is never routed
+    routed = aao.mixdpo_routed(margin, 1.0)
+    assert routed.tolist() == [True, False, False]  # a pair without a margin is never routed
+    out, _ = loss_and_grad(obj, x, a=a, b=b, routed=routed)
     nll = -(x["policy_logps"][0] * x["mask"][0]).sum() / x["mask"][0].sum()
     assert torch.allclose(out.losses[0], 0.5 * nll)  # no contrastive, no reward enhancement term
     assert out.contrastive[0] == 0 and out.reward_enhancement[0] == 0 and out.contrastive[1] != 0
@@ -877,7 +878,20 @@ def test_mixdpo_routes_hard_pairs_to_weighted_sft_out_of_the_auxiliary_losses():
     assert torch.allclose(out.losses[1:], unrouted.losses[1:])
     m = aao.objective_metrics(out, x["mask"], a, b)
     assert m["mixdpo/routed"] == pytest.approx(1 / 3)
-    assert aao.margin_quantile(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 0.25) == 2.0
+
+
+def test_mixdpo_quantile_routes_the_hardest_share_with_ties_broken_by_the_seed():
+    """Half the margins tied at the minimum: q = 0.3 routes 3 of 10 pairs, all from the tie (a τ at the
+    0.3-quantile compared with `<` would route none), which ones decided by the seed."""
+    margins = torch.tensor([0.0, 2.0, 0.0, 3.0, 0.0, 1.0, 0.0, 4.0, 0.0, float("nan")], dtype=torch.float64)
+    routed = {seed: aao.mixdpo_hardest(margins, 0.3, seed) for seed in range(6)}
+    for r in routed.values():
+        assert r.sum() == 3 and (margins[r] == 0).all()
+    assert torch.equal(aao.mixdpo_hardest(margins, 0.3, 0), routed[0])  # seeded
+    assert len({tuple(r.tolist()) for r in routed.values()}) > 1  # the tie is broken by the seed
+    assert aao.mixdpo_hardest(margins, 0.6, 0).tolist() == (margins <= 1).tolist()  # the next margin up
+    assert aao.mixdpo_hardest(margins, 0.0, 0).sum() == 0 and aao.mixdpo_hardest(margins, 1.0, 0).all()
+    assert aao.mixdpo_hardest(torch.tensor([5.0, 1.0, 3.0, 2.0]), 0.5, 0).tolist() == [False, True, False, True]
 
 
 def test_metrics_have_trl_names_and_values():
@@ -1827,6 +1841,46 @@ def pairs_file(tmp_path, n=200, **extra) -> Path:
     return f
 
 
+def mixdpo_micro_batch(routed: list, chosen_ahead: list) -> dict:
+    """objective_metrics of a micro-batch of plain DPO pairs whose routing and ranking are given."""
+    B = len(routed)
+    mask = torch.ones(2 * B, 4)
+    policy = torch.full((2 * B, 4), -1.0)
+    policy[:B] += torch.tensor(chosen_ahead, dtype=torch.float32)[:, None]  # the chosen answer's lead
+    out = aao.preference_objective(aao.Objective(weighting="none"), policy, torch.full((2 * B, 4), -1.0), mask,
+                                   routed=torch.tensor(routed))
+    return aao.objective_metrics(out, mask)
+
+
+def test_mixdpo_metrics_are_means_over_the_kept_pairs_of_the_global_batch():
+    """A global batch of two micro-batches: the first routed whole, the second one routed pair and one
+    kept pair ranked right. The kept pair's reward metrics are the batch's (accuracy 1, not the 0.5 of
+    averaging per-micro-batch means by all pairs); a batch routed whole logs no rewards/*."""
+    train.setup_distributed(1, 1, "cpu")
+    try:
+        sums = {}
+        train.accumulate(sums, mixdpo_micro_batch([True, True], [0.0, 0.0]), 2)
+        train.accumulate(sums, mixdpo_micro_batch([True, False], [-1.0, 0.5]), 2)
+        stats = train.reduce_metrics(sums, 4)
+        assert stats["rewards/accuracies"] == 1.0 and stats["mixdpo/routed"] == 0.75
+        assert stats["rewards/margins"] == pytest.approx(0.1 * 4 * 0.5)  # β x 4 tokens x the lead
+        assert stats["loss/preference"] == pytest.approx(-math.log(torch.sigmoid(torch.tensor(0.2)).item()))
+        assert "pairs/kept" not in stats and math.isfinite(stats["loss"])
+        whole = {}
+        train.accumulate(whole, mixdpo_micro_batch([True, True], [1.0, 1.0]), 2)
+        stats = train.reduce_metrics(whole, 2)
+        assert stats["mixdpo/routed"] == 1.0 and not any(k.startswith(("rewards/", "loss/pref")) for k in stats)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_run_that_routes_every_pair_logs_no_rewards(tmp_path):
+    rows = metric_rows(in_process(tmp_path, "--sft-below-margin", 1e9, "--weighting", "none"))
+    assert all(r["mixdpo/routed"] == 1.0 and "rewards/accuracies" not in r and "loss/preference" not in r
+               for r in rows)
+    assert rows[-1]["eval/mixdpo/routed"] == 1.0
+
+
 def test_no_held_out_set_ends_clean(tmp_path, capsys):
     out = in_process(tmp_path, "--data", pairs_file(tmp_path), "--eval-pairs", 0)
     assert (out / "final" / "model.safetensors").exists() and len(losses(out)) == 3
@@ -1917,7 +1971,8 @@ def test_non_finite_gradient_norm_stops_without_an_update(tmp_path, capsys, monk
 @pytest.mark.parametrize("args", [
     ["--loss", "ipo", "--weighting", "none"], ["--loss", "cdpo", "--weighting", "random"], ["--loss", "hinge"],
     ["--loss", "simpo"], ["--loss", "simpo", "--weighting", "none"], ["--loss", "sft"],
-    ["--curriculum", "margin", "--sft-below-margin", 5.0], ["--reward-form", "printed", "--activation-checkpointing"],
+    ["--curriculum", "margin", "--sft-below-margin", 5.0], ["--sft-below-quantile", 0.3, "--sft-weight", 0.5],
+    ["--reward-form", "printed", "--activation-checkpointing"],
     ["--similarity", "hidden"], ["--similarity", "alignment", "--end-token-weight", "one"],
 ])
 def test_objective_variants_train(tmp_path, args):

@@ -349,6 +349,7 @@ class Run:
     micro_batch_size: int
     seed: int = 0
     beta_scaling: tuple | None = None  # SP2DPO: (scale, min, max) of the per-pair β column
+    mixdpo: bool = False  # MixDPO: pairs marked "routed" take the SFT loss
     ref_train: "ReferenceCache | None" = None  # --precompute-ref
     ref_eval: "ReferenceCache | None" = None
 
@@ -367,7 +368,7 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
         simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio, ipo_normalized=not args.ipo_sum, alpha=args.alpha,
         lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_form=args.reward_form,
         similarity=args.similarity, end_token_weight=args.end_token_weight,
-        sft_below_margin=mixdpo_tau(args, train_items), sft_weight=args.sft_weight)
+        sft_weight=args.sft_weight)
     if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
         rank0_print(f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
                     "~20x DPO's: per-pair β made for DPO need a --beta-scale")
@@ -376,6 +377,10 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
               M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False) if needs_reference else None,
               None, objective, train_items, heldout, device, mesh, args.micro_batch_size, args.seed,
               (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None)
+    if args.sft_below_margin is not None or args.sft_below_quantile is not None:
+        run.mixdpo = True
+        for items in (train_items, heldout):
+            mark_routed(items, args.sft_below_margin, args.sft_below_quantile, args.seed)
     if objective is not None and args.weighting == "aao":
         torch.manual_seed(args.seed)  # the same MLP whatever the number of processes
         run.thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device)
@@ -393,11 +398,13 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
     return run
 
 
-def mixdpo_tau(args, pairs) -> float | None:
-    """MixDPO's τ: given, or a quantile of the training pairs' margins."""
-    if args.sft_below_quantile is None:
-        return args.sft_below_margin
-    return aao.margin_quantile(torch.tensor([p["margin"] for p in pairs]), args.sft_below_quantile)
+def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
+    """MixDPO: mark each pair ("routed") that takes the SFT loss, once for the whole set: a margin below
+    τ, or the hardest q of the pairs (exactly round(q·N) of them, ties broken by the seed)."""
+    margins = torch.tensor([p["margin"] for p in pairs], dtype=torch.float64)
+    routed = aao.mixdpo_routed(margins, tau) if q is None else aao.mixdpo_hardest(margins, q, seed)
+    for pair, r in zip(pairs, routed.tolist()):
+        pair["routed"] = r
 
 
 # ----------------------------------------------------------------------------- the objective on a micro-batch
@@ -415,8 +422,9 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
     if run.thresholds is not None:
         a, b = run.thresholds(aao.pooled_answer_logits(states.logit_sums, mask))
     beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling) if run.beta_scaling else None
+    routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device) if run.mixdpo else None
     out = aao.preference_objective(run.objective, states.logps, ref_logps, mask, beta=beta,
-                                   embeds=states.embeds, hidden=states.hidden, a=a, b=b, margin=batch["margin"],
+                                   embeds=states.embeds, hidden=states.hidden, a=a, b=b, routed=routed,
                                    seeds=aao.random_weight_seeds(run.seed, step, indices), hidden_after=states.hidden_after,
                                    ids=batch["input_ids"][:, 1:])
     metrics = {**aao.objective_metrics(out, mask, a, b), **aao.squeeze_probe(states.top1, ref_top1, mask)}
@@ -544,8 +552,14 @@ def batch_spread(per_micro_batch: list) -> dict:
 TOTALS = ("tokens", "tokens/answer", "nll_sum", "flops", "stop")
 
 def accumulate(sums: dict, metrics: dict, weight: float, totals=TOTALS) -> None:
+    """Add a micro-batch's metrics, each weighted by the pairs it is a mean over: all `weight` of them, or
+    under MixDPO for aao.KEPT_PAIR_METRICS the pairs not routed to SFT, whose count adds up in pairs/kept."""
+    kept = weight * (1 - metrics["mixdpo/routed"]) if "mixdpo/routed" in metrics else None
+    if kept is not None:
+        sums["pairs/kept"] = sums.get("pairs/kept", 0.0) + kept
     for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + (v if k in totals else v * weight)
+        w = kept if kept is not None and k.startswith(aao.KEPT_PAIR_METRICS) else weight
+        sums[k] = sums.get(k, 0.0) + (v if k in totals else v * w)
 
 
 def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=TOTALS) -> dict:
@@ -557,7 +571,13 @@ def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=T
     dist.all_reduce(total)
     values = torch.cat([total, torch.stack([v.double().reshape(()) for v in extra.values()])]) if extra else total
     values = values.tolist()
-    out = {k: v if k in totals else v / values[len(keys)] for k, v in zip(keys, values)}
+    summed, count = dict(zip(keys, values)), values[len(keys)]
+    kept = summed.pop("pairs/kept", None)
+    out = {}
+    for k, v in summed.items():
+        over = kept if kept is not None and k.startswith(aao.KEPT_PAIR_METRICS) else count
+        if k in totals or over > 0:  # a batch MixDPO routed whole has no kept pair: no rewards/* to log
+            out[k] = v if k in totals else v / over
     return out | dict(zip(extra, values[len(keys) + 1:]))
 
 
