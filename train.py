@@ -785,11 +785,6 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
     with written_whole(final) as tmp:
         if run.mesh.ndim == 1 or run.mesh.get_local_rank("replicate") == 0:  # replicas hold the same shards
             tensors = {}
-            if run.thresholds is not None:  # every rank's copy must be rank 0's: a fingerprint to check that
-                flat = torch.cat([p.detach().flatten().double() for p in run.thresholds.parameters()])
-                wave = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64)
-                tensors["thresholds/fingerprint"] = torch.stack([flat.square().sum(), (flat * wave.sin()).sum(),
-                                                                 (flat * wave.cos()).sum()]).cpu()
             for name, p in named_trainables(run).items():
                 if name.startswith("thresholds.") and rank != 0:
                     continue  # replicated: rank 0's copy is every rank's
