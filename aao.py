@@ -301,13 +301,14 @@ def mixdpo_routed(margin: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def mixdpo_hardest(margins: torch.Tensor, q: float, seed: int) -> torch.Tensor:
-    """MixDPO's τ given as a share: exactly round(q·N) of the N pairs, those of smallest margin, take SFT.
-    Margins tie often (UltraFeedback's scores are discrete): a τ at the q-quantile compared with `<` routes
-    none of the pairs tied at it (q = 0.3 of margins half tied at the minimum routes 0%), `<=` all of them.
-    Ties are broken by a seeded shuffle, as the curriculum breaks them. Pairs without a margin (NaN) sort
-    last. margins (N,) -> (N,) bool."""
+    """MixDPO's τ given as a share: exactly round(q·N) of the N pairs, those of smallest margin,
+    take SFT. Margins tie often (UltraFeedback's scores are discrete): a τ at the q-quantile
+    compared with `<` routes none of the pairs tied at it (q = 0.3 of margins half tied at the
+    minimum: 0%), `<=` all of them. Ties are broken by a seeded shuffle, as the curriculum
+    breaks them. Pairs without a margin (NaN) sort last. margins (N,) -> (N,) bool."""
     shuffled = torch.randperm(len(margins), generator=torch.Generator().manual_seed(seed))
-    ranked = shuffled[torch.sort(margins[shuffled], stable=True).indices]  # easiest last, ties shuffled
+    # by margin, hardest first; the stable sort keeps tied pairs in their shuffled order
+    ranked = shuffled[torch.sort(margins[shuffled], stable=True).indices]
     routed = torch.zeros(len(margins), dtype=torch.bool)
     routed[ranked[:math.floor(q * len(margins) + 0.5)]] = True
     return routed
@@ -431,8 +432,8 @@ def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=
     input embeddings and final hidden states at the same positions (aao only); hidden_after (2B, K, D), the
     hidden state after each answer token, and ids (2B, K), the answer token ids: only --similarity hidden and
     alignment read them. a, b: (B,) thresholds from
-    ThresholdMLP (aao only). beta: float or (B,) (SP2DPO); routed: (B,) bool, the pairs MixDPO sends to
-    SFT (mixdpo_routed, mixdpo_hardest: decided once for the whole data set); seeds: 2B
+    ThresholdMLP (aao only). beta: float or (B,) (SP2DPO); routed: (B,) bool, the pairs MixDPO
+    sends to SFT (mixdpo_routed, mixdpo_hardest: decided once for the whole data set); seeds: 2B
     ints (random weighting). The weights multiply the per-token log-*ratios*: policy and reference alike.
     """
     beta = obj.beta if beta is None else beta
@@ -501,13 +502,13 @@ METRICS = {
     "tokens/ambiguous": "share of answer tokens with S > a (Eq. 14's (1-S)² weight) (aao)",
     "tokens/transitional": "share with b <= S <= a (weight 1) (aao)",
     "tokens/key": "share with S < b (Eq. 15's 1+S weight) (aao)",
-    "mixdpo/routed": "share of pairs MixDPO sent to the SFT loss (--sft-below-margin/-quantile); under it "
-                     "loss/preference, loss/contrastive, loss/reward_enhancement, rewards/* and weighted_rewards/* "
-                     "are means over the other pairs",
+    "mixdpo/routed": "share of pairs MixDPO sent to the SFT loss (--sft-below-margin/-quantile); "
+                     "under it loss/preference, loss/contrastive, loss/reward_enhancement, "
+                     "rewards/* and weighted_rewards/* are means over the other pairs",
 }
 
 
-# The metrics of the pairs the preference loss saw: under MixDPO, means over the pairs not routed to SFT.
+# The metrics of the pairs the preference loss saw: under MixDPO, means over the pairs not routed.
 KEPT_PAIR_METRICS = ("loss/preference", "loss/contrastive", "loss/reward_enhancement", "rewards/",
                      "weighted_rewards/")
 
@@ -515,9 +516,10 @@ KEPT_PAIR_METRICS = ("loss/preference", "loss/contrastive", "loss/reward_enhance
 @torch.no_grad()
 def objective_metrics(out: ObjectiveOutput, mask, a=None, b=None) -> dict[str, torch.Tensor]:
     """Detached 0-dim tensors (no host sync here), means over the micro-batch: the keys of METRICS that
-    apply. What describes the preference loss (loss/preference, loss/contrastive, loss/reward_enhancement,
-    rewards/*, weighted_rewards/*: KEPT_PAIR_METRICS) is a mean over the pairs MixDPO did not route to
-    SFT (0 when it routed all); mixdpo/routed, their share, weighs it when micro-batches are combined."""
+    apply. What describes the preference loss (KEPT_PAIR_METRICS: loss/preference, loss/contrastive,
+    loss/reward_enhancement, rewards/*, weighted_rewards/*) is a mean over the pairs MixDPO did not
+    route to SFT (0 when it routed all); mixdpo/routed, their share, weighs it when micro-batches
+    are combined."""
     kept = torch.ones_like(out.chosen_rewards) if out.routed is None else (~out.routed).float()
     n_kept = kept.sum().clamp_min(1)
     mean = lambda x: (x * kept).sum() / n_kept

@@ -123,8 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g("--max-length", type=int, help=default_help("max_length", "tokens per sequence, prompt included"))
     g("--max-prompt-length", type=int, help=default_help("max_prompt_length", "prompt tokens, cut from the left"))
     g("--keep-identical", action="store_true", help="keep pairs whose two answers are identical (default: drop)")
-    g("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train: cuda (NCCL, one GPU "
-      "per process), cpu (gloo, even on a GPU host) or auto = cuda when there is one (default: auto)")
+    g("--device", default="auto", choices=["auto", "cpu", "cuda"],
+      help="where to train: cuda (NCCL, one GPU per process), cpu (gloo, even on a GPU host) or "
+      "auto = cuda when there is one (default: auto)")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="compute dtype; master weights stay fp32 (default: auto = bfloat16 on CUDA, float32 on CPU)")
     g("--precompute-ref", action="store_true", help="compute the reference's log-probs once, then free it")
@@ -187,8 +188,8 @@ def pairwise(a) -> bool:
     return a.loss != "sft"
 
 
-# Options that mean something in one kind of run only: given another value than their default elsewhere,
-# the run would ignore them without a word. option -> (where it means something, the test of that).
+# Options that mean something in one kind of run only: given another value than their default
+# elsewhere, the run would ignore them without a word. option -> (where it means something, test).
 ONLY_WITH = {
     **{k: ("preference pairs (not --loss sft)", pairwise) for k in (
         "weighting", "beta", "curriculum", "sft_below_margin", "sft_below_quantile", "beta_column",
@@ -200,28 +201,33 @@ ONLY_WITH = {
         "alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")},
     "sft_weight": ("--sft-below-margin or --sft-below-quantile",
                    lambda a: a.sft_below_margin is not None or a.sft_below_quantile is not None),
-    **{k: ("--beta-column", lambda a: a.beta_column is not None) for k in ("beta_scale", "beta_min", "beta_max")},
-    "precompute_ref": ("a loss with a reference (not sft or simpo)", lambda a: a.loss not in ("sft", "simpo")),
+    **{k: ("--beta-column", lambda a: a.beta_column is not None)
+       for k in ("beta_scale", "beta_min", "beta_max")},
+    "precompute_ref": ("a loss with a reference (not sft or simpo)",
+                       lambda a: a.loss not in ("sft", "simpo")),
 }
 
 
 def check_combinations(args, defaults: dict) -> None:
-    """Flags that contradict each other, or that this run would ignore: refused by name before any work.
-    Read from the values (the defaults stand for "not given"), so a resumed run's saved flags pass."""
+    """Flags that contradict each other, or that this run would ignore: refused by name before any
+    work. Read from the values (a default means "not given"): a resumed run's saved flags pass."""
     flag = lambda key: "--" + key.replace("_", "-")
     for key, (need, applies) in ONLY_WITH.items():
         if getattr(args, key) != defaults[key] and not applies(args):
-            raise TrainingError(f"{flag(key)} means something only with {need}: this run would ignore it")
+            raise TrainingError(f"{flag(key)} means something only with {need}: "
+                                "this run would ignore it")
     if args.sft_below_margin is not None and args.sft_below_quantile is not None:
-        raise TrainingError("--sft-below-margin and --sft-below-quantile both choose MixDPO's routed pairs: give one")
+        raise TrainingError("--sft-below-margin and --sft-below-quantile both choose MixDPO's "
+                            "routed pairs: give one")
     if args.beta is not None and args.beta_column:
-        raise TrainingError(f"--beta {args.beta} beside --beta-column {args.beta_column}: the column gives every "
-                            "pair its β; move the column's values with --beta-scale")
+        raise TrainingError(f"--beta {args.beta} beside --beta-column {args.beta_column}: the "
+                            "column gives every pair its β; scale the column with --beta-scale")
     if args.beta_min is not None and args.beta_max is not None and args.beta_max < args.beta_min:
-        raise TrainingError(f"--beta-max {args.beta_max} is below --beta-min {args.beta_min}: every pair's β "
-                            "would be clipped to the wrong bound")
+        raise TrainingError(f"--beta-max {args.beta_max} is below --beta-min {args.beta_min}: "
+                            "every pair's β would be clipped to the wrong bound")
     if args.eval_data and args.eval_pairs != defaults["eval_pairs"]:
-        raise TrainingError("--eval-pairs holds rows of --data out, --eval-data brings its own: give one")
+        raise TrainingError("--eval-pairs holds rows of --data out, --eval-data brings its own: "
+                            "give one")
 
 
 def chat_template(weights: str, given: str | None) -> str:
@@ -244,8 +250,9 @@ def choose_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise TrainingError("--device cuda: this machine has no CUDA device that torch can use")
     if local_rank >= count:
-        raise TrainingError(f"--device cuda: process {local_rank} of this node has no GPU of its own ({count} "
-                            "visible): start as many processes per node as GPUs, or train with --device cpu")
+        raise TrainingError(f"--device cuda: process {local_rank} of this node has no GPU of its "
+                            f"own ({count} visible): start as many processes per node as GPUs, or "
+                            "train with --device cpu")
     return torch.device("cuda", local_rank)
 
 
@@ -399,8 +406,8 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
 
 
 def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
-    """MixDPO: mark each pair ("routed") that takes the SFT loss, once for the whole set: a margin below
-    τ, or the hardest q of the pairs (exactly round(q·N) of them, ties broken by the seed)."""
+    """MixDPO: mark each pair ("routed") that takes the SFT loss, once for the whole set: a margin
+    below τ, or the hardest q of the pairs (exactly round(q·N) of them, ties broken by the seed)."""
     margins = torch.tensor([p["margin"] for p in pairs], dtype=torch.float64)
     routed = aao.mixdpo_routed(margins, tau) if q is None else aao.mixdpo_hardest(margins, q, seed)
     for pair, r in zip(pairs, routed.tolist()):
@@ -422,9 +429,12 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
     if run.thresholds is not None:
         a, b = run.thresholds(aao.pooled_answer_logits(states.logit_sums, mask))
     beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling) if run.beta_scaling else None
-    routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device) if run.mixdpo else None
+    routed = None
+    if run.mixdpo:  # marked once for the whole set (mark_routed)
+        routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device)
     out = aao.preference_objective(run.objective, states.logps, ref_logps, mask, beta=beta,
-                                   embeds=states.embeds, hidden=states.hidden, a=a, b=b, routed=routed,
+                                   embeds=states.embeds, hidden=states.hidden, a=a, b=b,
+                                   routed=routed,
                                    seeds=aao.random_weight_seeds(run.seed, step, indices), hidden_after=states.hidden_after,
                                    ids=batch["input_ids"][:, 1:])
     metrics = {**aao.objective_metrics(out, mask, a, b), **aao.squeeze_probe(states.top1, ref_top1, mask)}
@@ -552,8 +562,9 @@ def batch_spread(per_micro_batch: list) -> dict:
 TOTALS = ("tokens", "tokens/answer", "nll_sum", "flops", "stop")
 
 def accumulate(sums: dict, metrics: dict, weight: float, totals=TOTALS) -> None:
-    """Add a micro-batch's metrics, each weighted by the pairs it is a mean over: all `weight` of them, or
-    under MixDPO for aao.KEPT_PAIR_METRICS the pairs not routed to SFT, whose count adds up in pairs/kept."""
+    """Add a micro-batch's metrics, each weighted by the pairs it is a mean over: all `weight` of
+    them, or under MixDPO for aao.KEPT_PAIR_METRICS the pairs not routed to SFT, counted in
+    pairs/kept."""
     kept = weight * (1 - metrics["mixdpo/routed"]) if "mixdpo/routed" in metrics else None
     if kept is not None:
         sums["pairs/kept"] = sums.get("pairs/kept", 0.0) + kept
@@ -576,7 +587,8 @@ def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=T
     out = {}
     for k, v in summed.items():
         over = kept if kept is not None and k.startswith(aao.KEPT_PAIR_METRICS) else count
-        if k in totals or over > 0:  # a batch MixDPO routed whole has no kept pair: no rewards/* to log
+        # a batch MixDPO routed whole has no kept pair: no rewards/* to log
+        if k in totals or over > 0:
             out[k] = v if k in totals else v / over
     return out | dict(zip(extra, values[len(keys) + 1:]))
 
