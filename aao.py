@@ -296,13 +296,22 @@ def total_loss(preference, contrastive, reward, lambda_c: float = 1.0, lambda_r:
 def mixdpo_routed(margin: torch.Tensor, tau: float) -> torch.Tensor:
     """MixDPO: pairs whose data margin (score_chosen - score_rejected) is below τ are too hard for a
     preference loss but still teach through SFT on their chosen answer. A pair without a margin (NaN)
-    is never routed. Returns (B,) bool."""
+    is never routed. Returns (N,) bool."""
     return margin < tau
 
 
-def margin_quantile(margins: torch.Tensor, q: float) -> float:
-    """MixDPO's τ as the q-quantile of the training pairs' margins: the hardest q of the pairs take SFT."""
-    return float(torch.quantile(margins.double(), q))
+def mixdpo_hardest(margins: torch.Tensor, q: float, seed: int) -> torch.Tensor:
+    """MixDPO's τ given as a share: exactly round(q·N) of the N pairs, those of smallest margin,
+    take SFT. Margins tie often (UltraFeedback's scores are discrete): a τ at the q-quantile
+    compared with `<` routes none of the pairs tied at it (q = 0.3 of margins half tied at the
+    minimum: 0%), `<=` all of them. Ties are broken by a seeded shuffle, as the curriculum
+    breaks them. Pairs without a margin (NaN) sort last. margins (N,) -> (N,) bool."""
+    shuffled = torch.randperm(len(margins), generator=torch.Generator().manual_seed(seed))
+    # by margin, hardest first; the stable sort keeps tied pairs in their shuffled order
+    ranked = shuffled[torch.sort(margins[shuffled], stable=True).indices]
+    routed = torch.zeros(len(margins), dtype=torch.bool)
+    routed[ranked[:math.floor(q * len(margins) + 0.5)]] = True
+    return routed
 
 
 def per_pair_beta(column: torch.Tensor, scale: float = 1.0, lo: float | None = None, hi: float | None = None):
@@ -328,7 +337,6 @@ class Objective:
     reward_form: str = "weighted_mean"  # Eq. 11: weighted_mean | weighted_sum | printed
     similarity: str = "embedding"  # Eq. 7 on: embedding (the paper's) | hidden | alignment (see token_similarities)
     end_token_weight: str = "aao"  # the answer's last token: aao (its Eq. 17 weight) | one (weight 1)
-    sft_below_margin: float | None = None  # MixDPO's τ
     sft_weight: float = 1.0  # MixDPO: the routed pairs' SFT loss is multiplied by this
 
     def __post_init__(self):
@@ -416,7 +424,7 @@ class ObjectiveOutput:
 
 
 def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=None, embeds=None,
-                         hidden=None, a=None, b=None, margin=None, seeds=None, hidden_after=None,
+                         hidden=None, a=None, b=None, routed=None, seeds=None, hidden_after=None,
                          ids=None) -> ObjectiveOutput:
     """The per-pair losses of a batch and what the metrics need.
 
@@ -424,7 +432,8 @@ def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=
     input embeddings and final hidden states at the same positions (aao only); hidden_after (2B, K, D), the
     hidden state after each answer token, and ids (2B, K), the answer token ids: only --similarity hidden and
     alignment read them. a, b: (B,) thresholds from
-    ThresholdMLP (aao only). beta: float or (B,) (SP2DPO); margin: (B,) data margins (MixDPO); seeds: 2B
+    ThresholdMLP (aao only). beta: float or (B,) (SP2DPO); routed: (B,) bool, the pairs MixDPO
+    sends to SFT (mixdpo_routed, mixdpo_hardest: decided once for the whole data set); seeds: 2B
     ints (random weighting). The weights multiply the per-token log-*ratios*: policy and reference alike.
     """
     beta = obj.beta if beta is None else beta
@@ -450,8 +459,8 @@ def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=
     if obj.weighting != "none":
         out.weighted_chosen_rewards, out.weighted_rejected_rewards = beta * score_c, beta * score_r
     kept = torch.ones_like(preference)
-    if obj.sft_below_margin is not None:
-        out.routed = mixdpo_routed(margin, obj.sft_below_margin)
+    if routed is not None:
+        out.routed = routed.bool()
         chosen_nll = -plain_c / split_pairs(mask.sum(-1).clamp_min(1))[0]
         out.losses = torch.where(out.routed, obj.sft_weight * chosen_nll, preference)
         kept = (~out.routed).to(preference.dtype)
@@ -493,14 +502,24 @@ METRICS = {
     "tokens/ambiguous": "share of answer tokens with S > a (Eq. 14's (1-S)² weight) (aao)",
     "tokens/transitional": "share with b <= S <= a (weight 1) (aao)",
     "tokens/key": "share with S < b (Eq. 15's 1+S weight) (aao)",
-    "mixdpo/routed": "share of pairs MixDPO sent to the SFT loss (--sft-below-margin/-quantile)",
+    "mixdpo/routed": "share of pairs MixDPO sent to the SFT loss (--sft-below-margin/-quantile); "
+                     "under it loss/preference, loss/contrastive, loss/reward_enhancement, "
+                     "rewards/* and weighted_rewards/* are means over the other pairs",
 }
+
+
+# The metrics of the pairs the preference loss saw: under MixDPO, means over the pairs not routed.
+KEPT_PAIR_METRICS = ("loss/preference", "loss/contrastive", "loss/reward_enhancement", "rewards/",
+                     "weighted_rewards/")
 
 
 @torch.no_grad()
 def objective_metrics(out: ObjectiveOutput, mask, a=None, b=None) -> dict[str, torch.Tensor]:
     """Detached 0-dim tensors (no host sync here), means over the micro-batch: the keys of METRICS that
-    apply. The reward accuracies leave out pairs MixDPO routed to SFT."""
+    apply. What describes the preference loss (KEPT_PAIR_METRICS: loss/preference, loss/contrastive,
+    loss/reward_enhancement, rewards/*, weighted_rewards/*) is a mean over the pairs MixDPO did not
+    route to SFT (0 when it routed all); mixdpo/routed, their share, weighs it when micro-batches
+    are combined."""
     kept = torch.ones_like(out.chosen_rewards) if out.routed is None else (~out.routed).float()
     n_kept = kept.sum().clamp_min(1)
     mean = lambda x: (x * kept).sum() / n_kept
@@ -520,7 +539,7 @@ def objective_metrics(out: ObjectiveOutput, mask, a=None, b=None) -> dict[str, t
     m["weights/mean"] = (out.weights * mask).sum() / n
     for part in ("contrastive", "reward_enhancement"):
         if getattr(out, part) is not None:
-            m[f"loss/{part}"] = getattr(out, part).mean()
+            m[f"loss/{part}"] = mean(getattr(out, part))
     if out.similarity is not None:
         S = out.similarity
         a2, b2 = torch.cat([a, a])[:, None], torch.cat([b, b])[:, None]

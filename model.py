@@ -823,10 +823,14 @@ def parse_generation_args(argv):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when there is one")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error("--max-new-tokens and --batch-size must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA device that torch can use")
     return args
 
 
@@ -857,7 +861,8 @@ def write_answers(args) -> None:
     weights = resolve_weights(args.weights)
     tokenizer = load_tokenizer(weights)
     chat = data.load_chat(weights, tokenizer, args.template)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(weights, device, dtype).eval()
     prompts = data.instruction_prompts(chat, tokenizer, [r["instruction"] for r in rows])

@@ -4,6 +4,7 @@ Run with `pytest test_aao.py` (CPU, a few minutes). Tests that need transformers
 installs it, so they run there.
 """
 import functools
+import copy
 import json
 import math
 import os
@@ -232,8 +233,8 @@ PROMPTS, NEW_TOKENS = random_prompts([23, 5, 12]), 16
 def hf_greedy(m, prompt, n):
     """transformers' greedy generate of one prompt alone, never stopping early."""
     m.generation_config.eos_token_id = None
-    out = m.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                     do_sample=False, max_new_tokens=n)
+    out = m.generate(torch.tensor([prompt], device=m.device), do_sample=False, max_new_tokens=n,
+                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=m.device))
     return out[0, len(prompt):].tolist()
 
 
@@ -383,7 +384,7 @@ def test_answers_command_writes_alpacaeval_rows_in_input_order(tiny_checkpoint, 
     real_generate, stop_ids = M.generate, []
     monkeypatch.setattr(M, "generate", lambda *a, **k: stop_ids.append(k["stop_ids"]) or real_generate(*a, **k))
     args = ["--weights", tiny_checkpoint, "--prompts", prompts, "--out", tmp_path / "out" / "answers.json",
-            "--template", "llama3", "--max-new-tokens", 12, "--batch-size", 2]
+            "--template", "llama3", "--max-new-tokens", 12, "--batch-size", 2, "--device", "cpu"]
     assert M.main(list(map(str, args))) == 0
     answers = json.loads((tmp_path / "out" / "answers.json").read_text())
     tok, model = M.load_tokenizer(tiny_checkpoint), M.load_model(tiny_checkpoint)
@@ -442,7 +443,8 @@ def test_benchmark_script_compares_its_trainers_at_a_tiny_size(tmp_path):
     spec.loader.exec_module(script)
     trl = importlib.util.find_spec("trl") is not None
     script.main(["--vocab", "700", "--dim", "32", "--layers", "1", "--pairs", "4", "--prompt-tokens", "20",
-                 "--answer-tokens", "30", "--steps", "2", "--rounds", "1", "--threads", "1", "--out", str(tmp_path)]
+                 "--answer-tokens", "30", "--steps", "2", "--rounds", "1", "--threads", "1", "--out", str(tmp_path),
+                 "--device", "cpu"]
                 + (["--trl"] if trl else []))
     results = json.loads((tmp_path / "results.json").read_text())
     expected = {"ours, DPO", "ours, AAO"} | ({"TRL 1.16 DPO", "TRL 1.16 DPO, grad. checkpointing"} if trl else set())
@@ -867,10 +869,11 @@ def test_per_pair_beta_changes_loss_and_gradient():
 def test_mixdpo_routes_hard_pairs_to_weighted_sft_out_of_the_auxiliary_losses():
     x = objective_inputs()
     margin = torch.tensor([0.5, 3.0, float("nan")], dtype=torch.float64)
-    obj = aao.Objective(sft_below_margin=1.0, sft_weight=0.5)
+    obj = aao.Objective(sft_weight=0.5)
     a, b = thresholds(3, 0.8, 0.4)
-    out, _ = loss_and_grad(obj, x, a=a, b=b, margin=margin)
-    assert out.routed.tolist() == [True, False, False]  # a pair without a margin is never routed
+    routed = aao.mixdpo_routed(margin, 1.0)
+    assert routed.tolist() == [True, False, False]  # a pair without a margin is never routed
+    out, _ = loss_and_grad(obj, x, a=a, b=b, routed=routed)
     nll = -(x["policy_logps"][0] * x["mask"][0]).sum() / x["mask"][0].sum()
     assert torch.allclose(out.losses[0], 0.5 * nll)  # no contrastive, no reward enhancement term
     assert out.contrastive[0] == 0 and out.reward_enhancement[0] == 0 and out.contrastive[1] != 0
@@ -878,7 +881,20 @@ def test_mixdpo_routes_hard_pairs_to_weighted_sft_out_of_the_auxiliary_losses():
     assert torch.allclose(out.losses[1:], unrouted.losses[1:])
     m = aao.objective_metrics(out, x["mask"], a, b)
     assert m["mixdpo/routed"] == pytest.approx(1 / 3)
-    assert aao.margin_quantile(torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 0.25) == 2.0
+
+
+def test_mixdpo_quantile_routes_the_hardest_share_with_ties_broken_by_the_seed():
+    """Half the margins tied at the minimum: q = 0.3 routes 3 of 10 pairs, all from the tie (a τ at the
+    0.3-quantile compared with `<` would route none), which ones decided by the seed."""
+    margins = torch.tensor([0.0, 2.0, 0.0, 3.0, 0.0, 1.0, 0.0, 4.0, 0.0, float("nan")], dtype=torch.float64)
+    routed = {seed: aao.mixdpo_hardest(margins, 0.3, seed) for seed in range(6)}
+    for r in routed.values():
+        assert r.sum() == 3 and (margins[r] == 0).all()
+    assert torch.equal(aao.mixdpo_hardest(margins, 0.3, 0), routed[0])  # seeded
+    assert len({tuple(r.tolist()) for r in routed.values()}) > 1  # the tie is broken by the seed
+    assert aao.mixdpo_hardest(margins, 0.6, 0).tolist() == (margins <= 1).tolist()  # the next margin up
+    assert aao.mixdpo_hardest(margins, 0.0, 0).sum() == 0 and aao.mixdpo_hardest(margins, 1.0, 0).all()
+    assert aao.mixdpo_hardest(torch.tensor([5.0, 1.0, 3.0, 2.0]), 0.5, 0).tolist() == [False, True, False, True]
 
 
 def test_metrics_have_trl_names_and_values():
@@ -1644,7 +1660,9 @@ import train  # noqa: E402
 
 
 def run(*args, torchrun=0, timeout=300, wait=True, script=HERE / "train.py"):
-    """train.py in a process of its own (N of them under torchrun); with wait=False, the Popen."""
+    """train.py in a process of its own (N of them under torchrun); with wait=False, the Popen. On the CPU
+    unless the arguments say otherwise: on a GPU host too, these runs compare fp32 and gloo results."""
+    args = args if "--device" in args else (*args, "--device", "cpu")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2")}
     cmd = launcher + [str(script), *map(str, args)]
@@ -1691,10 +1709,10 @@ def test_embedded_run_learns_and_transformers_loads_the_output(tmp_path):
     assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4
 
 
-def fingerprints(ckpt: Path) -> list:
-    """The threshold MLP's fingerprint in every rank's train-state file of a step-N/ checkpoint."""
-    return [safe_open(f, framework="pt").get_tensor("thresholds/fingerprint")
-            for f in sorted(ckpt.glob("train-state-*.safetensors"))]
+def saved_thresholds(ckpt: Path) -> dict:
+    """The threshold MLP of a step-N/ checkpoint (rank 0's file holds the replicated copy)."""
+    with safe_open(next(ckpt.glob("train-state-00000-of-*.safetensors")), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith("thresholds.")}
 
 
 FOUR_STEPS = ["--max-steps", 4, "--save-every", 3, "--eval-every", 100]
@@ -1713,8 +1731,9 @@ def four_steps(tmp_path_factory):
 def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, four_steps):
     """The same 4 steps with 1 process, 2 (FSDP over 2), 2 as HSDP (--replicate 2) and 2 with the cached
     reference: the loss, the gradient norms, the thresholds a and b of every pair (their spread), and
-    the replicated threshold MLP on every rank. A wrong loss scale changes the gradient norm, a missing
-    all-reduce of the MLP's gradients makes the ranks' MLPs (and a, b) drift apart."""
+    the replicated threshold MLP. A wrong loss scale changes the gradient norm, a missing all-reduce of
+    the MLP's gradients makes the ranks' MLPs drift apart: then the a and b of rank 1's pairs (a/std,
+    a/min, b/max are over every rank's pairs) and rank 0's saved MLP leave the one-process run's."""
     runs = {"two": [], "hsdp": ["--replicate", 2], "cached": ["--precompute-ref"]}
     for name, extra in runs.items():
         r = run(*FOUR_STEPS, *extra, "--out", tmp_path / name, torchrun=2)
@@ -1726,10 +1745,11 @@ def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, fou
         for key in keys:
             a, b = [row[key] for row in one], [row[key] for row in other]
             assert a == pytest.approx(b, rel=2e-4, abs=1e-6), (name, key, a, b)
-        reference = fingerprints(four_steps / "step-3")[0]
-        for fp in fingerprints(tmp_path / name / "step-3"):
-            assert torch.allclose(fp, reference, rtol=1e-5, atol=1e-3), (name, fp, reference)
-    assert len(fingerprints(tmp_path / "two" / "step-3")) == 2  # both ranks wrote their shard
+        reference, mine = saved_thresholds(four_steps / "step-3"), saved_thresholds(tmp_path / name / "step-3")
+        assert reference.keys() == mine.keys() and len(mine) == 3  # fc1.weight, fc2.weight, fc2.bias
+        for k in reference:
+            assert torch.allclose(mine[k], reference[k], rtol=1e-4, atol=1e-5), (name, k)  # measured: 2e-6
+    assert len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2  # both ranks wrote their shard
 
 
 def test_bf16_compute_on_one_and_two_processes_tracks_fp32(tmp_path, four_steps):
@@ -1818,7 +1838,8 @@ def test_out_that_a_rank_does_not_see_is_an_error_at_start(tmp_path):
 
 def in_process(tmp_path, *args, code=0):
     out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    assert train.main(["--max-steps", "3", "--eval-every", "3", "--quiet", "--out", str(out), *map(str, args)]) == code
+    argv = ["--max-steps", "3", "--eval-every", "3", "--quiet", "--device", "cpu", "--out", str(out), *map(str, args)]
+    assert train.main(argv) == code
     return out
 
 
@@ -1827,6 +1848,46 @@ def pairs_file(tmp_path, n=200, **extra) -> Path:
     f = tmp_path / "pairs.jsonl"
     f.write_text("".join(json.dumps({**row, **extra}) + "\n" for _, row in rows))
     return f
+
+
+def mixdpo_micro_batch(routed: list, chosen_ahead: list) -> dict:
+    """objective_metrics of a micro-batch of plain DPO pairs whose routing and ranking are given."""
+    B = len(routed)
+    mask = torch.ones(2 * B, 4)
+    policy = torch.full((2 * B, 4), -1.0)
+    policy[:B] += torch.tensor(chosen_ahead, dtype=torch.float32)[:, None]  # the chosen answer's lead
+    out = aao.preference_objective(aao.Objective(weighting="none"), policy, torch.full((2 * B, 4), -1.0), mask,
+                                   routed=torch.tensor(routed))
+    return aao.objective_metrics(out, mask)
+
+
+def test_mixdpo_metrics_are_means_over_the_kept_pairs_of_the_global_batch():
+    """A global batch of two micro-batches: the first routed whole, the second one routed pair and one
+    kept pair ranked right. The kept pair's reward metrics are the batch's (accuracy 1, not the 0.5 of
+    averaging per-micro-batch means by all pairs); a batch routed whole logs no rewards/*."""
+    train.setup_distributed(1, 1, "cpu")
+    try:
+        sums = {}
+        train.accumulate(sums, mixdpo_micro_batch([True, True], [0.0, 0.0]), 2)
+        train.accumulate(sums, mixdpo_micro_batch([True, False], [-1.0, 0.5]), 2)
+        stats = train.reduce_metrics(sums, 4)
+        assert stats["rewards/accuracies"] == 1.0 and stats["mixdpo/routed"] == 0.75
+        assert stats["rewards/margins"] == pytest.approx(0.1 * 4 * 0.5)  # β x 4 tokens x the lead
+        assert stats["loss/preference"] == pytest.approx(-math.log(torch.sigmoid(torch.tensor(0.2)).item()))
+        assert "pairs/kept" not in stats and math.isfinite(stats["loss"])
+        whole = {}
+        train.accumulate(whole, mixdpo_micro_batch([True, True], [1.0, 1.0]), 2)
+        stats = train.reduce_metrics(whole, 2)
+        assert stats["mixdpo/routed"] == 1.0 and not any(k.startswith(("rewards/", "loss/pref")) for k in stats)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_run_that_routes_every_pair_logs_no_rewards(tmp_path):
+    rows = metric_rows(in_process(tmp_path, "--sft-below-margin", 1e9, "--weighting", "none"))
+    assert all(r["mixdpo/routed"] == 1.0 and "rewards/accuracies" not in r and "loss/preference" not in r
+               for r in rows)
+    assert rows[-1]["eval/mixdpo/routed"] == 1.0
 
 
 def test_no_held_out_set_ends_clean(tmp_path, capsys):
@@ -1856,9 +1917,40 @@ def test_resume_of_nothing_is_one_line(tmp_path, capsys):
 ])
 def test_bad_command_lines_are_one_line_without_traceback(tmp_path, capsys, argv, message):
     argv = [a.replace("{pairs}", str(pairs_file(tmp_path))) for a in argv]
-    assert train.main([*argv, "--out", str(tmp_path / "run")]) == 1
+    assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error") and message in err[0], err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--beta-column", "gap", "--beta-min", "5", "--beta-max=-1"], "--beta-max -1.0: must be > 0"),
+    (["--beta-column", "gap", "--beta-min", "0"], "--beta-min 0.0: must be > 0"),
+    (["--beta-column", "gap", "--beta-max", "0"], "--beta-max 0.0: must be > 0"),
+    (["--beta-column", "gap", "--beta-min", "0.5", "--beta-max", "0.1"], "--beta-max 0.1 is below --beta-min 0.5"),
+    (["--beta-min", "0.1"], "--beta-min means something only with --beta-column"),
+    (["--beta-scale", "2"], "--beta-scale means something only with --beta-column"),
+    (["--beta", "0.2", "--beta-column", "gap"], "--beta 0.2 beside --beta-column gap"),
+    (["--sft-below-margin", "1", "--sft-below-quantile", "0.3"], "--sft-below-margin and --sft-below-quantile"),
+    (["--sft-weight", "2"], "--sft-weight means something only with --sft-below-margin or --sft-below-quantile"),
+    (["--label-smoothing", "0.2"], "--label-smoothing means something only with --loss cdpo"),
+    (["--loss", "cdpo", "--ipo-sum"], "--ipo-sum means something only with --loss ipo"),
+    (["--simpo-gamma-beta-ratio", "1"], "--simpo-gamma-beta-ratio means something only with --loss simpo"),
+    (["--weighting", "none", "--similarity", "hidden"], "--similarity means something only with --weighting aao"),
+    (["--weighting", "random", "--lambda-c", "0"], "--lambda-c means something only with --weighting aao"),
+    (["--loss", "sft", "--alpha", "50"], "--alpha means something only with --weighting aao"),
+    (["--loss", "sft", "--curriculum", "margin"], "--curriculum means something only with preference pairs"),
+    (["--loss", "sft", "--beta", "0.1"], "--beta means something only with preference pairs"),
+    (["--loss", "sft", "--max-prompt-length", "16"], "--max-prompt-length means something only with preference"),
+    (["--loss", "simpo", "--precompute-ref"], "--precompute-ref means something only with a loss with a reference"),
+    (["--eval-data", "held.jsonl", "--eval-pairs", "8"], "--eval-pairs holds rows of --data out"),
+])
+def test_flags_that_cannot_be_meant_together_are_one_line_before_any_work(tmp_path, capsys, argv, message):
+    """Every combination the run would silently ignore or misread (a β clipped below 0 flips DPO's sign,
+    a quantile beside a margin wins unseen) ends in one line, before a process group or a file exists."""
+    assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists() and not torch.distributed.is_initialized()
 
 
 def test_broken_data_file_is_one_line_without_traceback(tmp_path):
@@ -1888,7 +1980,8 @@ def test_non_finite_gradient_norm_stops_without_an_update(tmp_path, capsys, monk
 @pytest.mark.parametrize("args", [
     ["--loss", "ipo", "--weighting", "none"], ["--loss", "cdpo", "--weighting", "random"], ["--loss", "hinge"],
     ["--loss", "simpo"], ["--loss", "simpo", "--weighting", "none"], ["--loss", "sft"],
-    ["--curriculum", "margin", "--sft-below-margin", 5.0], ["--reward-form", "printed", "--activation-checkpointing"],
+    ["--curriculum", "margin", "--sft-below-margin", 5.0], ["--sft-below-quantile", 0.3, "--sft-weight", 0.5],
+    ["--reward-form", "printed", "--activation-checkpointing"],
     ["--similarity", "hidden"], ["--similarity", "alignment", "--end-token-weight", "one"],
 ])
 def test_objective_variants_train(tmp_path, args):
@@ -1933,7 +2026,8 @@ def run_script(*args, timeout=120) -> subprocess.CompletedProcess:
 
 
 def test_replica_smoke_writes_its_results(tmp_path):
-    run_script(HERE / "experiments" / "replica.py", "--smoke", "--out", tmp_path / "runs", "--docs", tmp_path / "docs")
+    run_script(HERE / "experiments" / "replica.py", "--smoke", "--device", "cpu", "--out", tmp_path / "runs",
+               "--docs", tmp_path / "docs")
     rows = metric_rows(tmp_path / "docs", "replica.jsonl")
     assert [(r["family"], r["method"]) for r in rows] == [("facts", "DPO"), ("facts", "AAO")]
     for r in rows:
@@ -1942,6 +2036,42 @@ def test_replica_smoke_writes_its_results(tmp_path):
         assert (Path(r["run"]) / "final" / "model.safetensors").exists()
     table = (tmp_path / "docs" / "replica.md").read_text()
     assert "| DPO | " in table and "| AAO | " in table and "win rate vs SFT" in table
+
+
+def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
+    """experiments/gpu_check.py needs a GPU: without one (hidden here), one line and exit code 1. Its
+    layer choice from the memory prediction, and its measurement of train.py's step (on the CPU, with the
+    tiny model), run anywhere."""
+    r = subprocess.run([sys.executable, str(HERE / "experiments" / "gpu_check.py"), "--quick"], capture_output=True,
+                       text=True, timeout=120, cwd=HERE, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 1 and r.stderr.splitlines() == ["error: gpu_check.py measures one CUDA GPU, and torch "
+                                                           "sees none here"], r.stderr[-2000:]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", HERE / "experiments" / "gpu_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    settings = [(1, False), (2, False), (4, True)]
+    big = script.LLAMA31_8B
+    assert script.layers_that_fit(big, 1e15, settings) == 32 and script.layers_that_fit(big, 1e9, settings) == 0
+    h200 = script.layers_that_fit(big, 0.8 * 141e9, settings)
+    assert 8 < h200 < 32 and script.predicted_bytes(script.with_layers(big, h200), 2, False) <= 0.8 * 141e9
+    assert script.predicted_bytes(big, 2, False) > script.predicted_bytes(big, 1, False) > \
+        script.predicted_bytes(big, 1, True)
+    tokenizer = data.tiny_tokenizer()
+    pairs = script.job_pairs(tokenizer, script.job_rows(4, tokenizer))
+    assert len(pairs) == 4 and all(len(p["prompt_ids"]) > 150 and len(p["chosen_ids"]) > 250 for p in pairs)
+    device, mesh = train.setup_distributed(1, 1, "cpu")
+    try:
+        cfg = M.tiny_config(tokenizer.get_vocab_size())
+        measured = script.measure_ours(cfg, pairs, 2, "aao", True, device, mesh, 2)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert measured["step_s"] > 0 and measured["tokens_per_s"] > 0 and math.isfinite(measured["loss"])
+    assert measured["mfu"] is None and measured["peak_bytes"] is None  # CUDA only
+    rows = [{"model": "tiny", "trainer": "ours, AAO", "micro": 2, "ckpt": "yes", "predicted": 1e9, **measured},
+            {"model": "tiny", "trainer": "ours, DPO", "micro": 8, "ckpt": "no", "predicted": 9e9,
+             "error": "out of memory"}]
+    assert len(script.table(rows, "CPU").splitlines()) == 6
 
 
 def test_plot_metrics_draws_a_png(tmp_path):
@@ -1958,6 +2088,99 @@ def test_scale_estimate_prints_plausible_tables():
     memory = [int(gb) for row in re.findall(r"\| (\d+) GB \| (\d+) GB \|", out) for gb in row]
     assert len(memory) == 16 and all(10 < gb < 200 for gb in memory)
     assert "FSDP over 8" in out and "HSDP: --replicate 2" in out
+
+
+# ============================================================================= on CUDA (skipped without)
+# The tests above keep to the CPU (--device cpu) on any host: they compare fp32 and gloo results. These run
+# the GPU path where there is one: bf16 compute, NCCL, FSDP2 with activation checkpointing.
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ONE_GPU = pytest.mark.skipif(torch.cuda.device_count() != 1, reason="needs a host with exactly one CUDA GPU")
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@CUDA
+@pytest.mark.parametrize("kind", ["llama", "tied", "mistral"])
+def test_bf16_logits_on_cuda_are_as_close_to_fp32_as_transformers_own(tmp_path, kind):
+    """bf16 on the GPU rounds differently in every implementation: ours must be no farther from the fp32
+    logits than transformers' own bf16 forward on the same GPU (with a little slack), and close to it."""
+    m = hf_model(kind)
+    m.save_pretrained(tmp_path)
+    ids = torch.randint(0, 101, (2, 40))
+    exact = hf_logits(m, ids)
+    theirs = hf_logits(m.to("cuda", torch.bfloat16), ids.cuda()).float().cpu()
+    ours = M.load_model(tmp_path, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        mine = ours(ids.cuda()).float().cpu()
+    their_error, my_error = (theirs - exact).abs().max(), (mine - exact).abs().max()
+    assert my_error <= 1.5 * their_error + 0.02, (my_error, their_error)
+    assert (mine - theirs).abs().max() < 0.25
+
+
+@CUDA
+@pytest.mark.parametrize("hf_and_ours", ["llama", "mistral"], indirect=True)
+def test_greedy_generation_on_cuda_matches_transformers(hf_and_ours):
+    """The batched, cached generate on the GPU (fp32: TF32 is off by default) against transformers'."""
+    m, ours = (copy.deepcopy(x).cuda() for x in hf_and_ours)
+    assert M.generate(ours, PROMPTS, NEW_TOKENS) == [hf_greedy(m, p, NEW_TOKENS) for p in PROMPTS]
+    ours.to(torch.bfloat16).reset_buffers()  # the rope frequencies stay fp32
+    bf16 = M.generate(ours, PROMPTS, NEW_TOKENS)
+    assert [len(row) for row in bf16] == [NEW_TOKENS] * len(PROMPTS)
+
+
+@CUDA
+def test_one_gpu_bf16_fsdp2_run_with_activation_checkpointing_learns_and_final_loads(tmp_path):
+    """One process on one GPU: FSDP2 with bf16 compute over fp32 master weights (a mixed-precision policy
+    needs the sharded module even at world size 1), activation checkpointing, MFU logged."""
+    r = run("--device", "cuda", "--activation-checkpointing", "--max-steps", 40, "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 1 x cuda (bfloat16)" in r.stdout
+    loss = losses(tmp_path / "run")
+    assert len(loss) == 40 and sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.3, loss
+    final = tmp_path / "run" / "final"
+    ours = M.load_model(final)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4
+
+
+@ONE_GPU
+def test_two_processes_on_one_gpu_is_one_line(tmp_path):
+    """torchrun with 2 processes and --device cuda on a one-GPU host: a clear error, not a cuda:1 crash."""
+    r = run("--device", "cuda", "--max-steps", 2, "--out", tmp_path / "run", torchrun=2)
+    assert r.returncode != 0 and "has no GPU of its own (1 visible)" in r.stderr, r.stderr[-3000:]
+
+
+@TWO_GPUS
+def test_two_gpus_fsdp_and_hsdp_track_one_gpu(tmp_path):
+    """The same 4 bf16 steps on 1 GPU, FSDP over 2 and HSDP over 2 (NCCL): reductions in another order
+    and bf16 rounding, so the runs track each other rather than repeat bit for bit."""
+    runs = {"one": ([], 0), "two": ([], 2), "hsdp": (["--replicate", 2], 2)}
+    for name, (extra, n) in runs.items():
+        r = run(*FOUR_STEPS, "--device", "cuda", *extra, "--out", tmp_path / name, torchrun=n)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+    one = metric_rows(tmp_path / "one")
+    for name in ("two", "hsdp"):
+        other = metric_rows(tmp_path / name)
+        for key in ("loss", "loss/preference", "grad_norm", "a/mean", "b/mean"):
+            assert [row[key] for row in other] == pytest.approx([row[key] for row in one], rel=2e-2), (name, key)
+    assert len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2
+
+
+@TWO_GPUS
+def test_two_gpus_sigterm_and_resume_track_the_uninterrupted_run(tmp_path):
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    r = run("--max-steps", 12, "--save-every", 4, "--device", "cuda", "--out", whole, torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = run("--max-steps", 12, "--save-every", 4, "--device", "cuda", "--out", out, torchrun=2, wait=False)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5, p)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    r = run("--resume", out, "--device", "cuda", torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # On CUDA index_add_ and attention's backward are not bitwise reproducible: the resumed run tracks.
+    assert losses(out) == pytest.approx(losses(whole), rel=1e-2)
 
 
 # ============================================================================= checkpoints a user brings

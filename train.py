@@ -138,6 +138,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g("--max-length", type=int, help=default_help("max_length", "tokens per sequence, prompt included"))
     g("--max-prompt-length", type=int, help=default_help("max_prompt_length", "prompt tokens, cut from the left"))
     g("--keep-identical", action="store_true", help="keep pairs whose two answers are identical (default: drop)")
+    g("--device", default="auto", choices=["auto", "cpu", "cuda"],
+      help="where to train: cuda (NCCL, one GPU per process), cpu (gloo, even on a GPU host) or "
+      "auto = cuda when there is one (default: auto)")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="compute dtype; master weights stay fp32 (default: auto = bfloat16 on CUDA, float32 on CPU)")
     g("--precompute-ref", action="store_true", help="compute the reference's log-probs once, then free it")
@@ -167,6 +170,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, values[column])
     check_values(args)
+    check_combinations(args, {key: p.get_default(key) for key in vars(args)})
     return args
 
 
@@ -178,7 +182,8 @@ LIMITS = {"lr": POSITIVE, "threshold_lr": POSITIVE, "beta": POSITIVE, "alpha": P
           "save_every": AT_LEAST_0, "batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
           "max_length": AT_LEAST_1, "max_prompt_length": AT_LEAST_1, "max_steps": AT_LEAST_1,
           "eval_every": AT_LEAST_1, "keep_last": AT_LEAST_1, "replicate": AT_LEAST_1, "warmup": SHARE,
-          "sft_below_quantile": SHARE, "simpo_gamma_beta_ratio": AT_LEAST_0,
+          "sft_below_quantile": SHARE, "simpo_gamma_beta_ratio": AT_LEAST_0, "beta_min": POSITIVE,
+          "beta_max": POSITIVE,
           "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")}
 
 
@@ -201,14 +206,75 @@ def chat_of(args, tokenizer) -> data.Chat:
     return data.load_chat(weights, tokenizer, given)
 
 
+def pairwise(a) -> bool:
+    return a.loss != "sft"
+
+
+# Options that mean something in one kind of run only: given another value than their default
+# elsewhere, the run would ignore them without a word. option -> (where it means something, test).
+ONLY_WITH = {
+    **{k: ("preference pairs (not --loss sft)", pairwise) for k in (
+        "weighting", "beta", "curriculum", "sft_below_margin", "sft_below_quantile", "beta_column",
+        "keep_identical", "max_prompt_length")},
+    "label_smoothing": ("--loss cdpo", lambda a: a.loss == "cdpo"),
+    "ipo_sum": ("--loss ipo", lambda a: a.loss == "ipo"),
+    "simpo_gamma_beta_ratio": ("--loss simpo", lambda a: a.loss == "simpo"),
+    **{k: ("--weighting aao", lambda a: pairwise(a) and a.weighting == "aao") for k in (
+        "alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")},
+    "sft_weight": ("--sft-below-margin or --sft-below-quantile",
+                   lambda a: a.sft_below_margin is not None or a.sft_below_quantile is not None),
+    **{k: ("--beta-column", lambda a: a.beta_column is not None)
+       for k in ("beta_scale", "beta_min", "beta_max")},
+    "precompute_ref": ("a loss with a reference (not sft or simpo)",
+                       lambda a: a.loss not in ("sft", "simpo")),
+}
+
+
+def check_combinations(args, defaults: dict) -> None:
+    """Flags that contradict each other, or that this run would ignore: refused by name before any
+    work. Read from the values (a default means "not given"): a resumed run's saved flags pass."""
+    flag = lambda key: "--" + key.replace("_", "-")
+    for key, (need, applies) in ONLY_WITH.items():
+        if getattr(args, key) != defaults[key] and not applies(args):
+            raise TrainingError(f"{flag(key)} means something only with {need}: "
+                                "this run would ignore it")
+    if args.sft_below_margin is not None and args.sft_below_quantile is not None:
+        raise TrainingError("--sft-below-margin and --sft-below-quantile both choose MixDPO's "
+                            "routed pairs: give one")
+    if args.beta is not None and args.beta_column:
+        raise TrainingError(f"--beta {args.beta} beside --beta-column {args.beta_column}: the "
+                            "column gives every pair its β; scale the column with --beta-scale")
+    if args.beta_min is not None and args.beta_max is not None and args.beta_max < args.beta_min:
+        raise TrainingError(f"--beta-max {args.beta_max} is below --beta-min {args.beta_min}: "
+                            "every pair's β would be clipped to the wrong bound")
+    if args.eval_data and args.eval_pairs != defaults["eval_pairs"]:
+        raise TrainingError("--eval-pairs holds rows of --data out, --eval-data brings its own: "
+                            "give one")
+
+
 # ----------------------------------------------------------------------------- processes and devices
 
-def setup_distributed(replicate: int, timeout_minutes: float):
+def choose_device(name: str) -> torch.device:
+    """--device: cuda:LOCAL_RANK (one GPU per process), or the CPU, also on a host that has GPUs."""
+    cuda = torch.cuda.is_available() if name == "auto" else name == "cuda"
+    if not cuda:
+        return torch.device("cpu")
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if not torch.cuda.is_available():
+        raise TrainingError("--device cuda: this machine has no CUDA device that torch can use")
+    if local_rank >= count:
+        raise TrainingError(f"--device cuda: process {local_rank} of this node has no GPU of its "
+                            f"own ({count} visible): start as many processes per node as GPUs, or "
+                            "train with --device cpu")
+    return torch.device("cuda", local_rank)
+
+
+def setup_distributed(replicate: int, timeout_minutes: float, device_name: str = "auto"):
     """RANK / WORLD_SIZE / LOCAL_RANK from torchrun, or a group of one held in memory. Returns the device
     and the mesh FSDP shards over: 1-D, or with --replicate R a 2-D (replicate, shard) mesh (HSDP: shard
     inside groups of world/R ranks, say a node, replicate across them, so the gathers stay in the node)."""
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = choose_device(device_name)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     # device_id binds the process to its GPU and starts NCCL now; the timeout must outlast the longest
@@ -305,6 +371,7 @@ class Run:
     micro_batch_size: int
     seed: int = 0
     beta_scaling: tuple | None = None  # SP2DPO: (scale, min, max) of the per-pair β column
+    mixdpo: bool = False  # MixDPO: pairs marked "routed" take the SFT loss
     ref_train: "ReferenceCache | None" = None  # --precompute-ref
     ref_eval: "ReferenceCache | None" = None
 
@@ -323,7 +390,7 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
         simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio, ipo_normalized=not args.ipo_sum, alpha=args.alpha,
         lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_form=args.reward_form,
         similarity=args.similarity, end_token_weight=args.end_token_weight,
-        sft_below_margin=mixdpo_tau(args, train_items), sft_weight=args.sft_weight)
+        sft_weight=args.sft_weight)
     if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
         rank0_print(f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
                     "~20x DPO's: per-pair β made for DPO need a --beta-scale")
@@ -332,6 +399,10 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
               M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False) if needs_reference else None,
               None, objective, train_items, heldout, device, mesh, args.micro_batch_size, args.seed,
               (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None)
+    if args.sft_below_margin is not None or args.sft_below_quantile is not None:
+        run.mixdpo = True
+        for items in (train_items, heldout):
+            mark_routed(items, args.sft_below_margin, args.sft_below_quantile, args.seed)
     if objective is not None and args.weighting == "aao":
         torch.manual_seed(args.seed)  # the same MLP whatever the number of processes
         run.thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device)
@@ -349,11 +420,13 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
     return run
 
 
-def mixdpo_tau(args, pairs) -> float | None:
-    """MixDPO's τ: given, or a quantile of the training pairs' margins."""
-    if args.sft_below_quantile is None:
-        return args.sft_below_margin
-    return aao.margin_quantile(torch.tensor([p["margin"] for p in pairs]), args.sft_below_quantile)
+def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
+    """MixDPO: mark each pair ("routed") that takes the SFT loss, once for the whole set: a margin
+    below τ, or the hardest q of the pairs (exactly round(q·N) of them, ties broken by the seed)."""
+    margins = torch.tensor([p["margin"] for p in pairs], dtype=torch.float64)
+    routed = aao.mixdpo_routed(margins, tau) if q is None else aao.mixdpo_hardest(margins, q, seed)
+    for pair, r in zip(pairs, routed.tolist()):
+        pair["routed"] = r
 
 
 # ----------------------------------------------------------------------------- the objective on a micro-batch
@@ -371,8 +444,12 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
     if run.thresholds is not None:
         a, b = run.thresholds(aao.pooled_answer_logits(states.logit_sums, mask))
     beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling) if run.beta_scaling else None
+    routed = None
+    if run.mixdpo:  # marked once for the whole set (mark_routed)
+        routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device)
     out = aao.preference_objective(run.objective, states.logps, ref_logps, mask, beta=beta,
-                                   embeds=states.embeds, hidden=states.hidden, a=a, b=b, margin=batch["margin"],
+                                   embeds=states.embeds, hidden=states.hidden, a=a, b=b,
+                                   routed=routed,
                                    seeds=aao.random_weight_seeds(run.seed, step, indices), hidden_after=states.hidden_after,
                                    ids=batch["input_ids"][:, 1:])
     metrics = {**aao.objective_metrics(out, mask, a, b), **aao.squeeze_probe(states.top1, ref_top1, mask)}
@@ -500,8 +577,15 @@ def batch_spread(per_micro_batch: list) -> dict:
 TOTALS = ("tokens", "tokens/answer", "nll_sum", "flops", "stop")
 
 def accumulate(sums: dict, metrics: dict, weight: float, totals=TOTALS) -> None:
+    """Add a micro-batch's metrics, each weighted by the pairs it is a mean over: all `weight` of
+    them, or under MixDPO for aao.KEPT_PAIR_METRICS the pairs not routed to SFT, counted in
+    pairs/kept."""
+    kept = weight * (1 - metrics["mixdpo/routed"]) if "mixdpo/routed" in metrics else None
+    if kept is not None:
+        sums["pairs/kept"] = sums.get("pairs/kept", 0.0) + kept
     for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + (v if k in totals else v * weight)
+        w = kept if kept is not None and k.startswith(aao.KEPT_PAIR_METRICS) else weight
+        sums[k] = sums.get(k, 0.0) + (v if k in totals else v * w)
 
 
 def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=TOTALS) -> dict:
@@ -513,7 +597,14 @@ def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=T
     dist.all_reduce(total)
     values = torch.cat([total, torch.stack([v.double().reshape(()) for v in extra.values()])]) if extra else total
     values = values.tolist()
-    out = {k: v if k in totals else v / values[len(keys)] for k, v in zip(keys, values)}
+    summed, count = dict(zip(keys, values)), values[len(keys)]
+    kept = summed.pop("pairs/kept", None)
+    out = {}
+    for k, v in summed.items():
+        over = kept if kept is not None and k.startswith(aao.KEPT_PAIR_METRICS) else count
+        # a batch MixDPO routed whole has no kept pair: no rewards/* to log
+        if k in totals or over > 0:
+            out[k] = v if k in totals else v / over
     return out | dict(zip(extra, values[len(keys) + 1:]))
 
 
@@ -735,11 +826,6 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
     with written_whole(final) as tmp:
         if run.mesh.ndim == 1 or run.mesh.get_local_rank("replicate") == 0:  # replicas hold the same shards
             tensors = {}
-            if run.thresholds is not None:  # every rank's copy must be rank 0's: a fingerprint to check that
-                flat = torch.cat([p.detach().flatten().double() for p in run.thresholds.parameters()])
-                wave = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64)
-                tensors["thresholds/fingerprint"] = torch.stack([flat.square().sum(), (flat * wave.sin()).sum(),
-                                                                 (flat * wave.cos()).sum()]).cpu()
             for name, p in named_trainables(run).items():
                 if name.startswith("thresholds.") and rank != 0:
                     continue  # replicated: rank 0's copy is every rank's
@@ -949,7 +1035,7 @@ def main(argv=None) -> int:
     code, torchrun = 1, "RANK" in os.environ
     try:
         args = parse_args(argv)
-        device, mesh = setup_distributed(args.replicate, args.dist_timeout)
+        device, mesh = setup_distributed(args.replicate, args.dist_timeout, args.device)
         code = train(args, device, mesh)
     except (M.CheckpointError, data.DataError, TrainingError) as e:
         rank = f" (rank {dist.get_rank()})" if dist.is_initialized() and dist.get_world_size() > 1 else ""

@@ -2,6 +2,7 @@
 
     python experiments/benchmark.py              # this trainer: DPO (--weighting none) and AAO
     python experiments/benchmark.py --trl        # and TRL 1.16's DPOTrainer (pip install trl==1.16.0)
+    python experiments/benchmark.py --device cpu # the CPU on a GPU host too (default: cuda when there is one)
 
 The job: a Llama with Llama 3's 128,256-token vocabulary (4 layers x 256 hidden, 4 heads, 1 KV head) in
 fp32 on the CPU, the same pairs (prompts ~120 tokens, answers ~250 tokens that share most sentences),
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,8 +77,8 @@ def write_job(job: Path, args) -> None:
 
 # ----------------------------------------------------------------------------- the trainers, one process each
 
-def ours_command(job: Path, out: Path, weighting: str, steps: int) -> list:
-    return [sys.executable, str(ROOT / "train.py"), "--weights", str(job), "--template", "plain",
+def ours_command(job: Path, out: Path, weighting: str, steps: int, device: str) -> list:
+    return [sys.executable, str(ROOT / "train.py"), "--device", device, "--weights", str(job), "--template", "plain",
             "--data", str(job / "pairs.jsonl"), "--eval-pairs", "0", "--weighting", weighting,
             "--batch-size", "2", "--micro-batch-size", "2", "--lr", "5e-7", "--beta", "0.1",
             "--max-steps", str(steps), "--max-length", "1024", "--dtype", "float32", "--save-every", "0",
@@ -87,9 +90,8 @@ def ours_step_times(out: Path) -> list:
     return [r["tokens"] / r["tokens_per_s"] for r in rows]
 
 
-def trl_child(job: Path, out: Path, steps: int, checkpointing: bool) -> None:
+def trl_child(job: Path, out: Path, steps: int, checkpointing: bool, device: str) -> None:
     """TRL's DPOTrainer on the same checkpoint and pairs; writes its step times to out/steps.json."""
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -109,7 +111,7 @@ def trl_child(job: Path, out: Path, steps: int, checkpointing: bool) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(job), dtype=torch.float32)
     pairs = Dataset.from_list([json.loads(line) for line in open(job / "pairs.jsonl")])
     config = DPOConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                       learning_rate=5e-7, beta=0.1, max_steps=steps, max_length=1024, bf16=False, use_cpu=True,
+                       learning_rate=5e-7, beta=0.1, max_steps=steps, max_length=1024, bf16=False, use_cpu=device == "cpu",
                        gradient_checkpointing=checkpointing, logging_steps=1, save_strategy="no", report_to=[],
                        dataloader_num_workers=0, seed=0)
     times = StepTimes()
@@ -117,8 +119,9 @@ def trl_child(job: Path, out: Path, steps: int, checkpointing: bool) -> None:
     (out / "steps.json").write_text(json.dumps(times.times))
 
 
-def trl_command(job: Path, out: Path, steps: int, checkpointing: bool) -> list:
-    return [sys.executable, __file__, "--child-trl", str(job), "--out", str(out), "--steps", str(steps)] + \
+def trl_command(job: Path, out: Path, steps: int, checkpointing: bool, device: str) -> list:
+    return [sys.executable, __file__, "--child-trl", str(job), "--out", str(out), "--steps", str(steps),
+            "--device", device] + \
         (["--trl-checkpointing"] if checkpointing else [])
 
 
@@ -137,12 +140,13 @@ def run_child(command: list, threads: int) -> int:
 
 def trainers(args) -> dict:
     """name -> (command maker, step-time reader) for every trainer this run compares."""
-    out = {"ours, DPO": (lambda o: ours_command(args.job, o, "none", args.steps), ours_step_times),
-           "ours, AAO": (lambda o: ours_command(args.job, o, "aao", args.steps), ours_step_times)}
+    out = {"ours, DPO": (lambda o: ours_command(args.job, o, "none", args.steps, args.device), ours_step_times),
+           "ours, AAO": (lambda o: ours_command(args.job, o, "aao", args.steps, args.device), ours_step_times)}
     if args.trl:
         read = lambda o: json.loads((o / "steps.json").read_text())  # noqa: E731
-        out["TRL 1.16 DPO"] = (lambda o: trl_command(args.job, o, args.steps, False), read)
-        out["TRL 1.16 DPO, grad. checkpointing"] = (lambda o: trl_command(args.job, o, args.steps, True), read)
+        out["TRL 1.16 DPO"] = (lambda o: trl_command(args.job, o, args.steps, False, args.device), read)
+        out["TRL 1.16 DPO, grad. checkpointing"] = (lambda o: trl_command(args.job, o, args.steps, True, args.device),
+                                                     read)
     return out
 
 
@@ -187,16 +191,22 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where both trainers run, in fp32 (default: auto = cuda when there is one); the memory "
+                   "column is the host's peak RSS either way")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "benchmark")
     p.add_argument("--child-trl", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "auto":  # decided once here, so that every child runs where the first did
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child_trl:
-        trl_child(args.child_trl, args.out, args.steps, args.trl_checkpointing)
+        trl_child(args.child_trl, args.out, args.steps, args.trl_checkpointing, args.device)
         return 0
     args.job = args.out / "job"
     write_job(args.job, args)

@@ -2,6 +2,7 @@
 
     python experiments/replica.py            # 3 seeds, ~15-20 minutes on a laptop CPU, 1 thread
     python experiments/replica.py --smoke    # 1 seed, 2 methods, a few steps: seconds (the test suite's)
+    python experiments/replica.py --device cpu   # the CPU on a GPU host too (the results below are the CPU's)
 
 Two synthetic families of questions whose answers are sentences stating a fact:
   facts   "What is the capital of France?" -> "The capital of France is Paris." (data.TASKS): a wrong answer
@@ -20,6 +21,7 @@ the runs themselves under out/replica/ (ignored by git).
 """
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -165,16 +167,16 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 # ----------------------------------------------------------------------------- stages
 
-def run_train(argv: list) -> None:
-    code = train.main(argv + ["--quiet"])
+def run_train(argv: list, device: str) -> None:
+    code = train.main(argv + ["--quiet", "--device", device])
     if code != 0:
         raise SystemExit(f"train.py {' '.join(argv)}: exit code {code}")
 
 
 @torch.no_grad()
-def answers(weights: Path, prompts: list, max_new_tokens: int) -> list[list[int]]:
-    """Greedy answers, as token ids up to (without) the template's end-of-answer token."""
-    model, tok = M.load_model(weights).eval(), M.load_tokenizer(weights)
+def answers(weights: Path, prompts: list, max_new_tokens: int, device: str) -> list[list[int]]:
+    """Greedy answers, as token ids up to (without) the template's end-of-answer token (fp32, on device)."""
+    model, tok = M.load_model(weights, device).eval(), M.load_tokenizer(weights)
     chat = data.as_chat(TEMPLATE, tok)
     ids = data.instruction_prompts(chat, tok, prompts)
     out = M.generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=data.answer_stop_ids(chat, tok))
@@ -184,11 +186,11 @@ def answers(weights: Path, prompts: list, max_new_tokens: int) -> list[list[int]
 REFERENCE_ANSWERS = {}
 
 
-def reference_answers(sft_final: Path, family: str, prompts, max_new_tokens: int) -> list:
+def reference_answers(sft_final: Path, family: str, prompts, max_new_tokens: int, device: str) -> list:
     """The SFT model's answers, the win rate's other side: generated once per seed and family."""
     key = (str(sft_final), family)
     if key not in REFERENCE_ANSWERS:
-        REFERENCE_ANSWERS[key] = answers(sft_final, [p for _, p in prompts], max_new_tokens)
+        REFERENCE_ANSWERS[key] = answers(sft_final, [p for _, p in prompts], max_new_tokens, device)
     return REFERENCE_ANSWERS[key]
 
 
@@ -231,10 +233,10 @@ def preference_run(name, family, seed, files, sft_final, out: Path, cfg, threads
                                    "--lr", str(cfg.lr), "--threshold-lr", str(cfg.threshold_lr), "--batch-size",
                                    "16", "--micro-batch-size", "16", "--max-steps", str(cfg.steps), "--eval-every",
                                    str(cfg.eval_every), "--save-dtype", "float32", "--max-length", "96",
-                                   "--max-prompt-length", "48"])
+                                   "--max-prompt-length", "48"], cfg.device)
     prompts = files[family + "-prompts"]
-    policy = answers(run_dir / "final", [p for _, p in prompts], cfg.max_new_tokens)
-    reference = reference_answers(sft_final, family, prompts, cfg.max_new_tokens)
+    policy = answers(run_dir / "final", [p for _, p in prompts], cfg.max_new_tokens, cfg.device)
+    reference = reference_answers(sft_final, family, prompts, cfg.max_new_tokens, cfg.device)
     row = {"family": family, "method": name, "seed": seed, "threads": threads, "run": repo_path(run_dir),
            **judge(prompts, policy, reference), "heldout_pref_accuracy": last_eval(run_dir)["eval/accuracy"],
            "sft_accuracy": judge(prompts, reference, reference)["accuracy"],
@@ -243,8 +245,17 @@ def preference_run(name, family, seed, files, sft_final, out: Path, cfg, threads
     return row
 
 
+def deterministic(device: str) -> None:
+    """Seeded runs that repeat exactly. On the CPU they do, bitwise. On CUDA cuBLAS needs a fixed workspace
+    (set before its first call, or the first matmul raises), and index_add_, scatter_add_ and attention's
+    backward have no bitwise-deterministic kernel for every case: there a warning, and runs that track."""
+    if device == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=device == "cuda")
+
+
 def experiment(cfg) -> list:
-    torch.use_deterministic_algorithms(True)
+    deterministic(cfg.device)
     rows, plan = [], SMOKE_PLAN if cfg.smoke else PLAN
     if cfg.methods:
         plan = {f: [m for m in ms if m in cfg.methods] for f, ms in plan.items()}
@@ -256,7 +267,8 @@ def experiment(cfg) -> list:
         if not (sft / "final").exists():
             run_train(["--loss", "sft", "--data", str(files["sft"]), "--eval-pairs", "64", "--out", str(sft),
                        "--seed", str(seed), "--max-steps", str(cfg.sft_steps), "--batch-size", "32",
-                       "--micro-batch-size", "32", "--eval-every", str(cfg.sft_steps), "--save-dtype", "float32"])
+                       "--micro-batch-size", "32", "--eval-every", str(cfg.sft_steps), "--save-dtype", "float32"],
+                      cfg.device)
         for family, methods in plan.items():
             for name in methods:
                 rows.append(preference_run(name, family, seed, files, sft / "final", out, cfg, cfg.threads))
@@ -362,7 +374,11 @@ def parse_args(argv=None):
     p.add_argument("--docs", type=Path, default=ROOT / "docs", help="results and PNGs (default: docs)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="only these methods (default: all)")
     p.add_argument("--smoke", action="store_true", help="1 seed, DPO and AAO on facts, a few steps; no PNGs")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="training and answers (default: auto = cuda, bf16 training, when there is one)")
     cfg = p.parse_args(argv)
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.sft_steps, cfg.sft_rows, cfg.steps, cfg.pairs, cfg.eval_every = 500, 8000, 60, 2048, 10
     cfg.lr, cfg.threshold_lr, cfg.max_new_tokens = 1e-3, 3e-4, 32
     if cfg.smoke:

@@ -3,17 +3,25 @@ shapes, what FSDP2 and the trainer keep, and the stated assumptions: the README'
 
     python experiments/scale_estimate.py            # prints the README's tables
 
-Memory per GPU, in bytes, with P parameters sharded over S ranks and fp32 master weights:
+Memory per GPU, in bytes, with P parameters sharded over S ranks and fp32 master weights, at its peak:
   sharded state     4P/S weights + 4P/S gradients + 8P/S AdamW moments (+ 2P/S the bf16 reference)
   threshold MLP     replicated: vocab x 512 (+ 1,026) fp32 parameters, gradient and two moments (16 B each)
-  gathered          the policy's root (embedding and head, bf16) from forward to backward; two blocks at once
-                    (FSDP2 prefetches the next); in backward a block's bf16 gradient and its fp32 copy for
-                    the reduce-scatter; during the reference's forward its root and two of its blocks
-  activations       per token and layer, what autograd keeps (bf16): both RMSNorms' fp32 input and bf16
-                    output (6D each), q, k, v and the attention output (4D + 4·kv), o_proj's input (2D), the
-                    SwiGLU's gate, up, silu(gate) and product (8F); with activation checkpointing the block's
-                    input (2D) plus one block recomputed at a time
-  head              the chunked head: one block of 2^25 fp32 logits, its exponent and its gradient
+  gathered root     the policy's embedding and head (bf16), gathered from forward to the end of backward
+  activations       per token and layer, what autograd keeps (bf16, measured with saved-tensor hooks): each
+                    RMSNorm's fp32 input, its bf16 normalized tensor and its bf16 output (8D each), q, k, v
+                    and the attention output (4D + 4·kv), o_proj's input (2D), the SwiGLU's gate, up,
+                    silu(gate) and product (8F); with activation checkpointing the block's input (2D) plus
+                    one block recomputed at a time
+  during backward   beside the activations: the head's full bf16 weight gradient (its custom backward
+                    writes it whole; FSDP reduce-scatters the root's gradients only at the end), and the
+                    larger of the chunked head's blocks (model.HEAD_CHUNK elements: an fp32 block of
+                    logits, its bf16 product and bf16 cast) and two gathered blocks (FSDP2 prefetches the
+                    next) with a block's bf16 gradient and its fp32 copy for the reduce-scatter
+  end of backward   the activations are freed; the root's bf16 gradients and their fp32 copy for the
+                    reduce-scatter (6 bytes a root parameter)
+  reference forward runs after the policy's, beside its activations: its root and two of its blocks
+The peak is the state plus the largest of the three phases. Not counted: the CUDA context (~2 GB) and the
+caching allocator's fragmentation (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True keeps it small).
 Time per epoch: model FLOPs as train.py's MFU counts them, at an assumed MFU, against the time the
 FSDP collectives take at assumed bandwidths, once per micro-batch (train.py reduce-scatters every
 micro-batch); a step takes the longer of the two (FSDP overlaps them).
@@ -50,18 +58,21 @@ def memory_per_gpu(m: Llama, shards: int, micro_pairs: int, checkpointing: bool,
                    seq: int = 1024) -> float:
     state = (16 + 2 * live_reference) * m.params / shards
     mlp = 16 * (m.vocab * 512 + 1026)
-    root = 2 * 2 * m.vocab * m.dim
-    backward = 2 * 2 * m.block + 6 * m.block
-    reference_forward = (root + 2 * 2 * m.block) if live_reference else 0
+    root_params = m.vocab * m.dim * (1 if m.cfg.tie_word_embeddings else 2)
+    root = 2 * root_params
     kv = m.kv_heads * m.dim // m.heads
-    per_token_layer = 18 * m.dim + 4 * kv + 8 * m.ffn
+    per_token_layer = 22 * m.dim + 4 * kv + 8 * m.ffn
     tokens = 2 * micro_pairs * seq
     if checkpointing:
         activations = tokens * (m.layers * 2 * m.dim + per_token_layer)
     else:
         activations = tokens * m.layers * per_token_layer
-    head = 3 * 4 * 2**25
-    return state + mlp + root + max(backward, reference_forward) + activations + head
+    head_blocks = (4 + 2 + 2) * M.HEAD_CHUNK
+    blocks = 2 * 2 * m.block + 6 * m.block
+    backward = activations + 2 * m.vocab * m.dim + max(head_blocks, blocks)
+    end_of_backward = 6 * root_params
+    reference_forward = activations + ((root + 2 * 2 * m.block) if live_reference else 0)
+    return state + mlp + root + max(backward, end_of_backward, reference_forward)
 
 
 def step_flops_per_token(m: Llama, live_reference: bool, checkpointing: bool, answer_share=0.6) -> float:
