@@ -104,9 +104,16 @@ def test_tied_model_shares_one_parameter(tmp_path):
     assert ours.lm_head.weight is ours.embed_tokens.weight
 
 
-def answer_grid(mask: torch.Tensor) -> torch.Tensor:
-    """The flat answer_index of a (N, T-1) mask of predicted answer tokens."""
-    return mask.flatten().nonzero().squeeze(1)
+def packed_rows(ids: torch.Tensor, mask: torch.Tensor) -> "data.Packed":
+    """(N, T) token ids with a (N, T-1) mask of the predicted tokens to score -> data.pack's micro-batch
+    of them as SFT examples: each row a segment of its own, its masked tokens one answer row."""
+    return data.pack([{"input_ids": r.tolist(), "loss_mask": [0] + m.int().tolist()} for r, m in zip(ids, mask)],
+                     sft=True)["packed"]
+
+
+def on_mask(grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The values of a per-answer grid at its answer tokens, in the order of mask.nonzero() of the rows."""
+    return grid[torch.arange(grid.shape[1]) < mask.sum(1, keepdim=True)]
 
 
 @pytest.mark.parametrize("chunk", [None, 600])
@@ -123,19 +130,19 @@ def test_answer_head_matches_full_logits_in_float64(monkeypatch, chunk):
     mask[:, 5:9] = 1
     mask[1, 3:11] = 1
     g = torch.randn(4, 11, dtype=torch.float64)
-    states = m(ids, answer_index=answer_grid(mask), sum_logits=True)
-    (states.logps * g).sum().backward()
+    states = m(packed=packed_rows(ids, mask), sum_logits=True)
+    (on_mask(states.logps, mask) * g[mask.bool()]).sum().backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     logits = m(ids)[:, :-1]
     full = logits.log_softmax(-1)
     ref = full.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask
     (ref * g).sum().backward()
-    assert (states.logps - ref).abs().max() < 1e-12
-    assert (states.top1 - full.amax(-1) * mask).abs().max() < 1e-12
+    assert (on_mask(states.logps, mask) - ref[mask.bool()]).abs().max() < 1e-12
+    assert (on_mask(states.top1, mask) - full.amax(-1)[mask.bool()]).abs().max() < 1e-12
     assert (states.logit_sums - (logits * mask[..., None]).sum(1)).abs().max() < 1e-12
     assert all((grads[n] - p.grad).abs().max() < 1e-12 for n, p in m.named_parameters())
-    assert torch.equal(states.embeds, m.embed_tokens(ids)[:, 1:])
+    assert torch.equal(on_mask(states.embeds, mask), m.embed_tokens(ids)[:, 1:][mask.bool()])
 
 
 def test_answer_head_in_bfloat16_keeps_fp32_statistics():
@@ -143,7 +150,7 @@ def test_answer_head_in_bfloat16_keeps_fp32_statistics():
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 9)
     exact = m.double()(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    states = m.bfloat16()(ids, answer_index=answer_grid(mask), sum_logits=True)
+    states = m.bfloat16()(packed=packed_rows(ids, mask), sum_logits=True)
     assert states.logps.dtype == torch.float32 and states.logit_sums.dtype == torch.float32
     assert (states.logps.double() - exact).abs().max() < 0.05  # bf16 weights; the statistics are fp32
 
@@ -213,7 +220,10 @@ def test_parameter_counts_are_the_built_models(tied, head_dim, kv):
     # in the blocks, at answer tokens in the head, and attention's 3 x 2 products of 2 x T² x H x d each.
     heads_dim = cfg.num_attention_heads * cfg.head_dim
     expected = 6 * (blocks * 10 + head * 4) + 3 * cfg.num_hidden_layers * 2 * 2 * 10 * 10 * heads_dim
-    assert M.training_flops(cfg, [(10, 4)], live_reference=False) == expected
+    assert M.training_flops(cfg, [(10, 10, 4)], live_reference=False) == expected
+    # An answer of 4 after a 6-token prompt, packed: the prompt (6, 6, 0) and the answer (4, 10, 4).
+    packed = 6 * (blocks * 10 + head * 4) + 3 * cfg.num_hidden_layers * 2 * 2 * (6 * 6 + 4 * 10) * heads_dim
+    assert M.training_flops(cfg, [(6, 6, 0), (4, 10, 4)], live_reference=False) == packed
 
 
 # ----------------------------------------------------------------------------- generation
@@ -564,22 +574,18 @@ def test_alignment_matches_brute_force_with_prompts_and_padding():
 
 def reordered_pair():
     """ "A beat B ." against "B beat A .", each ending with the same end token: the same tokens in both."""
-    chosen, rejected = [11, 12, 13, 14, 2], [13, 12, 11, 14, 2]
-    ids = torch.tensor([[7, 8] + chosen, [7, 8] + rejected])  # a prompt, then the answer
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]] * 2, dtype=torch.float64)
-    return ids, mask
+    return {"prompt_ids": [7, 8], "chosen_ids": [11, 12, 13, 14, 2], "rejected_ids": [13, 12, 11, 14, 2],
+            "margin": None, "beta": None}
 
 
 @pytest.mark.parametrize("similarity", ["hidden", "alignment"])
 def test_reordered_pair_is_all_ambiguous_under_embedding_only(similarity):
     """Eq. 7 on input embeddings scores every token of a reordered pair 1, so AAO gives it no weight; the
     position- or context-aware readings keep the swapped tokens. Fails if --similarity is ignored."""
-    ids, mask = reordered_pair()
+    batch = data.pack([reordered_pair()], sft=False)
     model = M.tiny_model(32, seed=0)
-    answer_index = mask[:, 1:].flatten().nonzero().squeeze(1)
-    full = torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)], 1)  # the grid is of predicted tokens
-    states = model(full, answer_index=answer_index)
-    grid_ids, grid_mask = full[:, 1:], torch.cat([mask[:, 1:], torch.zeros(2, 1, dtype=mask.dtype)], 1)
+    states = model(packed=batch["packed"])
+    grid_ids, grid_mask = batch["answer_ids"], batch["answer_mask"].double()
     a, b = thresholds(1, 0.8, 0.4)
     scores = {}
     for name in ("embedding", similarity):
@@ -589,16 +595,15 @@ def test_reordered_pair_is_all_ambiguous_under_embedding_only(similarity):
     answer = grid_mask.bool()
     (w_emb, S_emb), (w_new, S_new) = scores["embedding"], scores[similarity]
     assert torch.allclose(S_emb[answer], torch.ones(10, dtype=S_emb.dtype)) and w_emb[answer].max() < 1e-6
-    swapped = torch.tensor([[0, 1, 1, 1, 0, 0, 0]] * 2).bool()  # rows of ids[:, 1:]: "A beat B" / "B beat A"
+    swapped = torch.tensor([[1, 1, 1, 0, 0]] * 2).bool()  # "A beat B" / "B beat A"
     assert S_new[swapped].max() < 0.99 and w_new[swapped].min() > 0.5
     if similarity == "alignment":  # "." and the end token sit at the same place in both: ambiguous
         assert (S_new[answer & ~swapped] == 1).all()
 
 
 def test_end_token_weight_one_weighs_only_the_last_answer_token():
-    ids, mask = reordered_pair()
-    grid_mask = mask[:, 1:]
-    emb = torch.randn(2, 6, 8, dtype=torch.float64)
+    grid_mask = torch.ones(2, 5, dtype=torch.float64)  # the two answers of reordered_pair
+    emb = torch.randn(2, 5, 8, dtype=torch.float64)
     emb[:, -1] = emb[0, -1]  # the same end token in both answers
     a, b = thresholds(1, 0.8, 0.4)
     w_aao, _ = aao.token_weights(aao.Objective(), grid_mask, emb, a, b)
@@ -612,7 +617,7 @@ def test_end_token_weight_one_weighs_only_the_last_answer_token():
 def test_hidden_after_is_the_next_positions_hidden_state():
     model = M.tiny_model(32, seed=0)
     ids = torch.randint(0, 32, (2, 9))
-    states = model(ids, answer_index=torch.arange(2 * 8))
+    states = model(packed=packed_rows(ids, torch.ones(2, 8)))
     assert torch.equal(states.hidden_after[:, :-1], states.hidden[:, 1:].detach())
     assert not states.hidden_after.requires_grad
 
@@ -1279,10 +1284,10 @@ def test_fuzzed_files_parse_or_name_file_and_line(tmp_path, tiny_tok):
             if name == "preference" and out:
                 assert all(p["margin"] is None or math.isfinite(p["margin"]) for p in out)
                 assert all(p["beta"] is None or (math.isfinite(p["beta"]) and p["beta"] > 0) for p in out)
-                data.collate(out, 0)
+                data.pack(out, sft=False)
             if name == "sft" and out:
                 assert all(0 < sum(e["loss_mask"]) and len(e["input_ids"]) <= 48 for e in out)
-                data.collate_sft(out, 0)
+                data.pack(out, sft=True)
     assert outcomes["parsed"] > 200 and outcomes["error"] > 800, outcomes  # both outcomes are exercised
 
 
@@ -1335,7 +1340,7 @@ def test_sft_multi_turn_masks_exactly_the_assistant_turns(name):
     assert trained(last_turn) == answer("It is 5.")
 
 
-def test_sft_truncation_drops_examples_without_a_loss_token_and_collates():
+def test_sft_truncation_drops_examples_without_a_loss_token_and_packs():
     tok = word_tokenizer(WORDS)
     rows = [("t:1", {"messages": MULTI_TURN}), ("t:2", {"prompt": "What is 2+2? " * 10, "completion": "It is 4."}),
             ("t:3", {"prompt": "What is 2+2?", "completion": "It is 4."})]
@@ -1344,10 +1349,10 @@ def test_sft_truncation_drops_examples_without_a_loss_token_and_collates():
     assert report == {"rows": 3, "dropped_no_answer_room": 1, "truncated": 1, "examples": 2}
     assert [e["where"] for e in cut] == ["t:1", "t:3"]
     assert cut[0]["input_ids"] == full[0]["input_ids"][:40] and cut[0]["loss_mask"] == full[0]["loss_mask"][:40]
-    b = data.collate_sft(cut, pad_id=0)
-    assert b["input_ids"].shape == b["loss_mask"].shape == (2, 40)
-    assert b["input_ids"][1].tolist() == full[2]["input_ids"] + [0] * (40 - len(full[2]["input_ids"]))
-    assert b["loss_mask"][1].tolist() == full[2]["loss_mask"] + [0] * (40 - len(full[2]["loss_mask"]))
+    b = data.pack(cut, sft=True)
+    assert b["packed"].input_ids.tolist() == cut[0]["input_ids"] + full[2]["input_ids"]
+    trained = [t for t, m in zip(full[2]["input_ids"], full[2]["loss_mask"]) if m]
+    assert b["answer_ids"][1, :len(trained)].tolist() == trained and b["answer_mask"][1].sum() == len(trained)
 
 
 @pytest.mark.parametrize("row,message", [
@@ -1585,13 +1590,24 @@ def test_truncation_keeps_bos_and_prompt_end_and_drops_pairs_without_room():
     assert pairs == [] and report["dropped_no_answer_room"] == 1
 
 
-def test_collate_masks_answers_and_pads_right():
+def test_pack_lays_out_prompt_once_then_both_answers():
     pairs = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6], "margin": 1.0, "beta": None},
              {"prompt_ids": [1, 7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12, 13], "margin": None, "beta": 0.2}]
-    b = data.collate(pairs, pad_id=0)
-    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [1, 7, 8, 9, 10, 11], [1, 2, 3, 6, 0, 0], [1, 7, 12, 13, 0, 0]]
-    assert b["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0], [0, 0, 1, 1, 0, 0]]
+    b = data.pack(pairs, sft=False)
+    p = b["packed"]
+    assert p.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 1, 7, 8, 9, 10, 11, 12, 13]
+    assert p.positions.tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 4, 5, 2, 3]  # answers go on from the prompt
+    assert p.query_lengths == [3, 2, 1, 2, 4, 2] and p.key_lengths == [3, 5, 4, 2, 6, 4]
+    assert p.key_index.tolist() == [0, 1, 2] + [0, 1, 2, 3, 4] + [0, 1, 2, 5] + [6, 7] + [6, 7, 8, 9, 10, 11] + \
+        [6, 7, 12, 13]  # the rejected answer's keys skip the chosen answer's
+    assert p.cu_queries.tolist() == [0, 3, 5, 6, 8, 12, 14] and p.cu_keys.dtype == torch.int32
+    # answer rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1
+    assert p.answer_at.tolist() == [3, 4, 8, 9, 10, 11, 5, 12, 13]
+    assert p.predicted_from.tolist() == [2, 3, 7, 8, 9, 10, 2, 7, 12]  # the rejected answer reads the prompt's end
+    assert b["answer_ids"].tolist() == [[4, 5, 0, 0], [8, 9, 10, 11], [6, 0, 0, 0], [12, 13, 0, 0]]
+    assert b["answer_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
     assert b["margin"][0] == 1.0 and b["margin"][1].isnan() and b["beta"][1] == pytest.approx(0.2) and b["beta"][0].isnan()
+    assert data.segment_lengths(pairs, [0, 1]) == [(3, 3, 0), (2, 5, 2), (1, 4, 1), (2, 2, 0), (4, 6, 4), (2, 4, 2)]
 
 
 def test_n_processes_see_the_global_batches_of_one():
