@@ -622,6 +622,166 @@ def test_hidden_after_is_the_next_positions_hidden_state():
     assert not states.hidden_after.requires_grad
 
 
+# ----------------------------------------------------------------------------- packed = padded
+
+def padded_states(model, rows: list, sum_logits=False) -> M.AnswerStates:
+    """The reference the packing must equal: every (context, answer) row whole, right-padded, through the
+    plain forward (its own positions 0.., causal SDPA, Mistral's window mask), read back into the
+    per-answer grid. The final hidden states come from a hook on the last norm."""
+    T, width = max(len(c) + len(a) for c, a in rows), max(len(a) for _, a in rows)
+    ids = torch.tensor([c + a + [0] * (T - len(c) - len(a)) for c, a in rows])
+    kept = {}
+    hook = model.norm.register_forward_hook(lambda mod, args, out: kept.update(hidden=out))
+    logits = model(ids).float()
+    hook.remove()
+    logp, hidden, embeds = logits.log_softmax(-1), kept["hidden"], model.embed_tokens(ids).detach()
+    zeros = lambda *shape: torch.zeros(len(rows), width, *shape)
+    out = M.AnswerStates(zeros(), zeros(), zeros(embeds.shape[-1]), zeros(hidden.shape[-1]),
+                         torch.zeros(len(rows), logits.shape[-1]), zeros(hidden.shape[-1]))
+    out.hidden = [[None] * width for _ in rows]  # filled below, stacked with gradients
+    for r, (c, a) in enumerate(rows):
+        at = torch.arange(len(c), len(c) + len(a))  # the answer's tokens in the row; at - 1 predicts them
+        out.logps[r, :len(a)] = logp[r, at - 1].gather(1, ids[r, at, None])[:, 0].detach()
+        out.top1[r, :len(a)] = logp[r, at - 1].amax(-1).detach()
+        out.embeds[r, :len(a)], out.hidden_after[r, :len(a)] = embeds[r, at], hidden[r, at].detach()
+        out.logit_sums[r] = logits[r, at - 1].sum(0).detach()
+        out.hidden[r] = torch.cat([hidden[r, at - 1], hidden.new_zeros(width - len(a), hidden.shape[-1])])
+    out.hidden = torch.stack(out.hidden)
+    out.logps_with_grad = torch.stack([torch.cat([logp[r, torch.arange(len(c) - 1, len(c) + len(a) - 1)]
+                                                  .gather(1, torch.tensor(a)[:, None])[:, 0],
+                                                  logp.new_zeros(width - len(a))]) for r, (c, a) in enumerate(rows)])
+    return out
+
+
+def pair_rows(pairs) -> list:
+    return [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+
+
+PACKING_MODELS = {"llama": {}, "llama tied": {"tie_word_embeddings": True},
+                  "mistral window 4": {"sliding_window": 4, "model_type": "mistral"}}
+
+
+def packing_model(kind: str, seed=0) -> M.Transformer:
+    cfg = M.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=61, **PACKING_MODELS[kind])
+    return M.init_weights(M.Transformer(cfg), seed)
+
+
+def packing_pairs(seed=0) -> list:
+    """Three pairs of unlike lengths: prompts and answers longer than Mistral's window of 4, one 1-token answer."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, 61, (n,), generator=g).tolist()
+    return [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r), "margin": 1.0, "beta": None}
+            for p, c, r in ((6, 9, 5), (3, 1, 11), (9, 7, 7))]
+
+
+def packed_vs_padded_gap(model, pairs) -> float:
+    """Max |log p| difference between the packed micro-batch and the padded rows."""
+    batch = data.pack(pairs, sft=False)
+    with torch.no_grad():
+        ours = model(packed=batch["packed"]).logps
+        ref = padded_states(model, pair_rows(pairs)).logps
+    return float(((ours - ref) * batch["answer_mask"]).abs().max())
+
+
+@pytest.mark.parametrize("kind", list(PACKING_MODELS))
+def test_packed_answer_states_equal_the_padded_rows(kind):
+    """Every per-token output the objective reads: log-probs, the squeeze probe, Eq. 7's embeddings,
+    Eq. 9's hidden states (and the hidden state after each token), Eq. 8's logit sums."""
+    model, pairs = packing_model(kind), packing_pairs()
+    batch = data.pack(pairs, sft=False)
+    ours, ref = model(packed=batch["packed"], sum_logits=True), padded_states(model, pair_rows(pairs))
+    mask = batch["answer_mask"].bool()
+    for name in ("logps", "top1", "embeds", "hidden", "hidden_after", "logit_sums"):
+        got, want = getattr(ours, name).detach(), getattr(ref, name).detach()
+        assert got.shape == want.shape and (got - want).abs().max() < 1e-5, name
+    assert not ours.logps[~mask].any() and not ours.hidden[~mask].any()
+
+
+def objective_on(model, thresholds_mlp, states, ref_logps, mask, obj, ids):
+    a = b = None
+    if obj.weighting == "aao":
+        a, b = thresholds_mlp(aao.pooled_answer_logits(states.logit_sums, mask))
+    out = aao.preference_objective(obj, states.logps, ref_logps, mask, embeds=states.embeds, hidden=states.hidden,
+                                   a=a, b=b, margin=torch.ones(mask.shape[0] // 2), hidden_after=states.hidden_after,
+                                   seeds=list(range(mask.shape[0])), ids=ids)
+    return out, aao.objective_metrics(out, mask, a, b)
+
+
+@pytest.mark.parametrize("kind", list(PACKING_MODELS))
+@pytest.mark.parametrize("loss, weighting", [("dpo", "none"), ("dpo", "aao"), ("simpo", "none"), ("sft", None)])
+def test_packed_objective_and_gradients_equal_the_padded_path(kind, loss, weighting):
+    """The objective, its metrics, AAO's a and b, and the gradients of the policy and the threshold MLP
+    (fp32, a trained-looking reference from another seed) equal the padded path's."""
+    pairs = packing_pairs(1)
+    results = []
+    for packed in (True, False):
+        model, reference = packing_model(kind, seed=0), packing_model(kind, seed=1)
+        torch.manual_seed(0)
+        mlp = aao.ThresholdMLP(61, hidden=16)
+        if loss == "sft":
+            examples = [{"input_ids": p["prompt_ids"] + p["chosen_ids"],
+                         "loss_mask": [0] * len(p["prompt_ids"]) + [1] * len(p["chosen_ids"])} for p in pairs]
+            batch = data.pack(examples, sft=True)
+            rows = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
+            logps = model(packed=batch["packed"]).logps if packed else padded_states(model, rows).logps_with_grad
+            value, metrics = aao.sft_loss(logps, batch["answer_mask"], 7), {}
+        else:
+            batch = data.pack(pairs, sft=False)
+            mask, obj = batch["answer_mask"], aao.Objective(loss=loss, weighting=weighting)
+            with torch.no_grad():
+                ref = reference(packed=batch["packed"]).logps if packed else \
+                    padded_states(reference, pair_rows(pairs)).logps
+            if packed:
+                states = model(packed=batch["packed"], sum_logits=True)
+            else:
+                states = padded_states(model, pair_rows(pairs))
+                states.logps = states.logps_with_grad
+            out, metrics = objective_on(model, mlp, states, None if loss == "simpo" else ref, mask, obj,
+                                        batch["answer_ids"])
+            value = out.losses.sum()
+        value.backward()
+        grads = {n: p.grad.clone() for n, p in [*model.named_parameters(), *mlp.named_parameters()] if p.grad is not None}
+        results.append((float(value.detach()), metrics, grads))
+    (v1, m1, g1), (v2, m2, g2) = results
+    assert v1 == pytest.approx(v2, rel=1e-5, abs=1e-6)
+    assert m1.keys() == m2.keys() and all(float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-6) for k in m1)
+    if weighting == "aao":
+        assert {"a", "b"} <= m1.keys() and any(n.startswith("fc1") for n in g1)
+    assert g1.keys() == g2.keys() and all((g1[n] - g2[n]).abs().max() < 1e-5 * max(1, g2[n].abs().max()) for n in g1)
+
+
+def shift_answer_positions(packed):
+    at = packed.answer_at
+    packed.positions = packed.positions.index_add(0, at, torch.ones_like(at))
+    return packed
+
+
+def read_rejected_off_the_chosen(packed):
+    packed.predicted_from = packed.answer_at - 1  # the rejected answer's first token read off the chosen's end
+    return packed
+
+
+def widen_the_window(model):
+    for layer in model.layers:
+        layer.self_attn.window += 1
+
+
+@pytest.mark.parametrize("broken", ["position offset", "prompt boundary", "window"])
+def test_packing_equality_catches_a_broken_layout(monkeypatch, broken):
+    """The equality above is not vacuous: answer positions off by one, the rejected answer's first token
+    predicted from the chosen answer's end, or Mistral's window one too wide each break it."""
+    pairs, model = packing_pairs(), packing_model("mistral window 4")
+    assert packed_vs_padded_gap(model, pairs) < 1e-5
+    if broken == "window":
+        widen_the_window(model)
+    else:
+        pack, change = data.pack, {"position offset": shift_answer_positions,
+                                   "prompt boundary": read_rejected_off_the_chosen}[broken]
+        monkeypatch.setattr(data, "pack", lambda items, sft: {**(b := pack(items, sft)), "packed": change(b["packed"])})
+    assert packed_vs_padded_gap(model, pairs) > 1e-4  # 10x the tolerance; a random tiny model barely reads RoPE
+
+
 def test_pooled_answer_logits_match_float64():
     logits, mask = torch.randn(6, 7, 11), rand_mask(6, 7)
     got = aao.pooled_answer_logits((logits * mask[..., None]).sum(1), mask)
