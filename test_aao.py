@@ -457,7 +457,8 @@ def test_benchmark_script_compares_its_trainers_at_a_tiny_size(tmp_path):
     assert set(results) == expected
     for r in results.values():
         assert len(r["step_s"]) == 1 and 0 < r["step_s"][0] < 60 and 2**26 < r["rss"][0] < 2**33
-    assert len((tmp_path / "table.md").read_text().splitlines()) == 2 + len(expected)
+    tokens, speed = (tmp_path / "table.md").read_text().strip().split("\n\n")
+    assert len(tokens.splitlines()) == 4 and len(speed.splitlines()) == 2 + len(expected)
 
 
 # ============================================================================= aao.py
