@@ -4,9 +4,9 @@ batching, and a built-in synthetic set shaped the way the paper describes ambigu
 A preference row becomes a Pair (prompt messages, chosen text, rejected text, margin, β); tokenize_rows
 renders each prompt with a chat template, tokenizes it once and appends each answer's tokens, so the
 prompt tokens of a pair are identical in both rows. An SFT row (a conversation) is rendered through the
-same templates turn by turn, with the loss on the assistant turns. Batches are right-padded, with a mask
-over the tokens the loss covers. PairSampler decides which pairs each step trains on, the same for 1 or
-N processes. `python data.py to-jsonl SPLIT.parquet OUT.jsonl` turns a hub parquet split into JSON lines.
+same templates turn by turn, with the loss on the assistant turns. A micro-batch is packed into one
+sequence without padding (pack), each pair's prompt once. PairSampler decides which pairs each step
+trains on, the same for 1 or N processes. `python data.py to-jsonl SPLIT.parquet OUT.jsonl` turns a hub parquet split into JSON lines.
 """
 import argparse
 import codecs
@@ -272,7 +272,7 @@ def read_margin(row, where):
     if "score_chosen" not in row and "score_rejected" not in row:
         return None
     scores = finite_number(row.get("score_chosen")), finite_number(row.get("score_rejected"))
-    # A NaN margin would pass for "no margin" in a batch (collate's NaN) and sort anywhere in the curriculum.
+    # A NaN margin would pass for "no margin" in a batch (pack's NaN) and sort anywhere in the curriculum.
     if None in scores or not math.isfinite(scores[0] - scores[1]):
         raise DataError(f"{where}: 'score_chosen' and 'score_rejected' must both be finite numbers, got "
                         f"{row.get('score_chosen')!r:.40} and {row.get('score_rejected')!r:.40}")
@@ -770,51 +770,103 @@ def sft_examples(tokenizer, rows, chat, max_length: int = 1024) -> tuple[list, d
 
 # ----------------------------------------------------------------------------- batching
 
-def collate(pairs: list, pad_id: int) -> dict:
-    """B pairs -> input_ids (2B, T) right-padded [chosen rows; rejected rows], loss_mask (2B, T) over
-    answer tokens, margin (B,) and beta (B,) (NaN where a pair has none)."""
-    rows = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
-    T = max(len(prompt) + len(answer) for prompt, answer in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, (prompt, answer) in enumerate(rows):
-        input_ids[i, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-        loss_mask[i, len(prompt):len(prompt) + len(answer)] = 1
-    nan = float("nan")
-    margin = torch.tensor([nan if p["margin"] is None else p["margin"] for p in pairs])
-    beta = torch.tensor([nan if p["beta"] is None else p["beta"] for p in pairs])
-    return {"input_ids": input_ids, "loss_mask": loss_mask, "margin": margin, "beta": beta}
+@dataclass
+class Packed:
+    """A micro-batch as one sequence without padding (see pack). A segment is a run of packed tokens that
+    are queries together: a pair's prompt, its chosen answer, its rejected answer; or one SFT example."""
+    input_ids: torch.Tensor  # (S,) the packed tokens
+    positions: torch.Tensor  # (S,) each token's position in its own unpacked row (RoPE reads it)
+    key_index: torch.Tensor  # packed index of every segment's keys, segment after segment
+    cu_queries: torch.Tensor  # (segments + 1,) int32: where each segment's queries start (varlen_attn)
+    cu_keys: torch.Tensor  # (segments + 1,) int32: where each segment's keys start in key_index
+    query_lengths: list  # the same lengths on the host, for the CPU's loop and the longest
+    key_lengths: list
+    answer_at: torch.Tensor  # (M,) packed index of every answer token, answer after answer
+    predicted_from: torch.Tensor  # (M,) packed index of the state that predicts it (the token before)
+    answer_index: torch.Tensor  # (M,) flat index of every answer token in the (rows, width) grid
+    rows: int  # answers: chosen ones then rejected ones (2 per pair), or SFT examples
+    width: int  # the longest answer: the per-answer grid is (rows, width)
+
+    def to(self, device) -> "Packed":
+        move = lambda t: t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+        return Packed(**{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
 
-def collate_sft(examples: list, pad_id: int) -> dict:
-    """N SFT examples -> input_ids (N, T) right-padded and loss_mask (N, T), the layout collate gives pairs."""
-    T = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(len(examples), T, dtype=torch.long)
-    for i, e in enumerate(examples):
-        input_ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        loss_mask[i, :len(e["loss_mask"])] = torch.tensor(e["loss_mask"])
-    return {"input_ids": input_ids, "loss_mask": loss_mask}
+def pack(items: list, sft: bool) -> dict:
+    """Items -> one packed sequence, no padding, and the per-answer grids the objective reads.
 
+    A pair packs as [prompt | chosen | rejected]: the prompt runs through the layers once; each answer's
+    queries see the prompt's keys and its own keys causally (never the other answer's), at the positions
+    of its unpacked row (the answer's continue from the prompt's length), so every log-prob is the padded
+    row's. An SFT example is one segment of its own. -> {"packed": Packed, "answer_mask" (rows, width),
+    "answer_ids" (rows, width), and for pairs margin (B,) and beta (B,), NaN where a pair has none}."""
+    tokens, positions, segments, answers = [], [], [], []  # segments: (query start, length, key ranges)
 
-def micro_batch(items: list, indices: list, sft: bool, pad_id: int, device) -> dict:
-    """Items -> padded tensors on the device, with the flat index of the answer tokens among the predicted
-    ones, computed here on the host so that the device never waits on a nonzero()."""
-    batch = (collate_sft if sft else collate)([items[i] for i in indices], pad_id)
-    batch["answer_index"] = batch["loss_mask"][:, 1:].flatten().nonzero().squeeze(1)
-    if device.type == "cuda":  # pinned memory: the copy runs beside the GPU's work
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    def place(ids, first_position):  # append a run of tokens; -> where it starts
+        start = len(tokens)
+        tokens.extend(ids)
+        positions.extend(range(first_position, first_position + len(ids)))
+        return start
+
+    if sft:
+        for e in items:
+            s = place(e["input_ids"], 0)
+            segments.append((s, len(e["input_ids"]), [(s, len(e["input_ids"]))]))
+            at = [s + t for t, m in enumerate(e["loss_mask"]) if m and t > 0]  # token 0 has no predictor
+            answers.append((at, [i - 1 for i in at]))
+    else:
+        chosen, rejected = [], []
+        for p in items:
+            P = len(p["prompt_ids"])
+            assert P > 0, "a prompt has at least its template's tokens"
+            s = place(p["prompt_ids"], 0)
+            segments.append((s, P, [(s, P)]))
+            for side, out in (("chosen_ids", chosen), ("rejected_ids", rejected)):
+                a = place(p[side], P)
+                segments.append((a, len(p[side]), [(s, P), (a, len(p[side]))]))
+                at = list(range(a, a + len(p[side])))
+                out.append((at, [s + P - 1] + at[:-1]))  # the first answer token is read off the prompt's end
+        answers = chosen + rejected
+    width = max(len(at) for at, _ in answers)
+    grid = [r * width + j for r, (at, _) in enumerate(answers) for j in range(len(at))]
+    answer_at = torch.tensor([i for at, _ in answers for i in at])
+    ids = torch.tensor(tokens)
+    long = lambda x: torch.tensor(x, dtype=torch.long)
+    cumulative = lambda n: torch.tensor([0] + n, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    key_lengths = [sum(n for _, n in keys) for _, _, keys in segments]
+    packed = Packed(ids, long(positions), long([s + j for _, _, keys in segments for s, n in keys for j in range(n)]),
+                    cumulative([n for _, n, _ in segments]), cumulative(key_lengths), [n for _, n, _ in segments],
+                    key_lengths, answer_at, long([i for _, f in answers for i in f]), long(grid), len(answers), width)
+    answer_ids = torch.zeros(len(answers) * width, dtype=torch.long).index_put_((packed.answer_index,), ids[answer_at])
+    answer_mask = torch.zeros(len(answers) * width, dtype=torch.long).index_fill_(0, packed.answer_index, 1)
+    batch = {"packed": packed, "answer_mask": answer_mask.view(-1, width), "answer_ids": answer_ids.view(-1, width)}
+    if not sft:
+        nan = float("nan")
+        batch["margin"] = torch.tensor([nan if p["margin"] is None else p["margin"] for p in items])
+        batch["beta"] = torch.tensor([nan if p["beta"] is None else p["beta"] for p in items])
     return batch
 
 
-def sequence_lengths(items: list, indices: list) -> list[tuple[int, int]]:
-    """(tokens, answer tokens) of each sequence the items train: two per pair, one per SFT example."""
+def micro_batch(items: list, indices: list, sft: bool, device) -> dict:
+    """Items -> the packed micro-batch on the device; every index is computed here on the host, so that
+    the device never waits on a nonzero()."""
+    batch = pack([items[i] for i in indices], sft)
+    if device.type == "cuda":  # pinned memory: the copy runs beside the GPU's work
+        return {k: v.to(device) if k == "packed" else v.pin_memory().to(device, non_blocking=True)
+                for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def segment_lengths(items: list, indices: list) -> list[tuple[int, int, int]]:
+    """(queries, keys, answer tokens) of each segment pack makes of the items: per pair the prompt
+    (P, P, 0) and each answer (A, P + A, A); per SFT example (T, T, its loss tokens)."""
     out = []
     for item in (items[i] for i in indices):
         if "input_ids" in item:
-            out.append((len(item["input_ids"]), sum(item["loss_mask"])))
+            out.append((len(item["input_ids"]), len(item["input_ids"]), sum(item["loss_mask"][1:])))
         else:
-            out += [(len(item["prompt_ids"]) + len(item[k]), len(item[k])) for k in ("chosen_ids", "rejected_ids")]
+            P = len(item["prompt_ids"])
+            out += [(P, P, 0)] + [(len(item[k]), P + len(item[k]), len(item[k])) for k in ("chosen_ids", "rejected_ids")]
     return out
 
 

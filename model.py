@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.attention.varlen import varlen_attn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -61,12 +62,6 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-
-    @property
-    def pad_id(self) -> int:
-        """The id batches are padded with: the end token (padding is masked out, so any id would do)."""
-        eos = self.eos_token_id
-        return (eos[0] if isinstance(eos, list) else eos) or 0
 
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
@@ -179,6 +174,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.window = cfg.sliding_window
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
@@ -188,11 +184,45 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # generation: keep this forward's keys and values, attend to all kept so far
             k, v = cache.append(k, v)
+        if isinstance(mask, data.Packed):  # training: one packed sequence (B = 1), segments apart
+            y = packed_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), mask,
+                                 self.window)
+            return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
         # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads (enable_gqa repeats them).
-        # Batches are right-padded, so causal attention never lets a real token see padding.
+        # Rows of a plain forward are whole (or right-padded): causal attention never sees padding.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def packed_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
+    """Attention over a packed micro-batch (data.pack): q (S, H, hd), k and v (S, KV, hd) -> (S, H, hd).
+    Each segment's queries see its keys: a prompt its own, an answer its prompt's then its own, gathered
+    here (keys and values only; the prompt's layers ran once). Queries are the last of their keys, so the
+    causal diagonal is aligned bottom-right, and a key's place in its segment's keys is its position:
+    query i of a segment sees keys j with i' - window < j <= i', i' = i + keys - queries.
+    The switch: on CUDA in bf16/fp16, FlashAttention over all segments at once (varlen_attn); elsewhere
+    SDPA segment by segment, the plainest exact equivalent (3x faster on a CPU than one SDPA over the
+    whole sequence with a block mask, which computes every masked score too)."""
+    k, v = k.index_select(0, packed.key_index), v.index_select(0, packed.key_index)
+    gqa = k.shape[1] != q.shape[1]
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return varlen_attn(q, k, v, packed.cu_queries, packed.cu_keys, max(packed.query_lengths),
+                           max(packed.key_lengths), window_size=(window - 1 if window else -1, 0),
+                           enable_gqa=gqa)
+    out, q_start, k_start = [], 0, 0
+    for n_q, n_k in zip(packed.query_lengths, packed.key_lengths):
+        seg = lambda x, start, n: x[start:start + n].transpose(0, 1)[None]  # (1, heads, n, hd)
+        mask = None
+        if n_q != n_k or (window and n_k > window):
+            i = torch.arange(n_k - n_q, n_k, device=q.device)[:, None]  # the queries' places among the keys
+            j = torch.arange(n_k, device=q.device)[None, :]
+            mask = (j <= i) & (j > i - window) if window else j <= i
+        y = F.scaled_dot_product_attention(seg(q, q_start, n_q), seg(k, k_start, n_k), seg(v, k_start, n_k),
+                                           attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        out.append(y[0].transpose(0, 1))
+        q_start, k_start = q_start + n_q, k_start + n_k
+    return torch.cat(out)
 
 
 class MLP(nn.Module):
@@ -229,15 +259,15 @@ class Block(nn.Module):
 @dataclass
 class AnswerStates:
     """What a forward pass gives the objective at the answer tokens, without the (N, T, vocab) logits.
-    Position t of a row is the one that predicts token t+1: every tensor is aligned with the predicted
-    token, (N, T-1, ...), and is 0 (or unused) where that token is not an answer token."""
-    logps: torch.Tensor  # (N, T-1) fp32: log p(token t+1 | tokens <= t), Eq. 1's factors
-    top1: torch.Tensor  # (N, T-1) fp32: log max_v p(v | tokens <= t), the squeeze probe (no gradient)
-    embeds: torch.Tensor  # (N, T-1, D): input embedding of token t+1, detached (Eq. 7 reads it)
-    hidden: torch.Tensor  # (N, T-1, D): final normed hidden state at t (Eq. 9 reads it)
-    logit_sums: torch.Tensor | None  # (N, vocab) fp32: the logits summed over a row's answer tokens (Eq. 8)
-    hidden_after: torch.Tensor | None = None  # (N, T-1, D): the hidden state at t+1, which has read token t+1,
-    # detached (--similarity hidden reads it: the state at t is the same in both answers after a shared prefix)
+    One row per answer (data.pack's chosen answers, then rejected; or SFT examples), column j for its
+    token j: every tensor is (rows, width, ...), 0 (or unused) beyond an answer's end."""
+    logps: torch.Tensor  # (rows, width) fp32: log p(token j | everything before it), Eq. 1's factors
+    top1: torch.Tensor  # (rows, width) fp32: log max_v p(v | before token j), the squeeze probe (no gradient)
+    embeds: torch.Tensor  # (rows, width, D): input embedding of token j, detached (Eq. 7 reads it)
+    hidden: torch.Tensor  # (rows, width, D): final normed hidden state that predicts token j (Eq. 9 reads it)
+    logit_sums: torch.Tensor | None  # (rows, vocab) fp32: the logits summed over an answer's tokens (Eq. 8)
+    hidden_after: torch.Tensor | None = None  # (rows, width, D): the hidden state at token j, which has read
+    # it, detached (--similarity hidden: the state before it is the same in both answers after a shared prefix)
 
 
 class Transformer(nn.Module):
@@ -264,26 +294,28 @@ class Transformer(nn.Module):
         device = self.embed_tokens.weight.device
         self.rope_inv_freq = rope_inv_freq(self.config).to(device)
 
-    def forward(self, input_ids: torch.Tensor, answer_index: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, packed: "data.Packed | None" = None,
                 sum_logits: bool = False):
         """input_ids (N, T) -> logits (N, T, vocab).
 
-        With answer_index (flat indices into the (N, T-1) grid of predicted tokens, the answer tokens
-        only), no logits are made: an AnswerStates with the log-probs of those tokens through the chunked
-        head, and with sum_logits their logits summed per row. Done here, inside the root module's
-        forward, because FSDP gathers the head's weight only there."""
-        N, T = input_ids.shape
-        embeds = self.embed_tokens(input_ids)  # (N, T, D)
-        cos, sin = rope_cos_sin(self.rope_inv_freq, torch.arange(T, device=input_ids.device), embeds.dtype)
-        window = self.config.sliding_window
-        mask = sliding_window_mask(T, window, input_ids.device) if window and T > window else None
+        With packed (a micro-batch from data.pack) instead, no logits are made: an AnswerStates in the
+        per-answer layout, with the log-probs of the answer tokens through the chunked head, and with
+        sum_logits their logits summed per answer. Done here, inside the root module's forward, because
+        FSDP gathers the head's weight only there."""
+        ids = packed.input_ids[None] if packed is not None else input_ids  # (N, T); packed: (1, S)
+        positions = packed.positions if packed is not None else torch.arange(ids.shape[1], device=ids.device)
+        embeds = self.embed_tokens(ids)  # (N, T, D)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, positions, embeds.dtype)
+        window, T = self.config.sliding_window, ids.shape[1]
+        mask = packed if packed is not None else \
+            sliding_window_mask(T, window, ids.device) if window and T > window else None
         x = embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         hidden = self.norm(x)  # (N, T, D)
-        if answer_index is None:
+        if packed is None:
             return self.lm_head(hidden)  # (N, T, vocab)
-        return self.answer_states(input_ids, embeds, hidden, answer_index, sum_logits)
+        return self.answer_states(packed, embeds[0], hidden[0], sum_logits)
 
     def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                        caches: list) -> torch.Tensor:
@@ -297,25 +329,28 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         return self.lm_head(self.norm(x[:, -1]))  # (B, vocab)
 
-    def answer_states(self, input_ids, embeds, hidden, answer_index, sum_logits) -> AnswerStates:
-        N, T, D = hidden.shape
-        # Grid index i = n*(T-1) + t predicts token t+1 of row n, which sits at n*T + t + 1 of the row-major
-        # (N, T) tensors; its hidden state at n*T + t. Index arithmetic on the device: no host sync.
-        at = answer_index + torch.div(answer_index, T - 1, rounding_mode="floor")
-        labels = input_ids.reshape(-1).index_select(0, at + 1)
-        h = hidden.reshape(N * T, D).index_select(0, at)  # (M, D): the answer positions only
+    def answer_states(self, packed, embeds, hidden, sum_logits) -> AnswerStates:
+        """The packed sequence's embeddings and final hidden states (S, D) -> AnswerStates on the
+        (rows, width) grid, one row per answer, column j for its token j (0 beyond its end)."""
+        D = hidden.shape[-1]
+        labels = packed.input_ids.index_select(0, packed.answer_at)
+        h = hidden.index_select(0, packed.predicted_from)  # (M, D): the states that predict answer tokens
         weight = self.lm_head.weight
         logps, top1 = AnswerHead.apply(h, weight, labels)
-        rows, cols = torch.div(answer_index, T - 1, rounding_mode="floor"), answer_index % (T - 1)
-        grid = lambda x: torch.zeros(N, T - 1, dtype=x.dtype, device=x.device).index_put((rows, cols), x)
+        rows = torch.div(packed.answer_index, packed.width, rounding_mode="floor")
+
+        def grid(x):  # (M, ...) -> (rows, width, ...)
+            out = x.new_zeros(packed.rows * packed.width, *x.shape[1:]).index_put((packed.answer_index,), x)
+            return out.view(packed.rows, packed.width, *x.shape[1:])
         sums = None
         if sum_logits:  # Eq. 8's input: the head is linear, so summed logits = head(summed hidden states)
-            h_sum = torch.zeros(N, D, dtype=logps.dtype, device=h.device).index_add_(0, rows, h.detach().to(logps.dtype))
+            h_sum = torch.zeros(packed.rows, D, dtype=logps.dtype, device=h.device)
+            h_sum.index_add_(0, rows, h.detach().to(logps.dtype))
             sums = torch.cat([h_sum @ w.to(h_sum.dtype).T for w in weight.detach().split(HEAD_CHUNK // D)], dim=1)
-        # Eq. 7 reads the embeddings detached; the hidden states are copied, not returned as a view, since
-        # FSDP hooks the outputs of the root module for backward and an in-place op on a view would skip that.
-        return AnswerStates(grid(logps), grid(top1), embeds[:, 1:].detach(), hidden[:, :-1].contiguous(), sums,
-                            hidden[:, 1:].detach())
+        # Eq. 7 reads the embeddings detached; hidden_after is the state at the answer token itself.
+        after = hidden.detach().index_select(0, packed.answer_at)
+        return AnswerStates(grid(logps), grid(top1), grid(embeds.detach().index_select(0, packed.answer_at)),
+                            grid(h), sums, grid(after))
 
 
 # Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 64 MiB of fp32. Smaller
@@ -690,16 +725,17 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int, int]:
     return blocks, head, blocks + head * (1 if cfg.tie_word_embeddings else 2)
 
 
-def training_flops(cfg: ModelConfig, sequences: list, live_reference: bool) -> float:
-    """Model FLOPs of training on sequences given as (tokens, answer tokens), PaLM's convention (recomputation
-    not counted): 6 per parameter and token for the policy's forward and backward, 2 for a live reference's
-    forward; the head only at answer tokens (the chunked head computes nothing else); the input embedding
-    not at all (a lookup); attention's two T x T products, 12·L·D·T per token of a T-token sequence
-    (4·L·D·T for a forward only)."""
+def training_flops(cfg: ModelConfig, segments: list, live_reference: bool) -> float:
+    """Model FLOPs of training on segments given as (queries, keys, answer tokens), data.segment_lengths'
+    triples, PaLM's convention (recomputation not counted): 6 per parameter and query token for the policy's
+    forward and backward, 2 for a live reference's forward; the head only at answer tokens (the chunked head
+    computes nothing else); the input embedding not at all (a lookup); attention's two products of a
+    segment's queries by its keys, 12·L·D·keys per query (4·L·D·keys for a forward only). A whole T-token
+    sequence is the segment (T, T, answer tokens)."""
     blocks, head, _ = parameter_counts(cfg)
     passes = 6 + 2 * live_reference
     attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (3 + live_reference)
-    return sum(passes * (blocks * t + head * n) + attention * t * t for t, n in sequences)
+    return sum(passes * (blocks * q + head * n) + attention * q * k for q, k, n in segments)
 
 
 def peak_flops(device) -> float | None:

@@ -106,9 +106,16 @@ def test_tied_model_shares_one_parameter(tmp_path):
     assert ours.lm_head.weight is ours.embed_tokens.weight
 
 
-def answer_grid(mask: torch.Tensor) -> torch.Tensor:
-    """The flat answer_index of a (N, T-1) mask of predicted answer tokens."""
-    return mask.flatten().nonzero().squeeze(1)
+def packed_rows(ids: torch.Tensor, mask: torch.Tensor) -> "data.Packed":
+    """(N, T) token ids with a (N, T-1) mask of the predicted tokens to score -> data.pack's micro-batch
+    of them as SFT examples: each row a segment of its own, its masked tokens one answer row."""
+    return data.pack([{"input_ids": r.tolist(), "loss_mask": [0] + m.int().tolist()} for r, m in zip(ids, mask)],
+                     sft=True)["packed"]
+
+
+def on_mask(grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The values of a per-answer grid at its answer tokens, in the order of mask.nonzero() of the rows."""
+    return grid[torch.arange(grid.shape[1]) < mask.sum(1, keepdim=True)]
 
 
 @pytest.mark.parametrize("chunk", [None, 600])
@@ -125,19 +132,19 @@ def test_answer_head_matches_full_logits_in_float64(monkeypatch, chunk):
     mask[:, 5:9] = 1
     mask[1, 3:11] = 1
     g = torch.randn(4, 11, dtype=torch.float64)
-    states = m(ids, answer_index=answer_grid(mask), sum_logits=True)
-    (states.logps * g).sum().backward()
+    states = m(packed=packed_rows(ids, mask), sum_logits=True)
+    (on_mask(states.logps, mask) * g[mask.bool()]).sum().backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     logits = m(ids)[:, :-1]
     full = logits.log_softmax(-1)
     ref = full.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask
     (ref * g).sum().backward()
-    assert (states.logps - ref).abs().max() < 1e-12
-    assert (states.top1 - full.amax(-1) * mask).abs().max() < 1e-12
+    assert (on_mask(states.logps, mask) - ref[mask.bool()]).abs().max() < 1e-12
+    assert (on_mask(states.top1, mask) - full.amax(-1)[mask.bool()]).abs().max() < 1e-12
     assert (states.logit_sums - (logits * mask[..., None]).sum(1)).abs().max() < 1e-12
     assert all((grads[n] - p.grad).abs().max() < 1e-12 for n, p in m.named_parameters())
-    assert torch.equal(states.embeds, m.embed_tokens(ids)[:, 1:])
+    assert torch.equal(on_mask(states.embeds, mask), m.embed_tokens(ids)[:, 1:][mask.bool()])
 
 
 def test_answer_head_in_bfloat16_keeps_fp32_statistics():
@@ -145,7 +152,7 @@ def test_answer_head_in_bfloat16_keeps_fp32_statistics():
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 9)
     exact = m.double()(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    states = m.bfloat16()(ids, answer_index=answer_grid(mask), sum_logits=True)
+    states = m.bfloat16()(packed=packed_rows(ids, mask), sum_logits=True)
     assert states.logps.dtype == torch.float32 and states.logit_sums.dtype == torch.float32
     assert (states.logps.double() - exact).abs().max() < 0.05  # bf16 weights; the statistics are fp32
 
@@ -215,7 +222,10 @@ def test_parameter_counts_are_the_built_models(tied, head_dim, kv):
     # in the blocks, at answer tokens in the head, and attention's 3 x 2 products of 2 x T² x H x d each.
     heads_dim = cfg.num_attention_heads * cfg.head_dim
     expected = 6 * (blocks * 10 + head * 4) + 3 * cfg.num_hidden_layers * 2 * 2 * 10 * 10 * heads_dim
-    assert M.training_flops(cfg, [(10, 4)], live_reference=False) == expected
+    assert M.training_flops(cfg, [(10, 10, 4)], live_reference=False) == expected
+    # An answer of 4 after a 6-token prompt, packed: the prompt (6, 6, 0) and the answer (4, 10, 4).
+    packed = 6 * (blocks * 10 + head * 4) + 3 * cfg.num_hidden_layers * 2 * 2 * (6 * 6 + 4 * 10) * heads_dim
+    assert M.training_flops(cfg, [(6, 6, 0), (4, 10, 4)], live_reference=False) == packed
 
 
 # ----------------------------------------------------------------------------- generation
@@ -451,7 +461,8 @@ def test_benchmark_script_compares_its_trainers_at_a_tiny_size(tmp_path):
     assert set(results) == expected
     for r in results.values():
         assert len(r["step_s"]) == 1 and 0 < r["step_s"][0] < 60 and 2**26 < r["rss"][0] < 2**33
-    assert len((tmp_path / "table.md").read_text().splitlines()) == 2 + len(expected)
+    tokens, speed = (tmp_path / "table.md").read_text().strip().split("\n\n")
+    assert len(tokens.splitlines()) == 4 and len(speed.splitlines()) == 2 + len(expected)
 
 
 # ============================================================================= aao.py
@@ -568,22 +579,18 @@ def test_alignment_matches_brute_force_with_prompts_and_padding():
 
 def reordered_pair():
     """ "A beat B ." against "B beat A .", each ending with the same end token: the same tokens in both."""
-    chosen, rejected = [11, 12, 13, 14, 2], [13, 12, 11, 14, 2]
-    ids = torch.tensor([[7, 8] + chosen, [7, 8] + rejected])  # a prompt, then the answer
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]] * 2, dtype=torch.float64)
-    return ids, mask
+    return {"prompt_ids": [7, 8], "chosen_ids": [11, 12, 13, 14, 2], "rejected_ids": [13, 12, 11, 14, 2],
+            "margin": None, "beta": None}
 
 
 @pytest.mark.parametrize("similarity", ["hidden", "alignment"])
 def test_reordered_pair_is_all_ambiguous_under_embedding_only(similarity):
     """Eq. 7 on input embeddings scores every token of a reordered pair 1, so AAO gives it no weight; the
     position- or context-aware readings keep the swapped tokens. Fails if --similarity is ignored."""
-    ids, mask = reordered_pair()
+    batch = data.pack([reordered_pair()], sft=False)
     model = M.tiny_model(32, seed=0)
-    answer_index = mask[:, 1:].flatten().nonzero().squeeze(1)
-    full = torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)], 1)  # the grid is of predicted tokens
-    states = model(full, answer_index=answer_index)
-    grid_ids, grid_mask = full[:, 1:], torch.cat([mask[:, 1:], torch.zeros(2, 1, dtype=mask.dtype)], 1)
+    states = model(packed=batch["packed"])
+    grid_ids, grid_mask = batch["answer_ids"], batch["answer_mask"].double()
     a, b = thresholds(1, 0.8, 0.4)
     scores = {}
     for name in ("embedding", similarity):
@@ -593,16 +600,15 @@ def test_reordered_pair_is_all_ambiguous_under_embedding_only(similarity):
     answer = grid_mask.bool()
     (w_emb, S_emb), (w_new, S_new) = scores["embedding"], scores[similarity]
     assert torch.allclose(S_emb[answer], torch.ones(10, dtype=S_emb.dtype)) and w_emb[answer].max() < 1e-6
-    swapped = torch.tensor([[0, 1, 1, 1, 0, 0, 0]] * 2).bool()  # rows of ids[:, 1:]: "A beat B" / "B beat A"
+    swapped = torch.tensor([[1, 1, 1, 0, 0]] * 2).bool()  # "A beat B" / "B beat A"
     assert S_new[swapped].max() < 0.99 and w_new[swapped].min() > 0.5
     if similarity == "alignment":  # "." and the end token sit at the same place in both: ambiguous
         assert (S_new[answer & ~swapped] == 1).all()
 
 
 def test_end_token_weight_one_weighs_only_the_last_answer_token():
-    ids, mask = reordered_pair()
-    grid_mask = mask[:, 1:]
-    emb = torch.randn(2, 6, 8, dtype=torch.float64)
+    grid_mask = torch.ones(2, 5, dtype=torch.float64)  # the two answers of reordered_pair
+    emb = torch.randn(2, 5, 8, dtype=torch.float64)
     emb[:, -1] = emb[0, -1]  # the same end token in both answers
     a, b = thresholds(1, 0.8, 0.4)
     w_aao, _ = aao.token_weights(aao.Objective(), grid_mask, emb, a, b)
@@ -616,9 +622,169 @@ def test_end_token_weight_one_weighs_only_the_last_answer_token():
 def test_hidden_after_is_the_next_positions_hidden_state():
     model = M.tiny_model(32, seed=0)
     ids = torch.randint(0, 32, (2, 9))
-    states = model(ids, answer_index=torch.arange(2 * 8))
+    states = model(packed=packed_rows(ids, torch.ones(2, 8)))
     assert torch.equal(states.hidden_after[:, :-1], states.hidden[:, 1:].detach())
     assert not states.hidden_after.requires_grad
+
+
+# ----------------------------------------------------------------------------- packed = padded
+
+def padded_states(model, rows: list, sum_logits=False) -> M.AnswerStates:
+    """The reference the packing must equal: every (context, answer) row whole, right-padded, through the
+    plain forward (its own positions 0.., causal SDPA, Mistral's window mask), read back into the
+    per-answer grid. The final hidden states come from a hook on the last norm."""
+    T, width = max(len(c) + len(a) for c, a in rows), max(len(a) for _, a in rows)
+    ids = torch.tensor([c + a + [0] * (T - len(c) - len(a)) for c, a in rows])
+    kept = {}
+    hook = model.norm.register_forward_hook(lambda mod, args, out: kept.update(hidden=out))
+    logits = model(ids).float()
+    hook.remove()
+    logp, hidden, embeds = logits.log_softmax(-1), kept["hidden"], model.embed_tokens(ids).detach()
+    zeros = lambda *shape: torch.zeros(len(rows), width, *shape)
+    out = M.AnswerStates(zeros(), zeros(), zeros(embeds.shape[-1]), zeros(hidden.shape[-1]),
+                         torch.zeros(len(rows), logits.shape[-1]), zeros(hidden.shape[-1]))
+    out.hidden = [[None] * width for _ in rows]  # filled below, stacked with gradients
+    for r, (c, a) in enumerate(rows):
+        at = torch.arange(len(c), len(c) + len(a))  # the answer's tokens in the row; at - 1 predicts them
+        out.logps[r, :len(a)] = logp[r, at - 1].gather(1, ids[r, at, None])[:, 0].detach()
+        out.top1[r, :len(a)] = logp[r, at - 1].amax(-1).detach()
+        out.embeds[r, :len(a)], out.hidden_after[r, :len(a)] = embeds[r, at], hidden[r, at].detach()
+        out.logit_sums[r] = logits[r, at - 1].sum(0).detach()
+        out.hidden[r] = torch.cat([hidden[r, at - 1], hidden.new_zeros(width - len(a), hidden.shape[-1])])
+    out.hidden = torch.stack(out.hidden)
+    out.logps_with_grad = torch.stack([torch.cat([logp[r, torch.arange(len(c) - 1, len(c) + len(a) - 1)]
+                                                  .gather(1, torch.tensor(a)[:, None])[:, 0],
+                                                  logp.new_zeros(width - len(a))]) for r, (c, a) in enumerate(rows)])
+    return out
+
+
+def pair_rows(pairs) -> list:
+    return [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+
+
+PACKING_MODELS = {"llama": {}, "llama tied": {"tie_word_embeddings": True},
+                  "mistral window 4": {"sliding_window": 4, "model_type": "mistral"}}
+
+
+def packing_model(kind: str, seed=0) -> M.Transformer:
+    cfg = M.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=61, **PACKING_MODELS[kind])
+    return M.init_weights(M.Transformer(cfg), seed)
+
+
+def packing_pairs(seed=0) -> list:
+    """Three pairs of unlike lengths: prompts and answers longer than Mistral's window of 4, one 1-token answer."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, 61, (n,), generator=g).tolist()
+    return [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r), "margin": 1.0, "beta": None}
+            for p, c, r in ((6, 9, 5), (3, 1, 11), (9, 7, 7))]
+
+
+def packed_vs_padded_gap(model, pairs) -> float:
+    """Max |log p| difference between the packed micro-batch and the padded rows."""
+    batch = data.pack(pairs, sft=False)
+    with torch.no_grad():
+        ours = model(packed=batch["packed"]).logps
+        ref = padded_states(model, pair_rows(pairs)).logps
+    return float(((ours - ref) * batch["answer_mask"]).abs().max())
+
+
+@pytest.mark.parametrize("kind", list(PACKING_MODELS))
+def test_packed_answer_states_equal_the_padded_rows(kind):
+    """Every per-token output the objective reads: log-probs, the squeeze probe, Eq. 7's embeddings,
+    Eq. 9's hidden states (and the hidden state after each token), Eq. 8's logit sums."""
+    model, pairs = packing_model(kind), packing_pairs()
+    batch = data.pack(pairs, sft=False)
+    ours, ref = model(packed=batch["packed"], sum_logits=True), padded_states(model, pair_rows(pairs))
+    mask = batch["answer_mask"].bool()
+    for name in ("logps", "top1", "embeds", "hidden", "hidden_after", "logit_sums"):
+        got, want = getattr(ours, name).detach(), getattr(ref, name).detach()
+        assert got.shape == want.shape and (got - want).abs().max() < 1e-5, name
+    assert not ours.logps[~mask].any() and not ours.hidden[~mask].any()
+
+
+def objective_on(model, thresholds_mlp, states, ref_logps, mask, obj, ids):
+    a = b = None
+    if obj.weighting == "aao":
+        a, b = thresholds_mlp(aao.pooled_answer_logits(states.logit_sums, mask))
+    out = aao.preference_objective(obj, states.logps, ref_logps, mask, embeds=states.embeds, hidden=states.hidden,
+                                   a=a, b=b, margin=torch.ones(mask.shape[0] // 2), hidden_after=states.hidden_after,
+                                   seeds=list(range(mask.shape[0])), ids=ids)
+    return out, aao.objective_metrics(out, mask, a, b)
+
+
+@pytest.mark.parametrize("kind", list(PACKING_MODELS))
+@pytest.mark.parametrize("loss, weighting", [("dpo", "none"), ("dpo", "aao"), ("simpo", "none"), ("sft", None)])
+def test_packed_objective_and_gradients_equal_the_padded_path(kind, loss, weighting):
+    """The objective, its metrics, AAO's a and b, and the gradients of the policy and the threshold MLP
+    (fp32, a trained-looking reference from another seed) equal the padded path's."""
+    pairs = packing_pairs(1)
+    results = []
+    for packed in (True, False):
+        model, reference = packing_model(kind, seed=0), packing_model(kind, seed=1)
+        torch.manual_seed(0)
+        mlp = aao.ThresholdMLP(61, hidden=16)
+        if loss == "sft":
+            examples = [{"input_ids": p["prompt_ids"] + p["chosen_ids"],
+                         "loss_mask": [0] * len(p["prompt_ids"]) + [1] * len(p["chosen_ids"])} for p in pairs]
+            batch = data.pack(examples, sft=True)
+            rows = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
+            logps = model(packed=batch["packed"]).logps if packed else padded_states(model, rows).logps_with_grad
+            value, metrics = aao.sft_loss(logps, batch["answer_mask"], 7), {}
+        else:
+            batch = data.pack(pairs, sft=False)
+            mask, obj = batch["answer_mask"], aao.Objective(loss=loss, weighting=weighting)
+            with torch.no_grad():
+                ref = reference(packed=batch["packed"]).logps if packed else \
+                    padded_states(reference, pair_rows(pairs)).logps
+            if packed:
+                states = model(packed=batch["packed"], sum_logits=True)
+            else:
+                states = padded_states(model, pair_rows(pairs))
+                states.logps = states.logps_with_grad
+            out, metrics = objective_on(model, mlp, states, None if loss == "simpo" else ref, mask, obj,
+                                        batch["answer_ids"])
+            value = out.losses.sum()
+        value.backward()
+        grads = {n: p.grad.clone() for n, p in [*model.named_parameters(), *mlp.named_parameters()] if p.grad is not None}
+        results.append((float(value.detach()), metrics, grads))
+    (v1, m1, g1), (v2, m2, g2) = results
+    assert v1 == pytest.approx(v2, rel=1e-5, abs=1e-6)
+    assert m1.keys() == m2.keys() and all(float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-6) for k in m1)
+    if weighting == "aao":
+        assert {"a", "b"} <= m1.keys() and any(n.startswith("fc1") for n in g1)
+    assert g1.keys() == g2.keys() and all((g1[n] - g2[n]).abs().max() < 1e-5 * max(1, g2[n].abs().max()) for n in g1)
+
+
+def shift_answer_positions(packed):
+    at = packed.answer_at
+    packed.positions = packed.positions.index_add(0, at, torch.ones_like(at))
+    return packed
+
+
+def read_rejected_off_the_chosen(packed):
+    packed.predicted_from = packed.answer_at - 1  # the rejected answer's first token read off the chosen's end
+    return packed
+
+
+def widen_the_window(model):
+    for layer in model.layers:
+        layer.self_attn.window += 1
+
+
+@pytest.mark.parametrize("broken", ["position offset", "prompt boundary", "window"])
+def test_packing_equality_catches_a_broken_layout(monkeypatch, broken):
+    """The equality above is not vacuous: answer positions off by one, the rejected answer's first token
+    predicted from the chosen answer's end, or Mistral's window one too wide each break it."""
+    pairs, model = packing_pairs(), packing_model("mistral window 4")
+    assert packed_vs_padded_gap(model, pairs) < 1e-5
+    if broken == "window":
+        widen_the_window(model)
+    else:
+        pack, change = data.pack, {"position offset": shift_answer_positions,
+                                   "prompt boundary": read_rejected_off_the_chosen}[broken]
+        monkeypatch.setattr(data, "pack", lambda items, sft: {**(b := pack(items, sft)), "packed": change(b["packed"])})
+    assert packed_vs_padded_gap(model, pairs) > 1e-4  # 10x the tolerance; a random tiny model barely reads RoPE
 
 
 def test_pooled_answer_logits_match_float64():
@@ -1297,10 +1463,10 @@ def test_fuzzed_files_parse_or_name_file_and_line(tmp_path, tiny_tok):
             if name == "preference" and out:
                 assert all(p["margin"] is None or math.isfinite(p["margin"]) for p in out)
                 assert all(p["beta"] is None or (math.isfinite(p["beta"]) and p["beta"] > 0) for p in out)
-                data.collate(out, 0)
+                data.pack(out, sft=False)
             if name == "sft" and out:
                 assert all(0 < sum(e["loss_mask"]) and len(e["input_ids"]) <= 48 for e in out)
-                data.collate_sft(out, 0)
+                data.pack(out, sft=True)
     assert outcomes["parsed"] > 200 and outcomes["error"] > 800, outcomes  # both outcomes are exercised
 
 
@@ -1355,7 +1521,7 @@ def test_sft_multi_turn_masks_exactly_the_assistant_turns(name):
     assert trained(last_turn) == answer("It is 5.")
 
 
-def test_sft_truncation_drops_examples_without_a_loss_token_and_collates():
+def test_sft_truncation_drops_examples_without_a_loss_token_and_packs():
     tok = word_tokenizer(WORDS)
     rows = [("t:1", {"messages": MULTI_TURN}), ("t:2", {"prompt": "What is 2+2? " * 10, "completion": "It is 4."}),
             ("t:3", {"prompt": "What is 2+2?", "completion": "It is 4."})]
@@ -1364,10 +1530,10 @@ def test_sft_truncation_drops_examples_without_a_loss_token_and_collates():
     assert report == {"rows": 3, "dropped_no_answer_room": 1, "truncated": 1, "examples": 2}
     assert [e["where"] for e in cut] == ["t:1", "t:3"]
     assert cut[0]["input_ids"] == full[0]["input_ids"][:40] and cut[0]["loss_mask"] == full[0]["loss_mask"][:40]
-    b = data.collate_sft(cut, pad_id=0)
-    assert b["input_ids"].shape == b["loss_mask"].shape == (2, 40)
-    assert b["input_ids"][1].tolist() == full[2]["input_ids"] + [0] * (40 - len(full[2]["input_ids"]))
-    assert b["loss_mask"][1].tolist() == full[2]["loss_mask"] + [0] * (40 - len(full[2]["loss_mask"]))
+    b = data.pack(cut, sft=True)
+    assert b["packed"].input_ids.tolist() == cut[0]["input_ids"] + full[2]["input_ids"]
+    trained = [t for t, m in zip(full[2]["input_ids"], full[2]["loss_mask"]) if m]
+    assert b["answer_ids"][1, :len(trained)].tolist() == trained and b["answer_mask"][1].sum() == len(trained)
 
 
 @pytest.mark.parametrize("row,message", [
@@ -1607,13 +1773,24 @@ def test_truncation_keeps_bos_and_prompt_end_and_drops_pairs_without_room():
     assert pairs == [] and report["dropped_no_answer_room"] == 1
 
 
-def test_collate_masks_answers_and_pads_right():
+def test_pack_lays_out_prompt_once_then_both_answers():
     pairs = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6], "margin": 1.0, "beta": None},
              {"prompt_ids": [1, 7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12, 13], "margin": None, "beta": 0.2}]
-    b = data.collate(pairs, pad_id=0)
-    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [1, 7, 8, 9, 10, 11], [1, 2, 3, 6, 0, 0], [1, 7, 12, 13, 0, 0]]
-    assert b["loss_mask"].tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 0, 0], [0, 0, 1, 1, 0, 0]]
+    b = data.pack(pairs, sft=False)
+    p = b["packed"]
+    assert p.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 1, 7, 8, 9, 10, 11, 12, 13]
+    assert p.positions.tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 4, 5, 2, 3]  # answers go on from the prompt
+    assert p.query_lengths == [3, 2, 1, 2, 4, 2] and p.key_lengths == [3, 5, 4, 2, 6, 4]
+    assert p.key_index.tolist() == [0, 1, 2] + [0, 1, 2, 3, 4] + [0, 1, 2, 5] + [6, 7] + [6, 7, 8, 9, 10, 11] + \
+        [6, 7, 12, 13]  # the rejected answer's keys skip the chosen answer's
+    assert p.cu_queries.tolist() == [0, 3, 5, 6, 8, 12, 14] and p.cu_keys.dtype == torch.int32
+    # answer rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1
+    assert p.answer_at.tolist() == [3, 4, 8, 9, 10, 11, 5, 12, 13]
+    assert p.predicted_from.tolist() == [2, 3, 7, 8, 9, 10, 2, 7, 12]  # the rejected answer reads the prompt's end
+    assert b["answer_ids"].tolist() == [[4, 5, 0, 0], [8, 9, 10, 11], [6, 0, 0, 0], [12, 13, 0, 0]]
+    assert b["answer_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
     assert b["margin"][0] == 1.0 and b["margin"][1].isnan() and b["beta"][1] == pytest.approx(0.2) and b["beta"][0].isnan()
+    assert data.segment_lengths(pairs, [0, 1]) == [(3, 3, 0), (2, 5, 2), (1, 4, 1), (2, 2, 0), (4, 6, 4), (2, 4, 2)]
 
 
 def test_n_processes_see_the_global_batches_of_one():

@@ -435,10 +435,9 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
     """The pairwise objective on a micro-batch: a policy forward, the reference's log-probs (live or
     cached), the thresholds, aao.preference_objective. Returns (ObjectiveOutput, AnswerStates, reference
     log-probs, batch, metrics as 0-dim tensors)."""
-    batch = data.micro_batch(items, indices, False, run.policy.config.pad_id, run.device)
-    mask = batch["loss_mask"][:, 1:]
-    states = run.policy(batch["input_ids"], answer_index=batch["answer_index"],
-                        sum_logits=run.thresholds is not None)
+    batch = data.micro_batch(items, indices, False, run.device)
+    mask = batch["answer_mask"]
+    states = run.policy(packed=batch["packed"], sum_logits=run.thresholds is not None)
     ref_logps, ref_top1 = reference_logps(run, batch, indices, ref_cache)
     a = b = None
     if run.thresholds is not None:
@@ -451,7 +450,7 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
                                    embeds=states.embeds, hidden=states.hidden, a=a, b=b,
                                    routed=routed,
                                    seeds=aao.random_weight_seeds(run.seed, step, indices), hidden_after=states.hidden_after,
-                                   ids=batch["input_ids"][:, 1:])
+                                   ids=batch["answer_ids"])
     metrics = {**aao.objective_metrics(out, mask, a, b), **aao.squeeze_probe(states.top1, ref_top1, mask)}
     return out, states, ref_logps, batch, metrics
 
@@ -459,22 +458,22 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
 def reference_logps(run: Run, batch, indices, cache):
     """The frozen reference's per-token log-probs and top-1 log-probs, live, cached, or none (SimPO)."""
     if cache is not None:
-        return cache.lookup(indices, batch["answer_index"], batch["loss_mask"].shape)
+        return cache.lookup(indices, batch["packed"].answer_index, batch["answer_mask"].shape)
     if run.reference is None:
         return None, None
     with torch.no_grad():
-        ref = run.reference(batch["input_ids"], answer_index=batch["answer_index"])
+        ref = run.reference(packed=batch["packed"])
     return ref.logps, ref.top1
 
 
 def forward_sft(run: Run, items, indices):
     """The SFT stage on a micro-batch: the summed NLL of its answer tokens (divided by the token count of
     the whole batch, it is TRL's token mean), and that sum and count as metrics."""
-    batch = data.micro_batch(items, indices, True, run.policy.config.pad_id, run.device)
-    mask = batch["loss_mask"][:, 1:]
-    states = run.policy(batch["input_ids"], answer_index=batch["answer_index"])
-    nll_sum = aao.sft_loss(states.logps, mask, 1)
-    return nll_sum, {"nll_sum": nll_sum.detach(), "tokens/answer": float(sum(n for _, n in data.sequence_lengths(items, indices)))}
+    batch = data.micro_batch(items, indices, True, run.device)
+    states = run.policy(packed=batch["packed"])
+    nll_sum = aao.sft_loss(states.logps, batch["answer_mask"], 1)
+    answer_tokens = sum(n for _, _, n in data.segment_lengths(items, indices))
+    return nll_sum, {"nll_sum": nll_sum.detach(), "tokens/answer": float(answer_tokens)}
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -510,7 +509,7 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
     world, sft = dist.get_world_size(), run.objective is None
     sums, spread = {"stop": float(stop_requested)}, []
     if sft:  # the answer tokens of the whole global batch: the token mean's denominator
-        n_tokens = torch.tensor(float(sum(n for _, n in data.sequence_lengths(run.train_items, indices))),
+        n_tokens = torch.tensor(float(sum(n for _, _, n in data.segment_lengths(run.train_items, indices))),
                                 device=dist_device())
         dist.all_reduce(n_tokens)
         n_tokens = n_tokens.to(run.device)
@@ -526,8 +525,8 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
         # No no_sync between micro-batches: FSDP2 would then hold unsharded fp32 gradients (32 GB for 8B);
         # reduce-scattering each micro-batch's gradients keeps only the shards.
         loss.backward()
-        lengths = data.sequence_lengths(run.train_items, chunk)
-        m["tokens"] = float(sum(t for t, _ in lengths))
+        lengths = data.segment_lengths(run.train_items, chunk)
+        m["tokens"] = float(sum(q for q, _, _ in lengths))  # through the layers: each prompt once
         if count_flops:
             m["flops"] = M.training_flops(run.policy.config, lengths, run.reference is not None)
         accumulate(sums, m, len(chunk))
@@ -772,7 +771,7 @@ def evaluate(run: Run) -> dict:
             m = forward_sft(run, run.heldout, real)[1]
         else:
             out, states, ref_logps, batch, m = forward_pairs(run, run.heldout, real, 0, run.ref_eval)
-            mask = batch["loss_mask"][:, 1:]
+            mask = batch["answer_mask"]
             ratio = states.logps - ref_logps if ref_logps is not None else states.logps / mask.sum(1, keepdim=True)
             chosen, rejected = aao.split_pairs((ratio * mask).sum(1))
             m["accuracy"], m["margin"] = aao.preference_accuracy(chosen - rejected), (chosen - rejected).mean()
@@ -920,26 +919,27 @@ class ReferenceCache:
     def compute(cls, reference, pairs, micro, device) -> "ReferenceCache":
         mine = []
         for real, weight in data.lockstep_chunks(len(pairs), micro, dist.get_rank(), dist.get_world_size()):
-            batch = data.micro_batch(pairs, real, False, reference.config.pad_id, device)
-            states = reference(batch["input_ids"], answer_index=batch["answer_index"])
+            batch = data.micro_batch(pairs, real, False, device)
+            states = reference(packed=batch["packed"])
             if weight:  # the answer tokens in row order (chosen rows, then rejected), regrouped by pair
-                flat = torch.stack([states.logps, states.top1]).flatten(1)[:, batch["answer_index"]].float().cpu()
+                answer_index = batch["packed"].answer_index
+                flat = torch.stack([states.logps, states.top1]).flatten(1)[:, answer_index].float().cpu()
                 rows = flat.split([len(pairs[i]["chosen_ids"]) for i in real] + [len(pairs[i]["rejected_ids"]) for i in real], dim=1)
                 mine += [x for k in range(len(real)) for x in (rows[k], rows[k + len(real)])]
         flats = gather_ragged(torch.cat(mine, dim=1).T if mine else torch.zeros(0, 2))
         return cls(pairs, [f.T for f in flats])
 
     def lookup(self, indices, answer_index, shape):
-        """The (2B, T-1) grids of a micro-batch's pairs (chosen rows, then rejected), on the device."""
+        """The (2B, width) grids of a micro-batch's pairs (chosen rows, then rejected), on the device."""
         world, spans = len(self.flats), []
         for side in (0, 1):
             for i in indices:
                 start = self.starts[i] + side * self.lengths[i][0]
                 spans.append(self.flats[i % world][:, start:start + self.lengths[i][side]])
         values = torch.cat(spans, dim=1).to(answer_index.device, non_blocking=True)
-        grid = torch.zeros(2, shape[0] * (shape[1] - 1), device=answer_index.device)
+        grid = torch.zeros(2, shape[0] * shape[1], device=answer_index.device)
         grid[:, answer_index] = values
-        return grid.view(2, shape[0], shape[1] - 1).unbind(0)
+        return grid.view(2, *shape).unbind(0)
 
 
 def gather_ragged(t: torch.Tensor) -> list:
@@ -1004,7 +1004,7 @@ def write_weights_page(run: Run, tokenizer, path: Path, source: str, n: int = 12
     blocks = []
     for chunk in data.micro_batches(list(range(min(n, len(run.heldout)))), run.micro_batch_size):
         out, _, _, batch, _ = forward_pairs(run, run.heldout, chunk, 0, run.ref_eval)
-        ids, mask = batch["input_ids"][:, 1:].cpu(), batch["loss_mask"][:, 1:].cpu().bool()
+        ids, mask = batch["answer_ids"].cpu(), batch["answer_mask"].cpu().bool()
         S, w, a, b = out.similarity.cpu(), out.weights.cpu(), out.a.cpu().repeat(2), out.b.cpu().repeat(2)
         for k, i in enumerate(chunk):
             lines = []

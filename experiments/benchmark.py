@@ -3,6 +3,17 @@
     python experiments/benchmark.py              # this trainer: DPO (--weighting none) and AAO
     python experiments/benchmark.py --trl        # and TRL 1.16's DPOTrainer (pip install trl==1.16.0)
     python experiments/benchmark.py --device cpu # the CPU on a GPU host too (default: cuda when there is one)
+    python experiments/benchmark.py --trl --spread ultrafeedback --shape smollm2 --padded-from f5b0079
+
+--spread ultrafeedback draws each pair's lengths the way UltraFeedback's are spread (seeded log-normal,
+mean prompt ~165 and answer ~300 tokens, heavy-tailed, cut at 1,024 / 512; --length-scale shrinks all of
+it for a CPU), so that padding and the second copy of the prompt cost what they cost there. --shape
+smollm2 is SmolLM2-135M-Instruct's shape (30 layers x 576, 9 heads / 3 KV heads, MLP 1,536, vocabulary
+49,152, tied), random weights: the layers, not the head, are the step, as at 8B. --weights DIR takes a
+checkpoint's config and weights instead (the job's tokenizer still writes the rows: its ids are a subset of
+any vocabulary). --padded-from REV also runs this trainer as it was at REV (the padded micro-batches).
+The table starts with the tokens through the layers per step: computed by each layout, the real tokens of
+the rows (prompt twice), and the prompt once with both answers.
 
 The job: a Llama with Llama 3's 128,256-token vocabulary (4 layers x 256 hidden, 4 heads, 1 KV head) in
 fp32 on the CPU, the same pairs (prompts ~120 tokens, answers ~250 tokens that share most sentences),
@@ -16,6 +27,7 @@ median over the steps after the first (which pays for allocation and warm-up).
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -56,15 +68,54 @@ def benchmark_pair(rng: random.Random, tokenizer, prompt_tokens: int, answer_tok
             "rejected": " ".join(r for _, r in answer)}
 
 
+def ultrafeedback_lengths(rng: random.Random, scale: float) -> tuple[int, int, int]:
+    """(prompt, chosen, rejected) token counts spread like UltraFeedback's: log-normal with means ~165 and
+    ~300 and long tails (σ 0.9 and 0.6), the prompt cut at 512 and the answers at 1,024 with it; all x scale."""
+    draw = lambda mean, sigma: rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma)  # noqa: E731
+    prompt = max(4, min(round(draw(165, 0.9) * scale), int(512 * scale)))
+    room = int(1024 * scale) - prompt
+    return prompt, *(max(2, min(round(draw(300, 0.6) * scale), room)) for _ in range(2))
+
+
+def text_of(tokenizer, text: str, n: int) -> str:
+    """The first n tokens of a text, as text."""
+    return tokenizer.decode(tokenizer.encode(text).ids[:n])
+
+
+def spread_pair(rng: random.Random, tokenizer, scale: float) -> dict:
+    """A benchmark_pair cut to lengths drawn by ultrafeedback_lengths."""
+    p, c, r = ultrafeedback_lengths(rng, scale)
+    pair = benchmark_pair(rng, tokenizer, p + 8, max(c, r) + 8)
+    return {"prompt": text_of(tokenizer, pair["prompt"], p), "chosen": text_of(tokenizer, pair["chosen"], c),
+            "rejected": text_of(tokenizer, pair["rejected"], r)}
+
+
+# SmolLM2-135M-Instruct's shape. It ties its head to the embedding; train.py's sharded build cannot load a tied
+# checkpoint yet, so the benchmark's copy is untied: the same FLOPs, 28M more parameters held.
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=False, rope_theta=100000.0)
+
+
+def write_model(job: Path, args, tokenizer) -> None:
+    if args.weights:  # a real checkpoint's config and weights; the job's tokenizer writes the rows
+        for f in Path(args.weights).glob("*.safetensors*"):
+            (job / f.name).write_bytes(f.read_bytes())
+        (job / "config.json").write_text((Path(args.weights) / "config.json").read_text())
+        return
+    shape = SMOLLM2 if args.shape == "smollm2" else dict(
+        hidden_size=args.dim, intermediate_size=args.dim * 7 // 2, num_hidden_layers=args.layers,
+        num_attention_heads=4, num_key_value_heads=1, vocab_size=args.vocab)
+    cfg = M.ModelConfig(**shape, max_position_embeddings=2048,
+                        bos_token_id=tokenizer.token_to_id("<|begin_of_text|>"),
+                        eos_token_id=tokenizer.token_to_id("<|end_of_text|>"))
+    M.save_model(M.init_weights(M.Transformer(cfg), seed=0), job)
+
+
 def write_job(job: Path, args) -> None:
     """The checkpoint (config.json, model.safetensors, tokenizer.json) and pairs.jsonl both trainers read."""
     job.mkdir(parents=True, exist_ok=True)
     tokenizer = data.tiny_tokenizer()
-    cfg = M.ModelConfig(hidden_size=args.dim, intermediate_size=args.dim * 7 // 2, num_hidden_layers=args.layers,
-                        num_attention_heads=4, num_key_value_heads=1, vocab_size=args.vocab,
-                        max_position_embeddings=2048, bos_token_id=tokenizer.token_to_id("<|begin_of_text|>"),
-                        eos_token_id=tokenizer.token_to_id("<|end_of_text|>"))
-    M.save_model(M.init_weights(M.Transformer(cfg), seed=0), job)
+    write_model(job, args, tokenizer)
     tokenizer.save(str(job / "tokenizer.json"))
     (job / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
@@ -72,17 +123,45 @@ def write_job(job: Path, args) -> None:
     rng = random.Random(0)
     with open(job / "pairs.jsonl", "w") as f:
         for _ in range(args.pairs):
-            f.write(json.dumps(benchmark_pair(rng, tokenizer, args.prompt_tokens, args.answer_tokens)) + "\n")
+            pair = spread_pair(rng, tokenizer, args.length_scale) if args.spread == "ultrafeedback" else \
+                benchmark_pair(rng, tokenizer, args.prompt_tokens, args.answer_tokens)
+            f.write(json.dumps(pair) + "\n")
+
+
+def tokens_per_step(job: Path, max_length: int, pairs_per_step: int = 2) -> dict:
+    """Tokens through the layers per step of pairs_per_step pairs, averaged over the job's pairs in order:
+    padded rows (2 per pair x the longest row), the real tokens of the rows (each prompt twice), and
+    packed (each prompt once, then both answers)."""
+    tokenizer = data.tiny_tokenizer()
+    rows = data.read_rows(job / "pairs.jsonl")
+    pairs, _ = data.tokenize_rows(tokenizer, rows, "plain", max_length=max_length, max_prompt_length=max_length // 2)
+    steps = [pairs[i:i + pairs_per_step] for i in range(0, len(pairs) - pairs_per_step + 1, pairs_per_step)]
+    rows_of = lambda step: [len(p["prompt_ids"]) + len(p[k]) for p in step for k in ("chosen_ids", "rejected_ids")]  # noqa: E731
+    mean = lambda f: statistics.mean(f(s) for s in steps)  # noqa: E731
+    return {"padded": mean(lambda s: len(rows_of(s)) * max(rows_of(s))), "real": mean(lambda s: sum(rows_of(s))),
+            "packed": mean(lambda s: sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in s))}
 
 
 # ----------------------------------------------------------------------------- the trainers, one process each
 
-def ours_command(job: Path, out: Path, weighting: str, steps: int, device: str) -> list:
-    return [sys.executable, str(ROOT / "train.py"), "--device", device, "--weights", str(job), "--template", "plain",
+def ours_command(job: Path, out: Path, weighting: str, steps: int, device: str, root: Path = ROOT) -> list:
+    # An earlier revision (--padded-from) predates --device: it picks CUDA when there is one.
+    device_flag = ["--device", device] if root == ROOT else []
+    return [sys.executable, str(root / "train.py"), *device_flag, "--weights", str(job), "--template", "plain",
             "--data", str(job / "pairs.jsonl"), "--eval-pairs", "0", "--weighting", weighting,
             "--batch-size", "2", "--micro-batch-size", "2", "--lr", "5e-7", "--beta", "0.1",
             "--max-steps", str(steps), "--max-length", "1024", "--dtype", "float32", "--save-every", "0",
             "--out", str(out), "--quiet"]
+
+
+def source_at(rev: str, out: Path) -> Path:
+    """This repository's files at a revision, in out/source-REV (git archive), to run the trainer as it was."""
+    where = out / f"source-{rev}"
+    if not where.exists():
+        where.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
+    return where
 
 
 def ours_step_times(out: Path) -> list:
@@ -142,11 +221,18 @@ def trainers(args) -> dict:
     """name -> (command maker, step-time reader) for every trainer this run compares."""
     out = {"ours, DPO": (lambda o: ours_command(args.job, o, "none", args.steps, args.device), ours_step_times),
            "ours, AAO": (lambda o: ours_command(args.job, o, "aao", args.steps, args.device), ours_step_times)}
+    if args.padded_from:
+        old = source_at(args.padded_from, args.out)
+        out[f"padded ({args.padded_from}), DPO"] = (
+            lambda o: ours_command(args.job, o, "none", args.steps, args.device, old), ours_step_times)
+        out[f"padded ({args.padded_from}), AAO"] = (
+            lambda o: ours_command(args.job, o, "aao", args.steps, args.device, old), ours_step_times)
     if args.trl:
         read = lambda o: json.loads((o / "steps.json").read_text())  # noqa: E731
         out["TRL 1.16 DPO"] = (lambda o: trl_command(args.job, o, args.steps, False, args.device), read)
-        out["TRL 1.16 DPO, grad. checkpointing"] = (lambda o: trl_command(args.job, o, args.steps, True, args.device),
-                                                     read)
+        if not args.no_trl_checkpointing:
+            out["TRL 1.16 DPO, grad. checkpointing"] = (
+                lambda o: trl_command(args.job, o, args.steps, True, args.device), read)
     return out
 
 
@@ -169,10 +255,15 @@ def measure(args) -> dict:
     return results
 
 
-def table(results: dict) -> str:
+def table(results: dict, tokens: dict) -> str:
     base = "TRL 1.16 DPO" if "TRL 1.16 DPO" in results else "ours, DPO"
     t0, m0 = (statistics.median(results[base][k]) for k in ("step_s", "rss"))
-    lines = [f"| trainer | step time, median | vs {base} | peak RSS | vs {base} |", "|---|---|---|---|---|"]
+    lines = ["| tokens through the layers per step | computed | real (prompt twice) | prompt once + answers |",
+             "|---|---|---|---|"]
+    for name, computed in (("padded rows (TRL, the padded trainer)", tokens["padded"]), ("packed (ours)", tokens["packed"])):
+        lines.append(f"| {name} | {computed:.0f} ({computed / tokens['packed']:.2f}x) | {tokens['real']:.0f} | "
+                     f"{tokens['packed']:.0f} |")
+    lines += ["", f"| trainer | step time, median | vs {base} | peak RSS | vs {base} |", "|---|---|---|---|---|"]
     for name, r in results.items():
         t, m = statistics.median(r["step_s"]), statistics.median(r["rss"])
         lines.append(f"| {name} | {t:.2f} s | {t / t0:.2f}x | {m / 2**30:.2f} GiB | {m / m0:.2f}x |")
@@ -194,6 +285,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where both trainers run, in fp32 (default: auto = cuda when there is one); the memory "
                    "column is the host's peak RSS either way")
+    p.add_argument("--spread", choices=["fixed", "ultrafeedback"], default="fixed",
+                   help="fixed: --prompt-tokens / --answer-tokens; ultrafeedback: drawn like UltraFeedback's")
+    p.add_argument("--length-scale", type=float, default=1.0, help="ultrafeedback lengths and cuts x this")
+    p.add_argument("--shape", choices=["small", "smollm2"], default="small", help="small: --vocab --dim --layers")
+    p.add_argument("--weights", help="a Hugging Face directory whose config and weights the job uses")
+    p.add_argument("--padded-from", help="also run train.py as it was at this git revision (padded batches)")
+    p.add_argument("--no-trl-checkpointing", action="store_true", help="with --trl, skip its checkpointing run")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "benchmark")
     p.add_argument("--child-trl", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)
@@ -211,7 +309,7 @@ def main(argv=None) -> int:
     args.job = args.out / "job"
     write_job(args.job, args)
     results = measure(args)
-    report = table(results)
+    report = table(results, tokens_per_step(args.job, 1024))
     print(report)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "table.md").write_text(report + "\n")

@@ -48,10 +48,13 @@ class Llama:
 
 
 # Assumptions, stated: UltraFeedback binarized train_prefs has 61,135 pairs; with Llama 3's tokenizer and
-# the 1,024-token cut an answer plus its prompt is ~465 tokens (two per pair); 40% MFU of an H100 SXM's
-# 989 TFLOP/s dense bf16; collective bandwidth per GPU 360 GB/s in a node (NVLink) and 45 GB/s between
-# nodes (one 400 Gb/s NIC per GPU).
-PAIRS, TOKENS_PER_SEQUENCE, MFU, PEAK, NVLINK, NETWORK = 61_135, 465, 0.40, 989e12, 360 * GB, 45 * GB
+# the 1,024-token cut a prompt is ~165 tokens and an answer ~300; micro-batches are packed (data.pack): the
+# prompt runs through the layers once, then both answers, 765 tokens a pair with no padding; 40% MFU of an
+# H100 SXM's 989 TFLOP/s dense bf16; collective bandwidth per GPU 360 GB/s in a node (NVLink) and 45 GB/s
+# between nodes (one 400 Gb/s NIC per GPU).
+PAIRS, PROMPT_TOKENS, ANSWER_TOKENS = 61_135, 165, 300
+MFU, PEAK, NVLINK, NETWORK = 0.40, 989e12, 360 * GB, 45 * GB
+PAIR_SEGMENTS = [(PROMPT_TOKENS, PROMPT_TOKENS, 0)] + [(ANSWER_TOKENS, PROMPT_TOKENS + ANSWER_TOKENS, ANSWER_TOKENS)] * 2
 
 
 def memory_per_gpu(m: Llama, shards: int, micro_pairs: int, checkpointing: bool, live_reference: bool,
@@ -75,13 +78,12 @@ def memory_per_gpu(m: Llama, shards: int, micro_pairs: int, checkpointing: bool,
     return state + mlp + root + max(backward, end_of_backward, reference_forward)
 
 
-def step_flops_per_token(m: Llama, live_reference: bool, checkpointing: bool, answer_share=0.6) -> float:
-    """What train.py's MFU counts (model.training_flops) for a sequence of the assumed length, per token,
-    plus what activation checkpointing recomputes: not in MFU, but it takes time."""
-    T = TOKENS_PER_SEQUENCE
-    counted = M.training_flops(m.cfg, [(T, answer_share * T)], live_reference) / T
-    recompute = (2 * m.layers * m.block + 4 * m.layers * m.dim * T) if checkpointing else 0
-    return counted + recompute
+def pair_flops(m: Llama, live_reference: bool, checkpointing: bool) -> float:
+    """What train.py's MFU counts (model.training_flops) for one packed pair of the assumed lengths, plus
+    what activation checkpointing recomputes (a forward of the blocks): not in MFU, but it takes time."""
+    counted = M.training_flops(m.cfg, PAIR_SEGMENTS, live_reference)
+    recompute = sum(2 * m.layers * m.block * q + 4 * m.layers * m.dim * q * k for q, k, _ in PAIR_SEGMENTS)
+    return counted + recompute * checkpointing
 
 
 def epoch_minutes(m: Llama, gpus_per_node: int, nodes: int, replicate: bool, batch_pairs: int = 16,
@@ -89,8 +91,7 @@ def epoch_minutes(m: Llama, gpus_per_node: int, nodes: int, replicate: bool, bat
     gpus = gpus_per_node * nodes
     steps = PAIRS // batch_pairs
     micro_batches = max(1, batch_pairs // (gpus * micro_pairs))  # FSDP gathers and reduces for each
-    compute = batch_pairs * 2 * TOKENS_PER_SEQUENCE * step_flops_per_token(m, live_reference, checkpointing) \
-        / (gpus * PEAK * MFU)
+    compute = batch_pairs * pair_flops(m, live_reference, checkpointing) / (gpus * PEAK * MFU)
     shards = gpus_per_node if replicate else gpus
     # Per GPU and micro-batch: the policy gathered in forward and again in backward (bf16), its gradients
     # reduce-scattered (fp32), the reference gathered once (bf16): (2 + 2 + 4 + 2) bytes a parameter.
