@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from model import Packed
+
 
 class DataError(ValueError):
     """Bad input; the message starts with the file and line (`data.jsonl:3: ...`)."""
@@ -769,28 +771,6 @@ def sft_examples(tokenizer, rows, chat, max_length: int = 1024) -> tuple[list, d
 
 
 # ----------------------------------------------------------------------------- batching
-
-@dataclass
-class Packed:
-    """A micro-batch as one sequence without padding (see pack). A segment is a run of packed tokens that
-    are queries together: a pair's prompt, its chosen answer, its rejected answer; or one SFT example."""
-    input_ids: torch.Tensor  # (S,) the packed tokens
-    positions: torch.Tensor  # (S,) each token's position in its own unpacked row (RoPE reads it)
-    key_index: torch.Tensor  # packed index of every segment's keys, segment after segment
-    cu_queries: torch.Tensor  # (segments + 1,) int32: where each segment's queries start (varlen_attn)
-    cu_keys: torch.Tensor  # (segments + 1,) int32: where each segment's keys start in key_index
-    query_lengths: list  # the same lengths on the host, for the CPU's loop and the longest
-    key_lengths: list
-    answer_at: torch.Tensor  # (M,) packed index of every answer token, answer after answer
-    predicted_from: torch.Tensor  # (M,) packed index of the state that predicts it (the token before)
-    answer_index: torch.Tensor  # (M,) flat index of every answer token in the (rows, width) grid
-    rows: int  # answers: chosen ones then rejected ones (2 per pair), or SFT examples
-    width: int  # the longest answer: the per-answer grid is (rows, width)
-
-    def to(self, device) -> "Packed":
-        move = lambda t: t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-        return Packed(**{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
-
 
 def pack(items: list, sft: bool) -> dict:
     """Items -> one packed sequence, no padding, and the per-answer grids the objective reads.

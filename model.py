@@ -6,15 +6,12 @@ F.scaled_dot_product_attention, a SwiGLU MLP, tied or untied output head, Mistra
 Module names follow the checkpoint's ("model." dropped), so loading needs no conversion table.
 For training, `build_sharded` builds it sharded over processes with FSDP2, reading only each rank's rows
 of every tensor, and `save_sharded` writes it back from the shards, every rank one file at once.
-`generate` decodes a batch of prompts with a KV cache; as a script, this file writes answers for AlpacaEval:
-
-    python model.py --weights DIR --prompts prompts.jsonl --out answers.json [--template NAME]
+`generate` decodes a batch of prompts with a KV cache (`python train.py answers` uses it for AlpacaEval).
+It imports nothing else of this project: the model stands alone.
 """
-import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,9 +25,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.attention.varlen import varlen_attn
 from torch.utils.checkpoint import checkpoint
-from tqdm import tqdm
 
-import data
 
 
 class CheckpointError(ValueError):
@@ -184,7 +179,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # generation: keep this forward's keys and values, attend to all kept so far
             k, v = cache.append(k, v)
-        if isinstance(mask, data.Packed):  # training: one packed sequence (B = 1), segments apart
+        if isinstance(mask, Packed):  # training: one packed sequence (B = 1), segments apart
             y = packed_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), mask,
                                  self.window)
             return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
@@ -193,6 +188,28 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+@dataclass
+class Packed:
+    """A micro-batch as one sequence without padding (data.pack builds it). A segment is a run of packed tokens that
+    are queries together: a pair's prompt, its chosen answer, its rejected answer; or one SFT example."""
+    input_ids: torch.Tensor  # (S,) the packed tokens
+    positions: torch.Tensor  # (S,) each token's position in its own unpacked row (RoPE reads it)
+    key_index: torch.Tensor  # packed index of every segment's keys, segment after segment
+    cu_queries: torch.Tensor  # (segments + 1,) int32: where each segment's queries start (varlen_attn)
+    cu_keys: torch.Tensor  # (segments + 1,) int32: where each segment's keys start in key_index
+    query_lengths: list  # the same lengths on the host, for the CPU's loop and the longest
+    key_lengths: list
+    answer_at: torch.Tensor  # (M,) packed index of every answer token, answer after answer
+    predicted_from: torch.Tensor  # (M,) packed index of the state that predicts it (the token before)
+    answer_index: torch.Tensor  # (M,) flat index of every answer token in the (rows, width) grid
+    rows: int  # answers: chosen ones then rejected ones (2 per pair), or SFT examples
+    width: int  # the longest answer: the per-answer grid is (rows, width)
+
+    def to(self, device) -> "Packed":
+        move = lambda t: t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+        return Packed(**{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
 
 def packed_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
@@ -294,7 +311,7 @@ class Transformer(nn.Module):
         device = self.embed_tokens.weight.device
         self.rope_inv_freq = rope_inv_freq(self.config).to(device)
 
-    def forward(self, input_ids: torch.Tensor | None = None, packed: "data.Packed | None" = None,
+    def forward(self, input_ids: torch.Tensor | None = None, packed: Packed | None = None,
                 sum_logits: bool = False):
         """input_ids (N, T) -> logits (N, T, vocab).
 
@@ -842,91 +859,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     return [cut_at_stop(row, set(stop_ids)) for row in rows]
 
 
-# ----------------------------------------------------------------------------- answers for AlpacaEval
-
-def parse_generation_args(argv):
-    p = argparse.ArgumentParser(description="Write a model's answers to AlpacaEval's instructions: each "
-                                "`instruction` of --prompts as one user turn of the chat template, answered.")
-    p.add_argument("--weights", required=True, help="a Hugging Face directory, or " + ", ".join(PRESETS))
-    p.add_argument("--prompts", required=True, help="JSON lines (or a JSON list) of rows with an 'instruction'")
-    p.add_argument("--out", required=True, help="answers.json: a list of {instruction, output, generator, ...}")
-    p.add_argument("--template", choices=sorted(data.TEMPLATES),
-                   help="a built-in chat template instead of the checkpoint's own")
-    p.add_argument("--generator", help="the name AlpacaEval shows (default: the run's "
-                   "directory for <run>/final, else the weights directory's)")
-    p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: cuda when there is one")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA")
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error("--max-new-tokens and --batch-size must be >= 1, --temperature >= 0, --top-p in (0, 1]")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: this machine has no CUDA device that torch can use")
-    return args
-
-
-def read_instructions(path) -> list[dict]:
-    rows = []
-    for where, row in data.read_rows(path):
-        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
-            raise data.DataError(f"{where}: a row needs a string 'instruction'")
-        rows.append(row)
-    return rows
-
-
-def generator_name(weights: str) -> str:
-    """The name AlpacaEval shows for a model: its run's directory for out/<run>/final or step-N/."""
-    path = Path(weights).resolve()
-    return path.parent.name if path.name == "final" or path.name.startswith("step-") else path.name
-
-
 def fit_prompts(prompts: list, context: int) -> tuple[list, int]:
     """Prompts cut from the left (BOS kept) to leave one position of the model's context for the
     answer; with how many were cut, for a warning."""
     cut = [p[:1] + p[len(p) - context + 2:] if len(p) >= context else p for p in prompts]
     return cut, sum(len(p) >= context for p in prompts)
-
-
-def write_answers(args) -> None:
-    rows = read_instructions(args.prompts)
-    weights = resolve_weights(args.weights)
-    tokenizer = load_tokenizer(weights)
-    chat = data.load_chat(weights, tokenizer, args.template)
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_model(weights, device, dtype).eval()
-    prompts = data.instruction_prompts(chat, tokenizer, [r["instruction"] for r in rows])
-    context = model.config.max_position_embeddings
-    prompts, n_cut = fit_prompts(prompts, context)
-    if n_cut:
-        print(f"warning: {n_cut} prompt(s) longer than the model's context ({context} tokens) were cut from "
-              "the left", file=sys.stderr)
-    stop_ids = list(dict.fromkeys(data.answer_stop_ids(chat, tokenizer) + stop_ids_of(weights, model.config)))
-    # Prompts of like length batch together (little padding); longest first, so running out of memory shows at once.
-    order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
-    outputs = [None] * len(rows)
-    with tqdm(total=len(rows), unit="answer", disable=None) as bar:
-        for n, start in enumerate(range(0, len(order), args.batch_size)):
-            batch = order[start:start + args.batch_size]
-            room = context - max(len(prompts[i]) for i in batch)
-            answers = generate(model, [prompts[i] for i in batch], min(args.max_new_tokens, room),
-                               temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids,
-                               seed=args.seed + n)
-            for i, ids in zip(batch, answers):
-                outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            bar.update(len(batch))
-    generator = args.generator or generator_name(weights)
-    answers = [{"instruction": r["instruction"], "output": out, "generator": generator,
-                **{k: v for k, v in r.items() if k not in ("instruction", "output", "generator")}}
-               for r, out in zip(rows, outputs)]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(answers, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def stop_ids_of(weights, cfg: ModelConfig) -> list[int]:
@@ -935,16 +872,3 @@ def stop_ids_of(weights, cfg: ModelConfig) -> list[int]:
     eos = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
     eos = cfg.eos_token_id if eos is None else eos
     return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-def main(argv=None) -> int:
-    try:
-        write_answers(parse_generation_args(argv))
-    except (CheckpointError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

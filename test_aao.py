@@ -395,7 +395,7 @@ def test_answers_command_writes_alpacaeval_rows_in_input_order(tiny_checkpoint, 
     monkeypatch.setattr(M, "generate", lambda *a, **k: stop_ids.append(k["stop_ids"]) or real_generate(*a, **k))
     args = ["--weights", tiny_checkpoint, "--prompts", prompts, "--out", tmp_path / "out" / "answers.json",
             "--template", "llama3", "--max-new-tokens", 12, "--batch-size", 2, "--device", "cpu"]
-    assert M.main(list(map(str, args))) == 0
+    assert train.answers_main(list(map(str, args))) == 0
     answers = json.loads((tmp_path / "out" / "answers.json").read_text())
     tok, model = M.load_tokenizer(tiny_checkpoint), M.load_model(tiny_checkpoint)
     stops = [tok.token_to_id("<|eot_id|>"), model.config.eos_token_id]
@@ -419,7 +419,7 @@ def test_answers_command_bad_prompts_are_one_line(tiny_checkpoint, tmp_path, cap
         (tmp_path / "prompts.jsonl").write_text(text)
     args = ["--weights", tiny_checkpoint, "--prompts", tmp_path / "prompts.jsonl", "--out", tmp_path / "a.json",
             "--template", "llama3"]
-    assert M.main(list(map(str, args))) == 1
+    assert train.answers_main(list(map(str, args))) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / where}: {message}") and err.count("\n") == 1
     assert not (tmp_path / "a.json").exists()
@@ -427,7 +427,7 @@ def test_answers_command_bad_prompts_are_one_line(tiny_checkpoint, tmp_path, cap
 
 def test_answers_command_as_a_script_fails_without_traceback(tiny_checkpoint, tmp_path):
     (tmp_path / "prompts.jsonl").write_text('{"instruction": 3}\n')
-    out = subprocess.run([sys.executable, str(HERE / "model.py"), "--weights", str(tiny_checkpoint), "--prompts",
+    out = subprocess.run([sys.executable, str(HERE / "train.py"), "answers", "--weights", str(tiny_checkpoint), "--prompts",
                           str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "a.json"), "--template", "llama3"],
                          capture_output=True, text=True, timeout=60, cwd=HERE)
     assert out.returncode == 1 and out.stderr == f"error: {tmp_path / 'prompts.jsonl'}:1: a row needs a string 'instruction'\n"
@@ -708,7 +708,7 @@ def objective_on(model, thresholds_mlp, states, ref_logps, mask, obj, ids):
     if obj.weighting == "aao":
         a, b = thresholds_mlp(aao.pooled_answer_logits(states.logit_sums, mask))
     out = aao.preference_objective(obj, states.logps, ref_logps, mask, embeds=states.embeds, hidden=states.hidden,
-                                   a=a, b=b, margin=torch.ones(mask.shape[0] // 2), hidden_after=states.hidden_after,
+                                   a=a, b=b, hidden_after=states.hidden_after,
                                    seeds=list(range(mask.shape[0])), ids=ids)
     return out, aao.objective_metrics(out, mask, a, b)
 
@@ -2642,7 +2642,7 @@ SMOL_PROMPTS = ["What is the capital of France?", "Name a primary color."]
 
 def test_smollm2_logits_and_greedy_answers_match_transformers(smollm2, tmp_path):
     """The real checkpoint through its own ChatML template: logits equal transformers' on a chat prompt, and
-    `python model.py` writes the answers transformers' greedy generate gives."""
+    `python train.py answers` writes the answers transformers' greedy generate gives."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
@@ -2655,8 +2655,8 @@ def test_smollm2_logits_and_greedy_answers_match_transformers(smollm2, tmp_path)
     with torch.no_grad():
         assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"instruction": p}) + "\n" for p in SMOL_PROMPTS))
-    r = run("--weights", smollm2, "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "a.json",
-            "--max-new-tokens", 16, script=HERE / "model.py")
+    r = run("answers", "--weights", smollm2, "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "a.json",
+            "--max-new-tokens", 16)
     assert r.returncode == 0, r.stderr[-3000:]
     answers = json.loads((tmp_path / "a.json").read_text())
     for prompt, answer in zip(prompts, answers, strict=True):
@@ -2713,7 +2713,7 @@ def test_defaults_follow_the_size_of_the_model_loaded_and_a_still_policy_is_name
 
 
 def test_answers_are_named_after_the_run_and_long_prompts_fit_the_context():
-    assert M.generator_name("out/llama31-aao/final") == "llama31-aao"
-    assert M.generator_name("out/run/step-500") == "run" and M.generator_name("weights/smol") == "smol"
+    assert train.generator_name("out/llama31-aao/final") == "llama31-aao"
+    assert train.generator_name("out/run/step-500") == "run" and train.generator_name("weights/smol") == "smol"
     prompts, cut = M.fit_prompts([[0, 1, 2, 3, 4, 5], [0, 7]], context=5)
     assert prompts == [[0, 3, 4, 5], [0, 7]] and cut == 1  # BOS kept, room for one answer token

@@ -84,77 +84,108 @@ def defaults_column(args) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--weights", default="tiny", help="a Hugging Face directory, or a preset: " + ", ".join(M.PRESETS)
+    g = p.add_argument_group("model and data").add_argument
+    g("--weights", default="tiny", help="a Hugging Face directory, or a preset: " + ", ".join(M.PRESETS)
       + " (weights/<preset> or $AAO_WEIGHTS_DIR/<preset>; default: tiny, built in)")
-    a("--data", default="synthetic", help="JSON lines, a JSON array or parquet: preference pairs, or for "
-      "--loss sft conversations / prompt-completion rows; 'synthetic' for the built-in set (default)")
-    a("--eval-data", help="held-out rows (default: --eval-pairs rows of --data, or the synthetic held-out set)")
-    a("--eval-pairs", type=int, default=256, help="rows of --data held out when there is no --eval-data, at "
-      "most a tenth of them; 0: no held-out set (default: 256)")
-    a("--template", choices=sorted(data.TEMPLATES), help="a built-in chat template instead of the "
+    g("--data", default="synthetic", help="JSON lines, a JSON array or parquet: preference pairs, or "
+      "for --loss sft conversations / prompt-completion rows; 'synthetic' for the built-in set (default)")
+    g("--eval-data", help="held-out rows (default: --eval-pairs rows of --data, or the synthetic "
+      "held-out set)")
+    g("--eval-pairs", type=int, default=256, help="rows of --data held out when there is no "
+      "--eval-data, at most a tenth of them; 0: no held-out set (default: 256)")
+    g("--template", choices=sorted(data.TEMPLATES), help="a built-in chat template instead of the "
       "checkpoint's own (default: the checkpoint's Jinja chat_template; a preset's own; else an error)")
-    a("--out", help=default_help("out", "output directory"))
-    a("--resume", metavar="OUT", help="continue the run in OUT from its last step-N/ checkpoint, with the same "
-      "number of processes; the saved flags apply, and flags given now override them")
-    g = p.add_argument_group("objective").add_argument
+    g("--max-length", type=int, help=default_help("max_length", "tokens per sequence, prompt included"))
+    g("--max-prompt-length", type=int,
+      help=default_help("max_prompt_length", "prompt tokens, cut from the left"))
+    g("--keep-identical", action="store_true",
+      help="keep pairs whose two answers are identical (default: drop)")
+    g = p.add_argument_group("objective (the paper's path)").add_argument
     g("--loss", default="dpo", choices=["dpo", "ipo", "cdpo", "hinge", "simpo", "sft"],
       help="the pairwise loss, or sft for the SFT stage (default: dpo)")
     g("--weighting", default="aao", choices=["none", "random", "aao"],
       help="token weights: none (plain), random (DPO-Random, U(0, 2)), aao (Eq. 7-17; default)")
-    g("--beta", type=float, help="β (default: the loss's own: 0.1 for dpo/ipo/cdpo/hinge, 2.0 for simpo)")
-    g("--label-smoothing", type=float, default=0.1, help="cdpo's ε, the assumed share of flipped labels (default: 0.1)")
-    g("--ipo-sum", action="store_true", help="IPO on summed log-ratios (default: per-token means, TRL's form)")
-    g("--simpo-gamma-beta-ratio", type=float, default=0.5, help="SimPO's γ/β (default: 0.5, Llama-3 base recipe)")
+    g("--beta", type=float,
+      help="β (default: the loss's own: 0.1 for dpo/ipo/cdpo/hinge, 2.0 for simpo)")
+    g("--label-smoothing", type=float, default=0.1,
+      help="cdpo's ε, the assumed share of flipped labels (default: 0.1)")
+    g("--ipo-sum", action="store_true",
+      help="IPO on summed log-ratios (default: per-token means, TRL's form)")
+    g("--simpo-gamma-beta-ratio", type=float, default=0.5,
+      help="SimPO's γ/β (default: 0.5, Llama-3 base recipe)")
     g("--alpha", type=float, default=200.0, help="Eq. 17's sharpness α (default: 200, the paper's)")
-    g("--lambda-c", type=float, default=1.0, help="Eq. 13: weight of the contrastive suppression loss (default: 1)")
-    g("--lambda-r", type=float, default=1.0, help="Eq. 13: weight of the reward enhancement loss (default: 1)")
+    g("--lambda-c", type=float, default=1.0,
+      help="Eq. 13: weight of the contrastive suppression loss (default: 1)")
+    g("--lambda-r", type=float, default=1.0,
+      help="Eq. 13: weight of the reward enhancement loss (default: 1)")
+    g = p.add_argument_group("AAO beyond the paper (this project's research)").add_argument
+    g("--similarity", default="embedding", choices=list(aao.SIMILARITIES), help="Eq. 7's S on: "
+      "embedding (input embeddings, the paper's; default), hidden (the policy's hidden state after each "
+      "token, detached), alignment (S = 1 for tokens every longest common subsequence of the two "
+      "answers matches)")
+    g("--end-token-weight", default="aao", choices=["aao", "one"], help="the answer's last "
+      "(end-of-answer) token: aao (its Eq. 17 weight, ~0 since both answers share it; default) or one")
     g("--reward-form", default="weighted_mean", choices=["weighted_mean", "weighted_sum", "printed"],
       help="Eq. 11: Σ w log π / Σ w (default), Σ w log π, or the printed unweighted Σ log π")
-    g("--similarity", default="embedding", choices=list(aao.SIMILARITIES), help="Eq. 7's S on: embedding (input "
-      "embeddings, the paper's; default), hidden (the policy's hidden state after each token, detached), "
-      "alignment (S = 1 for tokens every longest common subsequence of the two answers matches)")
-    g("--end-token-weight", default="aao", choices=["aao", "one"], help="the answer's last (end-of-answer) token: "
-      "aao (its Eq. 17 weight, ~0 since both answers share it; default) or one (weight 1)")
-    g("--curriculum", default="none", choices=["none", "margin"], help="MixDPO: order pairs easy -> hard by "
-      "score_chosen - score_rejected (default: none, shuffled)")
-    g("--sft-below-margin", type=float, metavar="TAU", help="MixDPO: pairs with margin < TAU take the SFT loss")
-    g("--sft-below-quantile", type=float, metavar="Q", help="MixDPO: τ is this quantile of the data's margins")
-    g("--sft-weight", type=float, default=1.0, help="MixDPO: weight of a routed pair's SFT loss (default: 1)")
+    g = p.add_argument_group("the neighbours: MixDPO and SP2DPO").add_argument
+    g("--curriculum", default="none", choices=["none", "margin"], help="MixDPO: order pairs easy -> "
+      "hard by score_chosen - score_rejected (default: none, shuffled)")
+    g("--sft-below-margin", type=float, metavar="TAU",
+      help="MixDPO: pairs with margin < TAU take the SFT loss")
+    g("--sft-below-quantile", type=float, metavar="Q",
+      help="MixDPO: the hardest share Q of the pairs take the SFT loss")
+    g("--sft-weight", type=float, default=1.0,
+      help="MixDPO: weight of a routed pair's SFT loss (default: 1)")
     g("--beta-column", metavar="NAME", help="SP2DPO: a per-pair β from this column of the data")
     g("--beta-scale", type=float, default=1.0, help="SP2DPO: the column's β times this (default: 1)")
     g("--beta-min", type=float, help="SP2DPO: clip the per-pair β from below (default: no clip)")
     g("--beta-max", type=float, help="SP2DPO: clip the per-pair β from above (default: no clip)")
     g = p.add_argument_group("optimization").add_argument
     g("--lr", type=float, help=default_help("lr", "AdamW learning rate of the policy"))
-    g("--threshold-lr", type=float, help=default_help("threshold_lr", "learning rate of the threshold MLP (Eq. 8)"))
+    g("--threshold-lr", type=float,
+      help=default_help("threshold_lr", "learning rate of the threshold MLP (Eq. 8)"))
     g("--weight-decay", type=float, default=0.0, help="AdamW's, never on norms (default: 0)")
-    g("--warmup", type=float, default=0.1, help="share of the steps with linear warmup, then cosine to 0 (default: 0.1)")
-    g("--batch-size", type=int, help=default_help("batch_size", "pairs (sft: rows) per optimizer step, all processes"))
-    g("--micro-batch-size", type=int, help=default_help("micro_batch_size", "pairs (sft: rows) per forward, per process"))
+    g("--warmup", type=float, default=0.1,
+      help="share of the steps with linear warmup, then cosine to 0 (default: 0.1)")
+    g("--batch-size", type=int,
+      help=default_help("batch_size", "pairs (sft: rows) per optimizer step, all processes"))
+    g("--micro-batch-size", type=int,
+      help=default_help("micro_batch_size", "pairs (sft: rows) per forward, per process"))
     g("--epochs", type=float, help=default_help("epochs", "passes over the training data"))
     g("--max-steps", type=int, help="stop after this many steps; the cosine schedule ends there too")
-    g("--grad-clip", type=float, default=1.0, help="gradient norm clip, policy and threshold MLP apart (default: 1)")
-    g("--max-length", type=int, help=default_help("max_length", "tokens per sequence, prompt included"))
-    g("--max-prompt-length", type=int, help=default_help("max_prompt_length", "prompt tokens, cut from the left"))
-    g("--keep-identical", action="store_true", help="keep pairs whose two answers are identical (default: drop)")
+    g("--grad-clip", type=float, default=1.0,
+      help="gradient norm clip, policy and threshold MLP apart (default: 1)")
+    g("--seed", type=int, default=0,
+      help="data order, held-out split, random weights, threshold MLP (default: 0)")
+    g = p.add_argument_group("devices and distribution").add_argument
     g("--device", default="auto", choices=["auto", "cpu", "cuda"],
       help="where to train: cuda (NCCL, one GPU per process), cpu (gloo, even on a GPU host) or "
       "auto = cuda when there is one (default: auto)")
-    g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-      help="compute dtype; master weights stay fp32 (default: auto = bfloat16 on CUDA, float32 on CPU)")
-    g("--precompute-ref", action="store_true", help="compute the reference's log-probs once, then free it")
-    g("--activation-checkpointing", action="store_true", help="recompute each block in backward: less memory")
-    g("--seed", type=int, default=0, help="data order, held-out split, random weights, threshold MLP (default: 0)")
-    g = p.add_argument_group("scale, checkpoints, logging").add_argument
-    g("--replicate", type=int, default=1, help="HSDP: shard within groups of world/R processes (a node), "
-      "replicate across R groups (default: 1, shard over all)")
-    g("--dist-timeout", type=float, default=60, help="minutes a collective may wait, e.g. for a checkpoint write (default: 60)")
-    g("--eval-every", type=int, help=default_help("eval_every", "steps between held-out evaluations"))
-    g("--save-every", type=int, help=default_help("save_every", "steps between step-N/ checkpoints; 0: none"))
-    g("--keep-last", type=int, default=2, help="step-N/ checkpoints kept; older ones are deleted (default: 2)")
-    g("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of final/'s weights (default: bfloat16)")
-    g("--tensorboard", action="store_true", help="also log to <out>/tensorboard (needs the tensorboard package)")
+    g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype; master "
+      "weights stay fp32 (default: auto = bfloat16 on CUDA, float32 on CPU)")
+    g("--precompute-ref", action="store_true",
+      help="compute the reference's log-probs once, then free it")
+    g("--activation-checkpointing", action="store_true",
+      help="recompute each block in backward: less memory")
+    g("--replicate", type=int, default=1, help="HSDP: shard within groups of world/R processes (a "
+      "node), replicate across R groups (default: 1, shard over all)")
+    g("--dist-timeout", type=float, default=60,
+      help="minutes a collective may wait, e.g. for a checkpoint write (default: 60)")
+    g = p.add_argument_group("checkpoints").add_argument
+    g("--out", help=default_help("out", "output directory"))
+    g("--resume", metavar="OUT", help="continue the run in OUT from its last step-N/ checkpoint, with "
+      "the same number of processes; the saved flags apply, and flags given now override them")
+    g("--save-every", type=int,
+      help=default_help("save_every", "steps between step-N/ checkpoints; 0: none"))
+    g("--keep-last", type=int, default=2,
+      help="step-N/ checkpoints kept; older ones are deleted (default: 2)")
+    g("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+      help="dtype of final/'s weights (default: bfloat16)")
+    g = p.add_argument_group("logging").add_argument
+    g("--eval-every", type=int,
+      help=default_help("eval_every", "steps between held-out evaluations"))
+    g("--tensorboard", action="store_true",
+      help="also log to <out>/tensorboard (needs the tensorboard package)")
     g("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.resume:  # the saved run's flags are the defaults; flags given now override them
@@ -1031,7 +1062,99 @@ def write_weights_page(run: Run, tokenizer, path: Path, source: str, n: int = 12
 
 # ----------------------------------------------------------------------------- entry point
 
+# ----------------------------------------------------------------------------- answers for AlpacaEval
+
+def parse_answers_args(argv):
+    p = argparse.ArgumentParser(prog="train.py answers", description="Write a model's answers to AlpacaEval's instructions: each "
+                                "`instruction` of --prompts as one user turn of the chat template, answered.")
+    p.add_argument("--weights", required=True, help="a Hugging Face directory, or " + ", ".join(M.PRESETS))
+    p.add_argument("--prompts", required=True, help="JSON lines (or a JSON list) of rows with an 'instruction'")
+    p.add_argument("--out", required=True, help="answers.json: a list of {instruction, output, generator, ...}")
+    p.add_argument("--template", choices=sorted(data.TEMPLATES),
+                   help="a built-in chat template instead of the checkpoint's own")
+    p.add_argument("--generator", help="the name AlpacaEval shows (default: the run's "
+                   "directory for <run>/final, else the weights directory's)")
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when there is one")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
+        p.error("--max-new-tokens and --batch-size must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA device that torch can use")
+    return args
+
+
+def read_instructions(path) -> list[dict]:
+    rows = []
+    for where, row in data.read_rows(path):
+        if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+            raise data.DataError(f"{where}: a row needs a string 'instruction'")
+        rows.append(row)
+    return rows
+
+
+def generator_name(weights: str) -> str:
+    """The name AlpacaEval shows for a model: its run's directory for out/<run>/final or step-N/."""
+    path = Path(weights).resolve()
+    return path.parent.name if path.name == "final" or path.name.startswith("step-") else path.name
+
+
+def write_answers(args) -> None:
+    rows = read_instructions(args.prompts)
+    weights = M.resolve_weights(args.weights)
+    tokenizer = M.load_tokenizer(weights)
+    chat = data.load_chat(weights, tokenizer, args.template)
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = M.load_model(weights, device, dtype).eval()
+    prompts = data.instruction_prompts(chat, tokenizer, [r["instruction"] for r in rows])
+    context = model.config.max_position_embeddings
+    prompts, n_cut = M.fit_prompts(prompts, context)
+    if n_cut:
+        print(f"warning: {n_cut} prompt(s) longer than the model's context ({context} tokens) were cut from "
+              "the left", file=sys.stderr)
+    stop_ids = list(dict.fromkeys(data.answer_stop_ids(chat, tokenizer) + M.stop_ids_of(weights, model.config)))
+    # Prompts of like length batch together (little padding); longest first, so running out of memory shows at once.
+    order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
+    outputs = [None] * len(rows)
+    with tqdm(total=len(rows), unit="answer", disable=None) as bar:
+        for n, start in enumerate(range(0, len(order), args.batch_size)):
+            batch = order[start:start + args.batch_size]
+            room = context - max(len(prompts[i]) for i in batch)
+            answers = M.generate(model, [prompts[i] for i in batch], min(args.max_new_tokens, room),
+                               temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids,
+                               seed=args.seed + n)
+            for i, ids in zip(batch, answers):
+                outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            bar.update(len(batch))
+    generator = args.generator or generator_name(weights)
+    answers = [{"instruction": r["instruction"], "output": out, "generator": generator,
+                **{k: v for k, v in r.items() if k not in ("instruction", "output", "generator")}}
+               for r, out in zip(rows, outputs)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(answers, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def answers_main(argv) -> int:
+    try:
+        write_answers(parse_answers_args(argv))
+    except (M.CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["answers"]:  # python train.py answers ...: the last stage of the pipeline
+        return answers_main(argv[1:])
     code, torchrun = 1, "RANK" in os.environ
     try:
         args = parse_args(argv)
