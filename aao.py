@@ -423,52 +423,62 @@ class ObjectiveOutput:
     beta: torch.Tensor | float = 0.0  # the β used, per pair under SP2DPO
 
 
-def preference_objective(obj: Objective, policy_logps, ref_logps, mask, *, beta=None, embeds=None,
-                         hidden=None, a=None, b=None, routed=None, seeds=None, hidden_after=None,
-                         ids=None) -> ObjectiveOutput:
-    """The per-pair losses of a batch and what the metrics need.
+@dataclass
+class PairBatch:
+    """A micro-batch as the objective reads it, beside the models' states: the (2B, K) answer grid (the B
+    chosen answers, then the B rejected ones) and what the neighbouring methods add per pair."""
 
-    policy_logps, ref_logps, mask: (2B, K); ref_logps is None for SimPO. embeds, hidden: (2B, K, D), the
-    input embeddings and final hidden states at the same positions (aao only); hidden_after (2B, K, D), the
-    hidden state after each answer token, and ids (2B, K), the answer token ids: only --similarity hidden and
-    alignment read them. a, b: (B,) thresholds from
-    ThresholdMLP (aao only). beta: float or (B,) (SP2DPO); routed: (B,) bool, the pairs MixDPO
-    sends to SFT (mixdpo_routed, mixdpo_hardest: decided once for the whole data set); seeds: 2B
-    ints (random weighting). The weights multiply the per-token log-*ratios*: policy and reference alike.
-    """
-    beta = obj.beta if beta is None else beta
-    mask = mask.to(policy_logps.dtype)
-    weights, S = token_weights(obj, mask, embeds, a, b, seeds, hidden_after, ids)
-    plain_c, plain_r = split_pairs((policy_logps * mask).sum(-1))
+    mask: torch.Tensor  # (2B, K): 1 on answer tokens
+    ids: torch.Tensor | None = None  # (2B, K) answer token ids: --similarity alignment reads them
+    beta: torch.Tensor | float | None = None  # (B,) SP2DPO's per-pair β; None: the objective's own
+    routed: torch.Tensor | None = None  # (B,) bool: the pairs MixDPO sends to SFT (decided per data set)
+    seeds: list | None = None  # 2B ints: DPO-Random's per-answer seeds
+
+
+def preference_objective(obj: Objective, policy, reference, batch: PairBatch, a=None, b=None) -> ObjectiveOutput:
+    """The per-pair losses of a micro-batch and what the metrics need.
+
+    policy: the policy's answer states (model.AnswerStates): logps (2B, K), and for aao embeds and hidden
+    (2B, K, D), hidden_after for --similarity hidden. reference: the frozen reference's states (its logps),
+    None for SimPO. a, b: (B,) thresholds from ThresholdMLP (aao only). The token weights multiply the
+    per-token log-*ratios*: policy and reference alike."""
+    beta = obj.beta if batch.beta is None else batch.beta
+    mask = batch.mask.to(policy.logps.dtype)
+    weights, S = token_weights(obj, mask, policy.embeds, a, b, batch.seeds, policy.hidden_after, batch.ids)
+    plain_c, plain_r = split_pairs((policy.logps * mask).sum(-1))
     if obj.loss == "simpo":  # reference-free: per-token mean log-probs
-        score_c, score_r = split_pairs(weighted_mean_logps(policy_logps, weights, mask))
+        score_c, score_r = split_pairs(weighted_mean_logps(policy.logps, weights, mask))
         preference = simpo_loss(score_c, score_r, beta, beta * obj.simpo_gamma_beta_ratio)
         n_c, n_r = split_pairs(mask.sum(-1).clamp_min(1))
         rewards = beta * plain_c / n_c, beta * plain_r / n_r
     else:
-        ratios = policy_logps - ref_logps
+        ratios = policy.logps - reference.logps
         score_c, score_r = split_pairs(weighted_sequence_logps(ratios, weights, mask))
-        if obj.loss == "ipo" and obj.ipo_normalized:  # per token: Σ w under a weighting, the token count without
+        if obj.loss == "ipo" and obj.ipo_normalized:  # per token: Σ w under a weighting, else the count
             length_c, length_r = split_pairs((weights * mask).sum(-1).clamp_min(1e-6))
             score_c, score_r = score_c / length_c, score_r / length_r
         extra = {"label_smoothing": obj.label_smoothing} if obj.loss == "cdpo" else {}
         preference = PAIR_LOSSES[obj.loss](score_c, score_r, beta, **extra)
         rewards = tuple(beta * x for x in split_pairs((ratios * mask).sum(-1)))
-    out = ObjectiveOutput(preference, preference, *rewards, plain_c, plain_r, weights, similarity=S, a=a, b=b,
-                          beta=beta)
+    out = ObjectiveOutput(losses=preference, preference=preference, chosen_rewards=rewards[0],
+                          rejected_rewards=rewards[1], chosen_logps=plain_c, rejected_logps=plain_r,
+                          weights=weights, similarity=S, a=a, b=b, beta=beta)
     if obj.weighting != "none":
         out.weighted_chosen_rewards, out.weighted_rejected_rewards = beta * score_c, beta * score_r
     kept = torch.ones_like(preference)
-    if routed is not None:
-        out.routed = routed.bool()
+    if batch.routed is not None:
+        out.routed = batch.routed.bool()
         chosen_nll = -plain_c / split_pairs(mask.sum(-1).clamp_min(1))[0]
         out.losses = torch.where(out.routed, obj.sft_weight * chosen_nll, preference)
         kept = (~out.routed).to(preference.dtype)
     if obj.weighting == "aao":  # routed pairs take no part in the auxiliary losses
         (w_w, w_l), (m_w, m_l) = split_pairs(weights), split_pairs(mask)
-        out.contrastive = kept * contrastive_suppression_loss(*split_pairs(hidden), w_w, w_l, m_w, m_l)
-        out.reward_enhancement = kept * reward_enhancement_loss(split_pairs(policy_logps)[0], w_w, m_w, obj.reward_form)
-        out.losses = total_loss(out.losses, out.contrastive, out.reward_enhancement, obj.lambda_c, obj.lambda_r)
+        hidden_w, hidden_l = split_pairs(policy.hidden)
+        out.contrastive = kept * contrastive_suppression_loss(hidden_w, hidden_l, w_w, w_l, m_w, m_l)
+        chosen_logps = split_pairs(policy.logps)[0]
+        out.reward_enhancement = kept * reward_enhancement_loss(chosen_logps, w_w, m_w, obj.reward_form)
+        out.losses = total_loss(out.losses, out.contrastive, out.reward_enhancement, obj.lambda_c,
+                                obj.lambda_r)
     return out
 
 

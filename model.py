@@ -280,9 +280,10 @@ class AnswerStates:
     token j: every tensor is (rows, width, ...), 0 (or unused) beyond an answer's end."""
     logps: torch.Tensor  # (rows, width) fp32: log p(token j | everything before it), Eq. 1's factors
     top1: torch.Tensor  # (rows, width) fp32: log max_v p(v | before token j), the squeeze probe (no gradient)
-    embeds: torch.Tensor  # (rows, width, D): input embedding of token j, detached (Eq. 7 reads it)
-    hidden: torch.Tensor  # (rows, width, D): final normed hidden state that predicts token j (Eq. 9 reads it)
-    logit_sums: torch.Tensor | None  # (rows, vocab) fp32: the logits summed over an answer's tokens (Eq. 8)
+    # The rest only the policy's forward gives (a cached reference has log-probs and top-1 alone):
+    embeds: torch.Tensor | None = None  # (rows, width, D): input embedding of token j, detached (Eq. 7)
+    hidden: torch.Tensor | None = None  # (rows, width, D): final normed state that predicts token j (Eq. 9)
+    logit_sums: torch.Tensor | None = None  # (rows, vocab) fp32: logits summed over an answer (Eq. 8)
     hidden_after: torch.Tensor | None = None  # (rows, width, D): the hidden state at token j, which has read
     # it, detached (--similarity hidden: the state before it is the same in both answers after a shared prefix)
 

@@ -707,9 +707,9 @@ def objective_on(model, thresholds_mlp, states, ref_logps, mask, obj, ids):
     a = b = None
     if obj.weighting == "aao":
         a, b = thresholds_mlp(aao.pooled_answer_logits(states.logit_sums, mask))
-    out = aao.preference_objective(obj, states.logps, ref_logps, mask, embeds=states.embeds, hidden=states.hidden,
-                                   a=a, b=b, hidden_after=states.hidden_after,
-                                   seeds=list(range(mask.shape[0])), ids=ids)
+    reference = None if ref_logps is None else M.AnswerStates(ref_logps, None)
+    pairs = aao.PairBatch(mask, ids=ids, seeds=list(range(mask.shape[0])))
+    out = aao.preference_objective(obj, states, reference, pairs, a, b)
     return out, aao.objective_metrics(out, mask, a, b)
 
 
@@ -876,11 +876,13 @@ def objective_inputs(B=3, K=8, D=16, seed=0):
                 hidden=torch.randn(2 * B, K, D, generator=g, dtype=torch.float64))
 
 
-def loss_and_grad(obj, x, **kw):
-    """The objective's summed loss and its gradient with respect to the policy's per-token log-probs."""
+def loss_and_grad(obj, x, a=None, b=None, **batch):
+    """The objective's summed loss and its gradient with respect to the policy's per-token log-probs;
+    batch: what aao.PairBatch adds to the mask (beta, routed, seeds, ids)."""
     lp = x["policy_logps"].clone().requires_grad_()
-    ref = None if obj.loss == "simpo" else x["ref_logps"]
-    out = aao.preference_objective(obj, lp, ref, x["mask"], embeds=x["embeds"], hidden=x["hidden"], **kw)
+    policy = M.AnswerStates(lp, None, embeds=x["embeds"], hidden=x["hidden"])
+    reference = None if obj.loss == "simpo" else M.AnswerStates(x["ref_logps"], None)
+    out = aao.preference_objective(obj, policy, reference, aao.PairBatch(x["mask"], **batch), a, b)
     out.losses.sum().backward()
     return out, lp.grad
 
@@ -2033,8 +2035,9 @@ def mixdpo_micro_batch(routed: list, chosen_ahead: list) -> dict:
     mask = torch.ones(2 * B, 4)
     policy = torch.full((2 * B, 4), -1.0)
     policy[:B] += torch.tensor(chosen_ahead, dtype=torch.float32)[:, None]  # the chosen answer's lead
-    out = aao.preference_objective(aao.Objective(weighting="none"), policy, torch.full((2 * B, 4), -1.0), mask,
-                                   routed=torch.tensor(routed))
+    reference = M.AnswerStates(torch.full((2 * B, 4), -1.0), None)
+    out = aao.preference_objective(aao.Objective(weighting="none"), M.AnswerStates(policy, None), reference,
+                                   aao.PairBatch(mask, routed=torch.tensor(routed)))
     return aao.objective_metrics(out, mask)
 
 

@@ -462,39 +462,48 @@ def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
 
 # ----------------------------------------------------------------------------- the objective on a micro-batch
 
-def forward_pairs(run: Run, items, indices, step=0, ref_cache=None):
+@dataclasses.dataclass
+class PairForward:
+    """The pairwise objective on one micro-batch, and what evaluation and the weights page read of it."""
+
+    out: aao.ObjectiveOutput  # per-pair losses, rewards, token weights, a and b
+    policy: M.AnswerStates  # the policy's states at the answer tokens
+    reference: M.AnswerStates | None  # the reference's log-probs (live or cached); None for SimPO
+    batch: dict  # data.micro_batch's tensors: answer_mask, answer_ids, ...
+    metrics: dict  # 0-dim tensors, summed over micro-batches by accumulate
+
+
+def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForward:
     """The pairwise objective on a micro-batch: a policy forward, the reference's log-probs (live or
-    cached), the thresholds, aao.preference_objective. Returns (ObjectiveOutput, AnswerStates, reference
-    log-probs, batch, metrics as 0-dim tensors)."""
+    cached), the thresholds of Eq. 8, then aao.preference_objective."""
     batch = data.micro_batch(items, indices, False, run.device)
     mask = batch["answer_mask"]
-    states = run.policy(packed=batch["packed"], sum_logits=run.thresholds is not None)
-    ref_logps, ref_top1 = reference_logps(run, batch, indices, ref_cache)
+    policy = run.policy(packed=batch["packed"], sum_logits=run.thresholds is not None)
+    reference = reference_states(run, batch, indices, ref_cache)
     a = b = None
     if run.thresholds is not None:
-        a, b = run.thresholds(aao.pooled_answer_logits(states.logit_sums, mask))
-    beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling) if run.beta_scaling else None
-    routed = None
+        a, b = run.thresholds(aao.pooled_answer_logits(policy.logit_sums, mask))
+    pairs = aao.PairBatch(mask, ids=batch["answer_ids"],
+                          seeds=aao.random_weight_seeds(run.seed, step, indices))
+    if run.beta_scaling:  # SP2DPO
+        pairs.beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling)
     if run.mixdpo:  # marked once for the whole set (mark_routed)
-        routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device)
-    out = aao.preference_objective(run.objective, states.logps, ref_logps, mask, beta=beta,
-                                   embeds=states.embeds, hidden=states.hidden, a=a, b=b,
-                                   routed=routed,
-                                   seeds=aao.random_weight_seeds(run.seed, step, indices), hidden_after=states.hidden_after,
-                                   ids=batch["answer_ids"])
-    metrics = {**aao.objective_metrics(out, mask, a, b), **aao.squeeze_probe(states.top1, ref_top1, mask)}
-    return out, states, ref_logps, batch, metrics
+        pairs.routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device)
+    out = aao.preference_objective(run.objective, policy, reference, pairs, a, b)
+    ref_top1 = reference.top1 if reference is not None else None
+    metrics = {**aao.objective_metrics(out, mask, a, b), **aao.squeeze_probe(policy.top1, ref_top1, mask)}
+    return PairForward(out, policy, reference, batch, metrics)
 
 
-def reference_logps(run: Run, batch, indices, cache):
-    """The frozen reference's per-token log-probs and top-1 log-probs, live, cached, or none (SimPO)."""
+def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
+    """The frozen reference's per-token log-probs and top-1 log-probs: live, cached, or none (SimPO)."""
     if cache is not None:
-        return cache.lookup(indices, batch["packed"].answer_index, batch["answer_mask"].shape)
+        logps, top1 = cache.lookup(indices, batch["packed"].answer_index, batch["answer_mask"].shape)
+        return M.AnswerStates(logps, top1)
     if run.reference is None:
-        return None, None
+        return None
     with torch.no_grad():
-        ref = run.reference(packed=batch["packed"])
-    return ref.logps, ref.top1
+        return run.reference(packed=batch["packed"])
 
 
 def forward_sft(run: Run, items, indices):
@@ -549,7 +558,8 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
             nll_sum, m = forward_sft(run, run.train_items, chunk)
             loss = nll_sum * world / n_tokens
         else:
-            out, _, _, _, m = forward_pairs(run, run.train_items, chunk, step, run.ref_train)
+            f = forward_pairs(run, run.train_items, chunk, step, run.ref_train)
+            out, m = f.out, f.metrics
             loss = out.losses.sum() * world / batch_size
             spread.append({k: v.detach() for k, v in (("a", out.a), ("b", out.b), ("beta", out.beta))
                            if isinstance(v, torch.Tensor)})
@@ -801,9 +811,9 @@ def evaluate(run: Run) -> dict:
         if run.objective is None:
             m = forward_sft(run, run.heldout, real)[1]
         else:
-            out, states, ref_logps, batch, m = forward_pairs(run, run.heldout, real, 0, run.ref_eval)
-            mask = batch["answer_mask"]
-            ratio = states.logps - ref_logps if ref_logps is not None else states.logps / mask.sum(1, keepdim=True)
+            f = forward_pairs(run, run.heldout, real, 0, run.ref_eval)
+            m, mask, logps = f.metrics, f.batch["answer_mask"], f.policy.logps
+            ratio = logps - f.reference.logps if f.reference is not None else logps / mask.sum(1, keepdim=True)
             chosen, rejected = aao.split_pairs((ratio * mask).sum(1))
             m["accuracy"], m["margin"] = aao.preference_accuracy(chosen - rejected), (chosen - rejected).mean()
         accumulate(sums, m if weight else {k: 0 * v for k, v in m.items()}, weight)
@@ -1034,8 +1044,8 @@ def write_weights_page(run: Run, tokenizer, path: Path, source: str, n: int = 12
     runs the same micro-batches (FSDP gathers collectively); rank 0 writes."""
     blocks = []
     for chunk in data.micro_batches(list(range(min(n, len(run.heldout)))), run.micro_batch_size):
-        out, _, _, batch, _ = forward_pairs(run, run.heldout, chunk, 0, run.ref_eval)
-        ids, mask = batch["answer_ids"].cpu(), batch["answer_mask"].cpu().bool()
+        f = forward_pairs(run, run.heldout, chunk, 0, run.ref_eval)
+        out, ids, mask = f.out, f.batch["answer_ids"].cpu(), f.batch["answer_mask"].cpu().bool()
         S, w, a, b = out.similarity.cpu(), out.weights.cpu(), out.a.cpu().repeat(2), out.b.cpu().repeat(2)
         for k, i in enumerate(chunk):
             lines = []
