@@ -631,6 +631,23 @@ def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
 
 # ----------------------------------------------------------------------------- sharded over processes (FSDP2)
 
+# How the model is split over processes, all of it here (train.setup_distributed makes the mesh):
+# - FSDP2 (fully_shard) on every block, then on the root (embedding, final norm, head): each rank keeps
+#   1/N of every parameter (rows start:stop, torch.chunk's Shard(0)) and gathers a block only while it runs.
+#   With --replicate R the mesh is 2-D (HSDP): shard inside groups of N/R ranks (a node), replicate across.
+# - Mixed precision: fp32 master weights, bf16 compute (MixedPrecisionPolicy's param_dtype), gradients
+#   reduced in fp32. One process with nothing to cast stays a plain module (build_sharded says why).
+# - Reshard choices: blocks free their gathered weights after forward and gather again in backward; the
+#   root keeps its own from forward to backward, and a frozen model, which never runs backward, reshards
+#   right after forward (build_sharded), as does evaluation (reshard).
+# - Activation checkpointing is a flag on each Block, set before sharding, so FSDP wraps the recomputation.
+# - Gradients are reduce-scattered after every micro-batch (no no_sync): FSDP2 would otherwise hold whole
+#   unsharded fp32 gradients (32 GB at 8B) between micro-batches.
+# - The threshold MLP is replicated, not sharded (small; its input is each rank's own pairs): its gradients
+#   are averaged by hand (average_replicated_gradients) before its own clip.
+# - The LM head's weight exists whole only inside the root's forward: everything computed from it (the
+#   answer log-probs, Eq. 8's summed logits) is computed there (Transformer.answer_states).
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a parameter (the parameter itself when the model is not sharded)."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -698,6 +715,15 @@ def build_sharded(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=Fal
             local(p).copy_(read(name, start, start + local(p).shape[0]))
     model.requires_grad_(trainable)
     return model.train(trainable)
+
+
+def average_replicated_gradients(module: nn.Module) -> None:
+    """A module every rank holds whole (the threshold MLP: small, and its input is each rank's own pairs):
+    average its gradients over the ranks, as FSDP does for the sharded policy's."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for p in module.parameters() if world > 1 else ():
+        dist.all_reduce(p.grad)  # a sum: gloo has no average
+        p.grad /= world
 
 
 def save_sharded(model: Transformer, out: Path, dtype: torch.dtype) -> None:

@@ -543,55 +543,71 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, grad_clip: float,
                stop_requested: bool, count_flops=False) -> dict:
-    """One optimizer step on this rank's share of a global batch: micro-batches with gradient accumulation,
-    clipping, AdamW. Returns the step's metrics over all ranks, read from the device once. The loss is per
-    pair of the global batch (SFT: per answer token of it); FSDP averages over the processes, hence x world."""
-    world, sft = dist.get_world_size(), run.objective is None
+    """One optimizer step on this rank's share of a global batch: micro-batches (forward, objective,
+    backward) accumulate gradients, then clip, update, and the step's metrics over all ranks, read from
+    the device once."""
     sums, spread = {"stop": float(stop_requested)}, []
-    if sft:  # the answer tokens of the whole global batch: the token mean's denominator
-        n_tokens = torch.tensor(float(sum(n for _, _, n in data.segment_lengths(run.train_items, indices))),
-                                device=dist_device())
-        dist.all_reduce(n_tokens)
-        n_tokens = n_tokens.to(run.device)
+    micro_step = sft_micro_step if run.objective is None else pair_micro_step
+    scale = loss_scale(run, indices, batch_size)
     for chunk in data.micro_batches(indices, run.micro_batch_size):
-        if sft:
-            nll_sum, m = forward_sft(run, run.train_items, chunk)
-            loss = nll_sum * world / n_tokens
-        else:
-            f = forward_pairs(run, run.train_items, chunk, step, run.ref_train)
-            out, m = f.out, f.metrics
-            loss = out.losses.sum() * world / batch_size
-            spread.append({k: v.detach() for k, v in (("a", out.a), ("b", out.b), ("beta", out.beta))
-                           if isinstance(v, torch.Tensor)})
+        loss, m = micro_step(run, chunk, step, spread)
         # No no_sync between micro-batches: FSDP2 would then hold unsharded fp32 gradients (32 GB for 8B);
         # reduce-scattering each micro-batch's gradients keeps only the shards.
-        loss.backward()
+        (loss * scale).backward()
         lengths = data.segment_lengths(run.train_items, chunk)
         m["tokens"] = float(sum(q for q, _, _ in lengths))  # through the layers: each prompt once
         if count_flops:
             m["flops"] = M.training_flops(run.policy.config, lengths, run.reference is not None)
         accumulate(sums, m, len(chunk))
     norms = {"grad_norm": clip_gradients(run.policy.parameters(), grad_clip)}
-    if run.thresholds is not None:
-        # Replicated: average its gradients as FSDP does the policy's, and clip them apart, so that its
-        # gradient does not shrink the policy's step.
-        for p in run.thresholds.parameters() if world > 1 else ():
-            dist.all_reduce(p.grad)  # a sum: gloo has no average
-            p.grad /= world
+    if run.thresholds is not None:  # clipped apart, so that its gradient does not shrink the policy's step
+        M.average_replicated_gradients(run.thresholds)
         norms["grad_norm/thresholds"] = clip_gradients(run.thresholds.parameters(), grad_clip)
     stats = reduce_metrics(sums, len(indices), norms | batch_spread(spread))
-    if sft:
+    if run.objective is None:
         stats["loss"] = stats.pop("nll_sum") / max(stats["tokens/answer"], 1.0)
-    for key in ("loss", "grad_norm", "grad_norm/thresholds"):
-        if key in stats and not math.isfinite(stats[key]):
-            where = ", ".join(run.train_items[i]["where"] for i in indices[:8]) + (", ..." if len(indices) > 8 else "")
-            raise TrainingError(f"step {step + 1}: {key} is {stats[key]} on the batch of {where}; stopped "
-                                "without an update")
+    check_finite(run, stats, indices, step)
     optimizer.step()
     run.policy.zero_grad(set_to_none=True)
     if run.thresholds is not None:
         run.thresholds.zero_grad(set_to_none=False)  # kept: aao.VocabLinear adds into fc1's in place
     return stats
+
+
+def loss_scale(run: Run, indices: list, batch_size: int) -> torch.Tensor | float:
+    """What a micro-batch's summed loss is multiplied by so that the step's loss is a mean over the global
+    batch: per pair, or for SFT per answer token of it (TRL's token mean, the count all-reduced). FSDP
+    averages gradients over the processes, hence x world."""
+    world = dist.get_world_size()
+    if run.objective is not None:
+        return world / batch_size
+    lengths = data.segment_lengths(run.train_items, indices)
+    n_tokens = torch.tensor(float(sum(n for _, _, n in lengths)), device=dist_device())
+    dist.all_reduce(n_tokens)
+    return world / n_tokens.to(run.device)
+
+
+def pair_micro_step(run: Run, chunk: list, step: int, spread: list):
+    """A micro-batch of pairs: the summed per-pair losses and the metrics; a, b and β kept for their spread."""
+    f = forward_pairs(run, run.train_items, chunk, step, run.ref_train)
+    spread.append({k: v.detach() for k, v in (("a", f.out.a), ("b", f.out.b), ("beta", f.out.beta))
+                   if isinstance(v, torch.Tensor)})
+    return f.out.losses.sum(), f.metrics
+
+
+def sft_micro_step(run: Run, chunk: list, step: int, spread: list):
+    """A micro-batch of SFT examples: the summed NLL of its answer tokens and the metrics."""
+    return forward_sft(run, run.train_items, chunk)
+
+
+def check_finite(run: Run, stats: dict, indices: list, step: int) -> None:
+    """A non-finite loss or gradient norm stops the run before the update, naming the batch's rows."""
+    for key in ("loss", "grad_norm", "grad_norm/thresholds"):
+        if key in stats and not math.isfinite(stats[key]):
+            rows = [run.train_items[i]["where"] for i in indices]
+            where = ", ".join(rows[:8]) + (", ..." if len(rows) > 8 else "")
+            raise TrainingError(f"step {step + 1}: {key} is {stats[key]} on the batch of {where}; "
+                                "stopped without an update")
 
 
 def clip_gradients(params, max_norm: float) -> torch.Tensor:
