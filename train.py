@@ -680,25 +680,17 @@ def train(args, device, mesh) -> int:
     tokenizer = data.tiny_tokenizer() if args.weights == "tiny" else M.load_tokenizer(M.resolve_weights(args.weights))
     chat = chat_of(args, tokenizer)
     train_items, heldout = load_data(args, tokenizer, chat)
-    margins = [p["margin"] for p in train_items] if args.curriculum == "margin" else None
-    sampler = data.PairSampler(len(train_items), args.batch_size, args.seed, rank, dist.get_world_size(), margins)
-    total = int(args.epochs * sampler.steps_per_epoch)
-    total = min(total, args.max_steps) if args.max_steps else total
-    warmup = max(1, round(args.warmup * total))
-    if args.resume and (out / "final").is_dir() and last_row(out / "metrics.jsonl").get("step", 0) >= total:
-        rank0_print(f"--resume {out}: the run there already finished ({total} steps, {out / 'final'} written); "
-                    f"nothing to do; the steps are the fewer of --epochs x {sampler.steps_per_epoch} and --max-steps: raise "
-                    "both (or the one that binds) to continue it")
+    sampler, total = schedule(args, train_items, rank)
+    if already_finished(args, out, total, sampler.steps_per_epoch):
         return 0
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if args.resume and resume_from is None:
-        raise TrainingError(f"--resume {args.resume}: the run there saved no step-N/ checkpoint yet "
-                            f"(see --save-every); start it again with --out {args.resume}")
+    resume_from = resume_point(args, out)
     run = build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from)
     optimizer = make_optimizer(run.policy, run.thresholds, args.lr, args.threshold_lr, args.weight_decay)
     start = load_train_state(run, optimizer, resume_from) if resume_from else 0
     log = RunLog(out, args, start, resumed=resume_from is not None)
-    rank0_print(f"{total} steps of {args.batch_size}" + (f", resuming from {resume_from} at step {start}" if resume_from else ""))
+    resuming = f", resuming from {resume_from} at step {start}" if resume_from else ""
+    rank0_print(f"{total} steps of {args.batch_size}{resuming}")
+    warmup = max(1, round(args.warmup * total))
     first_eval = log.write("eval", {"step": 0, **evaluate(run)}) if start == 0 and run.heldout else {}
     peak = M.peak_flops(device)
     stop = StopSignal()
@@ -716,11 +708,8 @@ def train(args, device, mesh) -> int:
             except TrainingError as e:
                 last = latest_checkpoint(out)
                 raise TrainingError(f"{e}" + (f"; the last good checkpoint is {last}" if last else "")) from None
-            seconds, stopping = time.perf_counter() - t0, stats.pop("stop")
-            row = {"step": step + 1, **stats, "lr": optimizer.param_groups[0]["lr"],
-                   "tokens_per_s": stats["tokens"] / seconds}
-            if peak:
-                row["mfu"] = row.pop("flops") / seconds / (peak * dist.get_world_size())
+            stopping = stats.pop("stop")
+            row = step_row(step, stats, optimizer, time.perf_counter() - t0, peak)
             if run.heldout and ((step + 1) % args.eval_every == 0 or step + 1 == total):
                 row.update(log.write("eval", {"step": step + 1, **evaluate(run)}))
             log.write("metrics", row)
@@ -744,6 +733,48 @@ def train(args, device, mesh) -> int:
     if rank == 0:
         summarize(first_eval, last_row(out / "eval.jsonl"), len(run.heldout), final, out)
     return 0
+
+
+def step_row(step: int, stats: dict, optimizer, seconds: float, peak: float | None) -> dict:
+    """A line of metrics.jsonl: the step's metrics, its learning rate, throughput, and MFU on a GPU."""
+    row = {"step": step + 1, **stats, "lr": optimizer.param_groups[0]["lr"],
+           "tokens_per_s": stats["tokens"] / seconds}
+    if peak:
+        row["mfu"] = row.pop("flops") / seconds / (peak * dist.get_world_size())
+    return row
+
+
+def schedule(args, train_items: list, rank: int) -> tuple[data.PairSampler, int]:
+    """Which pairs each step trains on, and how many steps: the fewer of --epochs x steps per epoch
+    and --max-steps."""
+    margins = [p["margin"] for p in train_items] if args.curriculum == "margin" else None
+    sampler = data.PairSampler(len(train_items), args.batch_size, args.seed, rank,
+                               dist.get_world_size(), margins)
+    total = int(args.epochs * sampler.steps_per_epoch)
+    return sampler, min(total, args.max_steps) if args.max_steps else total
+
+
+def already_finished(args, out: Path, total: int, steps_per_epoch: int) -> bool:
+    """--resume of a run that ended (a requeued job): nothing to redo, said so."""
+    if not (args.resume and (out / "final").is_dir()):
+        return False
+    if last_row(out / "metrics.jsonl").get("step", 0) < total:
+        return False
+    rank0_print(f"--resume {out}: the run there already finished ({total} steps, {out / 'final'} "
+                f"written); nothing to do; the steps are the fewer of --epochs x {steps_per_epoch} and "
+                "--max-steps: raise both (or the one that binds) to continue it")
+    return True
+
+
+def resume_point(args, out: Path) -> Path | None:
+    """The step-N/ checkpoint --resume continues from (None for a new run)."""
+    if not args.resume:
+        return None
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise TrainingError(f"--resume {args.resume}: the run there saved no step-N/ checkpoint yet "
+                            f"(see --save-every); start it again with --out {args.resume}")
+    return ckpt
 
 
 def summarize(first: dict, last: dict, n_heldout: int, final: Path, out: Path) -> None:
