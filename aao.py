@@ -102,53 +102,6 @@ def token_similarity(emb_w, emb_l, mask_w, mask_l):
     return S_w, S_l
 
 
-def lcs_table(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """P[:, i, j] = length of the longest common subsequence of x[:, :i] and y[:, :j]; x (B, Kx), y (B, Ky)
-    token ids, padding given values that match nothing. The textbook DP, one row of x at a time: the row
-    max(P[i, j], P[i, j-1] + [x_i = y_j]) is made monotone in j by a running max, which is the DP's
-    third case (P[i+1, j-1]) unrolled. -> (B, Kx+1, Ky+1), int32."""
-    equal = (x[:, :, None] == y[:, None, :]).to(torch.int32)  # (B, Kx, Ky)
-    rows = [torch.zeros(x.shape[0], y.shape[1] + 1, dtype=torch.int32, device=x.device)]
-    for i in range(x.shape[1]):
-        prev = rows[-1]
-        best = torch.maximum(prev[:, 1:], prev[:, :-1] + equal[:, i]).cummax(dim=1).values
-        rows.append(F.pad(best, (1, 0)))
-    return torch.stack(rows, dim=1)
-
-
-def in_every_lcs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, Kx) bool: x's token i is matched in *every* longest common subsequence of x and y, i.e. some
-    common subsequence skipping it is shorter. It is skipped by a longest one iff for some j the prefix
-    LCS(x[:i], y[:j]) and the suffix LCS(x[i+1:], y[j:]) add up to the whole LCS. O(Kx·Ky)."""
-    prefix = lcs_table(x, y)
-    suffix = lcs_table(x.flip(1), y.flip(1)).flip(1, 2)  # suffix[:, i, j] = LCS(x[:, i:], y[:, j:])
-    total = prefix[:, -1, -1]
-    skipping = (prefix[:, :-1, :] + suffix[:, 1:, :]).amax(dim=2)  # (B, Kx): best LCS that skips x_i
-    return skipping < total[:, None]
-
-
-@torch.no_grad()
-def alignment_similarity(ids_w, ids_l, mask_w, mask_l, S_w, S_l, cap: float = 0.5):
-    """The position-aware reading of Eq. 7 (--similarity alignment; not the paper's). A token is
-    ambiguous, S = 1, when every longest common subsequence of the two answers' token ids matches it: it
-    sits at the same place in the order of both answers. Any other token keeps Eq. 7's embedding score
-    S_w, S_l, capped at `cap`: a token that also occurs elsewhere in the other answer (a reordered list,
-    "A beat B" against "B beat A") is then never ambiguous at the initial a = 0.8, and stays weighted.
-    Requiring every LCS, not some, makes the reading independent of how ties between alignments break.
-    ids (B, K) with masks (B, K); non-answer positions are replaced by values that match nothing."""
-    x = torch.where(mask_w.bool(), ids_w, -1)
-    y = torch.where(mask_l.bool(), ids_l, -2)
-    # Only the columns that hold answer tokens enter the DP (a host sync; the option is not the default).
-    cols = (mask_w.bool() | mask_l.bool()).any(0).nonzero().flatten()
-    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
-    aligned_w, aligned_l = torch.zeros_like(mask_w, dtype=torch.bool), torch.zeros_like(mask_l, dtype=torch.bool)
-    aligned_w[:, lo:hi] = in_every_lcs(x[:, lo:hi], y[:, lo:hi])
-    aligned_l[:, lo:hi] = in_every_lcs(y[:, lo:hi], x[:, lo:hi])
-    S_w = torch.where(aligned_w & mask_w.bool(), 1.0, S_w.clamp(max=cap))
-    S_l = torch.where(aligned_l & mask_l.bool(), 1.0, S_l.clamp(max=cap))
-    return S_w, S_l
-
-
 # ----------------------------------------------------------------------------- Eq. 8: thresholds
 
 def pooled_answer_logits(logit_sums: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -321,6 +274,83 @@ def per_pair_beta(column: torch.Tensor, scale: float = 1.0, lo: float | None = N
     return beta if lo is None and hi is None else beta.clamp(min=lo, max=hi)
 
 
+# ----------------------------------------------------------------------------- beyond the paper
+# This project's research, not the paper's method: other readings of Eq. 7's S (--similarity hidden,
+# alignment) and of the end-of-answer token (--end-token-weight). The defaults are the paper's; the README's
+# replica sections say what each reading measured.
+
+def lcs_table(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """P[:, i, j] = length of the longest common subsequence of x[:, :i] and y[:, :j]; x (B, Kx), y (B, Ky)
+    token ids, padding given values that match nothing. The textbook DP, one row of x at a time: the row
+    max(P[i, j], P[i, j-1] + [x_i = y_j]) is made monotone in j by a running max, which is the DP's
+    third case (P[i+1, j-1]) unrolled. -> (B, Kx+1, Ky+1), int32."""
+    equal = (x[:, :, None] == y[:, None, :]).to(torch.int32)  # (B, Kx, Ky)
+    rows = [torch.zeros(x.shape[0], y.shape[1] + 1, dtype=torch.int32, device=x.device)]
+    for i in range(x.shape[1]):
+        prev = rows[-1]
+        best = torch.maximum(prev[:, 1:], prev[:, :-1] + equal[:, i]).cummax(dim=1).values
+        rows.append(F.pad(best, (1, 0)))
+    return torch.stack(rows, dim=1)
+
+
+def in_every_lcs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, Kx) bool: x's token i is matched in *every* longest common subsequence of x and y, i.e. some
+    common subsequence skipping it is shorter. It is skipped by a longest one iff for some j the prefix
+    LCS(x[:i], y[:j]) and the suffix LCS(x[i+1:], y[j:]) add up to the whole LCS. O(Kx·Ky)."""
+    prefix = lcs_table(x, y)
+    suffix = lcs_table(x.flip(1), y.flip(1)).flip(1, 2)  # suffix[:, i, j] = LCS(x[:, i:], y[:, j:])
+    total = prefix[:, -1, -1]
+    skipping = (prefix[:, :-1, :] + suffix[:, 1:, :]).amax(dim=2)  # (B, Kx): best LCS that skips x_i
+    return skipping < total[:, None]
+
+
+@torch.no_grad()
+def alignment_similarity(ids_w, ids_l, mask_w, mask_l, S_w, S_l, cap: float = 0.5):
+    """The position-aware reading of Eq. 7 (--similarity alignment; not the paper's). A token is
+    ambiguous, S = 1, when every longest common subsequence of the two answers' token ids matches it: it
+    sits at the same place in the order of both answers. Any other token keeps Eq. 7's embedding score
+    S_w, S_l, capped at `cap`: a token that also occurs elsewhere in the other answer (a reordered list,
+    "A beat B" against "B beat A") is then never ambiguous at the initial a = 0.8, and stays weighted.
+    Requiring every LCS, not some, makes the reading independent of how ties between alignments break.
+    ids (B, K) with masks (B, K); non-answer positions are replaced by values that match nothing."""
+    x = torch.where(mask_w.bool(), ids_w, -1)
+    y = torch.where(mask_l.bool(), ids_l, -2)
+    # Only the columns that hold answer tokens enter the DP (a host sync; the option is not the default).
+    cols = (mask_w.bool() | mask_l.bool()).any(0).nonzero().flatten()
+    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
+    aligned_w, aligned_l = torch.zeros_like(mask_w, dtype=torch.bool), torch.zeros_like(mask_l, dtype=torch.bool)
+    aligned_w[:, lo:hi] = in_every_lcs(x[:, lo:hi], y[:, lo:hi])
+    aligned_l[:, lo:hi] = in_every_lcs(y[:, lo:hi], x[:, lo:hi])
+    S_w = torch.where(aligned_w & mask_w.bool(), 1.0, S_w.clamp(max=cap))
+    S_l = torch.where(aligned_l & mask_l.bool(), 1.0, S_l.clamp(max=cap))
+    return S_w, S_l
+
+
+SIMILARITIES = ("embedding", "hidden", "alignment")
+
+
+def token_similarities(similarity: str, mask, embeds, hidden_after=None, ids=None):
+    """S of every answer token, (2B, K), by one of three readings of Eq. 7:
+      embedding  the paper's: normalized max-cosine of the input embeddings, blind to position and context;
+      hidden     the same on the policy's final hidden state after reading the token (detached), which
+                 knows what came before it: "A" opening "A beat B" is not "A" closing "B beat A";
+      alignment  Eq. 7's embedding score, but S = 1 exactly for the tokens that every longest common
+                 subsequence of the two answers matches, capped below for the rest (alignment_similarity)."""
+    mask_w, mask_l = split_pairs(mask)
+    source = hidden_after if similarity == "hidden" else embeds
+    S_w, S_l = token_similarity(*split_pairs(source.detach()), mask_w, mask_l)
+    if similarity == "alignment":
+        S_w, S_l = alignment_similarity(*split_pairs(ids), mask_w, mask_l, S_w, S_l)
+    return torch.cat([S_w, S_l]).to(mask.dtype)
+
+
+def last_answer_token(mask: torch.Tensor) -> torch.Tensor:
+    """(2B, K) bool: each answer's last token, the end-of-answer token unless the answer was truncated.
+    Both answers end with it, so under Eq. 7 its S is 1 and its weight ~0 (--end-token-weight)."""
+    mask = mask.bool()
+    return mask & (mask.cumsum(-1) == mask.sum(-1, keepdim=True))
+
+
 # ----------------------------------------------------------------------------- the whole objective
 
 @dataclass
@@ -352,31 +382,6 @@ class Objective:
         if self.end_token_weight not in ("aao", "one"):
             raise ValueError(f"unknown end_token_weight {self.end_token_weight!r}")
         self.beta = DEFAULT_BETA[self.loss] if self.beta is None else self.beta
-
-
-SIMILARITIES = ("embedding", "hidden", "alignment")
-
-
-def token_similarities(similarity: str, mask, embeds, hidden_after=None, ids=None):
-    """S of every answer token, (2B, K), by one of three readings of Eq. 7:
-      embedding  the paper's: normalized max-cosine of the input embeddings, blind to position and context;
-      hidden     the same on the policy's final hidden state after reading the token (detached), which
-                 knows what came before it: "A" opening "A beat B" is not "A" closing "B beat A";
-      alignment  Eq. 7's embedding score, but S = 1 exactly for the tokens that every longest common
-                 subsequence of the two answers matches, capped below for the rest (alignment_similarity)."""
-    mask_w, mask_l = split_pairs(mask)
-    source = hidden_after if similarity == "hidden" else embeds
-    S_w, S_l = token_similarity(*split_pairs(source.detach()), mask_w, mask_l)
-    if similarity == "alignment":
-        S_w, S_l = alignment_similarity(*split_pairs(ids), mask_w, mask_l, S_w, S_l)
-    return torch.cat([S_w, S_l]).to(mask.dtype)
-
-
-def last_answer_token(mask: torch.Tensor) -> torch.Tensor:
-    """(2B, K) bool: each answer's last token, the end-of-answer token unless the answer was truncated.
-    Both answers end with it, so under Eq. 7 its S is 1 and its weight ~0 (--end-token-weight)."""
-    mask = mask.bool()
-    return mask & (mask.cumsum(-1) == mask.sum(-1, keepdim=True))
 
 
 def token_weights(obj: Objective, mask, embeds=None, a=None, b=None, seeds=None, hidden_after=None, ids=None):
