@@ -2293,3 +2293,33 @@ def test_smollm2_sft_then_aao_stay_on_its_template_and_load_in_transformers(smol
     with torch.no_grad():
         assert (hf_logits(hf, ids) - M.load_model(final)(ids)).abs().max() < 1e-4
     assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [2]  # <|im_end|>
+
+
+def test_replica_real_rules_judge_the_answers_smollm2_writes():
+    """The rules of experiments/replica_real.py on answers the starting model gave: a restated sum
+    counts by its result, a worked method cut short counts as wrong."""
+    sys.path.insert(0, str(HERE / "experiments"))
+    import replica_real as R
+    assert R.number_right("4 + 9 = 13", 13) and R.number_right("The answer is 1.", 1)
+    assert not R.number_right("9 - 9 is 9.", 0)
+    assert not R.number_right("25 meters is equal to 25 * 1", 2500)
+    assert R.word_right("The capital of France is Paris.", "Paris")
+    assert not R.word_right("Parisian", "Paris")
+    assert R.exact_right("DRAGON.", "DRAGON") and not R.exact_right('The word "Dragon"', "DRAGON")
+
+
+def test_replica_real_smoke_writes_its_results(smollm2, tmp_path):
+    """--smoke on the real SmolLM2: on-policy pairs, DPO and AAO, judged answers, the table."""
+    run_script(HERE / "experiments" / "replica_real.py", "--smoke", "--weights", smollm2,
+               "--out", tmp_path / "runs", "--docs", tmp_path / "docs", timeout=900)
+    rows = metric_rows(tmp_path / "docs", "replica_real_smoke.jsonl")
+    rows = [r for r in rows if not r.get("sweep")]  # the lr sweep's DPO row is the table's DPO too
+    assert [r["method"] for r in rows] == ["start", "DPO", "AAO"]
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["win_rate"] <= 1 and 0 <= r["cost_accuracy"] <= 1
+        assert 0 <= r["length"] <= 8 and r["general_logp"] < 0
+    aao_row = rows[2]
+    assert rows[0]["win_rate"] == 0.5 and 0 < aao_row["b_mean"] < aao_row["a_mean"] < 1
+    assert (Path(rows[1]["run"]) / "final" / "model.safetensors").exists()
+    table = (tmp_path / "docs" / "replica_real_smoke.md").read_text()
+    assert "| DPO | " in table and "| AAO | " in table and "win rate vs start" in table

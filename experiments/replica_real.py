@@ -17,9 +17,9 @@ instruct model is policy and reference. Per seed:
 Results: docs/replica_real.md, docs/replica_real.jsonl, docs/replica_real.png; runs under
 out/replica_real/ (ignored by git).
 """
+
 import argparse
 import json
-import os
 import random
 import re
 import statistics
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # importable from the tests too
 
 import data  # noqa: E402
 import model as M  # noqa: E402
@@ -40,7 +40,8 @@ SMOL = Path.home() / ".cache" / "aao-tests" / "SmolLM2-135M-Instruct"
 NUMBER_ONLY = "Answer with the number only."
 
 
-# ----------------------------------------------------------------------------- tasks and their rules
+# ---------------------------------------------------------------------- tasks and their rules
+
 
 def first_number(text: str):
     """The first integer the answer states after any restated question ("7 + 8 = 15" -> 15)."""
@@ -59,7 +60,7 @@ def word_right(answer: str, value) -> bool:
 
 
 def exact_right(answer: str, value) -> bool:
-    """A format instruction: the answer is exactly the value (trailing period and spaces allowed)."""
+    """A format instruction: the answer is exactly the value (a trailing period allowed)."""
     return answer.strip().rstrip(".") == value
 
 
@@ -72,7 +73,9 @@ def subtraction():
 
 
 def multiplication():
-    return [(f"What is {a} times {b}? {NUMBER_ONLY}", a * b) for a in range(2, 10) for b in range(2, 10)]
+    return [
+        (f"What is {a} times {b}? {NUMBER_ONLY}", a * b) for a in range(2, 10) for b in range(2, 10)
+    ]
 
 
 def capitals():
@@ -80,41 +83,79 @@ def capitals():
 
 
 def centimeters():
-    return [(f"How many centimeters are in {n} meters? {NUMBER_ONLY}", 100 * n) for n in range(1, 41)]
+    return [
+        (f"How many centimeters are in {n} meters? {NUMBER_ONLY}", 100 * n) for n in range(1, 41)
+    ]
 
 
 def minutes():
     return [(f"How many minutes are in {n} hours? {NUMBER_ONLY}", 60 * n) for n in range(1, 41)]
 
 
-WORDS = ["apple", "river", "garden", "window", "silver", "planet", "forest", "candle", "bridge", "yellow",
-         "pocket", "winter", "dragon", "castle", "rocket", "violin", "butter", "anchor", "marble", "tunnel"]
+WORDS = [
+    "apple",
+    "river",
+    "garden",
+    "window",
+    "silver",
+    "planet",
+    "forest",
+    "candle",
+    "bridge",
+    "yellow",
+    "pocket",
+    "winter",
+    "dragon",
+    "castle",
+    "rocket",
+    "violin",
+    "butter",
+    "anchor",
+    "marble",
+    "tunnel",
+]
 
 
 def uppercase():
-    return [(f"Write the word {w} in capital letters. Reply with that word only.", w.upper()) for w in WORDS]
+    return [
+        (f"Write the word {w} in capital letters. Reply with that word only.", w.upper())
+        for w in WORDS
+    ]
 
 
 # name: (items, rule). The probe measures them all; the experiment trains one and costs another.
-TASKS = {"addition": (addition, number_right), "subtraction": (subtraction, number_right),
-         "multiplication": (multiplication, number_right), "capitals": (capitals, word_right),
-         "centimeters": (centimeters, number_right), "minutes": (minutes, number_right),
-         "uppercase": (uppercase, exact_right)}
+TASKS = {
+    "addition": (addition, number_right),
+    "subtraction": (subtraction, number_right),
+    "multiplication": (multiplication, number_right),
+    "capitals": (capitals, word_right),
+    "centimeters": (centimeters, number_right),
+    "minutes": (minutes, number_right),
+    "uppercase": (uppercase, exact_right),
+}
 
 # Chosen with --probe (README): the starting model's greedy accuracy, 20 prompts per task, was
 # addition 0.70, subtraction 0.50, multiplication 0.15, capitals 0.875 (16),
-# centimeters 0.00, minutes 0.00, uppercase 0.00 (worked methods or chatter cut at 12 tokens). Trained: TASK; the cost: COST_TASK, a task it mostly knows.
+# centimeters 0.00, minutes 0.00, uppercase 0.00 (worked methods or chatter, cut at 12 tokens).
+# Subtraction sits mid-zone, so it is trained; capitals, which it mostly knows, measure the cost.
 TASK, COST_TASK = "subtraction", "capitals"
 
 # General prompts whose starting-model answers we score under every trained policy (per-token
 # log-likelihood): the cost that DPO's likelihood displacement would show on answers it never saw.
-GENERAL = ["Name three primary colors.", "Give me a tip for sleeping better.",
-           "What is photosynthesis? Answer in two sentences.", "Write a haiku about the sea.",
-           "Why is the sky blue? Answer briefly.", "Suggest a name for a pet cat.",
-           "What should I pack for a day at the beach?", "Explain what a noun is."]
+GENERAL = [
+    "Name three primary colors.",
+    "Give me a tip for sleeping better.",
+    "What is photosynthesis? Answer in two sentences.",
+    "Write a haiku about the sea.",
+    "Why is the sky blue? Answer briefly.",
+    "Suggest a name for a pet cat.",
+    "What should I pack for a day at the beach?",
+    "Explain what a noun is.",
+]
 
 
 # ----------------------------------------------------------------------------- the model
+
 
 def load(weights: Path, dtype=torch.float32):
     model = M.load_model(weights, dtype=dtype).eval()
@@ -123,16 +164,25 @@ def load(weights: Path, dtype=torch.float32):
 
 
 @torch.no_grad()
-def sample_ids(loaded, prompts: list, max_new_tokens: int, temperature=0.0, seed=0, batch=32) -> list:
-    """Answers as token ids (without the end of turn), greedy at temperature 0, top-p 0.95 otherwise;
+def sample_ids(
+    loaded, prompts: list, max_new_tokens: int, temperature=0.0, seed=0, batch=32
+) -> list:
+    """Answers as token ids (without the end of turn), greedy at temperature 0, else top-p 0.95;
     in batches to bound memory."""
     model, tok, chat = loaded
     stops, out = data.answer_stop_ids(chat, tok), []
     for i in range(0, len(prompts), batch):
-        ids = data.instruction_prompts(chat, tok, prompts[i:i + batch])
+        ids = data.instruction_prompts(chat, tok, prompts[i : i + batch])
         top_p = 0.95 if temperature > 0 else 1.0
-        out += M.generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p,
-                          stop_ids=stops, seed=seed + i)
+        out += M.generate(
+            model,
+            ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_ids=stops,
+            seed=seed + i,
+        )
     return out
 
 
@@ -150,7 +200,7 @@ def answer_logp(loaded, prompts: list, answers: list) -> float:
     for prompt, answer in zip(data.instruction_prompts(chat, tok, prompts), answers):
         ids = torch.tensor([prompt + answer])
         logp = torch.log_softmax(model(ids)[0, :-1].float(), -1)
-        picked = logp[len(prompt) - 1:].gather(-1, ids[0, len(prompt):, None])
+        picked = logp[len(prompt) - 1 :].gather(-1, ids[0, len(prompt) :, None])
         total, count = total + picked.sum().item(), count + len(answer)
     return total / max(count, 1)
 
@@ -162,18 +212,21 @@ def probe(cfg) -> dict:
         its = random.Random(0).sample(items(), min(cfg.probe_items, len(items())))
         got = sample(loaded, [p for p, _ in its], cfg.max_new_tokens)
         rates[name] = statistics.mean(rule(a, v) for a, v in zip(got, (v for _, v in its)))
-        print(f"{name}: {rates[name]:.3f} of {len(its)}  e.g. {its[0][0]!r} -> {got[0]!r}", flush=True)
+        print(
+            f"{name}: {rates[name]:.3f} of {len(its)}  e.g. {its[0][0]!r} -> {got[0]!r}", flush=True
+        )
     return rates
 
 
 # ----------------------------------------------------------------------------- on-policy pairs
+
 
 def split_prompts(cfg):
     """The trained task's items, shuffled once (seed 0): held-out first, the rest for training. The
     split is the same for every seed, so the seeds differ in training only."""
     items = TASKS[cfg.task][0]()
     random.Random(0).shuffle(items)
-    return items[cfg.heldout:cfg.heldout + cfg.train_prompts], items[:cfg.heldout]
+    return items[cfg.heldout : cfg.heldout + cfg.train_prompts], items[: cfg.heldout]
 
 
 def on_policy_pairs(loaded, train_items, cfg) -> list:
@@ -181,19 +234,24 @@ def on_policy_pairs(loaded, train_items, cfg) -> list:
     least one right and one wrong answer gives pairs (right, wrong), distinct texts, up to 2 per
     prompt. No answer is written by hand: the pairs are what the model itself says."""
     rule, prompts = TASKS[cfg.task][1], [p for p, _ in train_items]
-    drawn = [sample(loaded, prompts, cfg.max_new_tokens, cfg.temperature, seed=1000 * k + 7)
-             for k in range(cfg.samples)]
+    drawn = [
+        sample(loaded, prompts, cfg.max_new_tokens, cfg.temperature, seed=1000 * k + 7)
+        for k in range(cfg.samples)
+    ]
     rows, rng = [], random.Random(0)
     for i, (prompt, value) in enumerate(train_items):
         answers = list(dict.fromkeys(d[i].strip() for d in drawn if d[i].strip()))
         right = [a for a in answers if rule(a, value)]
         wrong = [a for a in answers if not rule(a, value)]
-        for chosen, rejected in list(zip(rng.sample(right, len(right)), rng.sample(wrong, len(wrong))))[:2]:
+        for chosen, rejected in list(
+            zip(rng.sample(right, len(right)), rng.sample(wrong, len(wrong)))
+        )[:2]:
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
 
 
 # ----------------------------------------------------------------------------- judging
+
 
 def judge(items, rule, answers, reference) -> dict:
     """Accuracy by the task's rule, and the win rate against the starting model's answers to the
@@ -214,25 +272,38 @@ def evaluate(weights: Path, cfg, start: dict | None) -> dict:
     texts = [loaded[1].decode(a) for a in ids]
     cost = sample(loaded, [p for p, _ in cfg.cost_items], cfg.max_new_tokens)
     general = start["general_ids"] if start else sample_ids(loaded, cfg.general, cfg.general_tokens)
-    row = {"answers": texts, "cost_answers": cost, "length": statistics.mean(map(len, ids)),
-           "general_logp": answer_logp(loaded, cfg.general, general)}
+    row = {
+        "answers": texts,
+        "cost_answers": cost,
+        "length": statistics.mean(map(len, ids)),
+        "general_logp": answer_logp(loaded, cfg.general, general),
+    }
     ref_texts, ref_cost = (start["answers"], start["cost_answers"]) if start else (texts, cost)
     row.update(judge(cfg.heldout_items, TASKS[cfg.task][1], texts, ref_texts))
-    row["cost_accuracy"] = judge(cfg.cost_items, TASKS[cfg.cost_task][1], cost, ref_cost)["accuracy"]
+    row["cost_accuracy"] = judge(cfg.cost_items, TASKS[cfg.cost_task][1], cost, ref_cost)[
+        "accuracy"
+    ]
     if start is None:
         row["general_ids"] = general
     return row
 
 
 def run_summary(run: Path) -> dict:
-    """From metrics.jsonl: the last thresholds and squeeze probe, and the training reward accuracy."""
+    """From metrics.jsonl: the last thresholds, squeeze probe, held-out pair accuracy, log-probs."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     last = lambda k: next((r[k] for r in reversed(rows) if k in r), None)  # noqa: E731
     return {k.replace("/", "_"): last(k) for k in SUMMARY_KEYS}
 
 
-SUMMARY_KEYS = ["a/mean", "b/mean", "eval/squeeze/policy_chosen_top1", "eval/squeeze/reference_chosen_top1",
-                "eval/accuracy", "logps/chosen", "logps/rejected"]
+SUMMARY_KEYS = [
+    "a/mean",
+    "b/mean",
+    "eval/squeeze/policy_chosen_top1",
+    "eval/squeeze/reference_chosen_top1",
+    "eval/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+]
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -254,47 +325,98 @@ def preference_run(name, seed, lr, pairs: Path, cfg, start) -> dict:
     run = cfg.out / f"{name.replace(' ', '_').replace('/', '')}-lr{lr:g}-s{seed}"
     t0 = time.perf_counter()
     if not (run / "final").exists():  # a run cut short continues where it stopped
-        run_train(METHODS[name] + [
-            "--weights", str(cfg.weights), "--data", str(pairs), "--eval-pairs", str(cfg.eval_pairs),
-            "--out", str(run), "--seed", str(seed), "--lr", str(lr), "--batch-size", str(cfg.batch),
-            "--micro-batch-size", str(cfg.batch), "--max-steps", str(cfg.steps), "--epochs", "100",
-            "--eval-every", str(cfg.eval_every), "--max-length", "96", "--max-prompt-length", "72",
-            "--dtype", cfg.train_dtype, "--save-dtype", "bfloat16"])
-    row = {"method": name, "seed": seed, "lr": lr, "run": repo_path(run), **evaluate(run / "final", cfg, start),
-           **run_summary(run), "seconds": time.perf_counter() - t0}
+        run_train(
+            METHODS[name]
+            + [
+                "--weights",
+                str(cfg.weights),
+                "--data",
+                str(pairs),
+                "--eval-pairs",
+                str(cfg.eval_pairs),
+                "--out",
+                str(run),
+                "--seed",
+                str(seed),
+                "--lr",
+                str(lr),
+                "--batch-size",
+                str(cfg.batch),
+                "--micro-batch-size",
+                str(cfg.batch),
+                "--max-steps",
+                str(cfg.steps),
+                "--epochs",
+                "100",
+                "--eval-every",
+                str(cfg.eval_every),
+                "--max-length",
+                "96",
+                "--max-prompt-length",
+                "72",
+                "--dtype",
+                cfg.train_dtype,
+                "--save-dtype",
+                "bfloat16",
+            ]
+        )
+    row = {
+        "method": name,
+        "seed": seed,
+        "lr": lr,
+        "run": repo_path(run),
+        **evaluate(run / "final", cfg, start),
+        **run_summary(run),
+        "seconds": time.perf_counter() - t0,
+    }
     print(json.dumps({k: v for k, v in row.items() if "answers" not in k}), flush=True)
     return row
 
 
 def starting_row(cfg) -> dict:
     row = {"method": "start", "seed": None, "lr": 0.0, **evaluate(cfg.weights, cfg, None)}
-    print(json.dumps({k: v for k, v in row.items() if "answers" not in k and k != "general_ids"}), flush=True)
+    print(
+        json.dumps({k: v for k, v in row.items() if "answers" not in k and k != "general_ids"}),
+        flush=True,
+    )
     return row
 
 
 def experiment(cfg) -> list:
     cfg.out.mkdir(parents=True, exist_ok=True)
     train_items, cfg.heldout_items = split_prompts(cfg)
-    cfg.cost_items = TASKS[cfg.cost_task][0]()[:cfg.cost_prompts]
+    cfg.cost_items = TASKS[cfg.cost_task][0]()[: cfg.cost_prompts]
     t0 = time.perf_counter()
     pairs = on_policy_pairs(load(cfg.weights, cfg.dtype), train_items, cfg)
     write_jsonl(cfg.out / "pairs.jsonl", pairs)
-    print(f"{len(pairs)} on-policy pairs from {len(train_items)} training prompts "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        f"{len(pairs)} on-policy pairs from {len(train_items)} training prompts "
+        f"({time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
     start = starting_row(cfg)
     rows = [start]
     # The lr: a small sweep on DPO alone (seed 0), chosen by held-out accuracy, then used for all.
-    sweep = [preference_run("DPO", cfg.seeds[0], lr, cfg.out / "pairs.jsonl", cfg, start) for lr in cfg.lrs]
+    sweep = [
+        preference_run("DPO", cfg.seeds[0], lr, cfg.out / "pairs.jsonl", cfg, start)
+        for lr in cfg.lrs
+    ]
     for r in sweep:
         r["sweep"] = True
     lr = max(sweep, key=lambda r: (r["accuracy"], r["win_rate"]))["lr"]
-    print(f"learning rate for all methods: {lr:g} (the DPO sweep's best held-out accuracy)", flush=True)
+    print(
+        f"learning rate for all methods: {lr:g} (the DPO sweep's best held-out accuracy)",
+        flush=True,
+    )
     rows += sweep
     for seed in cfg.seeds:
         for name in cfg.methods:
             done = [r for r in sweep if r["lr"] == lr and seed == cfg.seeds[0] and name == "DPO"]
-            rows.append(dict(done[0], sweep=False) if done else preference_run(
-                name, seed, lr, cfg.out / "pairs.jsonl", cfg, start))
+            rows.append(
+                dict(done[0], sweep=False)
+                if done
+                else preference_run(name, seed, lr, cfg.out / "pairs.jsonl", cfg, start)
+            )
     for r in rows:
         r.pop("general_ids", None)
     return rows, lr, len(pairs)
@@ -302,9 +424,16 @@ def experiment(cfg) -> list:
 
 # ----------------------------------------------------------------------------- results
 
-COLUMNS = [("accuracy", "held-out accuracy"), ("win_rate", "win rate vs start"), ("length", "length (tokens)"),
-           ("cost_accuracy", "untrained-task accuracy"), ("general_logp", "logp/token, start's answers"),
-           ("eval_squeeze_policy_chosen_top1", "squeeze top-1"), ("a_mean", "a"), ("b_mean", "b")]
+COLUMNS = [
+    ("accuracy", "held-out accuracy"),
+    ("win_rate", "win rate vs start"),
+    ("length", "length (tokens)"),
+    ("cost_accuracy", "untrained-task accuracy"),
+    ("general_logp", "logp/token, start's answers"),
+    ("eval_squeeze_policy_chosen_top1", "squeeze top-1"),
+    ("a_mean", "a"),
+    ("b_mean", "b"),
+]
 
 
 def fmt(values) -> str:
@@ -313,19 +442,30 @@ def fmt(values) -> str:
 
 
 def table(rows) -> str:
-    head = "| method | " + " | ".join(t for _, t in COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
+    head = (
+        "| method | "
+        + " | ".join(t for _, t in COLUMNS)
+        + " |\n|---|"
+        + "---|" * len(COLUMNS)
+        + "\n"
+    )
     lines = []
     for method in dict.fromkeys(r["method"] for r in rows if not r.get("sweep")):
         rs = [r for r in rows if r["method"] == method and not r.get("sweep")]
-        lines.append(f"| {method} | " + " | ".join(fmt(r.get(k) for r in rs) for k, _ in COLUMNS) + " |")
+        lines.append(
+            f"| {method} | " + " | ".join(fmt(r.get(k) for r in rs) for k, _ in COLUMNS) + " |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
 def sweep_table(rows) -> str:
     rs = [r for r in rows if r.get("sweep")]
     return "| DPO lr (seed %s) | held-out accuracy | win rate | length |\n|---|---|---|---|\n" % (
-        rs[0]["seed"] if rs else "-") + "".join(
-        f"| {r['lr']:g} | {r['accuracy']:.3f} | {r['win_rate']:.3f} | {r['length']:.1f} |\n" for r in rs)
+        rs[0]["seed"] if rs else "-"
+    ) + "".join(
+        f"| {r['lr']:g} | {r['accuracy']:.3f} | {r['win_rate']:.3f} | {r['length']:.1f} |\n"
+        for r in rs
+    )
 
 
 def curves(run: Path, key) -> list:
@@ -339,10 +479,15 @@ def curves(run: Path, key) -> list:
 def plot(rows, png: Path) -> None:
     """Left: the squeeze probe over the run (seed 0). Right: AAO's thresholds a, b."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = {r["method"]: r["run"] for r in rows if r["seed"] == rows[1]["seed"] and not r.get("sweep")
-            and r["method"] != "start"}
+
+    runs = {
+        r["method"]: r["run"]
+        for r in rows
+        if r["seed"] == rows[1]["seed"] and not r.get("sweep") and r["method"] != "start"
+    }
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     key = "eval/squeeze/policy_chosen_top1"
     for method, run in runs.items():
@@ -368,15 +513,21 @@ def write_results(rows, cfg, lr, n_pairs, seconds: float) -> None:
     cfg.docs.mkdir(parents=True, exist_ok=True)
     name = "replica_real_smoke" if cfg.smoke else "replica_real"
     write_jsonl(cfg.docs / f"{name}.jsonl", rows)
-    text = (f"# Replica on a real model\n\n`python experiments/replica_real.py{' --smoke' if cfg.smoke else ''}`"
-            f": {seconds / 60:.1f} minutes. SmolLM2-135M-Instruct, trained task {cfg.task} "
-            f"({len(cfg.heldout_items)} held-out prompts), untrained task {cfg.cost_task} "
-            f"({len(cfg.cost_items)} prompts), {n_pairs} on-policy pairs ({cfg.samples} samples per "
-            f"prompt at temperature {cfg.temperature}, top-p 0.95), {cfg.steps} steps of {cfg.batch} pairs, "
-            f"lr {lr:g} for all methods, compute {cfg.train_dtype}, seeds {cfg.seeds}. Mean ± std over "
-            "seeds. Win rate: 1 if only the policy's greedy answer is right, 0 if only the start's, "
-            "0.5 otherwise. Squeeze, a, b: the last values in metrics.jsonl.\n\n" + table(rows)
-            + "\n" + sweep_table(rows))
+    text = (
+        "# Replica on a real model\n\n"
+        f"`python experiments/replica_real.py{' --smoke' if cfg.smoke else ''}`: "
+        f"{seconds / 60:.1f} minutes. SmolLM2-135M-Instruct, trained task {cfg.task} "
+        f"({len(cfg.heldout_items)} held-out prompts), untrained task {cfg.cost_task} "
+        f"({len(cfg.cost_items)} prompts), {n_pairs} on-policy pairs ({cfg.samples} samples per "
+        f"prompt at temperature {cfg.temperature}, top-p 0.95), {cfg.steps} steps of {cfg.batch} "
+        f"pairs, lr {lr:g} for all methods, compute {cfg.train_dtype}, seeds {cfg.seeds}. "
+        "Mean ± std over seeds. Win rate: 1 if only the policy's greedy answer is right, "
+        "0 if only the start's, "
+        "0.5 otherwise. Squeeze, a, b: the last values in metrics.jsonl.\n\n"
+        + table(rows)
+        + "\n"
+        + sweep_table(rows)
+    )
     (cfg.docs / f"{name}.md").write_text(text)
     if not cfg.smoke:
         plot(rows, cfg.docs / "replica_real.png")
@@ -384,23 +535,45 @@ def write_results(rows, cfg, lr, n_pairs, seconds: float) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--weights", type=Path, default=SMOL)
-    p.add_argument("--probe", action="store_true", help="only measure the starting model's task accuracy")
+    p.add_argument(
+        "--probe", action="store_true", help="only measure the starting model's task accuracy"
+    )
     p.add_argument("--probe-items", type=int, default=20, help="prompts per task in the probe")
-    p.add_argument("--smoke", action="store_true", help="1 seed, DPO and AAO, 2 steps, no sweep, no PNG")
+    p.add_argument(
+        "--smoke", action="store_true", help="1 seed, DPO and AAO, 2 steps, no sweep, no PNG"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", type=Path, default=ROOT / "out" / "replica_real")
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     p.add_argument("--threads", type=int, default=2)
     cfg = p.parse_args(argv)
-    cfg.dtype, cfg.train_dtype, cfg.max_new_tokens, cfg.general_tokens = torch.bfloat16, "bfloat16", 10, 16
+    cfg.dtype, cfg.train_dtype, cfg.max_new_tokens, cfg.general_tokens = (
+        torch.bfloat16,
+        "bfloat16",
+        10,
+        16,
+    )
     cfg.task, cfg.cost_task, cfg.general = TASK, COST_TASK, GENERAL[:6]
-    cfg.heldout, cfg.train_prompts, cfg.cost_prompts, cfg.samples, cfg.temperature = 20, 35, 16, 4, 1.0
+    cfg.heldout, cfg.train_prompts, cfg.cost_prompts, cfg.samples, cfg.temperature = (
+        20,
+        35,
+        16,
+        4,
+        1.0,
+    )
     cfg.steps, cfg.batch, cfg.eval_pairs, cfg.eval_every, cfg.lrs = 6, 8, 6, 3, [3e-6, 1e-5, 3e-5]
     cfg.methods = list(METHODS)
     if cfg.smoke:
-        cfg.seeds, cfg.methods, cfg.lrs, cfg.general = cfg.seeds[:1], SMOKE_METHODS, [1e-5], GENERAL[:1]
+        cfg.seeds, cfg.methods, cfg.lrs, cfg.general = (
+            cfg.seeds[:1],
+            SMOKE_METHODS,
+            [1e-5],
+            GENERAL[:1],
+        )
         cfg.heldout, cfg.train_prompts, cfg.cost_prompts, cfg.samples = 2, 6, 2, 3
         cfg.steps, cfg.batch, cfg.eval_pairs, cfg.eval_every = 1, 2, 0, 1
         cfg.max_new_tokens, cfg.general_tokens = 8, 8
