@@ -78,6 +78,11 @@ def multiplication():
     ]
 
 
+def arithmetic():
+    """Both single-digit tasks: 155 prompts, so that a few dozen of them yield on-policy pairs."""
+    return addition() + subtraction()
+
+
 def capitals():
     return [(f"What is the capital of {x}? Answer in one sentence.", y) for x, y in data.CAPITALS]
 
@@ -128,6 +133,7 @@ TASKS = {
     "addition": (addition, number_right),
     "subtraction": (subtraction, number_right),
     "multiplication": (multiplication, number_right),
+    "arithmetic": (arithmetic, number_right),
     "capitals": (capitals, word_right),
     "centimeters": (centimeters, number_right),
     "minutes": (minutes, number_right),
@@ -137,8 +143,10 @@ TASKS = {
 # Chosen with --probe (README): the starting model's greedy accuracy, 20 prompts per task, was
 # addition 0.70, subtraction 0.50, multiplication 0.15, capitals 0.875 (16),
 # centimeters 0.00, minutes 0.00, uppercase 0.00 (worked methods or chatter, cut at 12 tokens).
-# Subtraction sits mid-zone, so it is trained; capitals, which it mostly knows, measure the cost.
-TASK, COST_TASK = "subtraction", "capitals"
+# Addition and subtraction sit in the zone (0.60 together); their 55 + 100 prompts are trained
+# (subtraction alone, 35 training prompts, gave only 12 pairs). Capitals, which it mostly knows,
+# measure the cost.
+TASK, COST_TASK = "arithmetic", "capitals"
 
 # General prompts whose starting-model answers we score under every trained policy (per-token
 # log-likelihood): the cost that DPO's likelihood displacement would show on answers it never saw.
@@ -551,29 +559,19 @@ def parse_args(argv=None):
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     p.add_argument("--threads", type=int, default=2)
     cfg = p.parse_args(argv)
-    cfg.dtype, cfg.train_dtype, cfg.max_new_tokens, cfg.general_tokens = (
-        torch.bfloat16,
-        "bfloat16",
-        10,
-        16,
-    )
+    # Sized for about half an hour on 2 shared cores: bf16 compute, short answers (10 tokens cover
+    # "The answer is 7." and "9 - 2 = 7"), one pass over the pairs.
+    cfg.dtype, cfg.train_dtype = torch.bfloat16, "bfloat16"
+    cfg.max_new_tokens, cfg.general_tokens = 10, 16
     cfg.task, cfg.cost_task, cfg.general = TASK, COST_TASK, GENERAL[:6]
-    cfg.heldout, cfg.train_prompts, cfg.cost_prompts, cfg.samples, cfg.temperature = (
-        20,
-        35,
-        16,
-        4,
-        1.0,
-    )
-    cfg.steps, cfg.batch, cfg.eval_pairs, cfg.eval_every, cfg.lrs = 6, 8, 6, 3, [3e-6, 1e-5, 3e-5]
+    cfg.heldout, cfg.train_prompts, cfg.cost_prompts = 30, 125, 16
+    cfg.samples, cfg.temperature = 4, 1.0
+    cfg.steps, cfg.batch, cfg.eval_pairs, cfg.eval_every = 6, 8, 6, 3
+    cfg.lrs = [3e-6, 1e-5, 3e-5]  # the DPO sweep; the best is used for every method
     cfg.methods = list(METHODS)
     if cfg.smoke:
-        cfg.seeds, cfg.methods, cfg.lrs, cfg.general = (
-            cfg.seeds[:1],
-            SMOKE_METHODS,
-            [1e-5],
-            GENERAL[:1],
-        )
+        cfg.seeds, cfg.methods, cfg.lrs = cfg.seeds[:1], SMOKE_METHODS, [1e-5]
+        cfg.general = GENERAL[:1]
         cfg.heldout, cfg.train_prompts, cfg.cost_prompts, cfg.samples = 2, 6, 2, 3
         cfg.steps, cfg.batch, cfg.eval_pairs, cfg.eval_every = 1, 2, 0, 1
         cfg.max_new_tokens, cfg.general_tokens = 8, 8
