@@ -395,8 +395,12 @@ def experiment(cfg) -> list:
     train_items, cfg.heldout_items = split_prompts(cfg)
     cfg.cost_items = TASKS[cfg.cost_task][0]()[: cfg.cost_prompts]
     t0 = time.perf_counter()
-    pairs = on_policy_pairs(load(cfg.weights, cfg.dtype), train_items, cfg)
-    write_jsonl(cfg.out / "pairs.jsonl", pairs)
+    file = cfg.out / "pairs.jsonl"
+    if file.exists():  # a rerun into the same --out keeps its pairs (sampling is the slow part)
+        pairs = [json.loads(line) for line in file.read_text().splitlines()]
+    else:
+        pairs = on_policy_pairs(load(cfg.weights, cfg.dtype), train_items, cfg)
+        write_jsonl(file, pairs)
     print(
         f"{len(pairs)} on-policy pairs from {len(train_items)} training prompts "
         f"({time.perf_counter() - t0:.0f} s)",
