@@ -2301,7 +2301,8 @@ def test_replica_real_rules_judge_the_answers_smollm2_writes():
     sys.path.insert(0, str(HERE / "experiments"))
     import replica_real as R
     assert R.number_right("4 + 9 = 13", 13) and R.number_right("The answer is 1.", 1)
-    assert not R.number_right("9 - 9 is 9.", 0)
+    assert not R.number_right("9 - 9 is 9.", 0) and R.number_right("5 - 3 is 2", 2)
+    assert not R.number_right('5 + 0 is "00"', 5) and R.number_right("8-3=5", 5)
     assert not R.number_right("25 meters is equal to 25 * 1", 2500)
     assert R.word_right("The capital of France is Paris.", "Paris")
     assert not R.word_right("Parisian", "Paris")

@@ -44,9 +44,11 @@ NUMBER_ONLY = "Answer with the number only."
 
 
 def first_number(text: str):
-    """The first integer the answer states after any restated question ("7 + 8 = 15" -> 15)."""
-    text = text.split("=")[-1] if "=" in text else text
-    found = re.search(r"-?\d+", text.replace(",", ""))
+    """The first integer the answer states once a restated question is taken out: "7 + 8 = 15" and
+    "5 - 3 is 2" state 15 and 2, not 7 and 5. (The first version split at "=" only, and so read
+    "5 - 3 is 2" as 5; the pairs of docs/replica_real.jsonl were labelled by it: see the README.)"""
+    rest = re.sub(r"\d+\s*[-+]\s*\d+", " ", text.replace(",", ""))
+    found = re.search(r"-?\d+", rest)
     return int(found.group()) if found else None
 
 
@@ -521,8 +523,29 @@ def plot(rows, png: Path) -> None:
     fig.savefig(png, dpi=100)
 
 
+def rejudge(rows, cfg) -> list:
+    """Accuracy and win rates again from the answers the rows keep, by the rules as they are now:
+    a fix to a rule reaches the table without training anything again."""
+    start, rule = rows[0], TASKS[cfg.task][1]
+    for r in rows:
+        r.update(judge(cfg.heldout_items, rule, r["answers"], start["answers"]))
+        cost = judge(cfg.cost_items, TASKS[cfg.cost_task][1], r["cost_answers"], start["cost_answers"])
+        r["cost_accuracy"] = cost["accuracy"]
+    return rows
+
+
+def rejudged_from_docs(cfg) -> None:
+    """--rejudge: the table, text and figure again from docs/replica_real.jsonl, runs untouched."""
+    rows = [json.loads(x) for x in (cfg.docs / "replica_real.jsonl").read_text().splitlines()]
+    minutes = re.search(r"`: ([\d.]+) minutes", (cfg.docs / "replica_real.md").read_text())
+    lr = next(r["lr"] for r in rows if r["method"] == "AAO")
+    n_pairs = len((cfg.out / "pairs.jsonl").read_text().splitlines())
+    write_results(rows, cfg, lr, n_pairs, 60 * float(minutes.group(1)))
+
+
 def write_results(rows, cfg, lr, n_pairs, seconds: float) -> None:
     cfg.docs.mkdir(parents=True, exist_ok=True)
+    rows = rejudge(rows, cfg)
     name = "replica_real_smoke" if cfg.smoke else "replica_real"
     write_jsonl(cfg.docs / f"{name}.jsonl", rows)
     text = (
@@ -562,6 +585,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "out" / "replica_real")
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rejudge", action="store_true", help="only judge the answers in --docs again")
     cfg = p.parse_args(argv)
     # Sized for about half an hour on 2 shared cores: bf16 compute, short answers (10 tokens cover
     # "The answer is 7." and "9 - 2 = 7"), one pass over the pairs.
@@ -587,6 +611,11 @@ def main(argv=None) -> list:
     torch.set_num_threads(cfg.threads)
     if cfg.probe:
         print(json.dumps(probe(cfg)))
+        return []
+    if cfg.rejudge:
+        _, cfg.heldout_items = split_prompts(cfg)
+        cfg.cost_items = TASKS[cfg.cost_task][0]()[: cfg.cost_prompts]
+        rejudged_from_docs(cfg)
         return []
     t0 = time.perf_counter()
     rows, lr, n_pairs = experiment(cfg)
