@@ -526,10 +526,10 @@ def plot(rows, png: Path) -> None:
 def rejudge(rows, cfg) -> list:
     """Accuracy and win rates again from the answers the rows keep, by the rules as they are now:
     a fix to a rule reaches the table without training anything again."""
-    start, rule = rows[0], TASKS[cfg.task][1]
+    start, rule, cost_rule = rows[0], TASKS[cfg.task][1], TASKS[cfg.cost_task][1]
     for r in rows:
         r.update(judge(cfg.heldout_items, rule, r["answers"], start["answers"]))
-        cost = judge(cfg.cost_items, TASKS[cfg.cost_task][1], r["cost_answers"], start["cost_answers"])
+        cost = judge(cfg.cost_items, cost_rule, r["cost_answers"], start["cost_answers"])
         r["cost_accuracy"] = cost["accuracy"]
     return rows
 
