@@ -591,11 +591,13 @@ def parse_args(argv=None):
     # "The answer is 7." and "9 - 2 = 7"), one pass over the pairs.
     cfg.dtype, cfg.train_dtype = torch.bfloat16, "bfloat16"
     cfg.max_new_tokens, cfg.general_tokens = 10, 16
-    cfg.task, cfg.cost_task, cfg.general = TASK, COST_TASK, GENERAL[:6]
-    cfg.heldout, cfg.train_prompts, cfg.cost_prompts = 30, 125, 16
+    cfg.task, cfg.cost_task, cfg.general = TASK, COST_TASK, GENERAL[:4]
+    cfg.heldout, cfg.train_prompts, cfg.cost_prompts = 30, 125, 12
     cfg.samples, cfg.temperature = 4, 1.0
-    cfg.steps, cfg.batch, cfg.eval_pairs, cfg.eval_every = 6, 8, 6, 3
-    cfg.lrs = [3e-6, 1e-5, 3e-5]  # the DPO sweep; the best is used for every method
+    # A training step of 8 pairs took ~30 s on the shared cores: 5 steps of 4 pairs (20 of the 61
+    # pairs) is what 13 runs in half an hour allow.
+    cfg.steps, cfg.batch, cfg.eval_pairs, cfg.eval_every = 5, 4, 6, 5
+    cfg.lrs = [1e-5, 3e-5]  # the DPO sweep; the better is used for every method
     cfg.methods = list(METHODS)
     if cfg.smoke:
         cfg.seeds, cfg.methods, cfg.lrs = cfg.seeds[:1], SMOKE_METHODS, [1e-5]
