@@ -379,16 +379,23 @@ def preference_run(name, seed, lr, pairs: Path, cfg, start) -> dict:
         **run_summary(run),
         "seconds": time.perf_counter() - t0,
     }
-    print(json.dumps({k: v for k, v in row.items() if "answers" not in k}), flush=True)
+    keep(row, cfg)
     return row
+
+
+def keep(row, cfg) -> None:
+    """Each run's row as soon as it is judged, in <out>/rows.jsonl and (without answers) on stdout:
+    a run stopped early still leaves a table (--partial)."""
+    row = {k: v for k, v in row.items() if k != "general_ids"}
+    with open(cfg.out / "rows.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: v for k, v in row.items() if "answers" not in k}), flush=True)
 
 
 def starting_row(cfg) -> dict:
     row = {"method": "start", "seed": None, "lr": 0.0, **evaluate(cfg.weights, cfg, None)}
-    print(
-        json.dumps({k: v for k, v in row.items() if "answers" not in k and k != "general_ids"}),
-        flush=True,
-    )
+    (cfg.out / "rows.jsonl").unlink(missing_ok=True)
+    keep(row, cfg)
     return row
 
 
@@ -543,15 +550,40 @@ def rejudged_from_docs(cfg) -> None:
     write_results(rows, cfg, lr, n_pairs, 60 * float(minutes.group(1)))
 
 
-def write_results(rows, cfg, lr, n_pairs, seconds: float) -> None:
+def partial_rows(cfg):
+    """--partial: the rows of a stopped experiment, from <out>/rows.jsonl or else the JSON lines of
+    <out>/log.txt (its stdout), with the sweep marked and the chosen lr as experiment() does."""
+    file = cfg.out / "rows.jsonl"
+    lines = (file if file.exists() else cfg.out / "log.txt").read_text().splitlines()
+    rows = [json.loads(x) for x in lines if x.startswith('{"method"')]
+    sweep = rows[1 : 1 + len(cfg.lrs)]
+    if not sweep:
+        raise SystemExit(f"{cfg.out}: no preference run has finished yet")
+    for r in sweep:
+        r["sweep"] = True
+    lr = max(sweep, key=lambda r: (r["accuracy"], r["win_rate"]))["lr"]
+    chosen = [dict(r, sweep=False) for r in sweep if r["lr"] == lr]
+    rows = rows[:1] + sweep + chosen + rows[1 + len(cfg.lrs) :]
+    return rows, lr, len((cfg.out / "pairs.jsonl").read_text().splitlines())
+
+
+def write_results(rows, cfg, lr, n_pairs, seconds: float, partial=False) -> None:
     cfg.docs.mkdir(parents=True, exist_ok=True)
-    rows = rejudge(rows, cfg)
+    if all("answers" in r for r in rows):
+        rows = rejudge(rows, cfg)
     name = "replica_real_smoke" if cfg.smoke else "replica_real"
     write_jsonl(cfg.docs / f"{name}.jsonl", rows)
+    runs = sum(1 for r in rows if r["method"] != "start")
+    stopped = (
+        f"**PARTIAL**: stopped after {runs} runs (the sweep's chosen DPO counted twice), "
+        "each row a mean over the seeds that finished.\n\n"
+    )
     text = (
         "# Replica on a real model\n\n"
-        f"`python experiments/replica_real.py{' --smoke' if cfg.smoke else ''}`: "
-        f"{seconds / 60:.1f} minutes. SmolLM2-135M-Instruct, trained task {cfg.task} "
+        + (stopped if partial else "")
+        + f"`python experiments/replica_real.py{' --smoke' if cfg.smoke else ''}`: "
+        f"{seconds / 60:.1f} minutes{' of runs so far' if partial else ''}. "
+        f"SmolLM2-135M-Instruct, trained task {cfg.task} "
         f"({len(cfg.heldout_items)} held-out prompts), untrained task {cfg.cost_task} "
         f"({len(cfg.cost_items)} prompts), {n_pairs} on-policy pairs ({cfg.samples} samples per "
         f"prompt at temperature {cfg.temperature}, top-p 0.95), {cfg.steps} steps of {cfg.batch} "
@@ -586,6 +618,7 @@ def parse_args(argv=None):
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rejudge", action="store_true", help="only judge the answers in --docs again")
+    p.add_argument("--partial", action="store_true", help="the table of a stopped run in --out")
     cfg = p.parse_args(argv)
     # Sized for about half an hour on 2 shared cores: bf16 compute, short answers (10 tokens cover
     # "The answer is 7." and "9 - 2 = 7"), one pass over the pairs.
@@ -614,6 +647,13 @@ def main(argv=None) -> list:
     if cfg.probe:
         print(json.dumps(probe(cfg)))
         return []
+    if cfg.partial:
+        _, cfg.heldout_items = split_prompts(cfg)
+        cfg.cost_items = TASKS[cfg.cost_task][0]()[: cfg.cost_prompts]
+        rows, lr, n_pairs = partial_rows(cfg)
+        seconds = sum(r.get("seconds", 0) for r in rows if r.get("sweep") is not False)
+        write_results(rows, cfg, lr, n_pairs, seconds, partial=True)
+        return rows
     if cfg.rejudge:
         _, cfg.heldout_items = split_prompts(cfg)
         cfg.cost_items = TASKS[cfg.cost_task][0]()[: cfg.cost_prompts]
