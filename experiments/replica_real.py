@@ -458,23 +458,23 @@ COLUMNS = [
 
 
 def fmt(values) -> str:
+    """Mean ± std over seeds; one seed alone has no spread to show, so none is printed."""
     values = [v for v in values if v is not None]
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
     return mean_std(values) if values else "–"
 
 
 def table(rows) -> str:
-    head = (
-        "| method | "
-        + " | ".join(t for _, t in COLUMNS)
-        + " |\n|---|"
-        + "---|" * len(COLUMNS)
-        + "\n"
-    )
+    titles = ["method", "seeds"] + [t for _, t in COLUMNS]
+    head = "| " + " | ".join(titles) + " |\n|" + "---|" * len(titles) + "\n"
     lines = []
     for method in dict.fromkeys(r["method"] for r in rows if not r.get("sweep")):
         rs = [r for r in rows if r["method"] == method and not r.get("sweep")]
         lines.append(
-            f"| {method} | " + " | ".join(fmt(r.get(k) for r in rs) for k, _ in COLUMNS) + " |"
+            f"| {method} | {sum(r['seed'] is not None for r in rs) or '–'} | "
+            + " | ".join(fmt(r.get(k) for r in rs) for k, _ in COLUMNS)
+            + " |"
         )
     return head + "\n".join(lines) + "\n"
 
