@@ -492,8 +492,9 @@ def sweep_table(rows) -> str:
 def curves(run: Path, key) -> list:
     """(step, value) of key in the run's metrics.jsonl; an eval/ key falls back to the training
     batch's value when the run held no pairs out (the smoke run)."""
-    rows = [json.loads(x) for x in (ROOT / run / "metrics.jsonl").read_text().splitlines()]
-    found = [(r["step"], r[key]) for r in rows if key in r]
+    files = ["metrics.jsonl"] + (["eval.jsonl"] if key.startswith("eval/") else [])
+    rows = [json.loads(x) for f in files for x in (ROOT / run / f).read_text().splitlines()]
+    found = sorted({r["step"]: r[key] for r in rows if key in r}.items())  # eval.jsonl has step 0
     return found or ([] if not key.startswith("eval/") else curves(run, key.removeprefix("eval/")))
 
 
