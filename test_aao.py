@@ -2723,3 +2723,34 @@ def test_answers_are_named_after_the_run_and_long_prompts_fit_the_context():
     assert train.generator_name("out/run/step-500") == "run" and train.generator_name("weights/smol") == "smol"
     prompts, cut = M.fit_prompts([[0, 1, 2, 3, 4, 5], [0, 7]], context=5)
     assert prompts == [[0, 3, 4, 5], [0, 7]] and cut == 1  # BOS kept, room for one answer token
+
+
+def test_replica_real_rules_judge_the_answers_smollm2_writes():
+    """The rules of experiments/replica_real.py on answers the starting model gave: a restated sum
+    counts by its result, a worked method cut short counts as wrong."""
+    sys.path.insert(0, str(HERE / "experiments"))
+    import replica_real as R
+    assert R.number_right("4 + 9 = 13", 13) and R.number_right("The answer is 1.", 1)
+    assert not R.number_right("9 - 9 is 9.", 0) and R.number_right("5 - 3 is 2", 2)
+    assert not R.number_right('5 + 0 is "00"', 5) and R.number_right("8-3=5", 5)
+    assert not R.number_right("25 meters is equal to 25 * 1", 2500)
+    assert R.word_right("The capital of France is Paris.", "Paris")
+    assert not R.word_right("Parisian", "Paris")
+    assert R.exact_right("DRAGON.", "DRAGON") and not R.exact_right('The word "Dragon"', "DRAGON")
+
+
+def test_replica_real_smoke_writes_its_results(smollm2, tmp_path):
+    """--smoke on the real SmolLM2: on-policy pairs, DPO and AAO, judged answers, the table."""
+    run_script(HERE / "experiments" / "replica_real.py", "--smoke", "--weights", smollm2,
+               "--out", tmp_path / "runs", "--docs", tmp_path / "docs", timeout=900)
+    rows = metric_rows(tmp_path / "docs", "replica_real_smoke.jsonl")
+    rows = [r for r in rows if not r.get("sweep")]  # the lr sweep's DPO row is the table's DPO too
+    assert [r["method"] for r in rows] == ["start", "DPO", "AAO"]
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["win_rate"] <= 1 and 0 <= r["cost_accuracy"] <= 1
+        assert 0 <= r["length"] <= 8 and r["general_logp"] < 0
+    aao_row = rows[2]
+    assert rows[0]["win_rate"] == 0.5 and 0 < aao_row["b_mean"] < aao_row["a_mean"] < 1
+    assert (Path(rows[1]["run"]) / "final" / "model.safetensors").exists()
+    table = (tmp_path / "docs" / "replica_real_smoke.md").read_text()
+    assert "| DPO | " in table and "| AAO | " in table and "win rate vs start" in table
