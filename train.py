@@ -11,6 +11,7 @@ process with nothing to cast (fp32 on a CPU) trains a plain module. The file fol
 processes, data, models, the objective on a micro-batch (aao.py's equations), the optimizer, the step,
 the loop, evaluation, checkpoints, the reference cache, preemption, the token-weight page.
 """
+
 import argparse
 import contextlib
 import dataclasses
@@ -51,25 +52,41 @@ class TrainingError(RuntimeError):
 # follows (SFT: lr 2e-5, batch 128, 2,048 tokens; preference: 1,024 / 512 tokens); scratch: measured here.
 DEFAULTS = {
     "lr": {"preference": 5e-7, "sft": 2e-5, "preference/scratch": 3e-3, "sft/scratch": 3e-3},
-    "threshold_lr": {"preference": 2e-5, "sft": None, "preference/scratch": 3e-4, "sft/scratch": None},
+    "threshold_lr": {
+        "preference": 2e-5,
+        "sft": None,
+        "preference/scratch": 3e-4,
+        "sft/scratch": None,
+    },
     "batch_size": {"preference": 16, "sft": 128, "preference/scratch": 16, "sft/scratch": 16},
     "micro_batch_size": {"preference": 2, "sft": 4, "preference/scratch": 16, "sft/scratch": 16},
     "epochs": {"preference": 1.0, "sft": 1.0, "preference/scratch": 2.0, "sft/scratch": 2.0},
     "max_length": {"preference": 1024, "sft": 2048, "preference/scratch": 128, "sft/scratch": 128},
-    "max_prompt_length": {"preference": 512, "sft": None, "preference/scratch": 64, "sft/scratch": None},
+    "max_prompt_length": {
+        "preference": 512,
+        "sft": None,
+        "preference/scratch": 64,
+        "sft/scratch": None,
+    },
     "eval_every": {"preference": 200, "sft": 200, "preference/scratch": 100, "sft/scratch": 100},
     "save_every": {"preference": 500, "sft": 500, "preference/scratch": 0, "sft/scratch": 0},
-    "out": {"preference": "out/run", "sft": "out/sft", "preference/scratch": "out/aao-tiny",
-            "sft/scratch": "out/sft-tiny"},
+    "out": {
+        "preference": "out/run",
+        "sft": "out/sft",
+        "preference/scratch": "out/aao-tiny",
+        "sft/scratch": "out/sft-tiny",
+    },
 }
 SCRATCH_PARAMETERS = 20e6
 
 
 def default_help(key: str, text: str) -> str:
     d = DEFAULTS[key]
-    return (f"{text} (default: {d['preference']} preference, {d['sft']} sft; a model under "
-            f"{SCRATCH_PARAMETERS / 1e6:.0f}M parameters, such as tiny: {d['preference/scratch']} / "
-            f"{d['sft/scratch']})")
+    return (
+        f"{text} (default: {d['preference']} preference, {d['sft']} sft; a model under "
+        f"{SCRATCH_PARAMETERS / 1e6:.0f}M parameters, such as tiny: {d['preference/scratch']} / "
+        f"{d['sft/scratch']})"
+    )
 
 
 def defaults_column(args) -> str:
@@ -79,122 +96,298 @@ def defaults_column(args) -> str:
     if args.weights == "tiny":
         return stage + "/scratch"
     weights = M.resolve_weights(args.weights)
-    return stage + ("/scratch" if M.parameter_counts(M.read_config(weights))[2] < SCRATCH_PARAMETERS else "")
+    return stage + (
+        "/scratch" if M.parameter_counts(M.read_config(weights))[2] < SCRATCH_PARAMETERS else ""
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = p.add_argument_group("model and data").add_argument
-    g("--weights", default="tiny", help="a Hugging Face directory, or a preset: " + ", ".join(M.PRESETS)
-      + " (weights/<preset> or $AAO_WEIGHTS_DIR/<preset>; default: tiny, built in)")
-    g("--data", default="synthetic", help="JSON lines, a JSON array or parquet: preference pairs, or "
-      "for --loss sft conversations / prompt-completion rows; 'synthetic' for the built-in set (default)")
-    g("--eval-data", help="held-out rows (default: --eval-pairs rows of --data, or the synthetic "
-      "held-out set)")
-    g("--eval-pairs", type=int, default=256, help="rows of --data held out when there is no "
-      "--eval-data, at most a tenth of them; 0: no held-out set (default: 256)")
-    g("--template", choices=sorted(data.TEMPLATES), help="a built-in chat template instead of the "
-      "checkpoint's own (default: the checkpoint's Jinja chat_template; a preset's own; else an error)")
-    g("--max-length", type=int, help=default_help("max_length", "tokens per sequence, prompt included"))
-    g("--max-prompt-length", type=int,
-      help=default_help("max_prompt_length", "prompt tokens, cut from the left"))
-    g("--keep-identical", action="store_true",
-      help="keep pairs whose two answers are identical (default: drop)")
+    g(
+        "--weights",
+        default="tiny",
+        help="a Hugging Face directory, or a preset: "
+        + ", ".join(M.PRESETS)
+        + " (weights/<preset> or $AAO_WEIGHTS_DIR/<preset>; default: tiny, built in)",
+    )
+    g(
+        "--data",
+        default="synthetic",
+        help="JSON lines, a JSON array or parquet: preference pairs, or "
+        "for --loss sft conversations / prompt-completion rows; 'synthetic' for the built-in set (default)",
+    )
+    g(
+        "--eval-data",
+        help="held-out rows (default: --eval-pairs rows of --data, or the synthetic held-out set)",
+    )
+    g(
+        "--eval-pairs",
+        type=int,
+        default=256,
+        help="rows of --data held out when there is no "
+        "--eval-data, at most a tenth of them; 0: no held-out set (default: 256)",
+    )
+    g(
+        "--template",
+        choices=sorted(data.TEMPLATES),
+        help="a built-in chat template instead of the "
+        "checkpoint's own (default: the checkpoint's Jinja chat_template; a preset's own; else an error)",
+    )
+    g(
+        "--max-length",
+        type=int,
+        help=default_help("max_length", "tokens per sequence, prompt included"),
+    )
+    g(
+        "--max-prompt-length",
+        type=int,
+        help=default_help("max_prompt_length", "prompt tokens, cut from the left"),
+    )
+    g(
+        "--keep-identical",
+        action="store_true",
+        help="keep pairs whose two answers are identical (default: drop)",
+    )
     g = p.add_argument_group("objective (the paper's path)").add_argument
-    g("--loss", default="dpo", choices=["dpo", "ipo", "cdpo", "hinge", "simpo", "sft"],
-      help="the pairwise loss, or sft for the SFT stage (default: dpo)")
-    g("--weighting", default="aao", choices=["none", "random", "aao"],
-      help="token weights: none (plain), random (DPO-Random, U(0, 2)), aao (Eq. 7-17; default)")
-    g("--beta", type=float,
-      help="β (default: the loss's own: 0.1 for dpo/ipo/cdpo/hinge, 2.0 for simpo)")
-    g("--label-smoothing", type=float, default=0.1,
-      help="cdpo's ε, the assumed share of flipped labels (default: 0.1)")
-    g("--ipo-sum", action="store_true",
-      help="IPO on summed log-ratios (default: per-token means, TRL's form)")
-    g("--simpo-gamma-beta-ratio", type=float, default=0.5,
-      help="SimPO's γ/β (default: 0.5, Llama-3 base recipe)")
+    g(
+        "--loss",
+        default="dpo",
+        choices=["dpo", "ipo", "cdpo", "hinge", "simpo", "sft"],
+        help="the pairwise loss, or sft for the SFT stage (default: dpo)",
+    )
+    g(
+        "--weighting",
+        default="aao",
+        choices=["none", "random", "aao"],
+        help="token weights: none (plain), random (DPO-Random, U(0, 2)), aao (Eq. 7-17; default)",
+    )
+    g(
+        "--beta",
+        type=float,
+        help="β (default: the loss's own: 0.1 for dpo/ipo/cdpo/hinge, 2.0 for simpo)",
+    )
+    g(
+        "--label-smoothing",
+        type=float,
+        default=0.1,
+        help="cdpo's ε, the assumed share of flipped labels (default: 0.1)",
+    )
+    g(
+        "--ipo-sum",
+        action="store_true",
+        help="IPO on summed log-ratios (default: per-token means, TRL's form)",
+    )
+    g(
+        "--simpo-gamma-beta-ratio",
+        type=float,
+        default=0.5,
+        help="SimPO's γ/β (default: 0.5, Llama-3 base recipe)",
+    )
     g("--alpha", type=float, default=200.0, help="Eq. 17's sharpness α (default: 200, the paper's)")
-    g("--lambda-c", type=float, default=1.0,
-      help="Eq. 13: weight of the contrastive suppression loss (default: 1)")
-    g("--lambda-r", type=float, default=1.0,
-      help="Eq. 13: weight of the reward enhancement loss (default: 1)")
+    g(
+        "--lambda-c",
+        type=float,
+        default=1.0,
+        help="Eq. 13: weight of the contrastive suppression loss (default: 1)",
+    )
+    g(
+        "--lambda-r",
+        type=float,
+        default=1.0,
+        help="Eq. 13: weight of the reward enhancement loss (default: 1)",
+    )
     g = p.add_argument_group("AAO beyond the paper (this project's research)").add_argument
-    g("--similarity", default="embedding", choices=list(aao.SIMILARITIES), help="Eq. 7's S on: "
-      "embedding (input embeddings, the paper's; default), hidden (the policy's hidden state after each "
-      "token, detached), alignment (S = 1 for tokens every longest common subsequence of the two "
-      "answers matches)")
-    g("--end-token-weight", default="aao", choices=["aao", "one"], help="the answer's last "
-      "(end-of-answer) token: aao (its Eq. 17 weight, ~0 since both answers share it; default) or one")
-    g("--reward-form", default="weighted_mean", choices=["weighted_mean", "weighted_sum", "printed"],
-      help="Eq. 11: Σ w log π / Σ w (default), Σ w log π, or the printed unweighted Σ log π")
+    g(
+        "--similarity",
+        default="embedding",
+        choices=list(aao.SIMILARITIES),
+        help="Eq. 7's S on: "
+        "embedding (input embeddings, the paper's; default), hidden (the policy's hidden state after each "
+        "token, detached), alignment (S = 1 for tokens every longest common subsequence of the two "
+        "answers matches)",
+    )
+    g(
+        "--end-token-weight",
+        default="aao",
+        choices=["aao", "one"],
+        help="the answer's last "
+        "(end-of-answer) token: aao (its Eq. 17 weight, ~0 since both answers share it; default) or one",
+    )
+    g(
+        "--reward-form",
+        default="weighted_mean",
+        choices=["weighted_mean", "weighted_sum", "printed"],
+        help="Eq. 11: Σ w log π / Σ w (default), Σ w log π, or the printed unweighted Σ log π",
+    )
     g = p.add_argument_group("the neighbours: MixDPO and SP2DPO").add_argument
-    g("--curriculum", default="none", choices=["none", "margin"], help="MixDPO: order pairs easy -> "
-      "hard by score_chosen - score_rejected (default: none, shuffled)")
-    g("--sft-below-margin", type=float, metavar="TAU",
-      help="MixDPO: pairs with margin < TAU take the SFT loss")
-    g("--sft-below-quantile", type=float, metavar="Q",
-      help="MixDPO: the hardest share Q of the pairs take the SFT loss")
-    g("--sft-weight", type=float, default=1.0,
-      help="MixDPO: weight of a routed pair's SFT loss (default: 1)")
+    g(
+        "--curriculum",
+        default="none",
+        choices=["none", "margin"],
+        help="MixDPO: order pairs easy -> "
+        "hard by score_chosen - score_rejected (default: none, shuffled)",
+    )
+    g(
+        "--sft-below-margin",
+        type=float,
+        metavar="TAU",
+        help="MixDPO: pairs with margin < TAU take the SFT loss",
+    )
+    g(
+        "--sft-below-quantile",
+        type=float,
+        metavar="Q",
+        help="MixDPO: the hardest share Q of the pairs take the SFT loss",
+    )
+    g(
+        "--sft-weight",
+        type=float,
+        default=1.0,
+        help="MixDPO: weight of a routed pair's SFT loss (default: 1)",
+    )
     g("--beta-column", metavar="NAME", help="SP2DPO: a per-pair β from this column of the data")
-    g("--beta-scale", type=float, default=1.0, help="SP2DPO: the column's β times this (default: 1)")
+    g(
+        "--beta-scale",
+        type=float,
+        default=1.0,
+        help="SP2DPO: the column's β times this (default: 1)",
+    )
     g("--beta-min", type=float, help="SP2DPO: clip the per-pair β from below (default: no clip)")
     g("--beta-max", type=float, help="SP2DPO: clip the per-pair β from above (default: no clip)")
     g = p.add_argument_group("optimization").add_argument
     g("--lr", type=float, help=default_help("lr", "AdamW learning rate of the policy"))
-    g("--threshold-lr", type=float,
-      help=default_help("threshold_lr", "learning rate of the threshold MLP (Eq. 8)"))
+    g(
+        "--threshold-lr",
+        type=float,
+        help=default_help("threshold_lr", "learning rate of the threshold MLP (Eq. 8)"),
+    )
     g("--weight-decay", type=float, default=0.0, help="AdamW's, never on norms (default: 0)")
-    g("--warmup", type=float, default=0.1,
-      help="share of the steps with linear warmup, then cosine to 0 (default: 0.1)")
-    g("--batch-size", type=int,
-      help=default_help("batch_size", "pairs (sft: rows) per optimizer step, all processes"))
-    g("--micro-batch-size", type=int,
-      help=default_help("micro_batch_size", "pairs (sft: rows) per forward, per process"))
+    g(
+        "--warmup",
+        type=float,
+        default=0.1,
+        help="share of the steps with linear warmup, then cosine to 0 (default: 0.1)",
+    )
+    g(
+        "--batch-size",
+        type=int,
+        help=default_help("batch_size", "pairs (sft: rows) per optimizer step, all processes"),
+    )
+    g(
+        "--micro-batch-size",
+        type=int,
+        help=default_help("micro_batch_size", "pairs (sft: rows) per forward, per process"),
+    )
     g("--epochs", type=float, help=default_help("epochs", "passes over the training data"))
-    g("--max-steps", type=int, help="stop after this many steps; the cosine schedule ends there too")
-    g("--grad-clip", type=float, default=1.0,
-      help="gradient norm clip, policy and threshold MLP apart (default: 1)")
-    g("--seed", type=int, default=0,
-      help="data order, held-out split, random weights, threshold MLP (default: 0)")
+    g(
+        "--max-steps",
+        type=int,
+        help="stop after this many steps; the cosine schedule ends there too",
+    )
+    g(
+        "--grad-clip",
+        type=float,
+        default=1.0,
+        help="gradient norm clip, policy and threshold MLP apart (default: 1)",
+    )
+    g(
+        "--seed",
+        type=int,
+        default=0,
+        help="data order, held-out split, random weights, threshold MLP (default: 0)",
+    )
     g = p.add_argument_group("devices and distribution").add_argument
-    g("--device", default="auto", choices=["auto", "cpu", "cuda"],
-      help="where to train: cuda (NCCL, one GPU per process), cpu (gloo, even on a GPU host) or "
-      "auto = cuda when there is one (default: auto)")
-    g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="compute dtype; master "
-      "weights stay fp32 (default: auto = bfloat16 on CUDA, float32 on CPU)")
-    g("--precompute-ref", action="store_true",
-      help="compute the reference's log-probs once, then free it")
-    g("--activation-checkpointing", action="store_true",
-      help="recompute each block in backward: less memory")
-    g("--replicate", type=int, default=1, help="HSDP: shard within groups of world/R processes (a "
-      "node), replicate across R groups (default: 1, shard over all)")
-    g("--dist-timeout", type=float, default=60,
-      help="minutes a collective may wait, e.g. for a checkpoint write (default: 60)")
+    g(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to train: cuda (NCCL, one GPU per process), cpu (gloo, even on a GPU host) or "
+        "auto = cuda when there is one (default: auto)",
+    )
+    g(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="compute dtype; master "
+        "weights stay fp32 (default: auto = bfloat16 on CUDA, float32 on CPU)",
+    )
+    g(
+        "--precompute-ref",
+        action="store_true",
+        help="compute the reference's log-probs once, then free it",
+    )
+    g(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each block in backward: less memory",
+    )
+    g(
+        "--replicate",
+        type=int,
+        default=1,
+        help="HSDP: shard within groups of world/R processes (a "
+        "node), replicate across R groups (default: 1, shard over all)",
+    )
+    g(
+        "--dist-timeout",
+        type=float,
+        default=60,
+        help="minutes a collective may wait, e.g. for a checkpoint write (default: 60)",
+    )
     g = p.add_argument_group("checkpoints").add_argument
     g("--out", help=default_help("out", "output directory"))
-    g("--resume", metavar="OUT", help="continue the run in OUT from its last step-N/ checkpoint, with "
-      "the same number of processes; the saved flags apply, and flags given now override them")
-    g("--save-every", type=int,
-      help=default_help("save_every", "steps between step-N/ checkpoints; 0: none"))
-    g("--keep-last", type=int, default=2,
-      help="step-N/ checkpoints kept; older ones are deleted (default: 2)")
-    g("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-      help="dtype of final/'s weights (default: bfloat16)")
+    g(
+        "--resume",
+        metavar="OUT",
+        help="continue the run in OUT from its last step-N/ checkpoint, with "
+        "the same number of processes; the saved flags apply, and flags given now override them",
+    )
+    g(
+        "--save-every",
+        type=int,
+        help=default_help("save_every", "steps between step-N/ checkpoints; 0: none"),
+    )
+    g(
+        "--keep-last",
+        type=int,
+        default=2,
+        help="step-N/ checkpoints kept; older ones are deleted (default: 2)",
+    )
+    g(
+        "--save-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="dtype of final/'s weights (default: bfloat16)",
+    )
     g = p.add_argument_group("logging").add_argument
-    g("--eval-every", type=int,
-      help=default_help("eval_every", "steps between held-out evaluations"))
-    g("--tensorboard", action="store_true",
-      help="also log to <out>/tensorboard (needs the tensorboard package)")
+    g(
+        "--eval-every",
+        type=int,
+        help=default_help("eval_every", "steps between held-out evaluations"),
+    )
+    g(
+        "--tensorboard",
+        action="store_true",
+        help="also log to <out>/tensorboard (needs the tensorboard package)",
+    )
     g("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.resume:  # the saved run's flags are the defaults; flags given now override them
         saved = Path(args.resume) / "args.json"
         if not saved.is_file():
-            raise TrainingError(f"--resume {args.resume}: no run there ({saved} not found); start one with "
-                                f"--out {args.resume}")
-        args = p.parse_args(argv, namespace=argparse.Namespace(**{**json.loads(saved.read_text()),
-                                                                  "resume": args.resume}))
+            raise TrainingError(
+                f"--resume {args.resume}: no run there ({saved} not found); start one with "
+                f"--out {args.resume}"
+            )
+        args = p.parse_args(
+            argv,
+            namespace=argparse.Namespace(
+                **{**json.loads(saved.read_text()), "resume": args.resume}
+            ),
+        )
         args.out = args.resume
     column = defaults_column(args)
     for key, values in DEFAULTS.items():
@@ -205,17 +398,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-POSITIVE, AT_LEAST_0, AT_LEAST_1, SHARE = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), \
-    (lambda v: v >= 1, ">= 1"), (lambda v: 0 <= v <= 1, "in [0, 1]")
-LIMITS = {"lr": POSITIVE, "threshold_lr": POSITIVE, "beta": POSITIVE, "alpha": POSITIVE, "epochs": POSITIVE,
-          "grad_clip": POSITIVE, "dist_timeout": POSITIVE, "beta_scale": POSITIVE, "weight_decay": AT_LEAST_0,
-          "lambda_c": AT_LEAST_0, "lambda_r": AT_LEAST_0, "sft_weight": AT_LEAST_0, "eval_pairs": AT_LEAST_0,
-          "save_every": AT_LEAST_0, "batch_size": AT_LEAST_1, "micro_batch_size": AT_LEAST_1,
-          "max_length": AT_LEAST_1, "max_prompt_length": AT_LEAST_1, "max_steps": AT_LEAST_1,
-          "eval_every": AT_LEAST_1, "keep_last": AT_LEAST_1, "replicate": AT_LEAST_1, "warmup": SHARE,
-          "sft_below_quantile": SHARE, "simpo_gamma_beta_ratio": AT_LEAST_0, "beta_min": POSITIVE,
-          "beta_max": POSITIVE,
-          "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)")}
+POSITIVE, AT_LEAST_0, AT_LEAST_1, SHARE = (
+    (lambda v: v > 0, "> 0"),
+    (lambda v: v >= 0, ">= 0"),
+    (lambda v: v >= 1, ">= 1"),
+    (lambda v: 0 <= v <= 1, "in [0, 1]"),
+)
+LIMITS = {
+    "lr": POSITIVE,
+    "threshold_lr": POSITIVE,
+    "beta": POSITIVE,
+    "alpha": POSITIVE,
+    "epochs": POSITIVE,
+    "grad_clip": POSITIVE,
+    "dist_timeout": POSITIVE,
+    "beta_scale": POSITIVE,
+    "weight_decay": AT_LEAST_0,
+    "lambda_c": AT_LEAST_0,
+    "lambda_r": AT_LEAST_0,
+    "sft_weight": AT_LEAST_0,
+    "eval_pairs": AT_LEAST_0,
+    "save_every": AT_LEAST_0,
+    "batch_size": AT_LEAST_1,
+    "micro_batch_size": AT_LEAST_1,
+    "max_length": AT_LEAST_1,
+    "max_prompt_length": AT_LEAST_1,
+    "max_steps": AT_LEAST_1,
+    "eval_every": AT_LEAST_1,
+    "keep_last": AT_LEAST_1,
+    "replicate": AT_LEAST_1,
+    "warmup": SHARE,
+    "sft_below_quantile": SHARE,
+    "simpo_gamma_beta_ratio": AT_LEAST_0,
+    "beta_min": POSITIVE,
+    "beta_max": POSITIVE,
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+}
 
 
 def check_values(args) -> None:
@@ -225,8 +443,10 @@ def check_values(args) -> None:
         if value is not None and not (ok(value) and math.isfinite(value)):
             raise TrainingError(f"--{key.replace('_', '-')} {value}: must be {need}")
     if args.max_prompt_length is not None and args.max_prompt_length >= args.max_length:
-        raise TrainingError(f"--max-prompt-length {args.max_prompt_length} leaves no room for an answer in "
-                            f"--max-length {args.max_length}")
+        raise TrainingError(
+            f"--max-prompt-length {args.max_prompt_length} leaves no room for an answer in "
+            f"--max-length {args.max_length}"
+        )
 
 
 def chat_of(args, tokenizer) -> data.Chat:
@@ -244,20 +464,38 @@ def pairwise(a) -> bool:
 # Options that mean something in one kind of run only: given another value than their default
 # elsewhere, the run would ignore them without a word. option -> (where it means something, test).
 ONLY_WITH = {
-    **{k: ("preference pairs (not --loss sft)", pairwise) for k in (
-        "weighting", "beta", "curriculum", "sft_below_margin", "sft_below_quantile", "beta_column",
-        "keep_identical", "max_prompt_length")},
+    **{
+        k: ("preference pairs (not --loss sft)", pairwise)
+        for k in (
+            "weighting",
+            "beta",
+            "curriculum",
+            "sft_below_margin",
+            "sft_below_quantile",
+            "beta_column",
+            "keep_identical",
+            "max_prompt_length",
+        )
+    },
     "label_smoothing": ("--loss cdpo", lambda a: a.loss == "cdpo"),
     "ipo_sum": ("--loss ipo", lambda a: a.loss == "ipo"),
     "simpo_gamma_beta_ratio": ("--loss simpo", lambda a: a.loss == "simpo"),
-    **{k: ("--weighting aao", lambda a: pairwise(a) and a.weighting == "aao") for k in (
-        "alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")},
-    "sft_weight": ("--sft-below-margin or --sft-below-quantile",
-                   lambda a: a.sft_below_margin is not None or a.sft_below_quantile is not None),
-    **{k: ("--beta-column", lambda a: a.beta_column is not None)
-       for k in ("beta_scale", "beta_min", "beta_max")},
-    "precompute_ref": ("a loss with a reference (not sft or simpo)",
-                       lambda a: a.loss not in ("sft", "simpo")),
+    **{
+        k: ("--weighting aao", lambda a: pairwise(a) and a.weighting == "aao")
+        for k in ("alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")
+    },
+    "sft_weight": (
+        "--sft-below-margin or --sft-below-quantile",
+        lambda a: a.sft_below_margin is not None or a.sft_below_quantile is not None,
+    ),
+    **{
+        k: ("--beta-column", lambda a: a.beta_column is not None)
+        for k in ("beta_scale", "beta_min", "beta_max")
+    },
+    "precompute_ref": (
+        "a loss with a reference (not sft or simpo)",
+        lambda a: a.loss not in ("sft", "simpo"),
+    ),
 }
 
 
@@ -267,23 +505,32 @@ def check_combinations(args, defaults: dict) -> None:
     flag = lambda key: "--" + key.replace("_", "-")
     for key, (need, applies) in ONLY_WITH.items():
         if getattr(args, key) != defaults[key] and not applies(args):
-            raise TrainingError(f"{flag(key)} means something only with {need}: "
-                                "this run would ignore it")
+            raise TrainingError(
+                f"{flag(key)} means something only with {need}: this run would ignore it"
+            )
     if args.sft_below_margin is not None and args.sft_below_quantile is not None:
-        raise TrainingError("--sft-below-margin and --sft-below-quantile both choose MixDPO's "
-                            "routed pairs: give one")
+        raise TrainingError(
+            "--sft-below-margin and --sft-below-quantile both choose MixDPO's "
+            "routed pairs: give one"
+        )
     if args.beta is not None and args.beta_column:
-        raise TrainingError(f"--beta {args.beta} beside --beta-column {args.beta_column}: the "
-                            "column gives every pair its β; scale the column with --beta-scale")
+        raise TrainingError(
+            f"--beta {args.beta} beside --beta-column {args.beta_column}: the "
+            "column gives every pair its β; scale the column with --beta-scale"
+        )
     if args.beta_min is not None and args.beta_max is not None and args.beta_max < args.beta_min:
-        raise TrainingError(f"--beta-max {args.beta_max} is below --beta-min {args.beta_min}: "
-                            "every pair's β would be clipped to the wrong bound")
+        raise TrainingError(
+            f"--beta-max {args.beta_max} is below --beta-min {args.beta_min}: "
+            "every pair's β would be clipped to the wrong bound"
+        )
     if args.eval_data and args.eval_pairs != defaults["eval_pairs"]:
-        raise TrainingError("--eval-pairs holds rows of --data out, --eval-data brings its own: "
-                            "give one")
+        raise TrainingError(
+            "--eval-pairs holds rows of --data out, --eval-data brings its own: give one"
+        )
 
 
 # ----------------------------------------------------------------------------- processes and devices
+
 
 def choose_device(name: str) -> torch.device:
     """--device: cuda:LOCAL_RANK (one GPU per process), or the CPU, also on a host that has GPUs."""
@@ -294,9 +541,11 @@ def choose_device(name: str) -> torch.device:
     if not torch.cuda.is_available():
         raise TrainingError("--device cuda: this machine has no CUDA device that torch can use")
     if local_rank >= count:
-        raise TrainingError(f"--device cuda: process {local_rank} of this node has no GPU of its "
-                            f"own ({count} visible): start as many processes per node as GPUs, or "
-                            "train with --device cpu")
+        raise TrainingError(
+            f"--device cuda: process {local_rank} of this node has no GPU of its "
+            f"own ({count} visible): start as many processes per node as GPUs, or "
+            "train with --device cpu"
+        )
     return torch.device("cuda", local_rank)
 
 
@@ -310,8 +559,11 @@ def setup_distributed(replicate: int, timeout_minutes: float, device_name: str =
         torch.cuda.set_device(device)
     # device_id binds the process to its GPU and starts NCCL now; the timeout must outlast the longest
     # wait of one rank for the others (a checkpoint write), or NCCL's default 10 minutes ends the job.
-    kw = {"backend": "nccl" if cuda else "gloo", "timeout": timedelta(minutes=timeout_minutes),
-          "device_id": device if cuda else None}
+    kw = {
+        "backend": "nccl" if cuda else "gloo",
+        "timeout": timedelta(minutes=timeout_minutes),
+        "device_id": device if cuda else None,
+    }
     if "RANK" in os.environ:
         dist.init_process_group(**kw)
     else:
@@ -319,7 +571,11 @@ def setup_distributed(replicate: int, timeout_minutes: float, device_name: str =
     world = dist.get_world_size()
     if replicate < 1 or world % replicate:
         raise TrainingError(f"--replicate {replicate} must divide the {world} processes")
-    shape, names = ((replicate, world // replicate), ("replicate", "shard")) if replicate > 1 else ((world,), ("shard",))
+    shape, names = (
+        ((replicate, world // replicate), ("replicate", "shard"))
+        if replicate > 1
+        else ((world,), ("shard",))
+    )
     # mesh= given to fully_shard explicitly: the default mesh picks CUDA whenever it exists, even for gloo.
     return device, init_device_mesh(device.type, shape, mesh_dim_names=names)
 
@@ -352,48 +608,77 @@ def check_shared_out(out: Path, device) -> None:
         probe.unlink()
     blind = [r for r, s in enumerate(seen) if not s.item()]
     if blind:
-        raise TrainingError(f"--out {out}: rank(s) {blind} do not see what rank 0 wrote there; put --out on a "
-                            "file system that every node mounts at the same path")
+        raise TrainingError(
+            f"--out {out}: rank(s) {blind} do not see what rank 0 wrote there; put --out on a "
+            "file system that every node mounts at the same path"
+        )
 
 
 # ----------------------------------------------------------------------------- data
 
+
 def load_data(args, tokenizer, chat: data.Chat) -> tuple[list, list]:
     """Tokenized training and held-out items: pairs, or for --loss sft single examples."""
-    train_rows, eval_rows = data.synthetic_rows(args.seed) if args.data == "synthetic" else (data.read_rows(args.data), [])
+    train_rows, eval_rows = (
+        data.synthetic_rows(args.seed)
+        if args.data == "synthetic"
+        else (data.read_rows(args.data), [])
+    )
     if args.eval_data:
         eval_rows = data.read_rows(args.eval_data)
     if args.loss == "sft":
         tokenize = lambda rows: data.sft_examples(tokenizer, rows, chat, args.max_length)
     else:
-        tokenize = lambda rows: data.tokenize_rows(tokenizer, rows, chat, args.max_length,
-                                                   args.max_prompt_length, args.keep_identical,
-                                                   args.beta_column or "beta")
+        tokenize = lambda rows: data.tokenize_rows(
+            tokenizer,
+            rows,
+            chat,
+            args.max_length,
+            args.max_prompt_length,
+            args.keep_identical,
+            args.beta_column or "beta",
+        )
     train, report = tokenize(train_rows)
     if eval_rows:
         heldout = tokenize(eval_rows)[0]
     else:
         train, heldout = data.hold_out(train, min(args.eval_pairs, len(train) // 10), args.seed)
     if args.loss != "sft":
-        mixdpo = args.curriculum == "margin" or args.sft_below_margin is not None or args.sft_below_quantile is not None
+        mixdpo = (
+            args.curriculum == "margin"
+            or args.sft_below_margin is not None
+            or args.sft_below_quantile is not None
+        )
         data.check_pair_columns(train + heldout, args.beta_column, mixdpo)
-    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.items()
-                        if k not in ("rows", "pairs", "examples") and v)
+    dropped = ", ".join(
+        f"{v} {k.replace('_', ' ')}"
+        for k, v in report.items()
+        if k not in ("rows", "pairs", "examples") and v
+    )
     template = "the checkpoint's chat template" if chat.jinja else f"template {chat.name}"
-    rank0_print(f"data: {len(train) + len(heldout)} items of {report['rows']} rows"
-                + (f" ({dropped})" if dropped else "") + f", {len(train)} for training, "
-                f"{len(heldout)} held out, {template}")
+    rank0_print(
+        f"data: {len(train) + len(heldout)} items of {report['rows']} rows"
+        + (f" ({dropped})" if dropped else "")
+        + f", {len(train)} for training, "
+        f"{len(heldout)} held out, {template}"
+    )
     return train, heldout
 
 
 # ----------------------------------------------------------------------------- models: what a run trains with
 
+
 @dataclasses.dataclass
 class Run:
     """What a training run trains with. Items are pairs, or SFT examples when objective is None."""
+
     policy: M.Transformer  # FSDP-sharded, fp32 master weights
-    reference: M.Transformer | None  # frozen, sharded; None for SFT / SimPO, or once its log-probs are cached
-    thresholds: aao.ThresholdMLP | None  # Eq. 8, replicated on every rank; None unless aao weighting
+    reference: (
+        M.Transformer | None
+    )  # frozen, sharded; None for SFT / SimPO, or once its log-probs are cached
+    thresholds: (
+        aao.ThresholdMLP | None
+    )  # Eq. 8, replicated on every rank; None unless aao weighting
     objective: aao.Objective | None  # None: the SFT stage
     train_items: list
     heldout: list
@@ -412,24 +697,52 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
     weights = M.resolve_weights(args.weights)
     cfg, read_weights = M.weight_reader(weights, tokenizer.get_vocab_size(), args.seed)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise M.CheckpointError(f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
-                                f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together")
+        raise M.CheckpointError(
+            f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
+            f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together"
+        )
     dtype, sft = compute_dtype(args.dtype, device), args.loss == "sft"
     start = read_weights if resume_from is None else train_state_reader(resume_from, mesh)
-    objective = None if sft else aao.Objective(
-        loss=args.loss, weighting=args.weighting, beta=args.beta, label_smoothing=args.label_smoothing,
-        simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio, ipo_normalized=not args.ipo_sum, alpha=args.alpha,
-        lambda_c=args.lambda_c, lambda_r=args.lambda_r, reward_form=args.reward_form,
-        similarity=args.similarity, end_token_weight=args.end_token_weight,
-        sft_weight=args.sft_weight)
+    objective = (
+        None
+        if sft
+        else aao.Objective(
+            loss=args.loss,
+            weighting=args.weighting,
+            beta=args.beta,
+            label_smoothing=args.label_smoothing,
+            simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio,
+            ipo_normalized=not args.ipo_sum,
+            alpha=args.alpha,
+            lambda_c=args.lambda_c,
+            lambda_r=args.lambda_r,
+            reward_form=args.reward_form,
+            similarity=args.similarity,
+            end_token_weight=args.end_token_weight,
+            sft_weight=args.sft_weight,
+        )
+    )
     if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
-        rank0_print(f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
-                    "~20x DPO's: per-pair β made for DPO need a --beta-scale")
+        rank0_print(
+            f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
+            "~20x DPO's: per-pair β made for DPO need a --beta-scale"
+        )
     needs_reference = not sft and args.loss != "simpo"
-    run = Run(M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing),
-              M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False) if needs_reference else None,
-              None, objective, train_items, heldout, device, mesh, args.micro_batch_size, args.seed,
-              (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None)
+    run = Run(
+        M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing),
+        M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
+        if needs_reference
+        else None,
+        None,
+        objective,
+        train_items,
+        heldout,
+        device,
+        mesh,
+        args.micro_batch_size,
+        args.seed,
+        (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None,
+    )
     if args.sft_below_margin is not None or args.sft_below_quantile is not None:
         run.mixdpo = True
         for items in (train_items, heldout):
@@ -438,16 +751,22 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
         torch.manual_seed(args.seed)  # the same MLP whatever the number of processes
         run.thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device)
     if args.precompute_ref and run.reference is not None:
-        run.ref_train = ReferenceCache.compute(run.reference, train_items, args.micro_batch_size, device)
+        run.ref_train = ReferenceCache.compute(
+            run.reference, train_items, args.micro_batch_size, device
+        )
         run.ref_eval = ReferenceCache.compute(run.reference, heldout, args.micro_batch_size, device)
         run.reference = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        rank0_print(f"reference log-probs cached for {len(train_items) + len(heldout)} pairs; reference freed")
-    rank0_print(f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with "
-                + ("sft" if sft else f"{args.loss} + {args.weighting} weighting")
-                + f" on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})")
+        rank0_print(
+            f"reference log-probs cached for {len(train_items) + len(heldout)} pairs; reference freed"
+        )
+    rank0_print(
+        f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with "
+        + ("sft" if sft else f"{args.loss} + {args.weighting} weighting")
+        + f" on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})"
+    )
     return run
 
 
@@ -461,6 +780,7 @@ def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the objective on a micro-batch
+
 
 @dataclasses.dataclass
 class PairForward:
@@ -483,22 +803,28 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
     a = b = None
     if run.thresholds is not None:
         a, b = run.thresholds(aao.pooled_answer_logits(policy.logit_sums, mask))
-    pairs = aao.PairBatch(mask, ids=batch["answer_ids"],
-                          seeds=aao.random_weight_seeds(run.seed, step, indices))
+    pairs = aao.PairBatch(
+        mask, ids=batch["answer_ids"], seeds=aao.random_weight_seeds(run.seed, step, indices)
+    )
     if run.beta_scaling:  # SP2DPO
         pairs.beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling)
     if run.mixdpo:  # marked once for the whole set (mark_routed)
         pairs.routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device)
     out = aao.preference_objective(run.objective, policy, reference, pairs, a, b)
     ref_top1 = reference.top1 if reference is not None else None
-    metrics = {**aao.objective_metrics(out, mask, a, b), **aao.squeeze_probe(policy.top1, ref_top1, mask)}
+    metrics = {
+        **aao.objective_metrics(out, mask, a, b),
+        **aao.squeeze_probe(policy.top1, ref_top1, mask),
+    }
     return PairForward(out, policy, reference, batch, metrics)
 
 
 def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
     """The frozen reference's per-token log-probs and top-1 log-probs: live, cached, or none (SimPO)."""
     if cache is not None:
-        logps, top1 = cache.lookup(indices, batch["packed"].answer_index, batch["answer_mask"].shape)
+        logps, top1 = cache.lookup(
+            indices, batch["packed"].answer_index, batch["answer_mask"].shape
+        )
         return M.AnswerStates(logps, top1)
     if run.reference is None:
         return None
@@ -518,14 +844,19 @@ def forward_sft(run: Run, items, indices):
 
 # ----------------------------------------------------------------------------- the optimizer
 
+
 def make_optimizer(policy, thresholds, lr: float, threshold_lr: float, weight_decay: float):
     """AdamW: the policy at lr (no weight decay on norms), the threshold MLP at its own rate, since the
     policy's 5e-7 would leave a freshly initialized MLP where it started."""
     params = list(policy.parameters())
-    groups = [{"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0},
+    ]
     if thresholds is not None:
-        groups.append({"params": list(thresholds.parameters()), "lr": threshold_lr, "weight_decay": 0.0})
+        groups.append(
+            {"params": list(thresholds.parameters()), "lr": threshold_lr, "weight_decay": 0.0}
+        )
     for g in groups:
         g["base_lr"] = g["lr"]
     # fused: one kernel over all tensors; the threshold MLP's vocab x 512 update stays cheap.
@@ -541,8 +872,17 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 # ----------------------------------------------------------------------------- the step
 
-def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, grad_clip: float,
-               stop_requested: bool, count_flops=False) -> dict:
+
+def train_step(
+    run: Run,
+    optimizer,
+    indices: list,
+    step: int,
+    batch_size: int,
+    grad_clip: float,
+    stop_requested: bool,
+    count_flops=False,
+) -> dict:
     """One optimizer step on this rank's share of a global batch: micro-batches (forward, objective,
     backward) accumulate gradients, then clip, update, and the step's metrics over all ranks, read from
     the device once."""
@@ -560,7 +900,9 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
             m["flops"] = M.training_flops(run.policy.config, lengths, run.reference is not None)
         accumulate(sums, m, len(chunk))
     norms = {"grad_norm": clip_gradients(run.policy.parameters(), grad_clip)}
-    if run.thresholds is not None:  # clipped apart, so that its gradient does not shrink the policy's step
+    if (
+        run.thresholds is not None
+    ):  # clipped apart, so that its gradient does not shrink the policy's step
         M.average_replicated_gradients(run.thresholds)
         norms["grad_norm/thresholds"] = clip_gradients(run.thresholds.parameters(), grad_clip)
     stats = reduce_metrics(sums, len(indices), norms | batch_spread(spread))
@@ -570,7 +912,9 @@ def train_step(run: Run, optimizer, indices: list, step: int, batch_size: int, g
     optimizer.step()
     run.policy.zero_grad(set_to_none=True)
     if run.thresholds is not None:
-        run.thresholds.zero_grad(set_to_none=False)  # kept: aao.VocabLinear adds into fc1's in place
+        run.thresholds.zero_grad(
+            set_to_none=False
+        )  # kept: aao.VocabLinear adds into fc1's in place
     return stats
 
 
@@ -590,8 +934,13 @@ def loss_scale(run: Run, indices: list, batch_size: int) -> torch.Tensor | float
 def pair_micro_step(run: Run, chunk: list, step: int, spread: list):
     """A micro-batch of pairs: the summed per-pair losses and the metrics; a, b and β kept for their spread."""
     f = forward_pairs(run, run.train_items, chunk, step, run.ref_train)
-    spread.append({k: v.detach() for k, v in (("a", f.out.a), ("b", f.out.b), ("beta", f.out.beta))
-                   if isinstance(v, torch.Tensor)})
+    spread.append(
+        {
+            k: v.detach()
+            for k, v in (("a", f.out.a), ("b", f.out.b), ("beta", f.out.beta))
+            if isinstance(v, torch.Tensor)
+        }
+    )
     return f.out.losses.sum(), f.metrics
 
 
@@ -606,8 +955,10 @@ def check_finite(run: Run, stats: dict, indices: list, step: int) -> None:
         if key in stats and not math.isfinite(stats[key]):
             rows = [run.train_items[i]["where"] for i in indices]
             where = ", ".join(rows[:8]) + (", ..." if len(rows) > 8 else "")
-            raise TrainingError(f"step {step + 1}: {key} is {stats[key]} on the batch of {where}; "
-                                "stopped without an update")
+            raise TrainingError(
+                f"step {step + 1}: {key} is {stats[key]} on the batch of {where}; "
+                "stopped without an update"
+            )
 
 
 def clip_gradients(params, max_norm: float) -> torch.Tensor:
@@ -621,16 +972,27 @@ def batch_spread(per_micro_batch: list) -> dict:
     if not per_micro_batch or not per_micro_batch[0]:
         return {}
     names = sorted(per_micro_batch[0])
-    local = torch.stack([torch.cat([m[k] for m in per_micro_batch]) for k in names])  # (values, pairs here)
+    local = torch.stack(
+        [torch.cat([m[k] for m in per_micro_batch]) for k in names]
+    )  # (values, pairs here)
     every = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(every, local)
     values = torch.cat(every, dim=1)
-    return {f"{name}/{stat}": fn(values[i]) for i, name in enumerate(names) for stat, fn in
-            (("mean", torch.mean), ("std", lambda x: x.std(correction=0)), ("min", torch.min), ("max", torch.max))}
+    return {
+        f"{name}/{stat}": fn(values[i])
+        for i, name in enumerate(names)
+        for stat, fn in (
+            ("mean", torch.mean),
+            ("std", lambda x: x.std(correction=0)),
+            ("min", torch.min),
+            ("max", torch.max),
+        )
+    }
 
 
 # Metrics summed over micro-batches and ranks; every other metric is averaged, weighted by pairs.
 TOTALS = ("tokens", "tokens/answer", "nll_sum", "flops", "stop")
+
 
 def accumulate(sums: dict, metrics: dict, weight: float, totals=TOTALS) -> None:
     """Add a micro-batch's metrics, each weighted by the pairs it is a mean over: all `weight` of
@@ -648,10 +1010,19 @@ def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=T
     """Over every micro-batch of every rank: means of the pair-weighted sums, except `totals`, summed.
     One all-reduce and one device-to-host copy, with `extra` (already global) read in the same copy."""
     keys, extra = sorted(sums), extra or {}
-    total = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=dist_device()).reshape(())
-                         for k in keys] + [torch.tensor(float(count), dtype=torch.float64, device=dist_device())])
+    total = torch.stack(
+        [
+            torch.as_tensor(sums[k], dtype=torch.float64, device=dist_device()).reshape(())
+            for k in keys
+        ]
+        + [torch.tensor(float(count), dtype=torch.float64, device=dist_device())]
+    )
     dist.all_reduce(total)
-    values = torch.cat([total, torch.stack([v.double().reshape(()) for v in extra.values()])]) if extra else total
+    values = (
+        torch.cat([total, torch.stack([v.double().reshape(()) for v in extra.values()])])
+        if extra
+        else total
+    )
     values = values.tolist()
     summed, count = dict(zip(keys, values)), values[len(keys)]
     kept = summed.pop("pairs/kept", None)
@@ -661,14 +1032,19 @@ def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=T
         # a batch MixDPO routed whole has no kept pair: no rewards/* to log
         if k in totals or over > 0:
             out[k] = v if k in totals else v / over
-    return out | dict(zip(extra, values[len(keys) + 1:]))
+    return out | dict(zip(extra, values[len(keys) + 1 :]))
 
 
 def dist_device():
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
+
 
 def train(args, device, mesh) -> int:
     """The run: evaluate, then for every step train, log, evaluate and save; the final weights and the
@@ -676,8 +1052,14 @@ def train(args, device, mesh) -> int:
     rank, out = dist.get_rank(), Path(args.out)
     check_shared_out(out, device)
     if not args.resume and (latest_checkpoint(out) or (out / "final").exists()):
-        raise TrainingError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
-    tokenizer = data.tiny_tokenizer() if args.weights == "tiny" else M.load_tokenizer(M.resolve_weights(args.weights))
+        raise TrainingError(
+            f"{out} already holds a run: continue it with --resume {out}, or choose another --out"
+        )
+    tokenizer = (
+        data.tiny_tokenizer()
+        if args.weights == "tiny"
+        else M.load_tokenizer(M.resolve_weights(args.weights))
+    )
     chat = chat_of(args, tokenizer)
     train_items, heldout = load_data(args, tokenizer, chat)
     sampler, total = schedule(args, train_items, rank)
@@ -685,17 +1067,27 @@ def train(args, device, mesh) -> int:
         return 0
     resume_from = resume_point(args, out)
     run = build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from)
-    optimizer = make_optimizer(run.policy, run.thresholds, args.lr, args.threshold_lr, args.weight_decay)
+    optimizer = make_optimizer(
+        run.policy, run.thresholds, args.lr, args.threshold_lr, args.weight_decay
+    )
     start = load_train_state(run, optimizer, resume_from) if resume_from else 0
     log = RunLog(out, args, start, resumed=resume_from is not None)
     resuming = f", resuming from {resume_from} at step {start}" if resume_from else ""
     rank0_print(f"{total} steps of {args.batch_size}{resuming}")
     warmup = max(1, round(args.warmup * total))
-    first_eval = log.write("eval", {"step": 0, **evaluate(run)}) if start == 0 and run.heldout else {}
+    first_eval = (
+        log.write("eval", {"step": 0, **evaluate(run)}) if start == 0 and run.heldout else {}
+    )
     peak = M.peak_flops(device)
     stop = StopSignal()
-    bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0 or args.quiet, desc="train",
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(start, total),
+        initial=start,
+        total=total,
+        disable=rank != 0 or args.quiet,
+        desc="train",
+        dynamic_ncols=True,
+    )
     try:
         for step in bar:
             t0 = time.perf_counter()
@@ -703,11 +1095,21 @@ def train(args, device, mesh) -> int:
                 g["lr"] = g["base_lr"] * lr_factor(step, total, warmup)
             indices = sampler.batch(step)
             try:
-                stats = train_step(run, optimizer, indices, step, args.batch_size, args.grad_clip, stop.requested,
-                                   peak is not None)
+                stats = train_step(
+                    run,
+                    optimizer,
+                    indices,
+                    step,
+                    args.batch_size,
+                    args.grad_clip,
+                    stop.requested,
+                    peak is not None,
+                )
             except TrainingError as e:
                 last = latest_checkpoint(out)
-                raise TrainingError(f"{e}" + (f"; the last good checkpoint is {last}" if last else "")) from None
+                raise TrainingError(
+                    f"{e}" + (f"; the last good checkpoint is {last}" if last else "")
+                ) from None
             stopping = stats.pop("stop")
             row = step_row(step, stats, optimizer, time.perf_counter() - t0, peak)
             if run.heldout and ((step + 1) % args.eval_every == 0 or step + 1 == total):
@@ -717,8 +1119,10 @@ def train(args, device, mesh) -> int:
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
             if stopping:
                 path = save_train_state(run, optimizer, out, step + 1, args.keep_last)
-                rank0_print(f"stopped by {stop.name} after step {step + 1}: checkpoint {path}; continue with "
-                            f"--resume {out} (same number of processes)")
+                rank0_print(
+                    f"stopped by {stop.name} after step {step + 1}: checkpoint {path}; continue with "
+                    f"--resume {out} (same number of processes)"
+                )
                 return 128 + stop.signum
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
                 save_train_state(run, optimizer, out, step + 1, args.keep_last)
@@ -727,7 +1131,9 @@ def train(args, device, mesh) -> int:
         stop.restore()
         log.close()
     source = None if args.weights == "tiny" else Path(M.resolve_weights(args.weights))
-    final = save_weights(run, tokenizer, out / "final", getattr(torch, args.save_dtype), chat, source)
+    final = save_weights(
+        run, tokenizer, out / "final", getattr(torch, args.save_dtype), chat, source
+    )
     if run.objective is not None and run.objective.weighting == "aao" and run.heldout:
         write_weights_page(run, tokenizer, out / "weights.html", args.data)
     if rank == 0:
@@ -737,8 +1143,12 @@ def train(args, device, mesh) -> int:
 
 def step_row(step: int, stats: dict, optimizer, seconds: float, peak: float | None) -> dict:
     """A line of metrics.jsonl: the step's metrics, its learning rate, throughput, and MFU on a GPU."""
-    row = {"step": step + 1, **stats, "lr": optimizer.param_groups[0]["lr"],
-           "tokens_per_s": stats["tokens"] / seconds}
+    row = {
+        "step": step + 1,
+        **stats,
+        "lr": optimizer.param_groups[0]["lr"],
+        "tokens_per_s": stats["tokens"] / seconds,
+    }
     if peak:
         row["mfu"] = row.pop("flops") / seconds / (peak * dist.get_world_size())
     return row
@@ -748,8 +1158,9 @@ def schedule(args, train_items: list, rank: int) -> tuple[data.PairSampler, int]
     """Which pairs each step trains on, and how many steps: the fewer of --epochs x steps per epoch
     and --max-steps."""
     margins = [p["margin"] for p in train_items] if args.curriculum == "margin" else None
-    sampler = data.PairSampler(len(train_items), args.batch_size, args.seed, rank,
-                               dist.get_world_size(), margins)
+    sampler = data.PairSampler(
+        len(train_items), args.batch_size, args.seed, rank, dist.get_world_size(), margins
+    )
     total = int(args.epochs * sampler.steps_per_epoch)
     return sampler, min(total, args.max_steps) if args.max_steps else total
 
@@ -760,9 +1171,11 @@ def already_finished(args, out: Path, total: int, steps_per_epoch: int) -> bool:
         return False
     if last_row(out / "metrics.jsonl").get("step", 0) < total:
         return False
-    rank0_print(f"--resume {out}: the run there already finished ({total} steps, {out / 'final'} "
-                f"written); nothing to do; the steps are the fewer of --epochs x {steps_per_epoch} and "
-                "--max-steps: raise both (or the one that binds) to continue it")
+    rank0_print(
+        f"--resume {out}: the run there already finished ({total} steps, {out / 'final'} "
+        f"written); nothing to do; the steps are the fewer of --epochs x {steps_per_epoch} and "
+        "--max-steps: raise both (or the one that binds) to continue it"
+    )
     return True
 
 
@@ -772,34 +1185,48 @@ def resume_point(args, out: Path) -> Path | None:
         return None
     ckpt = latest_checkpoint(out)
     if ckpt is None:
-        raise TrainingError(f"--resume {args.resume}: the run there saved no step-N/ checkpoint yet "
-                            f"(see --save-every); start it again with --out {args.resume}")
+        raise TrainingError(
+            f"--resume {args.resume}: the run there saved no step-N/ checkpoint yet "
+            f"(see --save-every); start it again with --out {args.resume}"
+        )
     return ckpt
 
 
 def summarize(first: dict, last: dict, n_heldout: int, final: Path, out: Path) -> None:
     if "eval/accuracy" in last:
         before = f"{first['eval/accuracy']:.3f} before, " if first else ""
-        print(f"held-out preference accuracy: {before}{last['eval/accuracy']:.3f} after ({n_heldout} pairs; "
-              f"log-ratio margin {last['eval/margin']:.2f} nats)")
+        print(
+            f"held-out preference accuracy: {before}{last['eval/accuracy']:.3f} after ({n_heldout} pairs; "
+            f"log-ratio margin {last['eval/margin']:.2f} nats)"
+        )
     elif "eval/loss" in last:
         before = f"{first['eval/loss']:.3f} before, " if first else ""
-        print(f"held-out NLL per answer token: {before}{last['eval/loss']:.3f} after ({n_heldout} examples)")
-    files = [final, out / "metrics.jsonl"] + [out / f for f in ("eval.jsonl", "weights.html") if (out / f).exists()]
+        print(
+            f"held-out NLL per answer token: {before}{last['eval/loss']:.3f} after ({n_heldout} examples)"
+        )
+    files = [final, out / "metrics.jsonl"] + [
+        out / f for f in ("eval.jsonl", "weights.html") if (out / f).exists()
+    ]
     print("output: " + ", ".join(map(str, files)))
     if policy_stood_still(out / "metrics.jsonl"):
-        print("warning: the policy did not move: loss/preference stayed at log 2 = 0.6931 and the reward margins "
-              "at 0 for every step. The learning rate (--lr) is most likely too small for this model and this "
-              "many steps (the defaults are the paper's for 8B models; see --help)")
+        print(
+            "warning: the policy did not move: loss/preference stayed at log 2 = 0.6931 and the reward margins "
+            "at 0 for every step. The learning rate (--lr) is most likely too small for this model and this "
+            "many steps (the defaults are the paper's for 8B models; see --help)"
+        )
 
 
 def policy_stood_still(metrics: Path, tol: float = 1e-3) -> bool:
     """Every step's preference loss within tol of log 2 and its reward margin within tol of 0: the
     policy's log-ratios never left 0, so nothing was learned (a preference run only)."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    rows = (
+        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    )
     rows = [r for r in rows if "loss/preference" in r]
-    return bool(rows) and all(abs(r["loss/preference"] - math.log(2)) < tol and
-                              abs(r["rewards/margins"]) < tol for r in rows)
+    return bool(rows) and all(
+        abs(r["loss/preference"] - math.log(2)) < tol and abs(r["rewards/margins"]) < tol
+        for r in rows
+    )
 
 
 class RunLog:
@@ -811,15 +1238,23 @@ class RunLog:
         self.files = {"metrics": out / "metrics.jsonl", "eval": out / "eval.jsonl"}
         if not self.rank0:
             return
-        (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=1))
+        (out / "args.json").write_text(
+            json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=1)
+        )
         for f in self.files.values():
-            rows = [r for r in f.read_text().splitlines() if json.loads(r)["step"] <= start] if resumed and f.exists() else []
+            rows = (
+                [r for r in f.read_text().splitlines() if json.loads(r)["step"] <= start]
+                if resumed and f.exists()
+                else []
+            )
             f.write_text("".join(r + "\n" for r in rows))
         if args.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise TrainingError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+                raise TrainingError(
+                    "--tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
             self.board = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, file: str, row: dict) -> dict:
@@ -845,6 +1280,7 @@ def last_row(file: Path) -> dict:
 
 # ----------------------------------------------------------------------------- evaluation
 
+
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """Held-out metrics. Pairs: preference accuracy and margin by the plain (unweighted) DPO implicit
@@ -853,16 +1289,25 @@ def evaluate(run: Run) -> dict:
     AAO the thresholds and token shares. SFT examples: the NLL per answer token."""
     run.policy.eval()
     sums, count = {}, 0.0
-    share = data.lockstep_chunks(len(run.heldout), run.micro_batch_size, dist.get_rank(), dist.get_world_size())
+    share = data.lockstep_chunks(
+        len(run.heldout), run.micro_batch_size, dist.get_rank(), dist.get_world_size()
+    )
     for real, weight in share:
         if run.objective is None:
             m = forward_sft(run, run.heldout, real)[1]
         else:
             f = forward_pairs(run, run.heldout, real, 0, run.ref_eval)
             m, mask, logps = f.metrics, f.batch["answer_mask"], f.policy.logps
-            ratio = logps - f.reference.logps if f.reference is not None else logps / mask.sum(1, keepdim=True)
+            ratio = (
+                logps - f.reference.logps
+                if f.reference is not None
+                else logps / mask.sum(1, keepdim=True)
+            )
             chosen, rejected = aao.split_pairs((ratio * mask).sum(1))
-            m["accuracy"], m["margin"] = aao.preference_accuracy(chosen - rejected), (chosen - rejected).mean()
+            m["accuracy"], m["margin"] = (
+                aao.preference_accuracy(chosen - rejected),
+                (chosen - rejected).mean(),
+            )
         accumulate(sums, m if weight else {k: 0 * v for k, v in m.items()}, weight)
         count += weight
     M.reshard(run.policy)  # no backward ran: the root would keep its gathered parameters
@@ -874,6 +1319,7 @@ def evaluate(run: Run) -> dict:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
 
 def train_state_file(ckpt: Path, shard: int, shards: int) -> Path:
     return ckpt / f"train-state-{shard:05d}-of-{shards:05d}.safetensors"
@@ -911,7 +1357,9 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
     rank, final = dist.get_rank(), out / f"step-{step}"
     shard, shards = M.shard_position(run.mesh)
     with written_whole(final) as tmp:
-        if run.mesh.ndim == 1 or run.mesh.get_local_rank("replicate") == 0:  # replicas hold the same shards
+        if (
+            run.mesh.ndim == 1 or run.mesh.get_local_rank("replicate") == 0
+        ):  # replicas hold the same shards
             tensors = {}
             for name, p in named_trainables(run).items():
                 if name.startswith("thresholds.") and rank != 0:
@@ -921,16 +1369,19 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
                     tensors[f"optim/{name}/{k}"] = M.local(v).detach().cpu().contiguous()
             save_file(tensors, train_state_file(tmp, shard, shards))
         if rank == 0:
-            (tmp / "train_state.json").write_text(json.dumps({"step": step, "shards": shards,
-                                                              "world_size": dist.get_world_size()}))
+            (tmp / "train_state.json").write_text(
+                json.dumps({"step": step, "shards": shards, "world_size": dist.get_world_size()})
+            )
     if rank == 0:
-        for old in sorted(checkpoints(out), key=checkpoints(out).get)[:-keep_last or None]:
+        for old in sorted(checkpoints(out), key=checkpoints(out).get)[: -keep_last or None]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def save_weights(run: Run, tokenizer, final: Path, dtype, chat: data.Chat, source: Path | None) -> Path:
+def save_weights(
+    run: Run, tokenizer, final: Path, dtype, chat: data.Chat, source: Path | None
+) -> Path:
     """<out>/final/: the policy in Hugging Face layout, in dtype (bf16 unless --save-dtype float32), with
     the tokenizer and its chat template: what serving and the next stage read; no optimizer state."""
     with written_whole(final) as tmp:
@@ -938,14 +1389,19 @@ def save_weights(run: Run, tokenizer, final: Path, dtype, chat: data.Chat, sourc
         if dist.get_rank() == 0:
             tokenizer.save(str(tmp / "tokenizer.json"))
             data.write_tokenizer_config(tmp, chat, source)
-            M.write_generation_config(tmp, source, run.policy.config, data.answer_stop_ids(chat, tokenizer))
+            M.write_generation_config(
+                tmp, source, run.policy.config, data.answer_stop_ids(chat, tokenizer)
+            )
     return final
 
 
 def checkpoints(out: Path) -> dict:
     """step-N/ directories that hold a finished train state, with their step."""
-    return {d: json.loads((d / "train_state.json").read_text())["step"]
-            for d in out.glob("step-*") if (d / "train_state.json").is_file()}
+    return {
+        d: json.loads((d / "train_state.json").read_text())["step"]
+        for d in out.glob("step-*")
+        if (d / "train_state.json").is_file()
+    }
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -959,8 +1415,10 @@ def train_state_reader(ckpt: Path, mesh):
     meta = json.loads((ckpt / "train_state.json").read_text())
     shard, shards = M.shard_position(mesh)
     if meta["shards"] != shards:
-        raise TrainingError(f"{ckpt}: written with the model sharded over {meta['shards']} processes, resumed "
-                            f"over {shards}: resume with the same number of processes (and --replicate)")
+        raise TrainingError(
+            f"{ckpt}: written with the model sharded over {meta['shards']} processes, resumed "
+            f"over {shards}: resume with the same number of processes (and --replicate)"
+        )
     state = M.open_safetensors(train_state_file(ckpt, shard, shards))
     return lambda name, start, stop: state.get_tensor(f"policy.{name}")
 
@@ -970,23 +1428,41 @@ def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
     shard, shards = M.shard_position(run.mesh)
     mine = M.open_safetensors(train_state_file(ckpt, shard, shards))
     # The replicated threshold MLP and its moments are in rank 0's file only.
-    rank0 = M.open_safetensors(train_state_file(ckpt, 0, shards)) if run.thresholds is not None else None
+    rank0 = (
+        M.open_safetensors(train_state_file(ckpt, 0, shards))
+        if run.thresholds is not None
+        else None
+    )
     for name, p in named_trainables(run).items():
         f = rank0 if name.startswith("thresholds.") else mine
         if name.startswith("thresholds."):
             with torch.no_grad():
                 p.copy_(f.get_tensor(name))
-        state = {k.rsplit("/", 1)[1]: f.get_tensor(k).to(M.local(p).device) for k in f.keys() if k.startswith(f"optim/{name}/")}
-        for k, v in state.items():  # the moments are sharded like their parameter; the step count is not
+        state = {
+            k.rsplit("/", 1)[1]: f.get_tensor(k).to(M.local(p).device)
+            for k in f.keys()
+            if k.startswith(f"optim/{name}/")
+        }
+        for (
+            k,
+            v,
+        ) in state.items():  # the moments are sharded like their parameter; the step count is not
             if k != "step" and isinstance(p, DTensor):
-                state[k] = DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                                              run_check=False)
+                state[k] = DTensor.from_local(
+                    v,
+                    p.device_mesh,
+                    p.placements,
+                    shape=p.shape,
+                    stride=p.stride(),
+                    run_check=False,
+                )
         if state:
             optimizer.state[p] = state
     return json.loads((ckpt / "train_state.json").read_text())["step"]
 
 
 # ----------------------------------------------------------------------------- the reference cache (--precompute-ref)
+
 
 class ReferenceCache:
     """--precompute-ref: the reference's log-probs and top-1 log-probs at every answer token, computed once.
@@ -995,7 +1471,10 @@ class ReferenceCache:
     values sit follows from the answers' lengths, which every rank knows: no index travels."""
 
     def __init__(self, pairs: list, flats: list):
-        self.flats, self.lengths = flats, [(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
+        self.flats, self.lengths = (
+            flats,
+            [(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs],
+        )
         self.starts, world = [0] * len(pairs), len(flats)
         for r in range(world):  # where each pair starts in its rank's flat tensor
             offset = 0
@@ -1006,13 +1485,26 @@ class ReferenceCache:
     @torch.no_grad()
     def compute(cls, reference, pairs, micro, device) -> "ReferenceCache":
         mine = []
-        for real, weight in data.lockstep_chunks(len(pairs), micro, dist.get_rank(), dist.get_world_size()):
+        for real, weight in data.lockstep_chunks(
+            len(pairs), micro, dist.get_rank(), dist.get_world_size()
+        ):
             batch = data.micro_batch(pairs, real, False, device)
             states = reference(packed=batch["packed"])
-            if weight:  # the answer tokens in row order (chosen rows, then rejected), regrouped by pair
+            if (
+                weight
+            ):  # the answer tokens in row order (chosen rows, then rejected), regrouped by pair
                 answer_index = batch["packed"].answer_index
-                flat = torch.stack([states.logps, states.top1]).flatten(1)[:, answer_index].float().cpu()
-                rows = flat.split([len(pairs[i]["chosen_ids"]) for i in real] + [len(pairs[i]["rejected_ids"]) for i in real], dim=1)
+                flat = (
+                    torch.stack([states.logps, states.top1])
+                    .flatten(1)[:, answer_index]
+                    .float()
+                    .cpu()
+                )
+                rows = flat.split(
+                    [len(pairs[i]["chosen_ids"]) for i in real]
+                    + [len(pairs[i]["rejected_ids"]) for i in real],
+                    dim=1,
+                )
                 mine += [x for k in range(len(real)) for x in (rows[k], rows[k + len(real)])]
         flats = gather_ragged(torch.cat(mine, dim=1).T if mine else torch.zeros(0, 2))
         return cls(pairs, [f.T for f in flats])
@@ -1023,7 +1515,7 @@ class ReferenceCache:
         for side in (0, 1):
             for i in indices:
                 start = self.starts[i] + side * self.lengths[i][0]
-                spans.append(self.flats[i % world][:, start:start + self.lengths[i][side]])
+                spans.append(self.flats[i % world][:, start : start + self.lengths[i][side]])
         values = torch.cat(spans, dim=1).to(answer_index.device, non_blocking=True)
         grid = torch.zeros(2, shape[0] * shape[1], device=answer_index.device)
         grid[:, answer_index] = values
@@ -1036,13 +1528,14 @@ def gather_ragged(t: torch.Tensor) -> list:
     counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, n)
     padded = torch.zeros(int(max(counts)), *t.shape[1:], dtype=t.dtype, device=dist_device())
-    padded[:t.shape[0]] = t
+    padded[: t.shape[0]] = t
     every = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(every, padded)
-    return [e[:int(c)].cpu() for e, c in zip(every, counts)]
+    return [e[: int(c)].cpu() for e, c in zip(every, counts)]
 
 
 # ----------------------------------------------------------------------------- preemption
+
 
 class StopSignal:
     """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C): the step in flight finishes, every rank
@@ -1060,8 +1553,12 @@ class StopSignal:
             os._exit(128 + signum)
         if not self.signum:
             self.signum, self.first = signum, time.monotonic()
-            print(f"rank {dist.get_rank()}: {self.name}: finishing the step, then saving a checkpoint; "
-                  "a second signal stops at once", file=sys.stderr, flush=True)
+            print(
+                f"rank {dist.get_rank()}: {self.name}: finishing the step, then saving a checkpoint; "
+                "a second signal stops at once",
+                file=sys.stderr,
+                flush=True,
+            )
 
     @property
     def requested(self) -> bool:
@@ -1093,7 +1590,12 @@ def write_weights_page(run: Run, tokenizer, path: Path, source: str, n: int = 12
     for chunk in data.micro_batches(list(range(min(n, len(run.heldout)))), run.micro_batch_size):
         f = forward_pairs(run, run.heldout, chunk, 0, run.ref_eval)
         out, ids, mask = f.out, f.batch["answer_ids"].cpu(), f.batch["answer_mask"].cpu().bool()
-        S, w, a, b = out.similarity.cpu(), out.weights.cpu(), out.a.cpu().repeat(2), out.b.cpu().repeat(2)
+        S, w, a, b = (
+            out.similarity.cpu(),
+            out.weights.cpu(),
+            out.a.cpu().repeat(2),
+            out.b.cpu().repeat(2),
+        )
         for k, i in enumerate(chunk):
             lines = []
             for row, who in ((k, "chosen"), (k + len(chunk), "rejected")):
@@ -1101,47 +1603,90 @@ def write_weights_page(run: Run, tokenizer, path: Path, source: str, n: int = 12
                 for t in mask[row].nonzero().flatten().tolist():
                     s = float(S[row, t])
                     kind = "ambiguous" if s > a[row] else "key" if s < b[row] else "transitional"
-                    text = html.escape(tokenizer.decode([int(ids[row, t])], skip_special_tokens=False))
-                    spans.append(f'<span class="t {kind}" title="{kind}: S={s:.3f}, w={float(w[row, t]):.3f}">{text}</span>')
+                    text = html.escape(
+                        tokenizer.decode([int(ids[row, t])], skip_special_tokens=False)
+                    )
+                    spans.append(
+                        f'<span class="t {kind}" title="{kind}: S={s:.3f}, w={float(w[row, t]):.3f}">{text}</span>'
+                    )
                 lines.append(f'<div><span class="who">{who}</span>{"".join(spans)}</div>')
-            prompt = html.escape(tokenizer.decode(run.heldout[i]["prompt_ids"], skip_special_tokens=True))
-            blocks.append(f'<div class="pair"><small>{prompt} &nbsp; (a={a[k]:.3f}, b={b[k]:.3f})</small>{"".join(lines)}</div>')
+            prompt = html.escape(
+                tokenizer.decode(run.heldout[i]["prompt_ids"], skip_special_tokens=True)
+            )
+            blocks.append(
+                f'<div class="pair"><small>{prompt} &nbsp; (a={a[k]:.3f}, b={b[k]:.3f})</small>{"".join(lines)}</div>'
+            )
     M.reshard(run.policy)
     if dist.get_rank() == 0:
-        path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
+        path.write_text(
+            f"""<!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
 <style>{WEIGHT_PAGE_STYLE}</style></head><body><h1>AAO token weights</h1>
 <p>Held-out pairs from {html.escape(str(source))}, weighed by the trained policy and threshold MLP.
 <span class="t ambiguous">ambiguous</span> (S &gt; a, weight (1&minus;S)&sup2;, suppressed),
 <span class="t transitional">transitional</span> (b &le; S &le; a, weight 1),
 <span class="t key">key</span> (S &lt; b, weight 1+S, emphasized). Hover a token for S and its weight.</p>
-{"".join(blocks)}</body></html>""", encoding="utf-8")
+{"".join(blocks)}</body></html>""",
+            encoding="utf-8",
+        )
 
 
 # ----------------------------------------------------------------------------- entry point
 
 # ----------------------------------------------------------------------------- answers for AlpacaEval
 
+
 def parse_answers_args(argv):
-    p = argparse.ArgumentParser(prog="train.py answers", description="Write a model's answers to AlpacaEval's instructions: each "
-                                "`instruction` of --prompts as one user turn of the chat template, answered.")
-    p.add_argument("--weights", required=True, help="a Hugging Face directory, or " + ", ".join(M.PRESETS))
-    p.add_argument("--prompts", required=True, help="JSON lines (or a JSON list) of rows with an 'instruction'")
-    p.add_argument("--out", required=True, help="answers.json: a list of {instruction, output, generator, ...}")
-    p.add_argument("--template", choices=sorted(data.TEMPLATES),
-                   help="a built-in chat template instead of the checkpoint's own")
-    p.add_argument("--generator", help="the name AlpacaEval shows (default: the run's "
-                   "directory for <run>/final, else the weights directory's)")
+    p = argparse.ArgumentParser(
+        prog="train.py answers",
+        description="Write a model's answers to AlpacaEval's instructions: each "
+        "`instruction` of --prompts as one user turn of the chat template, answered.",
+    )
+    p.add_argument(
+        "--weights", required=True, help="a Hugging Face directory, or " + ", ".join(M.PRESETS)
+    )
+    p.add_argument(
+        "--prompts", required=True, help="JSON lines (or a JSON list) of rows with an 'instruction'"
+    )
+    p.add_argument(
+        "--out", required=True, help="answers.json: a list of {instruction, output, generator, ...}"
+    )
+    p.add_argument(
+        "--template",
+        choices=sorted(data.TEMPLATES),
+        help="a built-in chat template instead of the checkpoint's own",
+    )
+    p.add_argument(
+        "--generator",
+        help="the name AlpacaEval shows (default: the run's "
+        "directory for <run>/final, else the weights directory's)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: cuda when there is one")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: cuda when there is one",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="auto: bf16 on CUDA",
+    )
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        p.error("--max-new-tokens and --batch-size must be >= 1, --temperature >= 0, --top-p in (0, 1]")
+    if (
+        args.max_new_tokens < 1
+        or args.batch_size < 1
+        or args.temperature < 0
+        or not 0 < args.top_p <= 1
+    ):
+        p.error(
+            "--max-new-tokens and --batch-size must be >= 1, --temperature >= 0, --top-p in (0, 1]"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this machine has no CUDA device that torch can use")
     return args
@@ -1169,34 +1714,59 @@ def write_answers(args) -> None:
     chat = data.load_chat(weights, tokenizer, args.template)
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype != "auto"
+        else torch.bfloat16
+        if device.type == "cuda"
+        else torch.float32
+    )
     model = M.load_model(weights, device, dtype).eval()
     prompts = data.instruction_prompts(chat, tokenizer, [r["instruction"] for r in rows])
     context = model.config.max_position_embeddings
     prompts, n_cut = M.fit_prompts(prompts, context)
     if n_cut:
-        print(f"warning: {n_cut} prompt(s) longer than the model's context ({context} tokens) were cut from "
-              "the left", file=sys.stderr)
-    stop_ids = list(dict.fromkeys(data.answer_stop_ids(chat, tokenizer) + M.stop_ids_of(weights, model.config)))
+        print(
+            f"warning: {n_cut} prompt(s) longer than the model's context ({context} tokens) were cut from "
+            "the left",
+            file=sys.stderr,
+        )
+    stop_ids = list(
+        dict.fromkeys(data.answer_stop_ids(chat, tokenizer) + M.stop_ids_of(weights, model.config))
+    )
     # Prompts of like length batch together (little padding); longest first, so running out of memory shows at once.
     order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
     outputs = [None] * len(rows)
     with tqdm(total=len(rows), unit="answer", disable=None) as bar:
         for n, start in enumerate(range(0, len(order), args.batch_size)):
-            batch = order[start:start + args.batch_size]
+            batch = order[start : start + args.batch_size]
             room = context - max(len(prompts[i]) for i in batch)
-            answers = M.generate(model, [prompts[i] for i in batch], min(args.max_new_tokens, room),
-                               temperature=args.temperature, top_p=args.top_p, stop_ids=stop_ids,
-                               seed=args.seed + n)
+            answers = M.generate(
+                model,
+                [prompts[i] for i in batch],
+                min(args.max_new_tokens, room),
+                temperature=args.temperature,
+                top_p=args.top_p,
+                stop_ids=stop_ids,
+                seed=args.seed + n,
+            )
             for i, ids in zip(batch, answers):
                 outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
             bar.update(len(batch))
     generator = args.generator or generator_name(weights)
-    answers = [{"instruction": r["instruction"], "output": out, "generator": generator,
-                **{k: v for k, v in r.items() if k not in ("instruction", "output", "generator")}}
-               for r, out in zip(rows, outputs)]
+    answers = [
+        {
+            "instruction": r["instruction"],
+            "output": out,
+            "generator": generator,
+            **{k: v for k, v in r.items() if k not in ("instruction", "output", "generator")},
+        }
+        for r, out in zip(rows, outputs)
+    ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(answers, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    Path(args.out).write_text(
+        json.dumps(answers, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
 
 
 def answers_main(argv) -> int:
@@ -1218,12 +1788,18 @@ def main(argv=None) -> int:
         device, mesh = setup_distributed(args.replicate, args.dist_timeout, args.device)
         code = train(args, device, mesh)
     except (M.CheckpointError, data.DataError, TrainingError) as e:
-        rank = f" (rank {dist.get_rank()})" if dist.is_initialized() and dist.get_world_size() > 1 else ""
+        rank = (
+            f" (rank {dist.get_rank()})"
+            if dist.is_initialized() and dist.get_world_size() > 1
+            else ""
+        )
         print(f"error{rank}: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     if dist.is_initialized():
         if torchrun and dist.get_backend() == "gloo":
-            os._exit(code)  # gloo's destroy_process_group aborts a rank now and then after all work is done
+            os._exit(
+                code
+            )  # gloo's destroy_process_group aborts a rank now and then after all work is done
         dist.destroy_process_group()
     return code
 

@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import model as M  # noqa: E402
 
-
 # ----------------------------------------------------------------------------- the job
+
 
 def sentences_up_to(rng: random.Random, draw, n_tokens: int, tokenizer) -> list:
     """Draw (chosen, rejected) sentence pairs until the chosen side holds about n_tokens tokens."""
@@ -58,14 +58,21 @@ def sentences_up_to(rng: random.Random, draw, n_tokens: int, tokenizer) -> list:
 def benchmark_pair(rng: random.Random, tokenizer, prompt_tokens: int, answer_tokens: int) -> dict:
     """A long pair whose answers share most sentences: one sentence in five of the rejected answer states a
     wrong value. Many ambiguous tokens around a few key ones, the case AAO is built for."""
+
     def fact(r, i=iter(range(10**9))):
         f = data.synthetic_pair(r)
         wrong = next(i) % 5 == 0 and f["score_rejected"] > 5  # a wrong value, not an evasion
         return f["chosen"], f["rejected"] if wrong else f["chosen"]
-    prompt = sentences_up_to(rng, lambda r: (data.synthetic_pair(r)["prompt"],) * 2, prompt_tokens, tokenizer)
+
+    prompt = sentences_up_to(
+        rng, lambda r: (data.synthetic_pair(r)["prompt"],) * 2, prompt_tokens, tokenizer
+    )
     answer = sentences_up_to(rng, fact, answer_tokens, tokenizer)
-    return {"prompt": " ".join(p for p, _ in prompt), "chosen": " ".join(c for c, _ in answer),
-            "rejected": " ".join(r for _, r in answer)}
+    return {
+        "prompt": " ".join(p for p, _ in prompt),
+        "chosen": " ".join(c for c, _ in answer),
+        "rejected": " ".join(r for _, r in answer),
+    }
 
 
 def ultrafeedback_lengths(rng: random.Random, scale: float) -> tuple[int, int, int]:
@@ -86,14 +93,25 @@ def spread_pair(rng: random.Random, tokenizer, scale: float) -> dict:
     """A benchmark_pair cut to lengths drawn by ultrafeedback_lengths."""
     p, c, r = ultrafeedback_lengths(rng, scale)
     pair = benchmark_pair(rng, tokenizer, p + 8, max(c, r) + 8)
-    return {"prompt": text_of(tokenizer, pair["prompt"], p), "chosen": text_of(tokenizer, pair["chosen"], c),
-            "rejected": text_of(tokenizer, pair["rejected"], r)}
+    return {
+        "prompt": text_of(tokenizer, pair["prompt"], p),
+        "chosen": text_of(tokenizer, pair["chosen"], c),
+        "rejected": text_of(tokenizer, pair["rejected"], r),
+    }
 
 
 # SmolLM2-135M-Instruct's shape. It ties its head to the embedding; train.py's sharded build cannot load a tied
 # checkpoint yet, so the benchmark's copy is untied: the same FLOPs, 28M more parameters held.
-SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=False, rope_theta=100000.0)
+SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=False,
+    rope_theta=100000.0,
+)
 
 
 def write_model(job: Path, args, tokenizer) -> None:
@@ -102,12 +120,24 @@ def write_model(job: Path, args, tokenizer) -> None:
             (job / f.name).write_bytes(f.read_bytes())
         (job / "config.json").write_text((Path(args.weights) / "config.json").read_text())
         return
-    shape = SMOLLM2 if args.shape == "smollm2" else dict(
-        hidden_size=args.dim, intermediate_size=args.dim * 7 // 2, num_hidden_layers=args.layers,
-        num_attention_heads=4, num_key_value_heads=1, vocab_size=args.vocab)
-    cfg = M.ModelConfig(**shape, max_position_embeddings=2048,
-                        bos_token_id=tokenizer.token_to_id("<|begin_of_text|>"),
-                        eos_token_id=tokenizer.token_to_id("<|end_of_text|>"))
+    shape = (
+        SMOLLM2
+        if args.shape == "smollm2"
+        else dict(
+            hidden_size=args.dim,
+            intermediate_size=args.dim * 7 // 2,
+            num_hidden_layers=args.layers,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            vocab_size=args.vocab,
+        )
+    )
+    cfg = M.ModelConfig(
+        **shape,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.token_to_id("<|begin_of_text|>"),
+        eos_token_id=tokenizer.token_to_id("<|end_of_text|>"),
+    )
     M.save_model(M.init_weights(M.Transformer(cfg), seed=0), job)
 
 
@@ -117,14 +147,24 @@ def write_job(job: Path, args) -> None:
     tokenizer = data.tiny_tokenizer()
     write_model(job, args, tokenizer)
     tokenizer.save(str(job / "tokenizer.json"))
-    (job / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-         "eos_token": "<|end_of_text|>", "pad_token": "<|end_of_text|>"}))
+    (job / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|end_of_text|>",
+                "pad_token": "<|end_of_text|>",
+            }
+        )
+    )
     rng = random.Random(0)
     with open(job / "pairs.jsonl", "w") as f:
         for _ in range(args.pairs):
-            pair = spread_pair(rng, tokenizer, args.length_scale) if args.spread == "ultrafeedback" else \
-                benchmark_pair(rng, tokenizer, args.prompt_tokens, args.answer_tokens)
+            pair = (
+                spread_pair(rng, tokenizer, args.length_scale)
+                if args.spread == "ultrafeedback"
+                else benchmark_pair(rng, tokenizer, args.prompt_tokens, args.answer_tokens)
+            )
             f.write(json.dumps(pair) + "\n")
 
 
@@ -134,24 +174,70 @@ def tokens_per_step(job: Path, max_length: int, pairs_per_step: int = 2) -> dict
     packed (each prompt once, then both answers)."""
     tokenizer = data.tiny_tokenizer()
     rows = data.read_rows(job / "pairs.jsonl")
-    pairs, _ = data.tokenize_rows(tokenizer, rows, "plain", max_length=max_length, max_prompt_length=max_length // 2)
-    steps = [pairs[i:i + pairs_per_step] for i in range(0, len(pairs) - pairs_per_step + 1, pairs_per_step)]
-    rows_of = lambda step: [len(p["prompt_ids"]) + len(p[k]) for p in step for k in ("chosen_ids", "rejected_ids")]  # noqa: E731
+    pairs, _ = data.tokenize_rows(
+        tokenizer, rows, "plain", max_length=max_length, max_prompt_length=max_length // 2
+    )
+    steps = [
+        pairs[i : i + pairs_per_step]
+        for i in range(0, len(pairs) - pairs_per_step + 1, pairs_per_step)
+    ]
+    rows_of = lambda step: [
+        len(p["prompt_ids"]) + len(p[k]) for p in step for k in ("chosen_ids", "rejected_ids")
+    ]  # noqa: E731
     mean = lambda f: statistics.mean(f(s) for s in steps)  # noqa: E731
-    return {"padded": mean(lambda s: len(rows_of(s)) * max(rows_of(s))), "real": mean(lambda s: sum(rows_of(s))),
-            "packed": mean(lambda s: sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in s))}
+    return {
+        "padded": mean(lambda s: len(rows_of(s)) * max(rows_of(s))),
+        "real": mean(lambda s: sum(rows_of(s))),
+        "packed": mean(
+            lambda s: sum(
+                len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in s
+            )
+        ),
+    }
 
 
 # ----------------------------------------------------------------------------- the trainers, one process each
 
-def ours_command(job: Path, out: Path, weighting: str, steps: int, device: str, root: Path = ROOT) -> list:
+
+def ours_command(
+    job: Path, out: Path, weighting: str, steps: int, device: str, root: Path = ROOT
+) -> list:
     # An earlier revision (--padded-from) predates --device: it picks CUDA when there is one.
     device_flag = ["--device", device] if root == ROOT else []
-    return [sys.executable, str(root / "train.py"), *device_flag, "--weights", str(job), "--template", "plain",
-            "--data", str(job / "pairs.jsonl"), "--eval-pairs", "0", "--weighting", weighting,
-            "--batch-size", "2", "--micro-batch-size", "2", "--lr", "5e-7", "--beta", "0.1",
-            "--max-steps", str(steps), "--max-length", "1024", "--dtype", "float32", "--save-every", "0",
-            "--out", str(out), "--quiet"]
+    return [
+        sys.executable,
+        str(root / "train.py"),
+        *device_flag,
+        "--weights",
+        str(job),
+        "--template",
+        "plain",
+        "--data",
+        str(job / "pairs.jsonl"),
+        "--eval-pairs",
+        "0",
+        "--weighting",
+        weighting,
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--lr",
+        "5e-7",
+        "--beta",
+        "0.1",
+        "--max-steps",
+        str(steps),
+        "--max-length",
+        "1024",
+        "--dtype",
+        "float32",
+        "--save-every",
+        "0",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
 
 
 def source_at(rev: str, out: Path) -> Path:
@@ -159,7 +245,9 @@ def source_at(rev: str, out: Path) -> Path:
     where = out / f"source-{rev}"
     if not where.exists():
         where.mkdir(parents=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(where)], input=archive, check=True)
     return where
 
@@ -189,25 +277,51 @@ def trl_child(job: Path, out: Path, steps: int, checkpointing: bool, device: str
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(job))
     model = AutoModelForCausalLM.from_pretrained(str(job), dtype=torch.float32)
     pairs = Dataset.from_list([json.loads(line) for line in open(job / "pairs.jsonl")])
-    config = DPOConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                       learning_rate=5e-7, beta=0.1, max_steps=steps, max_length=1024, bf16=False, use_cpu=device == "cpu",
-                       gradient_checkpointing=checkpointing, logging_steps=1, save_strategy="no", report_to=[],
-                       dataloader_num_workers=0, seed=0)
+    config = DPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-7,
+        beta=0.1,
+        max_steps=steps,
+        max_length=1024,
+        bf16=False,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=checkpointing,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        seed=0,
+    )
     times = StepTimes()
-    DPOTrainer(model=model, args=config, train_dataset=pairs, processing_class=tokenizer, callbacks=[times]).train()
+    DPOTrainer(
+        model=model, args=config, train_dataset=pairs, processing_class=tokenizer, callbacks=[times]
+    ).train()
     (out / "steps.json").write_text(json.dumps(times.times))
 
 
 def trl_command(job: Path, out: Path, steps: int, checkpointing: bool, device: str) -> list:
-    return [sys.executable, __file__, "--child-trl", str(job), "--out", str(out), "--steps", str(steps),
-            "--device", device] + \
-        (["--trl-checkpointing"] if checkpointing else [])
+    return [
+        sys.executable,
+        __file__,
+        "--child-trl",
+        str(job),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--device",
+        device,
+    ] + (["--trl-checkpointing"] if checkpointing else [])
 
 
 def run_child(command: list, threads: int) -> int:
     """Run a trainer; returns its peak resident set in bytes (Linux reports ru_maxrss in KiB)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -217,22 +331,40 @@ def run_child(command: list, threads: int) -> int:
 
 # ----------------------------------------------------------------------------- the table
 
+
 def trainers(args) -> dict:
     """name -> (command maker, step-time reader) for every trainer this run compares."""
-    out = {"ours, DPO": (lambda o: ours_command(args.job, o, "none", args.steps, args.device), ours_step_times),
-           "ours, AAO": (lambda o: ours_command(args.job, o, "aao", args.steps, args.device), ours_step_times)}
+    out = {
+        "ours, DPO": (
+            lambda o: ours_command(args.job, o, "none", args.steps, args.device),
+            ours_step_times,
+        ),
+        "ours, AAO": (
+            lambda o: ours_command(args.job, o, "aao", args.steps, args.device),
+            ours_step_times,
+        ),
+    }
     if args.padded_from:
         old = source_at(args.padded_from, args.out)
         out[f"padded ({args.padded_from}), DPO"] = (
-            lambda o: ours_command(args.job, o, "none", args.steps, args.device, old), ours_step_times)
+            lambda o: ours_command(args.job, o, "none", args.steps, args.device, old),
+            ours_step_times,
+        )
         out[f"padded ({args.padded_from}), AAO"] = (
-            lambda o: ours_command(args.job, o, "aao", args.steps, args.device, old), ours_step_times)
+            lambda o: ours_command(args.job, o, "aao", args.steps, args.device, old),
+            ours_step_times,
+        )
     if args.trl:
         read = lambda o: json.loads((o / "steps.json").read_text())  # noqa: E731
-        out["TRL 1.16 DPO"] = (lambda o: trl_command(args.job, o, args.steps, False, args.device), read)
+        out["TRL 1.16 DPO"] = (
+            lambda o: trl_command(args.job, o, args.steps, False, args.device),
+            read,
+        )
         if not args.no_trl_checkpointing:
             out["TRL 1.16 DPO, grad. checkpointing"] = (
-                lambda o: trl_command(args.job, o, args.steps, True, args.device), read)
+                lambda o: trl_command(args.job, o, args.steps, True, args.device),
+                read,
+            )
     return out
 
 
@@ -248,32 +380,55 @@ def measure(args) -> dict:
                 subprocess.run(["rm", "-rf", str(out)], check=True)
             rss = run_child(make(out), args.threads)
             times = read(out)
-            results[name]["step_s"].append(statistics.median(times[1:] if len(times) > 1 else times))
+            results[name]["step_s"].append(
+                statistics.median(times[1:] if len(times) > 1 else times)
+            )
             results[name]["rss"].append(rss)
-            print(f"round {r}: {name}: step {results[name]['step_s'][-1]:.2f} s, peak RSS {rss / 2**30:.2f} GiB",
-                  flush=True)
+            print(
+                f"round {r}: {name}: step {results[name]['step_s'][-1]:.2f} s, peak RSS {rss / 2**30:.2f} GiB",
+                flush=True,
+            )
     return results
 
 
 def table(results: dict, tokens: dict) -> str:
     base = "TRL 1.16 DPO" if "TRL 1.16 DPO" in results else "ours, DPO"
     t0, m0 = (statistics.median(results[base][k]) for k in ("step_s", "rss"))
-    lines = ["| tokens through the layers per step | computed | real (prompt twice) | prompt once + answers |",
-             "|---|---|---|---|"]
-    for name, computed in (("padded rows (TRL, the padded trainer)", tokens["padded"]), ("packed (ours)", tokens["packed"])):
-        lines.append(f"| {name} | {computed:.0f} ({computed / tokens['packed']:.2f}x) | {tokens['real']:.0f} | "
-                     f"{tokens['packed']:.0f} |")
-    lines += ["", f"| trainer | step time, median | vs {base} | peak RSS | vs {base} |", "|---|---|---|---|---|"]
+    lines = [
+        "| tokens through the layers per step | computed | real (prompt twice) | prompt once + answers |",
+        "|---|---|---|---|",
+    ]
+    for name, computed in (
+        ("padded rows (TRL, the padded trainer)", tokens["padded"]),
+        ("packed (ours)", tokens["packed"]),
+    ):
+        lines.append(
+            f"| {name} | {computed:.0f} ({computed / tokens['packed']:.2f}x) | {tokens['real']:.0f} | "
+            f"{tokens['packed']:.0f} |"
+        )
+    lines += [
+        "",
+        f"| trainer | step time, median | vs {base} | peak RSS | vs {base} |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         t, m = statistics.median(r["step_s"]), statistics.median(r["rss"])
-        lines.append(f"| {name} | {t:.2f} s | {t / t0:.2f}x | {m / 2**30:.2f} GiB | {m / m0:.2f}x |")
+        lines.append(
+            f"| {name} | {t:.2f} s | {t / t0:.2f}x | {m / 2**30:.2f} GiB | {m / m0:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trl", action="store_true", help="also run TRL's DPOTrainer (needs trl==1.16.0)")
-    p.add_argument("--steps", type=int, default=6, help="optimizer steps per trainer and round (default: 6)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--trl", action="store_true", help="also run TRL's DPOTrainer (needs trl==1.16.0)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=6, help="optimizer steps per trainer and round (default: 6)"
+    )
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds (default: 2)")
     p.add_argument("--pairs", type=int, default=80)
     p.add_argument("--prompt-tokens", type=int, default=120)
@@ -282,16 +437,37 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where both trainers run, in fp32 (default: auto = cuda when there is one); the memory "
-                   "column is the host's peak RSS either way")
-    p.add_argument("--spread", choices=["fixed", "ultrafeedback"], default="fixed",
-                   help="fixed: --prompt-tokens / --answer-tokens; ultrafeedback: drawn like UltraFeedback's")
-    p.add_argument("--length-scale", type=float, default=1.0, help="ultrafeedback lengths and cuts x this")
-    p.add_argument("--shape", choices=["small", "smollm2"], default="small", help="small: --vocab --dim --layers")
-    p.add_argument("--weights", help="a Hugging Face directory whose config and weights the job uses")
-    p.add_argument("--padded-from", help="also run train.py as it was at this git revision (padded batches)")
-    p.add_argument("--no-trl-checkpointing", action="store_true", help="with --trl, skip its checkpointing run")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where both trainers run, in fp32 (default: auto = cuda when there is one); the memory "
+        "column is the host's peak RSS either way",
+    )
+    p.add_argument(
+        "--spread",
+        choices=["fixed", "ultrafeedback"],
+        default="fixed",
+        help="fixed: --prompt-tokens / --answer-tokens; ultrafeedback: drawn like UltraFeedback's",
+    )
+    p.add_argument(
+        "--length-scale", type=float, default=1.0, help="ultrafeedback lengths and cuts x this"
+    )
+    p.add_argument(
+        "--shape",
+        choices=["small", "smollm2"],
+        default="small",
+        help="small: --vocab --dim --layers",
+    )
+    p.add_argument(
+        "--weights", help="a Hugging Face directory whose config and weights the job uses"
+    )
+    p.add_argument(
+        "--padded-from", help="also run train.py as it was at this git revision (padded batches)"
+    )
+    p.add_argument(
+        "--no-trl-checkpointing", action="store_true", help="with --trl, skip its checkpointing run"
+    )
     p.add_argument("--out", type=Path, default=ROOT / "out" / "benchmark")
     p.add_argument("--child-trl", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)

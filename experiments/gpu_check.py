@@ -12,6 +12,7 @@ Llama-3.1-8B's shape with as many of its 32 layers as the prediction says fit in
 the GPU (the whole 8B and its AdamW state do not fit one GPU). Time: the median of the steps after
 the first.
 """
+
 import argparse
 import copy
 import gc
@@ -30,17 +31,25 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import aao  # noqa: E402
 import benchmark  # noqa: E402
+import scale_estimate  # noqa: E402
+
+import aao  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
-import scale_estimate  # noqa: E402
 import train  # noqa: E402
 
 # Llama-3.2-1B's config.json, without its rope scaling (no effect on time or memory)
-LLAMA32_1B = M.ModelConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                           num_attention_heads=32, num_key_value_heads=8, vocab_size=128_256,
-                           tie_word_embeddings=True, rope_theta=500_000.0)
+LLAMA32_1B = M.ModelConfig(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128_256,
+    tie_word_embeddings=True,
+    rope_theta=500_000.0,
+)
 LLAMA31_8B = scale_estimate.LLAMA31_8B
 PROMPT_TOKENS, ANSWER_TOKENS = 165, 300
 
@@ -66,8 +75,9 @@ def layers_that_fit(cfg: M.ModelConfig, budget_bytes: float, settings: list) -> 
 def job_rows(n: int, tokenizer, seed: int = 0) -> list:
     """n text pairs (benchmark.py's: answers that share most sentences), for both trainers."""
     rng = random.Random(seed)
-    return [benchmark.benchmark_pair(rng, tokenizer, PROMPT_TOKENS, ANSWER_TOKENS)
-            for _ in range(n)]
+    return [
+        benchmark.benchmark_pair(rng, tokenizer, PROMPT_TOKENS, ANSWER_TOKENS) for _ in range(n)
+    ]
 
 
 def job_pairs(tokenizer, rows: list) -> list:
@@ -87,11 +97,13 @@ def random_reader(cfg: M.ModelConfig, device):
             return torch.ones(shapes[name], device=device)[start:stop]
         g = torch.Generator(device).manual_seed(zlib.crc32(name.encode()))
         return (torch.randn(shapes[name], generator=g, device=device) * 0.02)[start:stop]
+
     return read
 
 
-def measure_ours(cfg, pairs, micro: int, weighting: str, checkpointing: bool, device, mesh,
-                 steps: int) -> dict:
+def measure_ours(
+    cfg, pairs, micro: int, weighting: str, checkpointing: bool, device, mesh, steps: int
+) -> dict:
     """train.train_step in one process (train.setup_distributed's device and mesh): median step
     time, tokens/s, MFU, peak memory. The models are built here and freed before returning."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -108,8 +120,9 @@ def measure_ours(cfg, pairs, micro: int, weighting: str, checkpointing: bool, de
     for step in range(steps):
         t0 = time.perf_counter()
         indices = list(range(step * micro, (step + 1) * micro))
-        rows.append(train.train_step(run, optimizer, indices, step, micro, 1.0, False,
-                                     count_flops=True))
+        rows.append(
+            train.train_step(run, optimizer, indices, step, micro, 1.0, False, count_flops=True)
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - t0)
@@ -123,8 +136,13 @@ def measure_ours(cfg, pairs, micro: int, weighting: str, checkpointing: bool, de
     tokens = statistics.mean(rows[i]["tokens"] for i in timed)
     flops = statistics.mean(rows[i]["flops"] for i in timed)
     peak_flops = M.peak_flops(device)
-    return {"step_s": step_s, "tokens_per_s": tokens / step_s, "loss": rows[-1]["loss"],
-            "mfu": flops / step_s / peak_flops if peak_flops else None, "peak_bytes": peak}
+    return {
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "loss": rows[-1]["loss"],
+        "mfu": flops / step_s / peak_flops if peak_flops else None,
+        "peak_bytes": peak,
+    }
 
 
 def measure_trl(cfg, rows: list, micro: int, checkpointing: bool, device, steps: int) -> dict:
@@ -146,32 +164,55 @@ def measure_trl(cfg, rows: list, micro: int, checkpointing: bool, device, steps:
                 torch.cuda.synchronize(device)
             self.seconds.append(time.perf_counter() - self.t0)
 
-    hf_config = LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                            num_hidden_layers=cfg.num_hidden_layers,
-                            num_attention_heads=cfg.num_attention_heads,
-                            num_key_value_heads=cfg.num_key_value_heads, vocab_size=cfg.vocab_size,
-                            tie_word_embeddings=cfg.tie_word_embeddings,
-                            max_position_embeddings=2048)
+    hf_config = LlamaConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        vocab_size=cfg.vocab_size,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        max_position_embeddings=2048,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(hf_config)
     reference = copy.deepcopy(model)  # TRL loads it by the model's name, which this one lacks
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=data.tiny_tokenizer(),
-                                        bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
-                                        pad_token="<|end_of_text|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=data.tiny_tokenizer(),
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|end_of_text|>",
+    )
     times = StepTimes()
     with tempfile.TemporaryDirectory() as out:
-        config = DPOConfig(output_dir=out, per_device_train_batch_size=micro,
-                           gradient_accumulation_steps=1, learning_rate=5e-7, beta=0.1,
-                           max_steps=steps, max_length=1024, bf16=device.type == "cuda",
-                           use_cpu=device.type == "cpu", gradient_checkpointing=checkpointing,
-                           logging_steps=1, save_strategy="no", report_to=[],
-                           dataloader_num_workers=0, seed=0)
+        config = DPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=1,
+            learning_rate=5e-7,
+            beta=0.1,
+            max_steps=steps,
+            max_length=1024,
+            bf16=device.type == "cuda",
+            use_cpu=device.type == "cpu",
+            gradient_checkpointing=checkpointing,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            dataloader_num_workers=0,
+            seed=0,
+        )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        trainer = DPOTrainer(model=model, ref_model=reference, args=config,
-                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                             callbacks=[times])
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=reference,
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[times],
+        )
         trainer.train()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     del trainer, model, reference
@@ -195,11 +236,14 @@ def plan(quick: bool, gpu_bytes: float, share: float) -> list:
 
 def table(results: list, device_name: str) -> str:
     gb = lambda b: f"{b / 1e9:.1f} GB" if b is not None else "-"
-    lines = [f"Measured on one {device_name}, {time.strftime('%Y-%m-%d')}; pairs of "
-             f"{PROMPT_TOKENS}-token prompts and {ANSWER_TOKENS}-token answers, random weights.",
-             "",
-             "| model | trainer | micro-batch (pairs) | act. ckpt | step | tokens/s | MFU "
-             "| peak memory | predicted |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured on one {device_name}, {time.strftime('%Y-%m-%d')}; pairs of "
+        f"{PROMPT_TOKENS}-token prompts and {ANSWER_TOKENS}-token answers, random weights.",
+        "",
+        "| model | trainer | micro-batch (pairs) | act. ckpt | step | tokens/s | MFU "
+        "| peak memory | predicted |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         head = f"| {r['model']} | {r['trainer']} | {r['micro']} | {r['ckpt']} |"
         if "error" in r:
@@ -207,31 +251,41 @@ def table(results: list, device_name: str) -> str:
             continue
         mfu = f"{100 * r['mfu']:.0f}%" if r.get("mfu") else "-"
         tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
-        lines.append(f"{head} {r['step_s']:.3f} s | {tps} | {mfu} | {gb(r['peak_bytes'])} | "
-                     f"{gb(r['predicted'])} |")
+        lines.append(
+            f"{head} {r['step_s']:.3f} s | {tps} | {mfu} | {gb(r['peak_bytes'])} | "
+            f"{gb(r['predicted'])} |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="Llama-3.2-1B's shape, micro-batch 2 only")
-    p.add_argument("--steps", type=int, default=4,
-                   help="steps per measurement, the first untimed (default: 4)")
-    p.add_argument("--memory-share", type=float, default=0.8,
-                   help="the share of the GPU's memory the 8B-shaped model's predicted peak may "
-                   "fill (default: 0.8)")
+    p.add_argument(
+        "--steps", type=int, default=4, help="steps per measurement, the first untimed (default: 4)"
+    )
+    p.add_argument(
+        "--memory-share",
+        type=float,
+        default=0.8,
+        help="the share of the GPU's memory the 8B-shaped model's predicted peak may "
+        "fill (default: 0.8)",
+    )
     p.add_argument("--no-trl", action="store_true", help="skip TRL's DPOTrainer even if installed")
-    p.add_argument("--out", type=Path, default=ROOT / "out" / "gpu_check",
-                   help="results.json and table.md")
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "out" / "gpu_check", help="results.json and table.md"
+    )
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("error: gpu_check.py measures one CUDA GPU, and torch sees none here",
-              file=sys.stderr)
+        print(
+            "error: gpu_check.py measures one CUDA GPU, and torch sees none here", file=sys.stderr
+        )
         return 1
     device, mesh = train.setup_distributed(1, 10, "cuda")
     tokenizer = data.tiny_tokenizer()
@@ -241,18 +295,34 @@ def main(argv=None) -> int:
     gpu_bytes = torch.cuda.get_device_properties(device).total_memory
     for name, cfg, micro, ckpt in plan(args.quick, gpu_bytes, args.memory_share):
         for weighting, trainer in (("none", "ours, DPO"), ("aao", "ours, AAO")):
-            row = {"model": name, "trainer": trainer, "micro": micro,
-                   "ckpt": "yes" if ckpt else "no", "predicted": predicted_bytes(cfg, micro, ckpt)}
-            results.append(row | out_of_memory_as_error(measure_ours, cfg, pairs, micro, weighting,
-                                                        ckpt, device, mesh, args.steps))
+            row = {
+                "model": name,
+                "trainer": trainer,
+                "micro": micro,
+                "ckpt": "yes" if ckpt else "no",
+                "predicted": predicted_bytes(cfg, micro, ckpt),
+            }
+            results.append(
+                row
+                | out_of_memory_as_error(
+                    measure_ours, cfg, pairs, micro, weighting, ckpt, device, mesh, args.steps
+                )
+            )
             print(json.dumps(results[-1]), flush=True)
     # TRL's Trainer would read a process group that exists as a distributed launch
     torch.distributed.destroy_process_group()
     if not args.no_trl and trl_installed():
-        row = {"model": "Llama-3.2-1B", "trainer": "TRL 1.16 DPO", "micro": 2, "ckpt": "no",
-               "predicted": None}
-        results.append(row | out_of_memory_as_error(measure_trl, LLAMA32_1B, rows, 2, False, device,
-                                                    args.steps))
+        row = {
+            "model": "Llama-3.2-1B",
+            "trainer": "TRL 1.16 DPO",
+            "micro": 2,
+            "ckpt": "no",
+            "predicted": None,
+        }
+        results.append(
+            row
+            | out_of_memory_as_error(measure_trl, LLAMA32_1B, rows, 2, False, device, args.steps)
+        )
         print(json.dumps(results[-1]), flush=True)
     report = table(results, torch.cuda.get_device_name(device))
     print(report)
@@ -274,6 +344,7 @@ def out_of_memory_as_error(measure, *args) -> dict:
 
 def trl_installed() -> bool:
     import importlib.util
+
     return all(importlib.util.find_spec(m) is not None for m in ("trl", "datasets"))
 
 

@@ -5,6 +5,7 @@
 Needs matplotlib (an optional install, for the experiments only). Each run is one line per panel; a
 metric a run did not log (a, b without AAO, the reference's top-1 without a reference) is left out.
 """
+
 import argparse
 import json
 from pathlib import Path
@@ -13,12 +14,20 @@ PANELS = [  # (title, [(key, label suffix)])
     ("loss: total and pairwise", [("loss", ""), ("loss/preference", " pairwise")]),
     ("rewards/margins (β x log-ratio)", [("rewards/margins", "")]),
     ("rewards/accuracies", [("rewards/accuracies", "")]),
-    ("logps/chosen, logps/rejected", [("logps/chosen", " chosen"), ("logps/rejected", " rejected")]),
+    (
+        "logps/chosen, logps/rejected",
+        [("logps/chosen", " chosen"), ("logps/rejected", " rejected")],
+    ),
     ("thresholds a (upper), b (lower)", [("a/mean", " a"), ("b/mean", " b")]),
     ("token shares: ambiguous, key", [("tokens/ambiguous", " ambiguous"), ("tokens/key", " key")]),
     ("weights/mean", [("weights/mean", "")]),
-    ("squeeze: top-1 p on chosen, held out", [("eval/squeeze/policy_chosen_top1", " policy"),
-                                              ("eval/squeeze/reference_chosen_top1", " reference")]),
+    (
+        "squeeze: top-1 p on chosen, held out",
+        [
+            ("eval/squeeze/policy_chosen_top1", " policy"),
+            ("eval/squeeze/reference_chosen_top1", " reference"),
+        ],
+    ),
 ]
 
 
@@ -28,8 +37,10 @@ def read_rows(run: Path) -> list[dict]:
 
 def plot(runs: list[Path], out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, 4, figsize=(16, 6.5))
     for run in runs:
         rows = read_rows(run)
@@ -37,7 +48,11 @@ def plot(runs: list[Path], out: Path) -> None:
             for key, suffix in keys:
                 points = [(r["step"], r[key]) for r in rows if key in r]
                 if points:
-                    ax.plot(*zip(*points), label=run.name + suffix, marker="." if key.startswith("eval/") else None)
+                    ax.plot(
+                        *zip(*points),
+                        label=run.name + suffix,
+                        marker="." if key.startswith("eval/") else None,
+                    )
             ax.set_title(title, fontsize=10)
     for ax in axes.flat:
         ax.set_xlabel("step", fontsize=8)
@@ -50,7 +65,9 @@ def plot(runs: list[Path], out: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("runs", nargs="+", type=Path, help="run directories holding metrics.jsonl")
     p.add_argument("--out", type=Path, default=Path("metrics.png"))
     args = p.parse_args(argv)

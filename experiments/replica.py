@@ -19,6 +19,7 @@ against the SFT model's answer if only the policy's is right, 0.5 if both or nei
 SFT model's is (the win rate). Results: docs/replica.md, docs/replica.jsonl, docs/replica-*.png;
 the runs themselves under out/replica/ (ignored by git).
 """
+
 import argparse
 import json
 import os
@@ -48,8 +49,11 @@ def repo_path(path: Path) -> str:
 
 TEMPLATE = "plain"  # the tiny preset's
 TEAMS = [country for country, _ in data.CAPITALS]
-ORDER_QUESTIONS = ["Who won the match between {p} and {q}?", "Which team won when {p} played {q}?",
-                   "Tell me who won the game of {p} against {q}."]
+ORDER_QUESTIONS = [
+    "Who won the match between {p} and {q}?",
+    "Which team won when {p} played {q}?",
+    "Tell me who won the game of {p} against {q}.",
+]
 FACT_TASKS = ("capital", "color", "opposite")
 HELD_OUT = 2  # the phrasing (index into a task's questions) that the preference stage never sees
 
@@ -68,11 +72,15 @@ METHODS = {
     "AAO alignment": AAO + ["--similarity", "alignment"],
     "AAO end=1": AAO + ["--end-token-weight", "one"],
 }
-PLAN = {"facts": list(METHODS), "order": ["DPO", "DPO-Random", "AAO", "AAO hidden", "AAO alignment", "AAO end=1"]}
+PLAN = {
+    "facts": list(METHODS),
+    "order": ["DPO", "DPO-Random", "AAO", "AAO hidden", "AAO alignment", "AAO end=1"],
+}
 SMOKE_PLAN = {"facts": ["DPO", "AAO"]}
 
 
 # ----------------------------------------------------------------------------- the two families
+
 
 def fact_items() -> list:
     """(family, questions, sentence, x, right value, all values) for every fact of the facts family."""
@@ -101,7 +109,9 @@ def prompt_of(item, phrasing: int, rng: random.Random) -> str:
     family, questions, _, x, y, _ = item
     if family == "facts":
         return questions[phrasing].format(x=x)
-    p, q = (x, y) if rng.random() < 0.5 else (y, x)  # the prompt's name order says nothing of the winner
+    p, q = (
+        (x, y) if rng.random() < 0.5 else (y, x)
+    )  # the prompt's name order says nothing of the winner
     return questions[phrasing].format(p=p, q=q)
 
 
@@ -134,8 +144,12 @@ def sft_rows(items, n: int, rng) -> list:
     rows = []
     for _ in range(n):
         item = rng.choice(items)
-        rows.append({"prompt": prompt_of(item, rng.randrange(3), rng),
-                     "completion": any_answer(item, rng) + rng.choice(data.SUFFIXES)})
+        rows.append(
+            {
+                "prompt": prompt_of(item, rng.randrange(3), rng),
+                "completion": any_answer(item, rng) + rng.choice(data.SUFFIXES),
+            }
+        )
     return rows
 
 
@@ -144,8 +158,13 @@ def pair_rows(items, n: int, phrasings, rng) -> list:
     rows = []
     for _ in range(n):
         item, suffix = rng.choice(items), rng.choice(data.SUFFIXES)
-        rows.append({"prompt": prompt_of(item, rng.choice(phrasings), rng), "chosen": right_answer(item) + suffix,
-                     "rejected": wrong_answer(item, rng) + suffix})
+        rows.append(
+            {
+                "prompt": prompt_of(item, rng.choice(phrasings), rng),
+                "chosen": right_answer(item) + suffix,
+                "rejected": wrong_answer(item, rng) + suffix,
+            }
+        )
     return rows
 
 
@@ -156,7 +175,10 @@ def heldout_prompts(items, rng) -> list:
         if item[0] == "facts":
             out.append((item, item[1][HELD_OUT].format(x=item[3])))
         else:
-            out += [(item, item[1][HELD_OUT].format(p=p, q=q)) for p, q in ((item[3], item[4]), (item[4], item[3]))]
+            out += [
+                (item, item[1][HELD_OUT].format(p=p, q=q))
+                for p, q in ((item[3], item[4]), (item[4], item[3]))
+            ]
     return out
 
 
@@ -166,6 +188,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 # ----------------------------------------------------------------------------- stages
+
 
 def run_train(argv: list, device: str) -> None:
     code = train.main(argv + ["--quiet", "--device", device])
@@ -179,14 +202,18 @@ def answers(weights: Path, prompts: list, max_new_tokens: int, device: str) -> l
     model, tok = M.load_model(weights, device).eval(), M.load_tokenizer(weights)
     chat = data.as_chat(TEMPLATE, tok)
     ids = data.instruction_prompts(chat, tok, prompts)
-    out = M.generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=data.answer_stop_ids(chat, tok))
+    out = M.generate(
+        model, ids, max_new_tokens, temperature=0.0, stop_ids=data.answer_stop_ids(chat, tok)
+    )
     return [(tok.decode(a), len(a)) for a in out]
 
 
 REFERENCE_ANSWERS = {}
 
 
-def reference_answers(sft_final: Path, family: str, prompts, max_new_tokens: int, device: str) -> list:
+def reference_answers(
+    sft_final: Path, family: str, prompts, max_new_tokens: int, device: str
+) -> list:
     """The SFT model's answers, the win rate's other side: generated once per seed and family."""
     key = (str(sft_final), family)
     if key not in REFERENCE_ANSWERS:
@@ -199,8 +226,11 @@ def judge(items_prompts, policy, reference) -> dict:
     right = [is_right(item, text) for (item, _), (text, _) in zip(items_prompts, policy)]
     ref_right = [is_right(item, text) for (item, _), (text, _) in zip(items_prompts, reference)]
     wins = [1.0 if r > s else 0.5 if r == s else 0.0 for r, s in zip(right, ref_right)]
-    return {"accuracy": statistics.mean(right), "win_rate": statistics.mean(wins),
-            "length": statistics.mean(n for _, n in policy)}
+    return {
+        "accuracy": statistics.mean(right),
+        "win_rate": statistics.mean(wins),
+        "length": statistics.mean(n for _, n in policy),
+    }
 
 
 def last_eval(out: Path) -> dict:
@@ -208,6 +238,7 @@ def last_eval(out: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- the experiment
+
 
 def seed_data(seed: int, out: Path, cfg) -> dict:
     """The seed's SFT set, training pairs and held-out pairs of each family, as JSONL files."""
@@ -217,8 +248,12 @@ def seed_data(seed: int, out: Path, cfg) -> dict:
     files = {"sft": write_jsonl(out / "sft.jsonl", sft_rows(facts + order, cfg.sft_rows, rng))}
     train_phrasings = [i for i in range(3) if i != HELD_OUT]
     for family, items in (("facts", facts), ("order", order)):
-        files[family] = write_jsonl(out / f"{family}-pairs.jsonl", pair_rows(items, cfg.pairs, train_phrasings, rng))
-        files[family + "-eval"] = write_jsonl(out / f"{family}-heldout.jsonl", pair_rows(items, 128, [HELD_OUT], rng))
+        files[family] = write_jsonl(
+            out / f"{family}-pairs.jsonl", pair_rows(items, cfg.pairs, train_phrasings, rng)
+        )
+        files[family + "-eval"] = write_jsonl(
+            out / f"{family}-heldout.jsonl", pair_rows(items, 128, [HELD_OUT], rng)
+        )
         files[family + "-prompts"] = heldout_prompts(items, rng)
     return files
 
@@ -228,19 +263,55 @@ def preference_run(name, family, seed, files, sft_final, out: Path, cfg, threads
     run_dir = out / f"{family}-{name.replace(' ', '_').replace('/', '')}-t{threads}"
     t0 = time.perf_counter()
     if not (run_dir / "final").exists():  # an experiment cut short continues where it stopped
-        run_train(METHODS[name] + ["--weights", str(sft_final), "--data", str(files[family]), "--eval-data",
-                                   str(files[family + "-eval"]), "--out", str(run_dir), "--seed", str(seed),
-                                   "--lr", str(cfg.lr), "--threshold-lr", str(cfg.threshold_lr), "--batch-size",
-                                   "16", "--micro-batch-size", "16", "--max-steps", str(cfg.steps), "--eval-every",
-                                   str(cfg.eval_every), "--save-dtype", "float32", "--max-length", "96",
-                                   "--max-prompt-length", "48"], cfg.device)
+        run_train(
+            METHODS[name]
+            + [
+                "--weights",
+                str(sft_final),
+                "--data",
+                str(files[family]),
+                "--eval-data",
+                str(files[family + "-eval"]),
+                "--out",
+                str(run_dir),
+                "--seed",
+                str(seed),
+                "--lr",
+                str(cfg.lr),
+                "--threshold-lr",
+                str(cfg.threshold_lr),
+                "--batch-size",
+                "16",
+                "--micro-batch-size",
+                "16",
+                "--max-steps",
+                str(cfg.steps),
+                "--eval-every",
+                str(cfg.eval_every),
+                "--save-dtype",
+                "float32",
+                "--max-length",
+                "96",
+                "--max-prompt-length",
+                "48",
+            ],
+            cfg.device,
+        )
     prompts = files[family + "-prompts"]
     policy = answers(run_dir / "final", [p for _, p in prompts], cfg.max_new_tokens, cfg.device)
     reference = reference_answers(sft_final, family, prompts, cfg.max_new_tokens, cfg.device)
-    row = {"family": family, "method": name, "seed": seed, "threads": threads, "run": repo_path(run_dir),
-           **judge(prompts, policy, reference), "heldout_pref_accuracy": last_eval(run_dir)["eval/accuracy"],
-           "sft_accuracy": judge(prompts, reference, reference)["accuracy"],
-           "sft_length": statistics.mean(n for _, n in reference), "seconds": time.perf_counter() - t0}
+    row = {
+        "family": family,
+        "method": name,
+        "seed": seed,
+        "threads": threads,
+        "run": repo_path(run_dir),
+        **judge(prompts, policy, reference),
+        "heldout_pref_accuracy": last_eval(run_dir)["eval/accuracy"],
+        "sft_accuracy": judge(prompts, reference, reference)["accuracy"],
+        "sft_length": statistics.mean(n for _, n in reference),
+        "seconds": time.perf_counter() - t0,
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -265,19 +336,49 @@ def experiment(cfg) -> list:
         torch.set_num_threads(cfg.threads)
         sft = out / "sft"
         if not (sft / "final").exists():
-            run_train(["--loss", "sft", "--data", str(files["sft"]), "--eval-pairs", "64", "--out", str(sft),
-                       "--seed", str(seed), "--max-steps", str(cfg.sft_steps), "--batch-size", "32",
-                       "--micro-batch-size", "32", "--eval-every", str(cfg.sft_steps), "--save-dtype", "float32"],
-                      cfg.device)
+            run_train(
+                [
+                    "--loss",
+                    "sft",
+                    "--data",
+                    str(files["sft"]),
+                    "--eval-pairs",
+                    "64",
+                    "--out",
+                    str(sft),
+                    "--seed",
+                    str(seed),
+                    "--max-steps",
+                    str(cfg.sft_steps),
+                    "--batch-size",
+                    "32",
+                    "--micro-batch-size",
+                    "32",
+                    "--eval-every",
+                    str(cfg.sft_steps),
+                    "--save-dtype",
+                    "float32",
+                ],
+                cfg.device,
+            )
         for family, methods in plan.items():
             for name in methods:
-                rows.append(preference_run(name, family, seed, files, sft / "final", out, cfg, cfg.threads))
-        if seed == cfg.seeds[0] and not cfg.smoke:  # the thread-count spread: one run again on 1 thread
-            rows.append(preference_run("AAO", "facts", seed, files, sft / "final", out, cfg, 3 - cfg.threads))
+                rows.append(
+                    preference_run(name, family, seed, files, sft / "final", out, cfg, cfg.threads)
+                )
+        if (
+            seed == cfg.seeds[0] and not cfg.smoke
+        ):  # the thread-count spread: one run again on 1 thread
+            rows.append(
+                preference_run(
+                    "AAO", "facts", seed, files, sft / "final", out, cfg, 3 - cfg.threads
+                )
+            )
     return rows
 
 
 # ----------------------------------------------------------------------------- results
+
 
 def mean_std(values) -> str:
     values = list(values)
@@ -285,31 +386,51 @@ def mean_std(values) -> str:
     return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
-COLUMNS = [("win_rate", "win rate vs SFT"), ("accuracy", "fact accuracy"), ("length", "length (tokens)"),
-           ("heldout_pref_accuracy", "held-out pref. acc.")]
+COLUMNS = [
+    ("win_rate", "win rate vs SFT"),
+    ("accuracy", "fact accuracy"),
+    ("length", "length (tokens)"),
+    ("heldout_pref_accuracy", "held-out pref. acc."),
+]
 
 
 def table(rows, family) -> str:
     mine = [r for r in rows if r["family"] == family and r["threads"] == rows[0]["threads"]]
     seeds = sorted({r["seed"] for r in mine})
-    head = "| method | " + " | ".join(t for _, t in COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS) + "\n"
+    head = (
+        "| method | "
+        + " | ".join(t for _, t in COLUMNS)
+        + " |\n|---|"
+        + "---|" * len(COLUMNS)
+        + "\n"
+    )
     sft = [r for r in mine if r["method"] == mine[0]["method"]]
-    lines = [f"| SFT (reference) | 0.500 | {mean_std(r['sft_accuracy'] for r in sft)} | "
-             f"{mean_std(r['sft_length'] for r in sft)} | 0.500 |"]
+    lines = [
+        f"| SFT (reference) | 0.500 | {mean_std(r['sft_accuracy'] for r in sft)} | "
+        f"{mean_std(r['sft_length'] for r in sft)} | 0.500 |"
+    ]
     for method in dict.fromkeys(r["method"] for r in mine):
         rs = [r for r in mine if r["method"] == method]
-        lines.append(f"| {method} | " + " | ".join(mean_std(r[k] for r in rs) for k, _ in COLUMNS) + " |")
+        lines.append(
+            f"| {method} | " + " | ".join(mean_std(r[k] for r in rs) for k, _ in COLUMNS) + " |"
+        )
     return f"**{family}** (mean ± std over seeds {seeds})\n\n" + head + "\n".join(lines) + "\n"
 
 
 def thread_spread(rows) -> str:
-    pair = [r for r in rows if r["family"] == "facts" and r["method"] == "AAO" and r["seed"] == rows[0]["seed"]]
+    pair = [
+        r
+        for r in rows
+        if r["family"] == "facts" and r["method"] == "AAO" and r["seed"] == rows[0]["seed"]
+    ]
     if len(pair) < 2:
         return ""
     a, b = sorted(pair, key=lambda r: r["threads"])[:2]
     diffs = ", ".join(f"{t} {abs(a[k] - b[k]):.3f}" for k, t in COLUMNS)
-    return (f"Thread spread (facts, AAO, seed {a['seed']}, {a['threads']} vs {b['threads']} threads): "
-            f"absolute differences {diffs}.\n")
+    return (
+        f"Thread spread (facts, AAO, seed {a['seed']}, {a['threads']} vs {b['threads']} threads): "
+        f"absolute differences {diffs}.\n"
+    )
 
 
 def curves(run: Path, keys) -> dict:
@@ -319,19 +440,39 @@ def curves(run: Path, keys) -> dict:
 
 def plot_squeeze_and_thresholds(rows, docs: Path) -> list:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    first = [r for r in rows if r["family"] == "facts" and r["seed"] == rows[0]["seed"] and r["threads"] == rows[0]["threads"]]
+
+    first = [
+        r
+        for r in rows
+        if r["family"] == "facts"
+        and r["seed"] == rows[0]["seed"]
+        and r["threads"] == rows[0]["threads"]
+    ]
     runs = {r["method"]: ROOT / r["run"] for r in first if r["method"] in ("DPO", "AAO")}
-    keys = ["eval/squeeze/policy_chosen_top1", "eval/squeeze/policy_rejected_top1", "eval/squeeze/reference_chosen_top1"]
+    keys = [
+        "eval/squeeze/policy_chosen_top1",
+        "eval/squeeze/policy_rejected_top1",
+        "eval/squeeze/reference_chosen_top1",
+    ]
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for (method, run), color in zip(runs.items(), ("tab:blue", "tab:red")):
         c = curves(run, keys)
         ax.plot(*zip(*c[keys[0]]), color=color, marker=".", label=f"{method}: chosen")
         ax.plot(*zip(*c[keys[1]]), color=color, ls="--", marker=".", label=f"{method}: rejected")
-    ax.plot(*zip(*curves(next(iter(runs.values())), keys)[keys[2]]), color="grey", ls=":", label="SFT reference: chosen")
-    ax.set(xlabel="step", ylabel="mean top-1 probability at answer tokens",
-           title="Squeeze probe, held-out pairs (facts, seed %d)" % rows[0]["seed"])
+    ax.plot(
+        *zip(*curves(next(iter(runs.values())), keys)[keys[2]]),
+        color="grey",
+        ls=":",
+        label="SFT reference: chosen",
+    )
+    ax.set(
+        xlabel="step",
+        ylabel="mean top-1 probability at answer tokens",
+        title="Squeeze probe, held-out pairs (facts, seed %d)" % rows[0]["seed"],
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     squeeze = docs / "replica-squeeze.png"
@@ -340,14 +481,28 @@ def plot_squeeze_and_thresholds(rows, docs: Path) -> list:
     c = curves(runs["AAO"], ["a/mean", "b/mean"])
     ax.plot(*zip(*c["a/mean"]), label="a (upper)")
     ax.plot(*zip(*c["b/mean"]), label="b (lower)")
-    ax.set(xlabel="step", ylabel="threshold (mean over the batch)", title="AAO thresholds (Eq. 8), facts, seed %d"
-           % rows[0]["seed"], ylim=(0, 1))
+    ax.set(
+        xlabel="step",
+        ylabel="threshold (mean over the batch)",
+        title="AAO thresholds (Eq. 8), facts, seed %d" % rows[0]["seed"],
+        ylim=(0, 1),
+    )
     ax.legend()
     fig.tight_layout()
     thresholds = docs / "replica-thresholds.png"
     fig.savefig(thresholds, dpi=110)
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "plot_metrics.py"), str(runs["DPO"]), str(runs["AAO"]),
-                    "--out", str(docs / "metrics.png")], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "plot_metrics.py"),
+            str(runs["DPO"]),
+            str(runs["AAO"]),
+            "--out",
+            str(docs / "metrics.png"),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return [squeeze, thresholds, docs / "metrics.png"]
 
 
@@ -355,11 +510,16 @@ def write_results(rows, cfg, seconds: float) -> None:
     cfg.docs.mkdir(parents=True, exist_ok=True)
     write_jsonl(cfg.docs / "replica.jsonl", rows)
     families = list(dict.fromkeys(r["family"] for r in rows))
-    text = (f"# Replica results\n\n`python experiments/replica.py{' --smoke' if cfg.smoke else ''}`: "
-            f"{seconds / 60:.1f} minutes, torch threads {cfg.threads}, seeds {cfg.seeds}, {cfg.steps} preference steps of "
-            f"16 pairs after {cfg.sft_steps} SFT steps of 32 rows. Win rate: per held-out prompt 1 if only the "
-            "policy's greedy answer states the fact rightly, 0.5 if both or neither do, 0 if only the SFT "
-            "model's does.\n\n" + "\n".join(table(rows, f) for f in families) + "\n" + thread_spread(rows))
+    text = (
+        f"# Replica results\n\n`python experiments/replica.py{' --smoke' if cfg.smoke else ''}`: "
+        f"{seconds / 60:.1f} minutes, torch threads {cfg.threads}, seeds {cfg.seeds}, {cfg.steps} preference steps of "
+        f"16 pairs after {cfg.sft_steps} SFT steps of 32 rows. Win rate: per held-out prompt 1 if only the "
+        "policy's greedy answer states the fact rightly, 0.5 if both or neither do, 0 if only the SFT "
+        "model's does.\n\n"
+        + "\n".join(table(rows, f) for f in families)
+        + "\n"
+        + thread_spread(rows)
+    )
     (cfg.docs / "replica.md").write_text(text)
     if not cfg.smoke:
         plot_squeeze_and_thresholds(rows, cfg.docs)
@@ -367,22 +527,48 @@ def write_results(rows, cfg, seconds: float) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1; the spread run uses the other of 1 and 2)")
-    p.add_argument("--out", type=Path, default=ROOT / "out" / "replica", help="the runs (default: out/replica)")
-    p.add_argument("--docs", type=Path, default=ROOT / "docs", help="results and PNGs (default: docs)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="only these methods (default: all)")
-    p.add_argument("--smoke", action="store_true", help="1 seed, DPO and AAO on facts, a few steps; no PNGs")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="training and answers (default: auto = cuda, bf16 training, when there is one)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default: 1; the spread run uses the other of 1 and 2)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "out" / "replica", help="the runs (default: out/replica)"
+    )
+    p.add_argument(
+        "--docs", type=Path, default=ROOT / "docs", help="results and PNGs (default: docs)"
+    )
+    p.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help="only these methods (default: all)"
+    )
+    p.add_argument(
+        "--smoke", action="store_true", help="1 seed, DPO and AAO on facts, a few steps; no PNGs"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="training and answers (default: auto = cuda, bf16 training, when there is one)",
+    )
     cfg = p.parse_args(argv)
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg.sft_steps, cfg.sft_rows, cfg.steps, cfg.pairs, cfg.eval_every = 500, 8000, 60, 2048, 10
     cfg.lr, cfg.threshold_lr, cfg.max_new_tokens = 1e-3, 3e-4, 32
     if cfg.smoke:
-        cfg.seeds, cfg.sft_steps, cfg.sft_rows, cfg.steps, cfg.pairs, cfg.eval_every = cfg.seeds[:1], 4, 256, 3, 128, 3
+        cfg.seeds, cfg.sft_steps, cfg.sft_rows, cfg.steps, cfg.pairs, cfg.eval_every = (
+            cfg.seeds[:1],
+            4,
+            256,
+            3,
+            128,
+            3,
+        )
         cfg.max_new_tokens = 8
     return cfg
 

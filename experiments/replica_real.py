@@ -32,9 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # importable from the tests too
 
+from replica import mean_std, repo_path, run_train, write_jsonl  # noqa: E402
+
 import data  # noqa: E402
 import model as M  # noqa: E402
-from replica import mean_std, repo_path, run_train, write_jsonl  # noqa: E402
 
 SMOL = Path.home() / ".cache" / "aao-tests" / "SmolLM2-135M-Instruct"
 NUMBER_ONLY = "Answer with the number only."

@@ -26,6 +26,7 @@ Time per epoch: model FLOPs as train.py's MFU counts them, at an assumed MFU, ag
 FSDP collectives take at assumed bandwidths, once per micro-batch (train.py reduce-scatters every
 micro-batch); a step takes the longer of the two (FSDP overlaps them).
 """
+
 import sys
 from pathlib import Path
 
@@ -33,16 +34,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as M  # noqa: E402
 
 GB = 1e9
-LLAMA31_8B = M.ModelConfig(hidden_size=4096, intermediate_size=14_336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=128_256)  # its config.json
+LLAMA31_8B = M.ModelConfig(
+    hidden_size=4096,
+    intermediate_size=14_336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128_256,
+)  # its config.json
 
 
 class Llama:
     """A config's shapes under short names, with the parameter counts the trainer's MFU uses."""
 
     def __init__(self, cfg: M.ModelConfig = LLAMA31_8B):
-        self.cfg, self.vocab, self.dim, self.layers = cfg, cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
-        self.heads, self.kv_heads, self.ffn = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+        self.cfg, self.vocab, self.dim, self.layers = (
+            cfg,
+            cfg.vocab_size,
+            cfg.hidden_size,
+            cfg.num_hidden_layers,
+        )
+        self.heads, self.kv_heads, self.ffn = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+        )
         blocks, _, self.params = M.parameter_counts(cfg)
         self.block = (blocks - self.dim) // self.layers  # one block: attention, MLP, two norms
 
@@ -54,11 +70,19 @@ class Llama:
 # between nodes (one 400 Gb/s NIC per GPU).
 PAIRS, PROMPT_TOKENS, ANSWER_TOKENS = 61_135, 165, 300
 MFU, PEAK, NVLINK, NETWORK = 0.40, 989e12, 360 * GB, 45 * GB
-PAIR_SEGMENTS = [(PROMPT_TOKENS, PROMPT_TOKENS, 0)] + [(ANSWER_TOKENS, PROMPT_TOKENS + ANSWER_TOKENS, ANSWER_TOKENS)] * 2
+PAIR_SEGMENTS = [(PROMPT_TOKENS, PROMPT_TOKENS, 0)] + [
+    (ANSWER_TOKENS, PROMPT_TOKENS + ANSWER_TOKENS, ANSWER_TOKENS)
+] * 2
 
 
-def memory_per_gpu(m: Llama, shards: int, micro_pairs: int, checkpointing: bool, live_reference: bool,
-                   seq: int = 1024) -> float:
+def memory_per_gpu(
+    m: Llama,
+    shards: int,
+    micro_pairs: int,
+    checkpointing: bool,
+    live_reference: bool,
+    seq: int = 1024,
+) -> float:
     state = (16 + 2 * live_reference) * m.params / shards
     mlp = 16 * (m.vocab * 512 + 1026)
     root_params = m.vocab * m.dim * (1 if m.cfg.tie_word_embeddings else 2)
@@ -82,12 +106,22 @@ def pair_flops(m: Llama, live_reference: bool, checkpointing: bool) -> float:
     """What train.py's MFU counts (model.training_flops) for one packed pair of the assumed lengths, plus
     what activation checkpointing recomputes (a forward of the blocks): not in MFU, but it takes time."""
     counted = M.training_flops(m.cfg, PAIR_SEGMENTS, live_reference)
-    recompute = sum(2 * m.layers * m.block * q + 4 * m.layers * m.dim * q * k for q, k, _ in PAIR_SEGMENTS)
+    recompute = sum(
+        2 * m.layers * m.block * q + 4 * m.layers * m.dim * q * k for q, k, _ in PAIR_SEGMENTS
+    )
     return counted + recompute * checkpointing
 
 
-def epoch_minutes(m: Llama, gpus_per_node: int, nodes: int, replicate: bool, batch_pairs: int = 16,
-                  micro_pairs: int = 2, checkpointing: bool = False, live_reference: bool = True) -> float:
+def epoch_minutes(
+    m: Llama,
+    gpus_per_node: int,
+    nodes: int,
+    replicate: bool,
+    batch_pairs: int = 16,
+    micro_pairs: int = 2,
+    checkpointing: bool = False,
+    live_reference: bool = True,
+) -> float:
     gpus = gpus_per_node * nodes
     steps = PAIRS // batch_pairs
     micro_batches = max(1, batch_pairs // (gpus * micro_pairs))  # FSDP gathers and reduces for each
@@ -98,15 +132,21 @@ def epoch_minutes(m: Llama, gpus_per_node: int, nodes: int, replicate: bool, bat
     gathers = (10 - 2 * (not live_reference)) * m.params * (shards - 1) / shards
     link = NVLINK if nodes == 1 or replicate else NETWORK
     communication = gathers / link
-    if replicate and nodes > 1:  # HSDP: the fp32 gradient shards all-reduced between the node replicas
+    if (
+        replicate and nodes > 1
+    ):  # HSDP: the fp32 gradient shards all-reduced between the node replicas
         communication += 2 * 4 * m.params / shards * (nodes - 1) / nodes / NETWORK
     return steps * max(compute, micro_batches * communication) / 60
 
 
 def main() -> None:
     m = Llama()
-    print(f"Llama-3.1-8B: {m.params / 1e9:.2f}B parameters; threshold MLP {(m.vocab * 512 + 1026) / 1e6:.1f}M\n")
-    print("| micro-batch (pairs per GPU) | activation checkpointing | reference live | reference precomputed |")
+    print(
+        f"Llama-3.1-8B: {m.params / 1e9:.2f}B parameters; threshold MLP {(m.vocab * 512 + 1026) / 1e6:.1f}M\n"
+    )
+    print(
+        "| micro-batch (pairs per GPU) | activation checkpointing | reference live | reference precomputed |"
+    )
     print("|---|---|---|---|")
     for micro in (1, 2, 4, 8):
         for ac in (False, True):
@@ -115,14 +155,19 @@ def main() -> None:
             print(f"| {micro} | {'yes' if ac else 'no'} | {live:.0f} GB | {cached:.0f} GB |")
     print("\n| GPUs | sharding | minutes per epoch, batch 16 | batch 64 |")
     print("|---|---|---|---|")
-    for nodes, replicate, name in ((1, False, "FSDP over 8"), (2, False, "FSDP over 16 (flat)"),
-                                   (2, True, "HSDP: --replicate 2")):
+    for nodes, replicate, name in (
+        (1, False, "FSDP over 8"),
+        (2, False, "FSDP over 16 (flat)"),
+        (2, True, "HSDP: --replicate 2"),
+    ):
         t16 = epoch_minutes(m, 8, nodes, replicate)
         t64 = epoch_minutes(m, 8, nodes, replicate, batch_pairs=64)
         print(f"| {8 * nodes} | {name} | {t16:.0f} | {t64:.0f} |")
     ckpt = (4 + 8) * m.params + 16 * (m.vocab * 512 + 1026)
-    print(f"\nstep-N/ (fp32 weights + AdamW moments, sharded): {ckpt / GB:.0f} GB; final/ bf16 "
-          f"{2 * m.params / GB:.0f} GB, fp32 {4 * m.params / GB:.0f} GB")
+    print(
+        f"\nstep-N/ (fp32 weights + AdamW moments, sharded): {ckpt / GB:.0f} GB; final/ bf16 "
+        f"{2 * m.params / GB:.0f} GB, fp32 {4 * m.params / GB:.0f} GB"
+    )
 
 
 if __name__ == "__main__":
