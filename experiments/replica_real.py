@@ -369,7 +369,8 @@ def preference_run(name, seed, lr, pairs: Path, cfg, start) -> dict:
                 cfg.train_dtype,
                 "--save-dtype",
                 "bfloat16",
-            ]
+            ],
+            "cpu",  # the CPU replica this script is (bf16 compute where --dtype asks for it)
         )
     row = {
         "method": name,
