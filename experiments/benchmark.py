@@ -100,8 +100,9 @@ def spread_pair(rng: random.Random, tokenizer, scale: float) -> dict:
     }
 
 
-# SmolLM2-135M-Instruct's shape. It ties its head to the embedding; train.py's sharded build cannot load a tied
-# checkpoint yet, so the benchmark's copy is untied: the same FLOPs, 28M more parameters held.
+# SmolLM2-135M-Instruct's shape. It ties its head to the embedding; the padded revision the benchmark can run
+# beside (--padded-from f5b0079) could not load a tied checkpoint, so the copy is untied: the same FLOPs,
+# 28M more parameters held.
 SMOLLM2 = dict(
     hidden_size=576,
     intermediate_size=1536,
