@@ -2904,6 +2904,14 @@ def wait_for(condition, p, deadline_s=120):
     )
 
 
+def sigterm_after_steps(p, out: Path, steps: int) -> tuple[str, str]:
+    """Send the run SIGTERM (as a scheduler does) once it has logged `steps` steps; its (stdout, stderr)."""
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= steps, p)
+    p.send_signal(signal.SIGTERM)
+    return p.communicate(timeout=120)
+
+
 def test_embedded_run_learns_and_transformers_loads_the_output(tmp_path):
     r = run("--max-steps", 40, "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -3071,15 +3079,7 @@ def test_sigterm_saves_and_resume_continues_as_if_uninterrupted(tmp_path, uninte
         torchrun=2 if processes == 2 else 0,
         wait=False,
     )
-    wait_for(
-        lambda: (
-            (out / "metrics.jsonl").exists()
-            and len((out / "metrics.jsonl").read_text().splitlines()) >= 5
-        ),
-        p,
-    )
-    p.send_signal(signal.SIGTERM)
-    stdout, stderr = p.communicate(timeout=120)
+    stdout, stderr = sigterm_after_steps(p, out, 5)
     if processes == 1:
         assert p.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
     step = max(int(d.name.split("-")[1]) for d in out.glob("step-*"))
@@ -3624,15 +3624,7 @@ def test_two_gpus_sigterm_and_resume_track_the_uninterrupted_run(tmp_path):
         torchrun=2,
         wait=False,
     )
-    wait_for(
-        lambda: (
-            (out / "metrics.jsonl").exists()
-            and len((out / "metrics.jsonl").read_text().splitlines()) >= 5
-        ),
-        p,
-    )
-    p.send_signal(signal.SIGTERM)
-    p.communicate(timeout=120)
+    sigterm_after_steps(p, out, 5)
     r = run("--resume", out, "--device", "cuda", torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     # On CUDA index_add_ and attention's backward are not bitwise reproducible: the resumed run tracks.
