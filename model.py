@@ -32,12 +32,55 @@ class CheckpointError(ValueError):
     """A weights directory that cannot be loaded; the message names the file and what is wrong."""
 
 
+HF_REQUIRED_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
 LLAMA3_ROPE_KEYS = (
     "factor",
     "low_freq_factor",
     "high_freq_factor",
     "original_max_position_embeddings",
 )
+
+
+def check_hf_config(hf: dict, where: str) -> None:
+    """Raise a CheckpointError naming what in a config.json this model cannot read."""
+    missing = [k for k in HF_REQUIRED_KEYS if k not in hf]
+    if missing:
+        raise CheckpointError(f"{where}: missing key(s) {', '.join(missing)}")
+    if hf.get("model_type", "llama") not in ("llama", "mistral"):
+        raise CheckpointError(f"{where}: model_type {hf['model_type']!r} is not llama or mistral")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise CheckpointError(
+            f"{where}: only silu MLPs without biases are supported (hidden_act, "
+            "attention_bias, mlp_bias)"
+        )
+
+
+def hf_rope(hf: dict, where: str) -> tuple[float, dict | None]:
+    """(rope_theta, rope scaling) from either layout of config.json. The scaling is None for plain
+    RoPE, else llama3's, checked for its keys; any other rope_type is a CheckpointError."""
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or rope or None
+    if scaling is None:
+        return theta, None
+    scaling = dict(scaling)
+    scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
+    if scaling["rope_type"] == "default":
+        return theta, None
+    if scaling["rope_type"] != "llama3":
+        raise CheckpointError(
+            f"{where}: rope_type {scaling['rope_type']!r} is not supported (default or llama3)"
+        )
+    absent = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
+    if absent:
+        raise CheckpointError(f"{where}: rope scaling llama3 lacks {', '.join(absent)}")
+    return theta, scaling
 
 
 @dataclass
@@ -67,45 +110,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
         """Read both layouts of config.json: the hub's (top-level rope_theta + rope_scaling, as in
         Llama-3.1-8B) and transformers 5's (rope_parameters holding rope_theta and the scaling)."""
-        missing = [
-            k
-            for k in (
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "vocab_size",
-            )
-            if k not in hf
-        ]
-        if missing:
-            raise CheckpointError(f"{where}: missing key(s) {', '.join(missing)}")
-        if hf.get("model_type", "llama") not in ("llama", "mistral"):
-            raise CheckpointError(
-                f"{where}: model_type {hf['model_type']!r} is not llama or mistral"
-            )
-        if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise CheckpointError(
-                f"{where}: only silu MLPs without biases are supported (hidden_act, "
-                "attention_bias, mlp_bias)"
-            )
-        rope = dict(hf.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or rope or None
-        if scaling is not None:
-            scaling = dict(scaling)
-            scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
-            if scaling["rope_type"] == "default":
-                scaling = None
-            elif scaling["rope_type"] != "llama3":
-                raise CheckpointError(
-                    f"{where}: rope_type {scaling['rope_type']!r} is not supported "
-                    "(default or llama3)"
-                )
-            else:
-                absent = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
-                if absent:
-                    raise CheckpointError(f"{where}: rope scaling llama3 lacks {', '.join(absent)}")
+        check_hf_config(hf, where)
+        theta, scaling = hf_rope(hf, where)
         heads = hf["num_attention_heads"]
         return cls(
             hidden_size=hf["hidden_size"],
