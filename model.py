@@ -1,13 +1,13 @@
-"""A Llama 3.1 / Mistral transformer in plain PyTorch that reads and writes Hugging Face checkpoints.
+"""A Llama 3.1 / Mistral transformer in plain PyTorch that reads and writes Hugging Face weights.
 
-The math is the one of transformers' LlamaForCausalLM / MistralForCausalLM (fp32 logits agree to 1e-4):
-RMSNorm in fp32, rotate-half RoPE with Llama 3.1 frequency scaling, grouped-query attention through
-F.scaled_dot_product_attention, a SwiGLU MLP, tied or untied output head, Mistral's sliding window.
-Module names follow the checkpoint's ("model." dropped), so loading needs no conversion table.
-For training, `build_sharded` builds it sharded over processes with FSDP2, reading only each rank's rows
-of every tensor, and `save_sharded` writes it back from the shards, every rank one file at once.
-`generate` decodes a batch of prompts with a KV cache (`python train.py answers` uses it for AlpacaEval).
-It imports nothing else of this project: the model stands alone.
+The math is that of transformers' LlamaForCausalLM / MistralForCausalLM (fp32 logits agree to
+1e-4): RMSNorm in fp32, rotate-half RoPE with Llama 3.1 frequency scaling, grouped-query attention
+through F.scaled_dot_product_attention, a SwiGLU MLP, tied or untied output head, Mistral's sliding
+window. Module names follow the checkpoint's ("model." dropped): loading needs no conversion.
+For training, `build_sharded` builds it sharded over processes with FSDP2, reading only each rank's
+rows of every tensor, and `save_sharded` writes it back from the shards, every rank one file at
+once. `generate` decodes a batch of prompts with a KV cache (`python train.py answers` uses it for
+AlpacaEval). It imports nothing else of this project: the model stands alone.
 """
 
 import json
@@ -32,12 +32,55 @@ class CheckpointError(ValueError):
     """A weights directory that cannot be loaded; the message names the file and what is wrong."""
 
 
+HF_REQUIRED_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
 LLAMA3_ROPE_KEYS = (
     "factor",
     "low_freq_factor",
     "high_freq_factor",
     "original_max_position_embeddings",
 )
+
+
+def check_hf_config(hf: dict, where: str) -> None:
+    """Raise a CheckpointError naming what in a config.json this model cannot read."""
+    missing = [k for k in HF_REQUIRED_KEYS if k not in hf]
+    if missing:
+        raise CheckpointError(f"{where}: missing key(s) {', '.join(missing)}")
+    if hf.get("model_type", "llama") not in ("llama", "mistral"):
+        raise CheckpointError(f"{where}: model_type {hf['model_type']!r} is not llama or mistral")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise CheckpointError(
+            f"{where}: only silu MLPs without biases are supported (hidden_act, "
+            "attention_bias, mlp_bias)"
+        )
+
+
+def hf_rope(hf: dict, where: str) -> tuple[float, dict | None]:
+    """(rope_theta, rope scaling) from either layout of config.json. The scaling is None for plain
+    RoPE, else llama3's, checked for its keys; any other rope_type is a CheckpointError."""
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or rope or None
+    if scaling is None:
+        return theta, None
+    scaling = dict(scaling)
+    scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
+    if scaling["rope_type"] == "default":
+        return theta, None
+    if scaling["rope_type"] != "llama3":
+        raise CheckpointError(
+            f"{where}: rope_type {scaling['rope_type']!r} is not supported (default or llama3)"
+        )
+    absent = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
+    if absent:
+        raise CheckpointError(f"{where}: rope scaling llama3 lacks {', '.join(absent)}")
+    return theta, scaling
 
 
 @dataclass
@@ -67,45 +110,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
         """Read both layouts of config.json: the hub's (top-level rope_theta + rope_scaling, as in
         Llama-3.1-8B) and transformers 5's (rope_parameters holding rope_theta and the scaling)."""
-        missing = [
-            k
-            for k in (
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-                "vocab_size",
-            )
-            if k not in hf
-        ]
-        if missing:
-            raise CheckpointError(f"{where}: missing key(s) {', '.join(missing)}")
-        if hf.get("model_type", "llama") not in ("llama", "mistral"):
-            raise CheckpointError(
-                f"{where}: model_type {hf['model_type']!r} is not llama or mistral"
-            )
-        if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise CheckpointError(
-                f"{where}: only silu MLPs without biases are supported (hidden_act, "
-                "attention_bias, mlp_bias)"
-            )
-        rope = dict(hf.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling") or rope or None
-        if scaling is not None:
-            scaling = dict(scaling)
-            scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
-            if scaling["rope_type"] == "default":
-                scaling = None
-            elif scaling["rope_type"] != "llama3":
-                raise CheckpointError(
-                    f"{where}: rope_type {scaling['rope_type']!r} is not supported "
-                    "(default or llama3)"
-                )
-            else:
-                absent = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
-                if absent:
-                    raise CheckpointError(f"{where}: rope scaling llama3 lacks {', '.join(absent)}")
+        check_hf_config(hf, where)
+        theta, scaling = hf_rope(hf, where)
         heads = hf["num_attention_heads"]
         return cls(
             hidden_size=hf["hidden_size"],
@@ -127,7 +133,8 @@ class ModelConfig:
         )
 
     def to_hf(self, dtype: torch.dtype) -> dict:
-        """The hub layout (top-level rope_theta + rope_scaling): transformers 4 and 5 and vLLM read it."""
+        """config.json's dict in the hub layout (top-level rope_theta + rope_scaling), which
+        transformers 4 and 5 and vLLM all read."""
         hf = {k: v for k, v in asdict(self).items() if v is not None or k == "rope_scaling"}
         if self.model_type == "llama":
             hf.pop("sliding_window", None)
@@ -152,15 +159,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in (at least) fp32 and cast back before the gain, as the checkpoints were trained.
+        # Normalize in (at least) fp32, cast back before the gain, as the checkpoints were trained.
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(
-            x.dtype
-        )
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of RoPE, with Llama 3.1's `rope_type: llama3` rescaling of the long wavelengths."""
+    """RoPE's inverse frequencies; Llama 3.1's `rope_type: llama3` rescales the long wavelengths."""
     dim = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
     s = cfg.rope_scaling
@@ -181,20 +187,20 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position x frequency, (*positions.shape, head_dim), in fp32 and then cast."""
+    """cos and sin of every position x frequency, (*positions.shape, head_dim): fp32, then cast."""
     freqs = positions.float()[..., None] * inv_freq  # (..., head_dim / 2)
     angles = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: both halves share a frequency
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Hugging Face checkpoints store q_proj / k_proj in the rotate-half layout: pair dim i with i + d/2.
+    # Hugging Face checkpoints store q_proj / k_proj rotate-half: dim i pairs with dim i + d/2.
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 def sliding_window_mask(seq_len: int, window: int, device) -> torch.Tensor:
-    """Mistral's window: query i sees keys j with i - window < j <= i. (T, T) bool, True = attend."""
+    """Mistral's window: query i sees keys j with i - window < j <= i. (T, T) bool, True: attend."""
     i = torch.arange(seq_len, device=device)[:, None]
     j = torch.arange(seq_len, device=device)[None, :]
     return (j <= i) & (j > i - window)
@@ -203,11 +209,9 @@ def sliding_window_mask(seq_len: int, window: int, device) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
@@ -216,22 +220,19 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = (
-            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, KV, T, hd)
+        # q (B, H, T, hd); k and v (B, KV, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if (
-            cache is not None
-        ):  # generation: keep this forward's keys and values, attend to all kept so far
+        # generation: keep this forward's keys and values, attend to all kept so far
+        if cache is not None:
             k, v = cache.append(k, v)
         if isinstance(mask, Packed):  # training: one packed sequence (B = 1), segments apart
-            y = packed_attention(
-                q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), mask, self.window
-            )
+            q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (S, heads, hd)
+            y = packed_attention(q, k, v, mask, self.window)
             return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
-        # GQA: each kv head serves n_heads / n_kv_heads consecutive query heads (enable_gqa repeats them).
+        # GQA: enable_gqa repeats each kv head for its n_heads / n_kv_heads consecutive query heads.
         # Rows of a plain forward are whole (or right-padded): causal attention never sees padding.
         y = F.scaled_dot_product_attention(
             q,
@@ -246,44 +247,43 @@ class Attention(nn.Module):
 
 @dataclass
 class Packed:
-    """A micro-batch as one sequence without padding (data.pack builds it). A segment is a run of packed tokens that
-    are queries together: a pair's prompt, its chosen answer, its rejected answer; or one SFT example."""
+    """A micro-batch as one sequence without padding (data.pack builds it). A segment is a run of
+    packed tokens that are queries together: a pair's prompt, its chosen answer, its rejected
+    answer; or one SFT example."""
 
     input_ids: torch.Tensor  # (S,) the packed tokens
     positions: torch.Tensor  # (S,) each token's position in its own unpacked row (RoPE reads it)
     key_index: torch.Tensor  # packed index of every segment's keys, segment after segment
-    cu_queries: (
-        torch.Tensor
-    )  # (segments + 1,) int32: where each segment's queries start (varlen_attn)
+    # (segments + 1,) int32: where each segment's queries start (varlen_attn)
+    cu_queries: torch.Tensor
     cu_keys: torch.Tensor  # (segments + 1,) int32: where each segment's keys start in key_index
     query_lengths: list  # the same lengths on the host, for the CPU's loop and the longest
     key_lengths: list
     answer_at: torch.Tensor  # (M,) packed index of every answer token, answer after answer
-    predicted_from: (
-        torch.Tensor
-    )  # (M,) packed index of the state that predicts it (the token before)
+    # (M,) packed index of the state that predicts it (the token before)
+    predicted_from: torch.Tensor
     answer_index: torch.Tensor  # (M,) flat index of every answer token in the (rows, width) grid
     rows: int  # answers: chosen ones then rejected ones (2 per pair), or SFT examples
     width: int  # the longest answer: the per-answer grid is (rows, width)
 
     def to(self, device) -> "Packed":
-        move = lambda t: (
-            t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-        )
-        return Packed(
-            **{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
-        )
+        cuda = device.type == "cuda"
+        move = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
+        fields = {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return Packed(**fields)
 
 
 def packed_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
-    """Attention over a packed micro-batch (data.pack): q (S, H, hd), k and v (S, KV, hd) -> (S, H, hd).
-    Each segment's queries see its keys: a prompt its own, an answer its prompt's then its own, gathered
-    here (keys and values only; the prompt's layers ran once). Queries are the last of their keys, so the
-    causal diagonal is aligned bottom-right, and a key's place in its segment's keys is its position:
-    query i of a segment sees keys j with i' - window < j <= i', i' = i + keys - queries.
-    The switch: on CUDA in bf16/fp16, FlashAttention over all segments at once (varlen_attn); elsewhere
-    SDPA segment by segment, the plainest exact equivalent (3x faster on a CPU than one SDPA over the
-    whole sequence with a block mask, which computes every masked score too)."""
+    """Attention over a packed micro-batch: q (S, H, hd), k and v (S, KV, hd) -> (S, H, hd).
+
+    Each segment's queries (data.pack's layout) see its keys: a prompt its own, an answer its
+    prompt's then its own, gathered here (keys and values only; the prompt's layers ran once).
+    Queries are the last of their keys, so the causal diagonal is aligned bottom-right, and a key's
+    place in its segment's keys is its position: query i of a segment sees keys j with
+    i' - window < j <= i', i' = i + keys - queries.
+    The switch: on CUDA in bf16/fp16, FlashAttention over all segments at once (varlen_attn);
+    elsewhere SDPA segment by segment, the plainest exact equivalent (3x faster on a CPU than one
+    SDPA over the whole sequence with a block mask, which computes every masked score too)."""
     k, v = k.index_select(0, packed.key_index), v.index_select(0, packed.key_index)
     gqa = k.shape[1] != q.shape[1]
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
@@ -303,9 +303,8 @@ def packed_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
         seg = lambda x, start, n: x[start : start + n].transpose(0, 1)[None]  # (1, heads, n, hd)
         mask = None
         if n_q != n_k or (window and n_k > window):
-            i = torch.arange(n_k - n_q, n_k, device=q.device)[
-                :, None
-            ]  # the queries' places among the keys
+            # the queries' places among the keys
+            i = torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
             j = torch.arange(n_k, device=q.device)[None, :]
             mask = (j <= i) & (j > i - window) if window else j <= i
         y = F.scaled_dot_product_attention(
@@ -354,30 +353,24 @@ class Block(nn.Module):
 
 @dataclass
 class AnswerStates:
-    """What a forward pass gives the objective at the answer tokens, without the (N, T, vocab) logits.
-    One row per answer (data.pack's chosen answers, then rejected; or SFT examples), column j for its
-    token j: every tensor is (rows, width, ...), 0 (or unused) beyond an answer's end."""
+    """What a forward pass gives the objective at the answer tokens, without the (N, T, vocab)
+    logits. One row per answer (data.pack's chosen answers, then rejected; or SFT examples), column
+    j for its token j: every tensor is (rows, width, ...), 0 (or unused) beyond an answer's end."""
 
-    logps: (
-        torch.Tensor
-    )  # (rows, width) fp32: log p(token j | everything before it), Eq. 1's factors
-    top1: (
-        torch.Tensor
-    )  # (rows, width) fp32: log max_v p(v | before token j), the squeeze probe (no gradient)
-    # The rest only the policy's forward gives (a cached reference has log-probs and top-1 alone):
-    embeds: torch.Tensor | None = (
-        None  # (rows, width, D): input embedding of token j, detached (Eq. 7)
-    )
-    hidden: torch.Tensor | None = (
-        None  # (rows, width, D): final normed state that predicts token j (Eq. 9)
-    )
-    logit_sums: torch.Tensor | None = (
-        None  # (rows, vocab) fp32: logits summed over an answer (Eq. 8)
-    )
-    hidden_after: torch.Tensor | None = (
-        None  # (rows, width, D): the hidden state at token j, which has read
-    )
-    # it, detached (--similarity hidden: the state before it is the same in both answers after a shared prefix)
+    # (rows, width) fp32: log p(token j | everything before it), Eq. 1's factors
+    logps: torch.Tensor
+    # (rows, width) fp32: log max_v p(v | before token j), the squeeze probe (no gradient)
+    top1: torch.Tensor
+    # The rest only the policy's forward gives (a cached reference has log-probs and top-1 alone).
+    # (rows, width, D): input embedding of token j, detached (Eq. 7)
+    embeds: torch.Tensor | None = None
+    # (rows, width, D): final normed state that predicts token j (Eq. 9)
+    hidden: torch.Tensor | None = None
+    # (rows, vocab) fp32: logits summed over an answer (Eq. 8)
+    logit_sums: torch.Tensor | None = None
+    # (rows, width, D): the hidden state at token j, which has read it, detached (--similarity
+    # hidden: the state before it is the same in both answers after a shared prefix)
+    hidden_after: torch.Tensor | None = None
 
 
 class Transformer(nn.Module):
@@ -388,19 +381,19 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        # A buffer on the model's device: no host-to-device copy in every forward. Not saved: derived.
+        # A buffer on the model's device: no host-to-device copy each forward. Not saved: derived.
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg), persistent=False)
         self.tie_weights()
 
     def tie_weights(self):
-        """One parameter for input embedding and output head when the config ties them. Call it again
-        after anything that replaces parameters (load_state_dict(assign=True), to_empty)."""
+        """One parameter for input embedding and output head when the config ties them. Call it
+        again after anything that replaces parameters (load_state_dict(assign=True), to_empty)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def reset_buffers(self):
-        """Recompute the rope frequencies where the model lives: a model built on the meta device and
-        then materialized (to_empty, load_state_dict(assign=True)) holds garbage or nothing there."""
+        """Recompute the rope frequencies where the model lives: a model built on the meta device
+        and then materialized (to_empty, load_state_dict(assign=True)) holds garbage or nothing."""
         device = self.embed_tokens.weight.device
         self.rope_inv_freq = rope_inv_freq(self.config).to(device)
 
@@ -412,26 +405,19 @@ class Transformer(nn.Module):
     ):
         """input_ids (N, T) -> logits (N, T, vocab).
 
-        With packed (a micro-batch from data.pack) instead, no logits are made: an AnswerStates in the
-        per-answer layout, with the log-probs of the answer tokens through the chunked head, and with
-        sum_logits their logits summed per answer. Done here, inside the root module's forward, because
-        FSDP gathers the head's weight only there."""
+        With packed (a micro-batch from data.pack) instead, no logits are made: an AnswerStates in
+        the per-answer layout, with the log-probs of the answer tokens through the chunked head,
+        and with sum_logits their logits summed per answer. Done here, inside the root module's
+        forward, because FSDP gathers the head's weight only there."""
         ids = packed.input_ids[None] if packed is not None else input_ids  # (N, T); packed: (1, S)
-        positions = (
-            packed.positions
-            if packed is not None
-            else torch.arange(ids.shape[1], device=ids.device)
-        )
+        window, T = self.config.sliding_window, ids.shape[1]
+        if packed is not None:
+            positions, mask = packed.positions, packed
+        else:
+            positions = torch.arange(T, device=ids.device)
+            mask = sliding_window_mask(T, window, ids.device) if window and T > window else None
         embeds = self.embed_tokens(ids)  # (N, T, D)
         cos, sin = rope_cos_sin(self.rope_inv_freq, positions, embeds.dtype)
-        window, T = self.config.sliding_window, ids.shape[1]
-        mask = (
-            packed
-            if packed is not None
-            else sliding_window_mask(T, window, ids.device)
-            if window and T > window
-            else None
-        )
         x = embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
@@ -443,11 +429,11 @@ class Transformer(nn.Module):
     def forward_cached(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches: list
     ) -> torch.Tensor:
-        """Generation's forward: input_ids (B, T) at positions (B, T), attending through mask (B, 1, T, S)
-        to the keys held in caches (one KVCache per layer), which this forward's keys join.
+        """Generation's forward: input_ids (B, T) at positions (B, T), attending through mask
+        (B, 1, T, S) to the keys in caches (one KVCache per layer), which this forward's keys join.
         -> logits of the last position only (B, vocab): the one that predicts the next token."""
         x = self.embed_tokens(input_ids)  # (B, T, D)
-        # Each row has its own positions (left padding), so cos and sin are per row: (B, 1, T, head_dim).
+        # Each row has its own positions (left padding): cos and sin per row, (B, 1, T, head_dim).
         cos, sin = rope_cos_sin(self.rope_inv_freq, positions[:, None], x.dtype)
         for layer, cache in zip(self.layers, caches):
             x = layer(x, cos, sin, mask, cache)
@@ -458,52 +444,43 @@ class Transformer(nn.Module):
         (rows, width) grid, one row per answer, column j for its token j (0 beyond its end)."""
         D = hidden.shape[-1]
         labels = packed.input_ids.index_select(0, packed.answer_at)
-        h = hidden.index_select(
-            0, packed.predicted_from
-        )  # (M, D): the states that predict answer tokens
+        h = hidden.index_select(0, packed.predicted_from)  # (M, D): the states that predict answers
         weight = self.lm_head.weight
         logps, top1 = AnswerHead.apply(h, weight, labels)
         rows = torch.div(packed.answer_index, packed.width, rounding_mode="floor")
 
         def grid(x):  # (M, ...) -> (rows, width, ...)
-            out = x.new_zeros(packed.rows * packed.width, *x.shape[1:]).index_put(
-                (packed.answer_index,), x
-            )
-            return out.view(packed.rows, packed.width, *x.shape[1:])
+            shape = x.shape[1:]
+            flat = x.new_zeros(packed.rows * packed.width, *shape)
+            flat = flat.index_put((packed.answer_index,), x)
+            return flat.view(packed.rows, packed.width, *shape)
 
         sums = None
-        if (
-            sum_logits
-        ):  # Eq. 8's input: the head is linear, so summed logits = head(summed hidden states)
+        # Eq. 8's input: the head is linear, so summed logits = head(summed hidden states)
+        if sum_logits:
             h_sum = torch.zeros(packed.rows, D, dtype=logps.dtype, device=h.device)
             h_sum.index_add_(0, rows, h.detach().to(logps.dtype))
-            sums = torch.cat(
-                [h_sum @ w.to(h_sum.dtype).T for w in weight.detach().split(HEAD_CHUNK // D)], dim=1
-            )
+            chunks = weight.detach().split(HEAD_CHUNK // D)
+            sums = torch.cat([h_sum @ w.to(h_sum.dtype).T for w in chunks], dim=1)
         # Eq. 7 reads the embeddings detached; hidden_after is the state at the answer token itself.
+        inputs = embeds.detach().index_select(0, packed.answer_at)
         after = hidden.detach().index_select(0, packed.answer_at)
-        return AnswerStates(
-            grid(logps),
-            grid(top1),
-            grid(embeds.detach().index_select(0, packed.answer_at)),
-            grid(h),
-            sums,
-            grid(after),
-        )
+        return AnswerStates(grid(logps), grid(top1), grid(inputs), grid(h), sums, grid(after))
 
 
-# Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 64 MiB of fp32. Smaller
-# blocks cost no speed until the matmuls get thin; the blocks are most of the step's transient memory.
+# Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 64 MiB of fp32.
+# Smaller blocks cost no speed until matmuls get thin; blocks are most of a step's transient memory.
 HEAD_CHUNK = 2**24
 
 
 class AnswerHead(torch.autograd.Function):
     """Eq. 1 at the answer positions only: log p(label) = logits[label] - logsumexp(logits), with
-    logits = h W^T, one block of rows at a time, and log max_v p(v) for the squeeze probe. Backward
-    recomputes each block's logits from h and W (saved) instead of keeping them: the (M, vocab) logits
-    and their gradient never exist whole. Blocks are cut along the rows in forward and along the
-    vocabulary in backward, so that W's gradient is written once per slice, without an fp32
-    accumulator the size of W. Softmax statistics in fp32 whatever the compute dtype."""
+    logits = h W^T, one block of rows at a time, and log max_v p(v) for the squeeze probe.
+
+    Backward recomputes each block's logits from h and W (saved) instead of keeping them: the
+    (M, vocab) logits and their gradient never exist whole. Blocks are cut along the rows in
+    forward and along the vocabulary in backward, so that W's gradient is written once per slice,
+    without an fp32 accumulator the size of W. Softmax statistics in fp32 for any compute dtype."""
 
     @staticmethod
     def forward(ctx, h, weight, labels):
@@ -530,8 +507,8 @@ class AnswerHead(torch.autograd.Function):
         step = max(1, HEAD_CHUNK // max(1, h.shape[0]))
         for s in range(0, weight.shape[0], step):
             w = weight[s : s + step]  # (v, D)
-            # d log p(y) / d logits = onehot(y) - softmax(logits), restricted to this vocabulary slice
-            # in place: one (M, v) block alive, not one per elementwise op
+            # d log p(y) / d logits = onehot(y) - softmax(logits), restricted to this vocabulary
+            # slice, in place: one (M, v) block alive, not one per elementwise op
             d = (h @ w.T).to(lse.dtype).sub_(lse[:, None]).exp_().mul_(-g)  # (M, v)
             inside = (labels >= s) & (labels < s + w.shape[0])
             d.scatter_add_(1, (labels - s).clamp(0, w.shape[0] - 1)[:, None], g * inside[:, None])
@@ -542,15 +519,12 @@ class AnswerHead(torch.autograd.Function):
 
 
 def init_weights(model: Transformer, seed: int, std: float = 0.02) -> Transformer:
-    """Random init for models trained from scratch (the tiny preset): N(0, std) matrices, unit norms."""
+    """Random init of a model trained from scratch (tiny preset): N(0, std) matrices, unit norms."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(
-                torch.ones_like(p)
-                if name.endswith("norm.weight")
-                else torch.randn(p.shape, generator=g) * std
-            )
+            is_norm = name.endswith("norm.weight")
+            p.copy_(torch.ones_like(p) if is_norm else torch.randn(p.shape, generator=g) * std)
     return model
 
 
@@ -558,7 +532,7 @@ def init_weights(model: Transformer, seed: int, std: float = 0.02) -> Transforme
 
 
 def open_safetensors(file, device="cpu"):
-    """safe_open, with a damaged or truncated file named in a CheckpointError instead of a raw traceback."""
+    """safe_open; a damaged or truncated file is named in a CheckpointError, not a raw traceback."""
     try:
         return safe_open(file, framework="pt", device=str(device))
     except (SafetensorError, OSError) as e:
@@ -581,7 +555,7 @@ def read_config(path) -> ModelConfig:
 
 
 def checkpoint_files(path) -> dict[str, Path]:
-    """tensor name -> safetensors file, from model.safetensors.index.json or a single model.safetensors."""
+    """tensor name -> safetensors file, from model.safetensors.index.json or a model.safetensors."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -603,7 +577,7 @@ def checkpoint_files(path) -> dict[str, Path]:
 
 def expected_shapes(model: Transformer) -> dict[str, tuple]:
     """checkpoint name -> shape, for every tensor a checkpoint of this config must hold."""
-    # named_parameters lists a tied lm_head.weight once, under embed_tokens: tied checkpoints omit it.
+    # named_parameters lists a tied lm_head.weight once, as embed_tokens: tied checkpoints lack it.
     return {hf_name(n): tuple(p.shape) for n, p in model.named_parameters()}
 
 
@@ -621,7 +595,8 @@ def check_checkpoint(path, files: dict[str, Path], shapes: dict[str, tuple]) -> 
             shape = tuple(f.get_slice(name).get_shape())
         if shape != shapes[name]:
             wrong.append(
-                f"{name} is {list(shape)} in {files[name].name}, config.json says {list(shapes[name])}"
+                f"{name} is {list(shape)} in {files[name].name}, "
+                f"config.json says {list(shapes[name])}"
             )
     if missing:
         problems.append(
@@ -637,8 +612,8 @@ def check_checkpoint(path, files: dict[str, Path], shapes: dict[str, tuple]) -> 
 
 
 def load_model(path, device="cpu", dtype=torch.float32) -> Transformer:
-    """Build on the meta device (no memory), then fill each parameter straight from the safetensors files,
-    so the weights are never allocated twice."""
+    """Build on the meta device (no memory), then fill each parameter straight from the
+    safetensors files, so the weights are never allocated twice."""
     cfg = read_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -664,8 +639,8 @@ def shard_file_name(i: int, n: int) -> str:
 
 
 def balanced_shards(sizes: list, n: int) -> list:
-    """The file (0..n-1) each tensor goes to: largest first into the lightest file, so that n writers
-    share the work evenly; deterministic, so every process computes the same assignment."""
+    """The file (0..n-1) each tensor goes to: largest first into the lightest file, so that n
+    writers share the work evenly; deterministic, so every process computes the same assignment."""
     load, owners = [0] * n, [0] * len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
         owners[i] = min(range(n), key=load.__getitem__)
@@ -689,8 +664,8 @@ def write_index(
 def save_state_dict(
     state: dict, cfg: ModelConfig, out_dir, max_shard_bytes: int = 5 * 2**30
 ) -> None:
-    """Write config.json and the tensors in Hugging Face layout: one model.safetensors, or shards of at
-    most max_shard_bytes with model.safetensors.index.json, as save_pretrained writes them."""
+    """Write config.json and the tensors in Hugging Face layout: one model.safetensors, or shards
+    of at most max_shard_bytes with model.safetensors.index.json, as save_pretrained writes them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -731,8 +706,8 @@ def load_tokenizer(path):
 
 # ----------------------------------------------------------------------------- presets
 
-# Named weights: where to get them and which chat template their SFT stage used. Base models follow the
-# paper's base setting (Zephyr's recipe: UltraChat SFT with the Zephyr template, then preference
+# Named weights: where to get them and which chat template their SFT stage used. Base models follow
+# the paper's base setting (Zephyr's recipe: UltraChat SFT with the Zephyr template, then preference
 # optimization); instruct models use their own official template.
 PRESETS = {
     "llama31-8b": {"hub": "meta-llama/Llama-3.1-8B", "template": "zephyr"},
@@ -744,7 +719,7 @@ PRESETS = {
 
 
 def resolve_weights(name_or_dir: str) -> str:
-    """A directory as is; a preset name -> weights/<name> or $AAO_WEIGHTS_DIR/<name>; "tiny" stays "tiny"."""
+    """A directory or "tiny" as is; a preset name -> weights/<name> or $AAO_WEIGHTS_DIR/<name>."""
     if name_or_dir == "tiny" or Path(name_or_dir).is_dir():
         return name_or_dir
     if name_or_dir not in PRESETS:
@@ -757,15 +732,16 @@ def resolve_weights(name_or_dir: str) -> str:
             return str(root / name_or_dir)
     where = roots[0] if roots else Path("weights")
     raise CheckpointError(
-        f"--weights {name_or_dir}: no weights at {where / name_or_dir}. No download happens at run time: "
-        f"put config.json, tokenizer.json and model*.safetensors (with model.safetensors.index.json "
-        f"when sharded) from the hub repository {PRESETS[name_or_dir]['hub']} into {where / name_or_dir}/, "
+        f"--weights {name_or_dir}: no weights at {where / name_or_dir}. "
+        "No download happens at run time: put config.json, tokenizer.json and model*.safetensors "
+        "(with model.safetensors.index.json when sharded) from the hub repository "
+        f"{PRESETS[name_or_dir]['hub']} into {where / name_or_dir}/, "
         "or set AAO_WEIGHTS_DIR to the folder that holds it."
     )
 
 
 def llama3_rope_scaling(original_max_position_embeddings: int = 8192) -> dict:
-    """Llama 3.1's rope_scaling (config.json), for a model whose original context is the given length."""
+    """Llama 3.1's rope_scaling (config.json) for a model whose original context is that long."""
     return {
         "rope_type": "llama3",
         "factor": 8.0,
@@ -776,7 +752,7 @@ def llama3_rope_scaling(original_max_position_embeddings: int = 8192) -> dict:
 
 
 def tiny_config(vocab_size: int) -> ModelConfig:
-    """The built-in tiny Llama: GQA and llama3 rope scaling like the real thing, small enough for a CPU."""
+    """The built-in tiny Llama: GQA and llama3 rope scaling like the real thing, small for a CPU."""
     return ModelConfig(
         hidden_size=128,
         intermediate_size=384,
@@ -796,24 +772,26 @@ def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
     return init_weights(Transformer(tiny_config(vocab_size)), seed)
 
 
-# ----------------------------------------------------------------------------- sharded over processes (FSDP2)
+# ----------------------------------------------------------------------------- FSDP2 sharding
 
 # How the model is split over processes, all of it here (train.setup_distributed makes the mesh):
-# - FSDP2 (fully_shard) on every block, then on the root (embedding, final norm, head): each rank keeps
-#   1/N of every parameter (rows start:stop, torch.chunk's Shard(0)) and gathers a block only while it runs.
-#   With --replicate R the mesh is 2-D (HSDP): shard inside groups of N/R ranks (a node), replicate across.
-# - Mixed precision: fp32 master weights, bf16 compute (MixedPrecisionPolicy's param_dtype), gradients
-#   reduced in fp32. One process with nothing to cast stays a plain module (build_sharded says why).
-# - Reshard choices: blocks free their gathered weights after forward and gather again in backward; the
-#   root keeps its own from forward to backward, and a frozen model, which never runs backward, reshards
-#   right after forward (build_sharded), as does evaluation (reshard).
-# - Activation checkpointing is a flag on each Block, set before sharding, so FSDP wraps the recomputation.
-# - Gradients are reduce-scattered after every micro-batch (no no_sync): FSDP2 would otherwise hold whole
-#   unsharded fp32 gradients (32 GB at 8B) between micro-batches.
-# - The threshold MLP is replicated, not sharded (small; its input is each rank's own pairs): its gradients
-#   are averaged by hand (average_replicated_gradients) before its own clip.
-# - The LM head's weight exists whole only inside the root's forward: everything computed from it (the
-#   answer log-probs, Eq. 8's summed logits) is computed there (Transformer.answer_states).
+# - FSDP2 (fully_shard) on every block, then on the root (embedding, final norm, head): each rank
+#   keeps 1/N of every parameter (rows start:stop, torch.chunk's Shard(0)) and gathers a block only
+#   while it runs. With --replicate R the mesh is 2-D (HSDP): shard inside groups of N/R ranks
+#   (a node), replicate across.
+# - Mixed precision: fp32 master weights, bf16 compute (MixedPrecisionPolicy's param_dtype),
+#   gradients reduced in fp32. One process with nothing to cast stays a plain module
+#   (build_sharded says why).
+# - Reshard choices: blocks free their gathered weights after forward and gather again in backward;
+#   the root keeps its own from forward to backward, and a frozen model, which never runs backward,
+#   reshards right after forward (build_sharded), as does evaluation (reshard).
+# - Activation checkpointing is a flag on each Block, set before sharding: FSDP wraps the recompute.
+# - Gradients are reduce-scattered after every micro-batch (no no_sync): FSDP2 would otherwise hold
+#   whole unsharded fp32 gradients (32 GB at 8B) between micro-batches.
+# - The threshold MLP is replicated, not sharded (small; its input is each rank's own pairs): its
+#   gradients are averaged by hand (average_replicated_gradients) before its own clip.
+# - The LM head's weight exists whole only inside the root's forward: everything computed from it
+#   (the answer log-probs, Eq. 8's summed logits) is computed there (Transformer.answer_states).
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -822,12 +800,12 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole parameter, gathered from every rank's shard when the model is sharded (a collective)."""
+    """The whole parameter, gathered from every rank's shard (a collective) when it is sharded."""
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def reshard(model) -> None:
-    """Free the root's gathered parameters after a forward without backward (a no-op when not sharded)."""
+    """Free the root's gathered parameters after a forward without backward (unsharded: no-op)."""
     if hasattr(model, "reshard"):
         model.reshard()
 
@@ -838,8 +816,8 @@ def shard_position(mesh) -> tuple[int, int]:
 
 
 def weight_reader(weights: str, vocab_size: int, seed: int):
-    """(config, read) where read(name, start, stop) returns rows start:stop of a full parameter: from
-    the safetensors files (only those rows are read), or from the seeded random tiny model."""
+    """(config, read) where read(name, start, stop) returns rows start:stop of a full parameter:
+    from the safetensors files (only those rows are read), or from the seeded random tiny model."""
     if weights == "tiny":
         state = tiny_model(vocab_size, seed).state_dict()
         return tiny_config(vocab_size), lambda name, s, e: state[name][s:e]
@@ -855,11 +833,12 @@ def weight_reader(weights: str, vocab_size: int, seed: int):
 
 
 def build_sharded(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=False, trainable=True):
-    """Build on the meta device, shard every block and then the root with FSDP2 (torchtitan's recipe),
-    allocate this rank's shards and fill them with rows start:stop of each parameter (torch.chunk's
-    Shard(0) layout), so no rank ever holds the whole model. Parameters are kept in param_dtype and cast
-    to compute_dtype. One process with nothing to cast gets a plain module: FSDP2 on one rank still copies
-    every parameter into an unsharded buffer for forward, one more copy of the model for nothing."""
+    """Build on the meta device, shard every block and then the root with FSDP2 (torchtitan's
+    recipe), allocate this rank's shards and fill them with rows start:stop of each parameter
+    (torch.chunk's Shard(0) layout), so no rank ever holds the whole model. Parameters are kept in
+    param_dtype and cast to compute_dtype. One process with nothing to cast gets a plain module:
+    FSDP2 on one rank still copies every parameter into an unsharded buffer for forward, one more
+    copy of the model for nothing."""
     with torch.device("meta"):
         model = Transformer(cfg).to(param_dtype)
     for block in model.layers:
@@ -872,14 +851,15 @@ def build_sharded(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=Fal
         )
         for block in model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp)
-        # The root keeps its parameters (embedding, head) gathered from forward to backward; a frozen model
-        # never runs backward, so it must reshard right after forward or hold them for the whole run.
-        fully_shard(
-            model, mesh=mesh, mp_policy=mp, reshard_after_forward=None if trainable else True
-        )
+        # The root keeps its parameters (embedding, head) gathered from forward to backward. A
+        # frozen model never runs backward: it must reshard right after forward, or hold them for
+        # the whole run.
+        after_forward = None if trainable else True
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=after_forward)
     model.to_empty(device=mesh.device_type)
-    # to_empty gives every module its own new parameter, which unties a plain module's head from its
-    # embedding (FSDP2 keeps one sharded parameter for both); tied checkpoints carry no lm_head.weight.
+    # to_empty gives every module a new parameter of its own, which unties a plain module's head
+    # from its embedding (FSDP2 keeps one sharded parameter for both); tied checkpoints have no
+    # lm_head.weight.
     model.tie_weights()
     model.reset_buffers()
     shard, shards = shard_position(mesh)
@@ -892,8 +872,8 @@ def build_sharded(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=Fal
 
 
 def average_replicated_gradients(module: nn.Module) -> None:
-    """A module every rank holds whole (the threshold MLP: small, and its input is each rank's own pairs):
-    average its gradients over the ranks, as FSDP does for the sharded policy's."""
+    """A module every rank holds whole (the threshold MLP: small, and its input is each rank's own
+    pairs): average its gradients over the ranks, as FSDP does for the sharded policy's."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     for p in module.parameters() if world > 1 else ():
         dist.all_reduce(p.grad)  # a sum: gloo has no average
@@ -901,9 +881,10 @@ def average_replicated_gradients(module: nn.Module) -> None:
 
 
 def save_sharded(model: Transformer, out: Path, dtype: torch.dtype) -> None:
-    """Write a sharded model in Hugging Face layout, every rank calling it. Parameters are gathered one at a
-    time, a collective every rank joins; each rank keeps those assigned to it and writes them as one file,
-    so the files are written at once rather than the whole model by rank 0 while the others wait."""
+    """Write a sharded model in Hugging Face layout, every rank calling it. Parameters are gathered
+    one at a time, a collective every rank joins; each rank keeps those assigned to it and writes
+    them as one file, so the files are written at once rather than the whole model by rank 0 while
+    the others wait."""
     rank, world = dist.get_rank(), dist.get_world_size()
     params = list(model.named_parameters())  # a tied head is listed once, under embed_tokens
     owners = balanced_shards([p.numel() for _, p in params], world)
@@ -916,24 +897,17 @@ def save_sharded(model: Transformer, out: Path, dtype: torch.dtype) -> None:
     if mine:
         save_file(mine, out / shard_file_name(rank, n_files), metadata={"format": "pt"})
     if rank == 0:
-        write_index(
-            out,
-            model.config,
-            dtype,
-            {hf_name(n): shard_file_name(o, n_files) for (n, _), o in zip(params, owners)},
-            sum(p.numel() for _, p in params) * dtype.itemsize,
-        )
+        weight_map = {hf_name(n): shard_file_name(o, n_files) for (n, _), o in zip(params, owners)}
+        total_bytes = sum(p.numel() for _, p in params) * dtype.itemsize
+        write_index(out, model.config, dtype, weight_map, total_bytes)
 
 
 def write_generation_config(out: Path, source: Path | None, cfg, stop_ids: list) -> None:
-    """generation_config.json: the source's, with the template's end-of-answer token among the stop ids, so
-    that a server (vLLM, transformers) stops where the trained answers stop: a base model's config lists
-    only <|end_of_text|>, while a Llama 3 chat answer ends with <|eot_id|>."""
-    config = (
-        json.loads((source / "generation_config.json").read_text())
-        if source and (source / "generation_config.json").is_file()
-        else {}
-    )
+    """generation_config.json: the source's, with the template's end-of-answer token among the stop
+    ids, so that a server (vLLM, transformers) stops where the trained answers stop: a base model's
+    config lists only <|end_of_text|>, while a Llama 3 chat answer ends with <|eot_id|>."""
+    file = source / "generation_config.json" if source else None
+    config = json.loads(file.read_text()) if file and file.is_file() else {}
     eos = config.get("eos_token_id", cfg.eos_token_id)
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     config["eos_token_id"] = eos + [i for i in stop_ids if i not in eos]
@@ -953,17 +927,17 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 def training_flops(cfg: ModelConfig, segments: list, live_reference: bool) -> float:
-    """Model FLOPs of training on segments given as (queries, keys, answer tokens), data.segment_lengths'
-    triples, PaLM's convention (recomputation not counted): 6 per parameter and query token for the policy's
-    forward and backward, 2 for a live reference's forward; the head only at answer tokens (the chunked head
-    computes nothing else); the input embedding not at all (a lookup); attention's two products of a
-    segment's queries by its keys, 12·L·D·keys per query (4·L·D·keys for a forward only). A whole T-token
-    sequence is the segment (T, T, answer tokens)."""
+    """Model FLOPs of training on segments given as (queries, keys, answer tokens),
+    data.segment_lengths' triples, PaLM's convention (recomputation not counted): 6 per parameter
+    and query token for the policy's forward and backward, 2 for a live reference's forward; the
+    head only at answer tokens (the chunked head computes nothing else); the input embedding not
+    at all (a lookup); attention's two products of a segment's queries by its keys, 12·L·D·keys
+    per query (4·L·D·keys for a forward only). A whole T-token sequence is the segment
+    (T, T, answer tokens)."""
     blocks, head, _ = parameter_counts(cfg)
     passes = 6 + 2 * live_reference
-    attention = (
-        4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (3 + live_reference)
-    )
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    attention = 4 * L * H * cfg.head_dim * (3 + live_reference)
     return sum(passes * (blocks * q + head * n) + attention * q * k for q, k, n in segments)
 
 
@@ -1002,7 +976,7 @@ class KVCache:
     filled: int = 0  # slots written
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, kv heads, T, head_dim) keys and values after the filled slots; -> all of them so far."""
+        """Write (B, kv heads, T, head_dim) keys and values after the filled slots -> all so far."""
         start, self.filled = self.filled, self.filled + k.shape[2]
         self.keys[:, :, start : self.filled] = k
         self.values[:, :, start : self.filled] = v
@@ -1016,11 +990,13 @@ def empty_caches(model: Transformer, batch: int, capacity: int) -> list[KVCache]
 
 
 def cache_mask(real: torch.Tensor, start: int, end: int, window: int | None) -> torch.Tensor:
-    """Which slots the queries at slots start..end-1 attend to: (B, 1, end - start, end) bool, True = attend.
-    Query slot i sees the real (not padding) keys at slots j with i - window < j <= i: a row's slots and
-    positions differ by its padding, a constant, so causality and Mistral's window read the same in slots.
-    A padding slot sees itself: some attention kernels give NaN for a softmax over no key, and a NaN in V
-    would reach the real rows (0 weight times NaN is NaN)."""
+    """Which slots the queries at slots start..end-1 attend to: (B, 1, end - start, end) bool.
+
+    True = attend. Query slot i sees the real (not padding) keys at slots j with
+    i - window < j <= i: a row's slots and positions differ by its padding, a constant, so causality
+    and Mistral's window read the same in slots. A padding slot sees itself: some attention kernels
+    give NaN for a softmax over no key, and a NaN in V would reach the real rows (0 weight times NaN
+    is NaN)."""
     i = torch.arange(start, end, device=real.device)[:, None]
     j = torch.arange(end, device=real.device)[None, :]
     see = (j <= i) & (j > i - window) if window else j <= i
@@ -1029,15 +1005,15 @@ def cache_mask(real: torch.Tensor, start: int, end: int, window: int | None) -> 
 
 def prefill(model: Transformer, prompts: list[list[int]], caches: list[KVCache]):
     """Run the prompts, left-padded to the longest, through the model once, filling the caches.
-    -> logits of each prompt's last token (B, vocab), each row's padding (B,), the real slots (B, capacity)."""
+    -> logits of each prompt's last token (B, vocab), each row's padding (B,), the real slots
+    (B, capacity)."""
     device, longest = model.embed_tokens.weight.device, max(map(len, prompts))
     pad = torch.tensor([longest - len(p) for p in prompts], device=device)
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)  # (B, P)
     slots = torch.arange(caches[0].keys.shape[2], device=device)
     real = slots >= pad[:, None]  # row b's first pad[b] slots are padding, every later one a token
-    positions = (slots[:longest] - pad[:, None]).clamp(
-        min=0
-    )  # a prompt starts at position 0 whatever its padding
+    # a prompt starts at position 0 whatever its padding
+    positions = (slots[:longest] - pad[:, None]).clamp(min=0)
     mask = cache_mask(real, 0, longest, model.config.sliding_window)
     return model.forward_cached(ids, positions, mask, caches), pad, real
 
@@ -1045,8 +1021,9 @@ def prefill(model: Transformer, prompts: list[list[int]], caches: list[KVCache])
 def sample(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """The next token of each row (B,): the most likely at temperature 0; else a draw from softmax(logits / T)
-    restricted to the nucleus, the fewest most likely tokens whose probabilities reach top_p."""
+    """The next token of each row (B,): the most likely at temperature 0; else a draw from
+    softmax(logits / T) restricted to the nucleus, the fewest most likely tokens whose
+    probabilities reach top_p."""
     if temperature == 0:
         return logits.argmax(-1)
     probs, order = (logits.float() / temperature).softmax(-1).sort(-1, descending=True)
@@ -1072,8 +1049,9 @@ def generate(
     seed: int = 0,
 ) -> list[list[int]]:
     """Each prompt's new tokens up to its first stop id (excluded) or max_new_tokens, as one batch.
-    The prompts run once (prefill); then each step is one forward of one position per row (decode), which
-    ends when every row has met a stop id. Greedy at temperature 0; a seed gives the same draws again."""
+    The prompts run once (prefill); then each step is one forward of one position per row (decode),
+    which ends when every row has met a stop id. Greedy at temperature 0; a seed gives the same
+    draws again."""
     if not all(prompts):
         raise ValueError("generate: every prompt needs at least one token")
     device, window = model.embed_tokens.weight.device, model.config.sliding_window
@@ -1090,9 +1068,8 @@ def generate(
         done |= torch.isin(token, stops)
         if slot + 1 == longest + max_new_tokens or done.all():
             break
-        logits = model.forward_cached(
-            token[:, None], (slot - pad)[:, None], cache_mask(real, slot, slot + 1, window), caches
-        )
+        mask = cache_mask(real, slot, slot + 1, window)
+        logits = model.forward_cached(token[:, None], (slot - pad)[:, None], mask, caches)
     rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in prompts]
     return [cut_at_stop(row, set(stop_ids)) for row in rows]
 
@@ -1105,7 +1082,7 @@ def fit_prompts(prompts: list, context: int) -> tuple[list, int]:
 
 
 def stop_ids_of(weights, cfg: ModelConfig) -> list[int]:
-    """The EOS ids a checkpoint's generation_config.json (else its config.json) lists: an int or a list."""
+    """The EOS ids a checkpoint's generation_config.json (else config.json) lists, as a list."""
     file = Path(weights) / "generation_config.json"
     eos = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
     eos = cfg.eos_token_id if eos is None else eos
