@@ -941,20 +941,11 @@ def sft_examples(tokenizer, rows, chat, max_length: int = 1024) -> tuple[list, d
 # ----------------------------------------------------------------------------- batching
 
 
-def pack(items: list, sft: bool) -> dict:
-    """Items -> one packed sequence, no padding, and the per-answer grids the objective reads.
-
-    A pair packs as [prompt | chosen | rejected]: the prompt runs through the layers once; each answer's
-    queries see the prompt's keys and its own keys causally (never the other answer's), at the positions
-    of its unpacked row (the answer's continue from the prompt's length), so every log-prob is the padded
-    row's. An SFT example is one segment of its own. -> {"packed": Packed, "answer_mask" (rows, width),
-    "answer_ids" (rows, width), and for pairs margin (B,) and beta (B,), NaN where a pair has none}."""
-    tokens, positions, segments, answers = (
-        [],
-        [],
-        [],
-        [],
-    )  # segments: (query start, length, key ranges)
+def packed_layout(items: list, sft: bool) -> tuple[list, list, list, list]:
+    """Where pack puts each token, as host lists: the tokens, each one's position in its unpacked
+    row, the segments (query start, length, key ranges) and the answers (packed index of each
+    answer token, packed index of the state that predicts it), chosen ones then rejected ones."""
+    tokens, positions, segments, answers = [], [], [], []
 
     def place(ids, first_position):  # append a run of tokens; -> where it starts
         start = len(tokens)
@@ -966,52 +957,67 @@ def pack(items: list, sft: bool) -> dict:
         for e in items:
             s = place(e["input_ids"], 0)
             segments.append((s, len(e["input_ids"]), [(s, len(e["input_ids"]))]))
-            at = [
-                s + t for t, m in enumerate(e["loss_mask"]) if m and t > 0
-            ]  # token 0 has no predictor
+            # Token 0 has no predictor.
+            at = [s + t for t, m in enumerate(e["loss_mask"]) if m and t > 0]
             answers.append((at, [i - 1 for i in at]))
-    else:
-        chosen, rejected = [], []
-        for p in items:
-            P = len(p["prompt_ids"])
-            assert P > 0, "a prompt has at least its template's tokens"
-            s = place(p["prompt_ids"], 0)
-            segments.append((s, P, [(s, P)]))
-            for side, out in (("chosen_ids", chosen), ("rejected_ids", rejected)):
-                a = place(p[side], P)
-                segments.append((a, len(p[side]), [(s, P), (a, len(p[side]))]))
-                at = list(range(a, a + len(p[side])))
-                out.append(
-                    (at, [s + P - 1] + at[:-1])
-                )  # the first answer token is read off the prompt's end
-        answers = chosen + rejected
+        return tokens, positions, segments, answers
+    chosen, rejected = [], []
+    for p in items:
+        P = len(p["prompt_ids"])
+        assert P > 0, "a prompt has at least its template's tokens"
+        s = place(p["prompt_ids"], 0)
+        segments.append((s, P, [(s, P)]))
+        for side, out in (("chosen_ids", chosen), ("rejected_ids", rejected)):
+            a = place(p[side], P)
+            segments.append((a, len(p[side]), [(s, P), (a, len(p[side]))]))
+            at = list(range(a, a + len(p[side])))
+            # The first answer token is read off the prompt's end.
+            out.append((at, [s + P - 1] + at[:-1]))
+    return tokens, positions, segments, chosen + rejected
+
+
+def packed_tensors(tokens: list, positions: list, segments: list, answers: list) -> Packed:
+    """The layout as a Packed: the indices of every segment's keys, the cumulative query and key
+    lengths, and each answer token's place in the packed sequence and in the (rows, width) grid."""
     width = max(len(at) for at, _ in answers)
     grid = [r * width + j for r, (at, _) in enumerate(answers) for j in range(len(at))]
     answer_at = torch.tensor([i for at, _ in answers for i in at])
-    ids = torch.tensor(tokens)
     long = lambda x: torch.tensor(x, dtype=torch.long)
     cumulative = lambda n: torch.tensor([0] + n, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    query_lengths = [n for _, n, _ in segments]
     key_lengths = [sum(n for _, n in keys) for _, _, keys in segments]
-    packed = Packed(
-        ids,
+    key_index = [s + j for _, _, keys in segments for s, n in keys for j in range(n)]
+    predicted_from = [i for _, f in answers for i in f]
+    return Packed(
+        torch.tensor(tokens),
         long(positions),
-        long([s + j for _, _, keys in segments for s, n in keys for j in range(n)]),
-        cumulative([n for _, n, _ in segments]),
+        long(key_index),
+        cumulative(query_lengths),
         cumulative(key_lengths),
-        [n for _, n, _ in segments],
+        query_lengths,
         key_lengths,
         answer_at,
-        long([i for _, f in answers for i in f]),
+        long(predicted_from),
         long(grid),
         len(answers),
         width,
     )
-    answer_ids = torch.zeros(len(answers) * width, dtype=torch.long).index_put_(
-        (packed.answer_index,), ids[answer_at]
-    )
-    answer_mask = torch.zeros(len(answers) * width, dtype=torch.long).index_fill_(
-        0, packed.answer_index, 1
-    )
+
+
+def pack(items: list, sft: bool) -> dict:
+    """Items -> one packed sequence, no padding, and the per-answer grids the objective reads.
+
+    A pair packs as [prompt | chosen | rejected]: the prompt runs through the layers once; each
+    answer's queries see the prompt's keys and its own keys causally (never the other answer's), at
+    the positions of its unpacked row (the answer's continue from the prompt's length), so every
+    log-prob is the padded row's. An SFT example is one segment of its own. -> {"packed": Packed,
+    "answer_mask" (rows, width), "answer_ids" (rows, width), and for pairs margin (B,) and beta
+    (B,), NaN where a pair has none}."""
+    packed = packed_tensors(*packed_layout(items, sft))
+    cells, width = packed.rows * packed.width, packed.width
+    at, tokens = packed.answer_index, packed.input_ids[packed.answer_at]
+    answer_ids = torch.zeros(cells, dtype=torch.long).index_put_((at,), tokens)
+    answer_mask = torch.zeros(cells, dtype=torch.long).index_fill_(0, at, 1)
     batch = {
         "packed": packed,
         "answer_mask": answer_mask.view(-1, width),
