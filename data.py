@@ -1128,50 +1128,23 @@ def lockstep_chunks(n: int, micro: int, rank: int, world: int):
 
 # ----------------------------------------------------------------------------- the synthetic set
 
+# fmt: off
 CAPITALS = [
-    ("France", "Paris"),
-    ("Spain", "Madrid"),
-    ("Italy", "Rome"),
-    ("Germany", "Berlin"),
-    ("Japan", "Tokyo"),
-    ("Egypt", "Cairo"),
-    ("Peru", "Lima"),
-    ("Kenya", "Nairobi"),
-    ("Canada", "Ottawa"),
-    ("Norway", "Oslo"),
-    ("Greece", "Athens"),
-    ("Chile", "Santiago"),
-    ("Cuba", "Havana"),
-    ("Poland", "Warsaw"),
-    ("Austria", "Vienna"),
-    ("Ireland", "Dublin"),
+    ("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Germany", "Berlin"),
+    ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"),
+    ("Canada", "Ottawa"), ("Norway", "Oslo"), ("Greece", "Athens"), ("Chile", "Santiago"),
+    ("Cuba", "Havana"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
 ]
 COLORS = [
-    ("banana", "yellow"),
-    ("grass", "green"),
-    ("sky", "blue"),
-    ("snow", "white"),
-    ("coal", "black"),
-    ("tomato", "red"),
-    ("carrot", "orange"),
-    ("plum", "purple"),
-    ("lemon", "yellow"),
-    ("leaf", "green"),
-    ("cherry", "red"),
-    ("chocolate", "brown"),
+    ("banana", "yellow"), ("grass", "green"), ("sky", "blue"), ("snow", "white"),
+    ("coal", "black"), ("tomato", "red"), ("carrot", "orange"), ("plum", "purple"),
+    ("lemon", "yellow"), ("leaf", "green"), ("cherry", "red"), ("chocolate", "brown"),
 ]
 OPPOSITES = [
-    ("hot", "cold"),
-    ("big", "small"),
-    ("fast", "slow"),
-    ("up", "down"),
-    ("early", "late"),
-    ("happy", "sad"),
-    ("light", "dark"),
-    ("old", "young"),
-    ("open", "closed"),
-    ("full", "empty"),
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("early", "late"),
+    ("happy", "sad"), ("light", "dark"), ("old", "young"), ("open", "closed"), ("full", "empty"),
 ]
+# fmt: on
 TASKS = {  # name: (questions, answer sentence, facts); the fact's value is the key token
     "capital": (
         [
