@@ -1,12 +1,13 @@
-"""Preference and SFT data: files in the layouts people have, chat templates, tokenization, truncation,
-batching, and a built-in synthetic set shaped the way the paper describes ambiguity.
+"""Preference and SFT data: files in the layouts people have, chat templates, tokenization,
+truncation, batching, and a built-in synthetic set shaped the way the paper describes ambiguity.
 
-A preference row becomes a Pair (prompt messages, chosen text, rejected text, margin, β); tokenize_rows
-renders each prompt with a chat template, tokenizes it once and appends each answer's tokens, so the
-prompt tokens of a pair are identical in both rows. An SFT row (a conversation) is rendered through the
-same templates turn by turn, with the loss on the assistant turns. A micro-batch is packed into one
-sequence without padding (pack), each pair's prompt once. PairSampler decides which pairs each step
-trains on, the same for 1 or N processes. `python data.py to-jsonl SPLIT.parquet OUT.jsonl` turns a hub parquet split into JSON lines.
+A preference row becomes a Pair (prompt messages, chosen text, rejected text, margin, β);
+tokenize_rows renders each prompt with a chat template, tokenizes it once and appends each answer's
+tokens, so the prompt tokens of a pair are identical in both rows. An SFT row (a conversation) is
+rendered through the same templates turn by turn, with the loss on the assistant turns. A
+micro-batch is packed into one sequence without padding (pack), each pair's prompt once.
+PairSampler decides which pairs each step trains on, the same for 1 or N processes.
+`python data.py to-jsonl SPLIT.parquet OUT.jsonl` turns a hub parquet split into JSON lines.
 """
 
 import argparse
@@ -50,8 +51,9 @@ UTF16_BOMS = {codecs.BOM_UTF16_LE: "utf-16-le", codecs.BOM_UTF16_BE: "utf-16-be"
 
 
 def read_text(path: Path) -> str:
-    """The file as text: UTF-8 (a BOM is skipped), or UTF-16 when it starts with a UTF-16 BOM, as Windows
-    export tools write it. Any other undecodable byte is an error naming its line and column."""
+    """The file as text: UTF-8 (a BOM is skipped), or UTF-16 when it starts with a UTF-16 BOM, as
+    Windows export tools write it. Any other undecodable byte is an error naming its line and
+    column."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -73,14 +75,13 @@ def read_text(path: Path) -> str:
 
 
 def parse_json(text: str, path, line: int | None = None):
-    """json.loads with every way it can fail as a DataError at `path:line` (line: where the text starts in
-    the file, else the line the decoder stopped at)."""
+    """json.loads with every way it can fail as a DataError at `path:line` (line: where the text
+    starts in the file, else the line the decoder stopped at)."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}:{line or e.lineno}: not valid JSON ({e.msg}, column {e.colno})"
-        ) from None
+        where = f"{path}:{line or e.lineno}"
+        raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
     except RecursionError:
         raise DataError(f"{path}:{line or 1}: JSON nested too deeply to read") from None
     except ValueError as e:  # an integer of more than 4300 digits
@@ -88,8 +89,8 @@ def parse_json(text: str, path, line: int | None = None):
 
 
 def json_value(value):
-    """A value JSON can hold: numpy scalars and arrays as Python numbers and lists, NaN and infinities as
-    null, bytes as text, dates as ISO strings, anything else unknown as its str()."""
+    """A value JSON can hold: numpy scalars and arrays as Python numbers and lists, NaN and
+    infinities as null, bytes as text, dates as ISO strings, anything else unknown as its str()."""
     if isinstance(value, dict):
         return {str(k): json_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -135,12 +136,10 @@ def read_rows(path) -> list[tuple[str, dict]]:
         rows = [(f"{path}:row {i + 1}", row) for i, row in enumerate(parquet_rows(path))]
     elif text_is_one_array(text):
         rows = [(f"{path}:item {i + 1}", row) for i, row in enumerate(parse_json(text, path))]
-    else:  # split on "\n" alone: JSON strings may hold U+2028 and the other breaks that splitlines() splits at
-        rows = [
-            (f"{path}:{n}", parse_json(line, path, n))
-            for n, line in enumerate(text.split("\n"), 1)
-            if line.strip()
-        ]
+    else:
+        # Split on "\n" alone: JSON strings may hold U+2028 and other breaks splitlines() splits at.
+        lines = enumerate(text.split("\n"), 1)
+        rows = [(f"{path}:{n}", parse_json(line, path, n)) for n, line in lines if line.strip()]
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -159,7 +158,8 @@ def text_is_one_array(text: str) -> bool:
 
 
 def check_text(text: str, field: str, where: str) -> str:
-    """A JSON escape like "\\ud800" gives a lone surrogate: a str that is no text, which no tokenizer encodes."""
+    """A JSON escape like "\\ud800" gives a lone surrogate: a str that is no text, which no
+    tokenizer encodes."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -180,7 +180,8 @@ def check_messages(messages, field, where) -> list:
             )
         if m["role"] not in ROLES:
             raise DataError(
-                f"{where}: unknown role {m['role']!r:.40} in '{field}' (expected system, user or assistant)"
+                f"{where}: unknown role {m['role']!r:.40} in '{field}' "
+                "(expected system, user or assistant)"
             )
     return [
         {"role": m["role"], "content": check_text(m["content"], field, where)} for m in messages
@@ -199,30 +200,26 @@ def as_messages(value, role: str, field: str, where: str) -> list:
 
 
 def check_turn_order(messages: list, field: str, where: str) -> None:
-    """What every template can render: an optional system turn first, then a user turn; no system turn later
-    (Mistral's template has none: it folds the system text into the first user turn)."""
+    """What every template can render: an optional system turn first, then a user turn; no system
+    turn later (Mistral's template has none: it folds the system text into the first user turn)."""
     roles = [m["role"] for m in messages]
     if "system" in roles[1:]:
         raise DataError(f"{where}: a system turn can only open the conversation in '{field}'")
     after_system = roles[1:] if roles[0] == "system" else roles
     if not after_system or after_system[0] != "user":
         raise DataError(
-            f"{where}: the conversation in '{field}' must start with a user turn (after an optional system turn)"
+            f"{where}: the conversation in '{field}' must start with a user turn "
+            "(after an optional system turn)"
         )
 
 
 def split_hh(text: str) -> list:
-    """Anthropic HH `\\n\\nHuman: ... \\n\\nAssistant: ...` -> messages (the final empty Assistant: dropped)."""
+    """Anthropic HH `\\n\\nHuman: ... \\n\\nAssistant: ...` -> messages (the final empty Assistant:
+    dropped)."""
     parts = ("\n\n" + text.lstrip("\n")).split("\n\n")
-    messages = []
+    speakers, messages = {"Human:": "user", "Assistant:": "assistant"}, []
     for part in parts[1:]:
-        role = (
-            "user"
-            if part.startswith("Human:")
-            else "assistant"
-            if part.startswith("Assistant:")
-            else None
-        )
+        role = next((r for s, r in speakers.items() if part.startswith(s)), None)
         if role is None and messages:  # a paragraph break inside a turn
             messages[-1]["content"] += "\n\n" + part
         elif role is not None:
@@ -231,7 +228,8 @@ def split_hh(text: str) -> list:
 
 
 def common_prefix_length(a: str, b: str) -> int:
-    """Length of the longest common prefix, by bisection on slices (C-speed compares, not a char loop)."""
+    """Length of the longest common prefix, by bisection on slices (C-speed compares, not a char
+    loop)."""
     lo, hi = 0, min(len(a), len(b))
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -250,8 +248,9 @@ def answer_from_messages(messages, prefix_len, field, where) -> str:
 
 def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
     """Any supported layout -> Pair: prompt/chosen/rejected strings; chosen/rejected message lists
-    (UltraFeedback-binarized, TRL conversational; the prompt is the `prompt` field or the shared leading
-    turns); Anthropic HH strings (the prompt is the common prefix up to the last Assistant turn)."""
+    (UltraFeedback-binarized, TRL conversational; the prompt is the `prompt` field or the shared
+    leading turns); Anthropic HH strings (the prompt is the common prefix up to the last Assistant
+    turn)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     for field in ("chosen", "rejected"):
@@ -259,19 +258,15 @@ def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
             raise DataError(f"{where}: missing field '{field}'")
         if not isinstance(row[field], (str, list)):
             raise DataError(
-                f"{where}: '{field}' must be a string or a list of messages, got {type(row[field]).__name__}"
+                f"{where}: '{field}' must be a string or a list of messages, "
+                f"got {type(row[field]).__name__}"
             )
-    chosen, rejected = row["chosen"], row["rejected"]
-    prompt_msgs = (
-        as_messages(row["prompt"], "user", "prompt", where)
-        if row.get("prompt") is not None
-        else None
-    )
+    chosen, rejected, prompt_msgs = row["chosen"], row["rejected"], None
+    if row.get("prompt") is not None:
+        prompt_msgs = as_messages(row["prompt"], "user", "prompt", where)
     if isinstance(chosen, list) or isinstance(rejected, list):
-        chosen, rejected = (
-            check_messages(chosen, "chosen", where),
-            check_messages(rejected, "rejected", where),
-        )
+        chosen = check_messages(chosen, "chosen", where)
+        rejected = check_messages(rejected, "rejected", where)
         # The answers are what follows the leading turns the two lists share; the prompt is the
         # `prompt` field when there is one (UltraFeedback, TRL), else those shared turns.
         shared = 0
@@ -284,7 +279,8 @@ def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
         cut = chosen.rfind("\n\nAssistant:", 0, common_prefix_length(chosen, rejected))
         if cut < 0:
             raise DataError(
-                f"{where}: missing field 'prompt' (and no '\\n\\nAssistant:' turn to split an HH dialogue at)"
+                f"{where}: missing field 'prompt' "
+                "(and no '\\n\\nAssistant:' turn to split an HH dialogue at)"
             )
         cut += len("\n\nAssistant:")
         prompt_msgs = split_hh(check_text(chosen[:cut], "chosen", where))
@@ -297,13 +293,13 @@ def parse_row(row, where: str = "row", beta_column: str = "beta") -> Pair:
     for field, text in (("chosen", chosen), ("rejected", rejected)):
         if not check_text(text, field, where).strip():
             raise DataError(f"{where}: '{field}' is empty")
-    return Pair(
-        prompt_msgs, chosen, rejected, read_margin(row, where), read_beta(row, beta_column, where)
-    )
+    margin, beta = read_margin(row, where), read_beta(row, beta_column, where)
+    return Pair(prompt_msgs, chosen, rejected, margin, beta)
 
 
 def finite_number(value) -> float | None:
-    """value as a finite float; None for anything else (a bool, a string, NaN, ±inf, an int past float range)."""
+    """value as a finite float; None for anything else (a bool, a string, NaN, ±inf, an int past
+    float range)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
@@ -317,7 +313,8 @@ def read_margin(row, where):
     if "score_chosen" not in row and "score_rejected" not in row:
         return None
     scores = finite_number(row.get("score_chosen")), finite_number(row.get("score_rejected"))
-    # A NaN margin would pass for "no margin" in a batch (pack's NaN) and sort anywhere in the curriculum.
+    # A NaN margin would pass for "no margin" in a batch (pack's NaN) and sort anywhere in the
+    # curriculum.
     if None in scores or not math.isfinite(scores[0] - scores[1]):
         raise DataError(
             f"{where}: 'score_chosen' and 'score_rejected' must both be finite numbers, got "
@@ -345,14 +342,13 @@ class Template:
     bos: str  # "{bos}": the tokenizer family's own
     turns: dict  # role -> format of a whole turn, with {content}
     generation: str  # what opens the assistant's turn at the end of the prompt
-    answer: (
-        str  # format of an answer: its text and the end-of-turn token the model learns to stop with
-    )
+    answer: str  # an answer's format: its text, then the end of turn the model learns to stop with
     system: str = ""  # preamble of a system turn that is always present (Llama 3.1)
 
 
 # In every template an assistant turn inside a prompt starts with generation + answer, so that a
-# conversation rendered turn by turn (SFT) is the prompt text of each of its turns followed by that turn.
+# conversation rendered turn by turn (SFT) is the prompt text of each of its turns followed by that
+# turn.
 LLAMA3_TURN = "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"
 LLAMA3 = Template(
     "<|begin_of_text|>",
@@ -444,72 +440,50 @@ def jinja_expression(fmt: str, content: str, role: str = "") -> str:
 
 
 def chat_template_jinja(name: str) -> str:
-    """A template of the table as a Hugging Face chat template (tokenizer_config.json's `chat_template`):
-    it renders exactly what render_prompt renders, with add_generation_prompt; a conversation ending in an
-    assistant turn renders as render_prompt of the turns before it + render_answer of that turn."""
+    """A template of the table as a Hugging Face chat template (tokenizer_config.json's
+    `chat_template`): it renders exactly what render_prompt renders, with add_generation_prompt; a
+    conversation ending in an assistant turn renders as render_prompt of the turns before it +
+    render_answer of that turn."""
     t = TEMPLATES[name]
     is_system = "messages[0]['role'] == 'system'"
+    emit = lambda fmt, content, role="": "{{- " + jinja_expression(fmt, content, role) + " -}}"
     lines = [
         "{%- set system = (messages[0]['content'] | trim) if " + is_system + " else '' -%}",
         "{%- set turns = messages[1:] if " + is_system + " else messages -%}",
-        "{{- " + jinja_expression(t.bos, "''") + " -}}",
+        emit(t.bos, "''"),
     ]
     if t.system:  # a system turn that is always there
-        lines += [
-            "{{- "
-            + jinja_expression(t.turns["system"], jinja_literal(t.system) + " + system", "system")
-            + " -}}"
-        ]
+        lines += [emit(t.turns["system"], jinja_literal(t.system) + " + system", "system")]
     elif "system" in t.turns:
-        lines += [
-            "{%- if "
-            + is_system
-            + " -%}{{- "
-            + jinja_expression(t.turns["system"], "system", "system")
-            + " -}}{%- endif -%}"
-        ]
+        system_turn = emit(t.turns["system"], "system", "system")
+        lines += ["{%- if " + is_system + " -%}" + system_turn + "{%- endif -%}"]
     lines += ["{%- for message in turns -%}", "{%- set content = message['content'] | trim -%}"]
     if "system" not in t.turns:  # the system text goes before the first turn's
-        lines += [
-            "{%- if loop.first and "
-            + is_system
-            + " -%}{%- set content = system + '\\n\\n' + content -%}{%- endif -%}"
-        ]
+        prepend = "{%- set content = system + '\\n\\n' + content -%}"
+        lines += ["{%- if loop.first and " + is_system + " -%}" + prepend + "{%- endif -%}"]
+    answer = emit(t.generation + t.answer, "content")
+    lines += ["{%- if loop.last and message['role'] == 'assistant' -%}" + answer]
     lines += [
-        "{%- if loop.last and message['role'] == 'assistant' -%}{{- "
-        + jinja_expression(t.generation + t.answer, "content")
-        + " -}}"
-    ]
-    lines += [
-        "{%- elif message['role'] == '"
-        + role
-        + "' -%}{{- "
-        + jinja_expression(t.turns[role], "content", role)
-        + " -}}"
+        "{%- elif message['role'] == '" + role + "' -%}" + emit(t.turns[role], "content", role)
         for role in ROLES
         if role in t.turns and role != "system"
     ]
     lines += ["{%- endif -%}", "{%- endfor -%}"]
     if t.generation:
-        lines += [
-            "{%- if add_generation_prompt -%}{{- "
-            + jinja_expression(t.generation, "")
-            + " -}}{%- endif -%}"
-        ]
+        lines += ["{%- if add_generation_prompt -%}" + emit(t.generation, "") + "{%- endif -%}"]
     return "\n".join(lines)
 
 
 def template_of_jinja(jinja: str) -> str | None:
-    """Which built-in template a Hugging Face chat template is: one this project wrote, or one recognized
-    by the markers of the official templates."""
+    """Which built-in template a Hugging Face chat template is: one this project wrote, or one
+    recognized by the markers of the official templates."""
     for name in TEMPLATES:
         if jinja == chat_template_jinja(name):
             return name
     if "<|start_header_id|>" in jinja:
         return "llama31" if "Cutting Knowledge Date" in jinja else "llama3"
-    if (
-        "[INST]" in jinja and "<<SYS>>" not in jinja
-    ):  # Llama 2's has [INST] too, but its own system block
+    # Llama 2's has [INST] too, but its own system block.
+    if "[INST]" in jinja and "<<SYS>>" not in jinja:
         return "mistral"
     if "<|user|>" in jinja and "<|assistant|>" in jinja:
         return "zephyr"
@@ -527,19 +501,13 @@ def read_tokenizer_config(weights_dir: Path) -> dict | None:
 
 
 def checkpoint_chat_template(weights_dir: Path, config: dict | None) -> str | None:
-    """The chat template a Hugging Face checkpoint carries: `chat_template` in tokenizer_config.json (a string,
-    or a list of {"name", "template"} of which the "default" one), else chat_template.jinja beside it, the file
-    recent transformers versions write."""
+    """The chat template a Hugging Face checkpoint carries: `chat_template` in
+    tokenizer_config.json (a string, or a list of {"name", "template"} of which the "default" one),
+    else chat_template.jinja beside it, the file recent transformers versions write."""
     value = (config or {}).get("chat_template")
     if isinstance(value, list):
-        value = next(
-            (
-                t.get("template")
-                for t in value
-                if isinstance(t, dict) and t.get("name") == "default"
-            ),
-            None,
-        )
+        defaults = [t for t in value if isinstance(t, dict) and t.get("name") == "default"]
+        value = defaults[0].get("template") if defaults else None
     if isinstance(value, str):
         return value
     file = weights_dir / "chat_template.jinja"
@@ -551,26 +519,25 @@ def special_tokens_hint(weights_dir: Path) -> str:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(weights_dir / "tokenizer.json"))
-    except (
-        Exception
-    ):  # only a hint for an error message: a missing or unreadable tokenizer gives none
+    except Exception:  # only a hint: a missing or unreadable tokenizer gives none
         return ""
     if tokenizer.token_to_id("<|start_header_id|>") is not None:
         return (
-            "Its tokenizer has Llama 3's header tokens (<|start_header_id|>): llama31 or llama3 for Meta's "
-            "instruct models, zephyr for a base model fine-tuned the Zephyr way. "
+            "Its tokenizer has Llama 3's header tokens (<|start_header_id|>): llama31 or llama3 "
+            "for Meta's instruct models, zephyr for a base model fine-tuned the Zephyr way. "
         )
     if tokenizer.token_to_id("<s>") is not None:
         return (
-            "Its tokenizer has Mistral's <s>: mistral for Mistral Instruct, zephyr for a base model fine-tuned "
-            "the Zephyr way. "
+            "Its tokenizer has Mistral's <s>: mistral for Mistral Instruct, zephyr for a base "
+            "model fine-tuned the Zephyr way. "
         )
     return ""
 
 
 def template_from_checkpoint(weights_dir) -> str:
-    """The name of the chat template a checkpoint was trained with: the one this project recorded when it
-    saved it (`aao_template` in tokenizer_config.json), else its Hugging Face chat template recognized."""
+    """The name of the chat template a checkpoint was trained with: the one this project recorded
+    when it saved it (`aao_template` in tokenizer_config.json), else its Hugging Face chat template
+    recognized."""
     weights_dir = Path(weights_dir)
     config = read_tokenizer_config(weights_dir)
     choices = ", ".join(sorted(TEMPLATES))
@@ -578,42 +545,36 @@ def template_from_checkpoint(weights_dir) -> str:
     if recorded is not None:
         if recorded not in TEMPLATES:
             raise DataError(
-                f"{weights_dir / 'tokenizer_config.json'}: aao_template {recorded!r:.40} is not one of {choices}"
+                f"{weights_dir / 'tokenizer_config.json'}: aao_template {recorded!r:.40} "
+                f"is not one of {choices}"
             )
         return recorded
     jinja = checkpoint_chat_template(weights_dir, config)
     name = template_of_jinja(jinja) if jinja is not None else None
     if name is not None:
         return name
-    found = (
-        "no tokenizer_config.json"
-        if config is None and jinja is None
-        else "no chat_template in its tokenizer_config.json"
-        if jinja is None
-        else f"a chat_template this project does not know ({jinja[:80]!r})"
-    )
+    if jinja is not None:
+        found = f"a chat_template this project does not know ({jinja[:80]!r})"
+    elif config is None:
+        found = "no tokenizer_config.json"
+    else:
+        found = "no chat_template in its tokenizer_config.json"
     raise DataError(
         f"{weights_dir}: cannot tell which chat template the model was trained with: {found}. "
         f"{special_tokens_hint(weights_dir)}Pass --template (one of {choices})."
     )
 
 
-# Keys of tokenizer_config.json that name special tokens; transformers passes them to a chat template.
-SPECIAL_KEYS = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "pad_token",
-    "sep_token",
-    "cls_token",
-    "mask_token",
-)
+# Keys of tokenizer_config.json that name special tokens; transformers passes them to a chat
+# template.
+SPECIAL_KEYS = "bos_token eos_token unk_token pad_token sep_token cls_token mask_token".split()
 
 
 def special_tokens(config: dict | None, tokenizer) -> dict:
-    """{"bos_token": "<s>", ...}: the special tokens a checkpoint names in tokenizer_config.json (a string,
-    or an AddedToken's {"content"}); a tokenizer that comes without that file (the tiny one) uses its
-    family's BOS and EOS, and one with neither gets none (a template that needs none still renders)."""
+    """{"bos_token": "<s>", ...}: the special tokens a checkpoint names in tokenizer_config.json (a
+    string, or an AddedToken's {"content"}); a tokenizer that comes without that file (the tiny one)
+    uses its family's BOS and EOS, and one with neither gets none (a template that needs none still
+    renders)."""
     if config is None:
         try:
             family = family_specials(tokenizer)
@@ -631,8 +592,9 @@ def special_tokens(config: dict | None, tokenizer) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def compiled_jinja(source: str):
-    """A checkpoint's chat template compiled as transformers compiles it: a sandbox (the template is code
-    from the hub), trim_blocks and lstrip_blocks, loop controls, and its globals and tojson filter."""
+    """A checkpoint's chat template compiled as transformers compiles it: a sandbox (the template is
+    code from the hub), trim_blocks and lstrip_blocks, loop controls, and its globals and tojson
+    filter."""
     try:
         import jinja2
         from jinja2.ext import loopcontrols
@@ -674,8 +636,9 @@ class Chat:
     jinja: str | None = None
 
     def render(self, messages: list, add_generation_prompt: bool) -> str:
-        """The conversation as text: with add_generation_prompt, up to the opening of the assistant's
-        turn; without, a conversation that ends with an assistant turn, that turn included."""
+        """The conversation as text: with add_generation_prompt, up to the opening of the
+        assistant's turn; without, a conversation that ends with an assistant turn, that turn
+        included."""
         if self.jinja is not None:
             try:
                 return compiled_jinja(self.jinja).render(
@@ -686,25 +649,21 @@ class Chat:
                     f"the checkpoint's chat template failed: {type(e).__name__}: {e}"
                 ) from None
         t = TEMPLATES[self.name]
-        fields = {
-            "bos": self.specials.get("bos_token", ""),
-            "eos": self.specials.get("eos_token", ""),
-        }
+        fields = {k: self.specials.get(k + "_token", "") for k in ("bos", "eos")}
         if add_generation_prompt:
             return render_prompt(messages, t, fields)
-        return render_prompt(messages[:-1], t, fields) + render_answer(
-            messages[-1]["content"], t, fields
-        )
+        prompt = render_prompt(messages[:-1], t, fields)
+        return prompt + render_answer(messages[-1]["content"], t, fields)
 
 
 def split_answer(chat: Chat, prompt: list, answer: str, where: str) -> tuple[str, str]:
     """(prompt text, answer text) as TRL splits a conversational pair: the prompt rendered with the
-    generation prompt, the answer what the whole conversation adds after it (its end of turn included)."""
+    generation prompt, the answer what the whole conversation adds after it (its end of turn
+    included)."""
+    turn = {"role": "assistant", "content": answer}
     try:
         prompt_text = chat.render(prompt, add_generation_prompt=True)
-        whole = chat.render(
-            prompt + [{"role": "assistant", "content": answer}], add_generation_prompt=False
-        )
+        whole = chat.render(prompt + [turn], add_generation_prompt=False)
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
     if not whole.startswith(prompt_text):
@@ -717,9 +676,10 @@ def split_answer(chat: Chat, prompt: list, answer: str, where: str) -> tuple[str
 
 
 def load_chat(weights_dir, tokenizer, given: str | None = None) -> Chat:
-    """The chat a checkpoint was trained with. Its own Jinja template is the truth when jinja2 is installed;
-    a template this project recorded when it saved the checkpoint (`aao_template`), or --template (given),
-    is a built-in; without jinja2 a checkpoint template that is a built-in's is rendered by the built-in."""
+    """The chat a checkpoint was trained with. Its own Jinja template is the truth when jinja2 is
+    installed; a template this project recorded when it saved the checkpoint (`aao_template`), or
+    --template (given), is a built-in; without jinja2 a checkpoint template that is a built-in's is
+    rendered by the built-in."""
     weights_dir = Path(weights_dir) if weights_dir is not None else None
     config = read_tokenizer_config(weights_dir) if weights_dir is not None else None
     specials = special_tokens(config, tokenizer)
@@ -733,8 +693,8 @@ def load_chat(weights_dir, tokenizer, given: str | None = None) -> Chat:
 
 
 def end_of_turn(chat: Chat, tokenizer) -> int | None:
-    """The id of the token that ends an assistant turn: the first special token after an answer's text
-    (<|eot_id|>, <|im_end|>, </s>, ...); None when the template ends turns with plain text."""
+    """The id of the token that ends an assistant turn: the first special token after an answer's
+    text (<|eot_id|>, <|im_end|>, </s>, ...); None when the template ends turns with plain text."""
     answer = split_answer(chat, [{"role": "user", "content": "Hi."}], "Yes.", "end of turn")[1]
     special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     ids = tokenizer.encode(answer, add_special_tokens=False).ids
@@ -743,11 +703,8 @@ def end_of_turn(chat: Chat, tokenizer) -> int | None:
 
 def answer_stop_ids(chat: Chat, tokenizer) -> list[int]:
     """Where generation stops: the template's end of turn, then the tokenizer's EOS."""
-    eos = (
-        tokenizer.token_to_id(chat.specials.get("eos_token", ""))
-        if chat.specials.get("eos_token")
-        else None
-    )
+    eos_token = chat.specials.get("eos_token")
+    eos = tokenizer.token_to_id(eos_token) if eos_token else None
     ids = [i for i in (end_of_turn(chat, tokenizer), eos) if i is not None]
     if not ids:
         raise DataError(
@@ -759,9 +716,9 @@ def answer_stop_ids(chat: Chat, tokenizer) -> list[int]:
 
 def as_chat(template, tokenizer) -> Chat:
     """A Chat, or a built-in template's name rendered with the tokenizer's family's tokens."""
-    return (
-        template if isinstance(template, Chat) else Chat(template, special_tokens(None, tokenizer))
-    )
+    if isinstance(template, Chat):
+        return template
+    return Chat(template, special_tokens(None, tokenizer))
 
 
 CHECKPOINT_TOKENIZER_FILES = (
@@ -774,8 +731,8 @@ CHECKPOINT_TOKENIZER_FILES = (
 def write_tokenizer_config(out_dir, chat: Chat, source_dir=None) -> None:
     """The chat template files of a saved checkpoint, so that the next stage (SFT -> preference
     optimization -> generation) renders what this stage trained on. A checkpoint's own template is
-    carried unchanged, with its special tokens; a built-in one is written as Jinja (chat_template) into
-    the source's tokenizer_config.json, with `aao_template` naming it."""
+    carried unchanged, with its special tokens; a built-in one is written as Jinja (chat_template)
+    into the source's tokenizer_config.json, with `aao_template` naming it."""
     out_dir, source_dir = Path(out_dir), Path(source_dir) if source_dir is not None else None
     if chat.jinja is not None:
         for name in CHECKPOINT_TOKENIZER_FILES:
@@ -789,9 +746,10 @@ def write_tokenizer_config(out_dir, chat: Chat, source_dir=None) -> None:
     elif "chat_template" not in config:  # it came from chat_template.jinja, which is not copied
         config["chat_template"] = jinja
     config["aao_template"] = chat.name
-    # The tokens the template was rendered with, so that the Jinja ({{ bos_token }}, {{ eos_token }})
-    # renders what the model was trained on; EOS, where generation stops, is the token that ends an
-    # answer (Llama 3.1 base's config says <|end_of_text|>, but a llama3-template answer ends in <|eot_id|>).
+    # The tokens the template was rendered with, so that the Jinja ({{ bos_token }},
+    # {{ eos_token }}) renders what the model was trained on; EOS, where generation stops, is the
+    # token that ends an answer (Llama 3.1 base's config says <|end_of_text|>, but a llama3-template
+    # answer ends in <|eot_id|>).
     config.update({k: chat.specials[k] for k in ("bos_token",) if k in chat.specials})
     tokenizer_file = out_dir / "tokenizer.json"
     if tokenizer_file.is_file():
@@ -809,8 +767,8 @@ def write_tokenizer_config(out_dir, chat: Chat, source_dir=None) -> None:
 
 
 def encode(tokenizer, texts: list) -> list[list[int]]:
-    # add_special_tokens=False: a template may write BOS itself; leading_specials adds the post-processor's
-    # BOS where it does not. encode_batch tokenizes on every core.
+    # add_special_tokens=False: a template may write BOS itself; leading_specials adds the
+    # post-processor's BOS where it does not. encode_batch tokenizes on every core.
     return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
@@ -841,8 +799,9 @@ def instruction_prompts(chat: Chat, tokenizer, instructions: list) -> list[list[
 def truncate_pair(
     prompt: list, chosen: list, rejected: list, max_length: int, max_prompt_length: int
 ) -> dict:
-    """Cut the prompt from the left to max_prompt_length (its end kept, and BOS), then the answers from the
-    right so that prompt + answer fits max_length. An answer left with no room comes back empty."""
+    """Cut the prompt from the left to max_prompt_length (its end kept, and BOS), then the answers
+    from the right so that prompt + answer fits max_length. An answer left with no room comes back
+    empty."""
     prompt_cut = len(prompt) > max_prompt_length
     if prompt_cut:
         prompt = prompt[:1] + prompt[len(prompt) - max_prompt_length + 1 :]
@@ -865,10 +824,11 @@ def tokenize_rows(
     keep_identical=False,
     beta_column="beta",
 ) -> tuple[list, dict]:
-    """(where, row) pairs of preference rows -> tokenized pairs and a report of what was dropped or cut.
-    Each pair: prompt_ids (rendered with the chat template, tokenized once), chosen_ids and rejected_ids
-    (what the conversation adds after the prompt: the answer and its end of turn, tokenized on its own),
-    truncated to max_prompt_length and max_length; margin, beta, where, and what was truncated."""
+    """(where, row) pairs of preference rows -> tokenized pairs and a report of what was dropped or
+    cut. Each pair: prompt_ids (rendered with the chat template, tokenized once), chosen_ids and
+    rejected_ids (what the conversation adds after the prompt: the answer and its end of turn,
+    tokenized on its own), truncated to max_prompt_length and max_length; margin, beta, where, and
+    what was truncated."""
     chat = as_chat(chat, tokenizer)
     parsed = [(where, parse_row(row, where, beta_column)) for where, row in rows]
     kept = [(w, p) for w, p in parsed if keep_identical or p.chosen.strip() != p.rejected.strip()]
@@ -898,10 +858,11 @@ def tokenize_rows(
 
 
 def sft_conversation(row, where: str) -> tuple[list, int]:
-    """An SFT row -> (messages ending in an assistant turn, index of the first turn the loss may cover).
-    Layouts: {"messages"} (UltraChat-200k, TRL conversational: every assistant turn is trained; UltraChat's
-    "prompt" and "prompt_id" beside it are ignored); {"prompt", "completion"} (TRL: the completion's
-    assistant turns); a preference row (its chosen answer after its prompt)."""
+    """An SFT row -> (messages ending in an assistant turn, index of the first turn the loss may
+    cover). Layouts: {"messages"} (UltraChat-200k, TRL conversational: every assistant turn is
+    trained; UltraChat's "prompt" and "prompt_id" beside it are ignored); {"prompt", "completion"}
+    (TRL: the completion's assistant turns); a preference row (its chosen answer after its
+    prompt)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     if "messages" in row:
@@ -911,11 +872,8 @@ def sft_conversation(row, where: str) -> tuple[list, int]:
         return pair.prompt + [{"role": "assistant", "content": pair.chosen}], len(pair.prompt)
     elif "prompt" in row and "completion" in row:
         prompt = as_messages(row["prompt"], "user", "prompt", where)
-        field, messages, first = (
-            "completion",
-            prompt + as_messages(row["completion"], "assistant", "completion", where),
-            len(prompt),
-        )
+        completion = as_messages(row["completion"], "assistant", "completion", where)
+        field, messages, first = "completion", prompt + completion, len(prompt)
     else:
         raise DataError(
             f"{where}: an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' "
@@ -931,9 +889,10 @@ def sft_conversation(row, where: str) -> tuple[list, int]:
 
 
 def sft_pieces(messages: list, first: int, chat, where: str = "row") -> list[tuple[str, int]]:
-    """The rendered conversation as (text, in_loss) pieces: before each trained assistant turn, the rest of
-    the prompt that leads to it (the turns before it with the generation prompt, as a preference pair on
-    that turn would see it), then the turn as its answer: its text and end of turn, which the loss covers."""
+    """The rendered conversation as (text, in_loss) pieces: before each trained assistant turn, the
+    rest of the prompt that leads to it (the turns before it with the generation prompt, as a
+    preference pair on that turn would see it), then the turn as its answer: its text and end of
+    turn, which the loss covers."""
     pieces, text = [], ""
     for k, m in enumerate(messages):
         if k < first or m["role"] != "assistant":
@@ -950,13 +909,12 @@ def sft_pieces(messages: list, first: int, chat, where: str = "row") -> list[tup
 
 
 def sft_examples(tokenizer, rows, chat, max_length: int = 1024) -> tuple[list, dict]:
-    """(where, row) SFT rows -> examples {input_ids, loss_mask (1 on the tokens the loss covers), where},
-    truncated from the right to max_length, and a report. Each piece is tokenized on its own, so a single
-    turn gives exactly prompt_ids + chosen_ids of the preference pair with the same prompt and answer."""
+    """(where, row) SFT rows -> examples {input_ids, loss_mask (1 on the tokens the loss covers),
+    where}, truncated from the right to max_length, and a report. Each piece is tokenized on its
+    own, so a single turn gives exactly prompt_ids + chosen_ids of the preference pair with the same
+    prompt and answer."""
     chat, lead = as_chat(chat, tokenizer), leading_specials(tokenizer)
-    conversations = [
-        (where, sft_pieces(*sft_conversation(row, where), chat, where)) for where, row in rows
-    ]
+    conversations = [(w, sft_pieces(*sft_conversation(row, w), chat, w)) for w, row in rows]
     ids = iter(encode(tokenizer, [text for _, pieces in conversations for text, _ in pieces]))
     examples, truncated = [], 0
     for where, pieces in conversations:
@@ -969,13 +927,8 @@ def sft_examples(tokenizer, rows, chat, max_length: int = 1024) -> tuple[list, d
             loss_mask += [in_loss] * len(piece)
         if any(loss_mask[:max_length]):
             truncated += len(input_ids) > max_length
-            examples.append(
-                {
-                    "input_ids": input_ids[:max_length],
-                    "loss_mask": loss_mask[:max_length],
-                    "where": where,
-                }
-            )
+            input_ids, loss_mask = input_ids[:max_length], loss_mask[:max_length]
+            examples.append({"input_ids": input_ids, "loss_mask": loss_mask, "where": where})
     report = {
         "rows": len(rows),
         "dropped_no_answer_room": len(rows) - len(examples),
@@ -988,20 +941,11 @@ def sft_examples(tokenizer, rows, chat, max_length: int = 1024) -> tuple[list, d
 # ----------------------------------------------------------------------------- batching
 
 
-def pack(items: list, sft: bool) -> dict:
-    """Items -> one packed sequence, no padding, and the per-answer grids the objective reads.
-
-    A pair packs as [prompt | chosen | rejected]: the prompt runs through the layers once; each answer's
-    queries see the prompt's keys and its own keys causally (never the other answer's), at the positions
-    of its unpacked row (the answer's continue from the prompt's length), so every log-prob is the padded
-    row's. An SFT example is one segment of its own. -> {"packed": Packed, "answer_mask" (rows, width),
-    "answer_ids" (rows, width), and for pairs margin (B,) and beta (B,), NaN where a pair has none}."""
-    tokens, positions, segments, answers = (
-        [],
-        [],
-        [],
-        [],
-    )  # segments: (query start, length, key ranges)
+def packed_layout(items: list, sft: bool) -> tuple[list, list, list, list]:
+    """Where pack puts each token, as host lists: the tokens, each one's position in its unpacked
+    row, the segments (query start, length, key ranges) and the answers (packed index of each
+    answer token, packed index of the state that predicts it), chosen ones then rejected ones."""
+    tokens, positions, segments, answers = [], [], [], []
 
     def place(ids, first_position):  # append a run of tokens; -> where it starts
         start = len(tokens)
@@ -1013,52 +957,67 @@ def pack(items: list, sft: bool) -> dict:
         for e in items:
             s = place(e["input_ids"], 0)
             segments.append((s, len(e["input_ids"]), [(s, len(e["input_ids"]))]))
-            at = [
-                s + t for t, m in enumerate(e["loss_mask"]) if m and t > 0
-            ]  # token 0 has no predictor
+            # Token 0 has no predictor.
+            at = [s + t for t, m in enumerate(e["loss_mask"]) if m and t > 0]
             answers.append((at, [i - 1 for i in at]))
-    else:
-        chosen, rejected = [], []
-        for p in items:
-            P = len(p["prompt_ids"])
-            assert P > 0, "a prompt has at least its template's tokens"
-            s = place(p["prompt_ids"], 0)
-            segments.append((s, P, [(s, P)]))
-            for side, out in (("chosen_ids", chosen), ("rejected_ids", rejected)):
-                a = place(p[side], P)
-                segments.append((a, len(p[side]), [(s, P), (a, len(p[side]))]))
-                at = list(range(a, a + len(p[side])))
-                out.append(
-                    (at, [s + P - 1] + at[:-1])
-                )  # the first answer token is read off the prompt's end
-        answers = chosen + rejected
+        return tokens, positions, segments, answers
+    chosen, rejected = [], []
+    for p in items:
+        P = len(p["prompt_ids"])
+        assert P > 0, "a prompt has at least its template's tokens"
+        s = place(p["prompt_ids"], 0)
+        segments.append((s, P, [(s, P)]))
+        for side, out in (("chosen_ids", chosen), ("rejected_ids", rejected)):
+            a = place(p[side], P)
+            segments.append((a, len(p[side]), [(s, P), (a, len(p[side]))]))
+            at = list(range(a, a + len(p[side])))
+            # The first answer token is read off the prompt's end.
+            out.append((at, [s + P - 1] + at[:-1]))
+    return tokens, positions, segments, chosen + rejected
+
+
+def packed_tensors(tokens: list, positions: list, segments: list, answers: list) -> Packed:
+    """The layout as a Packed: the indices of every segment's keys, the cumulative query and key
+    lengths, and each answer token's place in the packed sequence and in the (rows, width) grid."""
     width = max(len(at) for at, _ in answers)
     grid = [r * width + j for r, (at, _) in enumerate(answers) for j in range(len(at))]
     answer_at = torch.tensor([i for at, _ in answers for i in at])
-    ids = torch.tensor(tokens)
     long = lambda x: torch.tensor(x, dtype=torch.long)
     cumulative = lambda n: torch.tensor([0] + n, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    query_lengths = [n for _, n, _ in segments]
     key_lengths = [sum(n for _, n in keys) for _, _, keys in segments]
-    packed = Packed(
-        ids,
+    key_index = [s + j for _, _, keys in segments for s, n in keys for j in range(n)]
+    predicted_from = [i for _, f in answers for i in f]
+    return Packed(
+        torch.tensor(tokens),
         long(positions),
-        long([s + j for _, _, keys in segments for s, n in keys for j in range(n)]),
-        cumulative([n for _, n, _ in segments]),
+        long(key_index),
+        cumulative(query_lengths),
         cumulative(key_lengths),
-        [n for _, n, _ in segments],
+        query_lengths,
         key_lengths,
         answer_at,
-        long([i for _, f in answers for i in f]),
+        long(predicted_from),
         long(grid),
         len(answers),
         width,
     )
-    answer_ids = torch.zeros(len(answers) * width, dtype=torch.long).index_put_(
-        (packed.answer_index,), ids[answer_at]
-    )
-    answer_mask = torch.zeros(len(answers) * width, dtype=torch.long).index_fill_(
-        0, packed.answer_index, 1
-    )
+
+
+def pack(items: list, sft: bool) -> dict:
+    """Items -> one packed sequence, no padding, and the per-answer grids the objective reads.
+
+    A pair packs as [prompt | chosen | rejected]: the prompt runs through the layers once; each
+    answer's queries see the prompt's keys and its own keys causally (never the other answer's), at
+    the positions of its unpacked row (the answer's continue from the prompt's length), so every
+    log-prob is the padded row's. An SFT example is one segment of its own. -> {"packed": Packed,
+    "answer_mask" (rows, width), "answer_ids" (rows, width), and for pairs margin (B,) and beta
+    (B,), NaN where a pair has none}."""
+    packed = packed_tensors(*packed_layout(items, sft))
+    cells, width = packed.rows * packed.width, packed.width
+    at, tokens = packed.answer_index, packed.input_ids[packed.answer_at]
+    answer_ids = torch.zeros(cells, dtype=torch.long).index_put_((at,), tokens)
+    answer_mask = torch.zeros(cells, dtype=torch.long).index_fill_(0, at, 1)
     batch = {
         "packed": packed,
         "answer_mask": answer_mask.view(-1, width),
@@ -1072,8 +1031,8 @@ def pack(items: list, sft: bool) -> dict:
 
 
 def micro_batch(items: list, indices: list, sft: bool, device) -> dict:
-    """Items -> the packed micro-batch on the device; every index is computed here on the host, so that
-    the device never waits on a nonzero()."""
+    """Items -> the packed micro-batch on the device; every index is computed here on the host, so
+    that the device never waits on a nonzero()."""
     batch = pack([items[i] for i in indices], sft)
     if device.type == "cuda":  # pinned memory: the copy runs beside the GPU's work
         return {
@@ -1091,11 +1050,8 @@ def segment_lengths(items: list, indices: list) -> list[tuple[int, int, int]]:
         if "input_ids" in item:
             out.append((len(item["input_ids"]), len(item["input_ids"]), sum(item["loss_mask"][1:])))
         else:
-            P = len(item["prompt_ids"])
-            out += [(P, P, 0)] + [
-                (len(item[k]), P + len(item[k]), len(item[k]))
-                for k in ("chosen_ids", "rejected_ids")
-            ]
+            P, answers = len(item["prompt_ids"]), (item["chosen_ids"], item["rejected_ids"])
+            out += [(P, P, 0)] + [(len(a), P + len(a), len(a)) for a in answers]
     return out
 
 
@@ -1106,60 +1062,43 @@ def hold_out(items: list, n: int, seed: int) -> tuple[list, list]:
 
 
 def check_pair_columns(pairs: list, beta_column: str | None, mixdpo: bool) -> None:
-    """What MixDPO and SP2DPO read must be in every row, held-out rows included (their β enters evaluation)."""
+    """What MixDPO and SP2DPO read must be in every row, held-out rows included (their β enters
+    evaluation)."""
     for needed, key, what in (
         (beta_column, "beta", f"--beta-column {beta_column}: the row has no such column"),
         (mixdpo, "margin", "MixDPO needs score_chosen and score_rejected in every row"),
     ):
         missing = [p["where"] for p in pairs if p[key] is None] if needed else []
         if missing:
-            raise DataError(
-                f"{missing[0]}: {what}"
-                + (f" ({len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
+            more = f" ({len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(f"{missing[0]}: {what}{more}")
 
 
 class PairSampler:
-    """Which pairs each optimizer step trains on. Step s of a run is a global batch of `global_batch`
-    pairs from a fixed order per epoch (shuffled by seed and epoch, or easy -> hard by margin for the
-    MixDPO curriculum); rank r of N takes the r-th slice of it, so N processes train on exactly the
-    batches one process would. The position is the step: a resumed run asks for batch(step) again."""
+    """Which pairs each optimizer step trains on. Step s of a run is a global batch of
+    `global_batch` pairs from a fixed order per epoch (shuffled by seed and epoch, or easy -> hard
+    by margin for the MixDPO curriculum); rank r of N takes the r-th slice of it, so N processes
+    train on exactly the batches one process would. The position is the step: a resumed run asks
+    for batch(step) again."""
 
-    def __init__(
-        self,
-        n_pairs: int,
-        global_batch: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        margins=None,
-    ):
+    def __init__(self, n_pairs: int, global_batch: int, seed=0, rank=0, world_size=1, margins=None):
         if global_batch % world_size:
             raise DataError(
                 f"--batch-size {global_batch} must be a multiple of the {world_size} processes"
             )
         if n_pairs < global_batch:
             raise DataError(f"{n_pairs} training pairs are fewer than one batch of {global_batch}")
-        self.n, self.global_batch, self.seed, self.rank, self.world = (
-            n_pairs,
-            global_batch,
-            seed,
-            rank,
-            world_size,
-        )
-        self.margins = margins
-        self.steps_per_epoch = (
-            n_pairs // global_batch
-        )  # the last partial batch of an epoch is dropped
+        self.n, self.global_batch, self.seed = n_pairs, global_batch, seed
+        self.rank, self.world, self.margins = rank, world_size, margins
+        self.steps_per_epoch = n_pairs // global_batch  # the last partial batch is dropped
         self._order = (None, None)
 
     def order(self, epoch: int) -> list[int]:
         if self._order[0] != epoch:
             idx = list(range(self.n))
             random.Random(self.seed * 100_003 + epoch).shuffle(idx)
-            if (
-                self.margins is not None
-            ):  # large margin = easy first; the sort is stable: ties stay shuffled
+            # Large margin = easy first; the sort is stable: ties stay shuffled.
+            if self.margins is not None:
                 idx.sort(key=lambda i: -self.margins[i])
             self._order = (epoch, idx)
         return self._order[1]
@@ -1177,9 +1116,9 @@ def micro_batches(indices: list, size: int) -> list[list]:
 
 
 def lockstep_chunks(n: int, micro: int, rank: int, world: int):
-    """(real indices, weight) of a rank's micro-batches over n items, for a pass in lockstep (FSDP gathers
-    weights collectively, so every rank must run as many forwards as the others): rank r takes items
-    r, r + world, ...; a chunk of padding alone runs item 0 with weight 0."""
+    """(real indices, weight) of a rank's micro-batches over n items, for a pass in lockstep (FSDP
+    gathers weights collectively, so every rank must run as many forwards as the others): rank r
+    takes items r, r + world, ...; a chunk of padding alone runs item 0 with weight 0."""
     share = list(range(rank, n, world))
     share += [-1] * (-(-n // world) - len(share))
     for chunk in micro_batches(share, micro):
@@ -1189,50 +1128,23 @@ def lockstep_chunks(n: int, micro: int, rank: int, world: int):
 
 # ----------------------------------------------------------------------------- the synthetic set
 
+# fmt: off
 CAPITALS = [
-    ("France", "Paris"),
-    ("Spain", "Madrid"),
-    ("Italy", "Rome"),
-    ("Germany", "Berlin"),
-    ("Japan", "Tokyo"),
-    ("Egypt", "Cairo"),
-    ("Peru", "Lima"),
-    ("Kenya", "Nairobi"),
-    ("Canada", "Ottawa"),
-    ("Norway", "Oslo"),
-    ("Greece", "Athens"),
-    ("Chile", "Santiago"),
-    ("Cuba", "Havana"),
-    ("Poland", "Warsaw"),
-    ("Austria", "Vienna"),
-    ("Ireland", "Dublin"),
+    ("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Germany", "Berlin"),
+    ("Japan", "Tokyo"), ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"),
+    ("Canada", "Ottawa"), ("Norway", "Oslo"), ("Greece", "Athens"), ("Chile", "Santiago"),
+    ("Cuba", "Havana"), ("Poland", "Warsaw"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
 ]
 COLORS = [
-    ("banana", "yellow"),
-    ("grass", "green"),
-    ("sky", "blue"),
-    ("snow", "white"),
-    ("coal", "black"),
-    ("tomato", "red"),
-    ("carrot", "orange"),
-    ("plum", "purple"),
-    ("lemon", "yellow"),
-    ("leaf", "green"),
-    ("cherry", "red"),
-    ("chocolate", "brown"),
+    ("banana", "yellow"), ("grass", "green"), ("sky", "blue"), ("snow", "white"),
+    ("coal", "black"), ("tomato", "red"), ("carrot", "orange"), ("plum", "purple"),
+    ("lemon", "yellow"), ("leaf", "green"), ("cherry", "red"), ("chocolate", "brown"),
 ]
 OPPOSITES = [
-    ("hot", "cold"),
-    ("big", "small"),
-    ("fast", "slow"),
-    ("up", "down"),
-    ("early", "late"),
-    ("happy", "sad"),
-    ("light", "dark"),
-    ("old", "young"),
-    ("open", "closed"),
-    ("full", "empty"),
+    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("early", "late"),
+    ("happy", "sad"), ("light", "dark"), ("old", "young"), ("open", "closed"), ("full", "empty"),
 ]
+# fmt: on
 TASKS = {  # name: (questions, answer sentence, facts); the fact's value is the key token
     "capital": (
         [
@@ -1277,9 +1189,9 @@ EVASIONS = [
 
 
 def synthetic_pair(rng: random.Random) -> dict:
-    """One pair. Mostly key-token pairs: both answers say the same sentence with the same suffix, and only
-    the fact's value (right vs wrong) decides which is better: ambiguous content around a few key tokens.
-    One pair in five differs freely: a right answer against an evasion."""
+    """One pair. Mostly key-token pairs: both answers say the same sentence with the same suffix,
+    and only the fact's value (right vs wrong) decides which is better: ambiguous content around a
+    few key tokens. One pair in five differs freely: a right answer against an evasion."""
     task = rng.choice(sorted(TASKS))
     questions, sentence, facts = TASKS[task]
     x, y = rng.choice(facts)
@@ -1288,7 +1200,8 @@ def synthetic_pair(rng: random.Random) -> dict:
     chosen = sentence.format(x=x, y=y) + suffix
     free = rng.random() < 0.2
     rejected = rng.choice(EVASIONS) if free else sentence.format(x=x, y=wrong) + suffix
-    # Synthetic difficulty scores for MixDPO: an evasion is easy to tell apart, a wrong value is harder.
+    # Synthetic difficulty scores for MixDPO: an evasion is easy to tell apart, a wrong value is
+    # harder.
     return {
         "prompt": rng.choice(questions).format(x=x),
         "chosen": chosen,
@@ -1326,8 +1239,9 @@ LLAMA3_SPECIALS = [
 
 
 def tiny_tokenizer(vocab_size: int = 640):
-    """The tiny preset's tokenizer: byte-level BPE (any text encodes) trained in code on the synthetic set,
-    so its words are single tokens; with Llama 3's special tokens, so every template renders."""
+    """The tiny preset's tokenizer: byte-level BPE (any text encodes) trained in code on the
+    synthetic set, so its words are single tokens; with Llama 3's special tokens, so every template
+    renders."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -1340,11 +1254,9 @@ def tiny_tokenizer(vocab_size: int = 640):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     train, heldout = synthetic_rows(0)
-    texts = [
-        t
-        for _, r in train + heldout
-        for t in ("Human: " + r["prompt"], "Assistant: " + r["chosen"], r["rejected"])
-    ]
+    texts = []
+    for _, r in train + heldout:
+        texts += ["Human: " + r["prompt"], "Assistant: " + r["chosen"], r["rejected"]]
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -1353,9 +1265,9 @@ def tiny_tokenizer(vocab_size: int = 640):
 
 
 def parquet_to_jsonl(sources: list, target) -> int:
-    """Parquet files as the hub serves a split (UltraFeedback's data/train_prefs-00000-of-00001.parquet, or
-    UltraChat's three train_sft shards) -> one JSON-lines file, without the datasets library; returns the
-    number of rows."""
+    """Parquet files as the hub serves a split (UltraFeedback's
+    data/train_prefs-00000-of-00001.parquet, or UltraChat's three train_sft shards) -> one
+    JSON-lines file, without the datasets library; returns the number of rows."""
     sources, target = [Path(s) for s in sources], Path(target)
     for source in sources:
         if not source.is_file():
