@@ -97,9 +97,8 @@ def test_logits_match_transformers(tmp_path, case):
         to_hub_layout(tmp_path)
         assert "rope_parameters" not in json.loads((tmp_path / "config.json").read_text())
     ours = M.load_model(tmp_path, device="cpu", dtype=torch.float32)
-    ids = torch.randint(
-        0, 101, (2, 40)
-    )  # 40 > 16 (rope's original context) and > 8 (Mistral's window)
+    # 40 > 16 (rope's original context) and > 8 (Mistral's window)
+    ids = torch.randint(0, 101, (2, 40))
     assert (ours(ids) - hf_logits(m, ids)).abs().max() < 1e-4
 
 
@@ -173,9 +172,8 @@ def test_answer_head_in_bfloat16_keeps_fp32_statistics():
     exact = m.double()(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     states = m.bfloat16()(packed=packed_rows(ids, mask), sum_logits=True)
     assert states.logps.dtype == torch.float32 and states.logit_sums.dtype == torch.float32
-    assert (
-        states.logps.double() - exact
-    ).abs().max() < 0.05  # bf16 weights; the statistics are fp32
+    # bf16 weights; the statistics are fp32
+    assert (states.logps.double() - exact).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("shard_bytes", [2**40, 60_000])
@@ -384,9 +382,8 @@ def test_cached_decoding_gives_the_full_forward_logits(dtype, tol):
 def test_stop_ids_end_rows_and_are_excluded(monkeypatch):
     m = generation_model()
     full = M.generate(m, PROMPTS, NEW_TOKENS)
-    k = next(
-        k for k in range(2, NEW_TOKENS) if full[0][k] not in full[0][:k]
-    )  # a first occurrence, not at 0
+    # a first occurrence, not at 0
+    k = next(k for k in range(2, NEW_TOKENS) if full[0][k] not in full[0][:k])
     stop = full[0][k]
     cut = M.generate(m, PROMPTS, NEW_TOKENS, stop_ids=[stop])
     assert cut[0] == full[0][:k]
@@ -448,10 +445,8 @@ def test_answer_stop_id_is_the_token_that_ends_a_rendered_answer(name, family, e
     assert (
         stops[0] == tok.encode(rendered, add_special_tokens=False).ids[-1] == tok.token_to_id(end)
     )
-    assert stops[1:] in (
-        [],
-        [tok.token_to_id(data.family_specials(tok)["eos"])],
-    )  # then the tokenizer's EOS
+    # then the tokenizer's EOS
+    assert stops[1:] in ([], [tok.token_to_id(data.family_specials(tok)["eos"])])
 
 
 @pytest.fixture(scope="module")
@@ -724,19 +719,16 @@ def test_token_similarity_matches_float64_loops():
     assert torch.allclose(S_w.double(), R_w, atol=1e-5) and torch.allclose(
         S_l.double(), R_l, atol=1e-5
     )
-    assert torch.allclose(
-        S_w[:, 1], torch.ones(4)
-    )  # the shared token is the most similar pair: S = 1
+    # the shared token is the most similar pair: S = 1
+    assert torch.allclose(S_w[:, 1], torch.ones(4))
 
 
 def test_token_similarity_ignores_padding():
     emb_w, emb_l = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
     mask_w, mask_l = torch.tensor([[1, 1, 1, 0, 0]] * 2), torch.tensor([[1, 1, 0, 0]] * 2)
     S = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
-    emb_w[:, 3:], emb_l[:, 2:] = (
-        100 * torch.randn(2, 2, 8),
-        -emb_w[:, :2],
-    )  # garbage, even extreme cosines
+    # garbage, even extreme cosines
+    emb_w[:, 3:], emb_l[:, 2:] = 100 * torch.randn(2, 2, 8), -emb_w[:, :2]
     S2 = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
     assert torch.equal(S[0], S2[0]) and torch.equal(S[1], S2[1])
     assert (S2[0][:, 3:] == 0).all() and (S2[1][:, 2:] == 0).all()
@@ -782,9 +774,8 @@ def test_alignment_matches_brute_force_with_prompts_and_padding():
     answers = []
     for row in range(2 * B):
         start, n = rng.randrange(0, 4), rng.randrange(1, 8)
-        answer = [
-            rng.randrange(3) for _ in range(n)
-        ]  # a small alphabet: many repeats and tied alignments
+        # a small alphabet: many repeats and tied alignments
+        answer = [rng.randrange(3) for _ in range(n)]
         ids[row, start : start + n], mask[row, start : start + n] = torch.tensor(answer), 1
         answers.append(answer)
     S = torch.rand(2 * B, K) * mask
@@ -884,9 +875,8 @@ def padded_states(model, rows: list, sum_logits=False) -> M.AnswerStates:
     )
     out.hidden = [[None] * width for _ in rows]  # filled below, stacked with gradients
     for r, (c, a) in enumerate(rows):
-        at = torch.arange(
-            len(c), len(c) + len(a)
-        )  # the answer's tokens in the row; at - 1 predicts them
+        # the answer's tokens in the row; at - 1 predicts them
+        at = torch.arange(len(c), len(c) + len(a))
         out.logps[r, : len(a)] = logp[r, at - 1].gather(1, ids[r, at, None])[:, 0].detach()
         out.top1[r, : len(a)] = logp[r, at - 1].amax(-1).detach()
         out.embeds[r, : len(a)], out.hidden_after[r, : len(a)] = (
@@ -1065,9 +1055,8 @@ def shift_answer_positions(packed):
 
 
 def read_rejected_off_the_chosen(packed):
-    packed.predicted_from = (
-        packed.answer_at - 1
-    )  # the rejected answer's first token read off the chosen's end
+    # the rejected answer's first token read off the chosen's end
+    packed.predicted_from = packed.answer_at - 1
     return packed
 
 
@@ -1097,9 +1086,8 @@ def test_packing_equality_catches_a_broken_layout(monkeypatch, broken):
             "pack",
             lambda items, sft: {**(b := pack(items, sft)), "packed": change(b["packed"])},
         )
-    assert (
-        packed_vs_padded_gap(model, pairs) > 1e-4
-    )  # 10x the tolerance; a random tiny model barely reads RoPE
+    # 10x the tolerance; a random tiny model barely reads RoPE
+    assert packed_vs_padded_gap(model, pairs) > 1e-4
 
 
 def test_pooled_answer_logits_match_float64():
@@ -1209,9 +1197,8 @@ def test_auxiliary_losses_match_float64():
     weighted = -(lp * w_w * m_w).sum(1)
     assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w, "weighted_sum"), weighted)
     assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w), weighted / (w_w * m_w).sum(1))
-    assert torch.allclose(
-        aao.reward_enhancement_loss(lp, w_w, m_w, "printed"), -(lp * m_w).sum(1)
-    )  # Eq. 11 as printed
+    # Eq. 11 as printed
+    assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w, "printed"), -(lp * m_w).sum(1))
     assert torch.allclose(
         aao.total_loss(torch.ones(3), got, weighted, 0.5, 2.0), 1 + 0.5 * got + 2 * weighted
     )
@@ -1481,9 +1468,8 @@ def test_mixdpo_quantile_routes_the_hardest_share_with_ties_broken_by_the_seed()
         assert r.sum() == 3 and (margins[r] == 0).all()
     assert torch.equal(aao.mixdpo_hardest(margins, 0.3, 0), routed[0])  # seeded
     assert len({tuple(r.tolist()) for r in routed.values()}) > 1  # the tie is broken by the seed
-    assert (
-        aao.mixdpo_hardest(margins, 0.6, 0).tolist() == (margins <= 1).tolist()
-    )  # the next margin up
+    # the next margin up
+    assert aao.mixdpo_hardest(margins, 0.6, 0).tolist() == (margins <= 1).tolist()
     assert (
         aao.mixdpo_hardest(margins, 0.0, 0).sum() == 0 and aao.mixdpo_hardest(margins, 1.0, 0).all()
     )
@@ -1498,10 +1484,8 @@ def test_mixdpo_quantile_routes_the_hardest_share_with_ties_broken_by_the_seed()
 def test_metrics_have_trl_names_and_values():
     """rewards/*, logps/* recomputed in float64 from the inputs; a tie counts as wrong, as in TRL."""
     x = objective_inputs()
-    x["policy_logps"][2], x["policy_logps"][5] = (
-        x["ref_logps"][2],
-        x["ref_logps"][5],
-    )  # pair 2: a tie
+    # pair 2: a tie
+    x["policy_logps"][2], x["policy_logps"][5] = x["ref_logps"][2], x["ref_logps"][5]
     out, _ = loss_and_grad(aao.Objective(weighting="none"), x)
     m = aao.objective_metrics(out, x["mask"])
     ratio = ((x["policy_logps"] - x["ref_logps"]) * x["mask"]).sum(1)
@@ -1525,9 +1509,8 @@ def test_sft_is_not_a_pairwise_loss_and_its_loss_is_a_token_mean():
         aao.Objective(loss="sft")
     lp, mask = -torch.rand(4, 6, dtype=torch.float64), rand_mask(4, 6)
     halves = aao.sft_loss(lp[:2], mask[:2], mask.sum()) + aao.sft_loss(lp[2:], mask[2:], mask.sum())
-    assert torch.allclose(
-        halves, -(lp * mask).sum() / mask.sum()
-    )  # micro-batches add up to the mean
+    # micro-batches add up to the mean
+    assert torch.allclose(halves, -(lp * mask).sum() / mask.sum())
 
 
 def test_identical_answers_weigh_shared_tokens_to_zero():
@@ -1575,16 +1558,14 @@ def cancellation_gradients(contexts_equal: bool, weights_for_c):
     else:  # the answers differ first, so c follows different contexts
         chosen, rejected = prompt + [k_w, c], prompt + [k_l, c]
     ids = torch.tensor([chosen, rejected])
-    lp = (
-        m(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    )  # (2, 4); answers at 2 and 3
+    # (2, 4); answers at 2 and 3
+    lp = m(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     c_pos = 2 if contexts_equal else 3
     w = torch.ones(2, 4, dtype=torch.float64)
     w[:, c_pos] = weights_for_c
     mask = torch.tensor([[0, 0, 1, 1]] * 2, dtype=torch.float64)
-    ref = (
-        lp.detach() - 0.3
-    )  # a reference a little behind the policy; the same for c in the same context
+    # a reference a little behind the policy; the same for c in the same context
+    ref = lp.detach() - 0.3
     ratio = aao.weighted_sequence_logps(lp - ref, w, mask)
     aao.dpo_loss(ratio[:1], ratio[1:], 0.1).sum().backward()
     return torch.cat([p.grad.flatten() for p in m.parameters()])
@@ -1599,9 +1580,8 @@ def test_gradient_cancellation_of_shared_tokens():
     assert (same_with - same_without).norm() < 1e-12 * same_without.norm()
     diff_with, diff_without = cancellation_gradients(False, 1.0), cancellation_gradients(False, 0.0)
     assert (diff_with - diff_without).norm() > 0.05 * diff_without.norm()
-    w_c = aao.aao_weights(
-        torch.tensor([[1.0]], dtype=torch.float64), 0.8, 0.4
-    ).item()  # S = 1 for c
+    # S = 1 for c
+    w_c = aao.aao_weights(torch.tensor([[1.0]], dtype=torch.float64), 0.8, 0.4).item()
     assert w_c < 1e-12
     assert (cancellation_gradients(False, w_c) - diff_without).norm() < 1e-9 * diff_without.norm()
 
@@ -1707,9 +1687,8 @@ def test_llama3_pair_exact_token_ids():
     )
     assert out["chosen_ids"] == ids("It", " ", "is", " ", "4", ".", "<|eot_id|>")
     assert out["rejected_ids"] == ids("It", " ", "is", " ", "5", ".", "<|eot_id|>")
-    assert tok.encode("x").ids[0] == tok.token_to_id(
-        "<|begin_of_text|>"
-    )  # the post-processor would add one
+    # the post-processor would add one
+    assert tok.encode("x").ids[0] == tok.token_to_id("<|begin_of_text|>")
 
 
 def test_llama31_opens_with_the_dated_system_block():
@@ -1769,21 +1748,21 @@ def test_layouts_parse_to_the_same_pair():
     ]
     layouts = [
         {"prompt": "Q?", "chosen": "good", "rejected": "bad"},
-        {
-            "prompt": "Q?",
-            "chosen": msgs("good"),
-            "rejected": msgs("bad"),
-        },  # UltraFeedback binarized
+        # UltraFeedback binarized
+        {"prompt": "Q?", "chosen": msgs("good"), "rejected": msgs("bad")},
+        # TRL conversational
         {
             "prompt": [{"role": "user", "content": "Q?"}],
             "chosen": [{"role": "assistant", "content": "good"}],
             "rejected": [{"role": "assistant", "content": "bad"}],
-        },  # TRL conversational
-        {"chosen": msgs("good"), "rejected": msgs("bad")},  # shared leading turns
+        },
+        # shared leading turns
+        {"chosen": msgs("good"), "rejected": msgs("bad")},
+        # HH
         {
             "chosen": "\n\nHuman: Q?\n\nAssistant: good",
             "rejected": "\n\nHuman: Q?\n\nAssistant: bad",
-        },  # HH
+        },
     ]
     for row in layouts:
         p = data.parse_row(row)
@@ -1933,9 +1912,8 @@ def test_undecodable_bytes_name_line_and_column(tmp_path):
         str(e.value)
         == f"{f}:2: not UTF-8 text (byte 0xe9 at column 16); re-encode the file as UTF-8"
     )
-    f.write_bytes(
-        b"\xff\xfe" + b"\x00\xd8" + "x".encode("utf-16-le")
-    )  # a UTF-16 BOM, then a lone surrogate
+    # a UTF-16 BOM, then a lone surrogate
+    f.write_bytes(b"\xff\xfe" + b"\x00\xd8" + "x".encode("utf-16-le"))
     with pytest.raises(data.DataError, match=r":1: not UTF-16 text \(byte 0x00 at column 1\)"):
         data.read_rows(f)
     rng = random.Random(0)
@@ -2070,9 +2048,8 @@ def mutate_rows(rng, rows) -> list:
                 set_path(rows[i], path, rng.choice(ODD_VALUES) if kind < 0.7 else "@RAW@")
         else:
             rows[i] = rng.choice([5, "x", None, [], [rows[i]], True, "@RAW@"])
-        rows = json.loads(
-            json.dumps(rows)
-        )  # a copy: the next mutation must not reach into ODD_VALUES
+        # a copy: the next mutation must not reach into ODD_VALUES
+        rows = json.loads(json.dumps(rows))
     return rows
 
 
@@ -2187,9 +2164,8 @@ def test_fuzzed_files_parse_or_name_file_and_line(tmp_path, tiny_tok):
             if name == "sft" and out:
                 assert all(0 < sum(e["loss_mask"]) and len(e["input_ids"]) <= 48 for e in out)
                 data.pack(out, sft=True)
-    assert outcomes["parsed"] > 200 and outcomes["error"] > 800, (
-        outcomes
-    )  # both outcomes are exercised
+    # both outcomes are exercised
+    assert outcomes["parsed"] > 200 and outcomes["error"] > 800, outcomes
 
 
 # ----------------------------------------------------------------------------- SFT examples
@@ -2203,14 +2179,13 @@ def test_sft_single_turn_is_the_preference_pairs_prompt_and_chosen(name, tiny_to
     )
     pair = tokenize_one(tiny_tok, {"prompt": prompt, "chosen": answer, "rejected": "Paris."}, name)
     layouts = [
-        {
-            "messages": prompt + [ANSWER(answer)],
-            "prompt": "ignored",
-            "prompt_id": "f00",
-        },  # UltraChat-200k
-        {"prompt": prompt, "completion": [ANSWER(answer)]},  # TRL prompt-completion, conversational
+        # UltraChat-200k
+        {"messages": prompt + [ANSWER(answer)], "prompt": "ignored", "prompt_id": "f00"},
+        # TRL prompt-completion, conversational
+        {"prompt": prompt, "completion": [ANSWER(answer)]},
+        # a preference row
         {"prompt": prompt, "chosen": [ANSWER(answer)], "rejected": [ANSWER("Paris.")]},
-    ]  # a preference row
+    ]
     examples, report = data.sft_examples(
         tiny_tok, [(f"t:{i}", row) for i, row in enumerate(layouts)], name
     )
@@ -2453,9 +2428,8 @@ def test_template_from_checkpoint_never_guesses(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps({"aao_template": "plain", "chat_template": LLAMA31_LIKE})
     )
-    assert (
-        data.template_from_checkpoint(tmp_path) == "plain"
-    )  # what this project recorded comes first
+    # what this project recorded comes first
+    assert data.template_from_checkpoint(tmp_path) == "plain"
 
 
 def test_write_tokenizer_config_without_a_source(tmp_path, tiny_tok):
@@ -2469,9 +2443,8 @@ def test_write_tokenizer_config_without_a_source(tmp_path, tiny_tok):
     )
     assert data.template_from_checkpoint(tmp_path) == "llama3"
     transformers = pytest.importorskip("transformers")
-    hf = transformers.PreTrainedTokenizerFast.from_pretrained(
-        tmp_path
-    )  # the files as a generation tool loads them
+    # the files as a generation tool loads them
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
     specials = data.family_specials(tiny_tok)
     assert hf.apply_chat_template(
         MULTI_TURN[:4], tokenize=False, add_generation_prompt=True
@@ -2538,9 +2511,8 @@ def test_llama3_checkpoint_template_detected_or_asked_for(llama3_dir, tmp_path):
     assert hf.apply_chat_template(MULTI_TURN, tokenize=False) == "".join(
         text for text, _ in data.sft_pieces(MULTI_TURN, 0, data.Chat("zephyr", specials))
     )
-    data.write_tokenizer_config(
-        out, data.load_chat(source, tok, "llama31"), source
-    )  # the same template: the source's own text stays
+    # the same template: the source's own text stays
+    data.write_tokenizer_config(out, data.load_chat(source, tok, "llama31"), source)
     written = json.loads((out / "tokenizer_config.json").read_text())
     assert (written["chat_template"], written["eos_token"]) == (LLAMA31_LIKE, "<|eot_id|>")
 
@@ -2552,9 +2524,10 @@ def test_llama31_prompt_through_the_real_llama3_tokenizer(llama3_dir):
     row = {"prompt": [SYSTEM, USER], "chosen": "It is 4.", "rejected": "It is 5."}
     pair = tokenize_one(tok, row, "llama31")
     ids = pair["prompt_ids"]
+    # ĊĊ: "\n\n"
     system, user, assistant, blank = (
         tok.token_to_id(t) for t in ("system", "user", "assistant", "ĊĊ")
-    )  # ĊĊ: "\n\n"
+    )
     assert ids[0] == 128000 and ids.count(128000) == 1
     assert [i for i in ids if i >= 128000] == [
         128000,
@@ -2672,9 +2645,8 @@ def test_parquet_split_to_json_lines(tmp_path):
     assert data.json_value(
         {"a": np.float32(1.5), "b": np.arange(3), "c": (np.int64(2), np.bool_(True)), "d": np.nan}
     ) == {"a": 1.5, "b": [0, 1, 2], "c": [2, True], "d": None}
-    second = (
-        tmp_path / "data" / "train_prefs-00001-of-00002.parquet"
-    )  # shards of a split go into one file
+    # shards of a split go into one file
+    second = tmp_path / "data" / "train_prefs-00001-of-00002.parquet"
     pq.write_table(pa.Table.from_pylist(rows[1:]), second)
     assert data.main(["to-jsonl", str(source), str(second), str(target)]) == 0
     assert [row for _, row in data.read_rows(target)] == strict + strict[1:]
@@ -2746,45 +2718,18 @@ def test_pack_lays_out_prompt_once_then_both_answers():
     b = data.pack(pairs, sft=False)
     p = b["packed"]
     assert p.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 1, 7, 8, 9, 10, 11, 12, 13]
-    assert p.positions.tolist() == [
-        0,
-        1,
-        2,
-        3,
-        4,
-        3,
-        0,
-        1,
-        2,
-        3,
-        4,
-        5,
-        2,
-        3,
-    ]  # answers go on from the prompt
+    # answers go on from the prompt
+    assert p.positions.tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 4, 5, 2, 3]
     assert p.query_lengths == [3, 2, 1, 2, 4, 2] and p.key_lengths == [3, 5, 4, 2, 6, 4]
-    assert p.key_index.tolist() == [0, 1, 2] + [0, 1, 2, 3, 4] + [0, 1, 2, 5] + [6, 7] + [
-        6,
-        7,
-        8,
-        9,
-        10,
-        11,
-    ] + [6, 7, 12, 13]  # the rejected answer's keys skip the chosen answer's
+    # the rejected answer's keys skip the chosen answer's
+    assert p.key_index.tolist() == (
+        [0, 1, 2] + [0, 1, 2, 3, 4] + [0, 1, 2, 5] + [6, 7] + [6, 7, 8, 9, 10, 11] + [6, 7, 12, 13]
+    )
     assert p.cu_queries.tolist() == [0, 3, 5, 6, 8, 12, 14] and p.cu_keys.dtype == torch.int32
     # answer rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1
     assert p.answer_at.tolist() == [3, 4, 8, 9, 10, 11, 5, 12, 13]
-    assert p.predicted_from.tolist() == [
-        2,
-        3,
-        7,
-        8,
-        9,
-        10,
-        2,
-        7,
-        12,
-    ]  # the rejected answer reads the prompt's end
+    # the rejected answer reads the prompt's end
+    assert p.predicted_from.tolist() == [2, 3, 7, 8, 9, 10, 2, 7, 12]
     assert b["answer_ids"].tolist() == [[4, 5, 0, 0], [8, 9, 10, 11], [6, 0, 0, 0], [12, 13, 0, 0]]
     assert b["answer_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
     assert (
@@ -2826,9 +2771,8 @@ def test_curriculum_shuffles_ties_by_seed_and_epoch():
     margins = [float(i % 3) for i in range(60)]  # three groups of 20 equal margins
     order = lambda seed, epoch: data.PairSampler(60, 4, seed=seed, margins=margins).order(epoch)
     for seed, epoch in ((0, 0), (1, 0), (0, 1)):
-        assert [margins[i] for i in order(seed, epoch)] == [2.0] * 20 + [1.0] * 20 + [
-            0.0
-        ] * 20  # easy first
+        # easy first
+        assert [margins[i] for i in order(seed, epoch)] == [2.0] * 20 + [1.0] * 20 + [0.0] * 20
         assert sorted(order(seed, epoch)) == list(range(60))
     assert order(0, 0) == order(0, 0)
     assert len({tuple(order(0, 0)[:20]), tuple(order(1, 0)[:20]), tuple(order(0, 1)[:20])}) == 3
@@ -2927,9 +2871,8 @@ def test_embedded_run_learns_and_transformers_loads_the_output(tmp_path):
     page = (tmp_path / "run" / "weights.html").read_text()
     assert page.count('class="t ') > 100 and "ambiguous" in page
     final = tmp_path / "run" / "final"
-    assert (
-        json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    )  # for serving
+    # for serving
+    assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert not list(final.glob("train-state*"))  # no optimizer state in final/
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
@@ -2987,17 +2930,13 @@ def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, fou
             saved_thresholds(four_steps / "step-3"),
             saved_thresholds(tmp_path / name / "step-3"),
         )
-        assert (
-            reference.keys() == mine.keys() and len(mine) == 3
-        )  # fc1.weight, fc2.weight, fc2.bias
+        # fc1.weight, fc2.weight, fc2.bias
+        assert reference.keys() == mine.keys() and len(mine) == 3
         for k in reference:
-            assert torch.allclose(mine[k], reference[k], rtol=1e-4, atol=1e-5), (
-                name,
-                k,
-            )  # measured: 2e-6
-    assert (
-        len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2
-    )  # both ranks wrote their shard
+            # measured: 2e-6
+            assert torch.allclose(mine[k], reference[k], rtol=1e-4, atol=1e-5), (name, k)
+    # both ranks wrote their shard
+    assert len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2
 
 
 def test_bf16_compute_on_one_and_two_processes_tracks_fp32(tmp_path, four_steps):
@@ -3134,9 +3073,8 @@ def mixdpo_micro_batch(routed: list, chosen_ahead: list) -> dict:
     B = len(routed)
     mask = torch.ones(2 * B, 4)
     policy = torch.full((2 * B, 4), -1.0)
-    policy[:B] += torch.tensor(chosen_ahead, dtype=torch.float32)[
-        :, None
-    ]  # the chosen answer's lead
+    # the chosen answer's lead
+    policy[:B] += torch.tensor(chosen_ahead, dtype=torch.float32)[:, None]
     reference = M.AnswerStates(torch.full((2 * B, 4), -1.0), None)
     out = aao.preference_objective(
         aao.Objective(weighting="none"),
@@ -4161,9 +4099,8 @@ def test_smollm2_sft_then_aao_stay_on_its_template_and_load_in_transformers(smol
     )
     with torch.no_grad():
         assert (hf_logits(hf, ids) - M.load_model(final)(ids)).abs().max() < 1e-4
-    assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [
-        2
-    ]  # <|im_end|>
+    # <|im_end|>
+    assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [2]
 
 
 def test_defaults_follow_the_size_of_the_model_loaded_and_a_still_policy_is_named(
