@@ -1712,8 +1712,8 @@ def test_llama31_opens_with_the_dated_system_block():
     )
     bare = data.render_prompt([{"role": "user", "content": "hi"}], data.TEMPLATES["llama31"], {})
     assert (
-        "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
-        in bare
+        "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>"
+        "\n\nhi<|eot_id|>" in bare
     )
 
 
@@ -1821,19 +1821,23 @@ def test_margin_and_beta_columns():
             ":3: 'chosen' must be a string or a list of messages, got int",
         ),
         (
-            '{"chosen": [{"role": "bot", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}',
+            '{"chosen": [{"role": "bot", "content": "a"}], '
+            '"rejected": [{"role": "assistant", "content": "b"}]}',
             ":3: unknown role 'bot'",
         ),
         (
-            '{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1}',
+            '{"prompt": "q", "chosen": "a", "rejected": "b", '
+            '"score_chosen": "high", "score_rejected": 1}',
             ":3: 'score_chosen' and",
         ),
         (
-            '{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": NaN, "score_rejected": 1}',
+            '{"prompt": "q", "chosen": "a", "rejected": "b", '
+            '"score_chosen": NaN, "score_rejected": 1}',
             ":3: 'score_chosen' and",
         ),
         (
-            '{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1e308, "score_rejected": -1e308}',
+            '{"prompt": "q", "chosen": "a", "rejected": "b", '
+            '"score_chosen": 1e308, "score_rejected": -1e308}',
             ":3: 'score_chosen' and",
         ),
         (
@@ -1853,7 +1857,8 @@ def test_margin_and_beta_columns():
             ":3: the conversation in 'prompt' must start with a user turn",
         ),
         (
-            '{"prompt": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}',
+            '{"prompt": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}], '
+            '"chosen": "a", "rejected": "b"}',
             ":3: a system turn can only open",
         ),
         (
@@ -1955,7 +1960,8 @@ FUZZ_BASES = {
         {"prompt": [SYSTEM, USER], "chosen": [ANSWER("It is 4.")], "rejected": [ANSWER("Five.")]},
         {
             "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: Yes.",
-            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: No.",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?"
+            "\n\nAssistant: No.",
         },
     ],
     "sft": [
@@ -2304,7 +2310,8 @@ def test_sft_truncation_drops_examples_without_a_loss_token_and_packs():
         ({"messages": "hi"}, "'messages' must be a non-empty list of messages"),
         (
             {"prompt": "q"},
-            "an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' (found 'prompt')",
+            "an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' "
+            "(found 'prompt')",
         ),
         (
             {"prompt": "q", "completion": 5},
@@ -2366,8 +2373,11 @@ def test_chat_template_jinja_renders_what_we_train_on(name, tiny_tok):
 
 
 LLAMA31_LIKE = (
-    "{{- bos_token }}{%- set date = 'Cutting Knowledge Date: December 2023' %}{%- for m in messages %}"
-    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{%- endfor %}"
+    "{{- bos_token }}{%- set date = 'Cutting Knowledge Date: December 2023' %}"
+    "{%- for m in messages %}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+    "m['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
 )
 
 
@@ -2377,11 +2387,13 @@ LLAMA31_LIKE = (
         (LLAMA31_LIKE, "llama31"),
         (LLAMA31_LIKE.replace("Cutting Knowledge Date", "Date"), "llama3"),
         (
-            "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}",
+            "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+            "{% endfor %}",
             "mistral",
         ),
         (
-            "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + eos_token }}{% else %}"
+            "{% for m in messages %}{% if m['role'] == 'user' %}"
+            "{{ '<|user|>\\n' + m['content'] + eos_token }}{% else %}"
             "{{ '<|assistant|>\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}",
             "zephyr",
         ),
@@ -2423,7 +2435,10 @@ def test_template_from_checkpoint_never_guesses(tmp_path):
         ),
     ):
         data.template_from_checkpoint(tmp_path)
-    llama2 = "{% for m in messages %}{{ '<s>[INST] <<SYS>>\\n' + m['content'] + '\\n<</SYS>>\\n\\n [/INST]' }}{% endfor %}"
+    llama2 = (
+        "{% for m in messages %}"
+        "{{ '<s>[INST] <<SYS>>\\n' + m['content'] + '\\n<</SYS>>\\n\\n [/INST]' }}{% endfor %}"
+    )
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": llama2}))
     with pytest.raises(data.DataError, match="does not know"):
         data.template_from_checkpoint(tmp_path)
@@ -2850,7 +2865,8 @@ def wait_for(condition, p, deadline_s=120):
     while not condition() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert condition(), (
-        f"not reached within {deadline_s} s (process {'ended' if p.poll() is not None else 'running'})"
+        f"not reached within {deadline_s} s "
+        f"(process {'ended' if p.poll() is not None else 'running'})"
     )
 
 
@@ -3252,7 +3268,8 @@ def test_flags_that_cannot_be_meant_together_are_one_line_before_any_work(
 def test_broken_data_file_is_one_line_without_traceback(tmp_path):
     f = tmp_path / "broken.jsonl"
     f.write_text(
-        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a" "rejected": "b"}\n'
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+        '{"prompt": "q", "chosen": "a" "rejected": "b"}\n'
     )
     r = run("--data", f, "--out", tmp_path / "run")
     assert r.returncode != 0
@@ -3581,25 +3598,33 @@ def test_two_gpus_sigterm_and_resume_track_the_uninterrupted_run(tmp_path):
 # Chat templates of several families, written here after the hub's (the tool-calling branches left
 # out), rendered by transformers' apply_chat_template as the reference.
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 CHATML_SYSTEM = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 LLAMA2 = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
-    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
-    "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}"
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}"
     "{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
     "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
+# The hub's multi-line layout, line for line: breaking a long line would change the template's text.
 LLAMA31 = """{{- bos_token }}
 {%- if not date_string is defined %}
     {%- if strftime_now is defined %}
@@ -3623,7 +3648,7 @@ LLAMA31 = """{{- bos_token }}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
 {%- endif %}
-"""
+"""  # noqa: E501
 MISTRAL = """{%- if messages[0]['role'] == 'system' %}
     {%- set system_message = messages[0]['content'] %}
     {%- set loop_messages = messages[1:] %}
@@ -3648,7 +3673,7 @@ MISTRAL = """{%- if messages[0]['role'] == 'system' %}
         {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
     {%- endif %}
 {%- endfor %}
-"""
+"""  # noqa: E501
 ZEPHYR = """{% for message in messages %}
 {% if message['role'] == 'user' %}
 {{ '<|user|>\\n' + message['content'] + eos_token }}
@@ -3662,10 +3687,13 @@ ZEPHYR = """{% for message in messages %}
 {% endif %}
 {% endfor %}"""
 NO_SYSTEM = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
-    "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+    "'<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
 )
 FAMILIES = {
     "chatml": (CHATML, "<|im_start|>", "<|im_end|>"),
@@ -3776,7 +3804,8 @@ def test_checkpoint_template_errors_name_the_row_and_what_to_do(tmp_path, monkey
     chat = data.load_chat(tmp_path, tok)
     with pytest.raises(
         data.DataError,
-        match=r"^t:7: the checkpoint's chat template failed: TemplateError: System role not supported$",
+        match=r"^t:7: the checkpoint's chat template failed: "
+        r"TemplateError: System role not supported$",
     ):
         data.tokenize_rows(
             tok,
@@ -3784,7 +3813,10 @@ def test_checkpoint_template_errors_name_the_row_and_what_to_do(tmp_path, monkey
             chat,
         )
     # A template under which the prompt is not the start of the whole conversation cannot be split.
-    moody = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
+    moody = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
+    )
     with pytest.raises(
         data.DataError,
         match=r"^t:2: the chat template renders the prompt .* differently inside the whole",
