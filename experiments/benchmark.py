@@ -1,4 +1,4 @@
-r"""Step time and peak memory of this trainer (DPO and AAO) beside TRL's DPOTrainer, on the same job.
+r"""Step time and peak memory of this trainer (DPO and AAO) beside TRL's DPOTrainer on the same job.
 
     python experiments/benchmark.py               # this trainer: DPO (--weighting none) and AAO
     python experiments/benchmark.py --trl         # and TRL's DPOTrainer (pip install trl==1.16.0)
