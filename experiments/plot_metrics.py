@@ -1,4 +1,5 @@
-"""The curves of one or more runs' metrics.jsonl, in the panels the metrics guide (docs/metrics.md) reads.
+"""The curves of one or more runs' metrics.jsonl, in the panels that the metrics guide
+(docs/metrics.md) reads.
 
     python experiments/plot_metrics.py out/aao-run out/dpo-run --out docs/metrics.png
 

@@ -1,23 +1,28 @@
-"""The replica: the paper's pipeline (SFT -> preference stage -> answers) at laptop scale, judged exactly.
+"""The replica: the paper's pipeline (SFT -> preference -> answers) at laptop scale, judged exactly.
 
-    python experiments/replica.py            # 3 seeds, ~15-20 minutes on a laptop CPU, 1 thread
-    python experiments/replica.py --smoke    # 1 seed, 2 methods, a few steps: seconds (the test suite's)
-    python experiments/replica.py --device cpu   # the CPU on a GPU host too (the results below are the CPU's)
+    # 3 seeds, ~15-20 minutes on a laptop CPU, 1 thread
+    python experiments/replica.py
+    # 1 seed, 2 methods, a few steps: seconds (the test suite's)
+    python experiments/replica.py --smoke
+    # the CPU on a GPU host too (the results below are the CPU's)
+    python experiments/replica.py --device cpu
 
 Two synthetic families of questions whose answers are sentences stating a fact:
-  facts   "What is the capital of France?" -> "The capital of France is Paris." (data.TASKS): a wrong answer
-          differs from the right one in one value token, which Eq. 7 finds (no other token is like it);
-  order   "Who won the match between Peru and Chile?" -> "Chile beat Peru.": the wrong answer swaps the two
-          names, so every token of it occurs in the right one and Eq. 7 scores them all S = 1.
-Stages, per seed: (1) SFT of the tiny Llama from scratch (train.py --loss sft) on answers of the right form
-whose value is drawn uniformly from the task's values (the order family: either name first), so the SFT
-model knows the form but not which fact is right; (2) the preference stage from it, the SFT model as
-reference (train.py --weights <sft>/final), one run per method and family, on prompts of two of the three
-phrasings; (3) greedy answers (model.generate, temperature 0, the template's stop id) to the third,
-held-out phrasing, judged by the task's rule: does the answer state the right fact. A prompt scores 1
-against the SFT model's answer if only the policy's is right, 0.5 if both or neither are, 0 if only the
-SFT model's is (the win rate). Results: docs/replica.md, docs/replica.jsonl, docs/replica-*.png;
-the runs themselves under out/replica/ (ignored by git).
+  facts   "What is the capital of France?" -> "The capital of France is Paris." (data.TASKS): a
+          wrong answer differs from the right one in one value token, which Eq. 7 finds (no other
+          token is like it);
+  order   "Who won the match between Peru and Chile?" -> "Chile beat Peru.": the wrong answer swaps
+          the two names, so all its tokens occur in the right one and Eq. 7 scores each S = 1.
+Stages, per seed: (1) SFT of the tiny Llama from scratch (train.py --loss sft) on answers of the
+right form whose value is drawn uniformly from the task's values (the order family: either name
+first), so the SFT model knows the form but not which fact is right; (2) the preference stage from
+it, the SFT model as reference (train.py --weights <sft>/final), one run per method and family, on
+prompts of two of the three phrasings; (3) greedy answers (model.generate, temperature 0, the
+template's stop id) to the third, held-out phrasing, judged by the task's rule: does the answer
+state the right fact. A prompt scores 1 against the SFT model's answer if only the policy's is
+right, 0.5 if both or neither are, 0 if only the SFT model's is (the win rate). Results:
+docs/replica.md, docs/replica.jsonl, docs/replica-*.png; the runs themselves under out/replica/
+(ignored by git).
 """
 
 import argparse
@@ -41,8 +46,8 @@ import train  # noqa: E402
 
 
 def repo_path(path: Path) -> str:
-    """A run's directory as the results record it: relative to the repository when inside it, so that
-    docs/replica.jsonl names the same place on every clone."""
+    """A run's directory as the results record it: relative to the repository when inside it, so
+    that docs/replica.jsonl names the same place on every clone."""
     path = Path(path).resolve()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
@@ -57,7 +62,7 @@ ORDER_QUESTIONS = [
 FACT_TASKS = ("capital", "color", "opposite")
 HELD_OUT = 2  # the phrasing (index into a task's questions) that the preference stage never sees
 
-# name: (family, train.py flags). The Fig. 3 ablation: λ_c = 0 drops Eq. 9-10, λ_r = 0 drops Eq. 11-12.
+# name: (family, train.py flags). The Fig. 3 ablation: λ_c = 0 drops Eq. 9-10, λ_r = 0 Eq. 11-12.
 AAO = ["--loss", "dpo", "--weighting", "aao"]
 METHODS = {
     "DPO": ["--loss", "dpo", "--weighting", "none"],
@@ -83,7 +88,7 @@ SMOKE_PLAN = {"facts": ["DPO", "AAO"]}
 
 
 def fact_items() -> list:
-    """(family, questions, sentence, x, right value, all values) for every fact of the facts family."""
+    """(family, questions, sentence, x, right value, all values) per fact of the facts family."""
     items = []
     for task in FACT_TASKS:
         questions, sentence, facts = data.TASKS[task]
@@ -93,7 +98,7 @@ def fact_items() -> list:
 
 
 def order_items(seed: int, n_matches: int = 24) -> list:
-    """Matches between two teams with a fixed winner; the answer states winner and loser in that order."""
+    """Matches of two teams with a fixed winner; the answer states winner, then loser."""
     rng = random.Random(1000 + seed)
     pairs = set()
     while len(pairs) < n_matches:
@@ -109,9 +114,8 @@ def prompt_of(item, phrasing: int, rng: random.Random) -> str:
     family, questions, _, x, y, _ = item
     if family == "facts":
         return questions[phrasing].format(x=x)
-    p, q = (
-        (x, y) if rng.random() < 0.5 else (y, x)
-    )  # the prompt's name order says nothing of the winner
+    # the prompt's name order says nothing of the winner
+    p, q = (x, y) if rng.random() < 0.5 else (y, x)
     return questions[phrasing].format(p=p, q=q)
 
 
@@ -127,7 +131,7 @@ def wrong_answer(item, rng: random.Random) -> str:
 
 
 def any_answer(item, rng: random.Random) -> str:
-    """SFT's answer: the right form with a value drawn uniformly (the right one no likelier than any other)."""
+    """SFT's answer: the right form, the value drawn uniformly (right no likelier than wrong)."""
     family, _, sentence, x, y, values = item
     if family == "facts":
         return sentence.format(x=x, y=rng.choice(values))
@@ -154,7 +158,7 @@ def sft_rows(items, n: int, rng) -> list:
 
 
 def pair_rows(items, n: int, phrasings, rng) -> list:
-    """Preference pairs: right vs wrong answer, both with the same suffix (and the same end token)."""
+    """Preference pairs: right vs wrong answer, both with the same suffix (and end token)."""
     rows = []
     for _ in range(n):
         item, suffix = rng.choice(items), rng.choice(data.SUFFIXES)
@@ -169,7 +173,7 @@ def pair_rows(items, n: int, phrasings, rng) -> list:
 
 
 def heldout_prompts(items, rng) -> list:
-    """(item, prompt) on the held-out phrasing; the order family asks each match in both name orders."""
+    """(item, prompt) on the held-out phrasing; the order family's matches in both name orders."""
     out = []
     for item in items:
         if item[0] == "facts":
@@ -198,7 +202,7 @@ def run_train(argv: list, device: str) -> None:
 
 @torch.no_grad()
 def answers(weights: Path, prompts: list, max_new_tokens: int, device: str) -> list[list[int]]:
-    """Greedy answers, as token ids up to (without) the template's end-of-answer token (fp32, on device)."""
+    """Greedy answers: token ids before the template's end-of-answer token (fp32, on device)."""
     model, tok = M.load_model(weights, device).eval(), M.load_tokenizer(weights)
     chat = data.as_chat(TEMPLATE, tok)
     ids = data.instruction_prompts(chat, tok, prompts)
@@ -222,7 +226,7 @@ def reference_answers(
 
 
 def judge(items_prompts, policy, reference) -> dict:
-    """Fact accuracy, win rate against the reference's answers (1 / 0.5 / 0 per prompt), mean length."""
+    """Fact accuracy, win rate vs the reference's answers (1 / 0.5 / 0 per prompt), mean length."""
     right = [is_right(item, text) for (item, _), (text, _) in zip(items_prompts, policy)]
     ref_right = [is_right(item, text) for (item, _), (text, _) in zip(items_prompts, reference)]
     wins = [1.0 if r > s else 0.5 if r == s else 0.0 for r, s in zip(right, ref_right)]
@@ -317,9 +321,10 @@ def preference_run(name, family, seed, files, sft_final, out: Path, cfg, threads
 
 
 def deterministic(device: str) -> None:
-    """Seeded runs that repeat exactly. On the CPU they do, bitwise. On CUDA cuBLAS needs a fixed workspace
-    (set before its first call, or the first matmul raises), and index_add_, scatter_add_ and attention's
-    backward have no bitwise-deterministic kernel for every case: there a warning, and runs that track."""
+    """Seeded runs that repeat exactly. On the CPU they do, bitwise. On CUDA cuBLAS needs a fixed
+    workspace (set before its first call, or the first matmul raises), and index_add_, scatter_add_
+    and attention's backward have no bitwise-deterministic kernel for every case: there a warning,
+    and runs that track."""
     if device == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=device == "cuda")
@@ -366,9 +371,8 @@ def experiment(cfg) -> list:
                 rows.append(
                     preference_run(name, family, seed, files, sft / "final", out, cfg, cfg.threads)
                 )
-        if (
-            seed == cfg.seeds[0] and not cfg.smoke
-        ):  # the thread-count spread: one run again on 1 thread
+        # the thread-count spread: one run again on 1 thread
+        if seed == cfg.seeds[0] and not cfg.smoke:
             rows.append(
                 preference_run(
                     "AAO", "facts", seed, files, sft / "final", out, cfg, 3 - cfg.threads
@@ -512,10 +516,10 @@ def write_results(rows, cfg, seconds: float) -> None:
     families = list(dict.fromkeys(r["family"] for r in rows))
     text = (
         f"# Replica results\n\n`python experiments/replica.py{' --smoke' if cfg.smoke else ''}`: "
-        f"{seconds / 60:.1f} minutes, torch threads {cfg.threads}, seeds {cfg.seeds}, {cfg.steps} preference steps of "
-        f"16 pairs after {cfg.sft_steps} SFT steps of 32 rows. Win rate: per held-out prompt 1 if only the "
-        "policy's greedy answer states the fact rightly, 0.5 if both or neither do, 0 if only the SFT "
-        "model's does.\n\n"
+        f"{seconds / 60:.1f} minutes, torch threads {cfg.threads}, seeds {cfg.seeds}, "
+        f"{cfg.steps} preference steps of 16 pairs after {cfg.sft_steps} SFT steps of 32 rows. "
+        "Win rate: per held-out prompt 1 if only the policy's greedy answer states the fact "
+        "rightly, 0.5 if both or neither do, 0 if only the SFT model's does.\n\n"
         + "\n".join(table(rows, f) for f in families)
         + "\n"
         + thread_spread(rows)

@@ -1,30 +1,32 @@
-"""Memory per GPU and time per epoch of train.py on Llama-3.1-8B, computed (not measured) from the model's
-shapes, what FSDP2 and the trainer keep, and the stated assumptions: the README's 8-GPU figures.
+"""Memory per GPU and time per epoch of train.py on Llama-3.1-8B, computed (not measured) from the
+model's shapes, what FSDP2 and the trainer keep, and stated assumptions: the README's 8-GPU figures.
 
     python experiments/scale_estimate.py            # prints the README's tables
 
-Memory per GPU, in bytes, with P parameters sharded over S ranks and fp32 master weights, at its peak:
+Peak memory per GPU, in bytes, with P parameters sharded over S ranks and fp32 master weights:
   sharded state     4P/S weights + 4P/S gradients + 8P/S AdamW moments (+ 2P/S the bf16 reference)
-  threshold MLP     replicated: vocab x 512 (+ 1,026) fp32 parameters, gradient and two moments (16 B each)
-  gathered root     the policy's embedding and head (bf16), gathered from forward to the end of backward
-  activations       per token and layer, what autograd keeps (bf16, measured with saved-tensor hooks): each
-                    RMSNorm's fp32 input, its bf16 normalized tensor and its bf16 output (8D each), q, k, v
-                    and the attention output (4D + 4·kv), o_proj's input (2D), the SwiGLU's gate, up,
-                    silu(gate) and product (8F); with activation checkpointing the block's input (2D) plus
-                    one block recomputed at a time
-  during backward   beside the activations: the head's full bf16 weight gradient (its custom backward
-                    writes it whole; FSDP reduce-scatters the root's gradients only at the end), and the
-                    larger of the chunked head's blocks (model.HEAD_CHUNK elements: an fp32 block of
-                    logits, its bf16 product and bf16 cast) and two gathered blocks (FSDP2 prefetches the
-                    next) with a block's bf16 gradient and its fp32 copy for the reduce-scatter
+  threshold MLP     replicated: vocab x 512 (+ 1,026) parameters, 16 B each (fp32 weight, gradient
+                    and two moments)
+  gathered root     the policy's embedding and head (bf16), gathered from forward to backward's end
+  activations       per token and layer, what autograd keeps (bf16, measured with saved-tensor
+                    hooks): each RMSNorm's fp32 input, its bf16 normalized tensor and its bf16
+                    output (8D each), q, k, v and the attention output (4D + 4·kv), o_proj's input
+                    (2D), the SwiGLU's gate, up, silu(gate) and product (8F); with activation
+                    checkpointing the block's input (2D) plus one block recomputed at a time
+  during backward   beside the activations: the head's full bf16 weight gradient (its custom
+                    backward writes it whole; FSDP reduce-scatters the root's gradients only at the
+                    end), and the larger of the chunked head's blocks (model.HEAD_CHUNK elements: an
+                    fp32 block of logits, its bf16 product and bf16 cast) and two gathered blocks
+                    (FSDP2 prefetches the next) with a block's bf16 gradient and its fp32 copy for
+                    the reduce-scatter
   end of backward   the activations are freed; the root's bf16 gradients and their fp32 copy for the
                     reduce-scatter (6 bytes a root parameter)
   reference forward runs after the policy's, beside its activations: its root and two of its blocks
-The peak is the state plus the largest of the three phases. Not counted: the CUDA context (~2 GB) and the
-caching allocator's fragmentation (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True keeps it small).
-Time per epoch: model FLOPs as train.py's MFU counts them, at an assumed MFU, against the time the
-FSDP collectives take at assumed bandwidths, once per micro-batch (train.py reduce-scatters every
-micro-batch); a step takes the longer of the two (FSDP overlaps them).
+The peak is the state plus the largest of the three phases. Not counted: the CUDA context (~2 GB)
+and the caching allocator's fragmentation (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True keeps it
+small). Time per epoch: model FLOPs as train.py's MFU counts them, at an assumed MFU, against the
+time the FSDP collectives take at assumed bandwidths, once per micro-batch (train.py reduce-scatters
+every micro-batch); a step takes the longer of the two (FSDP overlaps them).
 """
 
 import sys
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as M  # noqa: E402
 
 GB = 1e9
+# Llama-3.1-8B's config.json
 LLAMA31_8B = M.ModelConfig(
     hidden_size=4096,
     intermediate_size=14_336,
@@ -41,7 +44,7 @@ LLAMA31_8B = M.ModelConfig(
     num_attention_heads=32,
     num_key_value_heads=8,
     vocab_size=128_256,
-)  # its config.json
+)
 
 
 class Llama:
@@ -63,11 +66,11 @@ class Llama:
         self.block = (blocks - self.dim) // self.layers  # one block: attention, MLP, two norms
 
 
-# Assumptions, stated: UltraFeedback binarized train_prefs has 61,135 pairs; with Llama 3's tokenizer and
-# the 1,024-token cut a prompt is ~165 tokens and an answer ~300; micro-batches are packed (data.pack): the
-# prompt runs through the layers once, then both answers, 765 tokens a pair with no padding; 40% MFU of an
-# H100 SXM's 989 TFLOP/s dense bf16; collective bandwidth per GPU 360 GB/s in a node (NVLink) and 45 GB/s
-# between nodes (one 400 Gb/s NIC per GPU).
+# Assumptions, stated: UltraFeedback binarized train_prefs has 61,135 pairs; with Llama 3's
+# tokenizer and the 1,024-token cut a prompt is ~165 tokens and an answer ~300; micro-batches are
+# packed (data.pack): the prompt runs through the layers once, then both answers, 765 tokens a pair
+# with no padding; 40% MFU of an H100 SXM's 989 TFLOP/s dense bf16; collective bandwidth per GPU
+# 360 GB/s in a node (NVLink) and 45 GB/s between nodes (one 400 Gb/s NIC per GPU).
 PAIRS, PROMPT_TOKENS, ANSWER_TOKENS = 61_135, 165, 300
 MFU, PEAK, NVLINK, NETWORK = 0.40, 989e12, 360 * GB, 45 * GB
 PAIR_SEGMENTS = [(PROMPT_TOKENS, PROMPT_TOKENS, 0)] + [
@@ -103,8 +106,8 @@ def memory_per_gpu(
 
 
 def pair_flops(m: Llama, live_reference: bool, checkpointing: bool) -> float:
-    """What train.py's MFU counts (model.training_flops) for one packed pair of the assumed lengths, plus
-    what activation checkpointing recomputes (a forward of the blocks): not in MFU, but it takes time."""
+    """What train.py's MFU counts (model.training_flops) for a packed pair of assumed lengths, plus
+    what activation checkpointing recomputes (the blocks' forward): not in MFU, but takes time."""
     counted = M.training_flops(m.cfg, PAIR_SEGMENTS, live_reference)
     recompute = sum(
         2 * m.layers * m.block * q + 4 * m.layers * m.dim * q * k for q, k, _ in PAIR_SEGMENTS
@@ -127,14 +130,13 @@ def epoch_minutes(
     micro_batches = max(1, batch_pairs // (gpus * micro_pairs))  # FSDP gathers and reduces for each
     compute = batch_pairs * pair_flops(m, live_reference, checkpointing) / (gpus * PEAK * MFU)
     shards = gpus_per_node if replicate else gpus
-    # Per GPU and micro-batch: the policy gathered in forward and again in backward (bf16), its gradients
-    # reduce-scattered (fp32), the reference gathered once (bf16): (2 + 2 + 4 + 2) bytes a parameter.
+    # Per GPU and micro-batch: the policy gathered in forward and in backward (bf16), its gradients
+    # reduce-scattered (fp32), the reference gathered once (bf16): 2 + 2 + 4 + 2 bytes a parameter.
     gathers = (10 - 2 * (not live_reference)) * m.params * (shards - 1) / shards
     link = NVLINK if nodes == 1 or replicate else NETWORK
     communication = gathers / link
-    if (
-        replicate and nodes > 1
-    ):  # HSDP: the fp32 gradient shards all-reduced between the node replicas
+    # HSDP: the fp32 gradient shards all-reduced between the node replicas
+    if replicate and nodes > 1:
         communication += 2 * 4 * m.params / shards * (nodes - 1) / nodes / NETWORK
     return steps * max(compute, micro_batches * communication) / 60
 
@@ -142,10 +144,12 @@ def epoch_minutes(
 def main() -> None:
     m = Llama()
     print(
-        f"Llama-3.1-8B: {m.params / 1e9:.2f}B parameters; threshold MLP {(m.vocab * 512 + 1026) / 1e6:.1f}M\n"
+        f"Llama-3.1-8B: {m.params / 1e9:.2f}B parameters; "
+        f"threshold MLP {(m.vocab * 512 + 1026) / 1e6:.1f}M\n"
     )
     print(
-        "| micro-batch (pairs per GPU) | activation checkpointing | reference live | reference precomputed |"
+        "| micro-batch (pairs per GPU) | activation checkpointing | reference live "
+        "| reference precomputed |"
     )
     print("|---|---|---|---|")
     for micro in (1, 2, 4, 8):
