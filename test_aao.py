@@ -2971,12 +2971,13 @@ def test_bf16_compute_on_one_and_two_processes_tracks_fp32(tmp_path, four_steps)
         r = run(*FOUR_STEPS, "--dtype", "bfloat16", "--out", tmp_path / name, torchrun=n)
         assert r.returncode == 0, (name, r.stderr[-3000:])
     fp32, one, two = (metric_rows(d) for d in (four_steps, tmp_path / "one", tmp_path / "two"))
-    # Measured: loss, grad norm, a and b within 2e-3 of fp32, 1 vs 2 processes within 3e-4. The threshold
-    # MLP's gradient goes through Eq. 17's sigmoids of slope α = 200, which turn bf16's rounding of S
-    # into several percent (measured 9% from fp32, 3% between 1 and 2 processes): a looser bound there.
-    # With packed micro-batches bf16 rounds differently: 66% and 76% from fp32 at steps 3 and 4 (padded: 2% and
-    # 0.5%), 4% between 1 and 2 processes, while a and b stay within 2e-4; fp32 is equal to the padded path.
-    # An open question (see the README): only the same order of magnitude is asked of it against fp32.
+    # Measured: loss, grad norm, a and b within 2e-3 of fp32, 1 vs 2 processes within 3e-4.
+    # The threshold MLP's gradient norm is asked only its order of magnitude after step 1
+    # (measured 66% and 76% from fp32 at steps 3 and 4): Adam's first steps are ±lr per weight
+    # whatever the gradient's size, so a fc2 weight whose hidden unit bf16 rounds across 0 steps
+    # the other way (3 of 512 at step 1), and fc1's later gradients, proportional to fc2, follow.
+    # Step 1 is the raw gradient: 3.4% from fp32.
+    assert one[0]["grad_norm/thresholds"] == pytest.approx(fp32[0]["grad_norm/thresholds"], rel=0.1)
     for key, to_fp32, between in (
         ("loss", 5e-3, 1e-3),
         ("loss/preference", 5e-3, 1e-3),
