@@ -7,15 +7,15 @@ r"""Step time and peak memory of this trainer (DPO and AAO) beside TRL's DPOTrai
         --padded-from f5b0079
 
 --spread ultrafeedback draws each pair's lengths the way UltraFeedback's are spread (seeded
-log-normal, mean prompt ~165 and answer ~300 tokens, heavy-tailed, cut at 1,024 / 512;
---length-scale shrinks all of it for a CPU), so that padding and the second copy of the prompt cost
-what they cost there. --shape smollm2 is SmolLM2-135M-Instruct's shape (30 layers x 576, 9 heads /
-3 KV heads, MLP 1,536, vocabulary 49,152, tied), random weights: the layers, not the head, are the
-step, as at 8B. --weights DIR takes a checkpoint's config and weights instead (the job's tokenizer
-still writes the rows: its ids are a subset of any vocabulary). --padded-from REV also runs this
-trainer as it was at REV (the padded micro-batches). The table starts with the tokens through the
-layers per step: computed by each layout, the real tokens of the rows (prompt twice), and the
-prompt once with both answers.
+log-normal, mean prompt ~165 and answer ~300 tokens, heavy-tailed, prompts cut at 512, rows at
+1,024; --length-scale shrinks all of it for a CPU), so that padding and the second copy of the
+prompt cost what they cost there. --shape smollm2 is SmolLM2-135M-Instruct's shape (30 layers x
+576, 9 heads / 3 KV heads, MLP 1,536, vocabulary 49,152; untied, see SMOLLM2), random weights: the
+layers, not the head, are the step, as at 8B. --weights DIR takes a checkpoint's config and weights
+instead (the job's tokenizer still writes the rows: its ids are a subset of any vocabulary).
+--padded-from REV also runs this trainer as it was at REV (the padded micro-batches). The table
+starts with the tokens through the layers per step: computed by each layout, the real tokens of
+the rows (prompt twice), and the prompt once with both answers.
 
 The job: a Llama with Llama 3's 128,256-token vocabulary (4 layers x 256 hidden, 4 heads, 1 KV
 head) in fp32 on the CPU, the same pairs (prompts ~120 tokens, answers ~250 tokens that share most
