@@ -673,12 +673,10 @@ class Run:
     """What a training run trains with. Items are pairs, or SFT examples when objective is None."""
 
     policy: M.Transformer  # FSDP-sharded, fp32 master weights
-    reference: (
-        M.Transformer | None
-    )  # frozen, sharded; None for SFT / SimPO, or once its log-probs are cached
-    thresholds: (
-        aao.ThresholdMLP | None
-    )  # Eq. 8, replicated on every rank; None unless aao weighting
+    # frozen, sharded; None for SFT / SimPO, or once its log-probs are cached
+    reference: M.Transformer | None
+    # Eq. 8, replicated on every rank; None unless aao weighting
+    thresholds: aao.ThresholdMLP | None
     objective: aao.Objective | None  # None: the SFT stage
     train_items: list
     heldout: list
@@ -900,9 +898,8 @@ def train_step(
             m["flops"] = M.training_flops(run.policy.config, lengths, run.reference is not None)
         accumulate(sums, m, len(chunk))
     norms = {"grad_norm": clip_gradients(run.policy.parameters(), grad_clip)}
-    if (
-        run.thresholds is not None
-    ):  # clipped apart, so that its gradient does not shrink the policy's step
+    # The threshold MLP is clipped apart, so that its gradient does not shrink the policy's step.
+    if run.thresholds is not None:
         M.average_replicated_gradients(run.thresholds)
         norms["grad_norm/thresholds"] = clip_gradients(run.thresholds.parameters(), grad_clip)
     stats = reduce_metrics(sums, len(indices), norms | batch_spread(spread))
@@ -912,9 +909,8 @@ def train_step(
     optimizer.step()
     run.policy.zero_grad(set_to_none=True)
     if run.thresholds is not None:
-        run.thresholds.zero_grad(
-            set_to_none=False
-        )  # kept: aao.VocabLinear adds into fc1's in place
+        # Kept, not set to None: aao.VocabLinear adds into fc1's gradient in place.
+        run.thresholds.zero_grad(set_to_none=False)
     return stats
 
 
@@ -972,9 +968,8 @@ def batch_spread(per_micro_batch: list) -> dict:
     if not per_micro_batch or not per_micro_batch[0]:
         return {}
     names = sorted(per_micro_batch[0])
-    local = torch.stack(
-        [torch.cat([m[k] for m in per_micro_batch]) for k in names]
-    )  # (values, pairs here)
+    # (values, pairs of this rank)
+    local = torch.stack([torch.cat([m[k] for m in per_micro_batch]) for k in names])
     every = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(every, local)
     values = torch.cat(every, dim=1)
@@ -1357,9 +1352,8 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
     rank, final = dist.get_rank(), out / f"step-{step}"
     shard, shards = M.shard_position(run.mesh)
     with written_whole(final) as tmp:
-        if (
-            run.mesh.ndim == 1 or run.mesh.get_local_rank("replicate") == 0
-        ):  # replicas hold the same shards
+        # Replicas hold the same shards: the first one writes them.
+        if run.mesh.ndim == 1 or run.mesh.get_local_rank("replicate") == 0:
             tensors = {}
             for name, p in named_trainables(run).items():
                 if name.startswith("thresholds.") and rank != 0:
@@ -1443,22 +1437,19 @@ def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
             for k in f.keys()
             if k.startswith(f"optim/{name}/")
         }
-        for (
-            k,
-            v,
-        ) in state.items():  # the moments are sharded like their parameter; the step count is not
+        # The moments are sharded like their parameter; the step count is not.
+        for k, v in state.items():
             if k != "step" and isinstance(p, DTensor):
-                state[k] = DTensor.from_local(
-                    v,
-                    p.device_mesh,
-                    p.placements,
-                    shape=p.shape,
-                    stride=p.stride(),
-                    run_check=False,
-                )
+                state[k] = sharded_like(p, v)
         if state:
             optimizer.state[p] = state
     return json.loads((ckpt / "train_state.json").read_text())["step"]
+
+
+def sharded_like(p: DTensor, local: torch.Tensor) -> DTensor:
+    """A shard read from a train state, as a DTensor laid out like its parameter p."""
+    layout = {"shape": p.shape, "stride": p.stride(), "run_check": False}
+    return DTensor.from_local(local, p.device_mesh, p.placements, **layout)
 
 
 # ----------------------------------------------------------------------------- the reference cache (--precompute-ref)
@@ -1490,21 +1481,13 @@ class ReferenceCache:
         ):
             batch = data.micro_batch(pairs, real, False, device)
             states = reference(packed=batch["packed"])
-            if (
-                weight
-            ):  # the answer tokens in row order (chosen rows, then rejected), regrouped by pair
-                answer_index = batch["packed"].answer_index
-                flat = (
-                    torch.stack([states.logps, states.top1])
-                    .flatten(1)[:, answer_index]
-                    .float()
-                    .cpu()
-                )
-                rows = flat.split(
-                    [len(pairs[i]["chosen_ids"]) for i in real]
-                    + [len(pairs[i]["rejected_ids"]) for i in real],
-                    dim=1,
-                )
+            # The answer tokens in row order (chosen rows, then rejected), regrouped by pair.
+            if weight:
+                both = torch.stack([states.logps, states.top1]).flatten(1)
+                flat = both[:, batch["packed"].answer_index].float().cpu()
+                chosen = [len(pairs[i]["chosen_ids"]) for i in real]
+                rejected = [len(pairs[i]["rejected_ids"]) for i in real]
+                rows = flat.split(chosen + rejected, dim=1)
                 mine += [x for k in range(len(real)) for x in (rows[k], rows[k + len(real)])]
         flats = gather_ragged(torch.cat(mine, dim=1).T if mine else torch.zeros(0, 2))
         return cls(pairs, [f.T for f in flats])
@@ -1796,10 +1779,9 @@ def main(argv=None) -> int:
         print(f"error{rank}: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     if dist.is_initialized():
+        # gloo's destroy_process_group aborts a rank now and then after all work is done.
         if torchrun and dist.get_backend() == "gloo":
-            os._exit(
-                code
-            )  # gloo's destroy_process_group aborts a rank now and then after all work is done
+            os._exit(code)
         dist.destroy_process_group()
     return code
 
