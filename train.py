@@ -95,10 +95,8 @@ def defaults_column(args) -> str:
     stage = "sft" if args.loss == "sft" else "preference"
     if args.weights == "tiny":
         return stage + "/scratch"
-    weights = M.resolve_weights(args.weights)
-    return stage + (
-        "/scratch" if M.parameter_counts(M.read_config(weights))[2] < SCRATCH_PARAMETERS else ""
-    )
+    parameters = M.parameter_counts(M.read_config(M.resolve_weights(args.weights)))[2]
+    return stage + ("/scratch" if parameters < SCRATCH_PARAMETERS else "")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -382,12 +380,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"--resume {args.resume}: no run there ({saved} not found); start one with "
                 f"--out {args.resume}"
             )
-        args = p.parse_args(
-            argv,
-            namespace=argparse.Namespace(
-                **{**json.loads(saved.read_text()), "resume": args.resume}
-            ),
-        )
+        saved_args = {**json.loads(saved.read_text()), "resume": args.resume}
+        args = p.parse_args(argv, namespace=argparse.Namespace(**saved_args))
         args.out = args.resume
     column = defaults_column(args)
     for key, values in DEFAULTS.items():
@@ -461,6 +455,11 @@ def pairwise(a) -> bool:
     return a.loss != "sft"
 
 
+def routes_to_sft(a) -> bool:
+    """MixDPO: some pairs take the SFT loss (--sft-below-margin or --sft-below-quantile)."""
+    return a.sft_below_margin is not None or a.sft_below_quantile is not None
+
+
 # Options that mean something in one kind of run only: given another value than their default
 # elsewhere, the run would ignore them without a word. option -> (where it means something, test).
 ONLY_WITH = {
@@ -484,10 +483,7 @@ ONLY_WITH = {
         k: ("--weighting aao", lambda a: pairwise(a) and a.weighting == "aao")
         for k in ("alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")
     },
-    "sft_weight": (
-        "--sft-below-margin or --sft-below-quantile",
-        lambda a: a.sft_below_margin is not None or a.sft_below_quantile is not None,
-    ),
+    "sft_weight": ("--sft-below-margin or --sft-below-quantile", routes_to_sft),
     **{
         k: ("--beta-column", lambda a: a.beta_column is not None)
         for k in ("beta_scale", "beta_min", "beta_max")
@@ -571,11 +567,9 @@ def setup_distributed(replicate: int, timeout_minutes: float, device_name: str =
     world = dist.get_world_size()
     if replicate < 1 or world % replicate:
         raise TrainingError(f"--replicate {replicate} must divide the {world} processes")
-    shape, names = (
-        ((replicate, world // replicate), ("replicate", "shard"))
-        if replicate > 1
-        else ((world,), ("shard",))
-    )
+    shape, names = ((world,), ("shard",))
+    if replicate > 1:
+        shape, names = (replicate, world // replicate), ("replicate", "shard")
     # mesh= given to fully_shard explicitly: the default mesh picks CUDA whenever it exists, even for gloo.
     return device, init_device_mesh(device.type, shape, mesh_dim_names=names)
 
@@ -619,48 +613,33 @@ def check_shared_out(out: Path, device) -> None:
 
 def load_data(args, tokenizer, chat: data.Chat) -> tuple[list, list]:
     """Tokenized training and held-out items: pairs, or for --loss sft single examples."""
-    train_rows, eval_rows = (
-        data.synthetic_rows(args.seed)
-        if args.data == "synthetic"
-        else (data.read_rows(args.data), [])
-    )
+    if args.data == "synthetic":
+        train_rows, eval_rows = data.synthetic_rows(args.seed)
+    else:
+        train_rows, eval_rows = data.read_rows(args.data), []
     if args.eval_data:
         eval_rows = data.read_rows(args.eval_data)
     if args.loss == "sft":
         tokenize = lambda rows: data.sft_examples(tokenizer, rows, chat, args.max_length)
     else:
-        tokenize = lambda rows: data.tokenize_rows(
-            tokenizer,
-            rows,
-            chat,
-            args.max_length,
-            args.max_prompt_length,
-            args.keep_identical,
-            args.beta_column or "beta",
-        )
+        limits = (args.max_length, args.max_prompt_length, args.keep_identical)
+        beta = args.beta_column or "beta"
+        tokenize = lambda rows: data.tokenize_rows(tokenizer, rows, chat, *limits, beta)
     train, report = tokenize(train_rows)
     if eval_rows:
         heldout = tokenize(eval_rows)[0]
     else:
         train, heldout = data.hold_out(train, min(args.eval_pairs, len(train) // 10), args.seed)
     if args.loss != "sft":
-        mixdpo = (
-            args.curriculum == "margin"
-            or args.sft_below_margin is not None
-            or args.sft_below_quantile is not None
-        )
+        mixdpo = args.curriculum == "margin" or routes_to_sft(args)
         data.check_pair_columns(train + heldout, args.beta_column, mixdpo)
-    dropped = ", ".join(
-        f"{v} {k.replace('_', ' ')}"
-        for k, v in report.items()
-        if k not in ("rows", "pairs", "examples") and v
-    )
+    drops = {k: v for k, v in report.items() if k not in ("rows", "pairs", "examples") and v}
+    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in drops.items())
+    dropped = f" ({dropped})" if dropped else ""
     template = "the checkpoint's chat template" if chat.jinja else f"template {chat.name}"
     rank0_print(
-        f"data: {len(train) + len(heldout)} items of {report['rows']} rows"
-        + (f" ({dropped})" if dropped else "")
-        + f", {len(train)} for training, "
-        f"{len(heldout)} held out, {template}"
+        f"data: {len(train) + len(heldout)} items of {report['rows']} rows{dropped}, "
+        f"{len(train)} for training, {len(heldout)} held out, {template}"
     )
     return train, heldout
 
@@ -801,9 +780,8 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
     a = b = None
     if run.thresholds is not None:
         a, b = run.thresholds(aao.pooled_answer_logits(policy.logit_sums, mask))
-    pairs = aao.PairBatch(
-        mask, ids=batch["answer_ids"], seeds=aao.random_weight_seeds(run.seed, step, indices)
-    )
+    seeds = aao.random_weight_seeds(run.seed, step, indices)
+    pairs = aao.PairBatch(mask, ids=batch["answer_ids"], seeds=seeds)
     if run.beta_scaling:  # SP2DPO
         pairs.beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling)
     if run.mixdpo:  # marked once for the whole set (mark_routed)
@@ -820,9 +798,8 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
 def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
     """The frozen reference's per-token log-probs and top-1 log-probs: live, cached, or none (SimPO)."""
     if cache is not None:
-        logps, top1 = cache.lookup(
-            indices, batch["packed"].answer_index, batch["answer_mask"].shape
-        )
+        answer_index, shape = batch["packed"].answer_index, batch["answer_mask"].shape
+        logps, top1 = cache.lookup(indices, answer_index, shape)
         return M.AnswerStates(logps, top1)
     if run.reference is None:
         return None
@@ -852,9 +829,8 @@ def make_optimizer(policy, thresholds, lr: float, threshold_lr: float, weight_de
         {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0},
     ]
     if thresholds is not None:
-        groups.append(
-            {"params": list(thresholds.parameters()), "lr": threshold_lr, "weight_decay": 0.0}
-        )
+        mlp = list(thresholds.parameters())
+        groups.append({"params": mlp, "lr": threshold_lr, "weight_decay": 0.0})
     for g in groups:
         g["base_lr"] = g["lr"]
     # fused: one kernel over all tensors; the threshold MLP's vocab x 512 update stays cheap.
@@ -930,13 +906,8 @@ def loss_scale(run: Run, indices: list, batch_size: int) -> torch.Tensor | float
 def pair_micro_step(run: Run, chunk: list, step: int, spread: list):
     """A micro-batch of pairs: the summed per-pair losses and the metrics; a, b and β kept for their spread."""
     f = forward_pairs(run, run.train_items, chunk, step, run.ref_train)
-    spread.append(
-        {
-            k: v.detach()
-            for k, v in (("a", f.out.a), ("b", f.out.b), ("beta", f.out.beta))
-            if isinstance(v, torch.Tensor)
-        }
-    )
+    per_pair = {"a": f.out.a, "b": f.out.b, "beta": f.out.beta}
+    spread.append({k: v.detach() for k, v in per_pair.items() if isinstance(v, torch.Tensor)})
     return f.out.losses.sum(), f.metrics
 
 
@@ -972,17 +943,11 @@ def batch_spread(per_micro_batch: list) -> dict:
     local = torch.stack([torch.cat([m[k] for m in per_micro_batch]) for k in names])
     every = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(every, local)
-    values = torch.cat(every, dim=1)
-    return {
-        f"{name}/{stat}": fn(values[i])
-        for i, name in enumerate(names)
-        for stat, fn in (
-            ("mean", torch.mean),
-            ("std", lambda x: x.std(correction=0)),
-            ("min", torch.min),
-            ("max", torch.max),
-        )
-    }
+    spread = {}
+    for name, x in zip(names, torch.cat(every, dim=1)):
+        stats = {"mean": x.mean(), "std": x.std(correction=0), "min": x.min(), "max": x.max()}
+        spread |= {f"{name}/{stat}": v for stat, v in stats.items()}
+    return spread
 
 
 # Metrics summed over micro-batches and ranks; every other metric is averaged, weighted by pairs.
@@ -1005,20 +970,11 @@ def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=T
     """Over every micro-batch of every rank: means of the pair-weighted sums, except `totals`, summed.
     One all-reduce and one device-to-host copy, with `extra` (already global) read in the same copy."""
     keys, extra = sorted(sums), extra or {}
-    total = torch.stack(
-        [
-            torch.as_tensor(sums[k], dtype=torch.float64, device=dist_device()).reshape(())
-            for k in keys
-        ]
-        + [torch.tensor(float(count), dtype=torch.float64, device=dist_device())]
-    )
+    f64 = lambda v: torch.as_tensor(v, dtype=torch.float64, device=dist_device()).reshape(())
+    total = torch.stack([f64(sums[k]) for k in keys] + [f64(float(count))])
     dist.all_reduce(total)
-    values = (
-        torch.cat([total, torch.stack([v.double().reshape(()) for v in extra.values()])])
-        if extra
-        else total
-    )
-    values = values.tolist()
+    extras = [v.double().reshape(()) for v in extra.values()]
+    values = (torch.cat([total, torch.stack(extras)]) if extras else total).tolist()
     summed, count = dict(zip(keys, values)), values[len(keys)]
     kept = summed.pop("pairs/kept", None)
     out = {}
@@ -1031,11 +987,9 @@ def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=T
 
 
 def dist_device():
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -1214,10 +1168,8 @@ def summarize(first: dict, last: dict, n_heldout: int, final: Path, out: Path) -
 def policy_stood_still(metrics: Path, tol: float = 1e-3) -> bool:
     """Every step's preference loss within tol of log 2 and its reward margin within tol of 0: the
     policy's log-ratios never left 0, so nothing was learned (a preference run only)."""
-    rows = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    )
-    rows = [r for r in rows if "loss/preference" in r]
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    rows = [r for r in map(json.loads, lines) if "loss/preference" in r]
     return bool(rows) and all(
         abs(r["loss/preference"] - math.log(2)) < tol and abs(r["rewards/margins"]) < tol
         for r in rows
@@ -1233,16 +1185,12 @@ class RunLog:
         self.files = {"metrics": out / "metrics.jsonl", "eval": out / "eval.jsonl"}
         if not self.rank0:
             return
-        (out / "args.json").write_text(
-            json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=1)
-        )
+        saved = {k: v for k, v in vars(args).items() if k != "resume"}
+        (out / "args.json").write_text(json.dumps(saved, indent=1))
         for f in self.files.values():
-            rows = (
-                [r for r in f.read_text().splitlines() if json.loads(r)["step"] <= start]
-                if resumed and f.exists()
-                else []
-            )
-            f.write_text("".join(r + "\n" for r in rows))
+            rows = f.read_text().splitlines() if resumed and f.exists() else []
+            kept = [r for r in rows if json.loads(r)["step"] <= start]
+            f.write_text("".join(r + "\n" for r in kept))
         if args.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -1284,25 +1232,20 @@ def evaluate(run: Run) -> dict:
     AAO the thresholds and token shares. SFT examples: the NLL per answer token."""
     run.policy.eval()
     sums, count = {}, 0.0
-    share = data.lockstep_chunks(
-        len(run.heldout), run.micro_batch_size, dist.get_rank(), dist.get_world_size()
-    )
-    for real, weight in share:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for real, weight in data.lockstep_chunks(len(run.heldout), run.micro_batch_size, rank, world):
         if run.objective is None:
             m = forward_sft(run, run.heldout, real)[1]
         else:
             f = forward_pairs(run, run.heldout, real, 0, run.ref_eval)
             m, mask, logps = f.metrics, f.batch["answer_mask"], f.policy.logps
-            ratio = (
-                logps - f.reference.logps
-                if f.reference is not None
-                else logps / mask.sum(1, keepdim=True)
-            )
+            if f.reference is not None:
+                ratio = logps - f.reference.logps
+            else:
+                ratio = logps / mask.sum(1, keepdim=True)
             chosen, rejected = aao.split_pairs((ratio * mask).sum(1))
-            m["accuracy"], m["margin"] = (
-                aao.preference_accuracy(chosen - rejected),
-                (chosen - rejected).mean(),
-            )
+            margin = chosen - rejected
+            m["accuracy"], m["margin"] = aao.preference_accuracy(margin), margin.mean()
         accumulate(sums, m if weight else {k: 0 * v for k, v in m.items()}, weight)
         count += weight
     M.reshard(run.policy)  # no backward ran: the root would keep its gathered parameters
@@ -1363,9 +1306,8 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
                     tensors[f"optim/{name}/{k}"] = M.local(v).detach().cpu().contiguous()
             save_file(tensors, train_state_file(tmp, shard, shards))
         if rank == 0:
-            (tmp / "train_state.json").write_text(
-                json.dumps({"step": step, "shards": shards, "world_size": dist.get_world_size()})
-            )
+            meta = {"step": step, "shards": shards, "world_size": dist.get_world_size()}
+            (tmp / "train_state.json").write_text(json.dumps(meta))
     if rank == 0:
         for old in sorted(checkpoints(out), key=checkpoints(out).get)[: -keep_last or None]:
             if old != final:
@@ -1383,9 +1325,8 @@ def save_weights(
         if dist.get_rank() == 0:
             tokenizer.save(str(tmp / "tokenizer.json"))
             data.write_tokenizer_config(tmp, chat, source)
-            M.write_generation_config(
-                tmp, source, run.policy.config, data.answer_stop_ids(chat, tokenizer)
-            )
+            stop_ids = data.answer_stop_ids(chat, tokenizer)
+            M.write_generation_config(tmp, source, run.policy.config, stop_ids)
     return final
 
 
@@ -1422,11 +1363,9 @@ def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
     shard, shards = M.shard_position(run.mesh)
     mine = M.open_safetensors(train_state_file(ckpt, shard, shards))
     # The replicated threshold MLP and its moments are in rank 0's file only.
-    rank0 = (
-        M.open_safetensors(train_state_file(ckpt, 0, shards))
-        if run.thresholds is not None
-        else None
-    )
+    rank0 = None
+    if run.thresholds is not None:
+        rank0 = M.open_safetensors(train_state_file(ckpt, 0, shards))
     for name, p in named_trainables(run).items():
         f = rank0 if name.startswith("thresholds.") else mine
         if name.startswith("thresholds."):
@@ -1462,10 +1401,8 @@ class ReferenceCache:
     values sit follows from the answers' lengths, which every rank knows: no index travels."""
 
     def __init__(self, pairs: list, flats: list):
-        self.flats, self.lengths = (
-            flats,
-            [(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs],
-        )
+        self.flats = flats
+        self.lengths = [(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
         self.starts, world = [0] * len(pairs), len(flats)
         for r in range(world):  # where each pair starts in its rank's flat tensor
             offset = 0
@@ -1475,10 +1412,8 @@ class ReferenceCache:
     @classmethod
     @torch.no_grad()
     def compute(cls, reference, pairs, micro, device) -> "ReferenceCache":
-        mine = []
-        for real, weight in data.lockstep_chunks(
-            len(pairs), micro, dist.get_rank(), dist.get_world_size()
-        ):
+        mine, rank, world = [], dist.get_rank(), dist.get_world_size()
+        for real, weight in data.lockstep_chunks(len(pairs), micro, rank, world):
             batch = data.micro_batch(pairs, real, False, device)
             states = reference(packed=batch["packed"])
             # The answer tokens in row order (chosen rows, then rejected), regrouped by pair.
@@ -1661,12 +1596,8 @@ def parse_answers_args(argv):
         help="auto: bf16 on CUDA",
     )
     args = p.parse_args(argv)
-    if (
-        args.max_new_tokens < 1
-        or args.batch_size < 1
-        or args.temperature < 0
-        or not 0 < args.top_p <= 1
-    ):
+    bad_sizes = args.max_new_tokens < 1 or args.batch_size < 1
+    if bad_sizes or args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error(
             "--max-new-tokens and --batch-size must be >= 1, --temperature >= 0, --top-p in (0, 1]"
         )
@@ -1697,14 +1628,7 @@ def write_answers(args) -> None:
     chat = data.load_chat(weights, tokenizer, args.template)
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = (
-        getattr(torch, args.dtype)
-        if args.dtype != "auto"
-        else torch.bfloat16
-        if device.type == "cuda"
-        else torch.float32
-    )
-    model = M.load_model(weights, device, dtype).eval()
+    model = M.load_model(weights, device, compute_dtype(args.dtype, device)).eval()
     prompts = data.instruction_prompts(chat, tokenizer, [r["instruction"] for r in rows])
     context = model.config.max_position_embeddings
     prompts, n_cut = M.fit_prompts(prompts, context)
@@ -1714,9 +1638,8 @@ def write_answers(args) -> None:
             "the left",
             file=sys.stderr,
         )
-    stop_ids = list(
-        dict.fromkeys(data.answer_stop_ids(chat, tokenizer) + M.stop_ids_of(weights, model.config))
-    )
+    stop_ids = data.answer_stop_ids(chat, tokenizer) + M.stop_ids_of(weights, model.config)
+    stop_ids = list(dict.fromkeys(stop_ids))
     # Prompts of like length batch together (little padding); longest first, so running out of memory shows at once.
     order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
     outputs = [None] * len(rows)
@@ -1737,19 +1660,15 @@ def write_answers(args) -> None:
                 outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
             bar.update(len(batch))
     generator = args.generator or generator_name(weights)
+    ours = ("instruction", "output", "generator")
     answers = [
-        {
-            "instruction": r["instruction"],
-            "output": out,
-            "generator": generator,
-            **{k: v for k, v in r.items() if k not in ("instruction", "output", "generator")},
-        }
+        {"instruction": r["instruction"], "output": out, "generator": generator}
+        | {k: v for k, v in r.items() if k not in ours}
         for r, out in zip(rows, outputs)
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(answers, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    text = json.dumps(answers, indent=2, ensure_ascii=False) + "\n"
+    Path(args.out).write_text(text, encoding="utf-8")
 
 
 def answers_main(argv) -> int:
@@ -1771,11 +1690,8 @@ def main(argv=None) -> int:
         device, mesh = setup_distributed(args.replicate, args.dist_timeout, args.device)
         code = train(args, device, mesh)
     except (M.CheckpointError, data.DataError, TrainingError) as e:
-        rank = (
-            f" (rank {dist.get_rank()})"
-            if dist.is_initialized() and dist.get_world_size() > 1
-            else ""
-        )
+        several = dist.is_initialized() and dist.get_world_size() > 1
+        rank = f" (rank {dist.get_rank()})" if several else ""
         print(f"error{rank}: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     if dist.is_initialized():
