@@ -671,56 +671,19 @@ class Run:
 
 def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
     """Policy, reference, threshold MLP, objective: everything a run trains with, beside its data."""
-    weights = M.resolve_weights(args.weights)
-    cfg, read_weights = M.weight_reader(weights, tokenizer.get_vocab_size(), args.seed)
-    if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise M.CheckpointError(
-            f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
-            f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together"
-        )
-    dtype, sft = compute_dtype(args.dtype, device), args.loss == "sft"
+    cfg, read_weights = model_config(args, tokenizer)
+    dtype = compute_dtype(args.dtype, device)
     start = read_weights if resume_from is None else train_state_reader(resume_from, mesh)
-    objective = (
-        None
-        if sft
-        else aao.Objective(
-            loss=args.loss,
-            weighting=args.weighting,
-            beta=args.beta,
-            label_smoothing=args.label_smoothing,
-            simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio,
-            ipo_normalized=not args.ipo_sum,
-            alpha=args.alpha,
-            lambda_c=args.lambda_c,
-            lambda_r=args.lambda_r,
-            reward_form=args.reward_form,
-            similarity=args.similarity,
-            end_token_weight=args.end_token_weight,
-            sft_weight=args.sft_weight,
-        )
-    )
-    if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
-        rank0_print(
-            f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
-            "~20x DPO's: per-pair β made for DPO need a --beta-scale"
-        )
-    needs_reference = not sft and args.loss != "simpo"
-    run = Run(
-        M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing),
-        M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
-        if needs_reference
-        else None,
-        None,
-        objective,
-        train_items,
-        heldout,
-        device,
-        mesh,
-        args.micro_batch_size,
-        args.seed,
-        (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None,
-    )
-    if args.sft_below_margin is not None or args.sft_below_quantile is not None:
+    objective = objective_of(args)
+    policy = M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing)
+    reference = None
+    if objective is not None and args.loss != "simpo":
+        reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
+    micro, seed = args.micro_batch_size, args.seed
+    run = Run(policy, reference, None, objective, train_items, heldout, device, mesh, micro, seed)
+    if args.beta_column:  # SP2DPO: each pair's β from a column of the data
+        run.beta_scaling = (args.beta_scale, args.beta_min, args.beta_max)
+    if routes_to_sft(args):
         run.mixdpo = True
         for items in (train_items, heldout):
             mark_routed(items, args.sft_below_margin, args.sft_below_quantile, args.seed)
@@ -728,23 +691,67 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
         torch.manual_seed(args.seed)  # the same MLP whatever the number of processes
         run.thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device)
     if args.precompute_ref and run.reference is not None:
-        run.ref_train = ReferenceCache.compute(
-            run.reference, train_items, args.micro_batch_size, device
-        )
-        run.ref_eval = ReferenceCache.compute(run.reference, heldout, args.micro_batch_size, device)
-        run.reference = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        rank0_print(
-            f"reference log-probs cached for {len(train_items) + len(heldout)} pairs; reference freed"
-        )
+        cache_reference(run)
+    objective_name = "sft" if objective is None else f"{args.loss} + {args.weighting} weighting"
     rank0_print(
-        f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with "
-        + ("sft" if sft else f"{args.loss} + {args.weighting} weighting")
-        + f" on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})"
+        f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with {objective_name} "
+        f"on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})"
     )
     return run
+
+
+def model_config(args, tokenizer):
+    """The model's config and model.weight_reader's reader of its weights, checked against the
+    tokenizer."""
+    weights = M.resolve_weights(args.weights)
+    cfg, read_weights = M.weight_reader(weights, tokenizer.get_vocab_size(), args.seed)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise M.CheckpointError(
+            f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
+            f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together"
+        )
+    return cfg, read_weights
+
+
+def objective_of(args) -> aao.Objective | None:
+    """The pairwise objective the flags ask for (aao.Objective); None for the SFT stage."""
+    if args.loss == "sft":
+        return None
+    objective = aao.Objective(
+        loss=args.loss,
+        weighting=args.weighting,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio,
+        ipo_normalized=not args.ipo_sum,
+        alpha=args.alpha,
+        lambda_c=args.lambda_c,
+        lambda_r=args.lambda_r,
+        reward_form=args.reward_form,
+        similarity=args.similarity,
+        end_token_weight=args.end_token_weight,
+        sft_weight=args.sft_weight,
+    )
+    if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
+        rank0_print(
+            f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its "
+            "recipes) is ~20x DPO's: per-pair β made for DPO need a --beta-scale"
+        )
+    return objective
+
+
+def cache_reference(run: Run) -> None:
+    """--precompute-ref: the reference's log-probs of every pair, computed once; then the reference
+    is freed."""
+    micro, device = run.micro_batch_size, run.device
+    run.ref_train = ReferenceCache.compute(run.reference, run.train_items, micro, device)
+    run.ref_eval = ReferenceCache.compute(run.reference, run.heldout, micro, device)
+    run.reference = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    n_pairs = len(run.train_items) + len(run.heldout)
+    rank0_print(f"reference log-probs cached for {n_pairs} pairs; reference freed")
 
 
 def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
@@ -996,22 +1003,18 @@ def dist_device():
 
 
 def train(args, device, mesh) -> int:
-    """The run: evaluate, then for every step train, log, evaluate and save; the final weights and the
-    token-weight page at the end. Returns the exit code: 0, or 128 + a signal's number if stopped by one."""
-    rank, out = dist.get_rank(), Path(args.out)
+    """The run: evaluate, the steps (train_loop), then the final weights and the token-weight page.
+    Returns the exit code: 0, or 128 + a signal's number if stopped by one."""
+    out = Path(args.out)
     check_shared_out(out, device)
     if not args.resume and (latest_checkpoint(out) or (out / "final").exists()):
         raise TrainingError(
             f"{out} already holds a run: continue it with --resume {out}, or choose another --out"
         )
-    tokenizer = (
-        data.tiny_tokenizer()
-        if args.weights == "tiny"
-        else M.load_tokenizer(M.resolve_weights(args.weights))
-    )
+    tokenizer = tokenizer_of(args)
     chat = chat_of(args, tokenizer)
     train_items, heldout = load_data(args, tokenizer, chat)
-    sampler, total = schedule(args, train_items, rank)
+    sampler, total = schedule(args, train_items, dist.get_rank())
     if already_finished(args, out, total, sampler.steps_per_epoch):
         return 0
     resume_from = resume_point(args, out)
@@ -1023,21 +1026,42 @@ def train(args, device, mesh) -> int:
     log = RunLog(out, args, start, resumed=resume_from is not None)
     resuming = f", resuming from {resume_from} at step {start}" if resume_from else ""
     rank0_print(f"{total} steps of {args.batch_size}{resuming}")
-    warmup = max(1, round(args.warmup * total))
-    first_eval = (
-        log.write("eval", {"step": 0, **evaluate(run)}) if start == 0 and run.heldout else {}
-    )
-    peak = M.peak_flops(device)
+    first_eval = {}
+    if start == 0 and run.heldout:
+        first_eval = log.write("eval", {"step": 0, **evaluate(run)})
     stop = StopSignal()
-    bar = tqdm(
-        range(start, total),
-        initial=start,
-        total=total,
-        disable=rank != 0 or args.quiet,
-        desc="train",
-        dynamic_ncols=True,
-    )
     try:
+        code = train_loop(args, run, optimizer, log, stop, sampler, start, total)
+    finally:
+        stop.restore()
+        log.close()
+    if code:
+        return code
+    source = None if args.weights == "tiny" else Path(M.resolve_weights(args.weights))
+    dtype = getattr(torch, args.save_dtype)
+    final = save_weights(run, tokenizer, out / "final", dtype, chat, source)
+    if run.objective is not None and run.objective.weighting == "aao" and run.heldout:
+        write_weights_page(run, tokenizer, out / "weights.html", args.data)
+    if dist.get_rank() == 0:
+        summarize(first_eval, last_row(out / "eval.jsonl"), len(run.heldout), final, out)
+    return 0
+
+
+def tokenizer_of(args):
+    if args.weights == "tiny":
+        return data.tiny_tokenizer()
+    return M.load_tokenizer(M.resolve_weights(args.weights))
+
+
+def train_loop(args, run: Run, optimizer, log, stop, sampler, start: int, total: int) -> int:
+    """Steps start to total: train, log, evaluate and save every so often. Returns 0, or after a
+    signal (StopSignal) 128 + its number, once the step's checkpoint is written."""
+    out, rank, peak = Path(args.out), dist.get_rank(), M.peak_flops(run.device)
+    warmup = max(1, round(args.warmup * total))
+    batch_size, clip, count_flops = args.batch_size, args.grad_clip, peak is not None
+    steps, quiet = range(start, total), rank != 0 or args.quiet
+    bar = tqdm(steps, initial=start, total=total, disable=quiet, desc="train", dynamic_ncols=True)
+    with bar:
         for step in bar:
             t0 = time.perf_counter()
             for g in optimizer.param_groups:
@@ -1045,20 +1069,12 @@ def train(args, device, mesh) -> int:
             indices = sampler.batch(step)
             try:
                 stats = train_step(
-                    run,
-                    optimizer,
-                    indices,
-                    step,
-                    args.batch_size,
-                    args.grad_clip,
-                    stop.requested,
-                    peak is not None,
+                    run, optimizer, indices, step, batch_size, clip, stop.requested, count_flops
                 )
             except TrainingError as e:
                 last = latest_checkpoint(out)
-                raise TrainingError(
-                    f"{e}" + (f"; the last good checkpoint is {last}" if last else "")
-                ) from None
+                last = f"; the last good checkpoint is {last}" if last else ""
+                raise TrainingError(f"{e}{last}") from None
             stopping = stats.pop("stop")
             row = step_row(step, stats, optimizer, time.perf_counter() - t0, peak)
             if run.heldout and ((step + 1) % args.eval_every == 0 or step + 1 == total):
@@ -1069,24 +1085,12 @@ def train(args, device, mesh) -> int:
             if stopping:
                 path = save_train_state(run, optimizer, out, step + 1, args.keep_last)
                 rank0_print(
-                    f"stopped by {stop.name} after step {step + 1}: checkpoint {path}; continue with "
-                    f"--resume {out} (same number of processes)"
+                    f"stopped by {stop.name} after step {step + 1}: checkpoint {path}; continue "
+                    f"with --resume {out} (same number of processes)"
                 )
                 return 128 + stop.signum
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
                 save_train_state(run, optimizer, out, step + 1, args.keep_last)
-    finally:
-        bar.close()
-        stop.restore()
-        log.close()
-    source = None if args.weights == "tiny" else Path(M.resolve_weights(args.weights))
-    final = save_weights(
-        run, tokenizer, out / "final", getattr(torch, args.save_dtype), chat, source
-    )
-    if run.objective is not None and run.objective.weighting == "aao" and run.heldout:
-        write_weights_page(run, tokenizer, out / "weights.html", args.data)
-    if rank == 0:
-        summarize(first_eval, last_row(out / "eval.jsonl"), len(run.heldout), final, out)
     return 0
 
 
