@@ -1497,62 +1497,63 @@ class StopSignal:
 
 # ----------------------------------------------------------------------------- the token-weight page
 
-WEIGHT_PAGE_STYLE = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;line-height:1.9}
+WEIGHT_PAGE_STYLE = """\
+body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;line-height:1.9}
 .t{padding:1px 0;border-radius:3px;white-space:pre-wrap}.ambiguous{background:#e0e0e0;color:#888}
 .transitional{background:#fff6c8}.key{background:#7dd87d;font-weight:600}.pair{margin:1.5em 0}
 .who{display:inline-block;width:6em;color:#555}small{color:#666}"""
+
+# The page: {style}, {source} and {blocks} (the pairs) are filled in; a trailing \ joins two lines.
+WEIGHT_PAGE = """\
+<!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
+<style>{style}</style></head><body><h1>AAO token weights</h1>
+<p>Held-out pairs from {source}, weighed by the trained policy and threshold MLP.
+<span class="t ambiguous">ambiguous</span> (S &gt; a, weight (1&minus;S)&sup2;, suppressed),
+<span class="t transitional">transitional</span> (b &le; S &le; a, weight 1),
+<span class="t key">key</span> (S &lt; b, weight 1+S, emphasized). \
+Hover a token for S and its weight.</p>
+{blocks}</body></html>"""
 
 
 @torch.no_grad()
 def write_weights_page(run: Run, tokenizer, path: Path, source: str, n: int = 12) -> None:
     """A page that shows, for a few held-out pairs, every answer token coloured by its AAO category
-    (Eq. 16's hard thresholds on the learned a, b), with S and the weight of Eq. 17 on hover. Every rank
-    runs the same micro-batches (FSDP gathers collectively); rank 0 writes."""
-    blocks = []
-    for chunk in data.micro_batches(list(range(min(n, len(run.heldout)))), run.micro_batch_size):
-        f = forward_pairs(run, run.heldout, chunk, 0, run.ref_eval)
-        out, ids, mask = f.out, f.batch["answer_ids"].cpu(), f.batch["answer_mask"].cpu().bool()
-        S, w, a, b = (
-            out.similarity.cpu(),
-            out.weights.cpu(),
-            out.a.cpu().repeat(2),
-            out.b.cpu().repeat(2),
-        )
-        for k, i in enumerate(chunk):
-            lines = []
-            for row, who in ((k, "chosen"), (k + len(chunk), "rejected")):
-                spans = []
-                for t in mask[row].nonzero().flatten().tolist():
-                    s = float(S[row, t])
-                    kind = "ambiguous" if s > a[row] else "key" if s < b[row] else "transitional"
-                    text = html.escape(
-                        tokenizer.decode([int(ids[row, t])], skip_special_tokens=False)
-                    )
-                    spans.append(
-                        f'<span class="t {kind}" title="{kind}: S={s:.3f}, w={float(w[row, t]):.3f}">{text}</span>'
-                    )
-                lines.append(f'<div><span class="who">{who}</span>{"".join(spans)}</div>')
-            prompt = html.escape(
-                tokenizer.decode(run.heldout[i]["prompt_ids"], skip_special_tokens=True)
-            )
-            blocks.append(
-                f'<div class="pair"><small>{prompt} &nbsp; (a={a[k]:.3f}, b={b[k]:.3f})</small>{"".join(lines)}</div>'
-            )
+    (Eq. 16's hard thresholds on the learned a, b), with S and the weight of Eq. 17 on hover. Every
+    rank runs the same micro-batches (FSDP gathers collectively); rank 0 writes."""
+    shown = list(range(min(n, len(run.heldout))))
+    chunks = data.micro_batches(shown, run.micro_batch_size)
+    blocks = "".join(pairs_html(run, tokenizer, chunk) for chunk in chunks)
     M.reshard(run.policy)
     if dist.get_rank() == 0:
-        path.write_text(
-            f"""<!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
-<style>{WEIGHT_PAGE_STYLE}</style></head><body><h1>AAO token weights</h1>
-<p>Held-out pairs from {html.escape(str(source))}, weighed by the trained policy and threshold MLP.
-<span class="t ambiguous">ambiguous</span> (S &gt; a, weight (1&minus;S)&sup2;, suppressed),
-<span class="t transitional">transitional</span> (b &le; S &le; a, weight 1),
-<span class="t key">key</span> (S &lt; b, weight 1+S, emphasized). Hover a token for S and its weight.</p>
-{"".join(blocks)}</body></html>""",
-            encoding="utf-8",
-        )
+        source = html.escape(str(source))
+        page = WEIGHT_PAGE.format(style=WEIGHT_PAGE_STYLE, source=source, blocks=blocks)
+        path.write_text(page, encoding="utf-8")
 
 
-# ----------------------------------------------------------------------------- entry point
+def pairs_html(run: Run, tokenizer, chunk: list) -> str:
+    """A micro-batch of held-out pairs on the page: the prompt with a and b, then each answer token
+    as a span of its category's class, with S and its weight in the title."""
+    f = forward_pairs(run, run.heldout, chunk, 0, run.ref_eval)
+    ids, mask = f.batch["answer_ids"].cpu(), f.batch["answer_mask"].cpu().bool()
+    S, w = f.out.similarity.cpu(), f.out.weights.cpu()
+    a, b = f.out.a.cpu().repeat(2), f.out.b.cpu().repeat(2)
+    blocks = []
+    for k, i in enumerate(chunk):
+        lines = []
+        for row, who in ((k, "chosen"), (k + len(chunk), "rejected")):
+            spans = []
+            for t in mask[row].nonzero().flatten().tolist():
+                s = float(S[row, t])
+                kind = "ambiguous" if s > a[row] else "key" if s < b[row] else "transitional"
+                text = html.escape(tokenizer.decode([int(ids[row, t])], skip_special_tokens=False))
+                title = f"{kind}: S={s:.3f}, w={float(w[row, t]):.3f}"
+                spans.append(f'<span class="t {kind}" title="{title}">{text}</span>')
+            lines.append(f'<div><span class="who">{who}</span>{"".join(spans)}</div>')
+        prompt = tokenizer.decode(run.heldout[i]["prompt_ids"], skip_special_tokens=True)
+        head = f"<small>{html.escape(prompt)} &nbsp; (a={a[k]:.3f}, b={b[k]:.3f})</small>"
+        blocks.append(f'<div class="pair">{head}{"".join(lines)}</div>')
+    return "".join(blocks)
+
 
 # ----------------------------------------------------------------------------- answers for AlpacaEval
 
@@ -1626,6 +1627,7 @@ def generator_name(weights: str) -> str:
 
 
 def write_answers(args) -> None:
+    """The model's answer to every instruction of --prompts, written as AlpacaEval reads them."""
     rows = read_instructions(args.prompts)
     weights = M.resolve_weights(args.weights)
     tokenizer = M.load_tokenizer(weights)
@@ -1638,28 +1640,23 @@ def write_answers(args) -> None:
     prompts, n_cut = M.fit_prompts(prompts, context)
     if n_cut:
         print(
-            f"warning: {n_cut} prompt(s) longer than the model's context ({context} tokens) were cut from "
-            "the left",
+            f"warning: {n_cut} prompt(s) longer than the model's context ({context} tokens) were "
+            "cut from the left",
             file=sys.stderr,
         )
     stop_ids = data.answer_stop_ids(chat, tokenizer) + M.stop_ids_of(weights, model.config)
     stop_ids = list(dict.fromkeys(stop_ids))
-    # Prompts of like length batch together (little padding); longest first, so running out of memory shows at once.
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "stop_ids": stop_ids}
+    # Prompts of like length batch together (little padding); longest first, so running out of
+    # memory shows at once.
     order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
     outputs = [None] * len(rows)
     with tqdm(total=len(rows), unit="answer", disable=None) as bar:
         for n, start in enumerate(range(0, len(order), args.batch_size)):
             batch = order[start : start + args.batch_size]
-            room = context - max(len(prompts[i]) for i in batch)
-            answers = M.generate(
-                model,
-                [prompts[i] for i in batch],
-                min(args.max_new_tokens, room),
-                temperature=args.temperature,
-                top_p=args.top_p,
-                stop_ids=stop_ids,
-                seed=args.seed + n,
-            )
+            new_tokens = min(args.max_new_tokens, context - max(len(prompts[i]) for i in batch))
+            batch_prompts = [prompts[i] for i in batch]
+            answers = M.generate(model, batch_prompts, new_tokens, seed=args.seed + n, **sampling)
             for i, ids in zip(batch, answers):
                 outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
             bar.update(len(batch))
@@ -1682,6 +1679,9 @@ def answers_main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# ----------------------------------------------------------------------------- entry point
 
 
 def main(argv=None) -> int:
