@@ -1,15 +1,17 @@
-"""Train a policy with AAO (or DPO, IPO, cDPO, hinge, SimPO), and the SFT stage that comes before them.
+r"""Train a policy with AAO (or DPO, IPO, cDPO, hinge, SimPO), and the SFT stage before them.
 
-    python train.py                              # tiny Llama, synthetic pairs, AAO: a minute on a laptop CPU
+    python train.py                  # tiny Llama, synthetic pairs, AAO: a minute on a laptop CPU
     python train.py --loss sft --weights llama31-8b --data ultrachat/train_sft.jsonl --out out/sft
-    torchrun --nproc_per_node 8 train.py --weights out/sft/final --data ultrafeedback/train_prefs.jsonl
-    python train.py --resume out/run             # continue a run from its last checkpoint
+    torchrun --nproc_per_node 8 train.py --weights out/sft/final \
+        --data ultrafeedback/train_prefs.jsonl
+    python train.py --resume out/run # continue a run from its last checkpoint
 
-One process without torchrun, N with it. N processes shard the model with FSDP2 (model.build_sharded):
-fp32 master weights, bf16 compute on CUDA, fp32 gradient reduction, NCCL on CUDA, gloo on CPU; one
-process with nothing to cast (fp32 on a CPU) trains a plain module. The file follows a run: arguments,
-processes, data, models, the objective on a micro-batch (aao.py's equations), the optimizer, the step,
-the loop, evaluation, checkpoints, the reference cache, preemption, the token-weight page.
+One process without torchrun, N with it. N processes shard the model with FSDP2
+(model.build_sharded): fp32 master weights, bf16 compute on CUDA, fp32 gradient reduction, NCCL on
+CUDA, gloo on CPU; one process with nothing to cast (fp32 on a CPU) trains a plain module. The file
+follows a run: arguments, processes, data, models, the objective on a micro-batch (aao.py's
+equations), the optimizer, the step, the loop, evaluation, checkpoints, the reference cache,
+preemption, the token-weight page, and `python train.py answers` for AlpacaEval.
 """
 
 import argparse
@@ -40,16 +42,17 @@ import model as M
 
 
 class TrainingError(RuntimeError):
-    """A run that must stop (non-finite loss, nothing to resume, ...); the message says where and why."""
+    """A run that must stop (non-finite loss, nothing to resume, ...); says where and why."""
 
 
 # ----------------------------------------------------------------------------- arguments
 
-# Defaults that depend on the stage (preference or sft) and on the model that is loaded: "pretrained" for a
-# real checkpoint, "scratch" for the tiny model and any model of its size (under SCRATCH_PARAMETERS), which
-# trains from scratch on the synthetic set and needs learning rates thousands of times larger. Sources: the
-# paper (preference: lr 5e-7, batch 16, one epoch); Zephyr's recipes, which the paper's base setting
-# follows (SFT: lr 2e-5, batch 128, 2,048 tokens; preference: 1,024 / 512 tokens); scratch: measured here.
+# Defaults that depend on the stage (preference or sft) and on the model that is loaded:
+# "pretrained" for a real checkpoint, "scratch" for the tiny model and any model of its size
+# (under SCRATCH_PARAMETERS), which trains from scratch on the synthetic set and needs learning
+# rates thousands of times larger. Sources: the paper (preference: lr 5e-7, batch 16, one epoch);
+# Zephyr's recipes, which the paper's base setting follows (SFT: lr 2e-5, batch 128, 2,048 tokens;
+# preference: 1,024 / 512 tokens); scratch: measured here.
 DEFAULTS = {
     "lr": {"preference": 5e-7, "sft": 2e-5, "preference/scratch": 3e-3, "sft/scratch": 3e-3},
     "threshold_lr": {
@@ -90,8 +93,8 @@ def default_help(key: str, text: str) -> str:
 
 
 def defaults_column(args) -> str:
-    """Which defaults apply: the stage, and /scratch for a model the size of the tiny one (read from the
-    config.json of the weights the run loads, so a tiny SFT's final/ keeps the tiny defaults)."""
+    """Which defaults apply: the stage, and /scratch for a model the size of the tiny one (read from
+    the config.json of the weights the run loads: a tiny SFT's final/ keeps the tiny defaults)."""
     stage = "sft" if args.loss == "sft" else "preference"
     if args.weights == "tiny":
         return stage + "/scratch"
@@ -114,8 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--data",
         default="synthetic",
-        help="JSON lines, a JSON array or parquet: preference pairs, or "
-        "for --loss sft conversations / prompt-completion rows; 'synthetic' for the built-in set (default)",
+        help="JSON lines, a JSON array or parquet: preference pairs, or for --loss sft "
+        "conversations / prompt-completion rows; 'synthetic' for the built-in set (default)",
     )
     g(
         "--eval-data",
@@ -131,8 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--template",
         choices=sorted(data.TEMPLATES),
-        help="a built-in chat template instead of the "
-        "checkpoint's own (default: the checkpoint's Jinja chat_template; a preset's own; else an error)",
+        help="a built-in chat template instead of the checkpoint's own (default: the "
+        "checkpoint's Jinja chat_template; a preset's own; else an error)",
     )
     g(
         "--max-length",
@@ -202,17 +205,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--similarity",
         default="embedding",
         choices=list(aao.SIMILARITIES),
-        help="Eq. 7's S on: "
-        "embedding (input embeddings, the paper's; default), hidden (the policy's hidden state after each "
-        "token, detached), alignment (S = 1 for tokens every longest common subsequence of the two "
-        "answers matches)",
+        help="Eq. 7's S on: embedding (input embeddings, the paper's; default), hidden (the "
+        "policy's hidden state after each token, detached), alignment (S = 1 for tokens every "
+        "longest common subsequence of the two answers matches)",
     )
     g(
         "--end-token-weight",
         default="aao",
         choices=["aao", "one"],
-        help="the answer's last "
-        "(end-of-answer) token: aao (its Eq. 17 weight, ~0 since both answers share it; default) or one",
+        help="the answer's last (end-of-answer) token: aao (its Eq. 17 weight, ~0 since both "
+        "answers share it; default) or one",
     )
     g(
         "--reward-form",
@@ -431,7 +433,7 @@ LIMITS = {
 
 
 def check_values(args) -> None:
-    """Values argparse's types let through but no run can use: refused by name before anything loads."""
+    """Values argparse's types let through but no run can use, refused by name before loading."""
     for key, (ok, need) in LIMITS.items():
         value = getattr(args, key)
         if value is not None and not (ok(value) and math.isfinite(value)):
@@ -525,7 +527,7 @@ def check_combinations(args, defaults: dict) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- processes and devices
+# ----------------------------------------------------------------------------- processes, devices
 
 
 def choose_device(name: str) -> torch.device:
@@ -546,15 +548,17 @@ def choose_device(name: str) -> torch.device:
 
 
 def setup_distributed(replicate: int, timeout_minutes: float, device_name: str = "auto"):
-    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun, or a group of one held in memory. Returns the device
-    and the mesh FSDP shards over: 1-D, or with --replicate R a 2-D (replicate, shard) mesh (HSDP: shard
-    inside groups of world/R ranks, say a node, replicate across them, so the gathers stay in the node)."""
+    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun, or a group of one held in memory. Returns the
+    device and the mesh FSDP shards over: 1-D, or with --replicate R a 2-D (replicate, shard) mesh
+    (HSDP: shard inside groups of world/R ranks, say a node, replicate across them, so the gathers
+    stay in the node)."""
     device = choose_device(device_name)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
-    # device_id binds the process to its GPU and starts NCCL now; the timeout must outlast the longest
-    # wait of one rank for the others (a checkpoint write), or NCCL's default 10 minutes ends the job.
+    # device_id binds the process to its GPU and starts NCCL now; the timeout must outlast the
+    # longest wait of one rank for the others (a checkpoint write), or NCCL's default 10 minutes
+    # ends the job.
     kw = {
         "backend": "nccl" if cuda else "gloo",
         "timeout": timedelta(minutes=timeout_minutes),
@@ -570,7 +574,8 @@ def setup_distributed(replicate: int, timeout_minutes: float, device_name: str =
     shape, names = ((world,), ("shard",))
     if replicate > 1:
         shape, names = (replicate, world // replicate), ("replicate", "shard")
-    # mesh= given to fully_shard explicitly: the default mesh picks CUDA whenever it exists, even for gloo.
+    # mesh= given to fully_shard explicitly: the default mesh picks CUDA whenever it exists, even
+    # for gloo.
     return device, init_device_mesh(device.type, shape, mesh_dim_names=names)
 
 
@@ -586,8 +591,8 @@ def rank0_print(*a):
 
 
 def check_shared_out(out: Path, device) -> None:
-    """Every rank writes its share of each checkpoint into --out and reads all of them on resume: a node
-    that does not see the directory would fail at the first checkpoint, hours in. Check at the start."""
+    """Every rank writes its share of each checkpoint into --out and reads all of them on resume: a
+    node that does not see the directory would fail at the first checkpoint, hours in. Check now."""
     nonce = torch.randint(1, 2**62, (1,), device=device)
     dist.broadcast(nonce, 0)
     probe = out / f".rank-check-{int(nonce)}"
@@ -644,7 +649,7 @@ def load_data(args, tokenizer, chat: data.Chat) -> tuple[list, list]:
     return train, heldout
 
 
-# ----------------------------------------------------------------------------- models: what a run trains with
+# ----------------------------------------------------------------------------- models
 
 
 @dataclasses.dataclass
@@ -670,7 +675,7 @@ class Run:
 
 
 def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
-    """Policy, reference, threshold MLP, objective: everything a run trains with, beside its data."""
+    """Policy, reference, threshold MLP, objective: what a run trains with, beside its data."""
     cfg, read_weights = model_config(args, tokenizer)
     dtype = compute_dtype(args.dtype, device)
     start = read_weights if resume_from is None else train_state_reader(resume_from, mesh)
@@ -741,8 +746,8 @@ def objective_of(args) -> aao.Objective | None:
 
 
 def cache_reference(run: Run) -> None:
-    """--precompute-ref: the reference's log-probs of every pair, computed once; then the reference
-    is freed."""
+    """--precompute-ref: the reference's log-probs of every pair, computed once; the reference is
+    then freed."""
     micro, device = run.micro_batch_size, run.device
     run.ref_train = ReferenceCache.compute(run.reference, run.train_items, micro, device)
     run.ref_eval = ReferenceCache.compute(run.reference, run.heldout, micro, device)
@@ -763,12 +768,12 @@ def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
         pair["routed"] = r
 
 
-# ----------------------------------------------------------------------------- the objective on a micro-batch
+# ----------------------------------------------------------------------------- the objective
 
 
 @dataclasses.dataclass
 class PairForward:
-    """The pairwise objective on one micro-batch, and what evaluation and the weights page read of it."""
+    """The pairwise objective on a micro-batch, and what evaluation and the weights page read."""
 
     out: aao.ObjectiveOutput  # per-pair losses, rewards, token weights, a and b
     policy: M.AnswerStates  # the policy's states at the answer tokens
@@ -803,7 +808,7 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
 
 
 def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
-    """The frozen reference's per-token log-probs and top-1 log-probs: live, cached, or none (SimPO)."""
+    """The frozen reference's per-token and top-1 log-probs: live, cached, or none (SimPO)."""
     if cache is not None:
         answer_index, shape = batch["packed"].answer_index, batch["answer_mask"].shape
         logps, top1 = cache.lookup(indices, answer_index, shape)
@@ -815,8 +820,8 @@ def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
 
 
 def forward_sft(run: Run, items, indices):
-    """The SFT stage on a micro-batch: the summed NLL of its answer tokens (divided by the token count of
-    the whole batch, it is TRL's token mean), and that sum and count as metrics."""
+    """The SFT stage on a micro-batch: the summed NLL of its answer tokens (divided by the token
+    count of the whole batch, it is TRL's token mean), and that sum and count as metrics."""
     batch = data.micro_batch(items, indices, True, run.device)
     states = run.policy(packed=batch["packed"])
     nll_sum = aao.sft_loss(states.logps, batch["answer_mask"], 1)
@@ -828,8 +833,8 @@ def forward_sft(run: Run, items, indices):
 
 
 def make_optimizer(policy, thresholds, lr: float, threshold_lr: float, weight_decay: float):
-    """AdamW: the policy at lr (no weight decay on norms), the threshold MLP at its own rate, since the
-    policy's 5e-7 would leave a freshly initialized MLP where it started."""
+    """AdamW: the policy at lr (no weight decay on norms), the threshold MLP at its own rate, since
+    the policy's 5e-7 would leave a freshly initialized MLP where it started."""
     params = list(policy.parameters())
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
@@ -865,15 +870,15 @@ def train_step(
     count_flops=False,
 ) -> dict:
     """One optimizer step on this rank's share of a global batch: micro-batches (forward, objective,
-    backward) accumulate gradients, then clip, update, and the step's metrics over all ranks, read from
-    the device once."""
+    backward) accumulate gradients, then clip, update, and the step's metrics over all ranks, read
+    from the device once."""
     sums, spread = {"stop": float(stop_requested)}, []
     micro_step = sft_micro_step if run.objective is None else pair_micro_step
     scale = loss_scale(run, indices, batch_size)
     for chunk in data.micro_batches(indices, run.micro_batch_size):
         loss, m = micro_step(run, chunk, step, spread)
-        # No no_sync between micro-batches: FSDP2 would then hold unsharded fp32 gradients (32 GB for 8B);
-        # reduce-scattering each micro-batch's gradients keeps only the shards.
+        # No no_sync between micro-batches: FSDP2 would then hold unsharded fp32 gradients (32 GB
+        # for 8B); reduce-scattering each micro-batch's gradients keeps only the shards.
         (loss * scale).backward()
         lengths = data.segment_lengths(run.train_items, chunk)
         m["tokens"] = float(sum(q for q, _, _ in lengths))  # through the layers: each prompt once
@@ -898,9 +903,9 @@ def train_step(
 
 
 def loss_scale(run: Run, indices: list, batch_size: int) -> torch.Tensor | float:
-    """What a micro-batch's summed loss is multiplied by so that the step's loss is a mean over the global
-    batch: per pair, or for SFT per answer token of it (TRL's token mean, the count all-reduced). FSDP
-    averages gradients over the processes, hence x world."""
+    """What a micro-batch's summed loss is multiplied by so that the step's loss is a mean over the
+    global batch: per pair, or for SFT per answer token of it (TRL's token mean, the count
+    all-reduced). FSDP averages gradients over the processes, hence x world."""
     world = dist.get_world_size()
     if run.objective is not None:
         return world / batch_size
@@ -911,7 +916,8 @@ def loss_scale(run: Run, indices: list, batch_size: int) -> torch.Tensor | float
 
 
 def pair_micro_step(run: Run, chunk: list, step: int, spread: list):
-    """A micro-batch of pairs: the summed per-pair losses and the metrics; a, b and β kept for their spread."""
+    """A micro-batch of pairs: the summed per-pair losses and the metrics; a, b and β go to
+    `spread`, for batch_spread."""
     f = forward_pairs(run, run.train_items, chunk, step, run.ref_train)
     per_pair = {"a": f.out.a, "b": f.out.b, "beta": f.out.beta}
     spread.append({k: v.detach() for k, v in per_pair.items() if isinstance(v, torch.Tensor)})
@@ -924,7 +930,8 @@ def sft_micro_step(run: Run, chunk: list, step: int, spread: list):
 
 
 def check_finite(run: Run, stats: dict, indices: list, step: int) -> None:
-    """A non-finite loss or gradient norm stops the run before the update, naming the batch's rows."""
+    """A non-finite loss or gradient norm stops the run before the update, naming the batch's
+    rows."""
     for key in ("loss", "grad_norm", "grad_norm/thresholds"):
         if key in stats and not math.isfinite(stats[key]):
             rows = [run.train_items[i]["where"] for i in indices]
@@ -941,8 +948,8 @@ def clip_gradients(params, max_norm: float) -> torch.Tensor:
 
 
 def batch_spread(per_micro_batch: list) -> dict:
-    """Mean, std, min and max over every pair of the global batch of the per-pair values (B,) that each
-    micro-batch gave: AAO's thresholds a and b (Eq. 8), SP2DPO's β."""
+    """Mean, std, min and max over every pair of the global batch of the per-pair values (B,) that
+    each micro-batch gave: AAO's thresholds a and b (Eq. 8), SP2DPO's β."""
     if not per_micro_batch or not per_micro_batch[0]:
         return {}
     names = sorted(per_micro_batch[0])
@@ -974,8 +981,8 @@ def accumulate(sums: dict, metrics: dict, weight: float, totals=TOTALS) -> None:
 
 
 def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=TOTALS) -> dict:
-    """Over every micro-batch of every rank: means of the pair-weighted sums, except `totals`, summed.
-    One all-reduce and one device-to-host copy, with `extra` (already global) read in the same copy."""
+    """Over every micro-batch of every rank: means of the pair-weighted sums, except `totals`,
+    summed. One all-reduce and one device-to-host copy, that also reads `extra` (already global)."""
     keys, extra = sorted(sums), extra or {}
     f64 = lambda v: torch.as_tensor(v, dtype=torch.float64, device=dist_device()).reshape(())
     total = torch.stack([f64(sums[k]) for k in keys] + [f64(float(count))])
@@ -1095,7 +1102,7 @@ def train_loop(args, run: Run, optimizer, log, stop, sampler, start: int, total:
 
 
 def step_row(step: int, stats: dict, optimizer, seconds: float, peak: float | None) -> dict:
-    """A line of metrics.jsonl: the step's metrics, its learning rate, throughput, and MFU on a GPU."""
+    """A line of metrics.jsonl: the step's metrics, learning rate, throughput, and MFU on a GPU."""
     row = {
         "step": step + 1,
         **stats,
@@ -1149,23 +1156,23 @@ def summarize(first: dict, last: dict, n_heldout: int, final: Path, out: Path) -
     if "eval/accuracy" in last:
         before = f"{first['eval/accuracy']:.3f} before, " if first else ""
         print(
-            f"held-out preference accuracy: {before}{last['eval/accuracy']:.3f} after ({n_heldout} pairs; "
-            f"log-ratio margin {last['eval/margin']:.2f} nats)"
+            f"held-out preference accuracy: {before}{last['eval/accuracy']:.3f} after "
+            f"({n_heldout} pairs; log-ratio margin {last['eval/margin']:.2f} nats)"
         )
     elif "eval/loss" in last:
         before = f"{first['eval/loss']:.3f} before, " if first else ""
-        print(
-            f"held-out NLL per answer token: {before}{last['eval/loss']:.3f} after ({n_heldout} examples)"
-        )
+        after = f"{last['eval/loss']:.3f} after ({n_heldout} examples)"
+        print(f"held-out NLL per answer token: {before}{after}")
     files = [final, out / "metrics.jsonl"] + [
         out / f for f in ("eval.jsonl", "weights.html") if (out / f).exists()
     ]
     print("output: " + ", ".join(map(str, files)))
     if policy_stood_still(out / "metrics.jsonl"):
         print(
-            "warning: the policy did not move: loss/preference stayed at log 2 = 0.6931 and the reward margins "
-            "at 0 for every step. The learning rate (--lr) is most likely too small for this model and this "
-            "many steps (the defaults are the paper's for 8B models; see --help)"
+            "warning: the policy did not move: loss/preference stayed at log 2 = 0.6931 and the "
+            "reward margins at 0 for every step. The learning rate (--lr) is most likely too small "
+            "for this model and this many steps (the defaults are the paper's for 8B models; see "
+            "--help)"
         )
 
 
@@ -1181,8 +1188,8 @@ def policy_stood_still(metrics: Path, tol: float = 1e-3) -> bool:
 
 
 class RunLog:
-    """metrics.jsonl and eval.jsonl on rank 0 (and TensorBoard with --tensorboard). On resume the rows past
-    the checkpoint's step, logged by the killed run after its last checkpoint, are dropped."""
+    """metrics.jsonl and eval.jsonl on rank 0 (and TensorBoard with --tensorboard). On resume, the
+    rows that the killed run logged after its last checkpoint (past its step) are dropped."""
 
     def __init__(self, out: Path, args, start: int, resumed: bool):
         self.rank0, self.board = dist.get_rank() == 0, None
@@ -1205,7 +1212,7 @@ class RunLog:
             self.board = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, file: str, row: dict) -> dict:
-        """Append a row ({"step": N, metric: value, ...}) to metrics.jsonl or eval.jsonl; returns it."""
+        """Append {"step": N, metric: value, ...} to metrics.jsonl or eval.jsonl; returns it."""
         if self.rank0:
             with self.files[file].open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -1230,10 +1237,10 @@ def last_row(file: Path) -> dict:
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """Held-out metrics. Pairs: preference accuracy and margin by the plain (unweighted) DPO implicit
-    reward, log π_θ/π_ref(y_w) - log π_θ/π_ref(y_l) in nats without β, one yardstick for every loss and
-    weighting (SimPO, with no reference: its length-normalized log-prob margin); the squeeze probe; for
-    AAO the thresholds and token shares. SFT examples: the NLL per answer token."""
+    """Held-out metrics. Pairs: preference accuracy and margin by the plain (unweighted) DPO
+    implicit reward, log π_θ/π_ref(y_w) - log π_θ/π_ref(y_l) in nats without β, one yardstick for
+    every loss and weighting (SimPO, with no reference: its length-normalized log-prob margin); the
+    squeeze probe; for AAO the thresholds and token shares. SFT examples: NLL per answer token."""
     run.policy.eval()
     sums, count = {}, 0.0
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -1276,8 +1283,8 @@ def named_trainables(run: Run) -> dict:
 
 @contextlib.contextmanager
 def written_whole(final: Path):
-    """A directory every rank writes into under a temporary name, renamed once all are done: a kill never
-    leaves half of one, and what was there before stays until the new one is whole."""
+    """A directory every rank writes into under a temporary name, renamed once all are done: a kill
+    never leaves half of one, and what was there before stays until the new one is whole."""
     tmp = final.parent / f".tmp-{final.name}"
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1292,10 +1299,10 @@ def written_whole(final: Path):
 
 
 def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) -> Path:
-    """<out>/step-N/, for --resume: every rank writes its own shard of the fp32 master weights and of
-    AdamW's moments (under --replicate, the first replica only); rank 0 also the replicated threshold MLP
-    with its moments. No rank writes the whole model and none waits on one that does. Then all but the
-    last keep_last step-N/ are deleted."""
+    """<out>/step-N/, for --resume: every rank writes its own shard of the fp32 master weights and
+    of AdamW's moments (under --replicate, the first replica only); rank 0 also the replicated
+    threshold MLP with its moments. No rank writes the whole model and none waits on one that does.
+    Then all but the last keep_last step-N/ are deleted."""
     rank, final = dist.get_rank(), out / f"step-{step}"
     shard, shards = M.shard_position(run.mesh)
     with written_whole(final) as tmp:
@@ -1322,8 +1329,9 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
 def save_weights(
     run: Run, tokenizer, final: Path, dtype, chat: data.Chat, source: Path | None
 ) -> Path:
-    """<out>/final/: the policy in Hugging Face layout, in dtype (bf16 unless --save-dtype float32), with
-    the tokenizer and its chat template: what serving and the next stage read; no optimizer state."""
+    """<out>/final/: the policy in Hugging Face layout, in dtype (bf16 unless --save-dtype float32),
+    with the tokenizer and its chat template: what serving and the next stage read; no optimizer
+    state."""
     with written_whole(final) as tmp:
         M.save_sharded(run.policy, tmp, dtype)
         if dist.get_rank() == 0:
@@ -1349,8 +1357,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def train_state_reader(ckpt: Path, mesh):
-    """read(name, start, stop) for model.build_sharded from a step-N/ train state: this rank's file holds exactly
-    the rows start:stop of each of its parameters, the fp32 master weights, so a resume continues exactly."""
+    """read(name, start, stop) for model.build_sharded from a step-N/ train state: this rank's file
+    holds exactly the rows start:stop of each of its parameters, the fp32 master weights, so a
+    resume continues exactly."""
     meta = json.loads((ckpt / "train_state.json").read_text())
     shard, shards = M.shard_position(mesh)
     if meta["shards"] != shards:
@@ -1363,7 +1372,7 @@ def train_state_reader(ckpt: Path, mesh):
 
 
 def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
-    """Restore AdamW's moments and the threshold MLP from step-N/; returns the step to continue from."""
+    """AdamW's moments and the threshold MLP from step-N/; returns the step to continue from."""
     shard, shards = M.shard_position(run.mesh)
     mine = M.open_safetensors(train_state_file(ckpt, shard, shards))
     # The replicated threshold MLP and its moments are in rank 0's file only.
@@ -1395,14 +1404,15 @@ def sharded_like(p: DTensor, local: torch.Tensor) -> DTensor:
     return DTensor.from_local(local, p.device_mesh, p.placements, **layout)
 
 
-# ----------------------------------------------------------------------------- the reference cache (--precompute-ref)
+# ----------------------------------------------------------------------------- the reference cache
 
 
 class ReferenceCache:
-    """--precompute-ref: the reference's log-probs and top-1 log-probs at every answer token, computed once.
-    Rank r computes the pairs i = r, r + world, ... and lays their values out flat, pair after pair (the
-    chosen answer, then the rejected); every rank then gathers every rank's flat tensor. Where pair i's
-    values sit follows from the answers' lengths, which every rank knows: no index travels."""
+    """--precompute-ref: the reference's log-probs and top-1 log-probs at every answer token,
+    computed once. Rank r computes the pairs i = r, r + world, ... and lays their values out flat,
+    pair after pair (the chosen answer, then the rejected); every rank then gathers every rank's
+    flat tensor. Where pair i's values sit follows from the answers' lengths, which every rank
+    knows: no index travels."""
 
     def __init__(self, pairs: list, flats: list):
         self.flats = flats
@@ -1432,7 +1442,7 @@ class ReferenceCache:
         return cls(pairs, [f.T for f in flats])
 
     def lookup(self, indices, answer_index, shape):
-        """The (2B, width) grids of a micro-batch's pairs (chosen rows, then rejected), on the device."""
+        """(2B, width) grids of a micro-batch's pairs (chosen rows, then rejected), on device."""
         world, spans = len(self.flats), []
         for side in (0, 1):
             for i in indices:
@@ -1445,7 +1455,7 @@ class ReferenceCache:
 
 
 def gather_ragged(t: torch.Tensor) -> list:
-    """Every rank's 2-D tensor, of a row count that differs between ranks, on every rank (on the CPU)."""
+    """Every rank's 2-D tensor (row counts differ between ranks), on every rank, on the CPU."""
     n = torch.tensor([t.shape[0]], device=dist_device())
     counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, n)
@@ -1460,11 +1470,12 @@ def gather_ragged(t: torch.Tensor) -> list:
 
 
 class StopSignal:
-    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C): the step in flight finishes, every rank
-    agrees at its end, a step-N/ checkpoint is written and the run exits with 128 + the signal's number
-    (143, 130): what a shell reports for a job ended by that signal, and what Kubernetes' ExitCode restart
-    policy retries. A second signal stops at once. torchrun forwards the signal it gets to its workers,
-    which under Ctrl-C or a scheduler's group kill got it already: a repeat within 2 s is that echo."""
+    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C): the step in flight finishes,
+    every rank agrees at its end, a step-N/ checkpoint is written and the run exits with 128 + the
+    signal's number (143, 130): what a shell reports for a job ended by that signal, and what
+    Kubernetes' ExitCode restart policy retries. A second signal stops at once. torchrun forwards
+    the signal it gets to its workers, which under Ctrl-C or a scheduler's group kill got it
+    already: a repeat within 2 s is that echo."""
 
     def __init__(self):
         self.signum, self.first = 0, 0.0
@@ -1476,8 +1487,8 @@ class StopSignal:
         if not self.signum:
             self.signum, self.first = signum, time.monotonic()
             print(
-                f"rank {dist.get_rank()}: {self.name}: finishing the step, then saving a checkpoint; "
-                "a second signal stops at once",
+                f"rank {dist.get_rank()}: {self.name}: finishing the step, then saving a "
+                "checkpoint; a second signal stops at once",
                 file=sys.stderr,
                 flush=True,
             )
@@ -1495,7 +1506,7 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-# ----------------------------------------------------------------------------- the token-weight page
+# ----------------------------------------------------------------------------- token-weight page
 
 WEIGHT_PAGE_STYLE = """\
 body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;line-height:1.9}
@@ -1555,7 +1566,7 @@ def pairs_html(run: Run, tokenizer, chunk: list) -> str:
     return "".join(blocks)
 
 
-# ----------------------------------------------------------------------------- answers for AlpacaEval
+# ----------------------------------------------------------------------------- AlpacaEval answers
 
 
 def parse_answers_args(argv):
