@@ -53,42 +53,28 @@ class TrainingError(RuntimeError):
 # rates thousands of times larger. Sources: the paper (preference: lr 5e-7, batch 16, one epoch);
 # Zephyr's recipes, which the paper's base setting follows (SFT: lr 2e-5, batch 128, 2,048 tokens;
 # preference: 1,024 / 512 tokens); scratch: measured here.
-DEFAULTS = {
-    "lr": {"preference": 5e-7, "sft": 2e-5, "preference/scratch": 3e-3, "sft/scratch": 3e-3},
-    "threshold_lr": {
-        "preference": 2e-5,
-        "sft": None,
-        "preference/scratch": 3e-4,
-        "sft/scratch": None,
-    },
-    "batch_size": {"preference": 16, "sft": 128, "preference/scratch": 16, "sft/scratch": 16},
-    "micro_batch_size": {"preference": 2, "sft": 4, "preference/scratch": 16, "sft/scratch": 16},
-    "epochs": {"preference": 1.0, "sft": 1.0, "preference/scratch": 2.0, "sft/scratch": 2.0},
-    "max_length": {"preference": 1024, "sft": 2048, "preference/scratch": 128, "sft/scratch": 128},
-    "max_prompt_length": {
-        "preference": 512,
-        "sft": None,
-        "preference/scratch": 64,
-        "sft/scratch": None,
-    },
-    "eval_every": {"preference": 200, "sft": 200, "preference/scratch": 100, "sft/scratch": 100},
-    "save_every": {"preference": 500, "sft": 500, "preference/scratch": 0, "sft/scratch": 0},
-    "out": {
-        "preference": "out/run",
-        "sft": "out/sft",
-        "preference/scratch": "out/aao-tiny",
-        "sft/scratch": "out/sft-tiny",
-    },
+COLUMNS = ("preference", "sft", "preference/scratch", "sft/scratch")
+DEFAULTS = {  # option: its default in each of COLUMNS
+    "lr": (5e-7, 2e-5, 3e-3, 3e-3),
+    "threshold_lr": (2e-5, None, 3e-4, None),
+    "batch_size": (16, 128, 16, 16),
+    "micro_batch_size": (2, 4, 16, 16),
+    "epochs": (1.0, 1.0, 2.0, 2.0),
+    "max_length": (1024, 2048, 128, 128),
+    "max_prompt_length": (512, None, 64, None),
+    "eval_every": (200, 200, 100, 100),
+    "save_every": (500, 500, 0, 0),
+    "out": ("out/run", "out/sft", "out/aao-tiny", "out/sft-tiny"),
 }
 SCRATCH_PARAMETERS = 20e6
 
 
 def default_help(key: str, text: str) -> str:
-    d = DEFAULTS[key]
+    preference, sft, preference_scratch, sft_scratch = DEFAULTS[key]
     return (
-        f"{text} (default: {d['preference']} preference, {d['sft']} sft; a model under "
-        f"{SCRATCH_PARAMETERS / 1e6:.0f}M parameters, such as tiny: {d['preference/scratch']} / "
-        f"{d['sft/scratch']})"
+        f"{text} (default: {preference} preference, {sft} sft; a model under "
+        f"{SCRATCH_PARAMETERS / 1e6:.0f}M parameters, such as tiny: {preference_scratch} / "
+        f"{sft_scratch})"
     )
 
 
@@ -385,7 +371,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         saved_args = {**json.loads(saved.read_text()), "resume": args.resume}
         args = p.parse_args(argv, namespace=argparse.Namespace(**saved_args))
         args.out = args.resume
-    column = defaults_column(args)
+    column = COLUMNS.index(defaults_column(args))
     for key, values in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, values[column])
