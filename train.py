@@ -560,8 +560,7 @@ def setup_distributed(replicate: int, timeout_minutes: float, device_name: str =
     shape, names = ((world,), ("shard",))
     if replicate > 1:
         shape, names = (replicate, world // replicate), ("replicate", "shard")
-    # mesh= given to fully_shard explicitly: the default mesh picks CUDA whenever it exists, even
-    # for gloo.
+    # fully_shard gets this mesh: its default one picks CUDA whenever it exists, even for gloo.
     return device, init_device_mesh(device.type, shape, mesh_dim_names=names)
 
 
@@ -613,9 +612,9 @@ def load_data(args, tokenizer, chat: data.Chat) -> tuple[list, list]:
     if args.loss == "sft":
         tokenize = lambda rows: data.sft_examples(tokenizer, rows, chat, args.max_length)
     else:
-        limits = (args.max_length, args.max_prompt_length, args.keep_identical)
+        options = (args.max_length, args.max_prompt_length, args.keep_identical)
         beta = args.beta_column or "beta"
-        tokenize = lambda rows: data.tokenize_rows(tokenizer, rows, chat, *limits, beta)
+        tokenize = lambda rows: data.tokenize_rows(tokenizer, rows, chat, *options, beta)
     train, report = tokenize(train_rows)
     if eval_rows:
         heldout = tokenize(eval_rows)[0]
@@ -916,8 +915,7 @@ def sft_micro_step(run: Run, chunk: list, step: int, spread: list):
 
 
 def check_finite(run: Run, stats: dict, indices: list, step: int) -> None:
-    """A non-finite loss or gradient norm stops the run before the update, naming the batch's
-    rows."""
+    """Stop before the update on a non-finite loss or gradient norm, naming the batch's rows."""
     for key in ("loss", "grad_norm", "grad_norm/thresholds"):
         if key in stats and not math.isfinite(stats[key]):
             rows = [run.train_items[i]["where"] for i in indices]
@@ -1139,6 +1137,8 @@ def resume_point(args, out: Path) -> Path | None:
 
 
 def summarize(first: dict, last: dict, n_heldout: int, final: Path, out: Path) -> None:
+    """The run's last lines: the held-out result before and after, the files written, and a warning
+    if the policy never moved."""
     if "eval/accuracy" in last:
         before = f"{first['eval/accuracy']:.3f} before, " if first else ""
         print(
@@ -1149,9 +1149,8 @@ def summarize(first: dict, last: dict, n_heldout: int, final: Path, out: Path) -
         before = f"{first['eval/loss']:.3f} before, " if first else ""
         after = f"{last['eval/loss']:.3f} after ({n_heldout} examples)"
         print(f"held-out NLL per answer token: {before}{after}")
-    files = [final, out / "metrics.jsonl"] + [
-        out / f for f in ("eval.jsonl", "weights.html") if (out / f).exists()
-    ]
+    written = [out / f for f in ("eval.jsonl", "weights.html") if (out / f).exists()]
+    files = [final, out / "metrics.jsonl"] + written
     print("output: " + ", ".join(map(str, files)))
     if policy_stood_still(out / "metrics.jsonl"):
         print(
