@@ -47,10 +47,10 @@ class TrainingError(RuntimeError):
 
 # ----------------------------------------------------------------------------- arguments
 
-# Defaults that depend on the stage (preference or sft) and on the model that is loaded:
-# "pretrained" for a real checkpoint, "scratch" for the tiny model and any model of its size
-# (under SCRATCH_PARAMETERS), which trains from scratch on the synthetic set and needs learning
-# rates thousands of times larger. Sources: the paper (preference: lr 5e-7, batch 16, one epoch);
+# Defaults that depend on the stage (preference or sft) and on the model that is loaded: the plain
+# columns for a real checkpoint, /scratch for the tiny model and any model of its size (under
+# SCRATCH_PARAMETERS), which trains from scratch on the synthetic set and needs learning rates
+# thousands of times larger. Sources: the paper (preference: lr 5e-7, batch 16, one epoch);
 # Zephyr's recipes, which the paper's base setting follows (SFT: lr 2e-5, batch 128, 2,048 tokens;
 # preference: 1,024 / 512 tokens); scratch: measured here.
 COLUMNS = ("preference", "sft", "preference/scratch", "sft/scratch")
@@ -666,11 +666,11 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
     start = read_weights if resume_from is None else train_state_reader(resume_from, mesh)
     objective = objective_of(args)
     policy = M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing)
-    reference = None
-    if objective is not None and args.loss != "simpo":
-        reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
     micro, seed = args.micro_batch_size, args.seed
-    run = Run(policy, reference, None, objective, train_items, heldout, device, mesh, micro, seed)
+    run = Run(policy, None, None, objective, train_items, heldout, device, mesh, micro, seed)
+    # Only run holds the frozen reference, so that --precompute-ref can free it.
+    if objective is not None and args.loss != "simpo":
+        run.reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
     if args.beta_column:  # SP2DPO: each pair's β from a column of the data
         run.beta_scaling = (args.beta_scale, args.beta_min, args.beta_max)
     if routes_to_sft(args):
