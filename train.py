@@ -1,15 +1,17 @@
-"""Train a policy with AAO (or DPO, IPO, cDPO, hinge, SimPO), and the SFT stage that comes before them.
+r"""Train a policy with AAO (or DPO, IPO, cDPO, hinge, SimPO), and the SFT stage before them.
 
-    python train.py                              # tiny Llama, synthetic pairs, AAO: a minute on a laptop CPU
+    python train.py                  # tiny Llama, synthetic pairs, AAO: a minute on a laptop CPU
     python train.py --loss sft --weights llama31-8b --data ultrachat/train_sft.jsonl --out out/sft
-    torchrun --nproc_per_node 8 train.py --weights out/sft/final --data ultrafeedback/train_prefs.jsonl
-    python train.py --resume out/run             # continue a run from its last checkpoint
+    torchrun --nproc_per_node 8 train.py --weights out/sft/final \
+        --data ultrafeedback/train_prefs.jsonl
+    python train.py --resume out/run # continue a run from its last checkpoint
 
-One process without torchrun, N with it. N processes shard the model with FSDP2 (model.build_sharded):
-fp32 master weights, bf16 compute on CUDA, fp32 gradient reduction, NCCL on CUDA, gloo on CPU; one
-process with nothing to cast (fp32 on a CPU) trains a plain module. The file follows a run: arguments,
-processes, data, models, the objective on a micro-batch (aao.py's equations), the optimizer, the step,
-the loop, evaluation, checkpoints, the reference cache, preemption, the token-weight page.
+One process without torchrun, N with it. N processes shard the model with FSDP2
+(model.build_sharded): fp32 master weights, bf16 compute on CUDA, fp32 gradient reduction, NCCL on
+CUDA, gloo on CPU; one process with nothing to cast (fp32 on a CPU) trains a plain module. The file
+follows a run: arguments, processes, data, models, the objective on a micro-batch (aao.py's
+equations), the optimizer, the step, the loop, evaluation, checkpoints, the reference cache,
+preemption, the token-weight page, and `python train.py answers` for AlpacaEval.
 """
 
 import argparse
@@ -40,65 +42,50 @@ import model as M
 
 
 class TrainingError(RuntimeError):
-    """A run that must stop (non-finite loss, nothing to resume, ...); the message says where and why."""
+    """A run that must stop (non-finite loss, nothing to resume, ...); says where and why."""
 
 
 # ----------------------------------------------------------------------------- arguments
 
-# Defaults that depend on the stage (preference or sft) and on the model that is loaded: "pretrained" for a
-# real checkpoint, "scratch" for the tiny model and any model of its size (under SCRATCH_PARAMETERS), which
-# trains from scratch on the synthetic set and needs learning rates thousands of times larger. Sources: the
-# paper (preference: lr 5e-7, batch 16, one epoch); Zephyr's recipes, which the paper's base setting
-# follows (SFT: lr 2e-5, batch 128, 2,048 tokens; preference: 1,024 / 512 tokens); scratch: measured here.
-DEFAULTS = {
-    "lr": {"preference": 5e-7, "sft": 2e-5, "preference/scratch": 3e-3, "sft/scratch": 3e-3},
-    "threshold_lr": {
-        "preference": 2e-5,
-        "sft": None,
-        "preference/scratch": 3e-4,
-        "sft/scratch": None,
-    },
-    "batch_size": {"preference": 16, "sft": 128, "preference/scratch": 16, "sft/scratch": 16},
-    "micro_batch_size": {"preference": 2, "sft": 4, "preference/scratch": 16, "sft/scratch": 16},
-    "epochs": {"preference": 1.0, "sft": 1.0, "preference/scratch": 2.0, "sft/scratch": 2.0},
-    "max_length": {"preference": 1024, "sft": 2048, "preference/scratch": 128, "sft/scratch": 128},
-    "max_prompt_length": {
-        "preference": 512,
-        "sft": None,
-        "preference/scratch": 64,
-        "sft/scratch": None,
-    },
-    "eval_every": {"preference": 200, "sft": 200, "preference/scratch": 100, "sft/scratch": 100},
-    "save_every": {"preference": 500, "sft": 500, "preference/scratch": 0, "sft/scratch": 0},
-    "out": {
-        "preference": "out/run",
-        "sft": "out/sft",
-        "preference/scratch": "out/aao-tiny",
-        "sft/scratch": "out/sft-tiny",
-    },
+# Defaults that depend on the stage (preference or sft) and on the model that is loaded: the plain
+# columns for a real checkpoint, /scratch for the tiny model and any model of its size (under
+# SCRATCH_PARAMETERS), which trains from scratch on the synthetic set and needs learning rates
+# thousands of times larger. Sources: the paper (preference: lr 5e-7, batch 16, one epoch);
+# Zephyr's recipes, which the paper's base setting follows (SFT: lr 2e-5, batch 128, 2,048 tokens;
+# preference: 1,024 / 512 tokens); scratch: measured here.
+COLUMNS = ("preference", "sft", "preference/scratch", "sft/scratch")
+DEFAULTS = {  # option: its default in each of COLUMNS
+    "lr": (5e-7, 2e-5, 3e-3, 3e-3),
+    "threshold_lr": (2e-5, None, 3e-4, None),
+    "batch_size": (16, 128, 16, 16),
+    "micro_batch_size": (2, 4, 16, 16),
+    "epochs": (1.0, 1.0, 2.0, 2.0),
+    "max_length": (1024, 2048, 128, 128),
+    "max_prompt_length": (512, None, 64, None),
+    "eval_every": (200, 200, 100, 100),
+    "save_every": (500, 500, 0, 0),
+    "out": ("out/run", "out/sft", "out/aao-tiny", "out/sft-tiny"),
 }
 SCRATCH_PARAMETERS = 20e6
 
 
 def default_help(key: str, text: str) -> str:
-    d = DEFAULTS[key]
+    preference, sft, preference_scratch, sft_scratch = DEFAULTS[key]
     return (
-        f"{text} (default: {d['preference']} preference, {d['sft']} sft; a model under "
-        f"{SCRATCH_PARAMETERS / 1e6:.0f}M parameters, such as tiny: {d['preference/scratch']} / "
-        f"{d['sft/scratch']})"
+        f"{text} (default: {preference} preference, {sft} sft; a model under "
+        f"{SCRATCH_PARAMETERS / 1e6:.0f}M parameters, such as tiny: {preference_scratch} / "
+        f"{sft_scratch})"
     )
 
 
 def defaults_column(args) -> str:
-    """Which defaults apply: the stage, and /scratch for a model the size of the tiny one (read from the
-    config.json of the weights the run loads, so a tiny SFT's final/ keeps the tiny defaults)."""
+    """Which defaults apply: the stage, and /scratch for a model the size of the tiny one (read from
+    the config.json of the weights the run loads: a tiny SFT's final/ keeps the tiny defaults)."""
     stage = "sft" if args.loss == "sft" else "preference"
     if args.weights == "tiny":
         return stage + "/scratch"
-    weights = M.resolve_weights(args.weights)
-    return stage + (
-        "/scratch" if M.parameter_counts(M.read_config(weights))[2] < SCRATCH_PARAMETERS else ""
-    )
+    parameters = M.parameter_counts(M.read_config(M.resolve_weights(args.weights)))[2]
+    return stage + ("/scratch" if parameters < SCRATCH_PARAMETERS else "")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,8 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--data",
         default="synthetic",
-        help="JSON lines, a JSON array or parquet: preference pairs, or "
-        "for --loss sft conversations / prompt-completion rows; 'synthetic' for the built-in set (default)",
+        help="JSON lines, a JSON array or parquet: preference pairs, or for --loss sft "
+        "conversations / prompt-completion rows; 'synthetic' for the built-in set (default)",
     )
     g(
         "--eval-data",
@@ -133,8 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--template",
         choices=sorted(data.TEMPLATES),
-        help="a built-in chat template instead of the "
-        "checkpoint's own (default: the checkpoint's Jinja chat_template; a preset's own; else an error)",
+        help="a built-in chat template instead of the checkpoint's own (default: the "
+        "checkpoint's Jinja chat_template; a preset's own; else an error)",
     )
     g(
         "--max-length",
@@ -204,17 +191,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--similarity",
         default="embedding",
         choices=list(aao.SIMILARITIES),
-        help="Eq. 7's S on: "
-        "embedding (input embeddings, the paper's; default), hidden (the policy's hidden state after each "
-        "token, detached), alignment (S = 1 for tokens every longest common subsequence of the two "
-        "answers matches)",
+        help="Eq. 7's S on: embedding (input embeddings, the paper's; default), hidden (the "
+        "policy's hidden state after each token, detached), alignment (S = 1 for tokens every "
+        "longest common subsequence of the two answers matches)",
     )
     g(
         "--end-token-weight",
         default="aao",
         choices=["aao", "one"],
-        help="the answer's last "
-        "(end-of-answer) token: aao (its Eq. 17 weight, ~0 since both answers share it; default) or one",
+        help="the answer's last (end-of-answer) token: aao (its Eq. 17 weight, ~0 since both "
+        "answers share it; default) or one",
     )
     g(
         "--reward-form",
@@ -382,14 +368,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"--resume {args.resume}: no run there ({saved} not found); start one with "
                 f"--out {args.resume}"
             )
-        args = p.parse_args(
-            argv,
-            namespace=argparse.Namespace(
-                **{**json.loads(saved.read_text()), "resume": args.resume}
-            ),
-        )
+        saved_args = {**json.loads(saved.read_text()), "resume": args.resume}
+        args = p.parse_args(argv, namespace=argparse.Namespace(**saved_args))
         args.out = args.resume
-    column = defaults_column(args)
+    column = COLUMNS.index(defaults_column(args))
     for key, values in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, values[column])
@@ -437,7 +419,7 @@ LIMITS = {
 
 
 def check_values(args) -> None:
-    """Values argparse's types let through but no run can use: refused by name before anything loads."""
+    """Values argparse's types let through but no run can use, refused by name before loading."""
     for key, (ok, need) in LIMITS.items():
         value = getattr(args, key)
         if value is not None and not (ok(value) and math.isfinite(value)):
@@ -459,6 +441,11 @@ def chat_of(args, tokenizer) -> data.Chat:
 
 def pairwise(a) -> bool:
     return a.loss != "sft"
+
+
+def routes_to_sft(a) -> bool:
+    """MixDPO: some pairs take the SFT loss (--sft-below-margin or --sft-below-quantile)."""
+    return a.sft_below_margin is not None or a.sft_below_quantile is not None
 
 
 # Options that mean something in one kind of run only: given another value than their default
@@ -484,10 +471,7 @@ ONLY_WITH = {
         k: ("--weighting aao", lambda a: pairwise(a) and a.weighting == "aao")
         for k in ("alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")
     },
-    "sft_weight": (
-        "--sft-below-margin or --sft-below-quantile",
-        lambda a: a.sft_below_margin is not None or a.sft_below_quantile is not None,
-    ),
+    "sft_weight": ("--sft-below-margin or --sft-below-quantile", routes_to_sft),
     **{
         k: ("--beta-column", lambda a: a.beta_column is not None)
         for k in ("beta_scale", "beta_min", "beta_max")
@@ -529,7 +513,7 @@ def check_combinations(args, defaults: dict) -> None:
         )
 
 
-# ----------------------------------------------------------------------------- processes and devices
+# ----------------------------------------------------------------------------- processes, devices
 
 
 def choose_device(name: str) -> torch.device:
@@ -550,15 +534,17 @@ def choose_device(name: str) -> torch.device:
 
 
 def setup_distributed(replicate: int, timeout_minutes: float, device_name: str = "auto"):
-    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun, or a group of one held in memory. Returns the device
-    and the mesh FSDP shards over: 1-D, or with --replicate R a 2-D (replicate, shard) mesh (HSDP: shard
-    inside groups of world/R ranks, say a node, replicate across them, so the gathers stay in the node)."""
+    """RANK / WORLD_SIZE / LOCAL_RANK from torchrun, or a group of one held in memory. Returns the
+    device and the mesh FSDP shards over: 1-D, or with --replicate R a 2-D (replicate, shard) mesh
+    (HSDP: shard inside groups of world/R ranks, say a node, replicate across them, so the gathers
+    stay in the node)."""
     device = choose_device(device_name)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
-    # device_id binds the process to its GPU and starts NCCL now; the timeout must outlast the longest
-    # wait of one rank for the others (a checkpoint write), or NCCL's default 10 minutes ends the job.
+    # device_id binds the process to its GPU and starts NCCL now; the timeout must outlast the
+    # longest wait of one rank for the others (a checkpoint write), or NCCL's default 10 minutes
+    # ends the job.
     kw = {
         "backend": "nccl" if cuda else "gloo",
         "timeout": timedelta(minutes=timeout_minutes),
@@ -571,12 +557,10 @@ def setup_distributed(replicate: int, timeout_minutes: float, device_name: str =
     world = dist.get_world_size()
     if replicate < 1 or world % replicate:
         raise TrainingError(f"--replicate {replicate} must divide the {world} processes")
-    shape, names = (
-        ((replicate, world // replicate), ("replicate", "shard"))
-        if replicate > 1
-        else ((world,), ("shard",))
-    )
-    # mesh= given to fully_shard explicitly: the default mesh picks CUDA whenever it exists, even for gloo.
+    shape, names = ((world,), ("shard",))
+    if replicate > 1:
+        shape, names = (replicate, world // replicate), ("replicate", "shard")
+    # fully_shard gets this mesh: its default one picks CUDA whenever it exists, even for gloo.
     return device, init_device_mesh(device.type, shape, mesh_dim_names=names)
 
 
@@ -592,8 +576,8 @@ def rank0_print(*a):
 
 
 def check_shared_out(out: Path, device) -> None:
-    """Every rank writes its share of each checkpoint into --out and reads all of them on resume: a node
-    that does not see the directory would fail at the first checkpoint, hours in. Check at the start."""
+    """Every rank writes its share of each checkpoint into --out and reads all of them on resume: a
+    node that does not see the directory would fail at the first checkpoint, hours in. Check now."""
     nonce = torch.randint(1, 2**62, (1,), device=device)
     dist.broadcast(nonce, 0)
     probe = out / f".rank-check-{int(nonce)}"
@@ -619,53 +603,38 @@ def check_shared_out(out: Path, device) -> None:
 
 def load_data(args, tokenizer, chat: data.Chat) -> tuple[list, list]:
     """Tokenized training and held-out items: pairs, or for --loss sft single examples."""
-    train_rows, eval_rows = (
-        data.synthetic_rows(args.seed)
-        if args.data == "synthetic"
-        else (data.read_rows(args.data), [])
-    )
+    if args.data == "synthetic":
+        train_rows, eval_rows = data.synthetic_rows(args.seed)
+    else:
+        train_rows, eval_rows = data.read_rows(args.data), []
     if args.eval_data:
         eval_rows = data.read_rows(args.eval_data)
     if args.loss == "sft":
         tokenize = lambda rows: data.sft_examples(tokenizer, rows, chat, args.max_length)
     else:
-        tokenize = lambda rows: data.tokenize_rows(
-            tokenizer,
-            rows,
-            chat,
-            args.max_length,
-            args.max_prompt_length,
-            args.keep_identical,
-            args.beta_column or "beta",
-        )
+        options = (args.max_length, args.max_prompt_length, args.keep_identical)
+        beta = args.beta_column or "beta"
+        tokenize = lambda rows: data.tokenize_rows(tokenizer, rows, chat, *options, beta)
     train, report = tokenize(train_rows)
     if eval_rows:
         heldout = tokenize(eval_rows)[0]
     else:
         train, heldout = data.hold_out(train, min(args.eval_pairs, len(train) // 10), args.seed)
     if args.loss != "sft":
-        mixdpo = (
-            args.curriculum == "margin"
-            or args.sft_below_margin is not None
-            or args.sft_below_quantile is not None
-        )
+        mixdpo = args.curriculum == "margin" or routes_to_sft(args)
         data.check_pair_columns(train + heldout, args.beta_column, mixdpo)
-    dropped = ", ".join(
-        f"{v} {k.replace('_', ' ')}"
-        for k, v in report.items()
-        if k not in ("rows", "pairs", "examples") and v
-    )
+    drops = {k: v for k, v in report.items() if k not in ("rows", "pairs", "examples") and v}
+    dropped = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in drops.items())
+    dropped = f" ({dropped})" if dropped else ""
     template = "the checkpoint's chat template" if chat.jinja else f"template {chat.name}"
     rank0_print(
-        f"data: {len(train) + len(heldout)} items of {report['rows']} rows"
-        + (f" ({dropped})" if dropped else "")
-        + f", {len(train)} for training, "
-        f"{len(heldout)} held out, {template}"
+        f"data: {len(train) + len(heldout)} items of {report['rows']} rows{dropped}, "
+        f"{len(train)} for training, {len(heldout)} held out, {template}"
     )
     return train, heldout
 
 
-# ----------------------------------------------------------------------------- models: what a run trains with
+# ----------------------------------------------------------------------------- models
 
 
 @dataclasses.dataclass
@@ -673,12 +642,10 @@ class Run:
     """What a training run trains with. Items are pairs, or SFT examples when objective is None."""
 
     policy: M.Transformer  # FSDP-sharded, fp32 master weights
-    reference: (
-        M.Transformer | None
-    )  # frozen, sharded; None for SFT / SimPO, or once its log-probs are cached
-    thresholds: (
-        aao.ThresholdMLP | None
-    )  # Eq. 8, replicated on every rank; None unless aao weighting
+    # frozen, sharded; None for SFT / SimPO, or once its log-probs are cached
+    reference: M.Transformer | None
+    # Eq. 8, replicated on every rank; None unless aao weighting
+    thresholds: aao.ThresholdMLP | None
     objective: aao.Objective | None  # None: the SFT stage
     train_items: list
     heldout: list
@@ -693,57 +660,20 @@ class Run:
 
 
 def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
-    """Policy, reference, threshold MLP, objective: everything a run trains with, beside its data."""
-    weights = M.resolve_weights(args.weights)
-    cfg, read_weights = M.weight_reader(weights, tokenizer.get_vocab_size(), args.seed)
-    if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise M.CheckpointError(
-            f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
-            f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together"
-        )
-    dtype, sft = compute_dtype(args.dtype, device), args.loss == "sft"
+    """Policy, reference, threshold MLP, objective: what a run trains with, beside its data."""
+    cfg, read_weights = model_config(args, tokenizer)
+    dtype = compute_dtype(args.dtype, device)
     start = read_weights if resume_from is None else train_state_reader(resume_from, mesh)
-    objective = (
-        None
-        if sft
-        else aao.Objective(
-            loss=args.loss,
-            weighting=args.weighting,
-            beta=args.beta,
-            label_smoothing=args.label_smoothing,
-            simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio,
-            ipo_normalized=not args.ipo_sum,
-            alpha=args.alpha,
-            lambda_c=args.lambda_c,
-            lambda_r=args.lambda_r,
-            reward_form=args.reward_form,
-            similarity=args.similarity,
-            end_token_weight=args.end_token_weight,
-            sft_weight=args.sft_weight,
-        )
-    )
-    if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
-        rank0_print(
-            f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its recipes) is "
-            "~20x DPO's: per-pair β made for DPO need a --beta-scale"
-        )
-    needs_reference = not sft and args.loss != "simpo"
-    run = Run(
-        M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing),
-        M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
-        if needs_reference
-        else None,
-        None,
-        objective,
-        train_items,
-        heldout,
-        device,
-        mesh,
-        args.micro_batch_size,
-        args.seed,
-        (args.beta_scale, args.beta_min, args.beta_max) if args.beta_column else None,
-    )
-    if args.sft_below_margin is not None or args.sft_below_quantile is not None:
+    objective = objective_of(args)
+    policy = M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing)
+    micro, seed = args.micro_batch_size, args.seed
+    run = Run(policy, None, None, objective, train_items, heldout, device, mesh, micro, seed)
+    # Only run holds the frozen reference, so that --precompute-ref can free it.
+    if objective is not None and args.loss != "simpo":
+        run.reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
+    if args.beta_column:  # SP2DPO: each pair's β from a column of the data
+        run.beta_scaling = (args.beta_scale, args.beta_min, args.beta_max)
+    if routes_to_sft(args):
         run.mixdpo = True
         for items in (train_items, heldout):
             mark_routed(items, args.sft_below_margin, args.sft_below_quantile, args.seed)
@@ -751,23 +681,67 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
         torch.manual_seed(args.seed)  # the same MLP whatever the number of processes
         run.thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device)
     if args.precompute_ref and run.reference is not None:
-        run.ref_train = ReferenceCache.compute(
-            run.reference, train_items, args.micro_batch_size, device
-        )
-        run.ref_eval = ReferenceCache.compute(run.reference, heldout, args.micro_batch_size, device)
-        run.reference = None
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        rank0_print(
-            f"reference log-probs cached for {len(train_items) + len(heldout)} pairs; reference freed"
-        )
+        cache_reference(run)
+    objective_name = "sft" if objective is None else f"{args.loss} + {args.weighting} weighting"
     rank0_print(
-        f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with "
-        + ("sft" if sft else f"{args.loss} + {args.weighting} weighting")
-        + f" on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})"
+        f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with {objective_name} "
+        f"on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})"
     )
     return run
+
+
+def model_config(args, tokenizer):
+    """The model's config and model.weight_reader's reader of its weights, checked against the
+    tokenizer."""
+    weights = M.resolve_weights(args.weights)
+    cfg, read_weights = M.weight_reader(weights, tokenizer.get_vocab_size(), args.seed)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise M.CheckpointError(
+            f"{weights}: tokenizer.json has {tokenizer.get_vocab_size()} tokens, "
+            f"config.json's vocab_size is {cfg.vocab_size}: they do not belong together"
+        )
+    return cfg, read_weights
+
+
+def objective_of(args) -> aao.Objective | None:
+    """The pairwise objective the flags ask for (aao.Objective); None for the SFT stage."""
+    if args.loss == "sft":
+        return None
+    objective = aao.Objective(
+        loss=args.loss,
+        weighting=args.weighting,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio,
+        ipo_normalized=not args.ipo_sum,
+        alpha=args.alpha,
+        lambda_c=args.lambda_c,
+        lambda_r=args.lambda_r,
+        reward_form=args.reward_form,
+        similarity=args.similarity,
+        end_token_weight=args.end_token_weight,
+        sft_weight=args.sft_weight,
+    )
+    if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
+        rank0_print(
+            f"warning: --beta-column {args.beta_column} drives SimPO, whose β (2.0 in its "
+            "recipes) is ~20x DPO's: per-pair β made for DPO need a --beta-scale"
+        )
+    return objective
+
+
+def cache_reference(run: Run) -> None:
+    """--precompute-ref: the reference's log-probs of every pair, computed once; the reference is
+    then freed."""
+    micro, device = run.micro_batch_size, run.device
+    run.ref_train = ReferenceCache.compute(run.reference, run.train_items, micro, device)
+    run.ref_eval = ReferenceCache.compute(run.reference, run.heldout, micro, device)
+    run.reference = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    n_pairs = len(run.train_items) + len(run.heldout)
+    rank0_print(f"reference log-probs cached for {n_pairs} pairs; reference freed")
 
 
 def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
@@ -779,12 +753,12 @@ def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
         pair["routed"] = r
 
 
-# ----------------------------------------------------------------------------- the objective on a micro-batch
+# ----------------------------------------------------------------------------- the objective
 
 
 @dataclasses.dataclass
 class PairForward:
-    """The pairwise objective on one micro-batch, and what evaluation and the weights page read of it."""
+    """The pairwise objective on a micro-batch, and what evaluation and the weights page read."""
 
     out: aao.ObjectiveOutput  # per-pair losses, rewards, token weights, a and b
     policy: M.AnswerStates  # the policy's states at the answer tokens
@@ -803,9 +777,8 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
     a = b = None
     if run.thresholds is not None:
         a, b = run.thresholds(aao.pooled_answer_logits(policy.logit_sums, mask))
-    pairs = aao.PairBatch(
-        mask, ids=batch["answer_ids"], seeds=aao.random_weight_seeds(run.seed, step, indices)
-    )
+    seeds = aao.random_weight_seeds(run.seed, step, indices)
+    pairs = aao.PairBatch(mask, ids=batch["answer_ids"], seeds=seeds)
     if run.beta_scaling:  # SP2DPO
         pairs.beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling)
     if run.mixdpo:  # marked once for the whole set (mark_routed)
@@ -820,11 +793,10 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
 
 
 def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
-    """The frozen reference's per-token log-probs and top-1 log-probs: live, cached, or none (SimPO)."""
+    """The frozen reference's per-token and top-1 log-probs: live, cached, or none (SimPO)."""
     if cache is not None:
-        logps, top1 = cache.lookup(
-            indices, batch["packed"].answer_index, batch["answer_mask"].shape
-        )
+        answer_index, shape = batch["packed"].answer_index, batch["answer_mask"].shape
+        logps, top1 = cache.lookup(indices, answer_index, shape)
         return M.AnswerStates(logps, top1)
     if run.reference is None:
         return None
@@ -833,8 +805,8 @@ def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
 
 
 def forward_sft(run: Run, items, indices):
-    """The SFT stage on a micro-batch: the summed NLL of its answer tokens (divided by the token count of
-    the whole batch, it is TRL's token mean), and that sum and count as metrics."""
+    """The SFT stage on a micro-batch: the summed NLL of its answer tokens (divided by the token
+    count of the whole batch, it is TRL's token mean), and that sum and count as metrics."""
     batch = data.micro_batch(items, indices, True, run.device)
     states = run.policy(packed=batch["packed"])
     nll_sum = aao.sft_loss(states.logps, batch["answer_mask"], 1)
@@ -846,17 +818,16 @@ def forward_sft(run: Run, items, indices):
 
 
 def make_optimizer(policy, thresholds, lr: float, threshold_lr: float, weight_decay: float):
-    """AdamW: the policy at lr (no weight decay on norms), the threshold MLP at its own rate, since the
-    policy's 5e-7 would leave a freshly initialized MLP where it started."""
+    """AdamW: the policy at lr (no weight decay on norms), the threshold MLP at its own rate, since
+    the policy's 5e-7 would leave a freshly initialized MLP where it started."""
     params = list(policy.parameters())
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0},
     ]
     if thresholds is not None:
-        groups.append(
-            {"params": list(thresholds.parameters()), "lr": threshold_lr, "weight_decay": 0.0}
-        )
+        mlp = list(thresholds.parameters())
+        groups.append({"params": mlp, "lr": threshold_lr, "weight_decay": 0.0})
     for g in groups:
         g["base_lr"] = g["lr"]
     # fused: one kernel over all tensors; the threshold MLP's vocab x 512 update stays cheap.
@@ -884,15 +855,15 @@ def train_step(
     count_flops=False,
 ) -> dict:
     """One optimizer step on this rank's share of a global batch: micro-batches (forward, objective,
-    backward) accumulate gradients, then clip, update, and the step's metrics over all ranks, read from
-    the device once."""
+    backward) accumulate gradients, then clip, update, and the step's metrics over all ranks, read
+    from the device once."""
     sums, spread = {"stop": float(stop_requested)}, []
     micro_step = sft_micro_step if run.objective is None else pair_micro_step
     scale = loss_scale(run, indices, batch_size)
     for chunk in data.micro_batches(indices, run.micro_batch_size):
         loss, m = micro_step(run, chunk, step, spread)
-        # No no_sync between micro-batches: FSDP2 would then hold unsharded fp32 gradients (32 GB for 8B);
-        # reduce-scattering each micro-batch's gradients keeps only the shards.
+        # No no_sync between micro-batches: FSDP2 would then hold unsharded fp32 gradients (32 GB
+        # for 8B); reduce-scattering each micro-batch's gradients keeps only the shards.
         (loss * scale).backward()
         lengths = data.segment_lengths(run.train_items, chunk)
         m["tokens"] = float(sum(q for q, _, _ in lengths))  # through the layers: each prompt once
@@ -900,9 +871,8 @@ def train_step(
             m["flops"] = M.training_flops(run.policy.config, lengths, run.reference is not None)
         accumulate(sums, m, len(chunk))
     norms = {"grad_norm": clip_gradients(run.policy.parameters(), grad_clip)}
-    if (
-        run.thresholds is not None
-    ):  # clipped apart, so that its gradient does not shrink the policy's step
+    # The threshold MLP is clipped apart, so that its gradient does not shrink the policy's step.
+    if run.thresholds is not None:
         M.average_replicated_gradients(run.thresholds)
         norms["grad_norm/thresholds"] = clip_gradients(run.thresholds.parameters(), grad_clip)
     stats = reduce_metrics(sums, len(indices), norms | batch_spread(spread))
@@ -912,16 +882,15 @@ def train_step(
     optimizer.step()
     run.policy.zero_grad(set_to_none=True)
     if run.thresholds is not None:
-        run.thresholds.zero_grad(
-            set_to_none=False
-        )  # kept: aao.VocabLinear adds into fc1's in place
+        # Kept, not set to None: aao.VocabLinear adds into fc1's gradient in place.
+        run.thresholds.zero_grad(set_to_none=False)
     return stats
 
 
 def loss_scale(run: Run, indices: list, batch_size: int) -> torch.Tensor | float:
-    """What a micro-batch's summed loss is multiplied by so that the step's loss is a mean over the global
-    batch: per pair, or for SFT per answer token of it (TRL's token mean, the count all-reduced). FSDP
-    averages gradients over the processes, hence x world."""
+    """What a micro-batch's summed loss is multiplied by so that the step's loss is a mean over the
+    global batch: per pair, or for SFT per answer token of it (TRL's token mean, the count
+    all-reduced). FSDP averages gradients over the processes, hence x world."""
     world = dist.get_world_size()
     if run.objective is not None:
         return world / batch_size
@@ -932,15 +901,11 @@ def loss_scale(run: Run, indices: list, batch_size: int) -> torch.Tensor | float
 
 
 def pair_micro_step(run: Run, chunk: list, step: int, spread: list):
-    """A micro-batch of pairs: the summed per-pair losses and the metrics; a, b and β kept for their spread."""
+    """A micro-batch of pairs: the summed per-pair losses and the metrics; a, b and β go to
+    `spread`, for batch_spread."""
     f = forward_pairs(run, run.train_items, chunk, step, run.ref_train)
-    spread.append(
-        {
-            k: v.detach()
-            for k, v in (("a", f.out.a), ("b", f.out.b), ("beta", f.out.beta))
-            if isinstance(v, torch.Tensor)
-        }
-    )
+    per_pair = {"a": f.out.a, "b": f.out.b, "beta": f.out.beta}
+    spread.append({k: v.detach() for k, v in per_pair.items() if isinstance(v, torch.Tensor)})
     return f.out.losses.sum(), f.metrics
 
 
@@ -950,7 +915,7 @@ def sft_micro_step(run: Run, chunk: list, step: int, spread: list):
 
 
 def check_finite(run: Run, stats: dict, indices: list, step: int) -> None:
-    """A non-finite loss or gradient norm stops the run before the update, naming the batch's rows."""
+    """Stop before the update on a non-finite loss or gradient norm, naming the batch's rows."""
     for key in ("loss", "grad_norm", "grad_norm/thresholds"):
         if key in stats and not math.isfinite(stats[key]):
             rows = [run.train_items[i]["where"] for i in indices]
@@ -967,27 +932,20 @@ def clip_gradients(params, max_norm: float) -> torch.Tensor:
 
 
 def batch_spread(per_micro_batch: list) -> dict:
-    """Mean, std, min and max over every pair of the global batch of the per-pair values (B,) that each
-    micro-batch gave: AAO's thresholds a and b (Eq. 8), SP2DPO's β."""
+    """Mean, std, min and max over every pair of the global batch of the per-pair values (B,) that
+    each micro-batch gave: AAO's thresholds a and b (Eq. 8), SP2DPO's β."""
     if not per_micro_batch or not per_micro_batch[0]:
         return {}
     names = sorted(per_micro_batch[0])
-    local = torch.stack(
-        [torch.cat([m[k] for m in per_micro_batch]) for k in names]
-    )  # (values, pairs here)
+    # (values, pairs of this rank)
+    local = torch.stack([torch.cat([m[k] for m in per_micro_batch]) for k in names])
     every = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(every, local)
-    values = torch.cat(every, dim=1)
-    return {
-        f"{name}/{stat}": fn(values[i])
-        for i, name in enumerate(names)
-        for stat, fn in (
-            ("mean", torch.mean),
-            ("std", lambda x: x.std(correction=0)),
-            ("min", torch.min),
-            ("max", torch.max),
-        )
-    }
+    spread = {}
+    for name, x in zip(names, torch.cat(every, dim=1)):
+        stats = {"mean": x.mean(), "std": x.std(correction=0), "min": x.min(), "max": x.max()}
+        spread |= {f"{name}/{stat}": v for stat, v in stats.items()}
+    return spread
 
 
 # Metrics summed over micro-batches and ranks; every other metric is averaged, weighted by pairs.
@@ -1007,23 +965,14 @@ def accumulate(sums: dict, metrics: dict, weight: float, totals=TOTALS) -> None:
 
 
 def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=TOTALS) -> dict:
-    """Over every micro-batch of every rank: means of the pair-weighted sums, except `totals`, summed.
-    One all-reduce and one device-to-host copy, with `extra` (already global) read in the same copy."""
+    """Over every micro-batch of every rank: means of the pair-weighted sums, except `totals`,
+    summed. One all-reduce and one device-to-host copy, that also reads `extra` (already global)."""
     keys, extra = sorted(sums), extra or {}
-    total = torch.stack(
-        [
-            torch.as_tensor(sums[k], dtype=torch.float64, device=dist_device()).reshape(())
-            for k in keys
-        ]
-        + [torch.tensor(float(count), dtype=torch.float64, device=dist_device())]
-    )
+    f64 = lambda v: torch.as_tensor(v, dtype=torch.float64, device=dist_device()).reshape(())
+    total = torch.stack([f64(sums[k]) for k in keys] + [f64(float(count))])
     dist.all_reduce(total)
-    values = (
-        torch.cat([total, torch.stack([v.double().reshape(()) for v in extra.values()])])
-        if extra
-        else total
-    )
-    values = values.tolist()
+    extras = [v.double().reshape(()) for v in extra.values()]
+    values = (torch.cat([total, torch.stack(extras)]) if extras else total).tolist()
     summed, count = dict(zip(keys, values)), values[len(keys)]
     kept = summed.pop("pairs/kept", None)
     out = {}
@@ -1036,33 +985,27 @@ def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=T
 
 
 def dist_device():
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
 def train(args, device, mesh) -> int:
-    """The run: evaluate, then for every step train, log, evaluate and save; the final weights and the
-    token-weight page at the end. Returns the exit code: 0, or 128 + a signal's number if stopped by one."""
-    rank, out = dist.get_rank(), Path(args.out)
+    """The run: evaluate, the steps (train_loop), then the final weights and the token-weight page.
+    Returns the exit code: 0, or 128 + a signal's number if stopped by one."""
+    out = Path(args.out)
     check_shared_out(out, device)
     if not args.resume and (latest_checkpoint(out) or (out / "final").exists()):
         raise TrainingError(
             f"{out} already holds a run: continue it with --resume {out}, or choose another --out"
         )
-    tokenizer = (
-        data.tiny_tokenizer()
-        if args.weights == "tiny"
-        else M.load_tokenizer(M.resolve_weights(args.weights))
-    )
+    tokenizer = tokenizer_of(args)
     chat = chat_of(args, tokenizer)
     train_items, heldout = load_data(args, tokenizer, chat)
-    sampler, total = schedule(args, train_items, rank)
+    sampler, total = schedule(args, train_items, dist.get_rank())
     if already_finished(args, out, total, sampler.steps_per_epoch):
         return 0
     resume_from = resume_point(args, out)
@@ -1074,21 +1017,42 @@ def train(args, device, mesh) -> int:
     log = RunLog(out, args, start, resumed=resume_from is not None)
     resuming = f", resuming from {resume_from} at step {start}" if resume_from else ""
     rank0_print(f"{total} steps of {args.batch_size}{resuming}")
-    warmup = max(1, round(args.warmup * total))
-    first_eval = (
-        log.write("eval", {"step": 0, **evaluate(run)}) if start == 0 and run.heldout else {}
-    )
-    peak = M.peak_flops(device)
+    first_eval = {}
+    if start == 0 and run.heldout:
+        first_eval = log.write("eval", {"step": 0, **evaluate(run)})
     stop = StopSignal()
-    bar = tqdm(
-        range(start, total),
-        initial=start,
-        total=total,
-        disable=rank != 0 or args.quiet,
-        desc="train",
-        dynamic_ncols=True,
-    )
     try:
+        code = train_loop(args, run, optimizer, log, stop, sampler, start, total)
+    finally:
+        stop.restore()
+        log.close()
+    if code:
+        return code
+    source = None if args.weights == "tiny" else Path(M.resolve_weights(args.weights))
+    dtype = getattr(torch, args.save_dtype)
+    final = save_weights(run, tokenizer, out / "final", dtype, chat, source)
+    if run.objective is not None and run.objective.weighting == "aao" and run.heldout:
+        write_weights_page(run, tokenizer, out / "weights.html", args.data)
+    if dist.get_rank() == 0:
+        summarize(first_eval, last_row(out / "eval.jsonl"), len(run.heldout), final, out)
+    return 0
+
+
+def tokenizer_of(args):
+    if args.weights == "tiny":
+        return data.tiny_tokenizer()
+    return M.load_tokenizer(M.resolve_weights(args.weights))
+
+
+def train_loop(args, run: Run, optimizer, log, stop, sampler, start: int, total: int) -> int:
+    """Steps start to total: train, log, evaluate and save every so often. Returns 0, or after a
+    signal (StopSignal) 128 + its number, once the step's checkpoint is written."""
+    out, rank, peak = Path(args.out), dist.get_rank(), M.peak_flops(run.device)
+    warmup = max(1, round(args.warmup * total))
+    batch_size, clip, count_flops = args.batch_size, args.grad_clip, peak is not None
+    steps, quiet = range(start, total), rank != 0 or args.quiet
+    bar = tqdm(steps, initial=start, total=total, disable=quiet, desc="train", dynamic_ncols=True)
+    with bar:
         for step in bar:
             t0 = time.perf_counter()
             for g in optimizer.param_groups:
@@ -1096,20 +1060,12 @@ def train(args, device, mesh) -> int:
             indices = sampler.batch(step)
             try:
                 stats = train_step(
-                    run,
-                    optimizer,
-                    indices,
-                    step,
-                    args.batch_size,
-                    args.grad_clip,
-                    stop.requested,
-                    peak is not None,
+                    run, optimizer, indices, step, batch_size, clip, stop.requested, count_flops
                 )
             except TrainingError as e:
                 last = latest_checkpoint(out)
-                raise TrainingError(
-                    f"{e}" + (f"; the last good checkpoint is {last}" if last else "")
-                ) from None
+                last = f"; the last good checkpoint is {last}" if last else ""
+                raise TrainingError(f"{e}{last}") from None
             stopping = stats.pop("stop")
             row = step_row(step, stats, optimizer, time.perf_counter() - t0, peak)
             if run.heldout and ((step + 1) % args.eval_every == 0 or step + 1 == total):
@@ -1120,29 +1076,17 @@ def train(args, device, mesh) -> int:
             if stopping:
                 path = save_train_state(run, optimizer, out, step + 1, args.keep_last)
                 rank0_print(
-                    f"stopped by {stop.name} after step {step + 1}: checkpoint {path}; continue with "
-                    f"--resume {out} (same number of processes)"
+                    f"stopped by {stop.name} after step {step + 1}: checkpoint {path}; continue "
+                    f"with --resume {out} (same number of processes)"
                 )
                 return 128 + stop.signum
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
                 save_train_state(run, optimizer, out, step + 1, args.keep_last)
-    finally:
-        bar.close()
-        stop.restore()
-        log.close()
-    source = None if args.weights == "tiny" else Path(M.resolve_weights(args.weights))
-    final = save_weights(
-        run, tokenizer, out / "final", getattr(torch, args.save_dtype), chat, source
-    )
-    if run.objective is not None and run.objective.weighting == "aao" and run.heldout:
-        write_weights_page(run, tokenizer, out / "weights.html", args.data)
-    if rank == 0:
-        summarize(first_eval, last_row(out / "eval.jsonl"), len(run.heldout), final, out)
     return 0
 
 
 def step_row(step: int, stats: dict, optimizer, seconds: float, peak: float | None) -> dict:
-    """A line of metrics.jsonl: the step's metrics, its learning rate, throughput, and MFU on a GPU."""
+    """A line of metrics.jsonl: the step's metrics, learning rate, throughput, and MFU on a GPU."""
     row = {
         "step": step + 1,
         **stats,
@@ -1193,36 +1137,35 @@ def resume_point(args, out: Path) -> Path | None:
 
 
 def summarize(first: dict, last: dict, n_heldout: int, final: Path, out: Path) -> None:
+    """The run's last lines: the held-out result before and after, the files written, and a warning
+    if the policy never moved."""
     if "eval/accuracy" in last:
         before = f"{first['eval/accuracy']:.3f} before, " if first else ""
         print(
-            f"held-out preference accuracy: {before}{last['eval/accuracy']:.3f} after ({n_heldout} pairs; "
-            f"log-ratio margin {last['eval/margin']:.2f} nats)"
+            f"held-out preference accuracy: {before}{last['eval/accuracy']:.3f} after "
+            f"({n_heldout} pairs; log-ratio margin {last['eval/margin']:.2f} nats)"
         )
     elif "eval/loss" in last:
         before = f"{first['eval/loss']:.3f} before, " if first else ""
-        print(
-            f"held-out NLL per answer token: {before}{last['eval/loss']:.3f} after ({n_heldout} examples)"
-        )
-    files = [final, out / "metrics.jsonl"] + [
-        out / f for f in ("eval.jsonl", "weights.html") if (out / f).exists()
-    ]
+        after = f"{last['eval/loss']:.3f} after ({n_heldout} examples)"
+        print(f"held-out NLL per answer token: {before}{after}")
+    written = [out / f for f in ("eval.jsonl", "weights.html") if (out / f).exists()]
+    files = [final, out / "metrics.jsonl"] + written
     print("output: " + ", ".join(map(str, files)))
     if policy_stood_still(out / "metrics.jsonl"):
         print(
-            "warning: the policy did not move: loss/preference stayed at log 2 = 0.6931 and the reward margins "
-            "at 0 for every step. The learning rate (--lr) is most likely too small for this model and this "
-            "many steps (the defaults are the paper's for 8B models; see --help)"
+            "warning: the policy did not move: loss/preference stayed at log 2 = 0.6931 and the "
+            "reward margins at 0 for every step. The learning rate (--lr) is most likely too small "
+            "for this model and this many steps (the defaults are the paper's for 8B models; see "
+            "--help)"
         )
 
 
 def policy_stood_still(metrics: Path, tol: float = 1e-3) -> bool:
     """Every step's preference loss within tol of log 2 and its reward margin within tol of 0: the
     policy's log-ratios never left 0, so nothing was learned (a preference run only)."""
-    rows = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    )
-    rows = [r for r in rows if "loss/preference" in r]
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    rows = [r for r in map(json.loads, lines) if "loss/preference" in r]
     return bool(rows) and all(
         abs(r["loss/preference"] - math.log(2)) < tol and abs(r["rewards/margins"]) < tol
         for r in rows
@@ -1230,24 +1173,20 @@ def policy_stood_still(metrics: Path, tol: float = 1e-3) -> bool:
 
 
 class RunLog:
-    """metrics.jsonl and eval.jsonl on rank 0 (and TensorBoard with --tensorboard). On resume the rows past
-    the checkpoint's step, logged by the killed run after its last checkpoint, are dropped."""
+    """metrics.jsonl and eval.jsonl on rank 0 (and TensorBoard with --tensorboard). On resume, the
+    rows that the killed run logged after its last checkpoint (past its step) are dropped."""
 
     def __init__(self, out: Path, args, start: int, resumed: bool):
         self.rank0, self.board = dist.get_rank() == 0, None
         self.files = {"metrics": out / "metrics.jsonl", "eval": out / "eval.jsonl"}
         if not self.rank0:
             return
-        (out / "args.json").write_text(
-            json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, indent=1)
-        )
+        saved = {k: v for k, v in vars(args).items() if k != "resume"}
+        (out / "args.json").write_text(json.dumps(saved, indent=1))
         for f in self.files.values():
-            rows = (
-                [r for r in f.read_text().splitlines() if json.loads(r)["step"] <= start]
-                if resumed and f.exists()
-                else []
-            )
-            f.write_text("".join(r + "\n" for r in rows))
+            rows = f.read_text().splitlines() if resumed and f.exists() else []
+            kept = [r for r in rows if json.loads(r)["step"] <= start]
+            f.write_text("".join(r + "\n" for r in kept))
         if args.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -1258,7 +1197,7 @@ class RunLog:
             self.board = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, file: str, row: dict) -> dict:
-        """Append a row ({"step": N, metric: value, ...}) to metrics.jsonl or eval.jsonl; returns it."""
+        """Append {"step": N, metric: value, ...} to metrics.jsonl or eval.jsonl; returns it."""
         if self.rank0:
             with self.files[file].open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -1283,31 +1222,26 @@ def last_row(file: Path) -> dict:
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """Held-out metrics. Pairs: preference accuracy and margin by the plain (unweighted) DPO implicit
-    reward, log π_θ/π_ref(y_w) - log π_θ/π_ref(y_l) in nats without β, one yardstick for every loss and
-    weighting (SimPO, with no reference: its length-normalized log-prob margin); the squeeze probe; for
-    AAO the thresholds and token shares. SFT examples: the NLL per answer token."""
+    """Held-out metrics. Pairs: preference accuracy and margin by the plain (unweighted) DPO
+    implicit reward, log π_θ/π_ref(y_w) - log π_θ/π_ref(y_l) in nats without β, one yardstick for
+    every loss and weighting (SimPO, with no reference: its length-normalized log-prob margin); the
+    squeeze probe; for AAO the thresholds and token shares. SFT examples: NLL per answer token."""
     run.policy.eval()
     sums, count = {}, 0.0
-    share = data.lockstep_chunks(
-        len(run.heldout), run.micro_batch_size, dist.get_rank(), dist.get_world_size()
-    )
-    for real, weight in share:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for real, weight in data.lockstep_chunks(len(run.heldout), run.micro_batch_size, rank, world):
         if run.objective is None:
             m = forward_sft(run, run.heldout, real)[1]
         else:
             f = forward_pairs(run, run.heldout, real, 0, run.ref_eval)
             m, mask, logps = f.metrics, f.batch["answer_mask"], f.policy.logps
-            ratio = (
-                logps - f.reference.logps
-                if f.reference is not None
-                else logps / mask.sum(1, keepdim=True)
-            )
+            if f.reference is not None:
+                ratio = logps - f.reference.logps
+            else:
+                ratio = logps / mask.sum(1, keepdim=True)
             chosen, rejected = aao.split_pairs((ratio * mask).sum(1))
-            m["accuracy"], m["margin"] = (
-                aao.preference_accuracy(chosen - rejected),
-                (chosen - rejected).mean(),
-            )
+            margin = chosen - rejected
+            m["accuracy"], m["margin"] = aao.preference_accuracy(margin), margin.mean()
         accumulate(sums, m if weight else {k: 0 * v for k, v in m.items()}, weight)
         count += weight
     M.reshard(run.policy)  # no backward ran: the root would keep its gathered parameters
@@ -1334,8 +1268,8 @@ def named_trainables(run: Run) -> dict:
 
 @contextlib.contextmanager
 def written_whole(final: Path):
-    """A directory every rank writes into under a temporary name, renamed once all are done: a kill never
-    leaves half of one, and what was there before stays until the new one is whole."""
+    """A directory every rank writes into under a temporary name, renamed once all are done: a kill
+    never leaves half of one, and what was there before stays until the new one is whole."""
     tmp = final.parent / f".tmp-{final.name}"
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1350,16 +1284,15 @@ def written_whole(final: Path):
 
 
 def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) -> Path:
-    """<out>/step-N/, for --resume: every rank writes its own shard of the fp32 master weights and of
-    AdamW's moments (under --replicate, the first replica only); rank 0 also the replicated threshold MLP
-    with its moments. No rank writes the whole model and none waits on one that does. Then all but the
-    last keep_last step-N/ are deleted."""
+    """<out>/step-N/, for --resume: every rank writes its own shard of the fp32 master weights and
+    of AdamW's moments (under --replicate, the first replica only); rank 0 also the replicated
+    threshold MLP with its moments. No rank writes the whole model and none waits on one that does.
+    Then all but the last keep_last step-N/ are deleted."""
     rank, final = dist.get_rank(), out / f"step-{step}"
     shard, shards = M.shard_position(run.mesh)
     with written_whole(final) as tmp:
-        if (
-            run.mesh.ndim == 1 or run.mesh.get_local_rank("replicate") == 0
-        ):  # replicas hold the same shards
+        # Replicas hold the same shards: the first one writes them.
+        if run.mesh.ndim == 1 or run.mesh.get_local_rank("replicate") == 0:
             tensors = {}
             for name, p in named_trainables(run).items():
                 if name.startswith("thresholds.") and rank != 0:
@@ -1369,9 +1302,8 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
                     tensors[f"optim/{name}/{k}"] = M.local(v).detach().cpu().contiguous()
             save_file(tensors, train_state_file(tmp, shard, shards))
         if rank == 0:
-            (tmp / "train_state.json").write_text(
-                json.dumps({"step": step, "shards": shards, "world_size": dist.get_world_size()})
-            )
+            meta = {"step": step, "shards": shards, "world_size": dist.get_world_size()}
+            (tmp / "train_state.json").write_text(json.dumps(meta))
     if rank == 0:
         for old in sorted(checkpoints(out), key=checkpoints(out).get)[: -keep_last or None]:
             if old != final:
@@ -1382,16 +1314,16 @@ def save_train_state(run: Run, optimizer, out: Path, step: int, keep_last: int) 
 def save_weights(
     run: Run, tokenizer, final: Path, dtype, chat: data.Chat, source: Path | None
 ) -> Path:
-    """<out>/final/: the policy in Hugging Face layout, in dtype (bf16 unless --save-dtype float32), with
-    the tokenizer and its chat template: what serving and the next stage read; no optimizer state."""
+    """<out>/final/: the policy in Hugging Face layout, in dtype (bf16 unless --save-dtype float32),
+    with the tokenizer and its chat template: what serving and the next stage read; no optimizer
+    state."""
     with written_whole(final) as tmp:
         M.save_sharded(run.policy, tmp, dtype)
         if dist.get_rank() == 0:
             tokenizer.save(str(tmp / "tokenizer.json"))
             data.write_tokenizer_config(tmp, chat, source)
-            M.write_generation_config(
-                tmp, source, run.policy.config, data.answer_stop_ids(chat, tokenizer)
-            )
+            stop_ids = data.answer_stop_ids(chat, tokenizer)
+            M.write_generation_config(tmp, source, run.policy.config, stop_ids)
     return final
 
 
@@ -1410,8 +1342,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def train_state_reader(ckpt: Path, mesh):
-    """read(name, start, stop) for model.build_sharded from a step-N/ train state: this rank's file holds exactly
-    the rows start:stop of each of its parameters, the fp32 master weights, so a resume continues exactly."""
+    """read(name, start, stop) for model.build_sharded from a step-N/ train state: this rank's file
+    holds exactly the rows start:stop of each of its parameters, the fp32 master weights, so a
+    resume continues exactly."""
     meta = json.loads((ckpt / "train_state.json").read_text())
     shard, shards = M.shard_position(mesh)
     if meta["shards"] != shards:
@@ -1424,15 +1357,13 @@ def train_state_reader(ckpt: Path, mesh):
 
 
 def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
-    """Restore AdamW's moments and the threshold MLP from step-N/; returns the step to continue from."""
+    """AdamW's moments and the threshold MLP from step-N/; returns the step to continue from."""
     shard, shards = M.shard_position(run.mesh)
     mine = M.open_safetensors(train_state_file(ckpt, shard, shards))
     # The replicated threshold MLP and its moments are in rank 0's file only.
-    rank0 = (
-        M.open_safetensors(train_state_file(ckpt, 0, shards))
-        if run.thresholds is not None
-        else None
-    )
+    rank0 = None
+    if run.thresholds is not None:
+        rank0 = M.open_safetensors(train_state_file(ckpt, 0, shards))
     for name, p in named_trainables(run).items():
         f = rank0 if name.startswith("thresholds.") else mine
         if name.startswith("thresholds."):
@@ -1443,38 +1374,34 @@ def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
             for k in f.keys()
             if k.startswith(f"optim/{name}/")
         }
-        for (
-            k,
-            v,
-        ) in state.items():  # the moments are sharded like their parameter; the step count is not
+        # The moments are sharded like their parameter; the step count is not.
+        for k, v in state.items():
             if k != "step" and isinstance(p, DTensor):
-                state[k] = DTensor.from_local(
-                    v,
-                    p.device_mesh,
-                    p.placements,
-                    shape=p.shape,
-                    stride=p.stride(),
-                    run_check=False,
-                )
+                state[k] = sharded_like(p, v)
         if state:
             optimizer.state[p] = state
     return json.loads((ckpt / "train_state.json").read_text())["step"]
 
 
-# ----------------------------------------------------------------------------- the reference cache (--precompute-ref)
+def sharded_like(p: DTensor, local: torch.Tensor) -> DTensor:
+    """A shard read from a train state, as a DTensor laid out like its parameter p."""
+    layout = {"shape": p.shape, "stride": p.stride(), "run_check": False}
+    return DTensor.from_local(local, p.device_mesh, p.placements, **layout)
+
+
+# ----------------------------------------------------------------------------- the reference cache
 
 
 class ReferenceCache:
-    """--precompute-ref: the reference's log-probs and top-1 log-probs at every answer token, computed once.
-    Rank r computes the pairs i = r, r + world, ... and lays their values out flat, pair after pair (the
-    chosen answer, then the rejected); every rank then gathers every rank's flat tensor. Where pair i's
-    values sit follows from the answers' lengths, which every rank knows: no index travels."""
+    """--precompute-ref: the reference's log-probs and top-1 log-probs at every answer token,
+    computed once. Rank r computes the pairs i = r, r + world, ... and lays their values out flat,
+    pair after pair (the chosen answer, then the rejected); every rank then gathers every rank's
+    flat tensor. Where pair i's values sit follows from the answers' lengths, which every rank
+    knows: no index travels."""
 
     def __init__(self, pairs: list, flats: list):
-        self.flats, self.lengths = (
-            flats,
-            [(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs],
-        )
+        self.flats = flats
+        self.lengths = [(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
         self.starts, world = [0] * len(pairs), len(flats)
         for r in range(world):  # where each pair starts in its rank's flat tensor
             offset = 0
@@ -1484,33 +1411,23 @@ class ReferenceCache:
     @classmethod
     @torch.no_grad()
     def compute(cls, reference, pairs, micro, device) -> "ReferenceCache":
-        mine = []
-        for real, weight in data.lockstep_chunks(
-            len(pairs), micro, dist.get_rank(), dist.get_world_size()
-        ):
+        mine, rank, world = [], dist.get_rank(), dist.get_world_size()
+        for real, weight in data.lockstep_chunks(len(pairs), micro, rank, world):
             batch = data.micro_batch(pairs, real, False, device)
             states = reference(packed=batch["packed"])
-            if (
-                weight
-            ):  # the answer tokens in row order (chosen rows, then rejected), regrouped by pair
-                answer_index = batch["packed"].answer_index
-                flat = (
-                    torch.stack([states.logps, states.top1])
-                    .flatten(1)[:, answer_index]
-                    .float()
-                    .cpu()
-                )
-                rows = flat.split(
-                    [len(pairs[i]["chosen_ids"]) for i in real]
-                    + [len(pairs[i]["rejected_ids"]) for i in real],
-                    dim=1,
-                )
+            # The answer tokens in row order (chosen rows, then rejected), regrouped by pair.
+            if weight:
+                both = torch.stack([states.logps, states.top1]).flatten(1)
+                flat = both[:, batch["packed"].answer_index].float().cpu()
+                chosen = [len(pairs[i]["chosen_ids"]) for i in real]
+                rejected = [len(pairs[i]["rejected_ids"]) for i in real]
+                rows = flat.split(chosen + rejected, dim=1)
                 mine += [x for k in range(len(real)) for x in (rows[k], rows[k + len(real)])]
         flats = gather_ragged(torch.cat(mine, dim=1).T if mine else torch.zeros(0, 2))
         return cls(pairs, [f.T for f in flats])
 
     def lookup(self, indices, answer_index, shape):
-        """The (2B, width) grids of a micro-batch's pairs (chosen rows, then rejected), on the device."""
+        """(2B, width) grids of a micro-batch's pairs (chosen rows, then rejected), on device."""
         world, spans = len(self.flats), []
         for side in (0, 1):
             for i in indices:
@@ -1523,7 +1440,7 @@ class ReferenceCache:
 
 
 def gather_ragged(t: torch.Tensor) -> list:
-    """Every rank's 2-D tensor, of a row count that differs between ranks, on every rank (on the CPU)."""
+    """Every rank's 2-D tensor (row counts differ between ranks), on every rank, on the CPU."""
     n = torch.tensor([t.shape[0]], device=dist_device())
     counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, n)
@@ -1538,11 +1455,12 @@ def gather_ragged(t: torch.Tensor) -> list:
 
 
 class StopSignal:
-    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C): the step in flight finishes, every rank
-    agrees at its end, a step-N/ checkpoint is written and the run exits with 128 + the signal's number
-    (143, 130): what a shell reports for a job ended by that signal, and what Kubernetes' ExitCode restart
-    policy retries. A second signal stops at once. torchrun forwards the signal it gets to its workers,
-    which under Ctrl-C or a scheduler's group kill got it already: a repeat within 2 s is that echo."""
+    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C): the step in flight finishes,
+    every rank agrees at its end, a step-N/ checkpoint is written and the run exits with 128 + the
+    signal's number (143, 130): what a shell reports for a job ended by that signal, and what
+    Kubernetes' ExitCode restart policy retries. A second signal stops at once. torchrun forwards
+    the signal it gets to its workers, which under Ctrl-C or a scheduler's group kill got it
+    already: a repeat within 2 s is that echo."""
 
     def __init__(self):
         self.signum, self.first = 0, 0.0
@@ -1554,8 +1472,8 @@ class StopSignal:
         if not self.signum:
             self.signum, self.first = signum, time.monotonic()
             print(
-                f"rank {dist.get_rank()}: {self.name}: finishing the step, then saving a checkpoint; "
-                "a second signal stops at once",
+                f"rank {dist.get_rank()}: {self.name}: finishing the step, then saving a "
+                "checkpoint; a second signal stops at once",
                 file=sys.stderr,
                 flush=True,
             )
@@ -1573,66 +1491,67 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-# ----------------------------------------------------------------------------- the token-weight page
+# ----------------------------------------------------------------------------- token-weight page
 
-WEIGHT_PAGE_STYLE = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;line-height:1.9}
+WEIGHT_PAGE_STYLE = """\
+body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;line-height:1.9}
 .t{padding:1px 0;border-radius:3px;white-space:pre-wrap}.ambiguous{background:#e0e0e0;color:#888}
 .transitional{background:#fff6c8}.key{background:#7dd87d;font-weight:600}.pair{margin:1.5em 0}
 .who{display:inline-block;width:6em;color:#555}small{color:#666}"""
+
+# The page: {style}, {source} and {blocks} (the pairs) are filled in; a trailing \ joins two lines.
+WEIGHT_PAGE = """\
+<!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
+<style>{style}</style></head><body><h1>AAO token weights</h1>
+<p>Held-out pairs from {source}, weighed by the trained policy and threshold MLP.
+<span class="t ambiguous">ambiguous</span> (S &gt; a, weight (1&minus;S)&sup2;, suppressed),
+<span class="t transitional">transitional</span> (b &le; S &le; a, weight 1),
+<span class="t key">key</span> (S &lt; b, weight 1+S, emphasized). \
+Hover a token for S and its weight.</p>
+{blocks}</body></html>"""
 
 
 @torch.no_grad()
 def write_weights_page(run: Run, tokenizer, path: Path, source: str, n: int = 12) -> None:
     """A page that shows, for a few held-out pairs, every answer token coloured by its AAO category
-    (Eq. 16's hard thresholds on the learned a, b), with S and the weight of Eq. 17 on hover. Every rank
-    runs the same micro-batches (FSDP gathers collectively); rank 0 writes."""
-    blocks = []
-    for chunk in data.micro_batches(list(range(min(n, len(run.heldout)))), run.micro_batch_size):
-        f = forward_pairs(run, run.heldout, chunk, 0, run.ref_eval)
-        out, ids, mask = f.out, f.batch["answer_ids"].cpu(), f.batch["answer_mask"].cpu().bool()
-        S, w, a, b = (
-            out.similarity.cpu(),
-            out.weights.cpu(),
-            out.a.cpu().repeat(2),
-            out.b.cpu().repeat(2),
-        )
-        for k, i in enumerate(chunk):
-            lines = []
-            for row, who in ((k, "chosen"), (k + len(chunk), "rejected")):
-                spans = []
-                for t in mask[row].nonzero().flatten().tolist():
-                    s = float(S[row, t])
-                    kind = "ambiguous" if s > a[row] else "key" if s < b[row] else "transitional"
-                    text = html.escape(
-                        tokenizer.decode([int(ids[row, t])], skip_special_tokens=False)
-                    )
-                    spans.append(
-                        f'<span class="t {kind}" title="{kind}: S={s:.3f}, w={float(w[row, t]):.3f}">{text}</span>'
-                    )
-                lines.append(f'<div><span class="who">{who}</span>{"".join(spans)}</div>')
-            prompt = html.escape(
-                tokenizer.decode(run.heldout[i]["prompt_ids"], skip_special_tokens=True)
-            )
-            blocks.append(
-                f'<div class="pair"><small>{prompt} &nbsp; (a={a[k]:.3f}, b={b[k]:.3f})</small>{"".join(lines)}</div>'
-            )
+    (Eq. 16's hard thresholds on the learned a, b), with S and the weight of Eq. 17 on hover. Every
+    rank runs the same micro-batches (FSDP gathers collectively); rank 0 writes."""
+    shown = list(range(min(n, len(run.heldout))))
+    chunks = data.micro_batches(shown, run.micro_batch_size)
+    blocks = "".join(pairs_html(run, tokenizer, chunk) for chunk in chunks)
     M.reshard(run.policy)
     if dist.get_rank() == 0:
-        path.write_text(
-            f"""<!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
-<style>{WEIGHT_PAGE_STYLE}</style></head><body><h1>AAO token weights</h1>
-<p>Held-out pairs from {html.escape(str(source))}, weighed by the trained policy and threshold MLP.
-<span class="t ambiguous">ambiguous</span> (S &gt; a, weight (1&minus;S)&sup2;, suppressed),
-<span class="t transitional">transitional</span> (b &le; S &le; a, weight 1),
-<span class="t key">key</span> (S &lt; b, weight 1+S, emphasized). Hover a token for S and its weight.</p>
-{"".join(blocks)}</body></html>""",
-            encoding="utf-8",
-        )
+        source = html.escape(str(source))
+        page = WEIGHT_PAGE.format(style=WEIGHT_PAGE_STYLE, source=source, blocks=blocks)
+        path.write_text(page, encoding="utf-8")
 
 
-# ----------------------------------------------------------------------------- entry point
+def pairs_html(run: Run, tokenizer, chunk: list) -> str:
+    """A micro-batch of held-out pairs on the page: the prompt with a and b, then each answer token
+    as a span of its category's class, with S and its weight in the title."""
+    f = forward_pairs(run, run.heldout, chunk, 0, run.ref_eval)
+    ids, mask = f.batch["answer_ids"].cpu(), f.batch["answer_mask"].cpu().bool()
+    S, w = f.out.similarity.cpu(), f.out.weights.cpu()
+    a, b = f.out.a.cpu().repeat(2), f.out.b.cpu().repeat(2)
+    blocks = []
+    for k, i in enumerate(chunk):
+        lines = []
+        for row, who in ((k, "chosen"), (k + len(chunk), "rejected")):
+            spans = []
+            for t in mask[row].nonzero().flatten().tolist():
+                s = float(S[row, t])
+                kind = "ambiguous" if s > a[row] else "key" if s < b[row] else "transitional"
+                text = html.escape(tokenizer.decode([int(ids[row, t])], skip_special_tokens=False))
+                title = f"{kind}: S={s:.3f}, w={float(w[row, t]):.3f}"
+                spans.append(f'<span class="t {kind}" title="{title}">{text}</span>')
+            lines.append(f'<div><span class="who">{who}</span>{"".join(spans)}</div>')
+        prompt = tokenizer.decode(run.heldout[i]["prompt_ids"], skip_special_tokens=True)
+        head = f"<small>{html.escape(prompt)} &nbsp; (a={a[k]:.3f}, b={b[k]:.3f})</small>"
+        blocks.append(f'<div class="pair">{head}{"".join(lines)}</div>')
+    return "".join(blocks)
 
-# ----------------------------------------------------------------------------- answers for AlpacaEval
+
+# ----------------------------------------------------------------------------- AlpacaEval answers
 
 
 def parse_answers_args(argv):
@@ -1678,12 +1597,8 @@ def parse_answers_args(argv):
         help="auto: bf16 on CUDA",
     )
     args = p.parse_args(argv)
-    if (
-        args.max_new_tokens < 1
-        or args.batch_size < 1
-        or args.temperature < 0
-        or not 0 < args.top_p <= 1
-    ):
+    bad_sizes = args.max_new_tokens < 1 or args.batch_size < 1
+    if bad_sizes or args.temperature < 0 or not 0 < args.top_p <= 1:
         p.error(
             "--max-new-tokens and --batch-size must be >= 1, --temperature >= 0, --top-p in (0, 1]"
         )
@@ -1708,65 +1623,49 @@ def generator_name(weights: str) -> str:
 
 
 def write_answers(args) -> None:
+    """The model's answer to every instruction of --prompts, written as AlpacaEval reads them."""
     rows = read_instructions(args.prompts)
     weights = M.resolve_weights(args.weights)
     tokenizer = M.load_tokenizer(weights)
     chat = data.load_chat(weights, tokenizer, args.template)
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = (
-        getattr(torch, args.dtype)
-        if args.dtype != "auto"
-        else torch.bfloat16
-        if device.type == "cuda"
-        else torch.float32
-    )
-    model = M.load_model(weights, device, dtype).eval()
+    model = M.load_model(weights, device, compute_dtype(args.dtype, device)).eval()
     prompts = data.instruction_prompts(chat, tokenizer, [r["instruction"] for r in rows])
     context = model.config.max_position_embeddings
     prompts, n_cut = M.fit_prompts(prompts, context)
     if n_cut:
         print(
-            f"warning: {n_cut} prompt(s) longer than the model's context ({context} tokens) were cut from "
-            "the left",
+            f"warning: {n_cut} prompt(s) longer than the model's context ({context} tokens) were "
+            "cut from the left",
             file=sys.stderr,
         )
-    stop_ids = list(
-        dict.fromkeys(data.answer_stop_ids(chat, tokenizer) + M.stop_ids_of(weights, model.config))
-    )
-    # Prompts of like length batch together (little padding); longest first, so running out of memory shows at once.
+    stop_ids = data.answer_stop_ids(chat, tokenizer) + M.stop_ids_of(weights, model.config)
+    stop_ids = list(dict.fromkeys(stop_ids))
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "stop_ids": stop_ids}
+    # Prompts of like length batch together (little padding); longest first, so running out of
+    # memory shows at once.
     order = sorted(range(len(rows)), key=lambda i: -len(prompts[i]))
     outputs = [None] * len(rows)
     with tqdm(total=len(rows), unit="answer", disable=None) as bar:
         for n, start in enumerate(range(0, len(order), args.batch_size)):
             batch = order[start : start + args.batch_size]
-            room = context - max(len(prompts[i]) for i in batch)
-            answers = M.generate(
-                model,
-                [prompts[i] for i in batch],
-                min(args.max_new_tokens, room),
-                temperature=args.temperature,
-                top_p=args.top_p,
-                stop_ids=stop_ids,
-                seed=args.seed + n,
-            )
+            new_tokens = min(args.max_new_tokens, context - max(len(prompts[i]) for i in batch))
+            batch_prompts = [prompts[i] for i in batch]
+            answers = M.generate(model, batch_prompts, new_tokens, seed=args.seed + n, **sampling)
             for i, ids in zip(batch, answers):
                 outputs[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
             bar.update(len(batch))
     generator = args.generator or generator_name(weights)
+    ours = ("instruction", "output", "generator")
     answers = [
-        {
-            "instruction": r["instruction"],
-            "output": out,
-            "generator": generator,
-            **{k: v for k, v in r.items() if k not in ("instruction", "output", "generator")},
-        }
+        {"instruction": r["instruction"], "output": out, "generator": generator}
+        | {k: v for k, v in r.items() if k not in ours}
         for r, out in zip(rows, outputs)
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(answers, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    text = json.dumps(answers, indent=2, ensure_ascii=False) + "\n"
+    Path(args.out).write_text(text, encoding="utf-8")
 
 
 def answers_main(argv) -> int:
@@ -1776,6 +1675,9 @@ def answers_main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+# ----------------------------------------------------------------------------- entry point
 
 
 def main(argv=None) -> int:
@@ -1788,18 +1690,14 @@ def main(argv=None) -> int:
         device, mesh = setup_distributed(args.replicate, args.dist_timeout, args.device)
         code = train(args, device, mesh)
     except (M.CheckpointError, data.DataError, TrainingError) as e:
-        rank = (
-            f" (rank {dist.get_rank()})"
-            if dist.is_initialized() and dist.get_world_size() > 1
-            else ""
-        )
+        several = dist.is_initialized() and dist.get_world_size() > 1
+        rank = f" (rank {dist.get_rank()})" if several else ""
         print(f"error{rank}: {e}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     if dist.is_initialized():
+        # gloo's destroy_process_group aborts a rank now and then after all work is done.
         if torchrun and dist.get_backend() == "gloo":
-            os._exit(
-                code
-            )  # gloo's destroy_process_group aborts a rank now and then after all work is done
+            os._exit(code)
         dist.destroy_process_group()
     return code
 
