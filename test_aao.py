@@ -3354,6 +3354,32 @@ def test_per_pair_beta_column_from_a_file(tmp_path):
         train.load_data(args, tok, train.chat_of(args, tok))
 
 
+FAULTS_OF_A_SECOND_BLOCK = """
+import resource, sys, torch
+import train
+if sys.argv[1] == "keep":
+    assert train.keep_freed_memory()
+x = torch.ones(2**25); del x  # 128 MiB, written and freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+y = torch.ones(2**25)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt and Linux's fault counts")
+def test_a_cpu_run_reuses_freed_memory_instead_of_faulting_in_new_pages():
+    """A block freed by one step serves the next one without a page fault (measured 0 faults for
+    128 MiB written again, 32,769 without keep_freed_memory: one per 4 KiB page)."""
+    faults = {}
+    for mode in ("keep", "default"):
+        cmd = [sys.executable, "-c", FAULTS_OF_A_SECOND_BLOCK, mode]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        faults[mode] = int(r.stdout.split()[-1])
+    assert faults["default"] > 16_000  # the allocator mapped fresh pages: half of 32,768 at least
+    assert faults["keep"] < 1_000
+
+
 # ----------------------------------------------------------------------------- experiments/
 
 
