@@ -367,6 +367,13 @@ def trainers(args) -> dict:
             lambda o: trl_command(args.job, o, args.steps, False, args.device),
             read,
         )
+        if args.trl_keep_freed:
+            # TRL under the allocator setting this trainer makes on a CPU (train.keep_freed_memory)
+            keep = ["env", "MALLOC_MMAP_MAX_=0", f"MALLOC_TRIM_THRESHOLD_={2**31 - 1}"]
+            out["TRL 1.16 DPO, MALLOC_MMAP_MAX_=0"] = (
+                lambda o: keep + trl_command(args.job, o, args.steps, False, args.device),
+                read,
+            )
         if not args.no_trl_checkpointing:
             out["TRL 1.16 DPO, grad. checkpointing"] = (
                 lambda o: trl_command(args.job, o, args.steps, True, args.device),
@@ -480,6 +487,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", type=Path, default=ROOT / "out" / "benchmark")
     p.add_argument("--child-trl", type=Path, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--trl-keep-freed",
+        action="store_true",
+        help="with --trl, also run TRL with glibc keeping freed memory, as this trainer does",
+    )
     p.add_argument("--trl-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "auto":  # decided once here, so that every child runs where the first did
