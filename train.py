@@ -539,7 +539,7 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed host memory for the next allocation. It maps every block over
     32 MiB fresh from the OS and unmaps it when freed: the embedding's gradient and the head's logit
     blocks come back each step as new pages, and the first write to each page faults. Measured:
-    20-25% of a CPU step at SmolLM2-135M's shape. Same as MALLOC_MMAP_MAX_=0 in the environment.
+    10-20% of a CPU step at SmolLM2-135M's shape. Same as MALLOC_MMAP_MAX_=0 in the environment.
     Returns False where the C library has no mallopt (musl, macOS): nothing changes there."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
