@@ -4232,6 +4232,10 @@ def test_replica_real_rules_judge_the_answers_smollm2_writes():
     assert R.word_right("The capital of France is Paris.", "Paris")
     assert not R.word_right("Parisian", "Paris")
     assert R.exact_right("DRAGON.", "DRAGON") and not R.exact_right('The word "Dragon"', "DRAGON")
+    # --long reads where a worked method ends (answers a trained run gave with 64 tokens)
+    worked = "To find 2 + 7, we need to add 2 and 7, which is 15.\n\nSo, 2 + 7 = 15."
+    assert R.last_number(worked) == 15 and R.first_number(worked) == 2  # "add 2 and 7"
+    assert R.last_number("1,024 in all") == 1024 and R.last_number("no number") is None
 
 
 def test_replica_real_smoke_writes_its_results(smollm2, tmp_path):

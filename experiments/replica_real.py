@@ -3,6 +3,7 @@
     python experiments/replica_real.py --probe   # the starting model's accuracy on candidate tasks
     python experiments/replica_real.py           # the table: 6 methods x 5 seeds + a DPO lr sweep
     python experiments/replica_real.py --smoke   # 1 seed, DPO and AAO, 2 steps: the test suite's
+    python experiments/replica_real.py --long    # worked-method runs answered again with 64 tokens
 
 The toy replica (experiments/replica.py) trains a 1M-parameter model from scratch; this one starts
 from a model that knows language, with its own chat template (ChatML), and asks whether the token
@@ -613,6 +614,41 @@ def write_results(rows, cfg, lr, n_pairs, seconds: float, partial=False) -> None
     print(text)
 
 
+def last_number(text: str):
+    """The last integer an answer states: where a worked method ends ("..., so 2 + 7 = 9.")."""
+    found = re.findall(r"-?\d+", text.replace(",", ""))
+    return int(found[-1]) if found else None
+
+
+def long_answers(cfg, tokens: int = 64) -> str:
+    """--long: do the runs whose greedy answers mostly start a worked method ("To find 2 + 7, we
+    need") hide right answers behind the 10-token budget? Their held-out answers again with tokens
+    new tokens, judged by the first and by the last number stated, beside the start and DPO of the
+    same seeds. Reads docs/replica_real.jsonl and the runs in --out; writes a table."""
+    rows = [json.loads(x) for x in (cfg.docs / "replica_real.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if not r.get("sweep")]
+    worked = [r for r in rows if sum(a.startswith("To ") for a in r["answers"]) > 15]
+    seeds = {r["seed"] for r in worked}
+    controls = [r for r in rows if r["method"] == "DPO" and r["seed"] in seeds]
+    lines = [
+        "| run | worked-method answers | right, first number | right, last number |",
+        "|---|---|---|---|",
+    ]
+    for r in [rows[0]] + controls + worked:
+        weights = cfg.weights if r["method"] == "start" else ROOT / r["run"] / "final"
+        texts = sample(load(weights, cfg.dtype), [p for p, _ in cfg.heldout_items], tokens)
+        values = [v for _, v in cfg.heldout_items]
+        first = statistics.mean(first_number(t) == v for t, v in zip(texts, values))
+        last = statistics.mean(last_number(t) == v for t, v in zip(texts, values))
+        name = r["method"] + ("" if r["seed"] is None else f", seed {r['seed']}")
+        method = sum(t.startswith("To ") for t in texts)
+        lines.append(f"| {name} | {method} of {len(texts)} | {first:.3f} | {last:.3f} |")
+        print(lines[-1], flush=True)
+    text = f"Held-out answers with {tokens} new tokens (`--long`):\n\n" + "\n".join(lines) + "\n"
+    (cfg.docs / "replica_real_long.md").write_text(text)
+    return text
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -631,6 +667,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rejudge", action="store_true", help="only judge the answers in --docs again")
     p.add_argument("--partial", action="store_true", help="the table of a stopped run in --out")
+    p.add_argument(
+        "--long",
+        action="store_true",
+        help="the runs that turned to a worked method, answered again with 64 new tokens",
+    )
     cfg = p.parse_args(argv)
     # Sized for about half an hour on 2 shared cores: bf16 compute, short answers (10 tokens cover
     # "The answer is 7." and "9 - 2 = 7"), one pass over the pairs.
@@ -639,8 +680,8 @@ def parse_args(argv=None):
     cfg.task, cfg.cost_task, cfg.general = TASK, COST_TASK, GENERAL[:4]
     cfg.heldout, cfg.train_prompts, cfg.cost_prompts = 30, 125, 12
     cfg.samples, cfg.temperature = 4, 1.0
-    # A training step of 8 pairs took ~30 s on the shared cores: 5 steps of 4 pairs (20 of the 61
-    # pairs) is what 13 runs in half an hour allow.
+    # A training step of 8 pairs took ~30 s on shared cores: 5 steps of 4 pairs (20 of the 64
+    # training pairs) keep the 31 runs of 5 seeds within half an hour.
     cfg.steps, cfg.batch, cfg.eval_pairs, cfg.eval_every = 5, 4, 6, 5
     cfg.lrs = [1e-5, 3e-5]  # the DPO sweep; the better is used for every method
     cfg.methods = list(METHODS)
@@ -666,6 +707,10 @@ def main(argv=None) -> list:
         seconds = sum(r.get("seconds", 0) for r in rows if r.get("sweep") is not False)
         write_results(rows, cfg, lr, n_pairs, seconds, partial=True)
         return rows
+    if cfg.long:
+        _, cfg.heldout_items = split_prompts(cfg)
+        long_answers(cfg)
+        return []
     if cfg.rejudge:
         _, cfg.heldout_items = split_prompts(cfg)
         cfg.cost_items = TASKS[cfg.cost_task][0]()[: cfg.cost_prompts]
