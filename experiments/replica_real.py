@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # importable from the tests too
 
+from replica import METHODS as TOY_METHODS  # noqa: E402
 from replica import mean_std, repo_path, run_train, write_jsonl  # noqa: E402
 
 import data  # noqa: E402
@@ -320,16 +321,10 @@ SUMMARY_KEYS = [
 
 # ----------------------------------------------------------------------------- the experiment
 
-# name: train.py flags. The paper's Table 2 baselines and the Fig. 3 ablation without Eq. 11-12.
-AAO = ["--loss", "dpo", "--weighting", "aao"]
-METHODS = {
-    "DPO": ["--loss", "dpo", "--weighting", "none"],
-    "DPO-Random": ["--loss", "dpo", "--weighting", "random"],
-    "AAO": AAO,
-    "AAO alignment": AAO + ["--similarity", "alignment"],
-    "SimPO": ["--loss", "simpo", "--weighting", "none"],
-    "AAO w/o reward": AAO + ["--lambda-r", "0"],
-}
+# The toy replica's train.py flags for the paper's Table 2 baselines, `alignment` and the Fig. 3
+# ablation without Eq. 11-12, in the table's order.
+NAMES = ["DPO", "DPO-Random", "AAO", "AAO alignment", "SimPO", "AAO w/o reward"]
+METHODS = {name: TOY_METHODS[name] for name in NAMES}
 SMOKE_METHODS = ["DPO", "AAO"]
 
 
@@ -620,6 +615,11 @@ def last_number(text: str):
     return int(found[-1]) if found else None
 
 
+def worked_methods(answers: list) -> int:
+    """How many answers start a worked method ("To find 2 + 7, we need") rather than a number."""
+    return sum(a.startswith("To ") for a in answers)
+
+
 def long_answers(cfg, tokens: int = 64) -> str:
     """--long: do the runs whose greedy answers mostly start a worked method ("To find 2 + 7, we
     need") hide right answers behind the 10-token budget? Their held-out answers again with tokens
@@ -627,7 +627,7 @@ def long_answers(cfg, tokens: int = 64) -> str:
     same seeds. Reads docs/replica_real.jsonl and the runs in --out; writes a table."""
     rows = [json.loads(x) for x in (cfg.docs / "replica_real.jsonl").read_text().splitlines()]
     rows = [r for r in rows if not r.get("sweep")]
-    worked = [r for r in rows if sum(a.startswith("To ") for a in r["answers"]) > 15]
+    worked = [r for r in rows if 2 * worked_methods(r["answers"]) > len(r["answers"])]
     seeds = {r["seed"] for r in worked}
     controls = [r for r in rows if r["method"] == "DPO" and r["seed"] in seeds]
     lines = [
@@ -641,7 +641,7 @@ def long_answers(cfg, tokens: int = 64) -> str:
         first = statistics.mean(first_number(t) == v for t, v in zip(texts, values))
         last = statistics.mean(last_number(t) == v for t, v in zip(texts, values))
         name = r["method"] + ("" if r["seed"] is None else f", seed {r['seed']}")
-        method = sum(t.startswith("To ") for t in texts)
+        method = worked_methods(texts)
         lines.append(f"| {name} | {method} of {len(texts)} | {first:.3f} | {last:.3f} |")
         print(lines[-1], flush=True)
     text = f"Held-out answers with {tokens} new tokens (`--long`):\n\n" + "\n".join(lines) + "\n"
