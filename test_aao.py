@@ -3547,7 +3547,8 @@ def test_readme_and_docs_links_resolve_and_the_readme_links_every_page():
                 broken.append(f"{page.name}: {target} (no such heading)")
             linked.setdefault(page.name, set()).add(file)
     assert not broken, broken
-    docs = {p.resolve() for p in (HERE / "docs").glob("*.md")}
+    # a --smoke run of an experiment writes its page beside the real one; it is not a page to link
+    docs = {p.resolve() for p in (HERE / "docs").glob("*.md") if not p.stem.endswith("_smoke")}
     assert len(docs) >= 5 and not docs - linked["README.md"], docs - linked["README.md"]
     pictures = {p.resolve() for p in (HERE / "docs").glob("*.png")}
     shown = set().union(*linked.values())
