@@ -310,7 +310,7 @@ def per_pair_beta(
 # ----------------------------------------------------------------------------- beyond the paper
 # This project's research, not the paper's method: other readings of Eq. 7's S (--similarity
 # hidden, alignment) and of the end-of-answer token (--end-token-weight). The defaults are the
-# paper's; the README's replica sections say what each reading measured.
+# paper's; docs/toy-replica.md and docs/real-model-replica.md say what each reading measured.
 
 
 def lcs_table(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -3508,6 +3508,53 @@ def test_scale_estimate_prints_plausible_tables():
     assert "FSDP over 8" in out and "HSDP: --replicate 2" in out
 
 
+# ----------------------------------------------------------------------------- README.md and docs/
+
+MARKDOWN_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def markdown_links(text: str) -> list:
+    """The targets of a Markdown text's links and images, outside code: fenced blocks, indented
+    blocks and `spans` show link syntax as text (a row layout's `[...]`), they do not link."""
+    text = re.sub(r"(?ms)^```.*?^```", "", text)
+    text = re.sub(r"(?m)^(    |\t).*$", "", text)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return MARKDOWN_LINK.findall(text)
+
+
+def heading_anchors(text: str) -> set:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"(?ms)^```.*?^```", "", text)
+    titles = re.findall(r"(?m)^#+ (.+)$", text)
+    return {re.sub(r"[^\w\- ]", "", t.strip().lower()).replace(" ", "-") for t in titles}
+
+
+def test_readme_and_docs_links_resolve_and_the_readme_links_every_page():
+    """Every relative link and picture of README.md and docs/*.md names a file of the repository
+    (and a heading of it, after '#'); the README links every page of docs/; every picture shows."""
+    pages = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+    linked, broken = {}, []
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for target in markdown_links(text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto: leave the repository
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not (file.is_file() and file.is_relative_to(HERE.resolve())):
+                broken.append(f"{page.name}: {target}")
+            elif anchor and anchor not in heading_anchors(file.read_text(encoding="utf-8")):
+                broken.append(f"{page.name}: {target} (no such heading)")
+            linked.setdefault(page.name, set()).add(file)
+    assert not broken, broken
+    # a --smoke run of an experiment writes its page beside the real one; it is not a page to link
+    docs = {p.resolve() for p in (HERE / "docs").glob("*.md") if not p.stem.endswith("_smoke")}
+    assert len(docs) >= 5 and not docs - linked["README.md"], docs - linked["README.md"]
+    pictures = {p.resolve() for p in (HERE / "docs").glob("*.png")}
+    shown = set().union(*linked.values())
+    assert pictures and not pictures - shown, pictures - shown
+
+
 # ======================================================================== on CUDA (skipped without)
 # The tests above keep to the CPU (--device cpu) on any host: they compare fp32 and gloo results.
 # These run the GPU path on a GPU host: bf16 compute, NCCL, FSDP2 with activation checkpointing.

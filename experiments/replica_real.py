@@ -49,7 +49,8 @@ NUMBER_ONLY = "Answer with the number only."
 def first_number(text: str):
     """The first integer the answer states once a restated question is taken out: "7 + 8 = 15" and
     "5 - 3 is 2" state 15 and 2, not 7 and 5. (The first version split at "=" only, and so read
-    "5 - 3 is 2" as 5; the pairs of docs/replica_real.jsonl were labelled by it: see the README.)"""
+    "5 - 3 is 2" as 5; the pairs of docs/replica_real.jsonl were labelled by it: see
+    docs/real-model-replica.md.)"""
     rest = re.sub(r"\d+\s*[-+]\s*\d+", " ", text.replace(",", ""))
     found = re.search(r"-?\d+", rest)
     return int(found.group()) if found else None
@@ -145,8 +146,8 @@ TASKS = {
     "uppercase": (uppercase, exact_right),
 }
 
-# Chosen with --probe (README): the starting model's greedy accuracy, 20 prompts per task, was
-# addition 0.70, subtraction 0.50, multiplication 0.15, capitals 0.875 (16),
+# Chosen with --probe (docs/real-model-replica.md): the starting model's greedy accuracy, 20
+# prompts per task, was addition 0.70, subtraction 0.50, multiplication 0.15, capitals 0.875 (16),
 # centimeters 0.00, minutes 0.00, uppercase 0.00 (worked methods or chatter, cut at 12 tokens).
 # Addition and subtraction sit in the zone (0.60 together); their 55 + 100 prompts are trained
 # (subtraction alone, 35 training prompts, gave only 12 pairs). Capitals, which it mostly knows,

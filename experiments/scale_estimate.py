@@ -1,7 +1,7 @@
 """Memory per GPU and time per epoch of train.py on Llama-3.1-8B, computed (not measured) from the
-model's shapes, what FSDP2 and the trainer keep, and stated assumptions: the README's 8-GPU figures.
+model's shapes, what FSDP2 and the trainer keep, and stated assumptions: docs/8-gpus.md's figures.
 
-    python experiments/scale_estimate.py            # prints the README's tables
+    python experiments/scale_estimate.py            # prints the tables of docs/8-gpus.md
 
 Peak memory per GPU, in bytes, with P parameters sharded over S ranks and fp32 master weights:
   sharded state     4P/S weights + 4P/S gradients + 8P/S AdamW moments (+ 2P/S the bf16 reference)
