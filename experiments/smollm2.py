@@ -86,6 +86,7 @@ def ensure(out: Path, wheel_dir: Path | None = None) -> Path:
     out = Path(out).expanduser()
     if (out / "config.json").is_file():
         return out
+    check_packages()  # before anything is written or downloaded
     if out.exists() and any(out.iterdir()):
         raise BuildError(f"{out}: exists and holds other files; choose a new or empty directory")
     out.parent.mkdir(parents=True, exist_ok=True)
