@@ -1647,10 +1647,11 @@ Hover a token for S and its weight.</p>
 <p>A token that both answers contain has S = 1: ambiguous. The tokens that decide a pair (a \
 different name, number or symbol) are key only when nothing in the other answer is close to \
 them: a deciding token whose embedding is moderately similar to some token of the other \
-answer (&ldquo;Na&rdquo; against &ldquo;H&rdquo;, both element symbols) lands between b and a, \
-transitional. Early in training a and b are near where they start (0.8 and 0.4), so the \
-middle band is wide; it keeps DPO's weight 1 for those tokens, and a run whose deciding tokens \
-are transitional still learns from them.</p>
+answer (&ldquo;Na&rdquo; against &ldquo;H&rdquo;, both element symbols; &ldquo;Rome&rdquo; \
+against &ldquo;Athens&rdquo;) lands between b and a, transitional, and one very similar to it \
+(one digit against another) lands above a, ambiguous. Early in training a and b are near where \
+they start (0.8 and 0.4), so the middle band is wide: its tokens keep DPO's weight 1, and a run \
+whose deciding tokens are transitional still learns from them as DPO does.</p>
 {blocks}</body></html>"""
 
 
