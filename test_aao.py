@@ -460,6 +460,18 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+def test_replicated_reference_is_the_whole_checkpoint_in_its_dtype(tiny_checkpoint):
+    """model.build_replicated (--reference-placement replicated): every parameter whole, read from
+    the safetensors through weight_reader, cast to the compute dtype, frozen, in eval mode."""
+    cfg, read = M.weight_reader(str(tiny_checkpoint), 640, 0)
+    ours = M.build_replicated(cfg, read, torch.bfloat16, torch.device("cpu"))
+    want = dict(M.load_model(tiny_checkpoint).named_parameters())
+    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
+    assert [n for n, _ in ours.named_parameters()] == list(want)
+    for name, p in ours.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, want[name].to(torch.bfloat16)), name
+
+
 INSTRUCTIONS = [
     "What is the capital of France?",
     "Hi",
