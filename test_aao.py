@@ -6,6 +6,7 @@ installs it, so they run there.
 
 import copy
 import functools
+import inspect
 import json
 import math
 import os
@@ -3532,18 +3533,23 @@ def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
     try:
         cfg = M.tiny_config(tokenizer.get_vocab_size())
         measured = script.measure_ours(cfg, pairs, 2, "aao", True, device, mesh, 2)
+        # --profile: one step under torch.profiler, its top operators
+        step = script.build_step(cfg, pairs, 2, "none", False, device, mesh, False)
+        profiled = script.profile_step(step, device, warmup=0, rows=5)
     finally:
         torch.distributed.destroy_process_group()
     assert (
         measured["step_s"] > 0 and measured["tokens_per_s"] > 0 and math.isfinite(measured["loss"])
     )
     assert measured["mfu"] is None and measured["peak_bytes"] is None  # CUDA only
+    assert profiled.startswith("one profiled step: ") and "aten::mm" in profiled, profiled
     rows = [
         {
             "model": "tiny",
             "trainer": "ours, AAO",
             "micro": 2,
             "ckpt": "yes",
+            "compiled": "no",
             "predicted": 1e9,
             **measured,
         },
@@ -3552,11 +3558,22 @@ def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
             "trainer": "ours, DPO",
             "micro": 8,
             "ckpt": "no",
+            "compiled": "yes",
             "predicted": 9e9,
             "error": "out of memory",
         },
     ]
     assert len(script.table(rows, "CPU").splitlines()) == 6
+    # the plan: 1 to 16 pairs at 1B (8 alone with --quick), then the 8B shape's settings
+    assert [m for _, _, m, _ in script.plan(True, 141e9, 0.8)] == [8]
+    assert [m for _, _, m, _ in script.plan(False, 141e9, 0.8)] == [1, 2, 4, 8, 16, 1, 2, 4]
+    # --compile needs model.build_sharded's compile_blocks: measured both ways, or refused by name
+    if "compile_blocks" in inspect.signature(M.build_sharded).parameters:
+        assert script.compile_choices("both") == [False, True]
+    else:
+        with pytest.raises(SystemExit, match="--compile on: model.build_sharded has no compile_"):
+            script.compile_choices("on")
+    assert script.compile_choices("off") == [False]
 
 
 def test_plot_metrics_draws_a_png(tmp_path):
