@@ -381,7 +381,8 @@ def main(argv=None) -> int:
         )
         return 1
     device, mesh = train.setup_distributed(1, 10, "cuda")
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}", flush=True)
+    name = torch.cuda.get_device_name(device)
+    print(f"torch {torch.__version__}, {name}, {expandable_segments(device)}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = data.tiny_tokenizer()
     if args.profile:
@@ -416,6 +417,17 @@ def main(argv=None) -> int:
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "table.md").write_text(report + "\n")
     return 0
+
+
+def expandable_segments(device) -> str:
+    """Whether the CUDA allocator took train.setup_distributed's expandable_segments (a private
+    field of its snapshot, read where this torch has it)."""
+    torch.empty(1, device=device)  # the allocator starts with the first allocation
+    try:
+        value = torch.cuda.memory._snapshot()["allocator_settings"]["expandable_segments"]
+    except (AttributeError, KeyError, RuntimeError, TypeError):
+        value = "unknown"
+    return f"expandable_segments: {value}"
 
 
 def measure_all(args, compiled: list, pairs: list, device, mesh) -> list:
