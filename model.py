@@ -266,10 +266,6 @@ class Packed:
     rows: int  # answers: chosen ones then rejected ones (2 per pair), or SFT examples
     width: int  # the longest answer: the per-answer grid is (rows, width)
 
-    def to(self, device) -> "Packed":
-        tensors = {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-        return Packed(**(vars(self) | upload(tensors, device)))
-
 
 def upload(tensors: dict, device) -> dict:
     """Host tensors -> the same tensors on the device, in one copy: their bytes side by side in one
