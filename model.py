@@ -799,6 +799,8 @@ def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
 # - Reshard choices: blocks free their gathered weights after forward and gather again in backward;
 #   the root keeps its own from forward to backward, and a frozen model, which never runs backward,
 #   reshards right after forward (build_sharded), as does evaluation (reshard).
+# - A frozen reference that fits whole on every device is held so instead (build_replicated,
+#   train.py's --reference-placement): its forwards gather nothing.
 # - Activation checkpointing is a flag on each Block, set before sharding: FSDP wraps the recompute.
 # - Gradients are reduce-scattered after every micro-batch (no no_sync): FSDP2 would otherwise hold
 #   whole unsharded fp32 gradients (32 GB at 8B) between micro-batches.

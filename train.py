@@ -688,7 +688,8 @@ class Run:
     """What a training run trains with. Items are pairs, or SFT examples when objective is None."""
 
     policy: M.Transformer  # FSDP-sharded, fp32 master weights
-    # frozen, sharded; None for SFT / SimPO, or once its log-probs are cached
+    # frozen, sharded or replicated (--reference-placement); None for SFT / SimPO, or once its
+    # log-probs are cached
     reference: M.Transformer | None
     # Eq. 8, replicated on every rank; None unless aao weighting
     thresholds: aao.ThresholdMLP | None
