@@ -3532,9 +3532,10 @@ def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
     device, mesh = train.setup_distributed(1, 1, "cpu")
     try:
         cfg = M.tiny_config(tokenizer.get_vocab_size())
-        measured = script.measure_ours(cfg, pairs, 2, "aao", True, device, mesh, 2)
+        setting = script.Setting(cfg, 2, "aao", checkpointing=True)
+        measured = script.measure_ours(setting, pairs, device, mesh, 2)
         # --profile: one step under torch.profiler, its top operators
-        step = script.build_step(cfg, pairs, 2, "none", False, device, mesh, False)
+        step = script.build_step(script.Setting(cfg, 2), pairs, device, mesh)
         profiled = script.profile_step(step, device, warmup=0, rows=5)
     finally:
         torch.distributed.destroy_process_group()

@@ -17,6 +17,7 @@ the median of the steps after the first (after the first two with compiled block
 
 import argparse
 import copy
+import dataclasses
 import gc
 import inspect
 import json
@@ -104,9 +105,23 @@ def random_reader(cfg: M.ModelConfig, device):
     return read
 
 
-def build_step(cfg, pairs, micro: int, weighting: str, checkpointing: bool, device, mesh, compiled):
+@dataclasses.dataclass
+class Setting:
+    """What one measurement trains: the model's shape, pairs a micro-batch, the objective's token
+    weighting (none: DPO, aao: AAO), activation checkpointing, compiled blocks."""
+
+    cfg: M.ModelConfig
+    micro: int
+    weighting: str = "none"
+    checkpointing: bool = False
+    compiled: bool = False
+
+
+def build_step(setting: Setting, pairs, device, mesh):
     """train.py's models, objective and optimizer for the job; -> step(s), which runs step s (its
     pairs s·micro to (s+1)·micro) and returns its metrics."""
+    cfg, micro, weighting = setting.cfg, setting.micro, setting.weighting
+    checkpointing, compiled = setting.checkpointing, setting.compiled
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     read = random_reader(cfg, device)
     compile_kw = {"compile_blocks": True} if compiled else {}  # model.py's keyword, where it has it
@@ -129,20 +144,10 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_ours(
-    cfg,
-    pairs,
-    micro: int,
-    weighting: str,
-    checkpointing: bool,
-    device,
-    mesh,
-    steps: int,
-    compiled: bool = False,
-) -> dict:
+def measure_ours(setting: Setting, pairs, device, mesh, steps: int) -> dict:
     """train.train_step in one process (train.setup_distributed's device and mesh): median step
     time, tokens/s, MFU, peak memory. The models are built here and freed before returning."""
-    step = build_step(cfg, pairs, micro, weighting, checkpointing, device, mesh, compiled)
+    step = build_step(setting, pairs, device, mesh)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds, rows = [], []
@@ -155,7 +160,7 @@ def measure_ours(
     del step
     free_memory(device)
     # the first step is warm-up (the first two when compiled: the second packing recompiles once)
-    warmup = min(steps - 1, 2 if compiled else 1)
+    warmup = min(steps - 1, 2 if setting.compiled else 1)
     timed = range(warmup, steps)
     step_s = statistics.median(seconds[i] for i in timed)
     tokens = statistics.mean(rows[i]["tokens"] for i in timed)
@@ -388,7 +393,9 @@ def main(argv=None) -> int:
     if args.profile:
         pairs = job_pairs(tokenizer, job_rows(args.profile_micro * 5, tokenizer))
         for c in compiled:
-            step = build_step(LLAMA32_1B, pairs, args.profile_micro, "none", False, device, mesh, c)
+            step = build_step(
+                Setting(LLAMA32_1B, args.profile_micro, compiled=c), pairs, device, mesh
+            )
             report = profile_step(step, device)
             print(f"compiled: {c}\n{report}", flush=True)
             (args.out / f"profile{'-compiled' if c else ''}.txt").write_text(report + "\n")
@@ -440,7 +447,8 @@ def measure_all(args, compiled: list, pairs: list, device, mesh) -> list:
                 row = {"model": name, "trainer": trainer, "micro": micro}
                 row |= {"ckpt": "yes" if ckpt else "no", "compiled": "yes" if c else "no"}
                 row["predicted"] = predicted_bytes(cfg, micro, ckpt)
-                measure = (cfg, pairs, micro, weighting, ckpt, device, mesh, args.steps, c)
+                setting = Setting(cfg, micro, weighting, ckpt, c)
+                measure = (setting, pairs, device, mesh, args.steps)
                 results.append(row | out_of_memory_as_error(measure_ours, *measure))
                 print(json.dumps(results[-1]), flush=True)
     return results
