@@ -412,18 +412,19 @@ def main(argv=None) -> int:
         for micro in QUICK_MICROS if args.quick else (2, 8):
             row = {"model": "Llama-3.2-1B", "trainer": "TRL 1.16 DPO", "micro": micro}
             row |= {"ckpt": "no", "compiled": "no", "predicted": None}
-            results.append(
-                row
-                | out_of_memory_as_error(
-                    measure_trl, LLAMA32_1B, rows, micro, False, device, args.steps
-                )
-            )
-            print(json.dumps(results[-1]), flush=True)
-    report = table(results, torch.cuda.get_device_name(device))
-    print(report)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "table.md").write_text(report + "\n")
+            measure = (LLAMA32_1B, rows, micro, False, device, args.steps)
+            results.append(row | out_of_memory_as_error(measure_trl, *measure))
+            save(results, args.out)
+    print(table(results, torch.cuda.get_device_name()))
     return 0
+
+
+def save(results: list, out: Path) -> None:
+    """The newest row on stdout; every row so far in results.json and table.md, so that a run cut
+    short by a time limit leaves what it measured."""
+    print(json.dumps(results[-1]), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(table(results, torch.cuda.get_device_name()) + "\n")
 
 
 def expandable_segments(device) -> str:
@@ -450,7 +451,7 @@ def measure_all(args, compiled: list, pairs: list, device, mesh) -> list:
                 setting = Setting(cfg, micro, weighting, ckpt, c)
                 measure = (setting, pairs, device, mesh, args.steps)
                 results.append(row | out_of_memory_as_error(measure_ours, *measure))
-                print(json.dumps(results[-1]), flush=True)
+                save(results, args.out)
     return results
 
 
