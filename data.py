@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from model import Packed
+from model import Packed, upload
 
 
 class DataError(ValueError):
@@ -1027,7 +1027,7 @@ def pack(items: list, sft: bool) -> dict:
     the positions of its unpacked row (the answer's continue from the prompt's length), so every
     log-prob is the padded row's. An SFT example is one segment of its own. -> {"packed": Packed,
     "answer_mask" (rows, width), "answer_ids" (rows, width), and for pairs margin (B,) and beta
-    (B,), NaN where a pair has none}."""
+    (B,), NaN where a pair has none, and routed (B,) bool}."""
     packed = packed_tensors(*packed_layout(items, sft))
     cells, width = packed.rows * packed.width, packed.width
     at, tokens = packed.answer_index, packed.input_ids[packed.answer_at]
@@ -1042,19 +1042,23 @@ def pack(items: list, sft: bool) -> dict:
         nan = float("nan")
         batch["margin"] = torch.tensor([nan if p["margin"] is None else p["margin"] for p in items])
         batch["beta"] = torch.tensor([nan if p["beta"] is None else p["beta"] for p in items])
+        # MixDPO's marks (train.mark_routed), here so that they travel with the batch
+        batch["routed"] = torch.tensor([bool(p.get("routed")) for p in items])
     return batch
 
 
-def micro_batch(items: list, indices: list, sft: bool, device) -> dict:
+def micro_batch(items: list, indices: list, sft: bool, device, extra: dict | None = None) -> dict:
     """Items -> the packed micro-batch on the device; every index is computed here on the host, so
-    that the device never waits on a nonzero()."""
-    batch = pack([items[i] for i in indices], sft)
-    if device.type == "cuda":  # pinned memory: the copy runs beside the GPU's work
-        return {
-            k: v.to(device) if k == "packed" else v.pin_memory().to(device, non_blocking=True)
-            for k, v in batch.items()
-        }
-    return {k: v.to(device) for k, v in batch.items()}
+    that the device never waits on a nonzero(). Its tensors, and the host tensors of `extra` (a
+    cached reference's values), travel in one copy (model.upload)."""
+    batch = pack([items[i] for i in indices], sft) | (extra or {})
+    packed = batch.pop("packed")
+    fields = {f"packed.{k}": v for k, v in vars(packed).items() if isinstance(v, torch.Tensor)}
+    moved = upload(fields | batch, device)
+    on_device = {k.removeprefix("packed."): v for k, v in moved.items() if k.startswith("packed.")}
+    return {k: v for k, v in moved.items() if k not in fields} | {
+        "packed": Packed(**(vars(packed) | on_device))
+    }
 
 
 def segment_lengths(items: list, indices: list) -> list[tuple[int, int, int]]:

@@ -266,11 +266,25 @@ class Packed:
     rows: int  # answers: chosen ones then rejected ones (2 per pair), or SFT examples
     width: int  # the longest answer: the per-answer grid is (rows, width)
 
-    def to(self, device) -> "Packed":
-        cuda = device.type == "cuda"
-        move = lambda t: t.pin_memory().to(device, non_blocking=True) if cuda else t.to(device)
-        fields = {k: move(v) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
-        return Packed(**fields)
+
+def upload(tensors: dict, device) -> dict:
+    """Host tensors -> the same tensors on the device, in one copy: their bytes side by side in one
+    buffer (pinned on CUDA), one non-blocking copy, then each a view of its own bytes there. A
+    micro-batch is a dozen small tensors: one copy each would be a dozen transfers and syncs."""
+    flat = [t.contiguous().view(-1).view(torch.uint8) for t in tensors.values()]
+    # Every tensor starts at a multiple of 16 bytes, so that its bytes view as its dtype again.
+    starts = [0]
+    for f in flat:
+        starts.append(starts[-1] + -(-f.numel() // 16) * 16)
+    cuda = device.type == "cuda"
+    buffer = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=cuda)
+    for f, start in zip(flat, starts):
+        buffer[start : start + f.numel()] = f
+    buffer = buffer.to(device, non_blocking=True)
+    return {
+        name: buffer[start : start + f.numel()].view(t.dtype).view(t.shape)
+        for (name, t), f, start in zip(tensors.items(), flat, starts)
+    }
 
 
 def packed_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
@@ -785,6 +799,8 @@ def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
 # - Reshard choices: blocks free their gathered weights after forward and gather again in backward;
 #   the root keeps its own from forward to backward, and a frozen model, which never runs backward,
 #   reshards right after forward (build_sharded), as does evaluation (reshard).
+# - A frozen reference that fits whole on every device is held so instead (build_replicated,
+#   train.py's --reference-placement): its forwards gather nothing.
 # - Activation checkpointing is a flag on each Block, set before sharding: FSDP wraps the recompute.
 # - Gradients are reduce-scattered after every micro-batch (no no_sync): FSDP2 would otherwise hold
 #   whole unsharded fp32 gradients (32 GB at 8B) between micro-batches.
@@ -869,6 +885,21 @@ def build_sharded(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=Fal
             local(p).copy_(read(name, start, start + local(p).shape[0]))
     model.requires_grad_(trainable)
     return model.train(trainable)
+
+
+def build_replicated(cfg, read, dtype, device) -> Transformer:
+    """A frozen model held whole on this rank, a plain module in dtype: built on the meta device,
+    then each parameter allocated and filled whole from read (rows 0:all). Where it fits, a frozen
+    reference held so runs its forwards without FSDP's gather of every block each micro-batch."""
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device=device)
+    model.tie_weights()  # to_empty unties a tied head (build_sharded says why)
+    model.reset_buffers()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(read(name, 0, p.shape[0]))
+    return model.requires_grad_(False).eval()
 
 
 def average_replicated_gradients(module: nn.Module) -> None:

@@ -6,6 +6,7 @@ installs it, so they run there.
 
 import copy
 import functools
+import inspect
 import json
 import math
 import os
@@ -458,6 +459,18 @@ def tiny_checkpoint(tmp_path_factory):
     M.save_model(M.init_weights(M.Transformer(M.tiny_config(640)), seed=0, std=0.1), path)
     data.tiny_tokenizer().save(str(path / "tokenizer.json"))
     return path
+
+
+def test_replicated_reference_is_the_whole_checkpoint_in_its_dtype(tiny_checkpoint):
+    """model.build_replicated (--reference-placement replicated): every parameter whole, read from
+    the safetensors through weight_reader, cast to the compute dtype, frozen, in eval mode."""
+    cfg, read = M.weight_reader(str(tiny_checkpoint), 640, 0)
+    ours = M.build_replicated(cfg, read, torch.bfloat16, torch.device("cpu"))
+    want = dict(M.load_model(tiny_checkpoint).named_parameters())
+    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
+    assert [n for n, _ in ours.named_parameters()] == list(want)
+    for name, p in ours.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, want[name].to(torch.bfloat16)), name
 
 
 INSTRUCTIONS = [
@@ -980,6 +993,36 @@ def test_packed_answer_states_equal_the_padded_rows(kind):
         got, want = getattr(ours, name).detach(), getattr(ref, name).detach()
         assert got.shape == want.shape and (got - want).abs().max() < 1e-5, name
     assert not ours.logps[~mask].any() and not ours.hidden[~mask].any()
+
+
+def test_micro_batch_reaches_the_device_in_one_buffer_unchanged():
+    """model.upload: a micro-batch's tensors (the Packed indices, the grids, margin and beta with
+    their NaNs, MixDPO's marks, a cached reference's values) travel as the bytes of one buffer and
+    arrive as views of it, each equal to what data.pack made on the host: dtype, shape, values.
+    The same for odd ones: int32, bool, a 0-dim, an empty and a non-contiguous tensor."""
+    pairs = packing_pairs()
+    pairs[1]["routed"] = True
+    cached = {"reference": torch.randn(2, 40)}
+    want = data.pack(pairs, sft=False) | cached
+    got = data.micro_batch(pairs, [0, 1, 2], False, torch.device("cpu"), cached)
+    same = lambda a, b: a.dtype == b.dtype and torch.equal(a.nan_to_num(7), b.nan_to_num(7))
+    assert got.keys() == want.keys() and got["routed"].tolist() == [False, True, False]
+    packed, host = got.pop("packed"), want.pop("packed")
+    for name, t in vars(host).items():
+        theirs = getattr(packed, name)
+        assert same(theirs, t) if torch.is_tensor(t) else theirs == t, name
+    assert all(same(got[k], want[k]) for k in want), [k for k in want if not same(got[k], want[k])]
+    tensors = list(got.values()) + [v for v in vars(packed).values() if torch.is_tensor(v)]
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1  # one buffer, one copy
+    odd = {
+        "int32": torch.arange(5, dtype=torch.int32),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0),
+        "transposed": torch.arange(12).view(3, 4).T,
+    }
+    moved = M.upload(odd, torch.device("cpu"))
+    assert all(same(moved[k], v) and moved[k].shape == v.shape for k, v in odd.items())
 
 
 def objective_on(model, thresholds_mlp, states, ref_logps, mask, obj, ids):
@@ -2951,19 +2994,27 @@ def four_steps(tmp_path_factory):
 
 
 def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, four_steps):
-    """The same 4 steps with 1 process, 2 (FSDP over 2), 2 as HSDP (--replicate 2) and 2 with the
-    cached reference: the loss, the gradient norms, the thresholds a and b of every pair (their
+    """The same 4 steps with 1 process, 2 (FSDP over 2), 2 as HSDP (--replicate 2), 2 with the
+    cached reference and 2 with the reference held whole on each rank (--reference-placement
+    replicated): the loss, the gradient norms, the thresholds a and b of every pair (their
     spread), and the replicated threshold MLP. A wrong loss scale changes the gradient norm, a
     missing all-reduce of the MLP's gradients makes the ranks' MLPs drift apart: then the a and b of
     rank 1's pairs (a/std, a/min, b/max are over every rank's pairs) and rank 0's saved MLP leave
     the one-process run's."""
-    runs = {"two": [], "hsdp": ["--replicate", 2], "cached": ["--precompute-ref"]}
+    runs = {
+        "two": [],
+        "hsdp": ["--replicate", 2],
+        "cached": ["--precompute-ref"],
+        "replicated": ["--reference-placement", "replicated"],
+    }
+    outputs = {}
     for name, extra in runs.items():
         r = run(*FOUR_STEPS, *extra, "--out", tmp_path / name, torchrun=2)
         assert r.returncode == 0, (name, r.stderr[-3000:])
+        outputs[name] = r.stdout
     keys = AGREE_KEYS
     one = metric_rows(four_steps)
-    for name in ("two", "hsdp", "cached"):
+    for name in runs:
         other = metric_rows(tmp_path / name)
         for key in keys:
             a, b = [row[key] for row in one], [row[key] for row in other]
@@ -2979,6 +3030,9 @@ def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, fou
             assert torch.allclose(mine[k], reference[k], rtol=1e-4, atol=1e-5), (name, k)
     # both ranks wrote their shard
     assert len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2
+    # the placement was the one asked for (auto on a CPU: sharded)
+    for name, placement in (("two", "sharded"), ("replicated", "replicated")):
+        assert f"reference: {placement} (--reference-placement" in outputs[name], name
 
 
 def test_bf16_compute_on_one_and_two_processes_tracks_fp32(tmp_path, four_steps):
@@ -3472,6 +3526,20 @@ def test_a_cpu_run_reuses_freed_memory_instead_of_faulting_in_new_pages():
     assert faults["keep"] < 1_000
 
 
+def test_a_gpu_run_asks_for_expandable_segments_unless_the_user_chose():
+    """set_cuda_allocator (no CUDA needed): an environment without the allocator's variable gets
+    expandable segments; a user's value, under the old name or the new one, is kept and named."""
+    environ = {}
+    said = train.set_cuda_allocator(environ)
+    assert environ == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in said
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        environ = {name: "max_split_size_mb:512"}
+        said = train.set_cuda_allocator(environ)
+        assert environ == {name: "max_split_size_mb:512"}
+        assert f"{name}=max_split_size_mb:512 as you set it" in said
+
+
 # ----------------------------------------------------------------------------- experiments/
 
 
@@ -3554,19 +3622,25 @@ def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
     device, mesh = train.setup_distributed(1, 1, "cpu")
     try:
         cfg = M.tiny_config(tokenizer.get_vocab_size())
-        measured = script.measure_ours(cfg, pairs, 2, "aao", True, device, mesh, 2)
+        setting = script.Setting(cfg, 2, "aao", checkpointing=True)
+        measured = script.measure_ours(setting, pairs, device, mesh, 2)
+        # --profile: one step under torch.profiler, its top operators
+        step = script.build_step(script.Setting(cfg, 2), pairs, device, mesh)
+        profiled = script.profile_step(step, device, warmup=0, rows=5)
     finally:
         torch.distributed.destroy_process_group()
     assert (
         measured["step_s"] > 0 and measured["tokens_per_s"] > 0 and math.isfinite(measured["loss"])
     )
     assert measured["mfu"] is None and measured["peak_bytes"] is None  # CUDA only
+    assert profiled.startswith("one profiled step: ") and "aten::mm" in profiled, profiled
     rows = [
         {
             "model": "tiny",
             "trainer": "ours, AAO",
             "micro": 2,
             "ckpt": "yes",
+            "compiled": "no",
             "predicted": 1e9,
             **measured,
         },
@@ -3575,11 +3649,22 @@ def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
             "trainer": "ours, DPO",
             "micro": 8,
             "ckpt": "no",
+            "compiled": "yes",
             "predicted": 9e9,
             "error": "out of memory",
         },
     ]
     assert len(script.table(rows, "CPU").splitlines()) == 6
+    # the plan: 1 to 16 pairs at 1B (8 alone with --quick), then the 8B shape's settings
+    assert [m for _, _, m, _ in script.plan(True, 141e9, 0.8)] == [8]
+    assert [m for _, _, m, _ in script.plan(False, 141e9, 0.8)] == [1, 2, 4, 8, 16, 1, 2, 4]
+    # --compile needs model.build_sharded's compile_blocks: measured both ways, or refused by name
+    if "compile_blocks" in inspect.signature(M.build_sharded).parameters:
+        assert script.compile_choices("both") == [False, True]
+    else:
+        with pytest.raises(SystemExit, match="--compile on: model.build_sharded has no compile_"):
+            script.compile_choices("on")
+    assert script.compile_choices("off") == [False]
 
 
 def test_smollm2_script_says_what_it_needs_and_never_writes_over_files(

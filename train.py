@@ -310,6 +310,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="compute the reference's log-probs once, then free it",
     )
     g(
+        "--reference-placement",
+        default="auto",
+        choices=["auto", "sharded", "replicated"],
+        help="the frozen reference: sharded like the policy (FSDP gathers each block every "
+        "micro-batch), replicated (held whole on every rank in the compute dtype), or auto = "
+        "replicated on CUDA where it fits beside the policy, else sharded (default: auto)",
+    )
+    g(
         "--activation-checkpointing",
         action="store_true",
         help="recompute each block in backward: less memory",
@@ -528,10 +536,10 @@ ONLY_WITH = {
         k: ("--beta-column", lambda a: a.beta_column is not None)
         for k in ("beta_scale", "beta_min", "beta_max")
     },
-    "precompute_ref": (
-        "a loss with a reference (not sft or simpo)",
-        lambda a: a.loss not in ("sft", "simpo"),
-    ),
+    **{
+        k: ("a loss with a reference (not sft or simpo)", lambda a: a.loss not in ("sft", "simpo"))
+        for k in ("precompute_ref", "reference_placement")
+    },
 }
 
 
@@ -600,6 +608,22 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+# The CUDA caching allocator's settings a run wants: segments that grow in place, so that
+# micro-batches of varying length do not leave the memory in pieces too small to reuse.
+CUDA_ALLOCATOR = "expandable_segments:True"
+
+
+def set_cuda_allocator(environ: dict) -> str:
+    """PYTORCH_CUDA_ALLOC_CONF=CUDA_ALLOCATOR in environ unless the user set it (or its newer name
+    PYTORCH_ALLOC_CONF): the allocator reads it once, when CUDA first allocates, so this must run
+    before. -> what was done, for rank 0 to say."""
+    given = [k for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF") if k in environ]
+    if given:
+        return f"CUDA allocator: {given[0]}={environ[given[0]]} as you set it"
+    environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOCATOR
+    return f"CUDA allocator: PYTORCH_CUDA_ALLOC_CONF={CUDA_ALLOCATOR} (set it to choose another)"
+
+
 def setup_distributed(replicate: int, timeout_minutes: float, device_name: str = "auto"):
     """RANK / WORLD_SIZE / LOCAL_RANK from torchrun, or a group of one held in memory. Returns the
     device and the mesh FSDP shards over: 1-D, or with --replicate R a 2-D (replicate, shard) mesh
@@ -608,6 +632,9 @@ def setup_distributed(replicate: int, timeout_minutes: float, device_name: str =
     device = choose_device(device_name)
     cuda = device.type == "cuda"
     if cuda:
+        allocator = set_cuda_allocator(os.environ)
+        if os.environ.get("RANK", "0") == "0":  # the process group does not exist yet
+            print(allocator, flush=True)
         torch.cuda.set_device(device)
     else:
         keep_freed_memory()  # CUDA's caching allocator already does this for the GPU's memory
@@ -728,7 +755,8 @@ class Run:
     """What a training run trains with. Items are pairs, or SFT examples when objective is None."""
 
     policy: M.Transformer  # FSDP-sharded, fp32 master weights
-    # frozen, sharded; None for SFT / SimPO, or once its log-probs are cached
+    # frozen, sharded or replicated (--reference-placement); None for SFT / SimPO, or once its
+    # log-probs are cached
     reference: M.Transformer | None
     # Eq. 8, replicated on every rank; None unless aao weighting
     thresholds: aao.ThresholdMLP | None
@@ -756,7 +784,12 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
     run = Run(policy, None, None, objective, train_items, heldout, device, mesh, micro, seed)
     # Only run holds the frozen reference, so that --precompute-ref can free it.
     if objective is not None and args.loss != "simpo":
-        run.reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
+        placement = reference_placement(args.reference_placement, cfg, dtype, device, policy)
+        if placement == "replicated":
+            run.reference = M.build_replicated(cfg, read_weights, dtype, device)
+        else:
+            run.reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
+        rank0_print(f"reference: {placement} (--reference-placement {args.reference_placement})")
     if args.beta_column:  # SP2DPO: each pair's β from a column of the data
         run.beta_scaling = (args.beta_scale, args.beta_min, args.beta_max)
     if routes_to_sft(args):
@@ -774,6 +807,27 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
         f"on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})"
     )
     return run
+
+
+# A replicated reference may fill this share of the device memory left beside the policy's shards
+# and what is still to come of their size (gradients, AdamW's two moments); the rest is for
+# activations and the gathered blocks.
+REPLICATED_REFERENCE_SHARE = 0.5
+
+
+def reference_placement(choice: str, cfg, dtype, device, policy) -> str:
+    """--reference-placement: "sharded" or "replicated". auto: replicated on CUDA when the whole
+    reference in dtype fits in REPLICATED_REFERENCE_SHARE of the memory free on every rank beside
+    the policy's shards, counted four times (the shards, their gradients, AdamW's moments); on a
+    CPU sharded, as the ranks share one host's memory."""
+    if choice != "auto" or device.type != "cuda":
+        return "sharded" if choice == "auto" else choice
+    shards = sum(M.local(p).numel() * M.local(p).element_size() for p in policy.parameters())
+    free = torch.cuda.mem_get_info(device)[0] - 3 * shards  # the shards are allocated already
+    whole = M.parameter_counts(cfg)[2] * dtype.itemsize
+    fits = torch.tensor([float(whole <= REPLICATED_REFERENCE_SHARE * free)], device=device)
+    dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # every rank must choose the same
+    return "replicated" if fits.item() else "sharded"
 
 
 def model_config(args, tokenizer):
@@ -856,10 +910,11 @@ class PairForward:
 def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForward:
     """The pairwise objective on a micro-batch: a policy forward, the reference's log-probs (live or
     cached), the thresholds of Eq. 8, then aao.preference_objective."""
-    batch = data.micro_batch(items, indices, False, run.device)
+    cached = ref_cache.values(indices) if ref_cache is not None else {}
+    batch = data.micro_batch(items, indices, False, run.device, cached)
     mask = batch["answer_mask"]
     policy = run.policy(packed=batch["packed"], sum_logits=run.thresholds is not None)
-    reference = reference_states(run, batch, indices, ref_cache)
+    reference = reference_states(run, batch, ref_cache)
     a = b = None
     if run.thresholds is not None:
         a, b = run.thresholds(aao.pooled_answer_logits(policy.logit_sums, mask))
@@ -868,7 +923,7 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
     if run.beta_scaling:  # SP2DPO
         pairs.beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling)
     if run.mixdpo:  # marked once for the whole set (mark_routed)
-        pairs.routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device)
+        pairs.routed = batch["routed"]
     out = aao.preference_objective(run.objective, policy, reference, pairs, a, b)
     ref_top1 = reference.top1 if reference is not None else None
     metrics = {
@@ -878,12 +933,12 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
     return PairForward(out, policy, reference, batch, metrics)
 
 
-def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
-    """The frozen reference's per-token and top-1 log-probs: live, cached, or none (SimPO)."""
+def reference_states(run: Run, batch, cache) -> M.AnswerStates | None:
+    """The frozen reference's per-token and top-1 log-probs: live, cached (their values came with
+    the batch), or none (SimPO)."""
     if cache is not None:
         answer_index, shape = batch["packed"].answer_index, batch["answer_mask"].shape
-        logps, top1 = cache.lookup(indices, answer_index, shape)
-        return M.AnswerStates(logps, top1)
+        return M.AnswerStates(*ReferenceCache.grids(batch["reference"], answer_index, shape))
     if run.reference is None:
         return None
     with torch.no_grad():
@@ -1053,16 +1108,20 @@ def accumulate(sums: dict, metrics: dict, weight: float, totals=TOTALS) -> None:
 def reduce_metrics(sums: dict, count: float, extra: dict | None = None, totals=TOTALS) -> dict:
     """Over every micro-batch of every rank: means of the pair-weighted sums, except `totals`,
     summed. One all-reduce and one device-to-host copy, that also reads `extra` (already global)."""
-    keys, extra = sorted(sums), extra or {}
-    f64 = lambda v: torch.as_tensor(v, dtype=torch.float64, device=dist_device()).reshape(())
-    total = torch.stack([f64(sums[k]) for k in keys] + [f64(float(count))])
+    extra, device = extra or {}, dist_device()
+    # The device's sums, then the host's (token counts, FLOPs, the count) in one copy.
+    on_device = sorted(k for k, v in sums.items() if isinstance(v, torch.Tensor))
+    keys = on_device + sorted(k for k in sums if k not in on_device)
+    host = [float(sums[k]) for k in keys[len(on_device) :]] + [float(count)]
+    f64 = [sums[k].to(device, torch.float64).reshape(1) for k in on_device]
+    total = torch.cat(f64 + [torch.tensor(host, dtype=torch.float64).to(device)])
     dist.all_reduce(total)
     extras = [v.double().reshape(()) for v in extra.values()]
     values = (torch.cat([total, torch.stack(extras)]) if extras else total).tolist()
     summed, count = dict(zip(keys, values)), values[len(keys)]
     kept = summed.pop("pairs/kept", None)
     out = {}
-    for k, v in summed.items():
+    for k, v in sorted(summed.items()):
         over = kept if kept is not None and k.startswith(aao.KEPT_PAIR_METRICS) else count
         # a batch MixDPO routed whole has no kept pair: no rewards/* to log
         if k in totals or over > 0:
@@ -1558,15 +1617,21 @@ class ReferenceCache:
         flats = gather_ragged(torch.cat(mine, dim=1).T if mine else torch.zeros(0, 2))
         return cls(pairs, [f.T for f in flats])
 
-    def lookup(self, indices, answer_index, shape):
-        """(2B, width) grids of a micro-batch's pairs (chosen rows, then rejected), on device."""
+    def values(self, indices) -> dict:
+        """{"reference": (2, tokens)} on the host: the log-probs and top-1 log-probs of a
+        micro-batch's answer tokens (its chosen answers, then its rejected ones), to travel with
+        the batch (data.micro_batch)."""
         world, spans = len(self.flats), []
         for side in (0, 1):
             for i in indices:
                 start = self.starts[i] + side * self.lengths[i][0]
                 spans.append(self.flats[i % world][:, start : start + self.lengths[i][side]])
-        values = torch.cat(spans, dim=1).to(answer_index.device, non_blocking=True)
-        grid = torch.zeros(2, shape[0] * shape[1], device=answer_index.device)
+        return {"reference": torch.cat(spans, dim=1)}
+
+    @staticmethod
+    def grids(values, answer_index, shape) -> tuple:
+        """values (2, tokens) on the device -> the (rows, width) grids of logps and top1."""
+        grid = torch.zeros(2, shape[0] * shape[1], device=values.device)
         grid[:, answer_index] = values
         return grid.view(2, *shape).unbind(0)
 

@@ -2,20 +2,24 @@
 models with random weights, beside the memory experiments/scale_estimate.py predicts for the same
 shape, and TRL's DPOTrainer on the same job when trl is installed.
 
-    python experiments/gpu_check.py          # a few minutes on one H100/H200: a Markdown table
-    python experiments/gpu_check.py --quick  # Llama-3.2-1B's shape at one micro-batch size only
+    python experiments/gpu_check.py                  # ~5 minutes on one H100/H200: a Markdown table
+    python experiments/gpu_check.py --quick          # ~1 minute: Llama-3.2-1B's shape, 8 pairs
+    python experiments/gpu_check.py --compile both   # each setting eager and with compiled blocks
+    python experiments/gpu_check.py --profile        # one step under torch.profiler: top kernels
 
 The job: UltraFeedback-like pairs (a ~165-token prompt, two ~300-token answers), the policy and a
 live bf16 reference, fp32 master weights, bf16 compute, FSDP2 on one GPU, AdamW, one micro-batch a
-step (batch = micro-batch), DPO (--weighting none) and AAO. The models: Llama-3.2-1B's shape, and
-Llama-3.1-8B's shape with as many of its 32 layers as the prediction says fit in --memory-share of
-the GPU (the whole 8B and its AdamW state do not fit one GPU). Time: the median of the steps after
-the first.
+step (batch = micro-batch), DPO (--weighting none) and AAO. The models: Llama-3.2-1B's shape at 1 to
+16 pairs a micro-batch, and Llama-3.1-8B's shape with as many of its 32 layers as the prediction
+says fit in --memory-share of the GPU (the whole 8B and its AdamW state do not fit one GPU). Time:
+the median of the steps after the first (after the first two with compiled blocks).
 """
 
 import argparse
 import copy
+import dataclasses
 import gc
+import inspect
 import json
 import random
 import statistics
@@ -101,37 +105,63 @@ def random_reader(cfg: M.ModelConfig, device):
     return read
 
 
-def measure_ours(
-    cfg, pairs, micro: int, weighting: str, checkpointing: bool, device, mesh, steps: int
-) -> dict:
-    """train.train_step in one process (train.setup_distributed's device and mesh): median step
-    time, tokens/s, MFU, peak memory. The models are built here and freed before returning."""
+@dataclasses.dataclass
+class Setting:
+    """What one measurement trains: the model's shape, pairs a micro-batch, the objective's token
+    weighting (none: DPO, aao: AAO), activation checkpointing, compiled blocks."""
+
+    cfg: M.ModelConfig
+    micro: int
+    weighting: str = "none"
+    checkpointing: bool = False
+    compiled: bool = False
+
+
+def build_step(setting: Setting, pairs, device, mesh):
+    """train.py's models, objective and optimizer for the job; -> step(s), which runs step s (its
+    pairs s·micro to (s+1)·micro) and returns its metrics."""
+    cfg, micro, weighting = setting.cfg, setting.micro, setting.weighting
+    checkpointing, compiled = setting.checkpointing, setting.compiled
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     read = random_reader(cfg, device)
-    policy = M.build_sharded(cfg, read, mesh, torch.float32, dtype, checkpointing)
+    compile_kw = {"compile_blocks": True} if compiled else {}  # model.py's keyword, where it has it
+    policy = M.build_sharded(cfg, read, mesh, torch.float32, dtype, checkpointing, **compile_kw)
     reference = M.build_sharded(cfg, read, mesh, dtype, dtype, trainable=False)
     thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device) if weighting == "aao" else None
     objective = aao.Objective(weighting=weighting)
     run = train.Run(policy, reference, thresholds, objective, pairs, [], device, mesh, micro)
     optimizer = train.make_optimizer(policy, thresholds, 5e-7, 2e-5, 0.0)
+
+    def step(s: int) -> dict:
+        indices = [i % len(pairs) for i in range(s * micro, (s + 1) * micro)]
+        return train.train_step(run, optimizer, indices, s, micro, 1.0, False, count_flops=True)
+
+    return step
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ours(setting: Setting, pairs, device, mesh, steps: int) -> dict:
+    """train.train_step in one process (train.setup_distributed's device and mesh): median step
+    time, tokens/s, MFU, peak memory. The models are built here and freed before returning."""
+    step = build_step(setting, pairs, device, mesh)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds, rows = [], []
-    for step in range(steps):
+    for s in range(steps):
         t0 = time.perf_counter()
-        indices = list(range(step * micro, (step + 1) * micro))
-        rows.append(
-            train.train_step(run, optimizer, indices, step, micro, 1.0, False, count_flops=True)
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        rows.append(step(s))
+        synchronize(device)
         seconds.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    del run, policy, reference, thresholds, optimizer
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    timed = range(1, steps) if steps > 1 else range(steps)
+    del step
+    free_memory(device)
+    # the first step is warm-up (the first two when compiled: the second packing recompiles once)
+    warmup = min(steps - 1, 2 if setting.compiled else 1)
+    timed = range(warmup, steps)
     step_s = statistics.median(seconds[i] for i in timed)
     tokens = statistics.mean(rows[i]["tokens"] for i in timed)
     flops = statistics.mean(rows[i]["flops"] for i in timed)
@@ -143,6 +173,35 @@ def measure_ours(
         "mfu": flops / step_s / peak_flops if peak_flops else None,
         "peak_bytes": peak,
     }
+
+
+def free_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def profile_step(step, device, warmup: int = 3, rows: int = 25) -> str:
+    """One step under torch.profiler after `warmup` steps: its wall time, the device's kernel time,
+    and the top operators and kernels by the device's own time (the CPU's on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for s in range(warmup):
+        step(s)
+    synchronize(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        step(warmup)
+        synchronize(device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in events) / 1e6
+    where = "GPU kernel" if cuda else "CPU operator"
+    head = f"one profiled step: {wall:.3f} s wall, {busy:.3f} s of {where} time"
+    return head + "\n" + events.table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
 def measure_trl(cfg, rows: list, micro: int, checkpointing: bool, device, steps: int) -> dict:
@@ -222,30 +281,35 @@ def measure_trl(cfg, rows: list, micro: int, checkpointing: bool, device, steps:
     return {"step_s": statistics.median(times.seconds[1:] or times.seconds), "peak_bytes": peak}
 
 
+SMALL_MICROS, QUICK_MICROS = (1, 2, 4, 8, 16), (8,)  # Llama-3.2-1B: pairs a micro-batch
+BIG_SETTINGS = [(1, False), (2, False), (4, True)]  # Llama-3.1-8B: (pairs, act. checkpointing)
+
+
 def plan(quick: bool, gpu_bytes: float, share: float) -> list:
     """(name, config, micro-batch, activation checkpointing) of every measurement."""
-    small = [("Llama-3.2-1B", LLAMA32_1B, micro, False) for micro in ((2,) if quick else (1, 2, 4))]
+    micros = QUICK_MICROS if quick else SMALL_MICROS
+    small = [("Llama-3.2-1B", LLAMA32_1B, micro, False) for micro in micros]
     if quick:
         return small
-    settings = [(1, False), (2, False), (4, True)]
-    layers = layers_that_fit(LLAMA31_8B, share * gpu_bytes, settings)
+    layers = layers_that_fit(LLAMA31_8B, share * gpu_bytes, BIG_SETTINGS)
     big = with_layers(LLAMA31_8B, layers)
     name = f"Llama-3.1-8B, {layers} of 32 layers"
-    return small + [(name, big, micro, ac) for micro, ac in settings if layers]
+    return small + [(name, big, micro, ac) for micro, ac in BIG_SETTINGS if layers]
 
 
 def table(results: list, device_name: str) -> str:
     gb = lambda b: f"{b / 1e9:.1f} GB" if b is not None else "-"
     lines = [
-        f"Measured on one {device_name}, {time.strftime('%Y-%m-%d')}; pairs of "
-        f"{PROMPT_TOKENS}-token prompts and {ANSWER_TOKENS}-token answers, random weights.",
+        f"Measured on one {device_name}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}; "
+        f"pairs of {PROMPT_TOKENS}-token prompts and {ANSWER_TOKENS}-token answers, random "
+        "weights.",
         "",
-        "| model | trainer | micro-batch (pairs) | act. ckpt | step | tokens/s | MFU "
+        "| model | trainer | micro-batch (pairs) | act. ckpt | compiled | step | tokens/s | MFU "
         "| peak memory | predicted |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        head = f"| {r['model']} | {r['trainer']} | {r['micro']} | {r['ckpt']} |"
+        head = f"| {r['model']} | {r['trainer']} | {r['micro']} | {r['ckpt']} | {r['compiled']} |"
         if "error" in r:
             lines.append(f"{head} {r['error']} | | | | {gb(r['predicted'])} |")
             continue
@@ -262,7 +326,26 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="Llama-3.2-1B's shape, micro-batch 2 only")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="Llama-3.2-1B's shape at 8 pairs only, and TRL at 8 (about a minute; 3 with "
+        "--compile both)",
+    )
+    p.add_argument(
+        "--compile",
+        default="off",
+        choices=["off", "on", "both"],
+        help="the policy's blocks torch.compile'd (model.build_sharded's compile_blocks): off, "
+        "on, or both, each setting measured twice (default: off)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the table: one step of Llama-3.2-1B's shape at --profile-micro pairs "
+        "(DPO) under torch.profiler, its top kernels by GPU time",
+    )
+    p.add_argument("--profile-micro", type=int, default=8, help="pairs in the profiled step")
     p.add_argument(
         "--steps", type=int, default=4, help="steps per measurement, the first untimed (default: 4)"
     )
@@ -280,56 +363,96 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def compile_choices(compile: str) -> list:
+    """--compile -> the compiled values to measure, or an error line when model.py cannot."""
+    if compile != "off" and "compile_blocks" not in inspect.signature(M.build_sharded).parameters:
+        raise SystemExit(
+            f"error: --compile {compile}: model.build_sharded has no compile_blocks keyword in "
+            "this version of model.py"
+        )
+    return {"off": [False], "on": [True], "both": [False, True]}[compile]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        compiled = compile_choices(args.compile)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 1
     if not torch.cuda.is_available():
         print(
             "error: gpu_check.py measures one CUDA GPU, and torch sees none here", file=sys.stderr
         )
         return 1
     device, mesh = train.setup_distributed(1, 10, "cuda")
+    name = torch.cuda.get_device_name(device)
+    print(f"torch {torch.__version__}, {name}, {expandable_segments(device)}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = data.tiny_tokenizer()
-    rows = job_rows(4 * args.steps, tokenizer)
-    pairs = job_pairs(tokenizer, rows)
-    results = []
-    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
-    for name, cfg, micro, ckpt in plan(args.quick, gpu_bytes, args.memory_share):
-        for weighting, trainer in (("none", "ours, DPO"), ("aao", "ours, AAO")):
-            row = {
-                "model": name,
-                "trainer": trainer,
-                "micro": micro,
-                "ckpt": "yes" if ckpt else "no",
-                "predicted": predicted_bytes(cfg, micro, ckpt),
-            }
-            results.append(
-                row
-                | out_of_memory_as_error(
-                    measure_ours, cfg, pairs, micro, weighting, ckpt, device, mesh, args.steps
-                )
+    if args.profile:
+        pairs = job_pairs(tokenizer, job_rows(args.profile_micro * 5, tokenizer))
+        for c in compiled:
+            step = build_step(
+                Setting(LLAMA32_1B, args.profile_micro, compiled=c), pairs, device, mesh
             )
-            print(json.dumps(results[-1]), flush=True)
+            report = profile_step(step, device)
+            print(f"compiled: {c}\n{report}", flush=True)
+            (args.out / f"profile{'-compiled' if c else ''}.txt").write_text(report + "\n")
+            del step
+            free_memory(device)
+        return 0
+    micros = QUICK_MICROS if args.quick else SMALL_MICROS
+    rows = job_rows(max(micros) * args.steps, tokenizer)
+    pairs = job_pairs(tokenizer, rows)
+    results = measure_all(args, compiled, pairs, device, mesh)
     # TRL's Trainer would read a process group that exists as a distributed launch
     torch.distributed.destroy_process_group()
     if not args.no_trl and trl_installed():
-        row = {
-            "model": "Llama-3.2-1B",
-            "trainer": "TRL 1.16 DPO",
-            "micro": 2,
-            "ckpt": "no",
-            "predicted": None,
-        }
-        results.append(
-            row
-            | out_of_memory_as_error(measure_trl, LLAMA32_1B, rows, 2, False, device, args.steps)
-        )
-        print(json.dumps(results[-1]), flush=True)
-    report = table(results, torch.cuda.get_device_name(device))
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "table.md").write_text(report + "\n")
+        for micro in QUICK_MICROS if args.quick else (2, 8):
+            row = {"model": "Llama-3.2-1B", "trainer": "TRL 1.16 DPO", "micro": micro}
+            row |= {"ckpt": "no", "compiled": "no", "predicted": None}
+            measure = (LLAMA32_1B, rows, micro, False, device, args.steps)
+            results.append(row | out_of_memory_as_error(measure_trl, *measure))
+            save(results, args.out)
+    print(table(results, torch.cuda.get_device_name()))
     return 0
+
+
+def save(results: list, out: Path) -> None:
+    """The newest row on stdout; every row so far in results.json and table.md, so that a run cut
+    short by a time limit leaves what it measured."""
+    print(json.dumps(results[-1]), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(table(results, torch.cuda.get_device_name()) + "\n")
+
+
+def expandable_segments(device) -> str:
+    """Whether the CUDA allocator took train.setup_distributed's expandable_segments (a private
+    field of its snapshot, read where this torch has it)."""
+    torch.empty(1, device=device)  # the allocator starts with the first allocation
+    try:
+        value = torch.cuda.memory._snapshot()["allocator_settings"]["expandable_segments"]
+    except (AttributeError, KeyError, RuntimeError, TypeError):
+        value = "unknown"
+    return f"expandable_segments: {value}"
+
+
+def measure_all(args, compiled: list, pairs: list, device, mesh) -> list:
+    """Our step at every setting of the plan, DPO and AAO, eager and/or compiled: one row each."""
+    results = []
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+    for name, cfg, micro, ckpt in plan(args.quick, gpu_bytes, args.memory_share):
+        for c in compiled:
+            for weighting, trainer in (("none", "ours, DPO"), ("aao", "ours, AAO")):
+                row = {"model": name, "trainer": trainer, "micro": micro}
+                row |= {"ckpt": "yes" if ckpt else "no", "compiled": "yes" if c else "no"}
+                row["predicted"] = predicted_bytes(cfg, micro, ckpt)
+                setting = Setting(cfg, micro, weighting, ckpt, c)
+                measure = (setting, pairs, device, mesh, args.steps)
+                results.append(row | out_of_memory_as_error(measure_ours, *measure))
+                save(results, args.out)
+    return results
 
 
 def out_of_memory_as_error(measure, *args) -> dict:
