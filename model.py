@@ -371,6 +371,9 @@ class AnswerStates:
     # (rows, width, D): the hidden state at token j, which has read it, detached (--similarity
     # hidden: the state before it is the same in both answers after a shared prefix)
     hidden_after: torch.Tensor | None = None
+    # (rows, width) fp32: TDPO's KL(π_ref(·|before token j) || π_θ(·|before token j)), when the
+    # forward was given the reference's states (SequentialKL)
+    kl: torch.Tensor | None = None
 
 
 class Transformer(nn.Module):

@@ -1344,6 +1344,129 @@ def test_losses_and_metrics_match_trls_own_code(ours, theirs):
     assert m["rewards/accuracies"] < 1  # the tie is wrong
 
 
+def trl_kto_loss(x, mismatched_policy, mismatched_ref, beta, weights):
+    """TRL 1.16's own KTOTrainer._compute_loss on our tensors: the B pairs unpaired into 2B
+    examples (the chosen ones desirable, the rejected ones undesirable), the mismatched examples'
+    summed log-ratios given as they are (policy's per token, reference's precomputed sums)."""
+    import collections
+    import types
+
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    rows, K = x["mask"].shape
+    mask, zeros = x["mask"], torch.zeros(rows, K)
+    kl_ids = torch.zeros(rows, K + 1, dtype=torch.long)
+    model = lambda **kw: types.SimpleNamespace(
+        log_probs=(mismatched_policy if kw["input_ids"] is kl_ids else x["policy_logps"]) * mask,
+        entropy=zeros,
+        mean_logits=zeros,
+    )
+    trainer = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True),
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        calculate_KL=True,
+        accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=lambda t: t),
+        loss_type="kto",
+        beta=beta,
+        desirable_weight=weights[0],
+        undesirable_weight=weights[1],
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    trainer._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(trainer, m, b)
+    completion_mask = torch.cat([torch.zeros(rows, 1), mask], 1)  # the first token is prompt
+    inputs = dict(
+        input_ids=torch.zeros(rows, K + 1, dtype=torch.long),
+        attention_mask=torch.ones(rows, K + 1, dtype=torch.long),
+        completion_mask=completion_mask,
+        KL_input_ids=kl_ids,
+        KL_attention_mask=torch.ones(rows, K + 1, dtype=torch.long),
+        KL_completion_mask=completion_mask,
+        label=torch.tensor([True] * (rows // 2) + [False] * (rows // 2)),
+        ref_logps=(x["ref_logps"] * mask).sum(1),
+        ref_KL_logps=(mismatched_ref * mask).sum(1),
+    )
+    loss = KTOTrainer._compute_loss(trainer, model, inputs, False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize(
+    "shift,weights", [(0.0, (1.0, 1.0)), (-2.0, (1.0, 1.0)), (0.5, (1.3, 0.7))]
+)
+def test_kto_loss_and_metrics_match_trls_own_code(shift, weights):
+    """KTO from pairs: TRL 1.16's KTOTrainer on the same numbers, the loss (each pair's two
+    examples), z_0 (its kl: positive, and clamped at 0 when the mismatched log-ratios are negative)
+    and rewards/*, logps/* under its names; the gradient reaches the policy but not through z_0."""
+    pytest.importorskip("trl")
+    x = objective_inputs(B=4)
+    g = torch.Generator().manual_seed(1)
+    mismatched_ref = -torch.rand(8, 8, generator=g, dtype=torch.float64) * 3
+    mismatched_policy = mismatched_ref + shift + torch.rand(8, 8, generator=g, dtype=torch.float64)
+    loss, theirs = trl_kto_loss(x, mismatched_policy, mismatched_ref, 0.3, weights)
+    z = aao.kto_reference_point(mismatched_policy - mismatched_ref, x["mask"]).clamp(min=0)
+    obj = aao.Objective(loss="kto", weighting="none", beta=0.3)
+    obj.desirable_weight, obj.undesirable_weight = weights
+    out, grad = loss_and_grad(obj, x, kto_kl=z)
+    m = aao.objective_metrics(out, x["mask"])
+    assert torch.allclose(out.losses.mean(), loss.double())
+    assert (theirs["kl"] == 0) == (shift < 0) and math.isclose(m["kl"], theirs["kl"], rel_tol=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert math.isclose(m[key], theirs[key], rel_tol=1e-5, abs_tol=1e-6), key
+    for key in ("logps/chosen", "logps/rejected"):
+        assert math.isclose(m[key], theirs[key], rel_tol=1e-5, abs_tol=1e-6), key
+    # float64 by hand: d/d logp of λ_D (1 - σ(β(r_w - z))) / 2 is -λ_D β σ'(.) / 2 per chosen token
+    r_c, r_r = ((x["policy_logps"] - x["ref_logps"]) * x["mask"]).sum(1).chunk(2)
+    s_c, s_r = torch.sigmoid(0.3 * (r_c - z)), torch.sigmoid(0.3 * (z - r_r))
+    g_c, g_r = -weights[0] * 0.3 * s_c * (1 - s_c) / 2, weights[1] * 0.3 * s_r * (1 - s_r) / 2
+    assert torch.allclose(grad, torch.cat([g_c, g_r])[:, None] * x["mask"])
+
+
+@pytest.mark.parametrize("weighting", ["random", "aao"])
+def test_kto_composes_with_token_weights_on_the_log_ratios(weighting):
+    """Under a weighting KTO values each answer's weighted log-ratio Σ w (log π_θ - log π_ref)
+    against the unweighted z_0 (the KL of the distributions, which token weights do not change);
+    aao adds its auxiliary losses as for DPO."""
+    x = objective_inputs(B=3)
+    z = torch.tensor(0.4, dtype=torch.float64)
+    obj = aao.Objective(loss="kto", weighting=weighting)
+    a, b = thresholds(3, 0.8, 0.4) if weighting == "aao" else (None, None)
+    out, _ = loss_and_grad(obj, x, a, b, kto_kl=z, seeds=list(range(6)))
+    w = out.weights
+    assert not torch.allclose(w * x["mask"], x["mask"])
+    r_c, r_r = ((x["policy_logps"] - x["ref_logps"]) * w * x["mask"]).sum(1).chunk(2)
+    kto = ((1 - torch.sigmoid(0.1 * (r_c - z))) + (1 - torch.sigmoid(0.1 * (z - r_r)))) / 2
+    assert torch.allclose(out.preference, kto)
+    extra = 0 if weighting == "random" else out.contrastive + out.reward_enhancement
+    assert torch.allclose(out.losses, kto + extra)
+
+
+def test_mismatched_pairs_shift_the_answers_by_one_pair_and_fit_max_length():
+    """TRL's 2B examples shifted by one: prompt j with pair j-1's answers (prompt 0 with the last
+    pair's), the same multiset of 2B mismatched examples; each prompt + answer cut to max_length."""
+    items = [
+        {"prompt_ids": [1] * (2 + i), "chosen_ids": [10 + i] * 5, "rejected_ids": [20 + i] * 6}
+        for i in range(3)
+    ]
+    mismatched = data.mismatched_pairs(items, [2, 0, 1], max_length=9)
+    trl = [
+        (items[i]["prompt_ids"], items[i][side])
+        for side in ("chosen_ids", "rejected_ids")
+        for i in (2, 0, 1)
+    ]
+    answers = [a for _, a in trl]
+    shifted = [(p, a) for (p, _), a in zip(trl, answers[-1:] + answers[:-1])]
+    ours = [
+        (m["prompt_ids"], m[side]) for m in mismatched for side in ("chosen_ids", "rejected_ids")
+    ]
+    cut = lambda p, a: (p, a[: 9 - len(p)])
+    assert sorted(ours) == sorted(cut(p, a) for p, a in shifted)
+    assert all(len(p) + len(a) <= 9 for p, a in ours)
+    packed = data.pack(mismatched, False)  # the prompt-once layout: 3 prompts, 6 answers
+    assert len(packed["packed"].query_lengths) == 9 and packed["answer_mask"].shape[0] == 6
+
+
 def test_simpo_and_cdpo_match_trls_own_code():
     """TRL's CPOTrainer.cpo_loss: SimPO (its γ is ours, β·gamma_beta_ratio) with its rewards β·mean
     log π, and the label-smoothed sigmoid loss, which is cDPO when given log-ratios."""
@@ -3253,6 +3376,10 @@ def test_bad_command_lines_are_one_line_without_traceback(tmp_path, capsys, argv
             ["--eval-data", "held.jsonl", "--eval-pairs", "8"],
             "--eval-pairs holds rows of --data out",
         ),
+        (["--desirable-weight", "2"], "--desirable-weight means something only with --loss kto"),
+        (["--loss", "tdpo1", "--tdpo-alpha", "1"], "--tdpo-alpha means something only with"),
+        (["--loss", "kto", "--precompute-ref"], "--precompute-ref means something only with"),
+        (["--loss", "kto", "--micro-batch-size", "1"], "--micro-batch-size must be at least 2"),
     ],
 )
 def test_flags_that_cannot_be_meant_together_are_one_line_before_any_work(
@@ -3309,6 +3436,7 @@ def test_non_finite_gradient_norm_stops_without_an_update(tmp_path, capsys, monk
         ["--reward-form", "printed", "--activation-checkpointing"],
         ["--similarity", "hidden"],
         ["--similarity", "alignment", "--end-token-weight", "one"],
+        ["--loss", "kto", "--weighting", "none", "--undesirable-weight", 1.33],
     ],
 )
 def test_objective_variants_train(tmp_path, args):

@@ -144,8 +144,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--loss",
         default="dpo",
-        choices=["dpo", "ipo", "cdpo", "hinge", "simpo", "sft"],
-        help="the pairwise loss, or sft for the SFT stage (default: dpo)",
+        choices=["dpo", "ipo", "cdpo", "hinge", "simpo", "kto", "tdpo1", "tdpo2", "sft"],
+        help="the pairwise loss (kto: KTO on each pair's desirable and undesirable answer; tdpo1, "
+        "tdpo2: token-level DPO with the sequential KL), or sft for the SFT stage (default: dpo)",
     )
     g(
         "--weighting",
@@ -156,7 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--beta",
         type=float,
-        help="β (default: the loss's own: 0.1 for dpo/ipo/cdpo/hinge, 2.0 for simpo)",
+        help="β (default: the loss's own: 0.1 for dpo/ipo/cdpo/hinge/kto/tdpo, 2.0 for simpo)",
     )
     g(
         "--label-smoothing",
@@ -174,6 +175,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=0.5,
         help="SimPO's γ/β (default: 0.5, Llama-3 base recipe)",
+    )
+    g(
+        "--desirable-weight",
+        type=float,
+        default=1.0,
+        help="KTO's λ_D, the weight of the desirable (chosen) examples' loss (default: 1, TRL's)",
+    )
+    g(
+        "--undesirable-weight",
+        type=float,
+        default=1.0,
+        help="KTO's λ_U, the weight of the undesirable (rejected) examples' loss (default: 1)",
+    )
+    g(
+        "--tdpo-alpha",
+        type=float,
+        default=0.5,
+        help="TDPO2's α on the sequential KL difference (default: 0.5, the authors')",
     )
     g("--alpha", type=float, default=200.0, help="Eq. 17's sharpness α (default: 200, the paper's)")
     g(
@@ -415,6 +434,9 @@ LIMITS = {
     "sft_below_quantile": SHARE,
     "simpo_gamma_beta_ratio": AT_LEAST_0,
     "beta_min": POSITIVE,
+    "desirable_weight": POSITIVE,
+    "undesirable_weight": POSITIVE,
+    "tdpo_alpha": POSITIVE,
     "beta_max": POSITIVE,
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
 }
@@ -469,6 +491,9 @@ ONLY_WITH = {
     "label_smoothing": ("--loss cdpo", lambda a: a.loss == "cdpo"),
     "ipo_sum": ("--loss ipo", lambda a: a.loss == "ipo"),
     "simpo_gamma_beta_ratio": ("--loss simpo", lambda a: a.loss == "simpo"),
+    "desirable_weight": ("--loss kto", lambda a: a.loss == "kto"),
+    "undesirable_weight": ("--loss kto", lambda a: a.loss == "kto"),
+    "tdpo_alpha": ("--loss tdpo2", lambda a: a.loss == "tdpo2"),
     **{
         k: ("--weighting aao", lambda a: pairwise(a) and a.weighting == "aao")
         for k in ("alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")
@@ -479,8 +504,9 @@ ONLY_WITH = {
         for k in ("beta_scale", "beta_min", "beta_max")
     },
     "precompute_ref": (
-        "a loss with a reference (not sft or simpo)",
-        lambda a: a.loss not in ("sft", "simpo"),
+        "a loss with a reference read on the pairs alone (not sft, simpo, or kto, whose "
+        "reference point reads it on answers mismatched within each shuffled micro-batch)",
+        lambda a: a.loss not in ("sft", "simpo", "kto"),
     ),
 }
 
@@ -508,6 +534,11 @@ def check_combinations(args, defaults: dict) -> None:
         raise TrainingError(
             f"--beta-max {args.beta_max} is below --beta-min {args.beta_min}: "
             "every pair's β would be clipped to the wrong bound"
+        )
+    if args.loss == "kto" and args.micro_batch_size < 2:
+        raise TrainingError(
+            "--loss kto estimates its reference point from the answers of the other pairs of a "
+            "micro-batch: --micro-batch-size must be at least 2"
         )
     if args.eval_data and args.eval_pairs != defaults["eval_pairs"]:
         raise TrainingError(
@@ -676,6 +707,7 @@ class Run:
     mixdpo: bool = False  # MixDPO: pairs marked "routed" take the SFT loss
     ref_train: "ReferenceCache | None" = None  # --precompute-ref
     ref_eval: "ReferenceCache | None" = None
+    max_length: int = 1024  # KTO cuts its mismatched prompt + answer to it, as the pairs were
 
 
 def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
@@ -687,6 +719,7 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
     policy = M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing)
     micro, seed = args.micro_batch_size, args.seed
     run = Run(policy, None, None, objective, train_items, heldout, device, mesh, micro, seed)
+    run.max_length = args.max_length
     # Only run holds the frozen reference, so that --precompute-ref can free it.
     if objective is not None and args.loss != "simpo":
         run.reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
@@ -733,6 +766,9 @@ def objective_of(args) -> aao.Objective | None:
         label_smoothing=args.label_smoothing,
         simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio,
         ipo_normalized=not args.ipo_sum,
+        desirable_weight=args.desirable_weight,
+        undesirable_weight=args.undesirable_weight,
+        tdpo_alpha=args.tdpo_alpha,
         alpha=args.alpha,
         lambda_c=args.lambda_c,
         lambda_r=args.lambda_r,
@@ -802,6 +838,8 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
         pairs.beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling)
     if run.mixdpo:  # marked once for the whole set (mark_routed)
         pairs.routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device)
+    if run.objective.loss == "kto":
+        pairs.kto_kl = kto_reference_point(run, items, indices)
     out = aao.preference_objective(run.objective, policy, reference, pairs, a, b)
     ref_top1 = reference.top1 if reference is not None else None
     metrics = {
@@ -809,6 +847,22 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
         **aao.squeeze_probe(policy.top1, ref_top1, mask),
     }
     return PairForward(out, policy, reference, batch, metrics)
+
+
+@torch.no_grad()
+def kto_reference_point(run: Run, items, indices) -> torch.Tensor:
+    """KTO's z_0 for a micro-batch, as TRL 1.16 computes it: one more forward of the policy and the
+    reference, without gradient, on the mismatched pairs (data.mismatched_pairs: each prompt with
+    the previous pair's answers, packed prompt-once), the mean summed log-ratio, then the mean over
+    processes, clamped at 0 (aao.kto_reference_point)."""
+    mismatched = data.mismatched_pairs(items, indices, run.max_length)
+    batch = data.micro_batch(mismatched, list(range(len(mismatched))), False, run.device)
+    policy = run.policy(packed=batch["packed"])
+    reference = run.reference(packed=batch["packed"])
+    kl = aao.kto_reference_point(policy.logps - reference.logps, batch["answer_mask"])
+    kl = kl.to(dist_device()).reshape(1)
+    dist.all_reduce(kl)
+    return (kl[0] / dist.get_world_size()).clamp(min=0).to(run.device)
 
 
 def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
