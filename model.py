@@ -405,12 +405,15 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor | None = None,
         packed: Packed | None = None,
         sum_logits: bool = False,
+        reference_head: tuple | None = None,
     ):
         """input_ids (N, T) -> logits (N, T, vocab).
 
         With packed (a micro-batch from data.pack) instead, no logits are made: an AnswerStates in
         the per-answer layout, with the log-probs of the answer tokens through the chunked head,
-        and with sum_logits their logits summed per answer. Done here, inside the root module's
+        and with sum_logits their logits summed per answer; given reference_head, the reference's
+        (hidden states (M, D) that predict the answer tokens, head weight (vocab, D)), TDPO's
+        sequential KL at each answer token (SequentialKL). Done here, inside the root module's
         forward, because FSDP gathers the head's weight only there."""
         ids = packed.input_ids[None] if packed is not None else input_ids  # (N, T); packed: (1, S)
         window, T = self.config.sliding_window, ids.shape[1]
@@ -427,7 +430,7 @@ class Transformer(nn.Module):
         hidden = self.norm(x)  # (N, T, D)
         if packed is None:
             return self.lm_head(hidden)  # (N, T, vocab)
-        return self.answer_states(packed, embeds[0], hidden[0], sum_logits)
+        return self.answer_states(packed, embeds[0], hidden[0], sum_logits, reference_head)
 
     def forward_cached(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches: list
@@ -442,7 +445,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         return self.lm_head(self.norm(x[:, -1]))  # (B, vocab)
 
-    def answer_states(self, packed, embeds, hidden, sum_logits) -> AnswerStates:
+    def answer_states(self, packed, embeds, hidden, sum_logits, reference_head=None):
         """The packed sequence's embeddings and final hidden states (S, D) -> AnswerStates on the
         (rows, width) grid, one row per answer, column j for its token j (0 beyond its end)."""
         D = hidden.shape[-1]
@@ -468,7 +471,10 @@ class Transformer(nn.Module):
         # Eq. 7 reads the embeddings detached; hidden_after is the state at the answer token itself.
         inputs = embeds.detach().index_select(0, packed.answer_at)
         after = hidden.detach().index_select(0, packed.answer_at)
-        return AnswerStates(grid(logps), grid(top1), grid(inputs), grid(h), sums, grid(after))
+        kl = (
+            None if reference_head is None else grid(SequentialKL.apply(h, weight, *reference_head))
+        )
+        return AnswerStates(grid(logps), grid(top1), grid(inputs), grid(h), sums, grid(after), kl)
 
 
 # Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 64 MiB of fp32.
@@ -519,6 +525,55 @@ class AnswerHead(torch.autograd.Function):
             grad_h += d @ w
             grad_w[s : s + step] = d.T @ h
         return grad_h.to(h.dtype), grad_w, None
+
+
+class SequentialKL(torch.autograd.Function):
+    """TDPO's sequential forward KL at each answer token, KL(π_ref(·|x, y<t) || π_θ(·|x, y<t)) over
+    the whole vocabulary, computed as AnswerHead computes log-probs: from the policy's states h
+    (M, D) and head W, and the reference's states and head, one block of rows at a time, never the
+    (M, vocab) logits of either model. KL_t = Σ_v p_ref (log p_ref - log p_θ); its gradient with
+    respect to the policy's logits is softmax_θ - p_ref (Σ_v p_ref = 1), recomputed in backward in
+    vocabulary slices from h, W and both log-sum-exps (saved). The reference gets no gradient.
+    Two (rows, vocab) blocks are alive at once (policy and reference): each is half AnswerHead's."""
+
+    @staticmethod
+    def forward(ctx, h, weight, ref_h, ref_weight):
+        M, V = h.shape[0], weight.shape[0]
+        kl = torch.empty(M, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        lse, ref_lse = torch.empty_like(kl), torch.empty_like(kl)
+        rows = max(1, HEAD_CHUNK // (2 * V))
+        for s in range(0, M, rows):
+            e = min(M, s + rows)
+            ref = (ref_h[s:e] @ ref_weight.T).to(kl.dtype)  # (rows, V)
+            ref_lse[s:e] = ref.logsumexp(-1)
+            ref.sub_(ref_lse[s:e, None])  # log p_ref
+            logits = (h[s:e] @ weight.T).to(kl.dtype)
+            lse[s:e] = logits.logsumexp(-1)
+            # log p_ref - log p_θ in place, term by term (not Σ p_ref·(log p_ref - logits) + lse:
+            # that cancels two numbers of size log(vocab) in fp32)
+            logits.sub_(lse[s:e, None]).neg_().add_(ref)
+            kl[s:e] = (ref.exp_() * logits).sum(-1)
+            del ref, logits
+        ctx.save_for_backward(h, weight, ref_h, ref_weight, lse, ref_lse)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        h, weight, ref_h, ref_weight, lse, ref_lse = ctx.saved_tensors
+        grad_h = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)
+        grad_w = torch.empty_like(weight)
+        g = grad_kl.to(lse.dtype)[:, None]  # (M, 1)
+        step = max(1, HEAD_CHUNK // max(1, 2 * h.shape[0]))
+        for s in range(0, weight.shape[0], step):
+            w = weight[s : s + step]  # (v, D)
+            # d KL / d logits = softmax_θ - p_ref on this vocabulary slice
+            d = (h @ w.T).to(lse.dtype).sub_(lse[:, None]).exp_()  # (M, v)
+            p_ref = (ref_h @ ref_weight[s : s + step].T).to(lse.dtype).sub_(ref_lse[:, None])
+            d = d.sub_(p_ref.exp_()).mul_(g).to(weight.dtype)
+            del p_ref
+            grad_h += d @ w
+            grad_w[s : s + step] = d.T @ h
+        return grad_h.to(h.dtype), grad_w, None, None
 
 
 def init_weights(model: Transformer, seed: int, std: float = 0.02) -> Transformer:

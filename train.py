@@ -708,6 +708,8 @@ class Run:
     ref_train: "ReferenceCache | None" = None  # --precompute-ref
     ref_eval: "ReferenceCache | None" = None
     max_length: int = 1024  # KTO cuts its mismatched prompt + answer to it, as the pairs were
+    # TDPO: the reference's head weight (vocab, D), gathered once (the reference is frozen)
+    reference_head: torch.Tensor | None = None
 
 
 def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
@@ -723,6 +725,8 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
     # Only run holds the frozen reference, so that --precompute-ref can free it.
     if objective is not None and args.loss != "simpo":
         run.reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
+        if args.loss in aao.TDPO_VARIANTS:  # a collective under FSDP: every rank, once
+            run.reference_head = M.full(run.reference.lm_head.weight).detach()
     if args.beta_column:  # SP2DPO: each pair's β from a column of the data
         run.beta_scaling = (args.beta_scale, args.beta_min, args.beta_max)
     if routes_to_sft(args):
@@ -789,8 +793,9 @@ def cache_reference(run: Run) -> None:
     """--precompute-ref: the reference's log-probs of every pair, computed once; the reference is
     then freed."""
     micro, device = run.micro_batch_size, run.device
-    run.ref_train = ReferenceCache.compute(run.reference, run.train_items, micro, device)
-    run.ref_eval = ReferenceCache.compute(run.reference, run.heldout, micro, device)
+    hidden = run.reference_head is not None  # TDPO: its sequential KL reads the reference's states
+    run.ref_train = ReferenceCache.compute(run.reference, run.train_items, micro, device, hidden)
+    run.ref_eval = ReferenceCache.compute(run.reference, run.heldout, micro, device, hidden)
     run.reference = None
     gc.collect()
     if device.type == "cuda":
@@ -827,8 +832,15 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
     cached), the thresholds of Eq. 8, then aao.preference_objective."""
     batch = data.micro_batch(items, indices, False, run.device)
     mask = batch["answer_mask"]
-    policy = run.policy(packed=batch["packed"], sum_logits=run.thresholds is not None)
     reference = reference_states(run, batch, indices, ref_cache)
+    reference_head = None
+    if (
+        run.reference_head is not None
+    ):  # TDPO: the reference's states that predict each answer token
+        at = batch["packed"].answer_index
+        reference_head = (reference.hidden.flatten(0, 1).index_select(0, at), run.reference_head)
+    packed, sums = batch["packed"], run.thresholds is not None
+    policy = run.policy(packed=packed, sum_logits=sums, reference_head=reference_head)
     a = b = None
     if run.thresholds is not None:
         a, b = run.thresholds(aao.pooled_answer_logits(policy.logit_sums, mask))
@@ -866,11 +878,11 @@ def kto_reference_point(run: Run, items, indices) -> torch.Tensor:
 
 
 def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
-    """The frozen reference's per-token and top-1 log-probs: live, cached, or none (SimPO)."""
+    """The frozen reference's per-token and top-1 log-probs (and for TDPO the states that predict
+    each answer token): live, cached, or none (SimPO)."""
     if cache is not None:
         answer_index, shape = batch["packed"].answer_index, batch["answer_mask"].shape
-        logps, top1 = cache.lookup(indices, answer_index, shape)
-        return M.AnswerStates(logps, top1)
+        return cache.lookup(indices, answer_index, shape)
     if run.reference is None:
         return None
     with torch.no_grad():
@@ -1467,13 +1479,14 @@ def sharded_like(p: DTensor, local: torch.Tensor) -> DTensor:
 
 class ReferenceCache:
     """--precompute-ref: the reference's log-probs and top-1 log-probs at every answer token,
-    computed once. Rank r computes the pairs i = r, r + world, ... and lays their values out flat,
-    pair after pair (the chosen answer, then the rejected); every rank then gathers every rank's
-    flat tensor. Where pair i's values sit follows from the answers' lengths, which every rank
-    knows: no index travels."""
+    computed once; for TDPO also its final hidden states that predict them (with its head weight,
+    kept once in Run.reference_head, they give its whole next-token distribution). Rank r computes
+    the pairs i = r, r + world, ... and lays their values out flat, pair after pair (the chosen
+    answer, then the rejected); every rank then gathers every rank's flat tensor. Where pair i's
+    values sit follows from the answers' lengths, which every rank knows: no index travels."""
 
-    def __init__(self, pairs: list, flats: list):
-        self.flats = flats
+    def __init__(self, pairs: list, flats: list, hiddens: list | None = None):
+        self.flats, self.hiddens = flats, hiddens
         self.lengths = [(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
         self.starts, world = [0] * len(pairs), len(flats)
         for r in range(world):  # where each pair starts in its rank's flat tensor
@@ -1483,33 +1496,49 @@ class ReferenceCache:
 
     @classmethod
     @torch.no_grad()
-    def compute(cls, reference, pairs, micro, device) -> "ReferenceCache":
-        mine, rank, world = [], dist.get_rank(), dist.get_world_size()
+    def compute(cls, reference, pairs, micro, device, hidden=False) -> "ReferenceCache":
+        mine, mine_hidden, rank, world = [], [], dist.get_rank(), dist.get_world_size()
         for real, weight in data.lockstep_chunks(len(pairs), micro, rank, world):
             batch = data.micro_batch(pairs, real, False, device)
             states = reference(packed=batch["packed"])
             # The answer tokens in row order (chosen rows, then rejected), regrouped by pair.
             if weight:
+                at = batch["packed"].answer_index
                 both = torch.stack([states.logps, states.top1]).flatten(1)
-                flat = both[:, batch["packed"].answer_index].float().cpu()
                 chosen = [len(pairs[i]["chosen_ids"]) for i in real]
                 rejected = [len(pairs[i]["rejected_ids"]) for i in real]
-                rows = flat.split(chosen + rejected, dim=1)
-                mine += [x for k in range(len(real)) for x in (rows[k], rows[k + len(real)])]
+                by_pair = lambda rows: [x for k in range(len(real)) for x in rows[k :: len(real)]]
+                mine += by_pair(both[:, at].float().cpu().split(chosen + rejected, dim=1))
+                if hidden:  # (answer tokens, D) in the reference's compute dtype
+                    h = states.hidden.flatten(0, 1)[at].cpu()
+                    mine_hidden += by_pair(h.split(chosen + rejected))
         flats = gather_ragged(torch.cat(mine, dim=1).T if mine else torch.zeros(0, 2))
-        return cls(pairs, [f.T for f in flats])
+        hiddens = gather_ragged(torch.cat(mine_hidden)) if hidden else None
+        return cls(pairs, [f.T for f in flats], hiddens)
 
-    def lookup(self, indices, answer_index, shape):
-        """(2B, width) grids of a micro-batch's pairs (chosen rows, then rejected), on device."""
-        world, spans = len(self.flats), []
+    def lookup(self, indices, answer_index, shape) -> M.AnswerStates:
+        """A micro-batch's pairs as (2B, width) grids (chosen rows, then rejected), on device:
+        log-probs, top-1 log-probs and, if cached, the hidden states (2B, width, D)."""
+        world, spans, hidden = len(self.flats), [], []
         for side in (0, 1):
             for i in indices:
                 start = self.starts[i] + side * self.lengths[i][0]
-                spans.append(self.flats[i % world][:, start : start + self.lengths[i][side]])
-        values = torch.cat(spans, dim=1).to(answer_index.device, non_blocking=True)
-        grid = torch.zeros(2, shape[0] * shape[1], device=answer_index.device)
+                span = slice(start, start + self.lengths[i][side])
+                spans.append(self.flats[i % world][:, span])
+                if self.hiddens is not None:
+                    hidden.append(self.hiddens[i % world][span])
+        device = answer_index.device
+        values = torch.cat(spans, dim=1).to(device, non_blocking=True)
+        grid = torch.zeros(2, shape[0] * shape[1], device=device)
         grid[:, answer_index] = values
-        return grid.view(2, *shape).unbind(0)
+        states = M.AnswerStates(*grid.view(2, *shape).unbind(0))
+        if hidden:
+            h = torch.cat(hidden).to(device, non_blocking=True)
+            states.hidden = h.new_zeros(shape[0] * shape[1], h.shape[1]).index_put_(
+                (answer_index,), h
+            )
+            states.hidden = states.hidden.view(*shape, -1)
+        return states
 
 
 def gather_ragged(t: torch.Tensor) -> list:
