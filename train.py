@@ -790,8 +790,8 @@ def objective_of(args) -> aao.Objective | None:
 
 
 def cache_reference(run: Run) -> None:
-    """--precompute-ref: the reference's log-probs of every pair, computed once; the reference is
-    then freed."""
+    """--precompute-ref: the reference's log-probs of every pair (for TDPO also its hidden states at
+    the answer tokens), computed once; the reference is then freed."""
     micro, device = run.micro_batch_size, run.device
     hidden = run.reference_head is not None  # TDPO: its sequential KL reads the reference's states
     run.ref_train = ReferenceCache.compute(run.reference, run.train_items, micro, device, hidden)
@@ -801,7 +801,12 @@ def cache_reference(run: Run) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     n_pairs = len(run.train_items) + len(run.heldout)
-    rank0_print(f"reference log-probs cached for {n_pairs} pairs; reference freed")
+    what = "log-probs"
+    if hidden:  # every answer token's D numbers, on every process: say how much
+        tensors = run.ref_train.hiddens + run.ref_eval.hiddens
+        size = sum(t.numel() * t.element_size() for t in tensors) / 2**30
+        what = f"log-probs and hidden states ({size:.2f} GiB on every process)"
+    rank0_print(f"reference {what} cached for {n_pairs} pairs; reference freed")
 
 
 def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
