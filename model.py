@@ -984,18 +984,21 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int, int]:
     return blocks, head, blocks + head * (1 if cfg.tie_word_embeddings else 2)
 
 
-def training_flops(cfg: ModelConfig, segments: list, live_reference: bool) -> float:
+def training_flops(
+    cfg: ModelConfig, segments: list, live_reference: bool, policy_backward: bool = True
+) -> float:
     """Model FLOPs of training on segments given as (queries, keys, answer tokens),
     data.segment_lengths' triples, PaLM's convention (recomputation not counted): 6 per parameter
     and query token for the policy's forward and backward, 2 for a live reference's forward; the
     head only at answer tokens (the chunked head computes nothing else); the input embedding not
     at all (a lookup); attention's two products of a segment's queries by its keys, 12·L·D·keys
     per query (4·L·D·keys for a forward only). A whole T-token sequence is the segment
-    (T, T, answer tokens)."""
+    (T, T, answer tokens). Without policy_backward, the policy's forward alone (KTO's mismatched
+    pairs)."""
     blocks, head, _ = parameter_counts(cfg)
-    passes = 6 + 2 * live_reference
+    passes = 6 - 4 * (not policy_backward) + 2 * live_reference
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
-    attention = 4 * L * H * cfg.head_dim * (3 + live_reference)
+    attention = 4 * L * H * cfg.head_dim * (3 - 2 * (not policy_backward) + live_reference)
     return sum(passes * (blocks * q + head * n) + attention * q * k for q, k, n in segments)
 
 

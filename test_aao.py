@@ -336,6 +336,12 @@ def test_parameter_counts_are_the_built_models(tied, head_dim, kv):
         + 3 * cfg.num_hidden_layers * 2 * 2 * (6 * 6 + 4 * 10) * heads_dim
     )
     assert M.training_flops(cfg, [(6, 6, 0), (4, 10, 4)], live_reference=False) == packed
+    # KTO's mismatched pairs: the policy's and the reference's forwards, 2 + 2 per parameter and
+    # token, attention's 2 x 1 products each
+    both_forwards = (
+        4 * (blocks * 10 + head * 4) + 2 * cfg.num_hidden_layers * 2 * 2 * 100 * heads_dim
+    )
+    assert M.training_flops(cfg, [(10, 10, 4)], True, policy_backward=False) == both_forwards
 
 
 # ----------------------------------------------------------------------------- generation
@@ -3571,6 +3577,18 @@ def test_tdpo_with_a_precomputed_reference_gives_the_live_losses_and_kl(tmp_path
     kl = [r["kl/chosen"] for r in live]
     assert kl[0] == 0 and kl[-1] > 0 and "eval/kl/chosen" in live[-1]
     assert kl == pytest.approx([r["kl/chosen"] for r in cached], rel=1e-5, abs=1e-7)
+
+
+def test_kto_run_logs_its_reference_point_and_counts_its_forwards_in_mfu(tmp_path, monkeypatch):
+    """A KTO run end to end: kl (z_0) in every row and on held-out pairs; with a peak (as on a
+    GPU) the mismatched forwards are counted in MFU's FLOPs (here, a pretend CPU peak)."""
+    monkeypatch.setattr(M, "peak_flops", lambda device: 1e12)
+    counted, flops = [], M.training_flops
+    monkeypatch.setattr(M, "training_flops", lambda *a: counted.append(a[3:]) or flops(*a))
+    small = ("--data", pairs_file(tmp_path, n=48), "--eval-pairs", 4, "--weighting", "none")
+    rows = metric_rows(in_process(tmp_path, *small, "--loss", "kto", "--undesirable-weight", 1.33))
+    assert all(r["kl"] >= 0 and 0 < r["mfu"] < 1 for r in rows) and "eval/kl" in rows[-1]
+    assert counted.count((False,)) == counted.count(()) > 0  # each micro-batch's forwards
 
 
 def test_kto_reference_point_is_the_mean_log_ratio_of_unpacked_mismatched_rows(tmp_path):

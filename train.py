@@ -959,6 +959,10 @@ def train_step(
         m["tokens"] = float(sum(q for q, _, _ in lengths))  # through the layers: each prompt once
         if count_flops:
             m["flops"] = M.training_flops(run.policy.config, lengths, run.reference is not None)
+            if run.objective is not None and run.objective.loss == "kto":  # z_0's two forwards
+                mismatched = data.mismatched_pairs(run.train_items, chunk, run.max_length)
+                lengths = data.segment_lengths(mismatched, range(len(chunk)))
+                m["flops"] += M.training_flops(run.policy.config, lengths, True, False)
         accumulate(sums, m, len(chunk))
     norms = {"grad_norm": clip_gradients(run.policy.parameters(), grad_clip)}
     # The threshold MLP is clipped apart, so that its gradient does not shrink the policy's step.
