@@ -1,13 +1,15 @@
-"""AAO (Ambiguity Awareness Optimization, arXiv 2511.23391) and its sequence-level relatives.
+"""AAO (Ambiguity Awareness Optimization, arXiv 2511.23391) and the baselines it is compared with.
 
 Read top to bottom, this file is the method:
-  DPO and its relatives (Eq. 2) on sequence log-probs -> token similarity (Eq. 7)
+  DPO and its relatives (Eq. 2; KTO and TDPO among them) on sequence log-probs
+  -> token similarity (Eq. 7)
   -> thresholds a, b from the logits (Eq. 8) -> token weights (Eq. 14-17) -> weighted log-ratios
   -> auxiliary losses (Eq. 9-13) -> MixDPO routing -> the whole objective -> metrics.
 Every function takes tensors and imports only torch. Per-token tensors are (pairs*2, K): the chosen
 answers in the first half, the rejected in the second, K positions aligned with the predicted token;
 `mask` marks answer tokens (prompt and padding are 0). The per-token log-probs themselves (Eq. 1)
-come from model.py's chunked head, which never builds the (rows, K, vocab) logits.
+come from model.py's chunked head, which never builds the (rows, K, vocab) logits; TDPO's
+per-token KLs from its SequentialKL beside it, in the same blocks.
 Where a printed equation is ambiguous or wrong, the comment says what is printed, what is done, why.
 """
 

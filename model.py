@@ -6,8 +6,10 @@ through F.scaled_dot_product_attention, a SwiGLU MLP, tied or untied output head
 window. Module names follow the checkpoint's ("model." dropped): loading needs no conversion.
 For training, `build_sharded` builds it sharded over processes with FSDP2, reading only each rank's
 rows of every tensor, and `save_sharded` writes it back from the shards, every rank one file at
-once. `generate` decodes a batch of prompts with a KV cache (`python train.py answers` uses it for
-AlpacaEval). It imports nothing else of this project: the model stands alone.
+once. The training forward scores only answer tokens, in blocks (`AnswerHead`, and TDPO's
+`SequentialKL`): never the whole (tokens, vocab) logits. `generate` decodes a batch of prompts
+with a KV cache (`python train.py answers` uses it for AlpacaEval). It imports nothing else of
+this project: the model stands alone.
 """
 
 import json

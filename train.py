@@ -805,7 +805,7 @@ def cache_reference(run: Run) -> None:
     if hidden:  # every answer token's D numbers, on every process: say how much
         tensors = run.ref_train.hiddens + run.ref_eval.hiddens
         size = sum(t.numel() * t.element_size() for t in tensors) / 2**30
-        what = f"log-probs and hidden states ({size:.2f} GiB on every process)"
+        what = f"log-probs and hidden states ({size:.3g} GiB on every process)"
     rank0_print(f"reference {what} cached for {n_pairs} pairs; reference freed")
 
 
