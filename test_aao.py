@@ -3629,6 +3629,10 @@ def test_scale_estimate_prints_plausible_tables():
     memory = [int(gb) for row in re.findall(r"\| (\d+) GB \| (\d+) GB \|", out) for gb in row]
     assert len(memory) == 16 and all(10 < gb < 200 for gb in memory)
     assert "FSDP over 8" in out and "HSDP: --replicate 2" in out
+    # LoRA rank 16 on all 7 projections of 32 blocks: 32 x 16 x (2 x (4096 + 4096) + 2 x (4096 +
+    # 1024) + 3 x (4096 + 14336)) = 41.9M adapter parameters; with checkpointing one GPU of 24 GB
+    lora_row = re.search(r"\| 16 \| 42M \| 1 \| yes \| (\d+\.\d) GB \| 24 GB, 48 GB, 80 GB \|", out)
+    assert lora_row and 16 + 0.67 < float(lora_row[1]) < 22
 
 
 # ======================================================================== on CUDA (skipped without)

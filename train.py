@@ -292,7 +292,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--lora-rank",
         type=int,
         help="train LoRA adapters of this rank instead of every weight; the base is frozen, held "
-        "in the compute dtype, and is the reference (default: off, full fine-tuning)",
+        "in the compute dtype, and is the reference; adapters want a larger --lr than full "
+        "fine-tuning's defaults (default: off, full fine-tuning)",
     )
     g(
         "--lora-alpha",
