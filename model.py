@@ -795,6 +795,9 @@ def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
 #   gradients are averaged by hand (average_replicated_gradients) before its own clip.
 # - The LM head's weight exists whole only inside the root's forward: everything computed from it
 #   (the answer log-probs, Eq. 8's summed logits) is computed there (Transformer.answer_states).
+# - LoRA (build_sharded's lora): the frozen base (in the compute dtype) and the fp32 adapters are
+#   sharded together in each block. FSDP2 asks one dtype of the parameters that train only, and
+#   reduce-scatters only their gradients; the root (embedding, norm, head) trains nothing.
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
