@@ -3102,16 +3102,15 @@ def test_lora_reference_is_the_base_and_final_and_adapters_load_alike(
     tmp_path, tiny_checkpoint, monkeypatch
 ):
     """A LoRA run's reference, the policy with its adapters off, gives the losses of a separate
-    frozen copy of the base bit for bit, and the cached reference's. Its outputs: final/ (merged)
-    loads in transformers; the adapters in adapter/ load in peft onto transformers' base; both give
-    the logits of our unmerged model; `train.py answers` writes the same answers from either."""
+    frozen copy of the base (loaded apart) bit for bit, and the cached reference's. Its outputs:
+    final/ (merged) loads in transformers; the adapters in adapter/ load in peft onto transformers'
+    base; both give the logits of our unmerged model; `train.py answers` writes the same answers
+    from either."""
     args = lora_args(tmp_path, tiny_checkpoint)
     out = in_process(tmp_path, *args)
     assert losses(in_process(tmp_path, *args, "--precompute-ref")) == pytest.approx(losses(out))
-    separate = lambda cfg, read, mesh, dtype, policy, lora: M.build_sharded(
-        cfg, read, mesh, dtype, dtype, trainable=False
-    )
-    monkeypatch.setattr(train, "reference_model", separate)
+    separate = lambda policy: M.load_model(tiny_checkpoint).requires_grad_(False)
+    monkeypatch.setattr(train, "AdaptersOff", separate)
     assert losses(in_process(tmp_path, *args)) == losses(out)
     final, adapter = out / "final", out / "adapter"
     unmerged = M.load_adapters(M.load_model(tiny_checkpoint), adapter)

@@ -738,7 +738,10 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
     run = Run(policy, None, None, objective, train_items, heldout, device, mesh, micro, seed)
     # Only run holds the frozen reference, so that --precompute-ref can free it.
     if objective is not None and args.loss != "simpo":
-        run.reference = reference_model(cfg, read_weights, mesh, dtype, policy, lora)
+        if lora is not None:  # the base: the policy with its adapters off, no second copy
+            run.reference = AdaptersOff(policy)
+        else:
+            run.reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
     if args.beta_column:  # SP2DPO: each pair's β from a column of the data
         run.beta_scaling = (args.beta_scale, args.beta_min, args.beta_max)
     if routes_to_sft(args):
@@ -790,13 +793,6 @@ class AdaptersOff:
     def __call__(self, **kw):
         with M.adapters_off(self.policy):
             return self.policy(**kw)
-
-
-def reference_model(cfg, read_weights, mesh, dtype, policy, lora):
-    """The frozen reference: a second model in the compute dtype, or under LoRA the base model."""
-    if lora is not None:
-        return AdaptersOff(policy)
-    return M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
 
 
 def model_config(args, tokenizer):
