@@ -1481,7 +1481,19 @@ def train_state_reader(ckpt: Path, mesh):
             f"over {shards}: resume with the same number of processes (and --replicate)"
         )
     state = M.open_safetensors(train_state_file(ckpt, shard, shards))
-    return lambda name, start, stop: state.get_tensor(f"policy.{name}")
+    saved = set(state.keys())
+
+    def read(name, start, stop):
+        if (
+            f"policy.{name}" not in saved
+        ):  # LoRA's state holds the adapters, a full run's no adapter
+            raise TrainingError(
+                f"{ckpt}: its train state holds no {name}: resume with the --lora-rank the run "
+                "was started with"
+            )
+        return state.get_tensor(f"policy.{name}")
+
+    return read
 
 
 def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
