@@ -15,6 +15,7 @@ this project: the model stands alone.
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -527,7 +528,8 @@ class AnswerHead(torch.autograd.Function):
     def backward(ctx, grad_logps, _):
         h, weight, labels, lse = ctx.saved_tensors
         grad_h = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)
-        grad_w = torch.empty_like(weight)
+        # A frozen head (LoRA) needs no weight gradient: a vocab x D tensor not written
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         g = grad_logps.to(lse.dtype)[:, None]  # (M, 1)
         step = max(1, HEAD_CHUNK // max(1, h.shape[0]))
         for s in range(0, weight.shape[0], step):
@@ -539,7 +541,8 @@ class AnswerHead(torch.autograd.Function):
             d.scatter_add_(1, (labels - s).clamp(0, w.shape[0] - 1)[:, None], g * inside[:, None])
             d = d.to(weight.dtype)
             grad_h += d @ w
-            grad_w[s : s + step] = d.T @ h
+            if grad_w is not None:
+                grad_w[s : s + step] = d.T @ h
         return grad_h.to(h.dtype), grad_w, None
 
 
@@ -868,6 +871,9 @@ def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
 #   gradients are averaged by hand (average_replicated_gradients) before its own clip.
 # - The LM head's weight exists whole only inside the root's forward: everything computed from it
 #   (the answer log-probs, Eq. 8's summed logits) is computed there (Transformer.answer_states).
+# - LoRA (build_sharded's lora): the frozen base (in the compute dtype) and the fp32 adapters are
+#   sharded together in each block. FSDP2 asks one dtype of the parameters that train only, and
+#   reduce-scatters only their gradients; the root (embedding, norm, head) trains nothing.
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -908,18 +914,25 @@ def weight_reader(weights: str, vocab_size: int, seed: int):
     return cfg, read
 
 
-def build_sharded(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=False, trainable=True):
+def build_sharded(
+    cfg, read, mesh, param_dtype, compute_dtype, checkpointing=False, trainable=True, lora=None
+):
     """Build on the meta device, shard every block and then the root with FSDP2 (torchtitan's
     recipe), allocate this rank's shards and fill them with rows start:stop of each parameter
     (torch.chunk's Shard(0) layout), so no rank ever holds the whole model. Parameters are kept in
     param_dtype and cast to compute_dtype. One process with nothing to cast gets a plain module:
     FSDP2 on one rank still copies every parameter into an unsharded buffer for forward, one more
-    copy of the model for nothing."""
+    copy of the model for nothing. With a LoRAConfig, the base is frozen and kept in compute_dtype
+    (no master copy to update), the adapters in param_dtype, sharded in the same blocks: FSDP2
+    asks one dtype of a block's trainable parameters only; read gives the adapters too."""
+    base_dtype = compute_dtype if lora is not None else param_dtype
     with torch.device("meta"):
-        model = Transformer(cfg).to(param_dtype)
+        model = Transformer(cfg).to(base_dtype)
+        if lora is not None:
+            add_adapters(model, lora, param_dtype)
     for block in model.layers:
         block.activation_checkpointing = checkpointing
-    if mesh.size() > 1 or compute_dtype != param_dtype:
+    if mesh.size() > 1 or compute_dtype != base_dtype:
         mp = (
             MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
             if compute_dtype != param_dtype
@@ -944,6 +957,8 @@ def build_sharded(cfg, read, mesh, param_dtype, compute_dtype, checkpointing=Fal
             start = shard * -(-p.shape[0] // shards)
             local(p).copy_(read(name, start, start + local(p).shape[0]))
     model.requires_grad_(trainable)
+    if lora is not None:
+        freeze_all_but_adapters(model)
     return model.train(trainable)
 
 
@@ -977,11 +992,12 @@ def save_sharded(model: Transformer, out: Path, dtype: torch.dtype) -> None:
     them as one file, so the files are written at once rather than the whole model by rank 0 while
     the others wait."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    params = list(model.named_parameters())  # a tied head is listed once, under embed_tokens
+    # a tied head is listed once, under embed_tokens; LoRA adapters are merged into their weights
+    params = [(n, p) for n, p in model.named_parameters() if not is_adapter(n)]
     owners = balanced_shards([p.numel() for _, p in params], world)
     n_files, mine = max(owners) + 1, {}
     for (name, p), owner in zip(params, owners):
-        whole = full(p)
+        whole = merged_weight(model, name, full(p))
         if owner == rank:
             mine[hf_name(name)] = whole.detach().to(dtype).cpu().contiguous()
         del whole
@@ -1003,6 +1019,176 @@ def write_generation_config(out: Path, source: Path | None, cfg, stop_ids: list)
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     config["eos_token_id"] = eos + [i for i in stop_ids if i not in eos]
     (out / "generation_config.json").write_text(json.dumps(config, indent=2))
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+# The projections LoRA adapts by default: every linear map of attention and of the MLP.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple = LORA_TARGETS  # module names (the last part: q_proj, ...)
+
+
+class LoRALinear(nn.Linear):
+    """A frozen linear map W plus a trainable low-rank update (LoRA, Hu et al. 2021, Eq. 3):
+    y = x W^T + (alpha / rank) · dropout(x) A^T B^T, A (rank, in), B (out, rank). B starts at 0, so
+    the model starts as the base; A as nn.Linear's (and peft's) Kaiming-uniform. With adapter_on
+    False the forward is the base's alone: the reference model (adapters_off)."""
+
+    def __init__(self, base: nn.Linear, lora: LoRAConfig, dtype: torch.dtype):
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight = base.weight  # kept: the base's parameter, wherever it lives
+        device = base.weight.device
+        self.lora_A = nn.Parameter(
+            torch.zeros(lora.rank, self.in_features, dtype=dtype, device=device)
+        )
+        self.lora_B = nn.Parameter(
+            torch.zeros(self.out_features, lora.rank, dtype=dtype, device=device)
+        )
+        self.scale = lora.alpha / lora.rank
+        self.dropout = nn.Dropout(lora.dropout)
+        self.adapter_on = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if not self.adapter_on:
+            return y
+        # The adapters' fp32 weights cast to the compute dtype (cheap: rank rows), not x.
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return y + self.scale * F.linear(F.linear(self.dropout(x), a), b)
+
+
+def is_adapter(name: str) -> bool:
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+def add_adapters(model: Transformer, lora: LoRAConfig, dtype=torch.float32) -> Transformer:
+    """Replace every linear map named in lora.targets with a LoRALinear (adapters zero, as built;
+    initial_adapters gives their first values) and freeze everything else."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in lora.targets:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear(module, lora, dtype))
+    return freeze_all_but_adapters(model)
+
+
+def freeze_all_but_adapters(model: nn.Module) -> nn.Module:
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter(name))
+    return model
+
+
+def initial_adapters(read, cfg: ModelConfig, lora: LoRAConfig, seed: int):
+    """build_sharded's reader with the adapters' first values: A Kaiming-uniform, U(±1/sqrt(in)),
+    as nn.Linear and peft draw it; B = 0. Drawn whole from the seed, so every process count gets
+    the same adapters; the base's tensors from read."""
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in add_adapters(Transformer(cfg), lora).named_parameters()}
+    g, first = torch.Generator().manual_seed(seed), {}
+    for name, shape in shapes.items():
+        if name.endswith(".lora_A"):
+            bound = 1 / math.sqrt(shape[1])
+            first[name] = torch.empty(shape).uniform_(-bound, bound, generator=g)
+        elif name.endswith(".lora_B"):
+            first[name] = torch.zeros(shape)
+    return lambda name, s, e: first[name][s:e] if name in first else read(name, s, e)
+
+
+@contextmanager
+def adapters_off(model: nn.Module):
+    """The base model, for the length of a with-block: every adapter switched off. A LoRA run's
+    reference is the policy's own forward in here, with no second copy of the weights."""
+    adapted = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in adapted:
+        m.adapter_on = False
+    try:
+        yield model
+    finally:
+        for m in adapted:
+            m.adapter_on = True
+
+
+def merged_weight(model: nn.Module, name: str, weight: torch.Tensor) -> torch.Tensor:
+    """A parameter as a checkpoint without adapters holds it: W + (alpha / rank)·B·A (in fp32) for
+    an adapted weight, the parameter itself otherwise. Every rank calls it (it gathers A and B)."""
+    module = model.get_submodule(name.rpartition(".")[0])
+    if not isinstance(module, LoRALinear) or not name.endswith(".weight"):
+        return weight
+    delta = full(module.lora_B).float() @ full(module.lora_A).float()  # (out, in)
+    return weight.float() + module.scale * delta
+
+
+def merge_adapters(model: Transformer) -> Transformer:
+    """Fold every adapter into its weight (merged_weight) and drop it: a plain model, as fast as
+    the base. For an unsharded model (generation)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            weight = merged_weight(model, name + ".weight", module.weight.detach())
+            linear.weight = nn.Parameter(weight.to(module.weight.dtype), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
+PEFT_PREFIX = "base_model.model."  # peft's LoraModel wraps the transformers model (model.layers...)
+
+
+def save_adapters(model: Transformer, out: Path, lora: LoRAConfig, base: str) -> None:
+    """The adapters alone, in the layout peft reads: adapter_config.json and
+    adapter_model.safetensors with keys base_model.model.model.layers.0.self_attn.q_proj.lora_A
+    .weight. Every rank calls it (the adapters are gathered); rank 0 writes."""
+    tensors = {}
+    for name, p in model.named_parameters():
+        if is_adapter(name):
+            whole = full(p).detach().float().cpu().contiguous()
+            tensors[PEFT_PREFIX + hf_name(name) + ".weight"] = whole
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": sorted(lora.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def load_adapters(model: Transformer, adapter_dir) -> Transformer:
+    """Add the adapters of a peft-layout directory (save_adapters') to a loaded base model."""
+    where = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(where.read_text())
+    if config.get("peft_type") != "LORA" or config.get("use_rslora") or config.get("use_dora"):
+        raise CheckpointError(f"{where}: only plain LoRA adapters are supported")
+    targets = config["target_modules"]
+    targets = tuple([targets] if isinstance(targets, str) else targets)
+    lora = LoRAConfig(config["r"], config["lora_alpha"], 0.0, targets)
+    add_adapters(model, lora)
+    params = dict(model.named_parameters())
+    with open_safetensors(Path(adapter_dir) / "adapter_model.safetensors") as f:
+        names = {PEFT_PREFIX + hf_name(n) + ".weight": n for n in params if is_adapter(n)}
+        if set(names) != set(f.keys()):
+            raise CheckpointError(
+                f"{adapter_dir}: adapter_model.safetensors does not match {where}"
+            )
+        with torch.no_grad():
+            for key, name in names.items():
+                params[name].copy_(f.get_tensor(key))
+    return model
 
 
 # ----------------------------------------------------------------------------- FLOPs, for MFU

@@ -345,6 +345,42 @@ def test_parameter_counts_are_the_built_models(tied, head_dim, kv):
     assert M.training_flops(cfg, [(10, 10, 4)], True, policy_backward=False) == both_forwards
 
 
+def test_lora_starts_as_the_base_switches_off_to_it_and_merges(tiny_checkpoint):
+    """Adapters with initial_adapters' values leave the base's logits exactly (B = 0) and A is
+    Kaiming-uniform; with trained (here random) adapters, adapters_off gives the base's logits bit
+    for bit, gradients reach the adapters alone, and merge_adapters' plain model gives the adapted
+    logits within fp32 rounding."""
+    base = M.load_model(tiny_checkpoint)
+    lora = M.LoRAConfig(rank=4, alpha=8.0)
+    policy = M.add_adapters(M.load_model(tiny_checkpoint), lora)
+    read = M.initial_adapters(None, base.config, lora, seed=0)
+    adapters = {n: p for n, p in policy.named_parameters() if M.is_adapter(n)}
+    assert len(adapters) == 2 * 7 * base.config.num_hidden_layers
+    with torch.no_grad():
+        for name, p in adapters.items():
+            p.copy_(read(name, 0, p.shape[0]))
+    ids = torch.randint(0, base.config.vocab_size, (2, 20))
+    assert torch.equal(policy(ids), base(ids))
+    A = policy.layers[0].mlp.down_proj.lora_A.detach()  # (4, 384): U(±1/sqrt(384))
+    bound = 1 / math.sqrt(A.shape[1])
+    assert A.abs().max() <= bound and A.std() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+    with torch.no_grad():
+        for name, p in adapters.items():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    adapted = policy(ids)
+    assert (adapted - base(ids)).abs().max() > 0.1
+    with torch.no_grad(), M.adapters_off(policy):
+        assert torch.equal(policy(ids), base(ids))
+    adapted.square().mean().backward()
+    trained = {n for n, p in policy.named_parameters() if p.grad is not None}
+    assert trained == set(adapters) and all(p.grad.abs().sum() > 0 for p in adapters.values())
+    merged = M.merge_adapters(policy)
+    assert not any(isinstance(m, M.LoRALinear) for m in merged.modules())
+    # fp32 rounding of a sum in another order: measured 1.0e-5 on logits up to ~5
+    assert (merged(ids) - adapted).abs().max() < 1e-5 * adapted.abs().max()
+
+
 # ----------------------------------------------------------------------------- generation
 
 
@@ -3351,6 +3387,88 @@ def test_sigterm_saves_and_resume_continues_as_if_uninterrupted(tmp_path, uninte
     assert losses(out) == pytest.approx(losses(uninterrupted), rel=1e-5)
 
 
+def lora_args(tmp_path, tiny_checkpoint) -> list:
+    """A LoRA run on a small saved checkpoint (peft and transformers need a weights directory)."""
+    return [
+        *("--weights", tiny_checkpoint, "--template", "plain", "--data", pairs_file(tmp_path, 40)),
+        *("--lora-rank", 4, "--lora-alpha", 8, "--eval-pairs", 4, "--lr", 1e-2),
+        *("--batch-size", 4, "--micro-batch-size", 2, "--save-dtype", "float32"),
+    ]
+
+
+def test_lora_reference_is_the_base_and_final_and_adapters_load_alike(
+    tmp_path, tiny_checkpoint, monkeypatch
+):
+    """A LoRA run's reference, the policy with its adapters off, gives the losses of a separate
+    frozen copy of the base (loaded apart) bit for bit, and the cached reference's. Its outputs:
+    final/ (merged) loads in transformers; the adapters in adapter/ load in peft onto transformers'
+    base; both give the logits of our unmerged model; `train.py answers` writes the same answers
+    from either."""
+    args = lora_args(tmp_path, tiny_checkpoint)
+    out = in_process(tmp_path, *args)
+    assert losses(in_process(tmp_path, *args, "--precompute-ref")) == pytest.approx(losses(out))
+    separate = lambda policy: M.load_model(tiny_checkpoint).requires_grad_(False)
+    monkeypatch.setattr(train, "AdaptersOff", separate)
+    assert losses(in_process(tmp_path, *args)) == losses(out)
+    final, adapter = out / "final", out / "adapter"
+    unmerged = M.load_adapters(M.load_model(tiny_checkpoint), adapter)
+    ids = torch.randint(0, unmerged.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        expected = unmerged(ids)
+        assert (M.load_model(final)(ids) - expected).abs().max() < 1e-5
+        # the run moved the adapters: the logits left the base's
+        assert (M.load_model(tiny_checkpoint)(ids) - expected).abs().max() > 1e-3
+    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
+        assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in f.keys()
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in INSTRUCTIONS))
+    outputs = []
+    for weights in (final, adapter):
+        argv = ["--weights", weights, "--prompts", prompts, "--out", tmp_path / "a.json"]
+        assert train.answers_main([*map(str, argv), "--max-new-tokens", "8"]) == 0
+        outputs.append([r["output"] for r in json.loads((tmp_path / "a.json").read_text())])
+    assert outputs[0] == outputs[1]
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    assert (hf_logits(hf, ids) - expected).abs().max() < 1e-4
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    with_adapters = peft.PeftModel.from_pretrained(base, adapter).eval()
+    assert (hf_logits(with_adapters, ids) - expected).abs().max() < 1e-4
+
+
+def test_lora_on_two_processes_in_bf16_tracks_one_and_resumes_exactly(tmp_path, tiny_checkpoint):
+    """FSDP2 over 2 processes with the frozen base in bf16 beside fp32 adapters in the same blocks
+    follows the one-process fp32 run within bf16's rounding; its step-N/ holds the adapters (fp32)
+    and their moments, not the base; resumed from step 2 (the run killed after it), it gives the
+    same losses again."""
+    args = [
+        *lora_args(tmp_path, tiny_checkpoint),
+        "--max-steps",
+        4,
+        "--save-every",
+        2,
+        "--lr",
+        2e-3,
+    ]
+    fp32 = losses(in_process(tmp_path, *args))
+    out = tmp_path / "two"
+    r = run(*args, "--dtype", "bfloat16", "--eval-every", 100, "--out", out, torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = losses(out)
+    # measured: 1.0e-3 apart at step 1 (bf16's forward), 3.2e-3 at most by step 4
+    assert two[0] == pytest.approx(fp32[0], rel=3e-3) and two != fp32
+    assert two == pytest.approx(fp32, rel=1e-2)
+    with safe_open(out / "step-2" / "train-state-00001-of-00002.safetensors", "pt") as f:
+        names = {k.removeprefix("optim/").split("/")[0] for k in f.keys()}
+        assert all(M.is_adapter(n) for n in names) and len(names) == 2 * 7 * 4
+        assert f.get_tensor("policy.layers.1.mlp.up_proj.lora_B").dtype == torch.float32
+    shutil.rmtree(out / "final")
+    r = run("--resume", out, torchrun=2)
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr[-3000:]
+    assert losses(out) == pytest.approx(two, rel=1e-6)
+
+
 def test_out_that_a_rank_does_not_see_is_an_error_at_start(tmp_path):
     """Each rank of this launch runs in its own working directory, so a relative --out names a
     different directory on each: as on two nodes without a shared file system."""
@@ -3473,6 +3591,7 @@ def test_resume_of_nothing_is_one_line(tmp_path, capsys):
         (["--data", "."], ".: no such file"),
         (["--eval-data", "missing.jsonl"], "missing.jsonl: no such file"),
         (["--keep-last", "0"], "--keep-last 0"),
+        (["--lora-rank", "2", "--lora-targets", "q_proj,qkv"], "qkv is not a projection"),
         (
             ["--batch-size", "8", "--micro-batch-size", "16"],
             "--micro-batch-size 16 is larger than --batch-size 8: a micro-batch would never",
@@ -3622,6 +3741,7 @@ def test_a_policy_that_did_not_move_is_named_with_the_evidence_it_read(tmp_path,
             ["--eval-data", "held.jsonl", "--eval-pairs", "8"],
             "--eval-pairs holds rows of --data out",
         ),
+        (["--lora-alpha", "16"], "--lora-alpha means something only with --lora-rank"),
         (["--desirable-weight", "2"], "--desirable-weight means something only with --loss kto"),
         (["--loss", "tdpo1", "--tdpo-alpha", "1"], "--tdpo-alpha means something only with"),
         (["--loss", "tdpo2", "--tdpo-alpha", "0"], "--tdpo-alpha 0.0: must be > 0"),
@@ -3683,6 +3803,8 @@ def test_non_finite_gradient_norm_stops_without_an_update(tmp_path, capsys, monk
         ["--reward-form", "printed", "--activation-checkpointing"],
         ["--similarity", "hidden"],
         ["--similarity", "alignment", "--end-token-weight", "one"],
+        ["--loss", "sft", "--lora-rank", 2, "--lora-dropout", 0.1],
+        ["--loss", "simpo", "--lora-rank", 2, "--lora-targets", "v_proj,down_proj"],
     ],
 )
 def test_objective_variants_train(tmp_path, args):
@@ -3998,6 +4120,10 @@ def test_scale_estimate_prints_plausible_tables():
     memory = [int(gb) for row in re.findall(r"\| (\d+) GB \| (\d+) GB \|", out) for gb in row]
     assert len(memory) == 16 and all(10 < gb < 200 for gb in memory)
     assert "FSDP over 8" in out and "HSDP: --replicate 2" in out
+    # LoRA rank 16 on all 7 projections of 32 blocks: 32 x 16 x (2 x (4096 + 4096) + 2 x (4096 +
+    # 1024) + 3 x (4096 + 14336)) = 41.9M adapter parameters; with checkpointing one GPU of 24 GB
+    lora_row = re.search(r"\| 16 \| 42M \| 1 \| yes \| (\d+\.\d) GB \| 24 GB, 48 GB, 80 GB \|", out)
+    assert lora_row and 16 + 0.67 < float(lora_row[1]) < 22
 
 
 # ----------------------------------------------------------------------------- README.md and docs/

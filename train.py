@@ -308,6 +308,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="data order, held-out split, random weights, threshold MLP (default: 0)",
     )
+    g = p.add_argument_group("LoRA: train low-rank adapters on a frozen base").add_argument
+    g(
+        "--lora-rank",
+        type=int,
+        help="train LoRA adapters of this rank instead of every weight; the base is frozen, held "
+        "in the compute dtype, and is the reference; adapters want a larger --lr than full "
+        "fine-tuning's defaults (default: off, full fine-tuning)",
+    )
+    g(
+        "--lora-alpha",
+        type=float,
+        help="LoRA's alpha: the update is scaled by alpha / rank (default: 2 x rank)",
+    )
+    g("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input (default: 0)")
+    g(
+        "--lora-targets",
+        default=",".join(M.LORA_TARGETS),
+        help="comma-separated names of the projections to adapt (default: all of attention's and "
+        "the MLP's: %(default)s)",
+    )
     g = p.add_argument_group("devices and distribution").add_argument
     g(
         "--device",
@@ -410,6 +430,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_values(args)
     fit_micro_batch(args, micro_given, int(os.environ.get("WORLD_SIZE", 1)))
     check_combinations(args, {key: p.get_default(key) for key in vars(args)})
+    check_lora_targets(args.lora_targets)
     return args
 
 
@@ -451,6 +472,9 @@ LIMITS = {
     "tdpo_alpha": POSITIVE,
     "beta_max": POSITIVE,
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "lora_rank": AT_LEAST_1,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 
@@ -561,14 +585,18 @@ ONLY_WITH = {
         k: ("--beta-column", lambda a: a.beta_column is not None)
         for k in ("beta_scale", "beta_min", "beta_max")
     },
+    **{
+        k: ("--lora-rank", lambda a: a.lora_rank is not None)
+        for k in ("lora_alpha", "lora_dropout", "lora_targets")
+    },
     "precompute_ref": (
         "a loss with a reference read on the pairs alone (not sft, simpo, or kto, whose "
         "reference point reads it on answers mismatched within each shuffled micro-batch)",
         lambda a: a.loss not in ("sft", "simpo", "kto"),
     ),
     "reference_placement": (
-        "a loss with a reference (not sft or simpo)",
-        lambda a: a.loss not in ("sft", "simpo"),
+        "a loss with a reference (not sft or simpo) and no --lora-rank (the base is the reference)",
+        lambda a: a.loss not in ("sft", "simpo") and a.lora_rank is None,
     ),
 }
 
@@ -606,6 +634,25 @@ def check_combinations(args, defaults: dict) -> None:
         raise TrainingError(
             "--eval-pairs holds rows of --data out, --eval-data brings its own: give one"
         )
+
+
+def check_lora_targets(targets: str) -> None:
+    unknown = [t for t in targets.split(",") if t not in M.LORA_TARGETS]
+    if unknown or not targets:
+        raise TrainingError(
+            f"--lora-targets {targets}: {', '.join(unknown) or 'empty'} is not a projection of "
+            f"the model (choose from {','.join(M.LORA_TARGETS)})"
+        )
+
+
+def lora_of(args) -> M.LoRAConfig | None:
+    """--lora-rank and its companions as a LoRAConfig; None for full fine-tuning."""
+    if args.lora_rank is None:
+        return None
+    alpha = 2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha
+    return M.LoRAConfig(
+        args.lora_rank, alpha, args.lora_dropout, tuple(args.lora_targets.split(","))
+    )
 
 
 # ----------------------------------------------------------------------------- processes, devices
@@ -789,10 +836,10 @@ def held_out_count(given: int | None, n_items: int) -> int:
 class Run:
     """What a training run trains with. Items are pairs, or SFT examples when objective is None."""
 
-    policy: M.Transformer  # FSDP-sharded, fp32 master weights
-    # frozen, sharded or replicated (--reference-placement); None for SFT / SimPO, or once its
-    # log-probs are cached
-    reference: M.Transformer | None
+    policy: M.Transformer  # FSDP-sharded, fp32 master weights (LoRA: fp32 adapters, frozen base)
+    # frozen, sharded or replicated (--reference-placement), or under LoRA the policy with its
+    # adapters off; None for SFT / SimPO, or once its log-probs are cached
+    reference: "M.Transformer | AdaptersOff | None"
     # Eq. 8, replicated on every rank; None unless aao weighting
     thresholds: aao.ThresholdMLP | None
     objective: aao.Objective | None  # None: the SFT stage
@@ -814,23 +861,32 @@ class Run:
 def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
     """Policy, reference, threshold MLP, objective: what a run trains with, beside its data."""
     cfg, read_weights = model_config(args, tokenizer)
-    dtype = compute_dtype(args.dtype, device)
-    start = read_weights if resume_from is None else train_state_reader(resume_from, mesh)
+    dtype, lora = compute_dtype(args.dtype, device), lora_of(args)
+    start = policy_reader(read_weights, resume_from, mesh, cfg, lora, args.seed)
     objective = objective_of(args)
-    policy = M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing)
+    ckpt = args.activation_checkpointing
+    policy = M.build_sharded(cfg, start, mesh, torch.float32, dtype, ckpt, lora=lora)
     micro, seed = args.micro_batch_size, args.seed
     run = Run(policy, None, None, objective, train_items, heldout, device, mesh, micro, seed)
     run.max_length = args.max_length
     # Only run holds the frozen reference, so that --precompute-ref can free it.
     if objective is not None and args.loss != "simpo":
-        placement = reference_placement(args.reference_placement, cfg, dtype, device, policy)
-        if placement == "replicated":
-            run.reference = M.build_replicated(cfg, read_weights, dtype, device)
+        if lora is not None:  # the base: the policy with its adapters off, no second copy
+            run.reference = AdaptersOff(policy)
         else:
-            run.reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
-        rank0_print(f"reference: {placement} (--reference-placement {args.reference_placement})")
+            placement = reference_placement(args.reference_placement, cfg, dtype, device, policy)
+            if placement == "replicated":
+                run.reference = M.build_replicated(cfg, read_weights, dtype, device)
+            else:
+                run.reference = M.build_sharded(
+                    cfg, read_weights, mesh, dtype, dtype, trainable=False
+                )
+            rank0_print(
+                f"reference: {placement} (--reference-placement {args.reference_placement})"
+            )
         if args.loss in aao.TDPO_VARIANTS:  # a collective under FSDP: every rank, once
-            run.reference_head = M.full(run.reference.lm_head.weight).detach()
+            head = (policy if lora is not None else run.reference).lm_head.weight  # LoRA: frozen
+            run.reference_head = M.full(head).detach()
     if args.beta_column:  # SP2DPO: each pair's β from a column of the data
         run.beta_scaling = (args.beta_scale, args.beta_min, args.beta_max)
     if routes_to_sft(args):
@@ -844,10 +900,44 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
         cache_reference(run)
     objective_name = "sft" if objective is None else f"{args.loss} + {args.weighting} weighting"
     rank0_print(
-        f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with {objective_name} "
+        f"training {trained_parameters(cfg, lora)} with {objective_name} "
         f"on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})"
     )
     return run
+
+
+def trained_parameters(cfg, lora) -> str:
+    total = M.parameter_counts(cfg)[2] / 1e6
+    if lora is None:
+        return f"{total:.1f}M parameters"
+    with torch.device("meta"):
+        adapted = M.add_adapters(M.Transformer(cfg), lora).named_parameters()
+        adapters = sum(p.numel() for n, p in adapted if M.is_adapter(n)) / 1e6
+    return f"{adapters:.2f}M LoRA parameters (rank {lora.rank}) on a frozen {total:.1f}M base"
+
+
+def policy_reader(read_weights, resume_from, mesh, cfg, lora, seed: int):
+    """Where the policy's first values come from (model.build_sharded's reader): the weights, or a
+    step-N/ train state on resume. LoRA: the base from the weights always, the adapters fresh
+    (model.initial_adapters) or from the train state, which holds only them."""
+    if lora is None:
+        return read_weights if resume_from is None else train_state_reader(resume_from, mesh)
+    if resume_from is None:
+        return M.initial_adapters(read_weights, cfg, lora, seed)
+    saved = train_state_reader(resume_from, mesh)
+    return lambda name, s, e: saved(name, s, e) if M.is_adapter(name) else read_weights(name, s, e)
+
+
+class AdaptersOff:
+    """A LoRA run's reference: the policy's forward with its adapters switched off, the frozen
+    base itself (TRL's way): no second copy of the weights."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __call__(self, **kw):
+        with M.adapters_off(self.policy):
+            return self.policy(**kw)
 
 
 # A replicated reference may fill this share of the device memory left beside the policy's shards
@@ -922,6 +1012,7 @@ def cache_reference(run: Run) -> None:
     run.ref_train = ReferenceCache.compute(run.reference, run.train_items, micro, device, hidden)
     run.ref_eval = ReferenceCache.compute(run.reference, run.heldout, micro, device, hidden)
     run.reference = None
+    M.reshard(run.policy)  # LoRA: the reference was the policy; no backward ran
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -1033,7 +1124,7 @@ def forward_sft(run: Run, items, indices):
 def make_optimizer(policy, thresholds, lr: float, threshold_lr: float, weight_decay: float):
     """AdamW: the policy at lr (no weight decay on norms), the threshold MLP at its own rate, since
     the policy's 5e-7 would leave a freshly initialized MLP where it started."""
-    params = list(policy.parameters())
+    params = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0},
@@ -1041,6 +1132,7 @@ def make_optimizer(policy, thresholds, lr: float, threshold_lr: float, weight_de
     if thresholds is not None:
         mlp = list(thresholds.parameters())
         groups.append({"params": mlp, "lr": threshold_lr, "weight_decay": 0.0})
+    groups = [g for g in groups if g["params"]]
     for g in groups:
         g["base_lr"] = g["lr"]
     # fused: one kernel over all tensors; the threshold MLP's vocab x 512 update stays cheap.
@@ -1252,6 +1344,9 @@ def train(args, device, mesh) -> int:
     source = None if args.weights == "tiny" else Path(M.resolve_weights(args.weights))
     dtype = getattr(torch, args.save_dtype)
     final = save_weights(run, tokenizer, out / "final", dtype, chat, source)
+    if args.lora_rank is not None:
+        base = "tiny" if source is None else str(source.resolve())
+        save_adapter_dir(run, tokenizer, out / "adapter", chat, source, (lora_of(args), base))
     if run.objective is not None and run.objective.weighting == "aao" and run.heldout:
         write_weights_page(run, tokenizer, out / "weights.html", args.data)
     if dist.get_rank() == 0:
@@ -1401,7 +1496,7 @@ def summarize(first: dict, last: dict, n_heldout: int, final: Path, out: Path) -
         before = f"{first['eval/loss']:.3f} before, " if first else ""
         after = f"{last['eval/loss']:.3f} after ({n_heldout} examples)"
         print(f"held-out NLL per answer token: {before}{after}")
-    written = [out / f for f in ("eval.jsonl", "weights.html") if (out / f).exists()]
+    written = [out / f for f in ("eval.jsonl", "weights.html", "adapter") if (out / f).exists()]
     files = [final, out / "metrics.jsonl"] + written
     print("output: " + ", ".join(map(str, files)))
     evidence = stillness_evidence(out / "metrics.jsonl", first, last)
@@ -1527,7 +1622,8 @@ def train_state_file(ckpt: Path, shard: int, shards: int) -> Path:
 
 
 def named_trainables(run: Run) -> dict:
-    named = {f"policy.{n}": p for n, p in run.policy.named_parameters()}
+    # LoRA: the adapters only; the base is read from its checkpoint again on resume
+    named = {f"policy.{n}": p for n, p in run.policy.named_parameters() if p.requires_grad}
     if run.thresholds is not None:
         named.update({f"thresholds.{n}": p for n, p in run.thresholds.named_parameters()})
     return named
@@ -1587,11 +1683,28 @@ def save_weights(
     with written_whole(final) as tmp:
         M.save_sharded(run.policy, tmp, dtype)
         if dist.get_rank() == 0:
-            tokenizer.save(str(tmp / "tokenizer.json"))
-            data.write_tokenizer_config(tmp, chat, source)
-            stop_ids = data.answer_stop_ids(chat, tokenizer)
-            M.write_generation_config(tmp, source, run.policy.config, stop_ids)
+            write_tokenizer_files(tmp, tokenizer, chat, source, run.policy.config)
     return final
+
+
+def write_tokenizer_files(tmp: Path, tokenizer, chat: data.Chat, source: Path | None, cfg) -> None:
+    """tokenizer.json, its config with the chat template, generation_config.json."""
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    data.write_tokenizer_config(tmp, chat, source)
+    M.write_generation_config(tmp, source, cfg, data.answer_stop_ids(chat, tokenizer))
+
+
+def save_adapter_dir(run: Run, tokenizer, path: Path, chat, source: Path | None, lora_base):
+    """<out>/adapter/: a LoRA run's adapters alone in peft's layout (model.save_adapters), which
+    peft loads onto the base it names, with the tokenizer files, so that `train.py answers` reads
+    it as it reads final/. Beside final/, not in it: transformers would take final/ for an adapter
+    and load the base under it."""
+    lora, base = lora_base
+    with written_whole(path) as tmp:
+        M.save_adapters(run.policy, tmp, lora, base)
+        if dist.get_rank() == 0:
+            write_tokenizer_files(tmp, tokenizer, chat, source, run.policy.config)
+    return path
 
 
 def checkpoints(out: Path) -> dict:
@@ -1620,7 +1733,19 @@ def train_state_reader(ckpt: Path, mesh):
             f"over {shards}: resume with the same number of processes (and --replicate)"
         )
     state = M.open_safetensors(train_state_file(ckpt, shard, shards))
-    return lambda name, start, stop: state.get_tensor(f"policy.{name}")
+    saved = set(state.keys())
+
+    def read(name, start, stop):
+        if (
+            f"policy.{name}" not in saved
+        ):  # LoRA's state holds the adapters, a full run's no adapter
+            raise TrainingError(
+                f"{ckpt}: its train state holds no {name}: resume with the --lora-rank the run "
+                "was started with"
+            )
+        return state.get_tensor(f"policy.{name}")
+
+    return read
 
 
 def load_train_state(run: Run, optimizer, ckpt: Path) -> int:
@@ -1863,7 +1988,15 @@ def parse_answers_args(argv):
         "`instruction` of --prompts as one user turn of the chat template, answered.",
     )
     p.add_argument(
-        "--weights", required=True, help="a Hugging Face directory, or " + ", ".join(M.PRESETS)
+        "--weights",
+        required=True,
+        help="a Hugging Face directory, a LoRA run's adapter/ directory (peft's layout), or "
+        + ", ".join(M.PRESETS),
+    )
+    p.add_argument(
+        "--base",
+        help="for an adapter directory: the base weights (default: base_model_name_or_path of its "
+        "adapter_config.json)",
     )
     p.add_argument(
         "--prompts", required=True, help="JSON lines (or a JSON list) of rows with an 'instruction'"
@@ -1919,9 +2052,31 @@ def read_instructions(path) -> list[dict]:
 
 
 def generator_name(weights: str) -> str:
-    """The name AlpacaEval shows for a model: its run's directory for out/<run>/final or step-N/."""
+    """The name AlpacaEval shows for a model: its run's directory for out/<run>/final, adapter/ or
+    step-N/."""
     path = Path(weights).resolve()
-    return path.parent.name if path.name == "final" or path.name.startswith("step-") else path.name
+    in_run = path.name in ("final", "adapter") or path.name.startswith("step-")
+    return path.parent.name if in_run else path.name
+
+
+def answering_model(weights: str, base: str | None, device, dtype) -> M.Transformer:
+    """The model that answers: a checkpoint (final/ is one, merged), or the base of an adapter
+    directory with its adapters merged in (model.merge_adapters: as fast as the base)."""
+    config = Path(weights) / "adapter_config.json"
+    if not config.is_file():
+        if base is not None:
+            raise M.CheckpointError(f"--base {base}: {weights} is a checkpoint, not adapters")
+        return M.load_model(weights, device, dtype).eval()
+    base = base or json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise M.CheckpointError(
+            f"{config}: its base_model_name_or_path {base!r} is not a directory here; give the "
+            "base weights with --base"
+        )
+    model = M.load_adapters(M.load_model(base, device, torch.float32), weights)
+    model = M.merge_adapters(model).to(dtype)
+    model.reset_buffers()  # .to(dtype) cast the rope frequencies too
+    return model.eval()
 
 
 def write_answers(args) -> None:
@@ -1932,7 +2087,7 @@ def write_answers(args) -> None:
     chat = data.load_chat(weights, tokenizer, args.template)
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
-    model = M.load_model(weights, device, compute_dtype(args.dtype, device)).eval()
+    model = answering_model(weights, args.base, device, compute_dtype(args.dtype, device))
     prompts = data.instruction_prompts(chat, tokenizer, [r["instruction"] for r in rows])
     context = model.config.max_position_embeddings
     prompts, n_cut = M.fit_prompts(prompts, context)

@@ -35,8 +35,19 @@ and the caching allocator's fragmentation (PYTORCH_CUDA_ALLOC_CONF=expandable_se
 small). Time per epoch: model FLOPs as train.py's MFU counts them, at an assumed MFU, against the
 time the FSDP collectives take at assumed bandwidths, once per micro-batch (train.py reduce-scatters
 every micro-batch); a step takes the longer of the two (FSDP overlaps them).
+
+LoRA on one GPU (--lora-rank, no FSDP: a plain module): the frozen base in bf16 (2P, no gradient,
+no optimizer state), the adapters 16 B a parameter (fp32 weight, gradient, two moments), the
+threshold MLP as above, no reference copy (the base is the reference), no head gradient (a frozen
+head's is not computed). Activations as above (autograd keeps a projection's input for its
+adapter's A instead of for its weight: the same tensor; measured with saved-tensor hooks: 11.2 kB a
+token for a LoRA block vs 12.7 kB for a trained one at D 256), plus each adapter's rank-wide
+intermediate (bf16), and the chunked head's blocks in backward. --lora-dropout > 0 adds a dropped
+copy of each projection's input; the default 0 does not. "Fits" adds the CUDA context's ~2 GB.
+One GPU's epoch: the same FLOPs less the base's weight gradients, at the same MFU.
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -117,6 +128,39 @@ def memory_per_gpu(
     return state + mlp + root + max(backward, end_of_backward, reference_forward)
 
 
+@functools.cache
+def adapter_parameters(m: Llama, rank: int) -> int:
+    """LoRA's A and B on every projection of every block (model.LORA_TARGETS), counted on the
+    model train.py builds."""
+    with M.torch.device("meta"):
+        model = M.add_adapters(M.Transformer(m.cfg), M.LoRAConfig(rank, 2.0 * rank))
+    return sum(p.numel() for n, p in model.named_parameters() if M.is_adapter(n))
+
+
+def lora_memory(m: Llama, rank: int, micro_pairs: int, checkpointing: bool, seq: int = 1024):
+    """Peak bytes of a LoRA run on one GPU: the terms of the module docstring."""
+    base = 2 * m.params
+    adapters = 16 * adapter_parameters(m, rank)
+    mlp = 16 * (m.vocab * 512 + 1026)
+    kv = m.kv_heads * m.dim // m.heads
+    per_token_layer = 22 * m.dim + 4 * kv + 8 * m.ffn + 2 * rank * len(M.LORA_TARGETS)
+    tokens = 2 * micro_pairs * seq
+    if checkpointing:
+        activations = tokens * (m.layers * 2 * m.dim + per_token_layer)
+    else:
+        activations = tokens * m.layers * per_token_layer
+    head_blocks = (4 + 2 + 2) * M.HEAD_CHUNK
+    return base + adapters + mlp + activations + head_blocks
+
+
+def lora_pair_flops(m: Llama, checkpointing: bool) -> float:
+    """pair_flops of a LoRA run: the live reference's forward, but no weight gradient of the frozen
+    base (2 of the 6 FLOPs a parameter and token); the adapters' own FLOPs are negligible."""
+    blocks, head, _ = M.parameter_counts(m.cfg)
+    weight_gradients = sum(2 * (blocks * q + head * n) for q, _, n in PAIR_SEGMENTS)
+    return pair_flops(m, True, checkpointing) - weight_gradients
+
+
 def pair_flops(m: Llama, live_reference: bool, checkpointing: bool) -> float:
     """What train.py's MFU counts (model.training_flops) for a packed pair of assumed lengths, plus
     what activation checkpointing recomputes (the blocks' forward): not in MFU, but takes time."""
@@ -191,11 +235,33 @@ def main() -> None:
         t16 = epoch_minutes(m, 8, nodes, replicate)
         t64 = epoch_minutes(m, 8, nodes, replicate, batch_pairs=64)
         print(f"| {8 * nodes} | {name} | {t16:.0f} | {t64:.0f} |")
+    print_lora_table(m)
     ckpt = (4 + 8) * m.params + 16 * (m.vocab * 512 + 1026)
     print(
         f"\nstep-N/ (fp32 weights + AdamW moments, sharded): {ckpt / GB:.0f} GB; final/ bf16 "
         f"{2 * m.params / GB:.0f} GB, fp32 {4 * m.params / GB:.0f} GB"
     )
+
+
+def print_lora_table(m: Llama) -> None:
+    """LoRA rows: one GPU, peak memory by rank, micro-batch and checkpointing, which GPU sizes it
+    fits (with the CUDA context), and minutes per epoch on one GPU (batch 16, the assumed MFU)."""
+    print("\nLoRA on one GPU (--lora-rank; bf16 base, its own reference):\n")
+    print("| rank | adapters | micro-batch (pairs) | activation checkpointing | peak | fits on |")
+    print("|---|---|---|---|---|---|")
+    for rank in (16, 64):
+        n = adapter_parameters(m, rank) / 1e6
+        for micro, ac in ((1, False), (2, False), (1, True), (2, True), (4, True), (8, True)):
+            peak = lora_memory(m, rank, micro, ac) / GB
+            fits = [f"{g} GB" for g in (24, 48, 80) if peak + 2 <= g]
+            row = f"| {rank} | {n:.0f}M | {micro} | {'yes' if ac else 'no'} | {peak:.1f} GB"
+            print(f"{row} | {', '.join(fits) or 'none of 24/48/80 GB'} |")
+    for ac in (False, True):
+        seconds = PAIRS * lora_pair_flops(m, ac) / (PEAK * MFU)
+        print(
+            f"\none epoch, LoRA on one H100 (checkpointing {'on' if ac else 'off'}): "
+            f"{seconds / 3600:.1f} h"
+        )
 
 
 if __name__ == "__main__":
