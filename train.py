@@ -871,19 +871,7 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
     run.max_length = args.max_length
     # Only run holds the frozen reference, so that --precompute-ref can free it.
     if objective is not None and args.loss != "simpo":
-        if lora is not None:  # the base: the policy with its adapters off, no second copy
-            run.reference = AdaptersOff(policy)
-        else:
-            placement = reference_placement(args.reference_placement, cfg, dtype, device, policy)
-            if placement == "replicated":
-                run.reference = M.build_replicated(cfg, read_weights, dtype, device)
-            else:
-                run.reference = M.build_sharded(
-                    cfg, read_weights, mesh, dtype, dtype, trainable=False
-                )
-            rank0_print(
-                f"reference: {placement} (--reference-placement {args.reference_placement})"
-            )
+        run.reference = build_reference(args, cfg, read_weights, dtype, run, lora)
         if args.loss in aao.TDPO_VARIANTS:  # a collective under FSDP: every rank, once
             head = (policy if lora is not None else run.reference).lm_head.weight  # LoRA: frozen
             run.reference_head = M.full(head).detach()
@@ -904,6 +892,20 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
         f"on {dist.get_world_size()} x {device.type} ({str(dtype).split('.')[1]})"
     )
     return run
+
+
+def build_reference(args, cfg, read_weights, dtype, run: Run, lora):
+    """The frozen reference: under LoRA the policy with its adapters off (the base, no second copy);
+    else a copy of the weights, sharded like the policy or whole on every rank
+    (--reference-placement)."""
+    if lora is not None:
+        return AdaptersOff(run.policy)
+    choice = args.reference_placement
+    placement = reference_placement(choice, cfg, dtype, run.device, run.policy)
+    rank0_print(f"reference: {placement} (--reference-placement {choice})")
+    if placement == "replicated":
+        return M.build_replicated(cfg, read_weights, dtype, run.device)
+    return M.build_sharded(cfg, read_weights, run.mesh, dtype, dtype, trainable=False)
 
 
 def trained_parameters(cfg, lora) -> str:
