@@ -3541,6 +3541,22 @@ def test_objective_variants_train(tmp_path, args):
     )
 
 
+def test_compile_and_checkpointing_flags_reach_every_block(tmp_path, monkeypatch):
+    """--activation-checkpointing alone is full, or takes selective; --compile compiles every block
+    of the policy and the reference in place (fullgraph), recorded here rather than compiled."""
+    parse = lambda *a: train.parse_args(list(a)).activation_checkpointing
+    assert (parse(), parse("--activation-checkpointing")) == ("none", "full")
+    assert parse("--activation-checkpointing", "selective") == "selective"
+    compiled = []
+    monkeypatch.setattr(M.Block, "compile", lambda block, **kw: compiled.append((block, kw)))
+    args = ("--compile", "--activation-checkpointing", "selective", "--max-steps", 1)
+    assert len(losses(in_process(tmp_path, *args))) == 1
+    layers = M.tiny_config(1).num_hidden_layers
+    assert len(compiled) == 2 * layers and all(kw == {"fullgraph": True} for _, kw in compiled)
+    modes = [block.activation_checkpointing for block, _ in compiled]
+    assert modes == ["selective"] * layers + ["none"] * layers  # the policy's, the reference's
+
+
 def test_tensorboard_logs_the_metrics_when_asked(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
