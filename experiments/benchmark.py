@@ -414,7 +414,7 @@ def measure(args) -> dict:
 
 
 def table(results: dict, tokens: dict) -> str:
-    base = "TRL 1.16 DPO" if "TRL 1.16 DPO" in results else "ours, DPO"
+    base = "TRL 1.16 DPO" if "TRL 1.16 DPO" in results else next(iter(results))  # ours, DPO
     t0, m0 = (statistics.median(results[base][k]) for k in ("step_s", "rss"))
     lines = [
         "| tokens through the layers per step | computed | real (prompt twice) "
@@ -494,8 +494,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--ours-flags",
         default="",
-        help="train.py flags for this trainer's runs, e.g. \"--compile --activation-checkpointing "
-        'selective" (the first step, in metrics.jsonl, pays the compile)',
+        help="train.py flags for this trainer's runs: --ours-flags=--compile, or several in "
+        'quotes, "--compile --activation-checkpointing selective" (the first step, in '
+        "metrics.jsonl, pays the compile)",
     )
     p.add_argument("--dpo-only", action="store_true", help="skip the AAO runs")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "benchmark")
