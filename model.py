@@ -30,7 +30,6 @@ from torch.utils.checkpoint import (
     CheckpointPolicy,
     checkpoint,
     create_selective_checkpoint_contexts,
-    noop_context_fn,
 )
 
 
@@ -496,10 +495,11 @@ class Block(nn.Module):
         if self.activation_checkpointing != "none" and torch.is_grad_enabled():
             # full: keep only the block's input, recompute everything during backward; selective:
             # keep the matmuls' and attention's outputs too (keeps_matmuls_and_attention).
+            # (Full passes no context_fn at all: torch.compile takes none or a selective one.)
             selective = self.activation_checkpointing == "selective"
-            context = SELECTIVE_CHECKPOINTING if selective else noop_context_fn
+            context = {"context_fn": SELECTIVE_CHECKPOINTING} if selective else {}
             return checkpoint(
-                self.residual_stream, x, cos, sin, mask, use_reentrant=False, context_fn=context
+                self.residual_stream, x, cos, sin, mask, use_reentrant=False, **context
             )
         return self.residual_stream(x, cos, sin, mask, cache)
 
