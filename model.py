@@ -12,6 +12,8 @@ with a KV cache (`python train.py answers` uses it for AlpacaEval). It imports n
 this project: the model stands alone.
 """
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -27,8 +29,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.nn.attention.varlen import varlen_attn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 
 class CheckpointError(ValueError):
@@ -268,6 +273,15 @@ class Packed:
     answer_index: torch.Tensor  # (M,) flat index of every answer token in the (rows, width) grid
     rows: int  # answers: chosen ones then rejected ones (2 per pair), or SFT examples
     width: int  # the longest answer: the per-answer grid is (rows, width)
+    # The longest segment's queries and keys (varlen_attn's max_q, max_k), always set from the
+    # lists: a compiled block reads these two numbers, never the lists, which would make it guard
+    # on every length and compile again for every new packing. (Fields that __init__ takes:
+    # FSDP2 rebuilds the dataclass with dataclasses.replace to cast its tensors.)
+    longest_query: int = 0
+    longest_key: int = 0
+
+    def __post_init__(self):
+        self.longest_query, self.longest_key = max(self.query_lengths), max(self.key_lengths)
 
 
 def upload(tensors: dict, device) -> dict:
@@ -290,33 +304,53 @@ def upload(tensors: dict, device) -> dict:
     }
 
 
-def packed_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
-    """Attention over a packed micro-batch: q (S, H, hd), k and v (S, KV, hd) -> (S, H, hd).
+def find_varlen_attn():
+    """torch's FlashAttention over packed segments (torch.nn.attention.varlen.varlen_attn), and
+    whether it takes enable_gqa; (None, False) where this torch has none, or only an early form
+    without window_size (the packed path then runs SDPA segment by segment, on a GPU too). torch
+    2.13's takes enable_gqa and needs it for fewer key/value heads; 2.11's has no such keyword and
+    takes fewer key/value heads as they are (FlashAttention's own GQA). Read once, at import, from
+    the signature: the one place that knows torch versions apart."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, False
+    keywords = inspect.signature(varlen_attn).parameters
+    if "window_size" not in keywords:
+        return None, False
+    return varlen_attn, "enable_gqa" in keywords
 
-    Each segment's queries (data.pack's layout) see its keys: a prompt its own, an answer its
-    prompt's then its own, gathered here (keys and values only; the prompt's layers ran once).
-    Queries are the last of their keys, so the causal diagonal is aligned bottom-right, and a key's
-    place in its segment's keys is its position: query i of a segment sees keys j with
-    i' - window < j <= i', i' = i + keys - queries.
-    The switch: on CUDA in bf16/fp16, FlashAttention over all segments at once (varlen_attn);
-    elsewhere SDPA segment by segment, the plainest exact equivalent (3x faster on a CPU than one
-    SDPA over the whole sequence with a block mask, which computes every masked score too)."""
-    k, v = k.index_select(0, packed.key_index), v.index_select(0, packed.key_index)
+
+VARLEN_ATTN, VARLEN_TAKES_GQA = find_varlen_attn()
+
+
+def varlen_applies(q) -> bool:
+    """FlashAttention takes half-precision CUDA tensors only; fp32 and the CPU loop by segment."""
+    return VARLEN_ATTN is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def varlen_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
+    """All segments in one FlashAttention call: cu_queries and cu_keys cut q and the gathered k, v;
+    window_size (window - 1, 0) is causal with the diagonal bottom-right, (-1, 0) causal alone."""
+    gqa = {"enable_gqa": k.shape[1] != q.shape[1]} if VARLEN_TAKES_GQA else {}
+    return VARLEN_ATTN(
+        q,
+        k,
+        v,
+        packed.cu_queries,
+        packed.cu_keys,
+        packed.longest_query,
+        packed.longest_key,
+        window_size=(window - 1 if window else -1, 0),
+        **gqa,
+    )
+
+
+def attention_by_segment(q, k, v, query_lengths, key_lengths, window: int | None) -> torch.Tensor:
+    """SDPA segment by segment, each segment's queries over its gathered keys (packed_attention)."""
     gqa = k.shape[1] != q.shape[1]
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        return varlen_attn(
-            q,
-            k,
-            v,
-            packed.cu_queries,
-            packed.cu_keys,
-            max(packed.query_lengths),
-            max(packed.key_lengths),
-            window_size=(window - 1 if window else -1, 0),
-            enable_gqa=gqa,
-        )
     out, q_start, k_start = [], 0, 0
-    for n_q, n_k in zip(packed.query_lengths, packed.key_lengths):
+    for n_q, n_k in zip(query_lengths, key_lengths):
         seg = lambda x, start, n: x[start : start + n].transpose(0, 1)[None]  # (1, heads, n, hd)
         mask = None
         if n_q != n_k or (window and n_k > window):
@@ -337,6 +371,94 @@ def packed_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
     return torch.cat(out)
 
 
+# Under torch.compile the loop by segment is one operator the compiler does not look into: a loop
+# over lengths in Python would be traced into the graph, one graph (and a recompile) per packing.
+# It takes varlen_attn's arguments (the longest lengths unused here), so the graph compiled on a
+# CPU has the GPU's shape and guards. Its gradient is the loop's, taken by torch.func.vjp inside a
+# second opaque operator: the forward's autograd graph does not outlive an operator (and autograd
+# proper is off inside one), so the loop runs again there, the way full checkpointing recomputes.
+@torch.library.custom_op("aao::segment_attention", mutates_args=())
+def segment_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_queries: torch.Tensor,
+    cu_keys: torch.Tensor,
+    longest_query: int,
+    longest_key: int,
+    window: int,
+) -> torch.Tensor:
+    """attention_by_segment as an operator: lengths from the cumulative ones, window 0 for none."""
+    lengths = lambda cu: cu.diff().tolist()
+    return attention_by_segment(q, k, v, lengths(cu_queries), lengths(cu_keys), window or None)
+
+
+@torch.library.custom_op("aao::segment_attention_grad", mutates_args=())
+def segment_attention_grad(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_queries: torch.Tensor,
+    cu_keys: torch.Tensor,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """segment_attention's gradients with respect to q, k and v, given its output's."""
+    lengths = lambda cu: cu.diff().tolist()
+    loop = lambda q, k, v: attention_by_segment(
+        q, k, v, lengths(cu_queries), lengths(cu_keys), window or None
+    )
+    _, vjp = torch.func.vjp(loop, q, k, v)
+    return vjp(grad)
+
+
+@segment_attention.register_fake
+def _(q, k, v, cu_queries, cu_keys, longest_query, longest_key, window):
+    return torch.empty_like(q)
+
+
+@segment_attention_grad.register_fake
+def _(grad, q, k, v, cu_queries, cu_keys, window):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def save_segment_attention_inputs(ctx, inputs, output):
+    q, k, v, cu_queries, cu_keys, _, _, window = inputs
+    ctx.save_for_backward(q, k, v, cu_queries, cu_keys)
+    ctx.window = window
+
+
+def segment_attention_backward(ctx, grad):
+    grads = segment_attention_grad(grad, *ctx.saved_tensors, ctx.window)
+    return *grads, None, None, None, None, None
+
+
+segment_attention.register_autograd(
+    segment_attention_backward, setup_context=save_segment_attention_inputs
+)
+
+
+def packed_attention(q, k, v, packed, window: int | None) -> torch.Tensor:
+    """Attention over a packed micro-batch: q (S, H, hd), k and v (S, KV, hd) -> (S, H, hd).
+
+    Each segment's queries (data.pack's layout) see its keys: a prompt its own, an answer its
+    prompt's then its own, gathered here (keys and values only; the prompt's layers ran once).
+    Queries are the last of their keys, so the causal diagonal is aligned bottom-right, and a key's
+    place in its segment's keys is its position: query i of a segment sees keys j with
+    i' - window < j <= i', i' = i + keys - queries.
+    The switch: on CUDA in bf16/fp16, FlashAttention over all segments at once (varlen_attn);
+    elsewhere SDPA segment by segment, the plainest exact equivalent (3x faster on a CPU than one
+    SDPA over the whole sequence with a block mask, which computes every masked score too)."""
+    k, v = k.index_select(0, packed.key_index), v.index_select(0, packed.key_index)
+    if varlen_applies(q):
+        return varlen_attention(q, k, v, packed, window)
+    if torch.compiler.is_compiling():
+        cu_q, cu_k = packed.cu_queries, packed.cu_keys
+        longest = packed.longest_query, packed.longest_key
+        return segment_attention(q, k, v, cu_q, cu_k, *longest, window or 0)
+    return attention_by_segment(q, k, v, packed.query_lengths, packed.key_lengths, window)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -348,6 +470,36 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
+
+
+def keeps_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective activation checkpointing's choice, operator by operator: keep the outputs of the
+    matmuls (q, k, v, o, gate, up, down) and of attention, which cost FLOPs to recompute; recompute
+    the elementwise work between them (RMSNorm's fp32 round trip, RoPE, SiLU and the gate's product,
+    the gathers of keys), which costs memory traffic only, and which is, with its fp32 copies, most
+    of a block's activations beside the matmul outputs. Attention's operator is named differently
+    by every kernel and torch version (SDPA's flash, efficient, cuDNN and CPU kernels, varlen_attn,
+    segment_attention): it is found by name."""
+    name = str(op)
+    if op in MATMULS or "attention" in name or "attn" in name:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+SELECTIVE_CHECKPOINTING = functools.partial(
+    create_selective_checkpoint_contexts, keeps_matmuls_and_attention
+)
+
+
+def checkpointing_mode(checkpointing) -> str:
+    """build_sharded's checkpointing argument as a Block's mode: True is "full", False "none"."""
+    mode = {True: "full", False: "none", None: "none"}.get(checkpointing, checkpointing)
+    if mode not in ("none", "full", "selective"):
+        raise ValueError(f"activation checkpointing {checkpointing!r}: none, full or selective")
+    return mode
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -355,17 +507,32 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        self.activation_checkpointing = False
+        self.activation_checkpointing = "none"  # or "full", "selective": build_sharded sets it
 
     def forward(self, x, cos, sin, mask, cache=None):
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            # Keep only the block's input; recompute its activations during backward.
-            return checkpoint(self.residual_stream, x, cos, sin, mask, use_reentrant=False)
+        if self.activation_checkpointing != "none" and torch.is_grad_enabled():
+            # full: keep only the block's input, recompute everything during backward; selective:
+            # keep the matmuls' and attention's outputs too (keeps_matmuls_and_attention).
+            # (Full passes no context_fn at all: torch.compile takes none or a selective one.)
+            selective = self.activation_checkpointing == "selective"
+            context = {"context_fn": SELECTIVE_CHECKPOINTING} if selective else {}
+            return checkpoint(
+                self.residual_stream, x, cos, sin, mask, use_reentrant=False, **context
+            )
         return self.residual_stream(x, cos, sin, mask, cache)
 
     def residual_stream(self, x, cos, sin, mask, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def mark_packed_sizes_dynamic(packed: Packed, embeds, cos, sin) -> None:
+    """Tell torch.compile that the packed sizes vary from micro-batch to micro-batch (tokens, keys,
+    segments), so that a compiled block's first graph serves every packing instead of being
+    compiled again for each new size. Nothing changes for an eager forward."""
+    sizes = ((embeds, 1), (cos, 0), (sin, 0), (packed.key_index, 0))
+    for t, dim in sizes + ((packed.cu_queries, 0), (packed.cu_keys, 0)):
+        torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 @dataclass
@@ -441,6 +608,8 @@ class Transformer(nn.Module):
             mask = sliding_window_mask(T, window, ids.device) if window and T > window else None
         embeds = self.embed_tokens(ids)  # (N, T, D)
         cos, sin = rope_cos_sin(self.rope_inv_freq, positions, embeds.dtype)
+        if packed is not None:
+            mark_packed_sizes_dynamic(packed, embeds, cos, sin)
         x = embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
@@ -483,7 +652,7 @@ class Transformer(nn.Module):
         if sum_logits:
             h_sum = torch.zeros(packed.rows, D, dtype=logps.dtype, device=h.device)
             h_sum.index_add_(0, rows, h.detach().to(logps.dtype))
-            chunks = weight.detach().split(HEAD_CHUNK // D)
+            chunks = weight.detach().split(head_block_rows(D, h.device))
             sums = torch.cat([h_sum @ w.to(h_sum.dtype).T for w in chunks], dim=1)
         # Eq. 7 reads the embeddings detached; hidden_after is the state at the answer token itself.
         inputs = embeds.detach().index_select(0, packed.answer_at)
@@ -494,9 +663,25 @@ class Transformer(nn.Module):
         return AnswerStates(grid(logps), grid(top1), grid(inputs), grid(h), sums, grid(after), kl)
 
 
-# Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 64 MiB of fp32.
-# Smaller blocks cost no speed until matmuls get thin; blocks are most of a step's transient memory.
+# Elements of one block of the chunked head: (rows, vocab) logits in forward, (answer tokens,
+# vocabulary slice) in backward. On a CPU 2^24 (64 MiB of fp32), measured best there: smaller blocks
+# cost no speed until matmuls get thin, and blocks are most of a step's transient memory. On a GPU
+# 2^28 (1 GiB of fp32): thin blocks leave it idle (130 rows at a 128k vocabulary ran ~480 TFLOP/s
+# on an H200, and 2^28 cut a 1B step by 13 %), while an 8B run's logits at 4 pairs (2,400 x 128k)
+# are still cut in two, and at 8 pairs in three.
 HEAD_CHUNK = 2**24
+HEAD_CHUNK_GPU = 2**28
+
+
+def head_block_rows(other: int, device) -> int:
+    """Rows of one block of the chunked head whose other side is `other` long (forward: answer
+    tokens against the vocabulary; backward: vocabulary entries against the answer tokens), as many
+    as the device's budget holds. On a GPU a multiple of 128, at least 128: a bf16 block whose rows
+    are not a multiple of 8 elements apart is not 16-byte aligned, and cuBLAS falls back to slow
+    Turing-generation kernels (on an H200 a third of a 1B step's matmul time)."""
+    if device.type != "cuda":
+        return max(1, HEAD_CHUNK // other)
+    return max(128, HEAD_CHUNK_GPU // other // 128 * 128)
 
 
 class AnswerHead(torch.autograd.Function):
@@ -513,8 +698,9 @@ class AnswerHead(torch.autograd.Function):
         M, V = h.shape[0], weight.shape[0]
         logps = torch.empty(M, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         top1, lse = torch.empty_like(logps), torch.empty_like(logps)
-        for s in range(0, M, max(1, HEAD_CHUNK // V)):
-            e = min(M, s + max(1, HEAD_CHUNK // V))
+        rows = head_block_rows(V, h.device)
+        for s in range(0, M, rows):
+            e = min(M, s + rows)
             logits = (h[s:e] @ weight.T).to(logps.dtype)  # (rows, V)
             lse[s:e] = logits.logsumexp(-1)
             logps[s:e] = logits.gather(1, labels[s:e, None]).squeeze(1) - lse[s:e]
@@ -531,7 +717,7 @@ class AnswerHead(torch.autograd.Function):
         # A frozen head (LoRA) needs no weight gradient: a vocab x D tensor not written
         grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         g = grad_logps.to(lse.dtype)[:, None]  # (M, 1)
-        step = max(1, HEAD_CHUNK // max(1, h.shape[0]))
+        step = head_block_rows(max(1, h.shape[0]), h.device)
         for s in range(0, weight.shape[0], step):
             w = weight[s : s + step]  # (v, D)
             # d log p(y) / d logits = onehot(y) - softmax(logits), restricted to this vocabulary
@@ -864,7 +1050,9 @@ def tiny_model(vocab_size: int, seed: int = 0) -> Transformer:
 #   reshards right after forward (build_sharded), as does evaluation (reshard).
 # - A frozen reference that fits whole on every device is held so instead (build_replicated,
 #   train.py's --reference-placement): its forwards gather nothing.
-# - Activation checkpointing is a flag on each Block, set before sharding: FSDP wraps the recompute.
+# - Activation checkpointing is a mode on each Block (none, full, selective), set before sharding:
+#   FSDP wraps the recompute. With compile_blocks each block is then compiled in place, before
+#   fully_shard (torchtitan's order); the root (embedding, chunked head) stays eager.
 # - Gradients are reduce-scattered after every micro-batch (no no_sync): FSDP2 would otherwise hold
 #   whole unsharded fp32 gradients (32 GB at 8B) between micro-batches.
 # - The threshold MLP is replicated, not sharded (small; its input is each rank's own pairs): its
@@ -915,7 +1103,16 @@ def weight_reader(weights: str, vocab_size: int, seed: int):
 
 
 def build_sharded(
-    cfg, read, mesh, param_dtype, compute_dtype, checkpointing=False, trainable=True, lora=None
+    cfg,
+    read,
+    mesh,
+    param_dtype,
+    compute_dtype,
+    *,
+    checkpointing=False,
+    trainable=True,
+    lora=None,
+    compile_blocks: bool = False,
 ):
     """Build on the meta device, shard every block and then the root with FSDP2 (torchtitan's
     recipe), allocate this rank's shards and fill them with rows start:stop of each parameter
@@ -924,14 +1121,21 @@ def build_sharded(
     FSDP2 on one rank still copies every parameter into an unsharded buffer for forward, one more
     copy of the model for nothing. With a LoRAConfig, the base is frozen and kept in compute_dtype
     (no master copy to update), the adapters in param_dtype, sharded in the same blocks: FSDP2
-    asks one dtype of a block's trainable parameters only; read gives the adapters too."""
+    asks one dtype of a block's trainable parameters only; read gives the adapters too.
+    checkpointing: False / True (= "full") / "none" / "full" / "selective". compile_blocks:
+    torch.compile each block (inductor) in torchtitan's order, activation checkpointing, then
+    compile, then fully_shard, the root last and left eager."""
     base_dtype = compute_dtype if lora is not None else param_dtype
     with torch.device("meta"):
         model = Transformer(cfg).to(base_dtype)
         if lora is not None:
             add_adapters(model, lora, param_dtype)
     for block in model.layers:
-        block.activation_checkpointing = checkpointing
+        block.activation_checkpointing = checkpointing_mode(checkpointing)
+        if compile_blocks:
+            # In place (nn.Module.compile): parameter names stay those of the checkpoint. fullgraph:
+            # a graph break is an error, not a silent slow path.
+            block.compile(fullgraph=True)
     if mesh.size() > 1 or compute_dtype != base_dtype:
         mp = (
             MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)

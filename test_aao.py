@@ -6,7 +6,6 @@ installs it, so they run there.
 
 import copy
 import functools
-import inspect
 import json
 import math
 import os
@@ -138,13 +137,18 @@ def on_mask(grid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return grid[torch.arange(grid.shape[1]) < mask.sum(1, keepdim=True)]
 
 
-@pytest.mark.parametrize("chunk", [None, 600])
+@pytest.mark.parametrize("chunk", [None, 600, "gpu"])
 def test_answer_head_matches_full_logits_in_float64(monkeypatch, chunk):
     """The chunked head (Eq. 1 at answer positions only) against log_softmax of the whole logits:
     log-probs, the top-1 probe, the logit sums of Eq. 8's input, and every parameter's gradient. A
     chunk of 600 elements cuts the 300-token vocabulary into blocks of 2 rows (forward) and of 75
-    vocabulary entries (backward), so the block boundaries are crossed."""
-    if chunk:
+    vocabulary entries (backward), so the block boundaries are crossed; "gpu": the GPU's blocks
+    (multiples of 128 rows) on a small budget, vocabulary slices of 128, 128 and 44."""
+    if chunk == "gpu":
+        gpu_rows = M.head_block_rows
+        monkeypatch.setattr(M, "HEAD_CHUNK_GPU", 128 * 20)
+        monkeypatch.setattr(M, "head_block_rows", lambda n, _: gpu_rows(n, torch.device("cuda")))
+    elif chunk:
         monkeypatch.setattr(M, "HEAD_CHUNK", chunk)
     m = M.tiny_model(300, seed=1).double()
     ids = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(0))
@@ -165,6 +169,18 @@ def test_answer_head_matches_full_logits_in_float64(monkeypatch, chunk):
     assert (states.logit_sums - (logits * mask[..., None]).sum(1)).abs().max() < 1e-12
     assert all((grads[n] - p.grad).abs().max() < 1e-12 for n, p in m.named_parameters())
     assert torch.equal(on_mask(states.embeds, mask), m.embed_tokens(ids)[:, 1:][mask.bool()])
+
+
+def test_head_blocks_on_a_gpu_are_multiples_of_128_rows_within_the_budget():
+    """GPU blocks: rows a multiple of 128 (aligned bf16 GEMMs), within 2^28 elements unless one
+    block of 128 rows is already more; Llama 3.1 8B's head (128,256 entries) at 4 pairs' ~2,400
+    answer tokens: thousands of rows, still not the whole logits. The CPU keeps its 2^24."""
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    for other in (1, 300, 2_450, 6_800, 49_152, 128_256, 3_000_000):
+        rows = M.head_block_rows(other, gpu)
+        assert rows % 128 == 0 and (rows * other <= M.HEAD_CHUNK_GPU or rows == 128)
+        assert M.head_block_rows(other, cpu) == max(1, 2**24 // other)
+    assert 1_000 < M.head_block_rows(128_256, gpu) < 2_400
 
 
 def test_answer_head_in_bfloat16_keeps_fp32_statistics():
@@ -1254,6 +1270,213 @@ def test_packing_equality_catches_a_broken_layout(monkeypatch, broken):
         )
     # 10x the tolerance; a random tiny model barely reads RoPE
     assert packed_vs_padded_gap(model, pairs) > 1e-4
+
+
+# ------------------------------------------------- compiled blocks, checkpointing, torch versions
+
+
+def varied_pairs(seed: int, n: int) -> list:
+    """n pairs of drawn lengths (1 to 11 tokens each): every seed packs to other sizes."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda k: torch.randint(3, 61, (k,), generator=g).tolist()
+    lengths = torch.randint(1, 12, (n, 3), generator=g).tolist()
+    return [
+        {
+            "prompt_ids": ids(p),
+            "chosen_ids": ids(c),
+            "rejected_ids": ids(r),
+            "margin": 1.0,
+            "beta": None,
+        }
+        for p, c, r in lengths
+    ]
+
+
+def aao_step(model, reference, pairs) -> tuple:
+    """One fp32 DPO + AAO micro-batch through the packed path -> (log-probs, objective, gradients
+    of the policy and the threshold MLP)."""
+    torch.manual_seed(0)
+    mlp = aao.ThresholdMLP(61, hidden=16)
+    batch = data.pack(pairs, sft=False)
+    with torch.no_grad():
+        ref = reference(packed=batch["packed"]).logps
+    states = model(packed=batch["packed"], sum_logits=True)
+    obj, mask = aao.Objective(loss="dpo", weighting="aao"), batch["answer_mask"]
+    out, _ = objective_on(model, mlp, states, ref, mask, obj, batch["answer_ids"])
+    value = out.losses.sum()
+    value.backward()
+    named = [*model.named_parameters(), *mlp.named_parameters()]
+    grads = {n: p.grad.clone() for n, p in named if p.grad is not None}
+    model.zero_grad()
+    return states.logps.detach(), float(value.detach()), grads
+
+
+def assert_same_step(got: tuple, want: tuple, tolerance: float) -> None:
+    (logps, value, grads), (logps0, value0, grads0) = got, want
+    assert (logps - logps0).abs().max() < tolerance
+    assert value == pytest.approx(value0, abs=tolerance)
+    assert grads.keys() == grads0.keys() and len(grads) > 10
+    assert all((grads[n] - grads0[n]).abs().max() < tolerance for n in grads)
+
+
+def compile_blocks(model, backend: str):
+    torch._dynamo.reset()
+    for block in model.layers:
+        block.compile(fullgraph=True, backend=backend)  # as build_sharded(compile_blocks=True)
+    return model
+
+
+def test_compiled_blocks_equal_eager_with_inductor():
+    """torch.compile of each block (inductor, as --compile) against eager: GQA and Mistral's window
+    through the packed attention, fp32 log-probs, objective and gradients within 1e-5."""
+    pytest.importorskip("torch._inductor")
+    pairs = packing_pairs()
+    want = aao_step(packing_model("mistral window 4"), packing_model("llama", 1), pairs)
+    model = compile_blocks(packing_model("mistral window 4"), "inductor")
+    assert_same_step(aao_step(model, packing_model("llama", 1), pairs), want, 1e-5)
+
+
+def test_compiled_blocks_compile_once_for_every_packing():
+    """Five micro-batches of other sizes and segment counts through compiled blocks, the first with
+    selective checkpointing, the second with full: fullgraph makes a graph break an error; after
+    the first packing's graph (one per mode), one more when the longest segment first changes
+    (varlen's int bounds turn dynamic), then none. Each result equals eager's."""
+    from torch._dynamo.utils import counters
+
+    model = compile_blocks(packing_model("mistral window 4"), "aot_eager")
+    eager, reference = packing_model("mistral window 4"), packing_model("llama", 1)
+    for m in (model, eager):
+        m.layers[0].activation_checkpointing, m.layers[1].activation_checkpointing = (
+            "selective",
+            "full",
+        )
+    counters.clear()
+    graphs = []
+    for seed, n in enumerate([3, 3, 2, 4, 3]):
+        pairs = varied_pairs(seed, n)
+        assert_same_step(aao_step(model, reference, pairs), aao_step(eager, reference, pairs), 1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == 2 and graphs[-1] <= 4 and graphs[1] == graphs[-1]
+
+
+def backward_matmuls(model, pairs) -> tuple:
+    """(matmuls run during backward, gradients) of one packed micro-batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func in M.MATMULS
+            return func(*args, **(kwargs or {}))
+
+    logps = model(packed=data.pack(pairs, sft=False)["packed"]).logps
+    with CountMatmuls() as counted:
+        (logps * torch.linspace(-1, 1, logps.shape[1])).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return counted.count, grads
+
+
+def test_activation_checkpointing_keeps_the_gradients():
+    """Full and selective checkpointing give no checkpointing's gradients (fp32, 1e-6). Full runs
+    every block's matmuls again in backward; selective keeps their outputs: no more matmuls than
+    without checkpointing, so what it recomputes is the elementwise work alone."""
+    model, pairs = packing_model("mistral window 4"), packing_pairs()
+    counts = {}
+    for mode in ("none", "full", "selective"):
+        for block in model.layers:
+            block.activation_checkpointing = M.checkpointing_mode(mode)
+        counts[mode], grads = backward_matmuls(model, pairs)
+        if mode == "none":
+            want = grads
+        assert all((grads[n] - want[n]).abs().max() < 1e-6 for n in want), mode
+    assert counts["selective"] == counts["none"] < counts["full"]
+    assert [M.checkpointing_mode(v) for v in (True, False)] == ["full", "none"]
+    with pytest.raises(ValueError, match="none, full or selective"):
+        M.checkpointing_mode("some")
+
+
+def varlen_of_torch_2_11(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, window_size=(-1, -1)
+):
+    """torch 2.11's varlen_attn signature: no enable_gqa; fewer key/value heads as they are."""
+    return VARLEN_CALLS.append(dict(locals())) or segments_of(VARLEN_CALLS[-1])
+
+
+def varlen_of_torch_2_13(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+):
+    """torch 2.13's: fewer key/value heads need enable_gqa=True (else a ValueError, as there)."""
+    if key.shape[1] != query.shape[1] and not enable_gqa:
+        raise ValueError("Try setting enable_gqa=True for GQA.")
+    return VARLEN_CALLS.append(dict(locals())) or segments_of(VARLEN_CALLS[-1])
+
+
+def varlen_without_a_window(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+    """An early form: causal only through is_causal, no window_size."""
+
+
+VARLEN_CALLS = []
+
+
+def segments_of(call: dict) -> torch.Tensor:
+    """What the stand-ins answer: the CPU's loop by segment, reading varlen's arguments."""
+    lengths = lambda cu: cu.diff().tolist()
+    window = call["window_size"][0] + 1 or None  # (window - 1, 0), or (-1, 0): causal alone
+    q, k, v = call["query"], call["key"], call["value"]
+    return M.attention_by_segment(
+        q, k, v, lengths(call["cu_seq_q"]), lengths(call["cu_seq_k"]), window
+    )
+
+
+@pytest.mark.parametrize("stand_in", [varlen_of_torch_2_11, varlen_of_torch_2_13])
+def test_varlen_attn_is_called_as_this_torch_takes_it(monkeypatch, stand_in):
+    """The signature read once (find_varlen_attn) decides enable_gqa: 2.11's varlen_attn never gets
+    the keyword, 2.13's gets it; both get the window, the cumulative lengths and the longest
+    segments, and answer what the loop by segment answers."""
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    monkeypatch.setattr(varlen, "varlen_attn", stand_in)
+    found = M.find_varlen_attn()
+    assert found == (stand_in, stand_in is varlen_of_torch_2_13)
+    monkeypatch.setattr(M, "VARLEN_ATTN", found[0])
+    monkeypatch.setattr(M, "VARLEN_TAKES_GQA", found[1])
+    packed = data.pack(packing_pairs(), sft=False)["packed"]
+    S, K = len(packed.input_ids), len(packed.key_index)
+    q, k, v = torch.randn(S, 4, 8), torch.randn(K, 2, 8), torch.randn(K, 2, 8)
+    VARLEN_CALLS.clear()
+    got = M.varlen_attention(q, k, v, packed, 4)
+    want = M.attention_by_segment(q, k, v, packed.query_lengths, packed.key_lengths, 4)
+    assert torch.equal(got, want) and len(VARLEN_CALLS) == 1
+    call = VARLEN_CALLS[0]
+    assert ("enable_gqa" in call) == found[1] and call.get("enable_gqa", True)
+    assert call["window_size"] == (3, 0) and torch.equal(call["cu_seq_k"], packed.cu_keys)
+    assert (call["max_q"], call["max_k"]) == (max(packed.query_lengths), max(packed.key_lengths))
+
+
+def test_without_varlen_attn_the_packed_path_runs_by_segment(monkeypatch):
+    """A torch without torch.nn.attention.varlen, or with an early varlen_attn that has no
+    window_size: nothing found, and a bf16 CUDA tensor takes the loop by segment."""
+    cuda_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    monkeypatch.setattr(M, "VARLEN_ATTN", varlen_of_torch_2_11)
+    assert M.varlen_applies(cuda_bf16) and not M.varlen_applies(torch.ones(1, dtype=torch.bfloat16))
+    varlen = pytest.importorskip("torch.nn.attention.varlen")
+    monkeypatch.setattr(varlen, "varlen_attn", varlen_without_a_window)
+    assert M.find_varlen_attn() == (None, False)
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", None)  # import fails
+    assert M.find_varlen_attn() == (None, False)
+    monkeypatch.setattr(M, "VARLEN_ATTN", None)
+    assert not M.varlen_applies(cuda_bf16)
 
 
 def test_pooled_answer_logits_match_float64():
@@ -3801,7 +4024,7 @@ def test_non_finite_gradient_norm_stops_without_an_update(tmp_path, capsys, monk
         ["--curriculum", "margin", "--sft-below-margin", 5.0],
         ["--sft-below-quantile", 0.3, "--sft-weight", 0.5],
         ["--reward-form", "printed", "--activation-checkpointing"],
-        ["--similarity", "hidden"],
+        ["--similarity", "hidden", "--activation-checkpointing", "selective"],
         ["--similarity", "alignment", "--end-token-weight", "one"],
         ["--loss", "sft", "--lora-rank", 2, "--lora-dropout", 0.1],
         ["--loss", "simpo", "--lora-rank", 2, "--lora-targets", "v_proj,down_proj"],
@@ -3812,6 +4035,22 @@ def test_objective_variants_train(tmp_path, args):
     assert (
         len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows) and "eval/loss" in rows[-1]
     )
+
+
+def test_compile_and_checkpointing_flags_reach_every_block(tmp_path, monkeypatch):
+    """--activation-checkpointing alone is full, or takes selective; --compile compiles every block
+    of the policy and the reference in place (fullgraph), recorded here rather than compiled."""
+    parse = lambda *a: train.parse_args(list(a)).activation_checkpointing
+    assert (parse(), parse("--activation-checkpointing")) == ("none", "full")
+    assert parse("--activation-checkpointing", "selective") == "selective"
+    compiled = []
+    monkeypatch.setattr(M.Block, "compile", lambda block, **kw: compiled.append((block, kw)))
+    args = ("--compile", "--activation-checkpointing", "selective", "--max-steps", 1)
+    assert len(losses(in_process(tmp_path, *args))) == 1
+    layers = M.tiny_config(1).num_hidden_layers
+    assert len(compiled) == 2 * layers and all(kw == {"fullgraph": True} for _, kw in compiled)
+    modes = [block.activation_checkpointing for block, _ in compiled]
+    assert modes == ["selective"] * layers + ["none"] * layers  # the policy's, the reference's
 
 
 def test_tensorboard_logs_the_metrics_when_asked(tmp_path):
@@ -4066,12 +4305,9 @@ def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
     # the plan: 1 to 16 pairs at 1B (8 alone with --quick), then the 8B shape's settings
     assert [m for _, _, m, _ in script.plan(True, 141e9, 0.8)] == [8]
     assert [m for _, _, m, _ in script.plan(False, 141e9, 0.8)] == [1, 2, 4, 8, 16, 1, 2, 4]
-    # --compile needs model.build_sharded's compile_blocks: measured both ways, or refused by name
-    if "compile_blocks" in inspect.signature(M.build_sharded).parameters:
-        assert script.compile_choices("both") == [False, True]
-    else:
-        with pytest.raises(SystemExit, match="--compile on: model.build_sharded has no compile_"):
-            script.compile_choices("on")
+    # --compile: each setting measured eager, compiled, or both
+    assert script.compile_choices("both") == [False, True]
+    assert script.compile_choices("on") == [True]
     assert script.compile_choices("off") == [False]
 
 

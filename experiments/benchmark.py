@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -341,26 +342,31 @@ def run_child(command: list, threads: int) -> int:
 
 def trainers(args) -> dict:
     """name -> (command maker, step-time reader) for every trainer this run compares."""
+    flags = shlex.split(args.ours_flags)
+    name = "ours" + (f" {args.ours_flags}" if flags else "")
     out = {
-        "ours, DPO": (
-            lambda o: ours_command(args.job, o, "none", args.steps, args.device),
+        f"{name}, DPO": (
+            lambda o: ours_command(args.job, o, "none", args.steps, args.device) + flags,
             ours_step_times,
         ),
-        "ours, AAO": (
-            lambda o: ours_command(args.job, o, "aao", args.steps, args.device),
+        f"{name}, AAO": (
+            lambda o: ours_command(args.job, o, "aao", args.steps, args.device) + flags,
             ours_step_times,
         ),
     }
+    if args.dpo_only:
+        del out[f"{name}, AAO"]
     if args.padded_from:
         old = source_at(args.padded_from, args.out)
         out[f"padded ({args.padded_from}), DPO"] = (
             lambda o: ours_command(args.job, o, "none", args.steps, args.device, old),
             ours_step_times,
         )
-        out[f"padded ({args.padded_from}), AAO"] = (
-            lambda o: ours_command(args.job, o, "aao", args.steps, args.device, old),
-            ours_step_times,
-        )
+        if not args.dpo_only:
+            out[f"padded ({args.padded_from}), AAO"] = (
+                lambda o: ours_command(args.job, o, "aao", args.steps, args.device, old),
+                ours_step_times,
+            )
     if args.trl:
         read = lambda o: json.loads((o / "steps.json").read_text())  # noqa: E731
         out["TRL 1.16 DPO"] = (
@@ -408,7 +414,7 @@ def measure(args) -> dict:
 
 
 def table(results: dict, tokens: dict) -> str:
-    base = "TRL 1.16 DPO" if "TRL 1.16 DPO" in results else "ours, DPO"
+    base = "TRL 1.16 DPO" if "TRL 1.16 DPO" in results else next(iter(results))  # ours, DPO
     t0, m0 = (statistics.median(results[base][k]) for k in ("step_s", "rss"))
     lines = [
         "| tokens through the layers per step | computed | real (prompt twice) "
@@ -485,6 +491,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--no-trl-checkpointing", action="store_true", help="with --trl, skip its checkpointing run"
     )
+    p.add_argument(
+        "--ours-flags",
+        default="",
+        help="train.py flags for this trainer's runs: --ours-flags=--compile, or several in "
+        'quotes, "--compile --activation-checkpointing selective" (the first step, in '
+        "metrics.jsonl, pays the compile)",
+    )
+    p.add_argument("--dpo-only", action="store_true", help="skip the AAO runs")
     p.add_argument("--out", type=Path, default=ROOT / "out" / "benchmark")
     p.add_argument("--child-trl", type=Path, help=argparse.SUPPRESS)
     p.add_argument(

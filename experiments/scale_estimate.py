@@ -15,8 +15,9 @@ Peak memory per GPU, in bytes, with P parameters sharded over S ranks and fp32 m
                     checkpointing the block's input (2D) plus one block recomputed at a time
   during backward   beside the activations: the head's full bf16 weight gradient (its custom
                     backward writes it whole; FSDP reduce-scatters the root's gradients only at the
-                    end), and the larger of the chunked head's blocks (model.HEAD_CHUNK elements: an
-                    fp32 block of logits, its bf16 product and bf16 cast) and two gathered blocks
+                    end), and the larger of the chunked head's blocks (model.HEAD_CHUNK_GPU
+                    elements on a GPU: an fp32 block of logits, its bf16 product and bf16 cast)
+                    and two gathered blocks
                     (FSDP2 prefetches the next) with a block's bf16 gradient and its fp32 copy for
                     the reduce-scatter
   end of backward   the activations are freed; the root's bf16 gradients and their fp32 copy for the
@@ -117,7 +118,7 @@ def memory_per_gpu(
         activations = tokens * (m.layers * 2 * m.dim + per_token_layer)
     else:
         activations = tokens * m.layers * per_token_layer
-    head_blocks = (4 + 2 + 2) * M.HEAD_CHUNK
+    head_blocks = (4 + 2 + 2) * M.HEAD_CHUNK_GPU
     blocks = 2 * 2 * m.block + 6 * m.block
     backward = activations + 2 * m.vocab * m.dim + max(head_blocks, blocks)
     if tdpo:  # the reference's head and states at the answer tokens; the KL's head gradient
