@@ -746,7 +746,7 @@ class SequentialKL(torch.autograd.Function):
         M, V = h.shape[0], weight.shape[0]
         kl = torch.empty(M, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         lse, ref_lse = torch.empty_like(kl), torch.empty_like(kl)
-        rows = max(1, HEAD_CHUNK // (2 * V))
+        rows = head_block_rows(2 * V, h.device)  # two blocks alive: each half the budget
         for s in range(0, M, rows):
             e = min(M, s + rows)
             ref = (ref_h[s:e] @ ref_weight.T).to(kl.dtype)  # (rows, V)
@@ -768,7 +768,7 @@ class SequentialKL(torch.autograd.Function):
         grad_h = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)
         grad_w = torch.empty_like(weight)
         g = grad_kl.to(lse.dtype)[:, None]  # (M, 1)
-        step = max(1, HEAD_CHUNK // max(1, 2 * h.shape[0]))
+        step = head_block_rows(max(1, 2 * h.shape[0]), h.device)
         for s in range(0, weight.shape[0], step):
             w = weight[s : s + step]  # (v, D)
             # d KL / d logits = softmax_θ - p_ref on this vocabulary slice
