@@ -1,4 +1,4 @@
-r"""Train a policy with AAO (or DPO, IPO, cDPO, hinge, SimPO), and the SFT stage before them.
+r"""Train a policy with AAO (or DPO, IPO, cDPO, hinge, SimPO, TIS-DPO), and the SFT stage first.
 
     python train.py                  # tiny Llama, synthetic pairs, AAO: a minute on a laptop CPU
     python train.py --loss sft --weights llama31-8b --data ultrachat/train_sft.jsonl --out out/sft
@@ -140,6 +140,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="keep pairs whose two answers are identical (default: drop)",
     )
+    g(
+        "--swap-pairs",
+        action="store_true",
+        help="swap the chosen and rejected answer of every pair (training and held-out): DPO on "
+        "the reversed data, TIS-DPO's negative model",
+    )
     g = p.add_argument_group("objective (the paper's path)").add_argument
     g(
         "--loss",
@@ -150,8 +156,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--weighting",
         default="aao",
-        choices=["none", "random", "aao"],
-        help="token weights: none (plain), random (DPO-Random, U(0, 2)), aao (Eq. 7-17; default)",
+        choices=["none", "random", "aao", "tis"],
+        help="token weights: none (plain), random (DPO-Random, U(0, 2)), aao (Eq. 7-17; default), "
+        "tis (TIS-DPO's, from --tis-positive and --tis-negative)",
     )
     g(
         "--beta",
@@ -187,6 +194,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="Eq. 13: weight of the reward enhancement loss (default: 1)",
+    )
+    g = p.add_argument_group(
+        "TIS-DPO's weights (--weighting tis): w = k·exp(μ·clamp(±(log π+ - log π-), L, U))"
+    ).add_argument
+    g(
+        "--tis-positive",
+        metavar="DIR",
+        help="the positive contrastive model, e.g. a DPO run's final/ on these pairs",
+    )
+    g(
+        "--tis-negative",
+        metavar="DIR",
+        help="the negative contrastive model, e.g. the final/ of DPO with --swap-pairs",
+    )
+    g("--tis-mu", type=float, default=1.0, help="μ (default: 1)")
+    g("--tis-k", type=float, default=1.0, help="k (default: 1)")
+    g(
+        "--tis-bounds",
+        type=float,
+        nargs=2,
+        default=[-0.5, 1.5],
+        metavar=("L", "U"),
+        help="the clamp of ±(log π+ - log π-) (default: -0.5 1.5)",
     )
     g = p.add_argument_group("AAO beyond the paper (this project's research)").add_argument
     g(
@@ -397,6 +427,8 @@ LIMITS = {
     "grad_clip": POSITIVE,
     "dist_timeout": POSITIVE,
     "beta_scale": POSITIVE,
+    "tis_mu": POSITIVE,
+    "tis_k": POSITIVE,
     "weight_decay": AT_LEAST_0,
     "lambda_c": AT_LEAST_0,
     "lambda_r": AT_LEAST_0,
@@ -426,6 +458,8 @@ def check_values(args) -> None:
         value = getattr(args, key)
         if value is not None and not (ok(value) and math.isfinite(value)):
             raise TrainingError(f"--{key.replace('_', '-')} {value}: must be {need}")
+    if not args.tis_bounds[0] < args.tis_bounds[1] or not all(map(math.isfinite, args.tis_bounds)):
+        raise TrainingError(f"--tis-bounds {args.tis_bounds[0]} {args.tis_bounds[1]}: need L < U")
     if args.max_prompt_length is not None and args.max_prompt_length >= args.max_length:
         raise TrainingError(
             f"--max-prompt-length {args.max_prompt_length} leaves no room for an answer in "
@@ -464,6 +498,7 @@ ONLY_WITH = {
             "beta_column",
             "keep_identical",
             "max_prompt_length",
+            "swap_pairs",
         )
     },
     "label_smoothing": ("--loss cdpo", lambda a: a.loss == "cdpo"),
@@ -472,6 +507,10 @@ ONLY_WITH = {
     **{
         k: ("--weighting aao", lambda a: pairwise(a) and a.weighting == "aao")
         for k in ("alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")
+    },
+    **{
+        k: ("--weighting tis", lambda a: pairwise(a) and a.weighting == "tis")
+        for k in ("tis_positive", "tis_negative", "tis_mu", "tis_k", "tis_bounds")
     },
     "sft_weight": ("--sft-below-margin or --sft-below-quantile", routes_to_sft),
     **{
@@ -494,6 +533,8 @@ def check_combinations(args, defaults: dict) -> None:
             raise TrainingError(
                 f"{flag(key)} means something only with {need}: this run would ignore it"
             )
+    if pairwise(args) and args.weighting == "tis":
+        check_contrastive_flags(args)
     if args.sft_below_margin is not None and args.sft_below_quantile is not None:
         raise TrainingError(
             "--sft-below-margin and --sft-below-quantile both choose MixDPO's "
@@ -513,6 +554,22 @@ def check_combinations(args, defaults: dict) -> None:
         raise TrainingError(
             "--eval-pairs holds rows of --data out, --eval-data brings its own: give one"
         )
+
+
+def check_contrastive_flags(args) -> None:
+    """--weighting tis: both contrastive models given, as directories (their tokenizers are checked
+    against the policy's when they load)."""
+    for flag, path in (
+        ("--tis-positive", args.tis_positive),
+        ("--tis-negative", args.tis_negative),
+    ):
+        if path is None:
+            raise TrainingError(
+                f"--weighting tis needs {flag} DIR: TIS-DPO's weights are the log-prob "
+                "differences of a positive and a negative model (see --help)"
+            )
+        if not Path(path).is_dir():
+            raise TrainingError(f"{flag} {path}: no such directory")
 
 
 # ----------------------------------------------------------------------------- processes, devices
@@ -639,6 +696,10 @@ def load_data(args, tokenizer, chat: data.Chat) -> tuple[list, list]:
         heldout = tokenize(eval_rows)[0]
     else:
         train, heldout = data.hold_out(train, min(args.eval_pairs, len(train) // 10), args.seed)
+    if args.swap_pairs:  # the reversed data: chosen and rejected trade places, margins flip sign
+        for p in train + heldout:
+            p["chosen_ids"], p["rejected_ids"] = p["rejected_ids"], p["chosen_ids"]
+            p["margin"] = None if p["margin"] is None else -p["margin"]
     if args.loss != "sft":
         mixdpo = args.curriculum == "margin" or routes_to_sft(args)
         data.check_pair_columns(train + heldout, args.beta_column, mixdpo)
@@ -676,6 +737,8 @@ class Run:
     mixdpo: bool = False  # MixDPO: pairs marked "routed" take the SFT loss
     ref_train: "ReferenceCache | None" = None  # --precompute-ref
     ref_eval: "ReferenceCache | None" = None
+    tis_train: "ReferenceCache | None" = None  # --weighting tis: log π+ - log π- per answer token
+    tis_eval: "ReferenceCache | None" = None
 
 
 def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
@@ -701,6 +764,8 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
         run.thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device)
     if args.precompute_ref and run.reference is not None:
         cache_reference(run)
+    if objective is not None and args.weighting == "tis":
+        cache_contrastive(run, args, tokenizer, dtype)
     objective_name = "sft" if objective is None else f"{args.loss} + {args.weighting} weighting"
     rank0_print(
         f"training {M.parameter_counts(cfg)[2] / 1e6:.1f}M parameters with {objective_name} "
@@ -740,6 +805,9 @@ def objective_of(args) -> aao.Objective | None:
         similarity=args.similarity,
         end_token_weight=args.end_token_weight,
         sft_weight=args.sft_weight,
+        tis_mu=args.tis_mu,
+        tis_k=args.tis_k,
+        tis_bounds=tuple(args.tis_bounds),
     )
     if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
         rank0_print(
@@ -761,6 +829,45 @@ def cache_reference(run: Run) -> None:
         torch.cuda.empty_cache()
     n_pairs = len(run.train_items) + len(run.heldout)
     rank0_print(f"reference log-probs cached for {n_pairs} pairs; reference freed")
+
+
+def cache_contrastive(run: Run, args, tokenizer, dtype) -> None:
+    """--weighting tis: TIS-DPO's reward estimate r_t = log π+(y_t) - log π-(y_t) at every answer
+    token of every pair, computed once as the reference's log-probs are (ReferenceCache). The
+    positive model is loaded, run over the pairs and freed, then the negative one: one model in
+    memory at a time, and afterwards one float per answer token."""
+    both, sets = [], (run.train_items, run.heldout)
+    for flag, path in (
+        ("--tis-positive", args.tis_positive),
+        ("--tis-negative", args.tis_negative),
+    ):
+        cfg, read = contrastive_model(flag, path, tokenizer, args.seed)
+        model = M.build_sharded(cfg, read, run.mesh, dtype, dtype, trainable=False)
+        micro, device = run.micro_batch_size, run.device
+        both.append([ReferenceCache.compute(model, items, micro, device) for items in sets])
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    # row 0 of a cache is the log-probs (row 1 the top-1 log-probs, not needed here)
+    positive, negative = both
+    run.tis_train, run.tis_eval = (
+        ReferenceCache(items, [p[:1] - n[:1] for p, n in zip(pos.flats, neg.flats)])
+        for items, pos, neg in zip(sets, positive, negative)
+    )
+    n_pairs = len(run.train_items) + len(run.heldout)
+    rank0_print(f"TIS-DPO: contrastive log-probs cached for {n_pairs} pairs; both models freed")
+
+
+def contrastive_model(flag: str, path: str, tokenizer, seed: int):
+    """A contrastive model's config and weight reader; it must score the policy's token ids."""
+    cfg, read = M.weight_reader(path, tokenizer.get_vocab_size(), seed)
+    if M.load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+        raise M.CheckpointError(
+            f"{flag} {path}: its tokenizer is not the policy's: the contrastive models must "
+            "score the same token ids (train them from the same starting model)"
+        )
+    return cfg, read
 
 
 def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
@@ -802,6 +909,9 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
         pairs.beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling)
     if run.mixdpo:  # marked once for the whole set (mark_routed)
         pairs.routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device)
+    if run.tis_train is not None:  # TIS-DPO: these pairs' r_t, cached before training
+        cache = run.tis_train if items is run.train_items else run.tis_eval
+        (pairs.tis_reward,) = cache.lookup(indices, batch["packed"].answer_index, mask.shape)
     out = aao.preference_objective(run.objective, policy, reference, pairs, a, b)
     ref_top1 = reference.top1 if reference is not None else None
     metrics = {
@@ -1446,16 +1556,18 @@ class ReferenceCache:
         return cls(pairs, [f.T for f in flats])
 
     def lookup(self, indices, answer_index, shape):
-        """(2B, width) grids of a micro-batch's pairs (chosen rows, then rejected), on device."""
+        """(2B, width) grids of a micro-batch's pairs (chosen rows, then rejected), on device: one
+        per row of the cached values (the reference's log-probs and top-1; TIS-DPO's r_t)."""
         world, spans = len(self.flats), []
         for side in (0, 1):
             for i in indices:
                 start = self.starts[i] + side * self.lengths[i][0]
                 spans.append(self.flats[i % world][:, start : start + self.lengths[i][side]])
         values = torch.cat(spans, dim=1).to(answer_index.device, non_blocking=True)
-        grid = torch.zeros(2, shape[0] * shape[1], device=answer_index.device)
+        rows = values.shape[0]
+        grid = torch.zeros(rows, shape[0] * shape[1], device=answer_index.device)
         grid[:, answer_index] = values
-        return grid.view(2, *shape).unbind(0)
+        return grid.view(rows, *shape).unbind(0)
 
 
 def gather_ragged(t: torch.Tensor) -> list:
