@@ -3516,7 +3516,9 @@ def test_replica_smoke_writes_its_results(tmp_path):
         tmp_path / "docs",
     )
     rows = metric_rows(tmp_path / "docs", "replica.jsonl")
-    assert [(r["family"], r["method"]) for r in rows] == [("facts", "DPO"), ("facts", "AAO")]
+    methods = ["DPO", "AAO", "TIS-DPO"]  # TIS-DPO reads DPO's run and a reversed one
+    assert [(r["family"], r["method"]) for r in rows] == [("facts", m) for m in methods]
+    assert (tmp_path / "runs" / "seed0" / "facts-DPO_reversed-t1" / "final").is_dir()
     for r in rows:
         assert (
             0 <= r["accuracy"] <= 1
@@ -3526,7 +3528,7 @@ def test_replica_smoke_writes_its_results(tmp_path):
         assert 0 <= r["length"] <= 8 and 0 <= r["sft_accuracy"] <= 1
         assert (Path(r["run"]) / "final" / "model.safetensors").exists()
     table = (tmp_path / "docs" / "replica.md").read_text()
-    assert "| DPO | " in table and "| AAO | " in table and "win rate vs SFT" in table
+    assert "| TIS-DPO | " in table and "| AAO | " in table and "win rate vs SFT" in table
 
 
 def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():
