@@ -540,12 +540,13 @@ def with_earlier_rows(rows, cfg, seconds: float) -> tuple[list, str]:
     kept = [r for r in earlier if r["method"] not in cfg.methods]
     order = lambda r: (r["seed"], r["family"] != "facts", list(METHODS).index(r["method"]))  # noqa: E731
     rows = sorted(kept + rows, key=lambda r: (*order(r), r["threads"]))
-    found = re.search(r"`python experiments/replica.py`: ([\d.]+) minutes", md.read_text())
-    first = f"`python experiments/replica.py`: {found.group(1)} minutes, then " if found else ""
+    # what the earlier runs took, as the header said: "`python ...`: N minutes[; then ...]"
+    found = re.search(r"\n\n(`python experiments/replica.py.*?), torch threads", md.read_text())
+    earlier_runs = f"{found.group(1)}; then " if found else ""
     names = " ".join(f"'{m}'" if " " in m else m for m in cfg.methods)
     return rows, (
-        f"{first}`python experiments/replica.py --methods {names}` (those rows again, from the "
-        f"same seeds' SFT models, the rest kept): {seconds / 60:.1f} minutes"
+        f"{earlier_runs}`python experiments/replica.py --methods {names}` (these rows again, from "
+        f"the same SFT models; the others kept): {seconds / 60:.1f} minutes"
     )
 
 
@@ -565,7 +566,8 @@ def write_results(rows, cfg, seconds: float, command: str | None = None) -> None
         + thread_spread(rows)
     )
     (cfg.docs / "replica.md").write_text(text)
-    if not cfg.smoke and not cfg.methods:  # the figures read DPO's and AAO's runs of this --out
+    # the figures read DPO's and AAO's runs of this --out
+    if not cfg.smoke and {"DPO", "AAO"} <= set(cfg.methods or METHODS):
         plot_squeeze_and_thresholds(rows, cfg.docs)
     print(text)
 
