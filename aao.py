@@ -1,14 +1,16 @@
-"""AAO (Ambiguity Awareness Optimization, arXiv 2511.23391) and its sequence-level relatives.
+"""AAO (Ambiguity Awareness Optimization, arXiv 2511.23391) and the baselines it is compared with.
 
 Read top to bottom, this file is the method:
-  DPO and its relatives (Eq. 2) on sequence log-probs -> token similarity (Eq. 7)
+  DPO and its relatives (Eq. 2; KTO and TDPO among them) on sequence log-probs
+  -> token similarity (Eq. 7)
   -> thresholds a, b from the logits (Eq. 8) -> token weights (Eq. 14-17; or DPO-Random's, or
   TIS-DPO's from contrastive models) -> weighted log-ratios
   -> auxiliary losses (Eq. 9-13) -> MixDPO routing -> the whole objective -> metrics.
 Every function takes tensors and imports only torch. Per-token tensors are (pairs*2, K): the chosen
 answers in the first half, the rejected in the second, K positions aligned with the predicted token;
 `mask` marks answer tokens (prompt and padding are 0). The per-token log-probs themselves (Eq. 1)
-come from model.py's chunked head, which never builds the (rows, K, vocab) logits.
+come from model.py's chunked head, which never builds the (rows, K, vocab) logits; TDPO's
+per-token KLs from its SequentialKL beside it, in the same blocks.
 Where a printed equation is ambiguous or wrong, the comment says what is printed, what is done, why.
 """
 
@@ -72,9 +74,55 @@ def sft_loss(logps, mask, n_tokens):
     return -(logps * mask).sum() / n_tokens
 
 
+def kto_loss(
+    chosen_logratios, rejected_logratios, kl, beta, desirable_weight=1.0, undesirable_weight=1.0
+):
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306; its loss L_KTO = E[λ_y - v(x, y)], TRL's
+    "Eqn (7)"), trained from pairs as TRL trains it: each pair gives a desirable example (x, y_w)
+    and an undesirable one (x, y_l), valued against the reference point z_0 = kl, the detached KL
+    estimate kto_reference_point makes from mismatched answers:
+    λ_D (1 - σ(β(r_w - z_0))) and λ_U (1 - σ(β(z_0 - r_l))), r = log π_θ(y)/π_ref(y).
+    TRL averages over the 2B examples of a batch; the pair's loss is the mean of its two examples,
+    so that the mean over pairs is TRL's."""
+    chosen = desirable_weight * (1 - torch.sigmoid(beta * (chosen_logratios - kl)))
+    rejected = undesirable_weight * (1 - torch.sigmoid(beta * (kl - rejected_logratios)))
+    return (chosen + rejected) / 2
+
+
+def kto_reference_point(mismatched_logratios, mask):
+    """KTO's z_0 = KL(π_θ(y'|x) || π_ref(y'|x)), estimated as TRL does: the mean over a
+    micro-batch's mismatched (prompt, answer) examples of their summed log-ratio (each prompt with
+    the previous pair's answers, data.mismatched_pairs), detached. The mean over processes and the
+    clamp at 0 follow in the trainer (TRL clamps after gathering). (2B, K) each -> 0-dim."""
+    return (mismatched_logratios * mask).sum(-1).mean().detach()
+
+
+def tdpo_loss(chosen_logratios, rejected_logratios, chosen_kl, rejected_kl, beta, alpha, variant):
+    """TDPO (Zeng et al. 2024, arXiv 2404.11999): DPO's u = β(r_w - r_l) minus δ, the difference of
+    the two answers' sequential forward KLs D_SeqKL(x, y) = Σ_t KL(π_ref(·|x, y<t) || π_θ(·|x, y<t))
+    (model.SequentialKL), as their code computes the logit of the sigmoid:
+    TDPO1  -log σ(u - δ),    δ = β D_SeqKL(x, y_l) - β D_SeqKL(x, y_w);
+    TDPO2  -log σ(u - α δ₂), δ₂ = β D_SeqKL(x, y_l) - sg(β D_SeqKL(x, y_w)): the chosen side's
+    KL detached, scaled by α (their default 0.5). (B,) each -> (B,)."""
+    margin = chosen_logratios - rejected_logratios
+    if variant == 1:
+        return -F.logsigmoid(beta * (margin + chosen_kl - rejected_kl))
+    return -F.logsigmoid(beta * (margin + alpha * (chosen_kl.detach() - rejected_kl)))
+
+
 PAIR_LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss, "cdpo": cdpo_loss, "hinge": hinge_loss}
-# β by loss: TRL's defaults; SimPO's recipes
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "cdpo": 0.1, "hinge": 0.1, "simpo": 2.0}
+TDPO_VARIANTS = {"tdpo1": 1, "tdpo2": 2}
+# β by loss: TRL's defaults; SimPO's recipes; TDPO's code (config/loss/tdpo.yaml)
+DEFAULT_BETA = {
+    "dpo": 0.1,
+    "ipo": 0.1,
+    "cdpo": 0.1,
+    "hinge": 0.1,
+    "simpo": 2.0,
+    "kto": 0.1,
+    "tdpo1": 0.1,
+    "tdpo2": 0.1,
+}
 
 
 # ----------------------------------------------------------------------------- Eq. 7: similarity
@@ -420,7 +468,7 @@ def last_answer_token(mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Objective:
-    # dpo | ipo | cdpo | hinge | simpo (the SFT stage has no pairwise loss: sft_loss)
+    # dpo | ipo | cdpo | hinge | simpo | kto | tdpo1 | tdpo2 (the SFT stage: sft_loss)
     loss: str = "dpo"
     weighting: str = "aao"  # none | random | aao | tis (TIS-DPO's contrastive estimate)
     beta: float | None = None  # None: the loss's own (DEFAULT_BETA)
@@ -428,6 +476,9 @@ class Objective:
     simpo_gamma_beta_ratio: float = 0.5  # SimPO's γ/β: its Llama-3 base recipe (β 2.0, γ 1.0)
     # IPO on per-token mean log-ratios (TRL, the IPO authors); False: summed
     ipo_normalized: bool = True
+    desirable_weight: float = 1.0  # KTO's λ_D and λ_U (TRL's defaults)
+    undesirable_weight: float = 1.0
+    tdpo_alpha: float = 0.5  # TDPO2's α (their code's default)
     alpha: float = 200.0  # Eq. 17
     lambda_c: float = 1.0  # Eq. 13; the paper gives no values
     lambda_r: float = 1.0
@@ -509,6 +560,10 @@ class ObjectiveOutput:
     reward_enhancement: torch.Tensor | None = None  # Eq. 11-12, aao only
     routed: torch.Tensor | None = None  # bool: MixDPO sent the pair to SFT
     beta: torch.Tensor | float = 0.0  # the β used, per pair under SP2DPO
+    kl: torch.Tensor | None = None  # 0-dim: KTO's reference point z_0
+    # (B,) each: TDPO's sequential KLs D_SeqKL(x, y_w), D_SeqKL(x, y_l)
+    chosen_kl: torch.Tensor | None = None
+    rejected_kl: torch.Tensor | None = None
 
 
 @dataclass
@@ -523,6 +578,7 @@ class PairBatch:
     seeds: list | None = None  # 2B ints: DPO-Random's per-answer seeds
     # (2B, K) TIS-DPO: log π+ - log π- of each answer token, from the contrastive models
     tis_reward: torch.Tensor | None = None
+    kto_kl: torch.Tensor | None = None  # 0-dim: KTO's reference point z_0 (kto_reference_point)
 
 
 def auxiliary_losses(obj: Objective, policy, weights, mask, kept):
@@ -536,15 +592,48 @@ def auxiliary_losses(obj: Objective, policy, weights, mask, kept):
     return contrastive, reward
 
 
+def reference_based_preference(obj: Objective, ratios, weights, mask, batch: PairBatch, beta, kl):
+    """The pairwise losses on log-ratios (B,) and the scores they saw: each answer's weighted
+    log-ratio Σ_t w_t (log π_θ - log π_ref); KTO values each answer against z_0 (batch.kto_kl);
+    TDPO adds the sequential KLs kl (2B, K) of model.SequentialKL, unweighted: the token weights
+    reweigh the sampled tokens' log-ratios, not the KL of whole distributions."""
+    score_c, score_r = split_pairs(weighted_sequence_logps(ratios, weights, mask))
+    if obj.loss == "ipo" and obj.ipo_normalized:  # per token: Σ w under a weighting, else count
+        length_c, length_r = split_pairs((weights * mask).sum(-1).clamp_min(1e-6))
+        score_c, score_r = score_c / length_c, score_r / length_r
+    if obj.loss == "kto":
+        extra = (obj.desirable_weight, obj.undesirable_weight)
+        return kto_loss(score_c, score_r, batch.kto_kl, beta, *extra), score_c, score_r
+    if obj.loss in TDPO_VARIANTS:
+        kl_c, kl_r = split_pairs((kl * mask).sum(-1))
+        variant = TDPO_VARIANTS[obj.loss]
+        return (
+            tdpo_loss(score_c, score_r, kl_c, kl_r, beta, obj.tdpo_alpha, variant),
+            score_c,
+            score_r,
+        )
+    extra = {"label_smoothing": obj.label_smoothing} if obj.loss == "cdpo" else {}
+    return PAIR_LOSSES[obj.loss](score_c, score_r, beta, **extra), score_c, score_r
+
+
+def add_sequential_kl(out: ObjectiveOutput, kl, mask, beta) -> None:
+    """TDPO's rewards as their code logs them: β (log-ratio + sequential KL), detached; and each
+    answer's sequential KL for the kl/* metrics."""
+    out.chosen_kl, out.rejected_kl = split_pairs((kl * mask).sum(-1).detach())
+    out.chosen_rewards = out.chosen_rewards + beta * out.chosen_kl
+    out.rejected_rewards = out.rejected_rewards + beta * out.rejected_kl
+
+
 def preference_objective(
     obj: Objective, policy, reference, batch: PairBatch, a=None, b=None
 ) -> ObjectiveOutput:
     """The per-pair losses of a micro-batch and what the metrics need.
 
     policy: the policy's answer states (model.AnswerStates): logps (2B, K), and for aao embeds and
-    hidden (2B, K, D), hidden_after for --similarity hidden. reference: the frozen reference's
-    states (its logps), None for SimPO. a, b: (B,) thresholds from ThresholdMLP (aao only). The
-    token weights multiply the per-token log-*ratios*: policy and reference alike."""
+    hidden (2B, K, D), hidden_after for --similarity hidden, for TDPO kl (2B, K). reference: the
+    frozen reference's states (its logps), None for SimPO. a, b: (B,) thresholds from
+    ThresholdMLP (aao only). The token weights multiply the per-token log-*ratios*: policy and
+    reference alike."""
     beta = obj.beta if batch.beta is None else batch.beta
     mask = batch.mask.to(policy.logps.dtype)
     if obj.weighting == "tis":
@@ -561,12 +650,9 @@ def preference_objective(
         rewards = beta * plain_c / n_c, beta * plain_r / n_r
     else:
         ratios = policy.logps - reference.logps
-        score_c, score_r = split_pairs(weighted_sequence_logps(ratios, weights, mask))
-        if obj.loss == "ipo" and obj.ipo_normalized:  # per token: Σ w under a weighting, else count
-            length_c, length_r = split_pairs((weights * mask).sum(-1).clamp_min(1e-6))
-            score_c, score_r = score_c / length_c, score_r / length_r
-        extra = {"label_smoothing": obj.label_smoothing} if obj.loss == "cdpo" else {}
-        preference = PAIR_LOSSES[obj.loss](score_c, score_r, beta, **extra)
+        preference, score_c, score_r = reference_based_preference(
+            obj, ratios, weights, mask, batch, beta, policy.kl
+        )
         rewards = tuple(beta * x for x in split_pairs((ratios * mask).sum(-1)))
     out = ObjectiveOutput(
         losses=preference,
@@ -580,7 +666,10 @@ def preference_objective(
         a=a,
         b=b,
         beta=beta,
+        kl=batch.kto_kl if obj.loss == "kto" else None,
     )
+    if obj.loss in TDPO_VARIANTS:
+        add_sequential_kl(out, policy.kl, mask, beta)
     if obj.weighting != "none":
         out.weighted_chosen_rewards, out.weighted_rejected_rewards = beta * score_c, beta * score_r
     kept = torch.ones_like(preference)
@@ -618,8 +707,8 @@ METRICS = {
     "loss/reward_enhancement": "Eq. 11-12, minus the chosen answer's (weighted, mean) "
     "log-likelihood (aao)",
     "rewards/chosen": "TRL's: β x the chosen answer's plain log-ratio log π_θ/π_ref, "
-    "summed over its tokens (SimPO: β x its mean log-prob); unweighted, "
-    "so every weighting is on one scale",
+    "summed over its tokens (SimPO: β x its mean log-prob; TDPO, as its code: β x (log-ratio + "
+    "sequential KL)); unweighted, so every weighting is on one scale",
     "rewards/rejected": "the same for the rejected answer",
     "rewards/margins": "rewards/chosen - rewards/rejected",
     "rewards/accuracies": "share of pairs with rewards/chosen > rewards/rejected; "
@@ -637,6 +726,12 @@ METRICS = {
     "tokens/ambiguous": "share of answer tokens with S > a (Eq. 14's (1-S)² weight) (aao)",
     "tokens/transitional": "share with b <= S <= a (weight 1) (aao)",
     "tokens/key": "share with S < b (Eq. 15's 1+S weight) (aao)",
+    "kl": "KTO's reference point z_0 (TRL's kl): the policy's KL from the reference estimated "
+    "on mismatched (prompt, answer) pairs, mean over processes, clamped at 0",
+    "kl/chosen": "TDPO's sequential KL Σ_t KL(π_ref || π_θ) over the chosen answer's tokens "
+    "(their code's kl/chosen)",
+    "kl/rejected": "the same over the rejected answer",
+    "kl/margin": "kl/chosen - kl/rejected",
     "mixdpo/routed": "share of pairs MixDPO sent to the SFT loss (--sft-below-margin/-quantile); "
     "under it loss/preference, loss/contrastive, loss/reward_enhancement, "
     "rewards/* and weighted_rewards/* are means over the other pairs",
@@ -650,6 +745,7 @@ KEPT_PAIR_METRICS = (
     "loss/reward_enhancement",
     "rewards/",
     "weighted_rewards/",
+    "kl/",
 )
 
 
@@ -679,6 +775,11 @@ def objective_metrics(out: ObjectiveOutput, mask, a=None, b=None) -> dict[str, t
         m["weighted_rewards/margins"] = mean(c - r)
     if out.routed is not None:
         m["mixdpo/routed"] = out.routed.float().mean()
+    if out.kl is not None:
+        m["kl"] = out.kl
+    if out.chosen_kl is not None:
+        m["kl/chosen"], m["kl/rejected"] = mean(out.chosen_kl), mean(out.rejected_kl)
+        m["kl/margin"] = mean(out.chosen_kl - out.rejected_kl)
     mask = mask.bool()
     n = mask.sum().clamp_min(1)
     m["weights/mean"] = (out.weights * mask).sum() / n

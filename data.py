@@ -1042,6 +1042,29 @@ def micro_batch(items: list, indices: list, sft: bool, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def mismatched_pairs(items: list, indices: list, max_length: int) -> list:
+    """KTO's mismatched (prompt, answer) examples of a micro-batch, as TRL builds them: the answers
+    shifted by one within the batch. TRL shifts its 2B examples [chosen ...; rejected ...] by one;
+    here each prompt takes the previous pair's two answers (the first prompt the last pair's), the
+    same 2B mismatched examples up to which slot holds them, as pairs: pack's layout, each prompt
+    through the layers once. Cut to max_length as TRL's collator cuts prompt + answer. With one
+    pair the answers are its own: the trainer refuses a micro-batch of 1 for KTO."""
+    pairs = [items[i] for i in indices]
+    mismatched = []
+    for pair, previous in zip(pairs, pairs[-1:] + pairs[:-1]):
+        room = max(1, max_length - len(pair["prompt_ids"]))
+        mismatched.append(
+            {
+                "prompt_ids": pair["prompt_ids"],
+                "chosen_ids": previous["chosen_ids"][:room],
+                "rejected_ids": previous["rejected_ids"][:room],
+                "margin": None,
+                "beta": None,
+            }
+        )
+    return mismatched
+
+
 def segment_lengths(items: list, indices: list) -> list[tuple[int, int, int]]:
     """(queries, keys, answer tokens) of each segment pack makes of the items: per pair the prompt
     (P, P, 0) and each answer (A, P + A, A); per SFT example (T, T, its loss tokens)."""

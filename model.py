@@ -6,8 +6,10 @@ through F.scaled_dot_product_attention, a SwiGLU MLP, tied or untied output head
 window. Module names follow the checkpoint's ("model." dropped): loading needs no conversion.
 For training, `build_sharded` builds it sharded over processes with FSDP2, reading only each rank's
 rows of every tensor, and `save_sharded` writes it back from the shards, every rank one file at
-once. `generate` decodes a batch of prompts with a KV cache (`python train.py answers` uses it for
-AlpacaEval). It imports nothing else of this project: the model stands alone.
+once. The training forward scores only answer tokens, in blocks (`AnswerHead`, and TDPO's
+`SequentialKL`): never the whole (tokens, vocab) logits. `generate` decodes a batch of prompts
+with a KV cache (`python train.py answers` uses it for AlpacaEval). It imports nothing else of
+this project: the model stands alone.
 """
 
 import json
@@ -371,6 +373,9 @@ class AnswerStates:
     # (rows, width, D): the hidden state at token j, which has read it, detached (--similarity
     # hidden: the state before it is the same in both answers after a shared prefix)
     hidden_after: torch.Tensor | None = None
+    # (rows, width) fp32: TDPO's KL(π_ref(·|before token j) || π_θ(·|before token j)), when the
+    # forward was given the reference's states (SequentialKL)
+    kl: torch.Tensor | None = None
 
 
 class Transformer(nn.Module):
@@ -402,12 +407,15 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor | None = None,
         packed: Packed | None = None,
         sum_logits: bool = False,
+        reference_head: tuple | None = None,
     ):
         """input_ids (N, T) -> logits (N, T, vocab).
 
         With packed (a micro-batch from data.pack) instead, no logits are made: an AnswerStates in
         the per-answer layout, with the log-probs of the answer tokens through the chunked head,
-        and with sum_logits their logits summed per answer. Done here, inside the root module's
+        and with sum_logits their logits summed per answer; given reference_head, the reference's
+        (hidden states (M, D) that predict the answer tokens, head weight (vocab, D)), TDPO's
+        sequential KL at each answer token (SequentialKL). Done here, inside the root module's
         forward, because FSDP gathers the head's weight only there."""
         ids = packed.input_ids[None] if packed is not None else input_ids  # (N, T); packed: (1, S)
         window, T = self.config.sliding_window, ids.shape[1]
@@ -424,7 +432,7 @@ class Transformer(nn.Module):
         hidden = self.norm(x)  # (N, T, D)
         if packed is None:
             return self.lm_head(hidden)  # (N, T, vocab)
-        return self.answer_states(packed, embeds[0], hidden[0], sum_logits)
+        return self.answer_states(packed, embeds[0], hidden[0], sum_logits, reference_head)
 
     def forward_cached(
         self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches: list
@@ -439,7 +447,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         return self.lm_head(self.norm(x[:, -1]))  # (B, vocab)
 
-    def answer_states(self, packed, embeds, hidden, sum_logits) -> AnswerStates:
+    def answer_states(self, packed, embeds, hidden, sum_logits, reference_head=None):
         """The packed sequence's embeddings and final hidden states (S, D) -> AnswerStates on the
         (rows, width) grid, one row per answer, column j for its token j (0 beyond its end)."""
         D = hidden.shape[-1]
@@ -465,7 +473,10 @@ class Transformer(nn.Module):
         # Eq. 7 reads the embeddings detached; hidden_after is the state at the answer token itself.
         inputs = embeds.detach().index_select(0, packed.answer_at)
         after = hidden.detach().index_select(0, packed.answer_at)
-        return AnswerStates(grid(logps), grid(top1), grid(inputs), grid(h), sums, grid(after))
+        kl = (
+            None if reference_head is None else grid(SequentialKL.apply(h, weight, *reference_head))
+        )
+        return AnswerStates(grid(logps), grid(top1), grid(inputs), grid(h), sums, grid(after), kl)
 
 
 # Elements of one (rows, vocab) or (vocab slice, dim) block of the chunked head: 64 MiB of fp32.
@@ -516,6 +527,55 @@ class AnswerHead(torch.autograd.Function):
             grad_h += d @ w
             grad_w[s : s + step] = d.T @ h
         return grad_h.to(h.dtype), grad_w, None
+
+
+class SequentialKL(torch.autograd.Function):
+    """TDPO's sequential forward KL at each answer token, KL(π_ref(·|x, y<t) || π_θ(·|x, y<t)) over
+    the whole vocabulary, computed as AnswerHead computes log-probs: from the policy's states h
+    (M, D) and head W, and the reference's states and head, one block of rows at a time, never the
+    (M, vocab) logits of either model. KL_t = Σ_v p_ref (log p_ref - log p_θ); its gradient with
+    respect to the policy's logits is softmax_θ - p_ref (Σ_v p_ref = 1), recomputed in backward in
+    vocabulary slices from h, W and both log-sum-exps (saved). The reference gets no gradient.
+    Two (rows, vocab) blocks are alive at once (policy and reference): each is half AnswerHead's."""
+
+    @staticmethod
+    def forward(ctx, h, weight, ref_h, ref_weight):
+        M, V = h.shape[0], weight.shape[0]
+        kl = torch.empty(M, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        lse, ref_lse = torch.empty_like(kl), torch.empty_like(kl)
+        rows = max(1, HEAD_CHUNK // (2 * V))
+        for s in range(0, M, rows):
+            e = min(M, s + rows)
+            ref = (ref_h[s:e] @ ref_weight.T).to(kl.dtype)  # (rows, V)
+            ref_lse[s:e] = ref.logsumexp(-1)
+            ref.sub_(ref_lse[s:e, None])  # log p_ref
+            logits = (h[s:e] @ weight.T).to(kl.dtype)
+            lse[s:e] = logits.logsumexp(-1)
+            # log p_ref - log p_θ in place, term by term (not Σ p_ref·(log p_ref - logits) + lse:
+            # that cancels two numbers of size log(vocab) in fp32)
+            logits.sub_(lse[s:e, None]).neg_().add_(ref)
+            kl[s:e] = (ref.exp_() * logits).sum(-1)
+            del ref, logits
+        ctx.save_for_backward(h, weight, ref_h, ref_weight, lse, ref_lse)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        h, weight, ref_h, ref_weight, lse, ref_lse = ctx.saved_tensors
+        grad_h = torch.zeros(h.shape, dtype=lse.dtype, device=h.device)
+        grad_w = torch.empty_like(weight)
+        g = grad_kl.to(lse.dtype)[:, None]  # (M, 1)
+        step = max(1, HEAD_CHUNK // max(1, 2 * h.shape[0]))
+        for s in range(0, weight.shape[0], step):
+            w = weight[s : s + step]  # (v, D)
+            # d KL / d logits = softmax_θ - p_ref on this vocabulary slice
+            d = (h @ w.T).to(lse.dtype).sub_(lse[:, None]).exp_()  # (M, v)
+            p_ref = (ref_h @ ref_weight[s : s + step].T).to(lse.dtype).sub_(ref_lse[:, None])
+            d = d.sub_(p_ref.exp_()).mul_(g).to(weight.dtype)
+            del p_ref
+            grad_h += d @ w
+            grad_w[s : s + step] = d.T @ h
+        return grad_h.to(h.dtype), grad_w, None, None
 
 
 def init_weights(model: Transformer, seed: int, std: float = 0.02) -> Transformer:
@@ -926,18 +986,21 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int, int]:
     return blocks, head, blocks + head * (1 if cfg.tie_word_embeddings else 2)
 
 
-def training_flops(cfg: ModelConfig, segments: list, live_reference: bool) -> float:
+def training_flops(
+    cfg: ModelConfig, segments: list, live_reference: bool, policy_backward: bool = True
+) -> float:
     """Model FLOPs of training on segments given as (queries, keys, answer tokens),
     data.segment_lengths' triples, PaLM's convention (recomputation not counted): 6 per parameter
     and query token for the policy's forward and backward, 2 for a live reference's forward; the
     head only at answer tokens (the chunked head computes nothing else); the input embedding not
     at all (a lookup); attention's two products of a segment's queries by its keys, 12·L·D·keys
     per query (4·L·D·keys for a forward only). A whole T-token sequence is the segment
-    (T, T, answer tokens)."""
+    (T, T, answer tokens). Without policy_backward, the policy's forward alone (KTO's mismatched
+    pairs)."""
     blocks, head, _ = parameter_counts(cfg)
-    passes = 6 + 2 * live_reference
+    passes = 6 - 4 * (not policy_backward) + 2 * live_reference
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
-    attention = 4 * L * H * cfg.head_dim * (3 + live_reference)
+    attention = 4 * L * H * cfg.head_dim * (3 - 2 * (not policy_backward) + live_reference)
     return sum(passes * (blocks * q + head * n) + attention * q * k for q, k, n in segments)
 
 

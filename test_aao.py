@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,76 @@ def test_answer_head_in_bfloat16_keeps_fp32_statistics():
     assert (states.logps.double() - exact).abs().max() < 0.05
 
 
+def tdpo_on_whole_logits(policy, reference, ids, mask, beta, alpha, variant):
+    """TDPO from the paper's equations on the whole (rows, T, vocab) logits in float64: per token
+    KL(π_ref || π_θ) over the vocabulary, D_SeqKL summed over each answer, u and δ; rows are the
+    chosen answers, then the rejected. -> (per-pair losses, per-token KL (rows, T-1))."""
+    logp = policy(ids)[:, :-1].log_softmax(-1)
+    with torch.no_grad():
+        ref_logp = reference(ids)[:, :-1].log_softmax(-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    label = lambda lp: lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    (r_w, r_l), (d_w, d_l) = [
+        (x * mask).sum(1).chunk(2) for x in (label(logp) - label(ref_logp), kl)
+    ]
+    u = beta * r_w - beta * r_l
+    if variant == 1:
+        delta = beta * d_l - beta * d_w
+        return -F.logsigmoid(u - delta), kl
+    delta2 = beta * d_l - (beta * d_w).detach()
+    return -F.logsigmoid(u - alpha * delta2), kl
+
+
+@pytest.mark.parametrize("loss,chunk", [("tdpo1", None), ("tdpo2", None), ("tdpo2", 600)])
+def test_tdpo_losses_and_gradients_match_the_papers_equations_in_float64(monkeypatch, loss, chunk):
+    """TDPO1 and TDPO2 through the trainer's path (the chunked head, SequentialKL given the
+    reference's states and head, aao.tdpo_loss) against the paper's equations on whole logits in
+    float64: the per-token KL, the losses, and every policy parameter's gradient (TDPO2's detached
+    chosen KL included). A chunk of 600 elements: 1-row blocks forward, 15-entry vocabulary
+    slices backward, so block boundaries are crossed."""
+    if chunk:
+        monkeypatch.setattr(M, "HEAD_CHUNK", chunk)
+    policy, reference = M.tiny_model(300, seed=1).double(), M.tiny_model(300, seed=2).double()
+    reference.requires_grad_(False)
+    ids = torch.randint(0, 300, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(4, 11, dtype=torch.float64)
+    mask[:, 5:9] = 1
+    mask[1, 3:11] = 1
+    rows = [
+        {"input_ids": r.tolist(), "loss_mask": [0] + m.int().tolist()} for r, m in zip(ids, mask)
+    ]
+    batch = data.pack(rows, sft=True)
+    packed, grid_mask = batch["packed"], batch["answer_mask"]
+    ref = reference(packed=packed)
+    ref_h = ref.hidden.flatten(0, 1)[packed.answer_index]
+    states = policy(packed=packed, reference_head=(ref_h, reference.lm_head.weight))
+    obj = aao.Objective(loss=loss, weighting="none", beta=0.5, tdpo_alpha=0.3)
+    out = aao.preference_objective(obj, states, ref, aao.PairBatch(grid_mask))
+    out.losses.sum().backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    policy.zero_grad()
+    expected, kl = tdpo_on_whole_logits(
+        policy, reference, ids, mask, 0.5, 0.3, aao.TDPO_VARIANTS[loss]
+    )
+    expected.sum().backward()
+    assert (on_mask(states.kl, grid_mask) - kl[mask.bool()]).abs().max() < 1e-12
+    assert kl[mask.bool()].min() > 0  # two different models: every KL term is felt
+    assert (out.losses - expected).abs().max() < 1e-12
+    assert all((grads[n] - p.grad).abs().max() < 1e-11 for n, p in policy.named_parameters())
+    assert reference.lm_head.weight.grad is None
+
+
+def test_sequential_kl_of_the_reference_with_itself_is_zero_and_bf16_keeps_fp32():
+    """π_θ = π_ref: every per-token KL is 0 (up to rounding); in bf16 the statistics are fp32."""
+    m = M.tiny_model(300, seed=1)
+    h = torch.randn(7, m.config.hidden_size)
+    w = m.lm_head.weight.detach()
+    assert M.SequentialKL.apply(h, w, h, w).abs().max() < 1e-6
+    kl = M.SequentialKL.apply(h.bfloat16(), w.bfloat16(), h.bfloat16() * 2, w.bfloat16())
+    exact = M.SequentialKL.apply(h.double(), w.double(), h.double() * 2, w.double())
+    assert kl.dtype == torch.float32 and (kl.double() - exact).abs().max() < 0.05
+
+
 @pytest.mark.parametrize("shard_bytes", [2**40, 60_000])
 def test_save_then_transformers_loads_the_same_logits(tmp_path, shard_bytes):
     transformers = pytest.importorskip("transformers")
@@ -265,6 +336,12 @@ def test_parameter_counts_are_the_built_models(tied, head_dim, kv):
         + 3 * cfg.num_hidden_layers * 2 * 2 * (6 * 6 + 4 * 10) * heads_dim
     )
     assert M.training_flops(cfg, [(6, 6, 0), (4, 10, 4)], live_reference=False) == packed
+    # KTO's mismatched pairs: the policy's and the reference's forwards, 2 + 2 per parameter and
+    # token, attention's 2 x 1 products each
+    both_forwards = (
+        4 * (blocks * 10 + head * 4) + 2 * cfg.num_hidden_layers * 2 * 2 * 100 * heads_dim
+    )
+    assert M.training_flops(cfg, [(10, 10, 4)], True, policy_backward=False) == both_forwards
 
 
 # ----------------------------------------------------------------------------- generation
@@ -1370,6 +1447,154 @@ def test_losses_and_metrics_match_trls_own_code(ours, theirs):
     ):
         assert math.isclose(m[key], theirs_m[key], rel_tol=1e-5, abs_tol=1e-6), key
     assert m["rewards/accuracies"] < 1  # the tie is wrong
+
+
+def trl_kto_loss(x, mismatched_policy, mismatched_ref, beta, weights):
+    """TRL 1.16's own KTOTrainer._compute_loss on our tensors: the B pairs unpaired into 2B
+    examples (the chosen ones desirable, the rejected ones undesirable), the mismatched examples'
+    summed log-ratios given as they are (policy's per token, reference's precomputed sums)."""
+    import collections
+    import types
+
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    rows, K = x["mask"].shape
+    mask, zeros = x["mask"], torch.zeros(rows, K)
+    kl_ids = torch.zeros(rows, K + 1, dtype=torch.long)
+    model = lambda **kw: types.SimpleNamespace(
+        log_probs=(mismatched_policy if kw["input_ids"] is kl_ids else x["policy_logps"]) * mask,
+        entropy=zeros,
+        mean_logits=zeros,
+    )
+    trainer = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True),
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        calculate_KL=True,
+        accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=lambda t: t),
+        loss_type="kto",
+        beta=beta,
+        desirable_weight=weights[0],
+        undesirable_weight=weights[1],
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    trainer._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(trainer, m, b)
+    completion_mask = torch.cat([torch.zeros(rows, 1), mask], 1)  # the first token is prompt
+    inputs = dict(
+        input_ids=torch.zeros(rows, K + 1, dtype=torch.long),
+        attention_mask=torch.ones(rows, K + 1, dtype=torch.long),
+        completion_mask=completion_mask,
+        KL_input_ids=kl_ids,
+        KL_attention_mask=torch.ones(rows, K + 1, dtype=torch.long),
+        KL_completion_mask=completion_mask,
+        label=torch.tensor([True] * (rows // 2) + [False] * (rows // 2)),
+        ref_logps=(x["ref_logps"] * mask).sum(1),
+        ref_KL_logps=(mismatched_ref * mask).sum(1),
+    )
+    loss = KTOTrainer._compute_loss(trainer, model, inputs, False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize(
+    "shift,weights", [(0.0, (1.0, 1.0)), (-2.0, (1.0, 1.0)), (0.5, (1.3, 0.7))]
+)
+def test_kto_loss_and_metrics_match_trls_own_code(shift, weights):
+    """KTO from pairs: TRL 1.16's KTOTrainer on the same numbers, the loss (each pair's two
+    examples), z_0 (its kl: positive, and clamped at 0 when the mismatched log-ratios are negative)
+    and rewards/*, logps/* under its names; the gradient reaches the policy but not through z_0."""
+    pytest.importorskip("trl")
+    x = objective_inputs(B=4)
+    g = torch.Generator().manual_seed(1)
+    mismatched_ref = -torch.rand(8, 8, generator=g, dtype=torch.float64) * 3
+    mismatched_policy = mismatched_ref + shift + torch.rand(8, 8, generator=g, dtype=torch.float64)
+    loss, theirs = trl_kto_loss(x, mismatched_policy, mismatched_ref, 0.3, weights)
+    z = aao.kto_reference_point(mismatched_policy - mismatched_ref, x["mask"]).clamp(min=0)
+    obj = aao.Objective(loss="kto", weighting="none", beta=0.3)
+    obj.desirable_weight, obj.undesirable_weight = weights
+    out, grad = loss_and_grad(obj, x, kto_kl=z)
+    m = aao.objective_metrics(out, x["mask"])
+    assert torch.allclose(out.losses.mean(), loss.double())
+    assert (theirs["kl"] == 0) == (shift < 0) and math.isclose(m["kl"], theirs["kl"], rel_tol=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert math.isclose(m[key], theirs[key], rel_tol=1e-5, abs_tol=1e-6), key
+    for key in ("logps/chosen", "logps/rejected"):
+        assert math.isclose(m[key], theirs[key], rel_tol=1e-5, abs_tol=1e-6), key
+    # float64 by hand: d/d logp of λ_D (1 - σ(β(r_w - z))) / 2 is -λ_D β σ'(.) / 2 per chosen token
+    r_c, r_r = ((x["policy_logps"] - x["ref_logps"]) * x["mask"]).sum(1).chunk(2)
+    s_c, s_r = torch.sigmoid(0.3 * (r_c - z)), torch.sigmoid(0.3 * (z - r_r))
+    g_c, g_r = -weights[0] * 0.3 * s_c * (1 - s_c) / 2, weights[1] * 0.3 * s_r * (1 - s_r) / 2
+    assert torch.allclose(grad, torch.cat([g_c, g_r])[:, None] * x["mask"])
+
+
+@pytest.mark.parametrize("weighting", ["random", "aao"])
+def test_kto_composes_with_token_weights_on_the_log_ratios(weighting):
+    """Under a weighting KTO values each answer's weighted log-ratio Σ w (log π_θ - log π_ref)
+    against the unweighted z_0 (the KL of the distributions, which token weights do not change);
+    aao adds its auxiliary losses as for DPO."""
+    x = objective_inputs(B=3)
+    z = torch.tensor(0.4, dtype=torch.float64)
+    obj = aao.Objective(loss="kto", weighting=weighting)
+    a, b = thresholds(3, 0.8, 0.4) if weighting == "aao" else (None, None)
+    out, _ = loss_and_grad(obj, x, a, b, kto_kl=z, seeds=list(range(6)))
+    w = out.weights
+    assert not torch.allclose(w * x["mask"], x["mask"])
+    r_c, r_r = ((x["policy_logps"] - x["ref_logps"]) * w * x["mask"]).sum(1).chunk(2)
+    kto = ((1 - torch.sigmoid(0.1 * (r_c - z))) + (1 - torch.sigmoid(0.1 * (z - r_r)))) / 2
+    assert torch.allclose(out.preference, kto)
+    extra = 0 if weighting == "random" else out.contrastive + out.reward_enhancement
+    assert torch.allclose(out.losses, kto + extra)
+
+
+@pytest.mark.parametrize("loss", ["tdpo1", "tdpo2"])
+def test_tdpo_composes_with_token_weights_on_the_log_ratios(loss):
+    """Under a weighting TDPO's u reads each answer's weighted log-ratio; the sequential KLs stay
+    unweighted (a KL of whole distributions, not of the sampled token); TDPO's rewards are
+    β (plain log-ratio + sequential KL), as its code logs them."""
+    x = objective_inputs(B=3)
+    kl = torch.rand(6, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lp = x["policy_logps"].clone().requires_grad_()
+    policy = M.AnswerStates(lp, None, embeds=x["embeds"], hidden=x["hidden"], kl=kl)
+    reference = M.AnswerStates(x["ref_logps"], None)
+    batch = aao.PairBatch(x["mask"], seeds=list(range(6)))
+    out = aao.preference_objective(
+        aao.Objective(loss=loss, weighting="random"), policy, reference, batch
+    )
+    w, m = out.weights, x["mask"]
+    r_c, r_r = ((x["policy_logps"] - x["ref_logps"]) * w * m).sum(1).chunk(2)
+    d_c, d_r = (kl * m).sum(1).chunk(2)
+    alpha = 1.0 if loss == "tdpo1" else 0.5
+    assert torch.allclose(out.losses, -F.logsigmoid(0.1 * (r_c - r_r + alpha * (d_c - d_r))))
+    plain_c = ((x["policy_logps"] - x["ref_logps"]) * m).sum(1).chunk(2)[0]
+    assert torch.allclose(out.chosen_rewards, 0.1 * (plain_c + d_c))
+    metrics = aao.objective_metrics(out, m)
+    assert math.isclose(metrics["kl/margin"], (d_c - d_r).mean(), rel_tol=1e-6)
+
+
+def test_mismatched_pairs_shift_the_answers_by_one_pair_and_fit_max_length():
+    """TRL's 2B examples shifted by one: prompt j with pair j-1's answers (prompt 0 with the last
+    pair's), the same multiset of 2B mismatched examples; each prompt + answer cut to max_length."""
+    items = [
+        {"prompt_ids": [1] * (2 + i), "chosen_ids": [10 + i] * 5, "rejected_ids": [20 + i] * 6}
+        for i in range(3)
+    ]
+    mismatched = data.mismatched_pairs(items, [2, 0, 1], max_length=9)
+    trl = [
+        (items[i]["prompt_ids"], items[i][side])
+        for side in ("chosen_ids", "rejected_ids")
+        for i in (2, 0, 1)
+    ]
+    answers = [a for _, a in trl]
+    shifted = [(p, a) for (p, _), a in zip(trl, answers[-1:] + answers[:-1])]
+    ours = [
+        (m["prompt_ids"], m[side]) for m in mismatched for side in ("chosen_ids", "rejected_ids")
+    ]
+    cut = lambda p, a: (p, a[: 9 - len(p)])
+    assert sorted(ours) == sorted(cut(p, a) for p, a in shifted)
+    assert all(len(p) + len(a) <= 9 for p, a in ours)
+    packed = data.pack(mismatched, False)  # the prompt-once layout: 3 prompts, 6 answers
+    assert len(packed["packed"].query_lengths) == 9 and packed["answer_mask"].shape[0] == 6
 
 
 def test_simpo_and_cdpo_match_trls_own_code():
@@ -3290,6 +3515,11 @@ def test_bad_command_lines_are_one_line_without_traceback(tmp_path, capsys, argv
             ["--eval-data", "held.jsonl", "--eval-pairs", "8"],
             "--eval-pairs holds rows of --data out",
         ),
+        (["--desirable-weight", "2"], "--desirable-weight means something only with --loss kto"),
+        (["--loss", "tdpo1", "--tdpo-alpha", "1"], "--tdpo-alpha means something only with"),
+        (["--loss", "tdpo2", "--tdpo-alpha", "0"], "--tdpo-alpha 0.0: must be > 0"),
+        (["--loss", "kto", "--precompute-ref"], "--precompute-ref means something only with"),
+        (["--loss", "kto", "--micro-batch-size", "1"], "--micro-batch-size must be at least 2"),
     ],
 )
 def test_flags_that_cannot_be_meant_together_are_one_line_before_any_work(
@@ -3445,6 +3675,62 @@ def test_swap_pairs_trains_on_the_reversed_pairs(tmp_path):
         losses(in_process(tmp_path, "--data", f, *flags))[-1]
         != losses(in_process(tmp_path, "--data", swapped, *flags))[-1]
     )
+
+
+def test_tdpo_with_a_precomputed_reference_gives_the_live_losses_and_kl(tmp_path):
+    """TDPO's cache holds the reference's hidden states at the answer tokens and its head weight:
+    its sequential KL is the live reference's (0 at the first step, the policy still the
+    reference's copy)."""
+    small = ("--data", pairs_file(tmp_path, n=48), "--eval-pairs", 4, "--loss", "tdpo1")
+    live = metric_rows(in_process(tmp_path, *small, "--weighting", "random"))
+    cached = metric_rows(in_process(tmp_path, *small, "--weighting", "random", "--precompute-ref"))
+    assert [r["loss"] for r in live] == pytest.approx([r["loss"] for r in cached], rel=1e-5)
+    kl = [r["kl/chosen"] for r in live]
+    assert kl[0] == 0 and kl[-1] > 0 and "eval/kl/chosen" in live[-1]
+    assert kl == pytest.approx([r["kl/chosen"] for r in cached], rel=1e-5, abs=1e-7)
+
+
+def test_kto_run_logs_its_reference_point_and_counts_its_forwards_in_mfu(tmp_path, monkeypatch):
+    """A KTO run end to end: kl (z_0) in every row and on held-out pairs; with a peak (as on a
+    GPU) the mismatched forwards are counted in MFU's FLOPs (here, a pretend CPU peak)."""
+    monkeypatch.setattr(M, "peak_flops", lambda device: 1e12)
+    counted, flops = [], M.training_flops
+    monkeypatch.setattr(M, "training_flops", lambda *a: counted.append(a[3:]) or flops(*a))
+    small = ("--data", pairs_file(tmp_path, n=48), "--eval-pairs", 4, "--weighting", "none")
+    rows = metric_rows(in_process(tmp_path, *small, "--loss", "kto", "--undesirable-weight", 1.33))
+    assert all(r["kl"] >= 0 and 0 < r["mfu"] < 1 for r in rows) and "eval/kl" in rows[-1]
+    assert counted.count((False,)) == counted.count(()) > 0  # each micro-batch's forwards
+
+
+def test_kto_reference_point_is_the_mean_log_ratio_of_unpacked_mismatched_rows(tmp_path):
+    """The trainer's z_0 (train.kto_reference_point: the mismatched pairs packed prompt-once,
+    policy and reference forwards) against each prompt + the previous pair's answer run unpacked
+    through both models with whole logits, the mean summed log-ratio, clamped at 0."""
+    tok = data.tiny_tokenizer()
+    rows, _ = data.synthetic_rows(0, n_train=5, n_heldout=0)
+    items = data.tokenize_rows(tok, rows, data.as_chat("plain", tok), 40, 20)[0]
+    policy, reference = M.tiny_model(640, seed=1), M.tiny_model(640, seed=2)
+    run = types.SimpleNamespace(policy=policy, reference=reference, max_length=40)
+    run.device = torch.device("cpu")
+    train.setup_distributed(1, 1, "cpu")
+    try:
+        z = train.kto_reference_point(run, items, [3, 0, 4, 1])
+    finally:
+        torch.distributed.destroy_process_group()
+    ratios = []
+    for j, i in zip([3, 0, 4, 1], [1, 3, 0, 4]):  # prompt j, the previous pair's answers
+        for side in ("chosen_ids", "rejected_ids"):
+            prompt, answer = items[j]["prompt_ids"], items[i][side]
+            answer = answer[: 40 - len(prompt)]
+            ids, at = torch.tensor([prompt + answer]), torch.tensor(answer)[:, None]
+            with torch.no_grad():  # the states that predict the answer's tokens
+                policy_lp, ref_lp = [
+                    m(ids)[0, len(prompt) - 1 : -1].log_softmax(-1).gather(1, at).sum()
+                    for m in (policy, reference)
+                ]
+            ratios.append(float(policy_lp - ref_lp))
+    expected = max(0.0, sum(ratios) / len(ratios))
+    assert expected > 0 and math.isclose(float(z), expected, rel_tol=1e-4)
 
 
 def test_per_pair_beta_column_from_a_file(tmp_path):

@@ -150,8 +150,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--loss",
         default="dpo",
-        choices=["dpo", "ipo", "cdpo", "hinge", "simpo", "sft"],
-        help="the pairwise loss, or sft for the SFT stage (default: dpo)",
+        choices=["dpo", "ipo", "cdpo", "hinge", "simpo", "kto", "tdpo1", "tdpo2", "sft"],
+        help="the pairwise loss (kto: KTO on each pair's desirable and undesirable answer; tdpo1, "
+        "tdpo2: token-level DPO with the sequential KL), or sft for the SFT stage (default: dpo)",
     )
     g(
         "--weighting",
@@ -163,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--beta",
         type=float,
-        help="β (default: the loss's own: 0.1 for dpo/ipo/cdpo/hinge, 2.0 for simpo)",
+        help="β (default: the loss's own: 0.1 for dpo/ipo/cdpo/hinge/kto/tdpo, 2.0 for simpo)",
     )
     g(
         "--label-smoothing",
@@ -181,6 +182,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=0.5,
         help="SimPO's γ/β (default: 0.5, Llama-3 base recipe)",
+    )
+    g(
+        "--desirable-weight",
+        type=float,
+        default=1.0,
+        help="KTO's λ_D, the weight of the desirable (chosen) examples' loss (default: 1, TRL's)",
+    )
+    g(
+        "--undesirable-weight",
+        type=float,
+        default=1.0,
+        help="KTO's λ_U, the weight of the undesirable (rejected) examples' loss (default: 1)",
+    )
+    g(
+        "--tdpo-alpha",
+        type=float,
+        default=0.5,
+        help="TDPO2's α on the sequential KL difference (default: 0.5, the authors')",
     )
     g("--alpha", type=float, default=200.0, help="Eq. 17's sharpness α (default: 200, the paper's)")
     g(
@@ -447,6 +466,9 @@ LIMITS = {
     "sft_below_quantile": SHARE,
     "simpo_gamma_beta_ratio": AT_LEAST_0,
     "beta_min": POSITIVE,
+    "desirable_weight": POSITIVE,
+    "undesirable_weight": POSITIVE,
+    "tdpo_alpha": POSITIVE,
     "beta_max": POSITIVE,
     "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
 }
@@ -504,6 +526,9 @@ ONLY_WITH = {
     "label_smoothing": ("--loss cdpo", lambda a: a.loss == "cdpo"),
     "ipo_sum": ("--loss ipo", lambda a: a.loss == "ipo"),
     "simpo_gamma_beta_ratio": ("--loss simpo", lambda a: a.loss == "simpo"),
+    "desirable_weight": ("--loss kto", lambda a: a.loss == "kto"),
+    "undesirable_weight": ("--loss kto", lambda a: a.loss == "kto"),
+    "tdpo_alpha": ("--loss tdpo2", lambda a: a.loss == "tdpo2"),
     **{
         k: ("--weighting aao", lambda a: pairwise(a) and a.weighting == "aao")
         for k in ("alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")
@@ -518,8 +543,9 @@ ONLY_WITH = {
         for k in ("beta_scale", "beta_min", "beta_max")
     },
     "precompute_ref": (
-        "a loss with a reference (not sft or simpo)",
-        lambda a: a.loss not in ("sft", "simpo"),
+        "a loss with a reference read on the pairs alone (not sft, simpo, or kto, whose "
+        "reference point reads it on answers mismatched within each shuffled micro-batch)",
+        lambda a: a.loss not in ("sft", "simpo", "kto"),
     ),
 }
 
@@ -549,6 +575,11 @@ def check_combinations(args, defaults: dict) -> None:
         raise TrainingError(
             f"--beta-max {args.beta_max} is below --beta-min {args.beta_min}: "
             "every pair's β would be clipped to the wrong bound"
+        )
+    if args.loss == "kto" and args.micro_batch_size < 2:
+        raise TrainingError(
+            "--loss kto estimates its reference point from the answers of the other pairs of a "
+            "micro-batch: --micro-batch-size must be at least 2"
         )
     if args.eval_data and args.eval_pairs != defaults["eval_pairs"]:
         raise TrainingError(
@@ -739,6 +770,9 @@ class Run:
     ref_eval: "ReferenceCache | None" = None
     tis_train: "ReferenceCache | None" = None  # --weighting tis: log π+ - log π- per answer token
     tis_eval: "ReferenceCache | None" = None
+    max_length: int = 1024  # KTO cuts its mismatched prompt + answer to it, as the pairs were
+    # TDPO: the reference's head weight (vocab, D), gathered once (the reference is frozen)
+    reference_head: torch.Tensor | None = None
 
 
 def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) -> Run:
@@ -750,9 +784,12 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
     policy = M.build_sharded(cfg, start, mesh, torch.float32, dtype, args.activation_checkpointing)
     micro, seed = args.micro_batch_size, args.seed
     run = Run(policy, None, None, objective, train_items, heldout, device, mesh, micro, seed)
+    run.max_length = args.max_length
     # Only run holds the frozen reference, so that --precompute-ref can free it.
     if objective is not None and args.loss != "simpo":
         run.reference = M.build_sharded(cfg, read_weights, mesh, dtype, dtype, trainable=False)
+        if args.loss in aao.TDPO_VARIANTS:  # a collective under FSDP: every rank, once
+            run.reference_head = M.full(run.reference.lm_head.weight).detach()
     if args.beta_column:  # SP2DPO: each pair's β from a column of the data
         run.beta_scaling = (args.beta_scale, args.beta_min, args.beta_max)
     if routes_to_sft(args):
@@ -798,6 +835,9 @@ def objective_of(args) -> aao.Objective | None:
         label_smoothing=args.label_smoothing,
         simpo_gamma_beta_ratio=args.simpo_gamma_beta_ratio,
         ipo_normalized=not args.ipo_sum,
+        desirable_weight=args.desirable_weight,
+        undesirable_weight=args.undesirable_weight,
+        tdpo_alpha=args.tdpo_alpha,
         alpha=args.alpha,
         lambda_c=args.lambda_c,
         lambda_r=args.lambda_r,
@@ -818,24 +858,30 @@ def objective_of(args) -> aao.Objective | None:
 
 
 def cache_reference(run: Run) -> None:
-    """--precompute-ref: the reference's log-probs of every pair, computed once; the reference is
-    then freed."""
+    """--precompute-ref: the reference's log-probs of every pair (for TDPO also its hidden states at
+    the answer tokens), computed once; the reference is then freed."""
     micro, device = run.micro_batch_size, run.device
-    run.ref_train = ReferenceCache.compute(run.reference, run.train_items, micro, device)
-    run.ref_eval = ReferenceCache.compute(run.reference, run.heldout, micro, device)
+    hidden = run.reference_head is not None  # TDPO: its sequential KL reads the reference's states
+    run.ref_train = ReferenceCache.compute(run.reference, run.train_items, micro, device, hidden)
+    run.ref_eval = ReferenceCache.compute(run.reference, run.heldout, micro, device, hidden)
     run.reference = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     n_pairs = len(run.train_items) + len(run.heldout)
-    rank0_print(f"reference log-probs cached for {n_pairs} pairs; reference freed")
+    what = "log-probs"
+    if hidden:  # every answer token's D numbers, on every process: say how much
+        tensors = run.ref_train.hiddens + run.ref_eval.hiddens
+        size = sum(t.numel() * t.element_size() for t in tensors) / 2**30
+        what = f"log-probs and hidden states ({size:.3g} GiB on every process)"
+    rank0_print(f"reference {what} cached for {n_pairs} pairs; reference freed")
 
 
 def cache_contrastive(run: Run, args, tokenizer, dtype) -> None:
     """--weighting tis: TIS-DPO's reward estimate r_t = log π+(y_t) - log π-(y_t) at every answer
     token of every pair, computed once as the reference's log-probs are (ReferenceCache). The
     positive model is loaded, run over the pairs and freed, then the negative one: one model in
-    memory at a time, and afterwards one float per answer token."""
+    memory at a time, and afterwards two floats per answer token (as --precompute-ref keeps)."""
     both, sets = [], (run.train_items, run.heldout)
     for flag, path in (
         ("--tis-positive", args.tis_positive),
@@ -849,10 +895,10 @@ def cache_contrastive(run: Run, args, tokenizer, dtype) -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    # row 0 of a cache is the log-probs (row 1 the top-1 log-probs, not needed here)
+    # the log-probs' difference is r_t (AnswerStates.logps of a lookup); the top-1's is not read
     positive, negative = both
     run.tis_train, run.tis_eval = (
-        ReferenceCache(items, [p[:1] - n[:1] for p, n in zip(pos.flats, neg.flats)])
+        ReferenceCache(items, [p - n for p, n in zip(pos.flats, neg.flats)])
         for items, pos, neg in zip(sets, positive, negative)
     )
     n_pairs = len(run.train_items) + len(run.heldout)
@@ -898,8 +944,15 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
     cached), the thresholds of Eq. 8, then aao.preference_objective."""
     batch = data.micro_batch(items, indices, False, run.device)
     mask = batch["answer_mask"]
-    policy = run.policy(packed=batch["packed"], sum_logits=run.thresholds is not None)
     reference = reference_states(run, batch, indices, ref_cache)
+    reference_head = None
+    if (
+        run.reference_head is not None
+    ):  # TDPO: the reference's states that predict each answer token
+        at = batch["packed"].answer_index
+        reference_head = (reference.hidden.flatten(0, 1).index_select(0, at), run.reference_head)
+    packed, sums = batch["packed"], run.thresholds is not None
+    policy = run.policy(packed=packed, sum_logits=sums, reference_head=reference_head)
     a = b = None
     if run.thresholds is not None:
         a, b = run.thresholds(aao.pooled_answer_logits(policy.logit_sums, mask))
@@ -911,7 +964,9 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
         pairs.routed = torch.tensor([items[i]["routed"] for i in indices], device=run.device)
     if run.tis_train is not None:  # TIS-DPO: these pairs' r_t, cached before training
         cache = run.tis_train if items is run.train_items else run.tis_eval
-        (pairs.tis_reward,) = cache.lookup(indices, batch["packed"].answer_index, mask.shape)
+        pairs.tis_reward = cache.lookup(indices, batch["packed"].answer_index, mask.shape).logps
+    if run.objective.loss == "kto":
+        pairs.kto_kl = kto_reference_point(run, items, indices)
     out = aao.preference_objective(run.objective, policy, reference, pairs, a, b)
     ref_top1 = reference.top1 if reference is not None else None
     metrics = {
@@ -921,12 +976,28 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
     return PairForward(out, policy, reference, batch, metrics)
 
 
+@torch.no_grad()
+def kto_reference_point(run: Run, items, indices) -> torch.Tensor:
+    """KTO's z_0 for a micro-batch, as TRL 1.16 computes it: one more forward of the policy and the
+    reference, without gradient, on the mismatched pairs (data.mismatched_pairs: each prompt with
+    the previous pair's answers, packed prompt-once), the mean summed log-ratio, then the mean over
+    processes, clamped at 0 (aao.kto_reference_point)."""
+    mismatched = data.mismatched_pairs(items, indices, run.max_length)
+    batch = data.micro_batch(mismatched, list(range(len(mismatched))), False, run.device)
+    policy = run.policy(packed=batch["packed"])
+    reference = run.reference(packed=batch["packed"])
+    kl = aao.kto_reference_point(policy.logps - reference.logps, batch["answer_mask"])
+    kl = kl.to(dist_device()).reshape(1)
+    dist.all_reduce(kl)
+    return (kl[0] / dist.get_world_size()).clamp(min=0).to(run.device)
+
+
 def reference_states(run: Run, batch, indices, cache) -> M.AnswerStates | None:
-    """The frozen reference's per-token and top-1 log-probs: live, cached, or none (SimPO)."""
+    """The frozen reference's per-token and top-1 log-probs (and for TDPO the states that predict
+    each answer token): live, cached, or none (SimPO)."""
     if cache is not None:
         answer_index, shape = batch["packed"].answer_index, batch["answer_mask"].shape
-        logps, top1 = cache.lookup(indices, answer_index, shape)
-        return M.AnswerStates(logps, top1)
+        return cache.lookup(indices, answer_index, shape)
     if run.reference is None:
         return None
     with torch.no_grad():
@@ -998,6 +1069,10 @@ def train_step(
         m["tokens"] = float(sum(q for q, _, _ in lengths))  # through the layers: each prompt once
         if count_flops:
             m["flops"] = M.training_flops(run.policy.config, lengths, run.reference is not None)
+            if run.objective is not None and run.objective.loss == "kto":  # z_0's two forwards
+                mismatched = data.mismatched_pairs(run.train_items, chunk, run.max_length)
+                lengths = data.segment_lengths(mismatched, range(len(chunk)))
+                m["flops"] += M.training_flops(run.policy.config, lengths, True, False)
         accumulate(sums, m, len(chunk))
     norms = {"grad_norm": clip_gradients(run.policy.parameters(), grad_clip)}
     # The threshold MLP is clipped apart, so that its gradient does not shrink the policy's step.
@@ -1523,13 +1598,14 @@ def sharded_like(p: DTensor, local: torch.Tensor) -> DTensor:
 
 class ReferenceCache:
     """--precompute-ref: the reference's log-probs and top-1 log-probs at every answer token,
-    computed once. Rank r computes the pairs i = r, r + world, ... and lays their values out flat,
-    pair after pair (the chosen answer, then the rejected); every rank then gathers every rank's
-    flat tensor. Where pair i's values sit follows from the answers' lengths, which every rank
-    knows: no index travels."""
+    computed once; for TDPO also its final hidden states that predict them (with its head weight,
+    kept once in Run.reference_head, they give its whole next-token distribution). Rank r computes
+    the pairs i = r, r + world, ... and lays their values out flat, pair after pair (the chosen
+    answer, then the rejected); every rank then gathers every rank's flat tensor. Where pair i's
+    values sit follows from the answers' lengths, which every rank knows: no index travels."""
 
-    def __init__(self, pairs: list, flats: list):
-        self.flats = flats
+    def __init__(self, pairs: list, flats: list, hiddens: list | None = None):
+        self.flats, self.hiddens = flats, hiddens
         self.lengths = [(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs]
         self.starts, world = [0] * len(pairs), len(flats)
         for r in range(world):  # where each pair starts in its rank's flat tensor
@@ -1539,35 +1615,49 @@ class ReferenceCache:
 
     @classmethod
     @torch.no_grad()
-    def compute(cls, reference, pairs, micro, device) -> "ReferenceCache":
-        mine, rank, world = [], dist.get_rank(), dist.get_world_size()
+    def compute(cls, reference, pairs, micro, device, hidden=False) -> "ReferenceCache":
+        mine, mine_hidden, rank, world = [], [], dist.get_rank(), dist.get_world_size()
         for real, weight in data.lockstep_chunks(len(pairs), micro, rank, world):
             batch = data.micro_batch(pairs, real, False, device)
             states = reference(packed=batch["packed"])
             # The answer tokens in row order (chosen rows, then rejected), regrouped by pair.
             if weight:
+                at = batch["packed"].answer_index
                 both = torch.stack([states.logps, states.top1]).flatten(1)
-                flat = both[:, batch["packed"].answer_index].float().cpu()
                 chosen = [len(pairs[i]["chosen_ids"]) for i in real]
                 rejected = [len(pairs[i]["rejected_ids"]) for i in real]
-                rows = flat.split(chosen + rejected, dim=1)
-                mine += [x for k in range(len(real)) for x in (rows[k], rows[k + len(real)])]
+                by_pair = lambda rows: [x for k in range(len(real)) for x in rows[k :: len(real)]]
+                mine += by_pair(both[:, at].float().cpu().split(chosen + rejected, dim=1))
+                if hidden:  # (answer tokens, D) in the reference's compute dtype
+                    h = states.hidden.flatten(0, 1)[at].cpu()
+                    mine_hidden += by_pair(h.split(chosen + rejected))
         flats = gather_ragged(torch.cat(mine, dim=1).T if mine else torch.zeros(0, 2))
-        return cls(pairs, [f.T for f in flats])
+        hiddens = gather_ragged(torch.cat(mine_hidden)) if hidden else None
+        return cls(pairs, [f.T for f in flats], hiddens)
 
-    def lookup(self, indices, answer_index, shape):
-        """(2B, width) grids of a micro-batch's pairs (chosen rows, then rejected), on device: one
-        per row of the cached values (the reference's log-probs and top-1; TIS-DPO's r_t)."""
-        world, spans = len(self.flats), []
+    def lookup(self, indices, answer_index, shape) -> M.AnswerStates:
+        """A micro-batch's pairs as (2B, width) grids (chosen rows, then rejected), on device:
+        log-probs, top-1 log-probs and, if cached, the hidden states (2B, width, D)."""
+        world, spans, hidden = len(self.flats), [], []
         for side in (0, 1):
             for i in indices:
                 start = self.starts[i] + side * self.lengths[i][0]
-                spans.append(self.flats[i % world][:, start : start + self.lengths[i][side]])
-        values = torch.cat(spans, dim=1).to(answer_index.device, non_blocking=True)
-        rows = values.shape[0]
-        grid = torch.zeros(rows, shape[0] * shape[1], device=answer_index.device)
+                span = slice(start, start + self.lengths[i][side])
+                spans.append(self.flats[i % world][:, span])
+                if self.hiddens is not None:
+                    hidden.append(self.hiddens[i % world][span])
+        device = answer_index.device
+        values = torch.cat(spans, dim=1).to(device, non_blocking=True)
+        grid = torch.zeros(2, shape[0] * shape[1], device=device)
         grid[:, answer_index] = values
-        return grid.view(rows, *shape).unbind(0)
+        states = M.AnswerStates(*grid.view(2, *shape).unbind(0))
+        if hidden:
+            h = torch.cat(hidden).to(device, non_blocking=True)
+            states.hidden = h.new_zeros(shape[0] * shape[1], h.shape[1]).index_put_(
+                (answer_index,), h
+            )
+            states.hidden = states.hidden.view(*shape, -1)
+        return states
 
 
 def gather_ragged(t: torch.Tensor) -> list:

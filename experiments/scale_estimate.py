@@ -22,6 +22,14 @@ Peak memory per GPU, in bytes, with P parameters sharded over S ranks and fp32 m
   end of backward   the activations are freed; the root's bf16 gradients and their fp32 copy for the
                     reduce-scatter (6 bytes a root parameter)
   reference forward runs after the policy's, beside its activations: its root and two of its blocks
+  TDPO              + the reference's head weight, gathered once (bf16, vocab x D), + its
+                    hidden states at the answer tokens (bf16), saved for the sequential KL's
+                    backward, + during backward a second whole bf16 head gradient (the KL's, before
+                    autograd adds it to the head's); the KL's blocks are AnswerHead's, two half
+                    blocks at a time: no whole logits of either model. --precompute-ref caches those
+                    hidden states for every answer token of the data set, on every process's host
+  KTO               no more memory (its mismatched forwards run without gradient, before the
+                    policy's), but two more forwards a micro-batch: the policy's and the reference's
 The peak is the state plus the largest of the three phases. Not counted: the CUDA context (~2 GB)
 and the caching allocator's fragmentation (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True keeps it
 small). Time per epoch: model FLOPs as train.py's MFU counts them, at an assumed MFU, against the
@@ -85,6 +93,7 @@ def memory_per_gpu(
     checkpointing: bool,
     live_reference: bool,
     seq: int = 1024,
+    tdpo: bool = False,
 ) -> float:
     state = (16 + 2 * live_reference) * m.params / shards
     mlp = 16 * (m.vocab * 512 + 1026)
@@ -100,6 +109,9 @@ def memory_per_gpu(
     head_blocks = (4 + 2 + 2) * M.HEAD_CHUNK
     blocks = 2 * 2 * m.block + 6 * m.block
     backward = activations + 2 * m.vocab * m.dim + max(head_blocks, blocks)
+    if tdpo:  # the reference's head and states at the answer tokens; the KL's head gradient
+        root += 2 * m.vocab * m.dim + 2 * micro_pairs * (seq - PROMPT_TOKENS) * 2 * m.dim
+        backward += 2 * m.vocab * m.dim
     end_of_backward = 6 * root_params
     reference_forward = activations + ((root + 2 * 2 * m.block) if live_reference else 0)
     return state + mlp + root + max(backward, end_of_backward, reference_forward)
@@ -157,6 +169,18 @@ def main() -> None:
             live = memory_per_gpu(m, 8, micro, ac, True) / GB
             cached = memory_per_gpu(m, 8, micro, ac, False) / GB
             print(f"| {micro} | {'yes' if ac else 'no'} | {live:.0f} GB | {cached:.0f} GB |")
+    print("\n| micro-batch (pairs per GPU) | activation checkpointing | TDPO, reference live |")
+    print("|---|---|---|")
+    for micro in (1, 2, 4, 8):
+        for ac in (False, True):
+            tdpo = memory_per_gpu(m, 8, micro, ac, True, tdpo=True) / GB
+            print(f"| {micro} | {'yes' if ac else 'no'} | {tdpo:.0f} GB |")
+    cache = PAIRS * 2 * ANSWER_TOKENS * m.dim * 2
+    head = 2 * m.vocab * m.dim
+    print(
+        f"\nTDPO with --precompute-ref: the reference's hidden states at every answer token, "
+        f"{cache / GB:.0f} GB (bf16) on the host of every process, + its head {head / GB:.2f} GB"
+    )
     print("\n| GPUs | sharding | minutes per epoch, batch 16 | batch 64 |")
     print("|---|---|---|---|")
     for nodes, replicate, name in (
