@@ -81,11 +81,15 @@ METHODS = {
     "AAO hidden": AAO + ["--similarity", "hidden"],
     "AAO alignment": AAO + ["--similarity", "alignment"],
     "AAO end=1": AAO + ["--end-token-weight", "one"],
+    "KTO": ["--loss", "kto", "--weighting", "none"],
+    "TDPO1": ["--loss", "tdpo1", "--weighting", "none"],
+    "TDPO2": ["--loss", "tdpo2", "--weighting", "none"],
     "TIS-DPO": TIS + ["--tis-positive", "{DPO}", "--tis-negative", "{DPO reversed}"],
 }
 # Runs that only serve another method's run, not rows of the table.
 HELPERS = {"DPO reversed": ["--loss", "dpo", "--weighting", "none", "--swap-pairs"]}
-BASELINES = ["TIS-DPO"]  # the paper's Table 2 baselines added after the first table
+# the paper's Table 2 baselines added after the first table (RTO needs RL: not here)
+BASELINES = ["KTO", "TDPO1", "TDPO2", "TIS-DPO"]
 PLAN = {
     "facts": list(METHODS),
     "order": ["DPO", "DPO-Random", "AAO", "AAO hidden", "AAO alignment", "AAO end=1"] + BASELINES,

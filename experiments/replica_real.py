@@ -332,7 +332,9 @@ SUMMARY_KEYS = [
 # The toy replica's train.py flags for the paper's Table 2 baselines, `alignment` and the Fig. 3
 # ablation without Eq. 11-12, in the table's order. TIS-DPO's contrastive models are this seed's
 # DPO run and a DPO run on the reversed pairs (replica.HELPERS), at the same lr and budget.
-NAMES = ["DPO", "DPO-Random", "AAO", "AAO alignment", "SimPO", "AAO w/o reward"] + BASELINES
+# KTO, TDPO2 (TDPO's authors' recommended variant) and TIS-DPO: the paper's token-level baselines.
+NAMES = ["DPO", "DPO-Random", "AAO", "AAO alignment", "SimPO", "AAO w/o reward"]
+NAMES += [name for name in BASELINES if name != "TDPO1"]
 METHODS = {name: TOY_METHODS[name] for name in NAMES}
 SMOKE_METHODS = ["DPO", "AAO"]
 
