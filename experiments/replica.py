@@ -538,19 +538,32 @@ def plot_squeeze_and_thresholds(rows, docs: Path) -> list:
 
 def with_earlier_rows(rows, cfg, seconds: float) -> tuple[list, str]:
     """--methods: the rows of the other methods kept from docs/replica.jsonl (those of the methods
-    run now replaced), in the table's order; and the header's account of both runs' time."""
+    run now replaced), in the table's order; and the header's account of both runs' time. An
+    earlier row is kept only if its SFT model is this run's: the same seed and family gave the
+    same reference answers (length and accuracy); a row from another SFT model (a trainer that
+    has changed since) would not compare, and is dropped, and the header says so."""
     file, md = cfg.docs / "replica.jsonl", cfg.docs / "replica.md"
     earlier = [json.loads(x) for x in file.read_text().splitlines()] if file.exists() else []
-    kept = [r for r in earlier if r["method"] not in cfg.methods]
+    sft = {(r["seed"], r["family"]): (r["sft_length"], r["sft_accuracy"]) for r in rows}
+    others = [r for r in earlier if r["method"] not in cfg.methods]
+    same = lambda r: sft.get((r["seed"], r["family"])) == (r["sft_length"], r["sft_accuracy"])  # noqa: E731
+    kept = [r for r in others if same(r)]
     order = lambda r: (r["seed"], r["family"] != "facts", list(METHODS).index(r["method"]))  # noqa: E731
     rows = sorted(kept + rows, key=lambda r: (*order(r), r["threads"]))
     # what the earlier runs took, as the header said: "`python ...`: N minutes[; then ...]"
     found = re.search(r"\n\n(`python experiments/replica.py.*?), torch threads", md.read_text())
-    earlier_runs = f"{found.group(1)}; then " if found else ""
+    earlier_runs = f"{found.group(1)}; then " if found and kept else ""
     names = " ".join(f"'{m}'" if " " in m else m for m in cfg.methods)
+    dropped = sorted({r["method"] for r in others if not same(r)}, key=list(METHODS).index)
+    note = (
+        f" (the earlier rows of {', '.join(dropped)} dropped: their SFT models are not "
+        "these seeds' SFT models today)"
+        if dropped
+        else ""
+    )
     return rows, (
-        f"{earlier_runs}`python experiments/replica.py --methods {names}` (these rows again, from "
-        f"the same SFT models; the others kept): {seconds / 60:.1f} minutes"
+        f"{earlier_runs}`python experiments/replica.py --methods {names}` (these rows again, the "
+        f"others kept{note}): {seconds / 60:.1f} minutes"
     )
 
 

@@ -605,8 +605,17 @@ def earlier_rows(cfg) -> list:
 
 def with_earlier_rows(rows, cfg, seconds: float) -> tuple[list, str]:
     """--methods: the table's other rows (start, sweep, other methods) kept from --docs, these
-    methods' rows replaced, in the table's order; and the header's account of both runs' time."""
+    methods' rows replaced, in the table's order; and the header's account of both runs' time.
+    Only if the starting model answers here as it did there: if not (another checkpoint, other
+    numerics), no earlier row compares with these, and the table is this run's alone."""
     earlier = earlier_rows(cfg)
+    names = " ".join(f"'{m}'" if " " in m else m for m in cfg.methods)
+    command = f"`python experiments/replica_real.py --methods {names}`"
+    if earlier[0]["answers"] != rows[0]["answers"]:
+        return rows, (
+            f"{command}: {seconds / 60:.1f} minutes (the table's earlier rows are not kept: the "
+            "starting model's answers here are not those they were judged against; lr from them)"
+        )
     kept = [r for r in earlier[1:] if r.get("sweep") or r["method"] not in cfg.methods]
     order = lambda r: (not r.get("sweep"), r["seed"], NAMES.index(r["method"]))  # noqa: E731
     rows = earlier[:1] + sorted(kept + rows[1:], key=order)
@@ -615,10 +624,9 @@ def with_earlier_rows(rows, cfg, seconds: float) -> tuple[list, str]:
     first = (
         f"`python experiments/replica_real.py`: {found.group(1)} minutes, then " if found else ""
     )
-    names = " ".join(f"'{m}'" if " " in m else m for m in cfg.methods)
     return rows, (
-        f"{first}`python experiments/replica_real.py --methods {names}` (those rows again, the "
-        f"same pairs and seeds, the rest kept): {seconds / 60:.1f} minutes"
+        f"{first}{command} (those rows again, the same pairs and seeds, the rest kept): "
+        f"{seconds / 60:.1f} minutes"
     )
 
 
