@@ -537,16 +537,17 @@ def plot_squeeze_and_thresholds(rows, docs: Path) -> list:
 
 
 def with_earlier_rows(rows, cfg, seconds: float) -> tuple[list, str]:
-    """--methods: the rows of the other methods kept from docs/replica.jsonl (those of the methods
-    run now replaced), in the table's order; and the header's account of both runs' time. An
-    earlier row is kept only if its SFT model is this run's: the same seed and family gave the
-    same reference answers (length and accuracy); a row from another SFT model (a trainer that
-    has changed since) would not compare, and is dropped, and the header says so."""
+    """--methods: the other rows kept from docs/replica.jsonl (those of the methods and seeds run
+    now replaced), in the table's order; and the header's account of the runs' time. An earlier
+    row of a seed run now is kept only if its SFT model is this run's: the same seed and family
+    gave the same reference answers (length and accuracy); a row from another SFT model (a
+    trainer that has changed since) would not compare, and is dropped, and the header says so."""
     file, md = cfg.docs / "replica.jsonl", cfg.docs / "replica.md"
     earlier = [json.loads(x) for x in file.read_text().splitlines()] if file.exists() else []
     sft = {(r["seed"], r["family"]): (r["sft_length"], r["sft_accuracy"]) for r in rows}
-    others = [r for r in earlier if r["method"] not in cfg.methods]
-    same = lambda r: sft.get((r["seed"], r["family"])) == (r["sft_length"], r["sft_accuracy"])  # noqa: E731
+    others = [r for r in earlier if r["method"] not in cfg.methods or r["seed"] not in cfg.seeds]
+    reference = lambda r: (r["sft_length"], r["sft_accuracy"])  # noqa: E731
+    same = lambda r: sft.get((r["seed"], r["family"]), reference(r)) == reference(r)  # noqa: E731
     kept = [r for r in others if same(r)]
     order = lambda r: (r["seed"], r["family"] != "facts", list(METHODS).index(r["method"]))  # noqa: E731
     rows = sorted(kept + rows, key=lambda r: (*order(r), r["threads"]))
@@ -554,9 +555,10 @@ def with_earlier_rows(rows, cfg, seconds: float) -> tuple[list, str]:
     found = re.search(r"\n\n(`python experiments/replica.py.*?), torch threads", md.read_text())
     earlier_runs = f"{found.group(1)}; then " if found and kept else ""
     names = " ".join(f"'{m}'" if " " in m else m for m in cfg.methods)
+    names += "" if cfg.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, cfg.seeds))
     dropped = sorted({r["method"] for r in others if not same(r)}, key=list(METHODS).index)
     note = (
-        f" (the earlier rows of {', '.join(dropped)} dropped: their SFT models are not "
+        f"; the earlier rows of {', '.join(dropped)} dropped: their SFT models are not "
         "these seeds' SFT models today)"
         if dropped
         else ""
@@ -571,10 +573,11 @@ def write_results(rows, cfg, seconds: float, command: str | None = None) -> None
     cfg.docs.mkdir(parents=True, exist_ok=True)
     write_jsonl(cfg.docs / "replica.jsonl", rows)
     families = list(dict.fromkeys(r["family"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
     smoke = " --smoke" if cfg.smoke else ""
     command = command or f"`python experiments/replica.py{smoke}`: {seconds / 60:.1f} minutes"
     text = (
-        f"# Replica results\n\n{command}, torch threads {cfg.threads}, seeds {cfg.seeds}, "
+        f"# Replica results\n\n{command}, torch threads {cfg.threads}, seeds {seeds}, "
         f"{cfg.steps} preference steps of 16 pairs after {cfg.sft_steps} SFT steps of 32 rows. "
         "Win rate: per held-out prompt 1 if only the policy's greedy answer states the fact "
         "rightly, 0.5 if both or neither do, 0 if only the SFT model's does.\n\n"
