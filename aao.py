@@ -274,16 +274,18 @@ def random_weight_seeds(seed: int, step: int, pairs: list) -> list[int]:
 
 
 def tis_dpo_weights(reward, mu: float = 1.0, k: float = 1.0, lower=-0.5, upper=1.5):
-    """TIS-DPO (Liu et al. 2024, arXiv 2410.04350), the token-level baseline of Table 2: importance
+    """TIS-DPO (Liu et al. 2024, arXiv 2410.04350), a token-level baseline of Table 2: importance
     weights estimated by a pair of contrastive models instead of AAO's similarity.
 
     reward (2B, K): r_t = log π+(y_t | x, y_<t) - log π-(y_t | x, y_<t), the positive model's
-    log-prob of each answer token minus the negative model's, their estimate of the token's reward
-    (up to scale). A token weighs w_t = k·exp(μ·clamp(±r_t, L, U)): + on the chosen answer, - on
-    the rejected one, so that a token counts more the more it speaks for its side of the pair, and
-    every weight lies in [k·e^(μL), k·e^(μU)]. The weights are constants (the contrastive models
-    are frozen and their log-probs computed once, train.py's ContrastiveCache): the loss is DPO on
-    Σ_t w_t log π_θ/π_ref(y_t) per answer, as the authors' released trainer computes it."""
+    log-prob of each answer token minus the negative model's: their estimate of the token's reward,
+    up to scale. A token weighs w_t = k·exp(μ·clamp(±r_t, L, U)), + on the chosen answer, - on the
+    rejected one: a token counts more the more it speaks for its side of the pair. The clamp comes
+    after the sign, so that both answers' weights lie in [k·e^(μL), k·e^(μU)] (clamped before it,
+    the rejected answer's would lie in [k·e^(-μU), k·e^(-μL)]). The weights are constants (frozen
+    models whose log-probs train.py's cache_contrastive computes once): the loss is DPO on
+    Σ_t w_t log π_θ/π_ref(y_t) per answer, as the authors' released trainer computes it (its
+    extra token-level KL term is off there by default)."""
     sign = torch.ones_like(reward[:, :1])
     sign[reward.shape[0] // 2 :] = -1  # the rejected rows
     return k * torch.exp(mu * (sign * reward).clamp(lower, upper))
