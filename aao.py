@@ -3,7 +3,8 @@
 Read top to bottom, this file is the method:
   DPO and its relatives (Eq. 2; KTO and TDPO among them) on sequence log-probs
   -> token similarity (Eq. 7)
-  -> thresholds a, b from the logits (Eq. 8) -> token weights (Eq. 14-17) -> weighted log-ratios
+  -> thresholds a, b from the logits (Eq. 8) -> token weights (Eq. 14-17; or DPO-Random's, or
+  TIS-DPO's from contrastive models) -> weighted log-ratios
   -> auxiliary losses (Eq. 9-13) -> MixDPO routing -> the whole objective -> metrics.
 Every function takes tensors and imports only torch. Per-token tensors are (pairs*2, K): the chosen
 answers in the first half, the rejected in the second, K positions aligned with the predicted token;
@@ -269,6 +270,27 @@ def random_weight_seeds(seed: int, step: int, pairs: list) -> list[int]:
     return [base + 2 * i for i in pairs] + [base + 2 * i + 1 for i in pairs]
 
 
+# ----------------------------------------------------------------------------- TIS-DPO's weights
+
+
+def tis_dpo_weights(reward, mu: float = 1.0, k: float = 1.0, lower=-0.5, upper=1.5):
+    """TIS-DPO (Liu et al. 2024, arXiv 2410.04350), a token-level baseline of Table 2: importance
+    weights estimated by a pair of contrastive models instead of AAO's similarity.
+
+    reward (2B, K): r_t = log π+(y_t | x, y_<t) - log π-(y_t | x, y_<t), the positive model's
+    log-prob of each answer token minus the negative model's: their estimate of the token's reward,
+    up to scale. A token weighs w_t = k·exp(μ·clamp(±r_t, L, U)), + on the chosen answer, - on the
+    rejected one: a token counts more the more it speaks for its side of the pair. The clamp comes
+    after the sign, so that both answers' weights lie in [k·e^(μL), k·e^(μU)] (clamped before it,
+    the rejected answer's would lie in [k·e^(-μU), k·e^(-μL)]). The weights are constants (frozen
+    models whose log-probs train.py's cache_contrastive computes once): the loss is DPO on
+    Σ_t w_t log π_θ/π_ref(y_t) per answer, as the authors' released trainer computes it (its
+    extra token-level KL term is off there by default)."""
+    sign = torch.ones_like(reward[:, :1])
+    sign[reward.shape[0] // 2 :] = -1  # the rejected rows
+    return k * torch.exp(mu * (sign * reward).clamp(lower, upper))
+
+
 def weighted_sequence_logps(
     logps: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -450,7 +472,7 @@ def last_answer_token(mask: torch.Tensor) -> torch.Tensor:
 class Objective:
     # dpo | ipo | cdpo | hinge | simpo | kto | tdpo1 | tdpo2 (the SFT stage: sft_loss)
     loss: str = "dpo"
-    weighting: str = "aao"  # none | random | aao
+    weighting: str = "aao"  # none | random | aao | tis (TIS-DPO's contrastive estimate)
     beta: float | None = None  # None: the loss's own (DEFAULT_BETA)
     label_smoothing: float = 0.1  # cdpo's ε
     simpo_gamma_beta_ratio: float = 0.5  # SimPO's γ/β: its Llama-3 base recipe (β 2.0, γ 1.0)
@@ -468,13 +490,18 @@ class Objective:
     # the answer's last token: aao (its Eq. 17 weight) | one (weight 1)
     end_token_weight: str = "aao"
     sft_weight: float = 1.0  # MixDPO: the routed pairs' SFT loss is multiplied by this
+    tis_mu: float = 1.0  # TIS-DPO's w = k·exp(μ·clamp(±r, L, U)) (tis_dpo_weights)
+    tis_k: float = 1.0
+    tis_bounds: tuple = (-0.5, 1.5)  # (L, U)
 
     def __post_init__(self):
         if self.loss not in DEFAULT_BETA:
             hint = ": the SFT stage has no pairwise loss (aao.sft_loss)"
             raise ValueError(f"unknown loss {self.loss!r}" + (hint if self.loss == "sft" else ""))
-        if self.weighting not in ("none", "random", "aao"):
+        if self.weighting not in ("none", "random", "aao", "tis"):
             raise ValueError(f"unknown weighting {self.weighting!r}")
+        if not self.tis_bounds[0] < self.tis_bounds[1]:
+            raise ValueError(f"TIS-DPO's bounds need L < U, got {self.tis_bounds}")
         if self.reward_form not in ("weighted_mean", "weighted_sum", "printed"):
             raise ValueError(f"unknown reward_form {self.reward_form!r}")
         if self.similarity not in SIMILARITIES:
@@ -487,7 +514,8 @@ class Objective:
 def token_weights(
     obj: Objective, mask, embeds=None, a=None, b=None, seeds=None, hidden_after=None, ids=None
 ):
-    """The weighting, orthogonal to the loss. -> (weights, S), both (2B, K); S None unless aao."""
+    """The weighting, orthogonal to the loss. -> (weights, S), both (2B, K); S None unless aao.
+    (tis: preference_objective reads the contrastive models' estimate, PairBatch.tis_reward.)"""
     if obj.weighting == "none":
         return torch.ones_like(mask), None
     if obj.weighting == "random":
@@ -550,6 +578,8 @@ class PairBatch:
     beta: torch.Tensor | float | None = None  # (B,) SP2DPO's per-pair β; None: the objective's own
     routed: torch.Tensor | None = None  # (B,) bool: the pairs MixDPO sends to SFT (per data set)
     seeds: list | None = None  # 2B ints: DPO-Random's per-answer seeds
+    # (2B, K) TIS-DPO: log π+ - log π- of each answer token, from the contrastive models
+    tis_reward: torch.Tensor | None = None
     kto_kl: torch.Tensor | None = None  # 0-dim: KTO's reference point z_0 (kto_reference_point)
 
 
@@ -608,9 +638,12 @@ def preference_objective(
     reference alike."""
     beta = obj.beta if batch.beta is None else batch.beta
     mask = batch.mask.to(policy.logps.dtype)
-    weights, S = token_weights(
-        obj, mask, policy.embeds, a, b, batch.seeds, policy.hidden_after, batch.ids
-    )
+    if obj.weighting == "tis":
+        weights, S = tis_dpo_weights(batch.tis_reward, obj.tis_mu, obj.tis_k, *obj.tis_bounds), None
+    else:
+        weights, S = token_weights(
+            obj, mask, policy.embeds, a, b, batch.seeds, policy.hidden_after, batch.ids
+        )
     plain_c, plain_r = split_pairs((policy.logps * mask).sum(-1))
     if obj.loss == "simpo":  # reference-free: per-token mean log-probs
         score_c, score_r = split_pairs(weighted_mean_logps(policy.logps, weights, mask))
@@ -683,7 +716,7 @@ METRICS = {
     "rewards/accuracies": "share of pairs with rewards/chosen > rewards/rejected; "
     "a tie counts as wrong (TRL)",
     "weighted_rewards/chosen": "β x the score the loss saw: the weighted log-ratio "
-    "(random, aao weighting)",
+    "(random, aao, tis weighting)",
     "weighted_rewards/rejected": "the same for the rejected answer",
     "weighted_rewards/margins": "their difference",
     "logps/chosen": "the policy's summed log-prob of the chosen answer "

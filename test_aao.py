@@ -1663,6 +1663,34 @@ def test_random_weighting_differs_from_none_and_is_reproducible():
     assert not torch.allclose(one.weighted_chosen_rewards, one.chosen_rewards)
 
 
+def test_tis_dpo_weights_loss_and_gradient_match_float64():
+    """TIS-DPO: w = k·exp(μ·clamp(±r, L, U)) from the contrastive log-prob difference r (+ on the
+    chosen answer, - on the rejected), then DPO on the weighted log-ratios; the gradient through
+    the policy's log-probs only (the weights are constants), all recomputed here in float64."""
+    x = objective_inputs()
+    g = torch.Generator().manual_seed(3)
+    r = torch.randn(x["mask"].shape, generator=g, dtype=torch.float64) * 2  # past the bounds too
+    mu, k, lo, hi, beta = 0.7, 1.3, -0.5, 1.5, 0.2
+    obj = aao.Objective(weighting="tis", beta=beta, tis_mu=mu, tis_k=k, tis_bounds=(lo, hi))
+    out, grad = loss_and_grad(obj, x, tis_reward=r)
+    B, m = r.shape[0] // 2, x["mask"]
+    want = torch.empty_like(r)
+    for i in range(2 * B):
+        for t in range(r.shape[1]):
+            side = r[i, t].item() if i < B else -r[i, t].item()
+            want[i, t] = k * math.exp(mu * min(max(side, lo), hi))
+    assert torch.allclose(out.weights[m.bool()], want[m.bool()], rtol=1e-12)
+    assert (r.abs() > 1.5).any() and want.min() >= k * math.exp(mu * lo) - 1e-12
+    ratio = (x["policy_logps"] - x["ref_logps"]) * want * m
+    h = ratio[:B].sum(1) - ratio[B:].sum(1)
+    assert torch.allclose(out.losses, -F.logsigmoid(beta * h), rtol=1e-12)
+    d = beta * torch.sigmoid(-beta * h)  # d loss / d h = -d: chosen tokens -d·w, rejected +d·w
+    assert torch.allclose(grad, torch.cat([-d, d])[:, None] * want * m, rtol=1e-12)
+    plain, _ = loss_and_grad(aao.Objective(weighting="none", beta=beta), x)
+    assert not torch.allclose(out.losses, plain.losses)
+    assert torch.allclose(out.chosen_rewards, plain.chosen_rewards)  # the plain scale is DPO's
+
+
 def trl_dpo_loss(loss_type, beta, x):
     """TRL 1.16's own DPOTrainer._compute_loss on our tensors, via a stand-in trainer and model that
     give the per-token log-probs (0 off the answers) and the reference's summed log-probs."""
@@ -3823,6 +3851,7 @@ def test_resume_of_nothing_is_one_line(tmp_path, capsys):
             ["--data", "{pairs}", "--eval-pairs", "30"],
             "--eval-pairs 30: at most a tenth of the 200 items of --data is held out (20)",
         ),
+        (["--weighting", "tis", "--tis-bounds", "1", "0"], "--tis-bounds 1.0 0.0: need L < U"),
         (
             [
                 "--batch-size",
@@ -3960,6 +3989,14 @@ def test_a_policy_that_did_not_move_is_named_with_the_evidence_it_read(tmp_path,
             ["--loss", "simpo", "--precompute-ref"],
             "--precompute-ref means something only with a loss with a reference",
         ),
+        (["--weighting", "tis"], "--weighting tis needs --tis-positive DIR"),
+        (
+            ["--weighting", "tis", "--tis-positive", ".", "--tis-negative", "nowhere"],
+            "--tis-negative nowhere: no such directory",
+        ),
+        (["--tis-mu", "2"], "--tis-mu means something only with --weighting tis"),
+        (["--tis-bounds", "0", "1"], "--tis-bounds means something only with --weighting tis"),
+        (["--loss", "sft", "--swap-pairs"], "--swap-pairs means something only with preference"),
         (
             ["--eval-data", "held.jsonl", "--eval-pairs", "8"],
             "--eval-pairs holds rows of --data out",
@@ -4069,6 +4106,80 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path):
     live = losses(in_process(tmp_path, "--seed", 1))
     cached = losses(in_process(tmp_path, "--seed", 1, "--precompute-ref"))
     assert live == pytest.approx(cached, rel=1e-5)
+
+
+def contrastive_dirs(tmp_path, tokenizer=None) -> list:
+    """Two random tiny checkpoints (seeds 1 and 2) with the tiny model's tokenizer: TIS-DPO's
+    positive and negative model, unlike each other so that their log-prob differences vary."""
+    tok = tokenizer or data.tiny_tokenizer()
+    dirs = []
+    for seed in (1, 2):
+        d = tmp_path / f"contrastive{seed}"
+        model = M.Transformer(M.tiny_config(data.tiny_tokenizer().get_vocab_size()))
+        M.save_model(M.init_weights(model, seed=seed, std=0.1), d)
+        tok.save(str(d / "tokenizer.json"))
+        dirs.append(d)
+    return dirs
+
+
+def test_tis_weighting_reads_the_contrastive_models_log_probs(tmp_path, monkeypatch):
+    """--weighting tis: the weights of every training and held-out micro-batch are
+    k·exp(μ·clamp(±(log π+ - log π-), L, U)) of the two models run live on that very batch: the
+    cache computed before training lines up with each pair's answer tokens."""
+    positive, negative = contrastive_dirs(tmp_path)
+    seen, forward = [], train.forward_pairs
+
+    def spy(*args, **kwargs):
+        seen.append(forward(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(train, "forward_pairs", spy)
+    flags = ["--tis-positive", positive, "--tis-negative", negative, "--tis-mu", 2]
+    data_flags = ["--data", pairs_file(tmp_path, n=40), "--eval-pairs", 4, "--batch-size", 8]
+    in_process(tmp_path, "--weighting", "tis", *flags, *data_flags, "--max-steps", 1)
+    models = [M.load_model(d).double() for d in (positive, negative)]
+    assert len(seen) >= 3  # the held-out set before and after, the training step
+    for f in seen:
+        with torch.no_grad():
+            pos, neg = (m(packed=f.batch["packed"]).logps for m in models)
+        mask = f.batch["answer_mask"].bool()
+        sign = torch.ones_like(pos)
+        sign[pos.shape[0] // 2 :] = -1
+        want = torch.exp(2 * (sign * (pos - neg)).clamp(-0.5, 1.5))
+        # fp32 log-probs against float64 ones: 1e-4 on the log-weight, whose scale is 2·1.5
+        assert torch.allclose(f.out.weights[mask].double().log(), want[mask].log(), atol=1e-4)
+        assert want[mask].std() > 0.05
+
+
+def test_contrastive_model_of_another_tokenizer_is_one_line(tmp_path, capsys):
+    positive, negative = contrastive_dirs(tmp_path, tokenizer=word_tokenizer(["a", "b"]))
+    flags = ["--tis-positive", positive, "--tis-negative", negative]
+    in_process(tmp_path, "--weighting", "tis", *flags, "--data", pairs_file(tmp_path, 20), code=1)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and f"--tis-positive {positive}: its tokenizer is not the policy's" in err[0]
+    )
+
+
+def test_swap_pairs_trains_on_the_reversed_pairs(tmp_path):
+    """--swap-pairs (TIS-DPO's negative model: DPO on the reversed data) = the same file with
+    chosen and rejected exchanged in every row."""
+    f = pairs_file(tmp_path, n=40)
+    rows = [json.loads(line) for line in f.read_text().splitlines()]
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_text(
+        "".join(
+            json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n" for r in rows
+        )
+    )
+    flags = ["--weighting", "none", "--eval-pairs", 4, "--batch-size", 8, "--max-steps", 2]
+    assert losses(in_process(tmp_path, "--data", f, "--swap-pairs", *flags)) == losses(
+        in_process(tmp_path, "--data", swapped, *flags)
+    )
+    assert (
+        losses(in_process(tmp_path, "--data", f, *flags))[-1]
+        != losses(in_process(tmp_path, "--data", swapped, *flags))[-1]
+    )
 
 
 def test_tdpo_with_a_precomputed_reference_gives_the_live_losses_and_kl(tmp_path):
@@ -4210,7 +4321,9 @@ def test_replica_smoke_writes_its_results(tmp_path):
         tmp_path / "docs",
     )
     rows = metric_rows(tmp_path / "docs", "replica.jsonl")
-    assert [(r["family"], r["method"]) for r in rows] == [("facts", "DPO"), ("facts", "AAO")]
+    methods = ["DPO", "AAO", "TIS-DPO"]  # TIS-DPO reads DPO's run and a reversed one
+    assert [(r["family"], r["method"]) for r in rows] == [("facts", m) for m in methods]
+    assert (tmp_path / "runs" / "seed0" / "facts-DPO_reversed-t1" / "final").is_dir()
     for r in rows:
         assert (
             0 <= r["accuracy"] <= 1
@@ -4220,7 +4333,7 @@ def test_replica_smoke_writes_its_results(tmp_path):
         assert 0 <= r["length"] <= 8 and 0 <= r["sft_accuracy"] <= 1
         assert (Path(r["run"]) / "final" / "model.safetensors").exists()
     table = (tmp_path / "docs" / "replica.md").read_text()
-    assert "| DPO | " in table and "| AAO | " in table and "win rate vs SFT" in table
+    assert "| TIS-DPO | " in table and "| AAO | " in table and "win rate vs SFT" in table
 
 
 def test_gpu_check_fails_fast_without_cuda_and_its_pieces_run_on_the_cpu():

@@ -1,4 +1,4 @@
-r"""Train a policy with AAO (or DPO, IPO, cDPO, hinge, SimPO), and the SFT stage before them.
+r"""Train a policy with AAO (or DPO, IPO, cDPO, hinge, SimPO, TIS-DPO), and the SFT stage first.
 
     python train.py                  # tiny Llama, synthetic pairs, AAO: a minute on a laptop CPU
     python train.py --loss sft --weights llama31-8b --data ultrachat/train_sft.jsonl --out out/sft
@@ -142,6 +142,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="keep pairs whose two answers are identical (default: drop)",
     )
+    g(
+        "--swap-pairs",
+        action="store_true",
+        help="swap the chosen and rejected answer of every pair (training and held-out): DPO on "
+        "the reversed data, TIS-DPO's negative model",
+    )
     g = p.add_argument_group("objective (the paper's path)").add_argument
     g(
         "--loss",
@@ -153,8 +159,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g(
         "--weighting",
         default="aao",
-        choices=["none", "random", "aao"],
-        help="token weights: none (plain), random (DPO-Random, U(0, 2)), aao (Eq. 7-17; default)",
+        choices=["none", "random", "aao", "tis"],
+        help="token weights: none (plain), random (DPO-Random, U(0, 2)), aao (Eq. 7-17; default), "
+        "tis (TIS-DPO's, from --tis-positive and --tis-negative)",
     )
     g(
         "--beta",
@@ -208,6 +215,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="Eq. 13: weight of the reward enhancement loss (default: 1)",
+    )
+    g = p.add_argument_group(
+        "TIS-DPO's weights (--weighting tis): w = k·exp(μ·clamp(±(log π+ - log π-), L, U))"
+    ).add_argument
+    g(
+        "--tis-positive",
+        metavar="DIR",
+        help="the positive contrastive model, e.g. a DPO run's final/ on these pairs",
+    )
+    g(
+        "--tis-negative",
+        metavar="DIR",
+        help="the negative contrastive model, e.g. the final/ of DPO with --swap-pairs",
+    )
+    g("--tis-mu", type=float, default=1.0, help="μ (default: 1)")
+    g("--tis-k", type=float, default=1.0, help="k (default: 1)")
+    g(
+        "--tis-bounds",
+        type=float,
+        nargs=2,
+        default=[-0.5, 1.5],
+        metavar=("L", "U"),
+        help="the clamp of ±(log π+ - log π-) (default: -0.5 1.5)",
     )
     g = p.add_argument_group("AAO beyond the paper (this project's research)").add_argument
     g(
@@ -461,6 +491,8 @@ LIMITS = {
     "grad_clip": POSITIVE,
     "dist_timeout": POSITIVE,
     "beta_scale": POSITIVE,
+    "tis_mu": POSITIVE,
+    "tis_k": POSITIVE,
     "weight_decay": AT_LEAST_0,
     "lambda_c": AT_LEAST_0,
     "lambda_r": AT_LEAST_0,
@@ -496,6 +528,8 @@ def check_values(args) -> None:
         value = getattr(args, key)
         if value is not None and not (ok(value) and math.isfinite(value)):
             raise TrainingError(f"--{key.replace('_', '-')} {value}: must be {need}")
+    if not args.tis_bounds[0] < args.tis_bounds[1] or not all(map(math.isfinite, args.tis_bounds)):
+        raise TrainingError(f"--tis-bounds {args.tis_bounds[0]} {args.tis_bounds[1]}: need L < U")
     if args.max_prompt_length is not None and args.max_prompt_length >= args.max_length:
         raise TrainingError(
             f"--max-prompt-length {args.max_prompt_length} leaves no room for an answer in "
@@ -580,6 +614,7 @@ ONLY_WITH = {
             "beta_column",
             "keep_identical",
             "max_prompt_length",
+            "swap_pairs",
         )
     },
     "label_smoothing": ("--loss cdpo", lambda a: a.loss == "cdpo"),
@@ -591,6 +626,10 @@ ONLY_WITH = {
     **{
         k: ("--weighting aao", lambda a: pairwise(a) and a.weighting == "aao")
         for k in ("alpha", "lambda_c", "lambda_r", "reward_form", "similarity", "end_token_weight")
+    },
+    **{
+        k: ("--weighting tis", lambda a: pairwise(a) and a.weighting == "tis")
+        for k in ("tis_positive", "tis_negative", "tis_mu", "tis_k", "tis_bounds")
     },
     "sft_weight": ("--sft-below-margin or --sft-below-quantile", routes_to_sft),
     **{
@@ -622,6 +661,8 @@ def check_combinations(args, defaults: dict) -> None:
             raise TrainingError(
                 f"{flag(key)} means something only with {need}: this run would ignore it"
             )
+    if pairwise(args) and args.weighting == "tis":
+        check_contrastive_flags(args)
     if args.sft_below_margin is not None and args.sft_below_quantile is not None:
         raise TrainingError(
             "--sft-below-margin and --sft-below-quantile both choose MixDPO's "
@@ -665,6 +706,22 @@ def lora_of(args) -> M.LoRAConfig | None:
     return M.LoRAConfig(
         args.lora_rank, alpha, args.lora_dropout, tuple(args.lora_targets.split(","))
     )
+
+
+def check_contrastive_flags(args) -> None:
+    """--weighting tis: both contrastive models given, as directories (their tokenizers are checked
+    against the policy's when they load)."""
+    for flag, path in (
+        ("--tis-positive", args.tis_positive),
+        ("--tis-negative", args.tis_negative),
+    ):
+        if path is None:
+            raise TrainingError(
+                f"--weighting tis needs {flag} DIR: TIS-DPO's weights are the log-prob "
+                "differences of a positive and a negative model (see --help)"
+            )
+        if not Path(path).is_dir():
+            raise TrainingError(f"{flag} {path}: no such directory")
 
 
 # ----------------------------------------------------------------------------- processes, devices
@@ -812,6 +869,10 @@ def load_data(args, tokenizer, chat: data.Chat) -> tuple[list, list]:
         train, heldout = data.hold_out(
             train, held_out_count(args.eval_pairs, len(train)), args.seed
         )
+    if args.swap_pairs:  # the reversed data: chosen and rejected trade places, margins flip sign
+        for p in train + heldout:
+            p["chosen_ids"], p["rejected_ids"] = p["rejected_ids"], p["chosen_ids"]
+            p["margin"] = None if p["margin"] is None else -p["margin"]
     if args.loss != "sft":
         mixdpo = args.curriculum == "margin" or routes_to_sft(args)
         data.check_pair_columns(train + heldout, args.beta_column, mixdpo)
@@ -865,6 +926,8 @@ class Run:
     mixdpo: bool = False  # MixDPO: pairs marked "routed" take the SFT loss
     ref_train: "ReferenceCache | None" = None  # --precompute-ref
     ref_eval: "ReferenceCache | None" = None
+    tis_train: "ReferenceCache | None" = None  # --weighting tis: log π+ - log π- per answer token
+    tis_eval: "ReferenceCache | None" = None
     max_length: int = 1024  # KTO cuts its mismatched prompt + answer to it, as the pairs were
     # TDPO: the reference's head weight (vocab, D), gathered once (the reference is frozen)
     reference_head: torch.Tensor | None = None
@@ -898,6 +961,8 @@ def build_run(args, device, mesh, tokenizer, train_items, heldout, resume_from) 
         run.thresholds = aao.ThresholdMLP(cfg.vocab_size).to(device)
     if args.precompute_ref and run.reference is not None:
         cache_reference(run)
+    if objective is not None and args.weighting == "tis":
+        cache_contrastive(run, args, tokenizer, dtype)
     objective_name = "sft" if objective is None else f"{args.loss} + {args.weighting} weighting"
     rank0_print(
         f"training {trained_parameters(cfg, lora)} with {objective_name} "
@@ -1012,6 +1077,9 @@ def objective_of(args) -> aao.Objective | None:
         similarity=args.similarity,
         end_token_weight=args.end_token_weight,
         sft_weight=args.sft_weight,
+        tis_mu=args.tis_mu,
+        tis_k=args.tis_k,
+        tis_bounds=tuple(args.tis_bounds),
     )
     if args.beta_column and args.loss == "simpo" and args.beta_scale == 1.0:
         rank0_print(
@@ -1042,6 +1110,45 @@ def cache_reference(run: Run) -> None:
     rank0_print(f"reference {what} cached for {n_pairs} pairs; reference freed")
 
 
+def cache_contrastive(run: Run, args, tokenizer, dtype) -> None:
+    """--weighting tis: TIS-DPO's reward estimate r_t = log π+(y_t) - log π-(y_t) at every answer
+    token of every pair, computed once as the reference's log-probs are (ReferenceCache). The
+    positive model is loaded, run over the pairs and freed, then the negative one: one model in
+    memory at a time, and afterwards two floats per answer token (as --precompute-ref keeps)."""
+    both, sets = [], (run.train_items, run.heldout)
+    for flag, path in (
+        ("--tis-positive", args.tis_positive),
+        ("--tis-negative", args.tis_negative),
+    ):
+        cfg, read = contrastive_model(flag, path, tokenizer, args.seed)
+        model = M.build_sharded(cfg, read, run.mesh, dtype, dtype, trainable=False)
+        micro, device = run.micro_batch_size, run.device
+        both.append([ReferenceCache.compute(model, items, micro, device) for items in sets])
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    # the log-probs' difference is r_t (AnswerStates.logps of a lookup); the top-1's is not read
+    positive, negative = both
+    run.tis_train, run.tis_eval = (
+        ReferenceCache(items, [p - n for p, n in zip(pos.flats, neg.flats)])
+        for items, pos, neg in zip(sets, positive, negative)
+    )
+    n_pairs = len(run.train_items) + len(run.heldout)
+    rank0_print(f"TIS-DPO: contrastive log-probs cached for {n_pairs} pairs; both models freed")
+
+
+def contrastive_model(flag: str, path: str, tokenizer, seed: int):
+    """A contrastive model's config and weight reader; it must score the policy's token ids."""
+    cfg, read = M.weight_reader(path, tokenizer.get_vocab_size(), seed)
+    if M.load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+        raise M.CheckpointError(
+            f"{flag} {path}: its tokenizer is not the policy's: the contrastive models must "
+            "score the same token ids (train them from the same starting model)"
+        )
+    return cfg, read
+
+
 def mark_routed(pairs, tau: float | None, q: float | None, seed: int) -> None:
     """MixDPO: mark each pair ("routed") that takes the SFT loss, once for the whole set: a margin
     below τ, or the hardest q of the pairs (exactly round(q·N) of them, ties broken by the seed)."""
@@ -1069,6 +1176,15 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
     """The pairwise objective on a micro-batch: a policy forward, the reference's log-probs (live or
     cached), the thresholds of Eq. 8, then aao.preference_objective."""
     cached = ref_cache.values(indices) if ref_cache is not None else {}
+    tis = (
+        None
+        if run.tis_train is None
+        else run.tis_train
+        if items is run.train_items
+        else run.tis_eval
+    )
+    if tis is not None:
+        cached["tis"] = tis.values(indices)["reference"]
     batch = data.micro_batch(items, indices, False, run.device, cached)
     mask = batch["answer_mask"]
     reference = reference_states(run, batch, ref_cache)
@@ -1087,6 +1203,8 @@ def forward_pairs(run: Run, items, indices, step=0, ref_cache=None) -> PairForwa
         pairs.beta = aao.per_pair_beta(batch["beta"].float(), *run.beta_scaling)
     if run.mixdpo:  # marked once for the whole set (mark_routed)
         pairs.routed = batch["routed"]
+    if tis is not None:  # TIS-DPO: these pairs' r_t, cached before training, came with the batch
+        pairs.tis_reward = ReferenceCache.states(batch, "tis").logps
     if run.objective.loss == "kto":
         pairs.kto_kl = kto_reference_point(run, items, indices)
     out = aao.preference_objective(run.objective, policy, reference, pairs, a, b)
@@ -1856,16 +1974,17 @@ class ReferenceCache:
         return values | ({"reference_hidden": torch.cat(hidden)} if hidden else {})
 
     @staticmethod
-    def states(batch) -> M.AnswerStates:
-        """The values that came with a micro-batch, on the device -> the reference's AnswerStates
-        on its (rows, width) grid: log-probs, top-1 log-probs and, if cached, hidden states."""
+    def states(batch, key: str = "reference") -> M.AnswerStates:
+        """The values that came with a micro-batch under key, on the device -> their AnswerStates on
+        its (rows, width) grid: log-probs, top-1 log-probs and, if cached, hidden states (TIS-DPO's
+        cache under "tis": the log-probs' difference r_t)."""
         answer_index, shape = batch["packed"].answer_index, batch["answer_mask"].shape
-        values = batch["reference"]
+        values = batch[key]
         grid = torch.zeros(2, shape[0] * shape[1], device=values.device)
         grid[:, answer_index] = values
         states = M.AnswerStates(*grid.view(2, *shape).unbind(0))
-        if "reference_hidden" in batch:  # TDPO: (tokens, D) -> (rows, width, D)
-            h = batch["reference_hidden"]
+        if f"{key}_hidden" in batch:  # TDPO: (tokens, D) -> (rows, width, D)
+            h = batch[f"{key}_hidden"]
             grid = h.new_zeros(shape[0] * shape[1], h.shape[1]).index_put_((answer_index,), h)
             states.hidden = grid.view(*shape, -1)
         return states

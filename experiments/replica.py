@@ -2,7 +2,7 @@
 
     # 3 seeds, ~15-20 minutes on a laptop CPU, 1 thread
     python experiments/replica.py
-    # 1 seed, 2 methods, a few steps: seconds (the test suite's)
+    # 1 seed, 3 methods, a few steps: seconds (the test suite's)
     python experiments/replica.py --smoke
     # the CPU on a GPU host too (the results below are the CPU's)
     python experiments/replica.py --device cpu
@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -62,8 +63,12 @@ ORDER_QUESTIONS = [
 FACT_TASKS = ("capital", "color", "opposite")
 HELD_OUT = 2  # the phrasing (index into a task's questions) that the preference stage never sees
 
-# name: (family, train.py flags). The Fig. 3 ablation: λ_c = 0 drops Eq. 9-10, λ_r = 0 Eq. 11-12.
+# name: train.py flags. The Fig. 3 ablation: λ_c = 0 drops Eq. 9-10, λ_r = 0 Eq. 11-12. A flag
+# "{NAME}" stands for the final/ of the same seed and family's run NAME (of METHODS or HELPERS),
+# trained first if it is not there: TIS-DPO's contrastive models, built from the same SFT model
+# with the same budget (the paper's best variant: DPO on the pairs, and on the pairs reversed).
 AAO = ["--loss", "dpo", "--weighting", "aao"]
+TIS = ["--loss", "dpo", "--weighting", "tis"]
 METHODS = {
     "DPO": ["--loss", "dpo", "--weighting", "none"],
     "DPO-Random": ["--loss", "dpo", "--weighting", "random"],
@@ -76,12 +81,20 @@ METHODS = {
     "AAO hidden": AAO + ["--similarity", "hidden"],
     "AAO alignment": AAO + ["--similarity", "alignment"],
     "AAO end=1": AAO + ["--end-token-weight", "one"],
+    "KTO": ["--loss", "kto", "--weighting", "none"],
+    "TDPO1": ["--loss", "tdpo1", "--weighting", "none"],
+    "TDPO2": ["--loss", "tdpo2", "--weighting", "none"],
+    "TIS-DPO": TIS + ["--tis-positive", "{DPO}", "--tis-negative", "{DPO reversed}"],
 }
+# Runs that only serve another method's run, not rows of the table.
+HELPERS = {"DPO reversed": ["--loss", "dpo", "--weighting", "none", "--swap-pairs"]}
+# the paper's Table 2 baselines added after the first table (RTO needs RL: not here)
+BASELINES = ["KTO", "TDPO1", "TDPO2", "TIS-DPO"]
 PLAN = {
     "facts": list(METHODS),
-    "order": ["DPO", "DPO-Random", "AAO", "AAO hidden", "AAO alignment", "AAO end=1"],
+    "order": ["DPO", "DPO-Random", "AAO", "AAO hidden", "AAO alignment", "AAO end=1"] + BASELINES,
 }
-SMOKE_PLAN = {"facts": ["DPO", "AAO"]}
+SMOKE_PLAN = {"facts": ["DPO", "AAO", "TIS-DPO"]}
 
 
 # ----------------------------------------------------------------------------- the two families
@@ -262,13 +275,19 @@ def seed_data(seed: int, out: Path, cfg) -> dict:
     return files
 
 
-def preference_run(name, family, seed, files, sft_final, out: Path, cfg, threads: int) -> dict:
-    torch.set_num_threads(threads)
+def with_runs(flags: list, trained) -> list:
+    """The flags with each "{NAME}" replaced by the final/ of run NAME, trained(NAME) its dir."""
+    return [str(trained(f[1:-1]) / "final") if f.startswith("{") else f for f in flags]
+
+
+def trained_run(name, family, seed, files, sft_final, out: Path, cfg, threads: int) -> Path:
+    """The run of method (or helper) name for this seed and family, trained unless it is there (an
+    experiment cut short continues where it stopped); the runs its flags name are trained first."""
     run_dir = out / f"{family}-{name.replace(' ', '_').replace('/', '')}-t{threads}"
-    t0 = time.perf_counter()
-    if not (run_dir / "final").exists():  # an experiment cut short continues where it stopped
+    if not (run_dir / "final").exists():
+        other = lambda n: trained_run(n, family, seed, files, sft_final, out, cfg, threads)  # noqa: E731
         run_train(
-            METHODS[name]
+            with_runs({**METHODS, **HELPERS}[name], other)
             + [
                 "--weights",
                 str(sft_final),
@@ -301,6 +320,13 @@ def preference_run(name, family, seed, files, sft_final, out: Path, cfg, threads
             ],
             cfg.device,
         )
+    return run_dir
+
+
+def preference_run(name, family, seed, files, sft_final, out: Path, cfg, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    run_dir = trained_run(name, family, seed, files, sft_final, out, cfg, threads)
     prompts = files[family + "-prompts"]
     policy = answers(run_dir / "final", [p for _, p in prompts], cfg.max_new_tokens, cfg.device)
     reference = reference_answers(sft_final, family, prompts, cfg.max_new_tokens, cfg.device)
@@ -372,7 +398,7 @@ def experiment(cfg) -> list:
                     preference_run(name, family, seed, files, sft / "final", out, cfg, cfg.threads)
                 )
         # the thread-count spread: one run again on 1 thread
-        if seed == cfg.seeds[0] and not cfg.smoke:
+        if seed == cfg.seeds[0] and not cfg.smoke and "AAO" in plan.get("facts", []):
             rows.append(
                 preference_run(
                     "AAO", "facts", seed, files, sft / "final", out, cfg, 3 - cfg.threads
@@ -510,13 +536,48 @@ def plot_squeeze_and_thresholds(rows, docs: Path) -> list:
     return [squeeze, thresholds, docs / "metrics.png"]
 
 
-def write_results(rows, cfg, seconds: float) -> None:
+def with_earlier_rows(rows, cfg, seconds: float) -> tuple[list, str]:
+    """--methods: the other rows kept from docs/replica.jsonl (those of the methods and seeds run
+    now replaced), in the table's order; and the header's account of the runs' time. An earlier
+    row of a seed run now is kept only if its SFT model is this run's: the same seed and family
+    gave the same reference answers (length and accuracy); a row from another SFT model (a
+    trainer that has changed since) would not compare, and is dropped, and the header says so."""
+    file, md = cfg.docs / "replica.jsonl", cfg.docs / "replica.md"
+    earlier = [json.loads(x) for x in file.read_text().splitlines()] if file.exists() else []
+    sft = {(r["seed"], r["family"]): (r["sft_length"], r["sft_accuracy"]) for r in rows}
+    others = [r for r in earlier if r["method"] not in cfg.methods or r["seed"] not in cfg.seeds]
+    reference = lambda r: (r["sft_length"], r["sft_accuracy"])  # noqa: E731
+    same = lambda r: sft.get((r["seed"], r["family"]), reference(r)) == reference(r)  # noqa: E731
+    kept = [r for r in others if same(r)]
+    order = lambda r: (r["seed"], r["family"] != "facts", list(METHODS).index(r["method"]))  # noqa: E731
+    rows = sorted(kept + rows, key=lambda r: (*order(r), r["threads"]))
+    # what the earlier runs took, as the header said: "`python ...`: N minutes[; then ...]"
+    found = re.search(r"\n\n(`python experiments/replica.py.*?), torch threads", md.read_text())
+    earlier_runs = f"{found.group(1)}; then " if found and kept else ""
+    names = " ".join(f"'{m}'" if " " in m else m for m in cfg.methods)
+    names += "" if cfg.seeds == [0, 1, 2] else " --seeds " + " ".join(map(str, cfg.seeds))
+    dropped = sorted({r["method"] for r in others if not same(r)}, key=list(METHODS).index)
+    note = (
+        f"; the earlier rows of {', '.join(dropped)} dropped: their SFT models are not "
+        "these seeds' SFT models today)"
+        if dropped
+        else ""
+    )
+    return rows, (
+        f"{earlier_runs}`python experiments/replica.py --methods {names}` (these rows again, the "
+        f"others kept{note}): {seconds / 60:.1f} minutes"
+    )
+
+
+def write_results(rows, cfg, seconds: float, command: str | None = None) -> None:
     cfg.docs.mkdir(parents=True, exist_ok=True)
     write_jsonl(cfg.docs / "replica.jsonl", rows)
     families = list(dict.fromkeys(r["family"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    smoke = " --smoke" if cfg.smoke else ""
+    command = command or f"`python experiments/replica.py{smoke}`: {seconds / 60:.1f} minutes"
     text = (
-        f"# Replica results\n\n`python experiments/replica.py{' --smoke' if cfg.smoke else ''}`: "
-        f"{seconds / 60:.1f} minutes, torch threads {cfg.threads}, seeds {cfg.seeds}, "
+        f"# Replica results\n\n{command}, torch threads {cfg.threads}, seeds {seeds}, "
         f"{cfg.steps} preference steps of 16 pairs after {cfg.sft_steps} SFT steps of 32 rows. "
         "Win rate: per held-out prompt 1 if only the policy's greedy answer states the fact "
         "rightly, 0.5 if both or neither do, 0 if only the SFT model's does.\n\n"
@@ -525,7 +586,8 @@ def write_results(rows, cfg, seconds: float) -> None:
         + thread_spread(rows)
     )
     (cfg.docs / "replica.md").write_text(text)
-    if not cfg.smoke:
+    # the figures read DPO's and AAO's runs of this --out
+    if not cfg.smoke and {"DPO", "AAO"} <= set(cfg.methods or METHODS):
         plot_squeeze_and_thresholds(rows, cfg.docs)
     print(text)
 
@@ -548,10 +610,15 @@ def parse_args(argv=None):
         "--docs", type=Path, default=ROOT / "docs", help="results and PNGs (default: docs)"
     )
     p.add_argument(
-        "--methods", nargs="+", choices=list(METHODS), help="only these methods (default: all)"
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        help="only these methods; the other rows of --docs' replica.jsonl are kept (default: all)",
     )
     p.add_argument(
-        "--smoke", action="store_true", help="1 seed, DPO and AAO on facts, a few steps; no PNGs"
+        "--smoke",
+        action="store_true",
+        help="1 seed, DPO, AAO and TIS-DPO on facts, a few steps; no PNGs",
     )
     p.add_argument(
         "--device",
@@ -580,8 +647,11 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     cfg = parse_args(argv)
     t0 = time.perf_counter()
-    rows = experiment(cfg)
-    write_results(rows, cfg, time.perf_counter() - t0)
+    rows, command = experiment(cfg), None
+    seconds = time.perf_counter() - t0
+    if cfg.methods and not cfg.smoke:
+        rows, command = with_earlier_rows(rows, cfg, seconds)
+    write_results(rows, cfg, seconds, command)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,16 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # importable from the tests too
 
+from replica import (  # noqa: E402
+    BASELINES,
+    HELPERS,
+    mean_std,
+    repo_path,
+    run_train,
+    with_runs,
+    write_jsonl,
+)
 from replica import METHODS as TOY_METHODS  # noqa: E402
-from replica import mean_std, repo_path, run_train, write_jsonl  # noqa: E402
 from smollm2 import CACHE, ensure  # noqa: E402
 from smollm2 import CACHED as SMOL  # noqa: E402
 
@@ -324,18 +332,23 @@ SUMMARY_KEYS = [
 # ----------------------------------------------------------------------------- the experiment
 
 # The toy replica's train.py flags for the paper's Table 2 baselines, `alignment` and the Fig. 3
-# ablation without Eq. 11-12, in the table's order.
+# ablation without Eq. 11-12, in the table's order. TIS-DPO's contrastive models are this seed's
+# DPO run and a DPO run on the reversed pairs (replica.HELPERS), at the same lr and budget.
+# KTO, TDPO2 (TDPO's authors' recommended variant) and TIS-DPO: the paper's token-level baselines.
 NAMES = ["DPO", "DPO-Random", "AAO", "AAO alignment", "SimPO", "AAO w/o reward"]
+NAMES += [name for name in BASELINES if name != "TDPO1"]
 METHODS = {name: TOY_METHODS[name] for name in NAMES}
 SMOKE_METHODS = ["DPO", "AAO"]
 
 
-def preference_run(name, seed, lr, pairs: Path, cfg, start) -> dict:
+def trained_run(name, seed, lr, pairs: Path, cfg) -> Path:
+    """The run of method (or helper) name, trained unless it is there (a run cut short continues
+    where it stopped); the runs its flags name ("{DPO}") are trained first."""
     run = cfg.out / f"{name.replace(' ', '_').replace('/', '')}-lr{lr:g}-s{seed}"
-    t0 = time.perf_counter()
-    if not (run / "final").exists():  # a run cut short continues where it stopped
+    if not (run / "final").exists():
+        other = lambda n: trained_run(n, seed, lr, pairs, cfg)  # noqa: E731
         run_train(
-            METHODS[name]
+            with_runs({**METHODS, **HELPERS}[name], other)
             + [
                 "--weights",
                 str(cfg.weights),
@@ -370,6 +383,12 @@ def preference_run(name, seed, lr, pairs: Path, cfg, start) -> dict:
             ],
             "cpu",  # the CPU replica this script is (bf16 compute where --dtype asks for it)
         )
+    return run
+
+
+def preference_run(name, seed, lr, pairs: Path, cfg, start) -> dict:
+    t0 = time.perf_counter()
+    run = trained_run(name, seed, lr, pairs, cfg)
     row = {
         "method": name,
         "seed": seed,
@@ -417,6 +436,11 @@ def experiment(cfg) -> list:
     )
     start = starting_row(cfg)
     rows = [start]
+    if cfg.only:  # --methods: the lr the table's runs used, from --docs; no sweep
+        lr = next(r["lr"] for r in earlier_rows(cfg) if r["method"] == "DPO" and not r.get("sweep"))
+        for seed in cfg.seeds:
+            rows += [preference_run(n, seed, lr, file, cfg, start) for n in cfg.methods]
+        return rows, lr, len(pairs)
     # The lr: a small sweep on DPO alone (seed 0), chosen by held-out accuracy, then used for all.
     sweep = [
         preference_run("DPO", cfg.seeds[0], lr, cfg.out / "pairs.jsonl", cfg, start)
@@ -577,7 +601,38 @@ def partial_rows(cfg):
     return rows, lr, len((cfg.out / "pairs.jsonl").read_text().splitlines())
 
 
-def write_results(rows, cfg, lr, n_pairs, seconds: float, partial=False) -> None:
+def earlier_rows(cfg) -> list:
+    return [json.loads(x) for x in (cfg.docs / "replica_real.jsonl").read_text().splitlines()]
+
+
+def with_earlier_rows(rows, cfg, seconds: float) -> tuple[list, str]:
+    """--methods: the table's other rows (start, sweep, other methods) kept from --docs, these
+    methods' rows replaced, in the table's order; and the header's account of both runs' time.
+    Only if the starting model answers here as it did there: if not (another checkpoint, other
+    numerics), no earlier row compares with these, and the table is this run's alone."""
+    earlier = earlier_rows(cfg)
+    names = " ".join(f"'{m}'" if " " in m else m for m in cfg.methods)
+    command = f"`python experiments/replica_real.py --methods {names}`"
+    if earlier[0]["answers"] != rows[0]["answers"]:
+        return rows, (
+            f"{command}: {seconds / 60:.1f} minutes (the table's earlier rows are not kept: the "
+            "starting model's answers here are not those they were judged against; lr from them)"
+        )
+    kept = [r for r in earlier[1:] if r.get("sweep") or r["method"] not in cfg.methods]
+    order = lambda r: (not r.get("sweep"), r["seed"], NAMES.index(r["method"]))  # noqa: E731
+    rows = earlier[:1] + sorted(kept + rows[1:], key=order)
+    md = (cfg.docs / "replica_real.md").read_text()
+    found = re.search(r"`python experiments/replica_real.py`: ([\d.]+) minutes", md)
+    first = (
+        f"`python experiments/replica_real.py`: {found.group(1)} minutes, then " if found else ""
+    )
+    return rows, (
+        f"{first}{command} (those rows again, the same pairs and seeds, the rest kept): "
+        f"{seconds / 60:.1f} minutes"
+    )
+
+
+def write_results(rows, cfg, lr, n_pairs, seconds: float, partial=False, command=None) -> None:
     cfg.docs.mkdir(parents=True, exist_ok=True)
     if all("answers" in r for r in rows):
         rows = rejudge(rows, cfg)
@@ -591,8 +646,12 @@ def write_results(rows, cfg, lr, n_pairs, seconds: float, partial=False) -> None
     text = (
         "# Replica on a real model\n\n"
         + (stopped if partial else "")
-        + f"`python experiments/replica_real.py{' --smoke' if cfg.smoke else ''}`: "
-        f"{seconds / 60:.1f} minutes{' of runs so far' if partial else ''}. "
+        + (
+            command
+            or f"`python experiments/replica_real.py{' --smoke' if cfg.smoke else ''}`: "
+            f"{seconds / 60:.1f} minutes{' of runs so far' if partial else ''}"
+        )
+        + ". "
         f"SmolLM2-135M-Instruct, trained task {cfg.task} "
         f"({len(cfg.heldout_items)} held-out prompts), untrained task {cfg.cost_task} "
         f"({len(cfg.cost_items)} prompts), {n_pairs} on-policy pairs ({cfg.samples} samples per "
@@ -606,7 +665,7 @@ def write_results(rows, cfg, lr, n_pairs, seconds: float, partial=False) -> None
         + sweep_table(rows)
     )
     (cfg.docs / f"{name}.md").write_text(text)
-    if not cfg.smoke:
+    if not cfg.smoke and not cfg.only:  # the figure reads the runs of this --out
         plot(rows, cfg.docs / "replica_real.png")
     print(text)
 
@@ -673,6 +732,12 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=ROOT / "out" / "replica_real")
     p.add_argument("--docs", type=Path, default=ROOT / "docs")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=NAMES,
+        help="only these methods, at the lr of --docs' table, whose other rows are kept",
+    )
     p.add_argument("--rejudge", action="store_true", help="only judge the answers in --docs again")
     p.add_argument("--partial", action="store_true", help="the table of a stopped run in --out")
     p.add_argument(
@@ -692,7 +757,7 @@ def parse_args(argv=None):
     # training pairs) keep the 31 runs of 5 seeds within half an hour.
     cfg.steps, cfg.batch, cfg.eval_pairs, cfg.eval_every = 5, 4, 6, 5
     cfg.lrs = [1e-5, 3e-5]  # the DPO sweep; the better is used for every method
-    cfg.methods = list(METHODS)
+    cfg.only, cfg.methods = bool(cfg.methods), cfg.methods or list(METHODS)
     if cfg.smoke:
         cfg.seeds, cfg.methods, cfg.lrs = cfg.seeds[:1], SMOKE_METHODS, [1e-5]
         cfg.general = GENERAL[:1]
@@ -728,7 +793,10 @@ def main(argv=None) -> list:
         return []
     t0 = time.perf_counter()
     rows, lr, n_pairs = experiment(cfg)
-    write_results(rows, cfg, lr, n_pairs, time.perf_counter() - t0)
+    seconds, command = time.perf_counter() - t0, None
+    if cfg.only:
+        rows, command = with_earlier_rows(rows, cfg, seconds)
+    write_results(rows, cfg, lr, n_pairs, seconds, command=command)
     return rows
 
 
