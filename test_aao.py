@@ -3506,18 +3506,17 @@ def four_steps(tmp_path_factory):
 
 
 def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, four_steps):
-    """The same 4 steps with 1 process, 2 (FSDP over 2), 2 as HSDP (--replicate 2), 2 with the
-    cached reference and 2 with the reference held whole on each rank (--reference-placement
-    replicated): the loss, the gradient norms, the thresholds a and b of every pair (their
-    spread), and the replicated threshold MLP. A wrong loss scale changes the gradient norm, a
+    """The same 4 steps with 1 process, 2 (FSDP over 2, the reference sharded), 2 as HSDP
+    (--replicate 2) with the reference held whole on each rank (--reference-placement replicated),
+    and 2 with the cached reference: the loss, the gradient norms, the thresholds a and b of every
+    pair (their spread), and the replicated threshold MLP. A wrong loss scale changes the gradient norm, a
     missing all-reduce of the MLP's gradients makes the ranks' MLPs drift apart: then the a and b of
     rank 1's pairs (a/std, a/min, b/max are over every rank's pairs) and rank 0's saved MLP leave
     the one-process run's."""
     runs = {
         "two": [],
-        "hsdp": ["--replicate", 2],
+        "hsdp": ["--replicate", 2, "--reference-placement", "replicated"],
         "cached": ["--precompute-ref"],
-        "replicated": ["--reference-placement", "replicated"],
     }
     outputs = {}
     for name, extra in runs.items():
@@ -3543,7 +3542,7 @@ def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, fou
     # both ranks wrote their shard
     assert len(list((tmp_path / "two" / "step-3").glob("train-state-*"))) == 2
     # the placement was the one asked for (auto on a CPU: sharded)
-    for name, placement in (("two", "sharded"), ("replicated", "replicated")):
+    for name, placement in (("two", "sharded"), ("hsdp", "replicated")):
         assert f"reference: {placement} (--reference-placement" in outputs[name], name
 
 

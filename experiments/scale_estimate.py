@@ -111,13 +111,7 @@ def memory_per_gpu(
     mlp = 16 * (m.vocab * 512 + 1026)
     root_params = m.vocab * m.dim * (1 if m.cfg.tie_word_embeddings else 2)
     root = 2 * root_params
-    kv = m.kv_heads * m.dim // m.heads
-    per_token_layer = 22 * m.dim + 4 * kv + 8 * m.ffn
-    tokens = 2 * micro_pairs * seq
-    if checkpointing:
-        activations = tokens * (m.layers * 2 * m.dim + per_token_layer)
-    else:
-        activations = tokens * m.layers * per_token_layer
+    activations = activation_bytes(m, micro_pairs, checkpointing, seq)
     head_blocks = (4 + 2 + 2) * M.HEAD_CHUNK_GPU
     blocks = 2 * 2 * m.block + 6 * m.block
     backward = activations + 2 * m.vocab * m.dim + max(head_blocks, blocks)
@@ -127,6 +121,18 @@ def memory_per_gpu(
     end_of_backward = 6 * root_params
     reference_forward = activations + ((root + 2 * 2 * m.block) if live_reference else 0)
     return state + mlp + root + max(backward, end_of_backward, reference_forward)
+
+
+def activation_bytes(m: Llama, micro_pairs: int, checkpointing: bool, seq: int, extra: int = 0):
+    """What autograd keeps of the blocks for backward (bf16), per micro-batch of pairs: every
+    layer's activations, or with checkpointing each block's input and one block's recompute. extra:
+    more bytes per token and layer (LoRA's)."""
+    kv = m.kv_heads * m.dim // m.heads
+    per_token_layer = 22 * m.dim + 4 * kv + 8 * m.ffn + extra
+    tokens = 2 * micro_pairs * seq
+    if checkpointing:
+        return tokens * (m.layers * 2 * m.dim + per_token_layer)
+    return tokens * m.layers * per_token_layer
 
 
 @functools.cache
@@ -143,14 +149,10 @@ def lora_memory(m: Llama, rank: int, micro_pairs: int, checkpointing: bool, seq:
     base = 2 * m.params
     adapters = 16 * adapter_parameters(m, rank)
     mlp = 16 * (m.vocab * 512 + 1026)
-    kv = m.kv_heads * m.dim // m.heads
-    per_token_layer = 22 * m.dim + 4 * kv + 8 * m.ffn + 2 * rank * len(M.LORA_TARGETS)
-    tokens = 2 * micro_pairs * seq
-    if checkpointing:
-        activations = tokens * (m.layers * 2 * m.dim + per_token_layer)
-    else:
-        activations = tokens * m.layers * per_token_layer
-    head_blocks = (4 + 2 + 2) * M.HEAD_CHUNK
+    # each target's bf16 input to A (dropout's) and A's output, per token and layer
+    lora_inputs = 2 * rank * len(M.LORA_TARGETS)
+    activations = activation_bytes(m, micro_pairs, checkpointing, seq, lora_inputs)
+    head_blocks = (4 + 2 + 2) * M.HEAD_CHUNK_GPU
     return base + adapters + mlp + activations + head_blocks
 
 
