@@ -3509,10 +3509,10 @@ def test_one_process_two_processes_hsdp_and_cached_reference_agree(tmp_path, fou
     """The same 4 steps with 1 process, 2 (FSDP over 2, the reference sharded), 2 as HSDP
     (--replicate 2) with the reference held whole on each rank (--reference-placement replicated),
     and 2 with the cached reference: the loss, the gradient norms, the thresholds a and b of every
-    pair (their spread), and the replicated threshold MLP. A wrong loss scale changes the gradient norm, a
-    missing all-reduce of the MLP's gradients makes the ranks' MLPs drift apart: then the a and b of
-    rank 1's pairs (a/std, a/min, b/max are over every rank's pairs) and rank 0's saved MLP leave
-    the one-process run's."""
+    pair (their spread), and the replicated threshold MLP. A wrong loss scale changes the gradient
+    norm, a missing all-reduce of the MLP's gradients makes the ranks' MLPs drift apart: then the a
+    and b of rank 1's pairs (a/std, a/min, b/max are over every rank's pairs) and rank 0's saved MLP
+    leave the one-process run's."""
     runs = {
         "two": [],
         "hsdp": ["--replicate", 2, "--reference-placement", "replicated"],
