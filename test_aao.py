@@ -1084,7 +1084,11 @@ def packing_model(kind: str, seed=0) -> M.Transformer:
 def packing_pairs(seed=0) -> list:
     """Three pairs of unlike lengths: prompts and answers longer than Mistral's window of 4, one
     1-token answer."""
-    g = torch.Generator().manual_seed(seed)
+    return pairs_of_lengths(torch.Generator().manual_seed(seed), ((6, 9, 5), (3, 1, 11), (9, 7, 7)))
+
+
+def pairs_of_lengths(g: torch.Generator, lengths) -> list:
+    """Pairs of random ids, one per (prompt, chosen, rejected) length triple."""
     ids = lambda n: torch.randint(3, 61, (n,), generator=g).tolist()
     return [
         {
@@ -1094,7 +1098,7 @@ def packing_pairs(seed=0) -> list:
             "margin": 1.0,
             "beta": None,
         }
-        for p, c, r in ((6, 9, 5), (3, 1, 11), (9, 7, 7))
+        for p, c, r in lengths
     ]
 
 
@@ -1278,18 +1282,7 @@ def test_packing_equality_catches_a_broken_layout(monkeypatch, broken):
 def varied_pairs(seed: int, n: int) -> list:
     """n pairs of drawn lengths (1 to 11 tokens each): every seed packs to other sizes."""
     g = torch.Generator().manual_seed(seed)
-    ids = lambda k: torch.randint(3, 61, (k,), generator=g).tolist()
-    lengths = torch.randint(1, 12, (n, 3), generator=g).tolist()
-    return [
-        {
-            "prompt_ids": ids(p),
-            "chosen_ids": ids(c),
-            "rejected_ids": ids(r),
-            "margin": 1.0,
-            "beta": None,
-        }
-        for p, c, r in lengths
-    ]
+    return pairs_of_lengths(g, torch.randint(1, 12, (n, 3), generator=g).tolist())
 
 
 def aao_step(model, reference, pairs) -> tuple:
