@@ -1098,9 +1098,7 @@ def cache_reference(run: Run) -> None:
     run.ref_eval = ReferenceCache.compute(run.reference, run.heldout, micro, device, hidden)
     run.reference = None
     M.reshard(run.policy)  # LoRA: the reference was the policy; no backward ran
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     n_pairs = len(run.train_items) + len(run.heldout)
     what = "log-probs"
     if hidden:  # every answer token's D numbers, on every process: say how much
@@ -1108,6 +1106,13 @@ def cache_reference(run: Run) -> None:
         size = sum(t.numel() * t.element_size() for t in tensors) / 2**30
         what = f"log-probs and hidden states ({size:.3g} GiB on every process)"
     rank0_print(f"reference {what} cached for {n_pairs} pairs; reference freed")
+
+
+def free_memory(device) -> None:
+    """Give a freed model's memory back: Python's references, then CUDA's cached blocks."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def cache_contrastive(run: Run, args, tokenizer, dtype) -> None:
@@ -1125,10 +1130,8 @@ def cache_contrastive(run: Run, args, tokenizer, dtype) -> None:
         micro, device = run.micro_batch_size, run.device
         both.append([ReferenceCache.compute(model, items, micro, device) for items in sets])
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    # the log-probs' difference is r_t (AnswerStates.logps of a lookup); the top-1's is not read
+        free_memory(device)
+    # the log-probs' difference is r_t (ReferenceCache.states(batch, "tis").logps); top-1 unread
     positive, negative = both
     run.tis_train, run.tis_eval = (
         ReferenceCache(items, [p - n for p, n in zip(pos.flats, neg.flats)])
