@@ -159,7 +159,7 @@ def measure_ours(setting: Setting, pairs, device, mesh, steps: int) -> dict:
         seconds.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     del step
-    free_memory(device)
+    train.free_memory(device)
     # the first step is warm-up (the first two when compiled: the second packing recompiles once)
     warmup = min(steps - 1, 2 if setting.compiled else 1)
     timed = range(warmup, steps)
@@ -174,12 +174,6 @@ def measure_ours(setting: Setting, pairs, device, mesh, steps: int) -> dict:
         "mfu": flops / step_s / peak_flops if peak_flops else None,
         "peak_bytes": peak,
     }
-
-
-def free_memory(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def profile_step(step, device, warmup: int = 3, rows: int = 25) -> str:
@@ -276,9 +270,7 @@ def measure_trl(cfg, rows: list, micro: int, checkpointing: bool, device, steps:
         trainer.train()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     del trainer, model, reference
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    train.free_memory(device)
     return {"step_s": statistics.median(times.seconds[1:] or times.seconds), "peak_bytes": peak}
 
 
@@ -392,7 +384,7 @@ def main(argv=None) -> int:
             print(f"compiled: {c}\n{report}", flush=True)
             (args.out / f"profile{'-compiled' if c else ''}.txt").write_text(report + "\n")
             del step
-            free_memory(device)
+            train.free_memory(device)
         return 0
     micros = QUICK_MICROS if args.quick else SMALL_MICROS
     rows = job_rows(max(micros) * args.steps, tokenizer)
